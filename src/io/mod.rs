@@ -1,0 +1,2 @@
+//! Reading and writing what users have: weights, model folders, images.
+pub mod weights;

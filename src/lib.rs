@@ -1,0 +1,20 @@
+//! controlnet-rs: ControlNet for Stable Diffusion in Rust.
+//!
+//! Module tree = architecture:
+//! - [`model`]: the networks (layers, UNet, ControlNet, VAE, CLIP text encoder), built from `config.json`.
+//! - [`tokenizer`]: CLIP's byte-level BPE tokenizer.
+//! - [`schedulers`]: the diffusion samplers, built from `scheduler_config.json`.
+//! - [`rng`]: a CPU random generator that reproduces `torch.Generator("cpu")`.
+//! - [`pipeline`]: the generate recipe (prompt + conditions → image).
+//! - [`io`]: weights, model folders, images.
+//! - [`cli`]: the `controlnet` command.
+pub mod cli;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

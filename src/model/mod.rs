@@ -1,0 +1,11 @@
+//! The networks. Struct fields mirror checkpoint key names, so `down_blocks.1.attentions.0.proj_in.weight`
+//! reads as a path through the code.
+pub mod attention;
+pub mod clip;
+pub mod controlnet;
+pub mod embeddings;
+pub mod layers;
+pub mod resnet;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
