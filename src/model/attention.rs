@@ -1,1 +1,161 @@
-//! TODO
+//! Multi-head attention as diffusers' `Attention` module: keys `to_q`, `to_k`, `to_v`, `to_out.0`, and for the
+//! VAE's spatial self-attention also `group_norm`.
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{group_norm, linear, softmax_last_dim, GroupNorm, Linear};
+
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// Width of the context for cross-attention (text embeddings); `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    pub heads: usize,
+    pub dim_head: usize,
+    /// Bias on the q/k/v projections (UNet: no, VAE: yes).
+    pub qkv_bias: bool,
+    /// Compute the attention scores in f32 even for half-precision weights (SD2's `upcast_attention`).
+    pub upcast_attention: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    /// Only in the VAE's mid-block attention, which normalises its (B, C, H, W) input first.
+    group_norm: Option<GroupNorm>,
+    heads: usize,
+    /// 1/sqrt(dim_head): keeps the dot products' variance independent of the head width.
+    scale: f64,
+    upcast_attention: bool,
+    span: tracing::Span,
+}
+
+impl Attention {
+    pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let context_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        Ok(Self {
+            to_q: linear(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
+            to_k: linear(context_dim, inner, cfg.qkv_bias, vb.pp("to_k"))?,
+            to_v: linear(context_dim, inner, cfg.qkv_bias, vb.pp("to_v"))?,
+            to_out: linear(inner, cfg.query_dim, true, vb.pp("to_out").pp("0"))?,
+            group_norm: None,
+            heads: cfg.heads,
+            scale: (cfg.dim_head as f64).powf(-0.5),
+            upcast_attention: cfg.upcast_attention,
+            span: tracing::span!(tracing::Level::TRACE, "attention"),
+        })
+    }
+
+    /// The VAE's variant: a group norm on the spatial input, applied inside the module.
+    pub fn with_group_norm(mut self, groups: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let channels = self.to_out.weight().dim(0)?;
+        self.group_norm = Some(group_norm(groups, channels, eps, vb.pp("group_norm"))?);
+        Ok(self)
+    }
+
+    /// (batch, seq, heads*dim) → (batch*heads, seq, dim)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, inner) = x.dims3()?;
+        x.reshape((b, n, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, inner / self.heads))
+    }
+
+    /// (batch*heads, seq, dim) → (batch, seq, heads*dim)
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (bh, n, d) = x.dims3()?;
+        x.reshape((bh / self.heads, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((bh / self.heads, n, self.heads * d))
+    }
+
+    /// Attention over a token sequence `x` (batch, seq, query_dim); `context` (batch, ctx_seq, ctx_dim) for
+    /// cross-attention, `None` for self-attention.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let context = context.unwrap_or(x);
+        // 1. project and split into heads
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        // 2. scaled dot products and softmax (in f32 when asked)
+        let dtype = q.dtype();
+        let (q, k) = if self.upcast_attention {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        // 3. weighted values, merge heads, output projection
+        let out = self.merge_heads(&probs.matmul(&v)?)?;
+        self.to_out.forward(&out)
+    }
+
+    /// Self-attention over the pixels of a (batch, channels, height, width) map with a residual connection,
+    /// as the VAE's mid block uses it.
+    pub fn forward_spatial(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = match &self.group_norm {
+            Some(gn) => gn.forward(x)?,
+            None => x.clone(),
+        };
+        let tokens = normed.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let out = self
+            .forward(&tokens, None)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        out + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// With one head, identical keys and v = identity projections, attention averages the values.
+    #[test]
+    fn uniform_scores_average_values() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cfg = AttentionConfig {
+            query_dim: 2,
+            cross_attention_dim: None,
+            heads: 1,
+            dim_head: 2,
+            qkv_bias: false,
+            upcast_attention: false,
+        };
+        let attn = Attention::new(cfg, vb).unwrap();
+        let eye = Tensor::eye(2, DType::F32, &dev).unwrap();
+        for (name, var) in map.data().lock().unwrap().iter() {
+            let value = if name.ends_with("weight") && !name.starts_with("to_k") {
+                eye.clone()
+            } else {
+                var.zeros_like().unwrap()
+            };
+            var.set(&value).unwrap();
+        }
+        let x = Tensor::new(&[[[1f32, 2.], [3., 4.], [5., 9.]]], &dev).unwrap();
+        let y: Vec<Vec<f32>> = attn
+            .forward(&x, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for row in y {
+            assert!(
+                (row[0] - 3.0).abs() < 1e-5 && (row[1] - 5.0).abs() < 1e-5,
+                "{row:?}"
+            );
+        }
+    }
+}

@@ -1,1 +1,146 @@
-//! TODO
+//! Small layers shared by every network, built only from ops that record a backward pass.
+//!
+//! candle 0.11's fused `LayerNorm` fast path and `softmax_last_dim` record no gradient (see
+//! shared/notes/reference-stack.md), so the versions here are written from primitives: training reuses them.
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+pub use candle_nn::{Conv2d, GroupNorm, Linear};
+
+/// `nn.Conv2d(in, out, kernel, stride, padding)` with bias, keys `weight` / `bias`.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+}
+
+/// `nn.Linear(in, out, bias)`.
+pub fn linear(in_d: usize, out_d: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_d, out_d, vb)
+    } else {
+        candle_nn::linear_no_bias(in_d, out_d, vb)
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)` with affine weights (candle's implementation is made of primitives).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// `nn.LayerNorm(dim, eps)` over the last dimension, differentiable.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Statistics in f32 even for half-precision inputs, as torch does.
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension, differentiable (candle's `softmax_last_dim` is not).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// The activations the checkpoints' configs name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`: OpenAI CLIP's approximation (SD1 text encoders).
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact (erf) GELU, as `torch.nn.functional.gelu` (SD2's OpenCLIP, GEGLU feed-forwards).
+    #[serde(rename = "gelu")]
+    Gelu,
+    #[serde(rename = "silu", alias = "swish")]
+    Silu,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            // 1.702 is the constant of CLIP's sigmoid approximation of GELU.
+            Activation::QuickGelu => x.broadcast_mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Silu => x.silu(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn layer_norm_matches_definition_and_has_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![1f32, 2., 4., 8., -1., 0., 1., 5.], (2, 4), &dev).unwrap();
+        let w = Var::from_vec(vec![1f32, 0.5, 2., 1.], 4, &dev).unwrap();
+        let b = Var::from_vec(vec![0f32, 0.1, 0.2, 0.3], 4, &dev).unwrap();
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let y = ln.forward(x.as_tensor()).unwrap();
+        // Row 0: mean 3.75, var 7.1875.
+        let row0: Vec<f32> = y.get(0).unwrap().to_vec1().unwrap();
+        let sd = (7.1875f32 + 1e-5).sqrt();
+        let want = [
+            (1. - 3.75) / sd,
+            0.5 * (2. - 3.75) / sd + 0.1,
+            2. * (4. - 3.75) / sd + 0.2,
+            (8. - 3.75) / sd + 0.3,
+        ];
+        for (a, b) in row0.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            assert!(grads.get(v.as_tensor()).is_some(), "missing gradient");
+        }
+    }
+
+    #[test]
+    fn quick_gelu_value() {
+        let x = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let y: Vec<f32> = Activation::QuickGelu.apply(&x).unwrap().to_vec1().unwrap();
+        assert!((y[0] - 1.0 / (1.0 + (-1.702f32).exp())).abs() < 1e-6);
+    }
+}
