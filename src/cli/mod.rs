@@ -1,7 +1,60 @@
-//! The `controlnet` command line.
+//! The `controlnet` command line: one file per subcommand; `main.rs` only calls [`main`].
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub mod generate;
+
+#[derive(Parser, Debug)]
+#[command(name = "controlnet", version, about = "ControlNet for Stable Diffusion, in one Rust binary")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
+    Generate(generate::GenerateArgs),
+}
+
 pub fn main() -> ExitCode {
-    eprintln!("controlnet: not yet wired");
-    ExitCode::FAILURE
+    init_tracing();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = match &cli.command {
+        Command::Generate(args) => {
+            let sub = matches.subcommand_matches("generate").expect("clap matched the generate subcommand");
+            generate::run(args, sub)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The compute device: CUDA device 0 when built with `--features cuda`, else the CPU.
+pub fn device() -> anyhow::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(candle_core::Device::new_cuda(0)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(candle_core::Device::Cpu)
+    }
 }

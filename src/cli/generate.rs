@@ -1,0 +1,307 @@
+//! `controlnet generate`: flags → validated settings → the pipeline → PNG files carrying their recipe.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::DType;
+use clap::{ArgMatches, Args};
+
+use crate::io::images::{self, ResampleFilter};
+use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
+use crate::model::controlnet::ControlNetModel;
+use crate::pipeline::recipe::{ControlRecipe, FileRef, Recipe};
+use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
+use crate::schedulers::SchedulerKind;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Stable Diffusion 1.x/2.x pipeline folder (diffusers layout, with model_index.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A ControlNet (diffusers folder). Repeat for several; the i-th --control and per-net flags belong to it.
+    #[arg(long = "controlnet", value_name = "DIR_OR_FILE")]
+    pub controlnets: Vec<PathBuf>,
+    /// The condition image of the matching --controlnet (edges, depth, pose, ...).
+    #[arg(long = "control", value_name = "IMAGE")]
+    pub controls: Vec<PathBuf>,
+    /// Strength of the matching ControlNet's residuals [default: 1.0].
+    #[arg(long = "conditioning-scale", value_name = "F", allow_negative_numbers = true)]
+    pub scales: Vec<f64>,
+    /// Fraction of the steps after which the matching ControlNet starts acting [default: 0.0].
+    #[arg(long = "control-start", value_name = "F", allow_negative_numbers = true)]
+    pub starts: Vec<f64>,
+    /// Fraction of the steps after which the matching ControlNet stops acting [default: 1.0].
+    #[arg(long = "control-end", value_name = "F", allow_negative_numbers = true)]
+    pub ends: Vec<f64>,
+    /// Let the ControlNets recognise the condition's content without a prompt (control on the conditional half only).
+    #[arg(long)]
+    pub guess_mode: bool,
+    /// What to draw.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Output width [default: the first control image's width rounded down to a multiple of 8].
+    #[arg(long, value_name = "N")]
+    pub width: Option<usize>,
+    /// Output height [default: the first control image's height rounded down to a multiple of 8].
+    #[arg(long, value_name = "N")]
+    pub height: Option<usize>,
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, default_value_t = 7.5, value_name = "F")]
+    pub guidance: f64,
+    /// ddim, pndm, euler, euler-a, dpm++2m or unipc [default: the model's own scheduler].
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<String>,
+    /// Random seed (torch.Generator("cpu").manual_seed); printed when not given.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Images to make in one batch; files are numbered OUTPUT-1.png, OUTPUT-2.png, ...
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub num_images: usize,
+    /// Where to write the PNG (written atomically: an existing file is only replaced on success).
+    #[arg(long, short, value_name = "PATH")]
+    pub output: PathBuf,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The per-net settings of one --controlnet after pairing.
+struct NetFlags {
+    controlnet: PathBuf,
+    control: PathBuf,
+    scale: f64,
+    start: f64,
+    end: f64,
+}
+
+pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    // 1. Settings that need no model: pairing, scheduler name, output paths.
+    let nets = pair_net_flags(args, matches)?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(|s| s.parse::<SchedulerKind>().map_err(|e| anyhow::anyhow!("--scheduler: {e}")))
+        .transpose()?;
+    let outputs = output_paths(&args.output, args.num_images)?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    if args.seed.is_none() {
+        println!("seed: {seed}");
+    }
+
+    // 2. Models.
+    let device = super::device()?;
+    let dtype = DType::F32;
+    let sd = StableDiffusion::load(&args.model, dtype, &device)?;
+    let loaded: Vec<ControlNetModel> = nets
+        .iter()
+        .map(|n| ControlNetModel::load(&n.controlnet, dtype, &device))
+        .collect::<crate::Result<_>>()?;
+
+    // 3. Size: given, else the first condition's size rounded down to a multiple of 8, else the model's.
+    let factor = sd.vae_scale_factor();
+    let mut control_images = Vec::new();
+    for n in &nets {
+        control_images.push(images::load_rgb(&n.control).with_context(|| format!("--control {}", n.control.display()))?);
+    }
+    let (default_w, default_h) = match control_images.first() {
+        Some(img) => ((img.width() as usize / factor) * factor, (img.height() as usize / factor) * factor),
+        None => (sd.default_size(), sd.default_size()),
+    };
+    let width = args.width.unwrap_or(default_w);
+    let height = args.height.unwrap_or(default_h);
+    if width == 0 || height == 0 {
+        bail!("the output size {width}x{height} is empty: the control image is smaller than {factor} pixels; pass --width/--height");
+    }
+
+    // 4. Conditions as diffusers prepares them: RGB, resized with PIL's Lanczos filter, scaled to [0, 1].
+    let mut controls = Vec::new();
+    for ((n, net), img) in nets.iter().zip(&loaded).zip(&control_images) {
+        let resized = if width % factor == 0 && height % factor == 0 {
+            images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos)
+        } else {
+            img.clone() // the size check in the pipeline reports the bad flag
+        };
+        controls.push(Control {
+            net,
+            image: images::to_tensor01(&resized, &device)?,
+            scale: n.scale,
+            start: n.start,
+            end: n.end,
+        });
+    }
+    let params = GenerateParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width,
+        height,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler,
+        seed,
+        num_images: args.num_images,
+        guess_mode: args.guess_mode,
+    };
+    crate::pipeline::generate::validate(&sd, &controls, &params)?;
+
+    // 5. Run, with a progress bar on stderr.
+    let bar = progress_bar(args.quiet);
+    let out = generate(&sd, &controls, &params, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+
+    // 6. Write each image with its recipe.
+    let scheduler_name = match scheduler {
+        Some(k) => k.to_string(),
+        None => SchedulerKind::from_class_name(&sd.scheduler_config.class_name())
+            .map(|k| k.to_string())
+            .unwrap_or_else(|_| sd.scheduler_config.class_name()),
+    };
+    let mut recipe = Recipe {
+        software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
+        model: FileRef { path: args.model.display().to_string(), sha256: pipeline_hash(&args.model)? },
+        controls: nets
+            .iter()
+            .map(|n| {
+                Ok(ControlRecipe {
+                    controlnet: FileRef { path: n.controlnet.display().to_string(), sha256: weights_hash(&n.controlnet)? },
+                    control_image: FileRef { path: n.control.display().to_string(), sha256: images::sha256_file(&n.control)? },
+                    conditioning_scale: n.scale,
+                    control_start: n.start,
+                    control_end: n.end,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        prompt: params.prompt.clone(),
+        negative_prompt: params.negative_prompt.clone(),
+        width,
+        height,
+        steps: params.steps,
+        guidance: params.guidance,
+        scheduler: scheduler_name,
+        seed,
+        guess_mode: params.guess_mode,
+        num_images: params.num_images,
+        image_index: 1,
+    };
+    for (i, (img, path)) in out.images.iter().zip(&outputs).enumerate() {
+        recipe.image_index = i + 1;
+        images::save_png(path, img, &recipe.text_chunks())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Pairs the per-net flags with their --controlnet. A flag given once per net pairs by order (the i-th with the
+/// i-th); given for only some nets, each belongs to the nearest --controlnet before it on the command line.
+fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<NetFlags>> {
+    let n = args.controlnets.len();
+    if args.controls.len() != n {
+        bail!(
+            "{} --controlnet but {} --control: give one condition image per ControlNet",
+            n,
+            args.controls.len()
+        );
+    }
+    let net_pos: Vec<usize> = m.indices_of("controlnets").map(|i| i.collect()).unwrap_or_default();
+    let per_net = |id: &str, flag: &str, values: &[f64], default: f64| -> anyhow::Result<Vec<f64>> {
+        if values.len() == n {
+            return Ok(values.to_vec());
+        }
+        if values.len() > n {
+            bail!("{flag} given {} times for {n} --controlnet", values.len());
+        }
+        let positions: Vec<usize> = m.indices_of(id).map(|i| i.collect()).unwrap_or_default();
+        let mut out = vec![None; n];
+        for (&pos, &v) in positions.iter().zip(values) {
+            let Some(owner) = net_pos.iter().rposition(|&p| p < pos) else {
+                bail!("{flag} {v} comes before any --controlnet: put it after the ControlNet it belongs to");
+            };
+            if out[owner].replace(v).is_some() {
+                bail!("{flag} given twice for --controlnet {}", args.controlnets[owner].display());
+            }
+        }
+        Ok(out.into_iter().map(|v| v.unwrap_or(default)).collect())
+    };
+    let scales = per_net("scales", "--conditioning-scale", &args.scales, 1.0)?;
+    let starts = per_net("starts", "--control-start", &args.starts, 0.0)?;
+    let ends = per_net("ends", "--control-end", &args.ends, 1.0)?;
+    Ok((0..n)
+        .map(|i| NetFlags {
+            controlnet: args.controlnets[i].clone(),
+            control: args.controls[i].clone(),
+            scale: scales[i],
+            start: starts[i],
+            end: ends[i],
+        })
+        .collect())
+}
+
+/// OUTPUT for one image; OUTPUT-1.png, OUTPUT-2.png, ... for several. The folder must exist.
+fn output_paths(output: &Path, num_images: usize) -> anyhow::Result<Vec<PathBuf>> {
+    if output.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+        bail!("--output {}: the file name must end in .png", output.display());
+    }
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("--output {}: folder {} does not exist", output.display(), parent.display());
+    }
+    if num_images <= 1 {
+        return Ok(vec![output.to_path_buf()]);
+    }
+    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    Ok((1..=num_images).map(|i| parent.join(format!("{stem}-{i}.png"))).collect())
+}
+
+fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    // Keep it below 2^53 so it survives JSON tools that read numbers as doubles.
+    ((nanos ^ (std::process::id() as u128) << 32) as u64) & ((1 << 53) - 1)
+}
+
+fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (ETA {eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// SHA-256 over the SHA-256s of the weight files of a pipeline's unet, vae and text encoder.
+fn pipeline_hash(dir: &Path) -> anyhow::Result<String> {
+    let mut files = Vec::new();
+    for (sub, stem) in [("unet", DIFFUSERS_STEM), ("vae", DIFFUSERS_STEM), ("text_encoder", TRANSFORMERS_STEM)] {
+        files.extend(find_safetensors(&dir.join(sub), stem)?);
+    }
+    combined_hash(&files)
+}
+
+/// SHA-256 of a weights file, or of the weight files of a diffusers folder.
+fn weights_hash(path: &Path) -> anyhow::Result<String> {
+    if path.is_dir() {
+        combined_hash(&find_safetensors(path, DIFFUSERS_STEM)?)
+    } else {
+        Ok(images::sha256_file(path)?)
+    }
+}
+
+fn combined_hash(files: &[PathBuf]) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    if let [one] = files {
+        return Ok(images::sha256_file(one)?);
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(images::sha256_file(f)?.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,208 @@
+//! The generate recipe, step for step as diffusers' `StableDiffusionControlNetPipeline.__call__`
+//! (and `StableDiffusionPipeline` when no ControlNet is given), so the same seed gives the same image.
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+
+use super::sd::StableDiffusion;
+use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, SchedulerKind};
+use crate::{Error, Result};
+
+/// One ControlNet with its condition and when/how strongly it acts.
+pub struct Control<'a> {
+    pub net: &'a ControlNetModel,
+    /// The condition, (1, channels, height, width) in [0, 1], already at the output size.
+    pub image: Tensor,
+    /// Multiplies every residual of this net (`controlnet_conditioning_scale`).
+    pub scale: f64,
+    /// The fraction of the steps where this net starts / stops acting (`control_guidance_start/end`).
+    pub start: f64,
+    pub end: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is off at 1.0 or below, as in diffusers.
+    pub guidance: f64,
+    /// `None`: the model's own scheduler (`scheduler/scheduler_config.json`).
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    pub num_images: usize,
+    /// Control on the conditional half only, with per-level scales (works without a prompt).
+    pub guess_mode: bool,
+}
+
+pub struct GenerateOutput {
+    /// The final latents, (num_images, 4, height/8, width/8), before the VAE.
+    pub latents: Tensor,
+    /// The raw VAE output in about [-1, 1], (num_images, 3, height, width).
+    pub decoded: Tensor,
+    pub images: Vec<RgbImage>,
+}
+
+/// Checks the settings before any model runs; each message names the flag.
+pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) -> Result<()> {
+    let factor = sd.vae_scale_factor();
+    if p.steps == 0 {
+        return Err(Error::Invalid("--steps must be at least 1".into()));
+    }
+    if p.num_images == 0 {
+        return Err(Error::Invalid("--num-images must be at least 1".into()));
+    }
+    for (flag, v) in [("--width", p.width), ("--height", p.height)] {
+        if v == 0 || v % factor != 0 {
+            return Err(Error::Invalid(format!("{flag} {v} is not a positive multiple of {factor}")));
+        }
+    }
+    if !p.guidance.is_finite() || p.guidance < 0.0 {
+        return Err(Error::Invalid(format!("--guidance {} must be a finite number >= 0", p.guidance)));
+    }
+    for (i, c) in controls.iter().enumerate() {
+        let n = i + 1;
+        if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) {
+            return Err(Error::Invalid(format!(
+                "ControlNet {n}: --control-start {} and --control-end {} must lie in [0, 1]",
+                c.start, c.end
+            )));
+        }
+        if c.start > c.end {
+            return Err(Error::Invalid(format!(
+                "ControlNet {n}: --control-start {} is after --control-end {}",
+                c.start, c.end
+            )));
+        }
+        if !c.scale.is_finite() {
+            return Err(Error::Invalid(format!("ControlNet {n}: --conditioning-scale {} is not a number", c.scale)));
+        }
+        let (_, ch, h, w) = c.image.dims4()?;
+        let want_ch = c.net.config().conditioning_channels;
+        if ch != want_ch || h != p.height || w != p.width {
+            return Err(Error::Invalid(format!(
+                "ControlNet {n}: condition is {ch}×{h}×{w} (channels×height×width), expected {want_ch}×{}×{}",
+                p.height, p.width
+            )));
+        }
+        c.net.check_compatible(sd.unet.config())?;
+    }
+    Ok(())
+}
+
+/// Runs the whole recipe. `on_step(done, total)` is called after every denoising step.
+pub fn generate(
+    sd: &StableDiffusion,
+    controls: &[Control],
+    p: &GenerateParams,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<GenerateOutput> {
+    validate(sd, controls, p)?;
+    let device = sd.unet.device().clone();
+    let dtype = sd.unet.dtype();
+    let n = p.num_images;
+    let cfg = p.guidance > 1.0;
+    // A shuffle-style net (global pooling) only works in guess mode; diffusers decides from the first net.
+    let guess_mode = p.guess_mode || controls.first().is_some_and(|c| c.net.config().global_pool_conditions);
+
+    // 1. Encode the prompt (and the negative prompt for classifier-free guidance): [uncond × n, cond × n].
+    let cond = encode_prompt(sd, &p.prompt, n)?;
+    let embeds = if cfg { Tensor::cat(&[encode_prompt(sd, &p.negative_prompt, n)?, cond.clone()], 0)? } else { cond.clone() };
+    let cond_embeds = cond;
+
+    // 2. The scheduler and its timesteps.
+    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config, p.steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+
+    // 3. Initial noise from the torch-compatible generator: the first draw of diffusers' generator.
+    let mut rng = TorchGenerator::new(p.seed);
+    let factor = sd.vae_scale_factor();
+    let shape = [n, sd.unet.config().in_channels, p.height / factor, p.width / factor];
+    let mut latents = (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?;
+
+    // 4. The hint embedding of each condition, once: the condition never changes between steps.
+    let control_batch = if cfg && !guess_mode { 2 * n } else { n };
+    let hints = controls
+        .iter()
+        .map(|c| {
+            let emb = c.net.embed_condition(&c.image.to_dtype(dtype)?)?;
+            let (_, ch, h, w) = emb.dims4()?;
+            emb.broadcast_as((control_batch, ch, h, w))?.contiguous()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+
+    // 5. Denoise.
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let latent_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let latent_input = scheduler.scale_model_input(&latent_input, i)?;
+        let t_batch = Tensor::full(t as f32, latent_input.dim(0)?, &device)?.to_dtype(DType::F32)?;
+
+        // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero).
+        let mut residuals: Option<ControlNetOutput> = None;
+        for (c, hint) in controls.iter().zip(&hints) {
+            let outside = (i as f64) / (total as f64) < c.start || ((i + 1) as f64) / (total as f64) > c.end;
+            if outside {
+                continue;
+            }
+            let out = if guess_mode && cfg {
+                // Guess mode: the net sees only the conditional half; the unconditional half gets zeros.
+                let control_input = scheduler.scale_model_input(&latents, i)?;
+                let t_cond = Tensor::full(t as f32, n, &device)?;
+                let out = c.net.forward(&control_input, &t_cond, &cond_embeds, hint, c.scale, true)?;
+                pad_unconditional_half(&out)?
+            } else {
+                c.net.forward(&latent_input, &t_batch, &embeds, hint, c.scale, guess_mode)?
+            };
+            residuals = Some(match residuals {
+                Some(sum) => sum.add(&out)?,
+                None => out,
+            });
+        }
+
+        // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle.
+        let pred = sd.unet.forward(&latent_input, &t_batch, &embeds, residuals.as_ref())?;
+
+        // 5c. Classifier-free guidance: move away from the unconditional prediction.
+        let pred = if cfg {
+            let uncond = pred.narrow(0, 0, n)?;
+            let text = pred.narrow(0, n, n)?;
+            (&uncond + ((&text - &uncond)? * p.guidance)?)?
+        } else {
+            pred
+        };
+
+        // 5d. One scheduler step (ancestral schedulers draw their noise from the same generator).
+        latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+        on_step(i + 1, total);
+    }
+
+    // 6. Decode the latents and turn them into 8-bit images.
+    let scaling = sd.vae.config().scaling_factor;
+    let decoded = sd.vae.decode(&(&latents / scaling)?)?;
+    let pixels = crate::model::vae::latents_to_image(&decoded)?;
+    let images = crate::io::images::tensor_to_images(&pixels)?;
+    Ok(GenerateOutput { latents, decoded, images })
+}
+
+/// Text embeddings of one prompt, repeated for `n` images: (n, 77, hidden).
+fn encode_prompt(sd: &StableDiffusion, prompt: &str, n: usize) -> Result<Tensor> {
+    let ids = sd.tokenizer.encode(prompt)?;
+    let len = ids.len();
+    let ids = Tensor::from_vec(ids, (1, len), sd.unet.device())?;
+    let emb = sd.text_encoder.forward(&ids)?;
+    let (_, seq, hidden) = emb.dims3()?;
+    Ok(emb.broadcast_as((n, seq, hidden))?.contiguous()?)
+}
+
+/// Guess mode with guidance: zeros for the unconditional half, the net's residuals for the conditional half.
+fn pad_unconditional_half(out: &ControlNetOutput) -> candle_core::Result<ControlNetOutput> {
+    let pad = |t: &Tensor| Tensor::cat(&[&t.zeros_like()?, t], 0);
+    Ok(ControlNetOutput {
+        down_block_res_samples: out.down_block_res_samples.iter().map(pad).collect::<candle_core::Result<_>>()?,
+        mid_block_res_sample: pad(&out.mid_block_res_sample)?,
+    })
+}

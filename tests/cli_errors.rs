@@ -1,0 +1,113 @@
+//! Bad input to `controlnet generate`: a clear message naming the flag or file, a non-zero exit, no panic,
+//! and an existing output file left untouched.
+mod common;
+
+use common::*;
+
+const MODEL: &str = "tests/fixtures/models/tiny-sd15";
+const CN: &str = "tests/fixtures/models/tiny-controlnet-a";
+const CONTROL: &str = "tests/fixtures/pipeline/control_circle.png";
+
+/// Runs generate with `extra` args over a pre-existing output file; asserts failure, the message, and that
+/// the output file kept its bytes.
+fn fails_with(extra: &[&str], expect: &[&str]) {
+    let dir = temp_dir();
+    let out = dir.path().join("keep.png");
+    std::fs::write(&out, b"previous result").unwrap();
+    let mut args = vec!["generate", "--output", out.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(extra);
+    let res = controlnet(&args);
+    let err = stderr(&res);
+    assert!(!res.status.success(), "expected failure for {extra:?}");
+    assert!(!err.contains("panicked"), "panic for {extra:?}: {err}");
+    for e in expect {
+        assert!(err.contains(e), "message for {extra:?} lacks {e:?}: {err}");
+    }
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous result", "output file was modified");
+}
+
+#[test]
+fn missing_model_folder() {
+    fails_with(&["--model", "no/such/model", "--prompt", "x"], &["--model", "no/such/model"]);
+}
+
+#[test]
+fn control_image_that_is_not_an_image() {
+    fails_with(
+        &["--model", MODEL, "--controlnet", CN, "--control", "Cargo.toml", "--prompt", "x"],
+        &["Cargo.toml"],
+    );
+}
+
+#[test]
+fn controls_and_controlnets_not_paired() {
+    fails_with(&["--model", MODEL, "--controlnet", CN, "--prompt", "x"], &["1 --controlnet but 0 --control"]);
+}
+
+#[test]
+fn start_after_end() {
+    fails_with(
+        &["--model", MODEL, "--controlnet", CN, "--control", CONTROL, "--control-start", "0.8", "--control-end", "0.2"],
+        &["--control-start 0.8", "--control-end 0.2"],
+    );
+}
+
+#[test]
+fn unknown_scheduler() {
+    fails_with(&["--model", MODEL, "--scheduler", "lms", "--prompt", "x"], &["--scheduler", "lms", "euler-a"]);
+}
+
+#[test]
+fn zero_steps() {
+    fails_with(&["--model", MODEL, "--steps", "0", "--prompt", "x"], &["--steps"]);
+}
+
+#[test]
+fn size_not_multiple_of_8() {
+    fails_with(&["--model", MODEL, "--width", "100", "--prompt", "x"], &["--width 100", "multiple of 8"]);
+}
+
+#[test]
+fn bad_number() {
+    fails_with(&["--model", MODEL, "--guidance", "lots"], &["--guidance"]);
+}
+
+#[test]
+fn output_not_png_or_folder_missing() {
+    let res = controlnet(&["generate", "--model", MODEL, "--output", "no/such/dir/x.png", "--quiet"]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("no/such/dir"), "{}", stderr(&res));
+    let res = controlnet(&["generate", "--model", MODEL, "--output", "x.jpg", "--quiet"]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains(".png"), "{}", stderr(&res));
+}
+
+#[test]
+fn scale_before_any_controlnet() {
+    fails_with(
+        &["--model", MODEL, "--conditioning-scale", "0.5", "--controlnet", CN, "--controlnet", CN, "--control", CONTROL, "--control", CONTROL],
+        &["--conditioning-scale 0.5 comes before any --controlnet"],
+    );
+}
+
+#[test]
+fn controlnet_that_does_not_fit_the_base() {
+    fails_with(
+        &["--model", MODEL, "--controlnet", "tests/fixtures/models/tiny-controlnet-mismatch", "--control", CONTROL],
+        &["cross_attention_dim", "32", "24"],
+    );
+}
+
+#[test]
+fn corrupt_controlnet_weights() {
+    let dir = temp_dir();
+    let cn = dir.path().join("cn");
+    std::fs::create_dir(&cn).unwrap();
+    std::fs::copy(repo().join(CN).join("config.json"), cn.join("config.json")).unwrap();
+    let w = std::fs::read(repo().join(CN).join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(cn.join("diffusion_pytorch_model.safetensors"), &w[..w.len() / 3]).unwrap();
+    fails_with(
+        &["--model", MODEL, "--controlnet", cn.to_str().unwrap(), "--control", CONTROL],
+        &["diffusion_pytorch_model.safetensors", "truncated"],
+    );
+}

@@ -1,0 +1,47 @@
+//! Helpers shared by the integration tests: fixture paths, running the binary, image comparison.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+/// Runs `controlnet ARGS` from the repository root (fixture paths in cases.json are relative to it).
+pub fn controlnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("the controlnet binary runs")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Peak signal-to-noise ratio of two 8-bit RGB images of the same size, in dB (infinite when equal).
+pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mse: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.as_raw().len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// A fresh temporary folder for one test.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
