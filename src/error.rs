@@ -29,21 +29,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::Config {
-            path: path.into(),
-            msg: msg.to_string(),
-        }
+        Error::Config { path: path.into(), msg: msg.to_string() }
     }
     pub fn weights(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::Weights {
-            path: path.into(),
-            msg: msg.to_string(),
-        }
+        Error::Weights { path: path.into(), msg: msg.to_string() }
     }
 }

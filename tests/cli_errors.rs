@@ -33,10 +33,7 @@ fn missing_model_folder() {
 
 #[test]
 fn control_image_that_is_not_an_image() {
-    fails_with(
-        &["--model", MODEL, "--controlnet", CN, "--control", "Cargo.toml", "--prompt", "x"],
-        &["Cargo.toml"],
-    );
+    fails_with(&["--model", MODEL, "--controlnet", CN, "--control", "Cargo.toml", "--prompt", "x"], &["Cargo.toml"]);
 }
 
 #[test]
@@ -85,7 +82,20 @@ fn output_not_png_or_folder_missing() {
 #[test]
 fn scale_before_any_controlnet() {
     fails_with(
-        &["--model", MODEL, "--conditioning-scale", "0.5", "--controlnet", CN, "--controlnet", CN, "--control", CONTROL, "--control", CONTROL],
+        &[
+            "--model",
+            MODEL,
+            "--conditioning-scale",
+            "0.5",
+            "--controlnet",
+            CN,
+            "--controlnet",
+            CN,
+            "--control",
+            CONTROL,
+            "--control",
+            CONTROL,
+        ],
         &["--conditioning-scale 0.5 comes before any --controlnet"],
     );
 }

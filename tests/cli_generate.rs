@@ -70,14 +70,34 @@ fn png_carries_its_recipe() {
     let dir = temp_dir();
     let out = dir.path().join("r.png");
     let res = controlnet(&[
-        "generate", "--model", "tests/fixtures/models/tiny-sd15", "--controlnet", "tests/fixtures/models/tiny-controlnet-a",
-        "--control", "tests/fixtures/pipeline/control_circle.png", "--prompt", "a cat 🐱", "--steps", "2", "--seed", "5",
-        "--scheduler", "euler-a", "--output", out.to_str().unwrap(), "--quiet",
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-a",
+        "--control",
+        "tests/fixtures/pipeline/control_circle.png",
+        "--prompt",
+        "a cat 🐱",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--scheduler",
+        "euler-a",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(res.status.success(), "{}", stderr(&res));
     let chunks = controlnet::io::images::read_png_text(&out).unwrap();
     let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
-    assert!(params.starts_with("a cat 🐱\nNegative prompt: \nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 5, Size: 128x128"), "{params}");
+    assert!(
+        params.starts_with(
+            "a cat 🐱\nNegative prompt: \nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 5, Size: 128x128"
+        ),
+        "{params}"
+    );
     let recipe = controlnet::pipeline::recipe::Recipe::from_text_chunks(&chunks).unwrap();
     assert_eq!(recipe.seed, 5);
     assert_eq!(recipe.scheduler, "euler-a");
@@ -91,12 +111,22 @@ fn seed_is_printed_when_not_given() {
     let dir = temp_dir();
     let out = dir.path().join("s.png");
     let res = controlnet(&[
-        "generate", "--model", "tests/fixtures/models/tiny-sd15", "--prompt", "x", "--steps", "1",
-        "--output", out.to_str().unwrap(), "--quiet",
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(res.status.success(), "{}", stderr(&res));
     let stdout = String::from_utf8_lossy(&res.stdout);
     let seed: u64 = stdout.lines().find_map(|l| l.strip_prefix("seed: ")).expect("seed line").parse().unwrap();
-    let recipe = controlnet::pipeline::recipe::Recipe::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap()).unwrap();
+    let recipe =
+        controlnet::pipeline::recipe::Recipe::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
+            .unwrap();
     assert_eq!(recipe.seed, seed);
 }

@@ -80,7 +80,14 @@ fn model_scheduler_pndm() {
 
 #[test]
 fn each_scheduler() {
-    for (name, sched) in [("ddim", "ddim"), ("pndm", "pndm"), ("euler", "euler"), ("euler-a", "euler-a"), ("dpmpp2m", "dpm++2m"), ("unipc", "unipc")] {
+    for (name, sched) in [
+        ("ddim", "ddim"),
+        ("pndm", "pndm"),
+        ("euler", "euler"),
+        ("euler-a", "euler-a"),
+        ("dpmpp2m", "dpm++2m"),
+        ("unipc", "unipc"),
+    ] {
         check(&format!("cn_{name}"), SD15, &[circle(1.0, 0.0, 1.0)], params(7, 5, Some(sched)));
     }
 }
@@ -89,7 +96,13 @@ fn each_scheduler() {
 fn two_controlnets() {
     let nets = [
         circle(0.8, 0.0, 1.0),
-        Net { dir: "tests/fixtures/models/tiny-controlnet-b", image: "control_box.png", scale: 0.5, start: 0.0, end: 1.0 },
+        Net {
+            dir: "tests/fixtures/models/tiny-controlnet-b",
+            image: "control_box.png",
+            scale: 0.5,
+            start: 0.0,
+            end: 1.0,
+        },
     ];
     check("cn_two_nets", SD15, &nets, params(11, 5, Some("ddim")));
 }
@@ -126,6 +139,12 @@ fn no_controlnet() {
 fn sd2_v_prediction() {
     let mut p = params(19, 5, None);
     p.prompt = "a photo of a cat".into();
-    let net = Net { dir: "tests/fixtures/models/tiny-controlnet-sd2", image: "control_circle.png", scale: 1.0, start: 0.0, end: 1.0 };
+    let net = Net {
+        dir: "tests/fixtures/models/tiny-controlnet-sd2",
+        image: "control_circle.png",
+        scale: 1.0,
+        start: 0.0,
+        end: 1.0,
+    };
     check("sd2_cn_vpred", "tests/fixtures/models/tiny-sd2", &[net], p);
 }

@@ -96,16 +96,15 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let device = super::device()?;
     let dtype = DType::F32;
     let sd = StableDiffusion::load(&args.model, dtype, &device)?;
-    let loaded: Vec<ControlNetModel> = nets
-        .iter()
-        .map(|n| ControlNetModel::load(&n.controlnet, dtype, &device))
-        .collect::<crate::Result<_>>()?;
+    let loaded: Vec<ControlNetModel> =
+        nets.iter().map(|n| ControlNetModel::load(&n.controlnet, dtype, &device)).collect::<crate::Result<_>>()?;
 
     // 3. Size: given, else the first condition's size rounded down to a multiple of 8, else the model's.
     let factor = sd.vae_scale_factor();
     let mut control_images = Vec::new();
     for n in &nets {
-        control_images.push(images::load_rgb(&n.control).with_context(|| format!("--control {}", n.control.display()))?);
+        control_images
+            .push(images::load_rgb(&n.control).with_context(|| format!("--control {}", n.control.display()))?);
     }
     let (default_w, default_h) = match control_images.first() {
         Some(img) => ((img.width() as usize / factor) * factor, (img.height() as usize / factor) * factor),
@@ -169,8 +168,14 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             .iter()
             .map(|n| {
                 Ok(ControlRecipe {
-                    controlnet: FileRef { path: n.controlnet.display().to_string(), sha256: weights_hash(&n.controlnet)? },
-                    control_image: FileRef { path: n.control.display().to_string(), sha256: images::sha256_file(&n.control)? },
+                    controlnet: FileRef {
+                        path: n.controlnet.display().to_string(),
+                        sha256: weights_hash(&n.controlnet)?,
+                    },
+                    control_image: FileRef {
+                        path: n.control.display().to_string(),
+                        sha256: images::sha256_file(&n.control)?,
+                    },
                     conditioning_scale: n.scale,
                     control_start: n.start,
                     control_end: n.end,
@@ -202,11 +207,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
 fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<NetFlags>> {
     let n = args.controlnets.len();
     if args.controls.len() != n {
-        bail!(
-            "{} --controlnet but {} --control: give one condition image per ControlNet",
-            n,
-            args.controls.len()
-        );
+        bail!("{} --controlnet but {} --control: give one condition image per ControlNet", n, args.controls.len());
     }
     let net_pos: Vec<usize> = m.indices_of("controlnets").map(|i| i.collect()).unwrap_or_default();
     let per_net = |id: &str, flag: &str, values: &[f64], default: f64| -> anyhow::Result<Vec<f64>> {
@@ -270,7 +271,9 @@ fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (ETA {eta})") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (ETA {eta})")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar

@@ -60,17 +60,17 @@ impl Attention {
     /// (batch, seq, heads*dim) → (batch*heads, seq, dim)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, inner) = x.dims3()?;
-        x.reshape((b, n, self.heads, inner / self.heads))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, inner / self.heads))
+        x.reshape((b, n, self.heads, inner / self.heads))?.transpose(1, 2)?.reshape((
+            b * self.heads,
+            n,
+            inner / self.heads,
+        ))
     }
 
     /// (batch*heads, seq, dim) → (batch, seq, heads*dim)
     fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (bh, n, d) = x.dims3()?;
-        x.reshape((bh / self.heads, self.heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((bh / self.heads, n, self.heads * d))
+        x.reshape((bh / self.heads, self.heads, n, d))?.transpose(1, 2)?.reshape((bh / self.heads, n, self.heads * d))
     }
 
     /// Attention over a token sequence `x` (batch, seq, query_dim); `context` (batch, ctx_seq, ctx_dim) for
@@ -84,11 +84,7 @@ impl Attention {
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         // 2. scaled dot products and softmax (in f32 when asked)
         let dtype = q.dtype();
-        let (q, k) = if self.upcast_attention {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
+        let (q, k) = if self.upcast_attention { (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?) } else { (q, k) };
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
         // 3. weighted values, merge heads, output projection
@@ -105,10 +101,7 @@ impl Attention {
             None => x.clone(),
         };
         let tokens = normed.reshape((b, c, h * w))?.transpose(1, 2)?;
-        let out = self
-            .forward(&tokens, None)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
+        let out = self.forward(&tokens, None)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x
     }
 }
@@ -144,18 +137,9 @@ mod tests {
             var.set(&value).unwrap();
         }
         let x = Tensor::new(&[[[1f32, 2.], [3., 4.], [5., 9.]]], &dev).unwrap();
-        let y: Vec<Vec<f32>> = attn
-            .forward(&x, None)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let y: Vec<Vec<f32>> = attn.forward(&x, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         for row in y {
-            assert!(
-                (row[0] - 3.0).abs() < 1e-5 && (row[1] - 5.0).abs() < 1e-5,
-                "{row:?}"
-            );
+            assert!((row[0] - 3.0).abs() < 1e-5 && (row[1] - 5.0).abs() < 1e-5, "{row:?}");
         }
     }
 }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{Conv2d, GroupNorm, Linear};
+pub use candle_nn::{Conv2d, GroupNorm};
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias, keys `weight` / `bias`.
 pub fn conv2d(
@@ -16,20 +16,36 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = candle_nn::Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
+    let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
 }
 
 /// `nn.Linear(in, out, bias)`.
 pub fn linear(in_d: usize, out_d: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_d, out_d, vb)
-    } else {
-        candle_nn::linear_no_bias(in_d, out_d, vb)
+    let inner = if bias { candle_nn::linear(in_d, out_d, vb)? } else { candle_nn::linear_no_bias(in_d, out_d, vb)? };
+    Ok(Linear { inner })
+}
+
+/// `nn.Linear`, with its input made contiguous first: candle 0.11.1's CPU matmul of a transposed batched view
+/// with a broadcast right operand returns wrong values (huggingface/candle#3758), which is exactly what
+/// `candle_nn::Linear` does with a non-contiguous (batch > 1) input.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(&x.contiguous()?)
     }
 }
 
@@ -48,11 +64,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
     }
 }
 
@@ -64,12 +76,8 @@ impl Module for LayerNorm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -113,21 +121,13 @@ mod tests {
         let x = Var::from_vec(vec![1f32, 2., 4., 8., -1., 0., 1., 5.], (2, 4), &dev).unwrap();
         let w = Var::from_vec(vec![1f32, 0.5, 2., 1.], 4, &dev).unwrap();
         let b = Var::from_vec(vec![0f32, 0.1, 0.2, 0.3], 4, &dev).unwrap();
-        let ln = LayerNorm {
-            weight: w.as_tensor().clone(),
-            bias: b.as_tensor().clone(),
-            eps: 1e-5,
-        };
+        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), eps: 1e-5 };
         let y = ln.forward(x.as_tensor()).unwrap();
         // Row 0: mean 3.75, var 7.1875.
         let row0: Vec<f32> = y.get(0).unwrap().to_vec1().unwrap();
         let sd = (7.1875f32 + 1e-5).sqrt();
-        let want = [
-            (1. - 3.75) / sd,
-            0.5 * (2. - 3.75) / sd + 0.1,
-            2. * (4. - 3.75) / sd + 0.2,
-            (8. - 3.75) / sd + 0.3,
-        ];
+        let want =
+            [(1. - 3.75) / sd, 0.5 * (2. - 3.75) / sd + 0.1, 2. * (4. - 3.75) / sd + 0.2, (8. - 3.75) / sd + 0.3];
         for (a, b) in row0.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -135,6 +135,21 @@ mod tests {
         for v in [&x, &w, &b] {
             assert!(grads.get(v.as_tensor()).is_some(), "missing gradient");
         }
+    }
+
+    /// Guards the candle#3758 workaround: a transposed batch-2 input must give the same result as its copy.
+    #[test]
+    fn linear_on_transposed_batched_input() {
+        let dev = Device::Cpu;
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let lin = linear(3, 4, true, vb).unwrap();
+        let x = Tensor::arange(0f32, 30., &dev).unwrap().reshape((2, 3, 5)).unwrap().sin().unwrap();
+        let xt = x.transpose(1, 2).unwrap();
+        let a = lin.forward(&xt).unwrap();
+        let b = lin.forward(&xt.contiguous().unwrap()).unwrap();
+        let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     #[test]

@@ -38,11 +38,7 @@ impl ResnetBlock2D {
             None => None,
         };
         // A 1x1 projection keeps the skip path when the channel count changes.
-        let conv_shortcut = if i != o {
-            Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?)
-        } else {
-            None
-        };
+        let conv_shortcut = if i != o { Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?) } else { None };
         Ok(Self {
             norm1: group_norm(cfg.groups, i, cfg.eps, vb.pp("norm1"))?,
             conv1: conv2d(i, o, 3, 1, 1, vb.pp("conv1"))?,

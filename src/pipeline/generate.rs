@@ -110,7 +110,8 @@ pub fn generate(
 
     // 1. Encode the prompt (and the negative prompt for classifier-free guidance): [uncond × n, cond × n].
     let cond = encode_prompt(sd, &p.prompt, n)?;
-    let embeds = if cfg { Tensor::cat(&[encode_prompt(sd, &p.negative_prompt, n)?, cond.clone()], 0)? } else { cond.clone() };
+    let embeds =
+        if cfg { Tensor::cat(&[encode_prompt(sd, &p.negative_prompt, n)?, cond.clone()], 0)? } else { cond.clone() };
     let cond_embeds = cond;
 
     // 2. The scheduler and its timesteps.

@@ -150,7 +150,11 @@ mod tests {
         assert_eq!(lines[0], "a cat");
         assert_eq!(lines[1], "Negative prompt: ");
         assert!(lines[2].starts_with("Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: sd15"), "{}", lines[2]);
-        assert!(lines[2].contains("ControlNet 0: \"Module: none, Model: canny [fedcba98], Weight: 0.8"), "{}", lines[2]);
+        assert!(
+            lines[2].contains("ControlNet 0: \"Module: none, Model: canny [fedcba98], Weight: 0.8"),
+            "{}",
+            lines[2]
+        );
         assert!(lines[2].contains("Guidance End: 0.5"));
     }
 

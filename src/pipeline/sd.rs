@@ -44,10 +44,7 @@ impl StableDiffusion {
             ));
         }
         if !index.class_name.starts_with("StableDiffusion") {
-            return Err(Error::config(
-                &index_path,
-                format!("{} is not a Stable Diffusion pipeline", index.class_name),
-            ));
+            return Err(Error::config(&index_path, format!("{} is not a Stable Diffusion pipeline", index.class_name)));
         }
         let scheduler_config_path = dir.join("scheduler").join("scheduler_config.json");
         Ok(Self {

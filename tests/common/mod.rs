@@ -27,12 +27,7 @@ pub fn stderr(out: &Output) -> String {
 /// Peak signal-to-noise ratio of two 8-bit RGB images of the same size, in dB (infinite when equal).
 pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    let mse: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
+    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>()
         / a.as_raw().len() as f64;
     if mse == 0.0 {
         f64::INFINITY
