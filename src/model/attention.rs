@@ -104,7 +104,13 @@ impl Attention {
             Some(gn) => gn.forward(x)?,
             None => x.clone(),
         };
-        let tokens = normed.reshape((b, c, h * w))?.transpose(1, 2)?;
+        // Copied to contiguous memory on purpose: candle 0.11.1's CPU matmul folds a batch-invariant rhs (the
+        // weight in `Linear`) into one gemm assuming lhs rows are adjacent, which gives wrong values for a
+        // transposed lhs when batch > 1 (huggingface/candle#3758).
+        let tokens = normed
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let out = self
             .forward(&tokens, None)?
             .transpose(1, 2)?
@@ -118,6 +124,40 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
+
+    /// A batch of two gives each item's own result (guards the contiguous copy in `forward_spatial`).
+    #[test]
+    fn spatial_batch_equals_items() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cfg = AttentionConfig {
+            query_dim: 8,
+            cross_attention_dim: None,
+            heads: 1,
+            dim_head: 8,
+            qkv_bias: true,
+            upcast_attention: true,
+        };
+        let attn = Attention::new(cfg, vb.clone())
+            .unwrap()
+            .with_group_norm(2, 1e-6, vb)
+            .unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 8, 3, 5), &dev).unwrap();
+        let batch = attn.forward_spatial(&x).unwrap();
+        for i in 0..2 {
+            let item = attn.forward_spatial(&x.narrow(0, i, 1).unwrap()).unwrap();
+            let diff = (batch.narrow(0, i, 1).unwrap() - item)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "item {i}: {diff}");
+        }
+    }
 
     /// With one head, identical keys and v = identity projections, attention averages the values.
     #[test]
