@@ -112,6 +112,40 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
+    /// A batch of two gives each item's own result (guards the contiguous copy in `forward_spatial`).
+    #[test]
+    fn spatial_batch_equals_items() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cfg = AttentionConfig {
+            query_dim: 8,
+            cross_attention_dim: None,
+            heads: 1,
+            dim_head: 8,
+            qkv_bias: true,
+            upcast_attention: true,
+        };
+        let attn = Attention::new(cfg, vb.clone())
+            .unwrap()
+            .with_group_norm(2, 1e-6, vb)
+            .unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 8, 3, 5), &dev).unwrap();
+        let batch = attn.forward_spatial(&x).unwrap();
+        for i in 0..2 {
+            let item = attn.forward_spatial(&x.narrow(0, i, 1).unwrap()).unwrap();
+            let diff = (batch.narrow(0, i, 1).unwrap() - item)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "item {i}: {diff}");
+        }
+    }
+
     /// With one head, identical keys and v = identity projections, attention averages the values.
     #[test]
     fn uniform_scores_average_values() {

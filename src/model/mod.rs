@@ -9,3 +9,4 @@ pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
+pub mod vae_blocks;
