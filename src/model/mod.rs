@@ -6,6 +6,8 @@ pub mod controlnet;
 pub mod embeddings;
 pub mod layers;
 pub mod resnet;
+pub mod transformer_2d;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_encoder;
 pub mod vae;
