@@ -547,6 +547,51 @@ mod tests {
         );
     }
 
+    /// Training will backpropagate through the whole ControlNet: every weight must receive a gradient.
+    #[test]
+    fn every_weight_gets_a_gradient() {
+        let dir = repo_path("tests/fixtures/models/tiny-controlnet-a");
+        let config: ControlNetConfig = read_json(&dir.join("config.json")).unwrap();
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let cn = ControlNetModel::new(&config, vb).unwrap();
+        let inp = fixture("inputs");
+        let cond = condition_image();
+        let hint = cn.embed_condition(&cond).unwrap();
+        let out = cn
+            .forward(
+                &inp["sample"],
+                &inp["timesteps"],
+                &inp["encoder_hidden_states"],
+                &hint,
+                1.0,
+                false,
+            )
+            .unwrap();
+        let mut loss = out.mid_block_res_sample.sqr().unwrap().sum_all().unwrap();
+        for r in &out.down_block_res_samples {
+            loss = (loss + r.sqr().unwrap().sum_all().unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        let data = map.data().lock().unwrap();
+        let in_file = candle_core::safetensors::load(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            data.len(),
+            in_file.len(),
+            "trainable tensors vs checkpoint tensors"
+        );
+        for (name, var) in data.iter() {
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "no gradient for {name}"
+            );
+        }
+    }
+
     #[test]
     fn summing_outputs_of_different_layouts_fails() {
         let t = Tensor::zeros((1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
