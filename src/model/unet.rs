@@ -424,6 +424,38 @@ mod tests {
         );
     }
 
+    /// Half precision runs end to end (upcast attention, f32 sinusoids, f16 residuals into an f16 UNet) and
+    /// stays near the f32 reference: max diff <= 2e-2 * max(1, max |ref|).
+    #[test]
+    fn sd2_unet_runs_in_f16() {
+        let dir = repo_path("tests/fixtures/models/tiny-sd2/unet");
+        let unet = UNet2DConditionModel::load(&dir, DType::F16, &Device::Cpu).unwrap();
+        let inp = fixture("inputs");
+        let fx = fixture("sd2");
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let c = residuals(&fx, "c.scale1");
+        let c = ControlNetOutput {
+            down_block_res_samples: c.down_block_res_samples.iter().map(half).collect(),
+            mid_block_res_sample: half(&c.mid_block_res_sample),
+        };
+        let out = unet
+            .forward(
+                &half(&inp["sample"]),
+                &inp["timesteps"],
+                &half(&inp["encoder_hidden_states"]),
+                Some(&c),
+            )
+            .unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        let out = out.to_dtype(DType::F32).unwrap();
+        let reference = &fx["unet.with_c"];
+        let max_abs =
+            |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+        let diff = max_abs(&(out - reference).unwrap());
+        let tol = 2e-2 * max_abs(reference).max(1.0);
+        assert!(diff <= tol, "f16 vs f32 reference: {diff} > {tol}");
+    }
+
     /// Building the full-size UNets from the hub configs asks for exactly the tensors (names and shapes) of
     /// the real checkpoints, nothing more or less.
     #[test]
