@@ -114,6 +114,8 @@ pub struct UNet2DConditionModel {
     conv_act: Activation,
     conv_out: Conv2d,
     config: UNet2DConditionConfig,
+    device: Device,
+    dtype: DType,
     span: tracing::Span,
 }
 
@@ -164,6 +166,8 @@ impl UNet2DConditionModel {
                 vb.pp("conv_out"),
             )?,
             config: config.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
             span: tracing::span!(tracing::Level::TRACE, "unet"),
         })
     }
@@ -183,6 +187,14 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
+    }
+
+    /// The device and dtype the weights were loaded to (the pipeline makes its tensors to match).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Predicts the noise (or v) of `sample` (batch, in_channels, h, w) at one `timestep` per sample (batch,)

@@ -121,7 +121,7 @@ pub fn generate(
     // 3. Initial noise from the torch-compatible generator: the first draw of diffusers' generator.
     let mut rng = TorchGenerator::new(p.seed);
     let factor = sd.vae_scale_factor();
-    let shape = [n, sd.unet.config().in_channels, p.height / factor, p.width / factor];
+    let shape = [n, sd.unet.config().encoder.in_channels, p.height / factor, p.width / factor];
     let mut latents = (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?;
 
     // 4. The hint embedding of each condition, once: the condition never changes between steps.

@@ -65,6 +65,6 @@ impl StableDiffusion {
 
     /// The size diffusers uses when none is given and no condition image sets it: the UNet's sample size × 8.
     pub fn default_size(&self) -> usize {
-        self.unet.config().sample_size * self.vae_scale_factor()
+        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 }
