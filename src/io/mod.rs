@@ -1,2 +1,3 @@
 //! Reading and writing what users have: weights, model folders, images.
+pub mod images;
 pub mod weights;
