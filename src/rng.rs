@@ -290,7 +290,7 @@ mod cephes {
         -2.499_999_399_3e-1_f64 as f32,
         3.333_333_117_4e-1_f64 as f32,
     ];
-    /// ln 2 split into a short head (exact in f32 products) and a small correction: Q2 - Q1 = ln 2.
+    /// ln 2 split into a short head (exact in f32 products) and a small correction: Q2 + Q1 = ln 2.
     const LOG_Q1: f32 = -2.121_944_40e-4_f64 as f32;
     const LOG_Q2: f32 = 0.693_359_375_f64 as f32;
     /// Smallest normal f32: the log kernel flushes smaller (subnormal) inputs up to it.
