@@ -1,1 +1,207 @@
 //! Diffusion schedulers, built from `scheduler_config.json` as diffusers' `from_config` does.
+//!
+//! A scheduler owns the inference timesteps and turns each model output into the next, less noisy sample.
+//! Every scheduler here reproduces one diffusers 0.42.1 class (see `docs/schedulers.md`):
+//!
+//! | kind | diffusers class | steps taken |
+//! | --- | --- | --- |
+//! | `ddim` | DDIMScheduler | deterministic DDIM (eta = 0) |
+//! | `pndm` | PNDMScheduler | PLMS (`skip_prk_steps`), SD1.5's default |
+//! | `euler` | EulerDiscreteScheduler | Euler in sigma space |
+//! | `euler-a` | EulerAncestralDiscreteScheduler | Euler + fresh noise each step |
+//! | `dpm++2m` | DPMSolverMultistepScheduler | DPM-Solver++ multistep (order 2 by default) |
+//! | `unipc` | UniPCMultistepScheduler | UniPC predictor-corrector |
+//!
+//! The pipeline loop, as in diffusers:
+//! ```ignore
+//! let mut s = schedulers::build(None, &config, steps)?;
+//! let mut latents = (noise * s.init_noise_sigma())?;
+//! for i in 0..s.timesteps().len() {
+//!     let input = s.scale_model_input(&latents, i)?;
+//!     let out = unet(&input, s.timesteps()[i])?;
+//!     latents = s.step(&out, i, &latents, &mut rng)?;
+//! }
+//! ```
+use candle_core::Tensor;
+
+mod config;
+pub mod ddim;
+pub mod dpm_solver;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod pndm;
+pub mod schedule;
+pub mod timesteps;
+pub mod unipc;
+
+#[cfg(test)]
+mod parity;
+
+pub use config::{SchedulerConfig, SchedulerKind, SCHEDULER_CONFIG_FILE};
+pub use ddim::DdimScheduler;
+pub use dpm_solver::DpmSolverMultistepScheduler;
+pub use euler::EulerScheduler;
+pub use euler_ancestral::EulerAncestralScheduler;
+pub use pndm::PndmScheduler;
+pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType};
+pub use timesteps::TimestepSpacing;
+pub use unipc::UniPcScheduler;
+
+use crate::rng::TorchGenerator;
+
+/// One denoising sampler with its timesteps fixed (diffusers' scheduler after `set_timesteps`).
+///
+/// Steps are addressed by their index into [`Scheduler::timesteps`]; multistep schedulers keep the model outputs
+/// of earlier steps, so `step` must be called once per index, in order.
+pub trait Scheduler: Send {
+    /// The timesteps to run the model at, in run order. Fractional for Euler with linspace spacing or Karras
+    /// sigmas; PNDM repeats one (its PLMS warm-up evaluates the model twice at that timestep).
+    fn timesteps(&self) -> &[f64];
+
+    /// The standard deviation to scale the initial Gaussian noise by.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The model input for step `step_index` (Euler-family schedulers divide by `sqrt(sigma² + 1)`).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+
+    /// One step: the model's output at `timesteps()[step_index]` for `sample` → the previous (less noisy)
+    /// sample. Schedulers that add noise draw it from `rng`, as diffusers does from the pipeline's generator.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Noise `original` to the noise level of step `step_index` (img2img starts there); the same index
+    /// diffusers' img2img pipelines pass with `set_begin_index`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+
+    /// What the model predicts (epsilon, v or x0), from the config.
+    fn prediction_type(&self) -> PredictionType;
+
+    /// Which scheduler this is.
+    fn kind(&self) -> SchedulerKind;
+}
+
+/// Builds the scheduler `kind` (None: the config's own `_class_name`) from `config`, with its timesteps set for
+/// `num_inference_steps` steps.
+pub fn build(
+    kind: Option<SchedulerKind>,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> crate::Result<Box<dyn Scheduler>> {
+    let kind = match kind {
+        Some(kind) => kind,
+        None => config.own_kind()?,
+    };
+    if num_inference_steps == 0 {
+        return Err(crate::Error::Invalid("the number of inference steps must be at least 1".into()));
+    }
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Euler => Box::new(EulerScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::UniPc => Box::new(UniPcScheduler::new(config, num_inference_steps)?),
+    })
+}
+
+/// `values[step_index]`, or an error naming the step if the index is past the end.
+fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Result<T> {
+    match values.get(step_index) {
+        Some(&v) => Ok(v),
+        None => candle_core::bail!("step index {step_index} is past the {} {what}", values.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SD15: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15/scheduler");
+    const SD2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd2/scheduler");
+    const LEGACY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schedulers/configs/sd15-legacy");
+
+    #[test]
+    fn own_class_is_the_default() {
+        let sd15 = SchedulerConfig::from_file(SD15).unwrap();
+        let s = build(None, &sd15, 4).unwrap();
+        assert_eq!(s.kind(), SchedulerKind::Pndm);
+        let sd2 = SchedulerConfig::from_file(SD2).unwrap();
+        let s = build(None, &sd2, 4).unwrap();
+        assert_eq!(s.kind(), SchedulerKind::Ddim);
+        assert_eq!(s.prediction_type(), PredictionType::VPrediction);
+    }
+
+    /// The brief's example: Euler built from SD1.5's PNDM config inherits leading spacing and steps_offset 1.
+    #[test]
+    fn euler_inherits_the_sd15_spacing() {
+        let sd15 = SchedulerConfig::from_file(SD15).unwrap();
+        let s = build(Some(SchedulerKind::Euler), &sd15, 4).unwrap();
+        assert_eq!(s.timesteps(), [751.0, 501.0, 251.0, 1.0]);
+    }
+
+    /// Keys missing from the file get the TARGET class's defaults, not the source class's: the original SD1.5
+    /// file lacks `timestep_spacing`, so Euler uses its own "linspace" (PNDM's default would be "leading").
+    #[test]
+    fn missing_keys_take_the_target_defaults() {
+        let legacy = SchedulerConfig::from_file(LEGACY).unwrap();
+        let euler = build(Some(SchedulerKind::Euler), &legacy, 4).unwrap();
+        assert_eq!(euler.timesteps(), [999.0, 666.0, 333.0, 0.0]);
+        let pndm = build(None, &legacy, 4).unwrap();
+        assert_eq!(pndm.timesteps(), [751.0, 501.0, 501.0, 251.0, 1.0]);
+        // DDIM takes `clip_sample: false` from the file although PNDM (its own class) ignores the key.
+        let ddim = DdimScheduler::new(&legacy, 4).unwrap();
+        assert!(!ddim.config().clip_sample);
+        let ddim = DdimScheduler::new(&SchedulerConfig::from_file(SD15).unwrap(), 4).unwrap();
+        assert!(ddim.config().clip_sample, "DDIM's own default is clip_sample = true");
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        let sd15 = SchedulerConfig::from_file(SD15).unwrap();
+        for kind in SchedulerKind::ALL {
+            let err = build(Some(kind), &sd15, 0).err().unwrap().to_string();
+            assert!(err.contains("at least 1"), "{kind}: {err}");
+        }
+        let err = build(Some(SchedulerKind::Ddim), &sd15, 1001).err().unwrap().to_string();
+        assert!(err.contains("1001"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_class() {
+        let cfg = SchedulerConfig::from_json_str(r#"{"beta_schedule": "cosine"}"#, "my/scheduler_config.json").unwrap();
+        let err = build(Some(SchedulerKind::Euler), &cfg, 4).err().unwrap().to_string();
+        assert!(err.contains("my/scheduler_config.json"), "{err}");
+        assert!(err.contains("EulerDiscreteScheduler") && err.contains("cosine"), "{err}");
+    }
+
+    #[test]
+    fn every_kind_builds_from_both_tiny_configs() {
+        for dir in [SD15, SD2] {
+            let cfg = SchedulerConfig::from_file(dir).unwrap().with("skip_prk_steps", true);
+            for kind in SchedulerKind::ALL {
+                let s = build(Some(kind), &cfg, 10).unwrap();
+                assert_eq!(s.kind(), kind);
+                assert!(!s.timesteps().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn step_index_past_the_end_is_an_error() {
+        let sd15 = SchedulerConfig::from_file(SD15).unwrap();
+        let sample = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mut rng = TorchGenerator::new(0);
+        for kind in SchedulerKind::ALL {
+            let mut s = build(Some(kind), &sd15, 3).unwrap();
+            let past = s.timesteps().len();
+            assert!(s.step(&sample, past, &sample, &mut rng).is_err(), "{kind}");
+            assert!(s.scale_model_input(&sample, past).is_err(), "{kind}");
+            assert!(s.add_noise(&sample, &sample, past).is_err(), "{kind}");
+        }
+    }
+}

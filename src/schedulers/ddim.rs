@@ -1,0 +1,188 @@
+//! DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models"), deterministic (eta = 0): diffusers'
+//! `DDIMScheduler`, SD2.1's default.
+//!
+//! Each step predicts x0 and the noise from the model output, then re-noises x0 to the previous timestep's
+//! level along the predicted noise direction.
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use super::schedule::{div, f32_of, mul, BetaConfig, NoiseSchedule, PredictionType};
+use super::timesteps::{check_steps, single_step_timesteps, TimestepSpacing};
+use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::rng::TorchGenerator;
+
+/// `DDIMScheduler.__init__` arguments with diffusers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DdimConfig {
+    #[serde(flatten)]
+    pub betas: BetaConfig,
+    /// Clamp the predicted x0 to ±`clip_sample_range` (pixel-space models; SD configs set it false).
+    #[serde(default = "yes")]
+    pub clip_sample: bool,
+    #[serde(default = "one")]
+    pub clip_sample_range: f64,
+    /// The cumulative alpha "before" the first timestep: 1 (a clean image) or `alphas_cumprod[0]`.
+    #[serde(default = "yes")]
+    pub set_alpha_to_one: bool,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default)]
+    pub prediction_type: PredictionType,
+    /// Dynamic thresholding (Imagen); not implemented, unsuitable for latent diffusion anyway.
+    #[serde(default)]
+    pub thresholding: bool,
+    #[serde(default = "TimestepSpacing::leading")]
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> f64 {
+    1.0
+}
+
+pub struct DdimScheduler {
+    config: DdimConfig,
+    schedule: NoiseSchedule,
+    final_alpha_cumprod: f32,
+    timesteps: Vec<f64>,
+    /// `num_train_timesteps / num_inference_steps`: how far back each step goes (whatever the spacing).
+    step_ratio: usize,
+}
+
+impl DdimScheduler {
+    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> crate::Result<Self> {
+        let kind = SchedulerKind::Ddim;
+        let parsed: DdimConfig = config.parse(kind)?;
+        if parsed.thresholding {
+            return Err(config.unsupported(kind, "thresholding"));
+        }
+        let schedule = NoiseSchedule::new(&parsed.betas, parsed.rescale_betas_zero_snr)?;
+        let num_train = schedule.num_train_timesteps();
+        check_steps(num_inference_steps, num_train)?;
+        let timesteps =
+            single_step_timesteps(parsed.timestep_spacing, num_train, num_inference_steps, parsed.steps_offset, true);
+        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= num_train as f64) {
+            return Err(crate::Error::config(
+                &config.path,
+                format!("timestep {t} (steps_offset {}) is outside the training range", parsed.steps_offset),
+            ));
+        }
+        let final_alpha_cumprod = if parsed.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod[0] };
+        Ok(Self {
+            step_ratio: num_train / num_inference_steps,
+            config: parsed,
+            schedule,
+            final_alpha_cumprod,
+            timesteps,
+        })
+    }
+
+    pub fn config(&self) -> &DdimConfig {
+        &self.config
+    }
+
+    /// The cumulative alpha at `t`, or the final one for the step past t = 0.
+    fn alpha_cumprod_or_final(&self, t: i64) -> candle_core::Result<f32> {
+        if t >= 0 {
+            self.schedule.alpha_cumprod(t as usize)
+        } else {
+            Ok(self.final_alpha_cumprod)
+        }
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        at(&self.timesteps, step_index, "timesteps")?;
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = model_output.dtype();
+        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
+        // 1. The timestep and the previous one (DDIM eq. 12).
+        let t = at(&self.timesteps, step_index, "timesteps")? as i64;
+        let prev_t = t - self.step_ratio as i64;
+        let alpha_prod_t = self.schedule.alpha_cumprod(t as usize)?;
+        let alpha_prod_t_prev = self.alpha_cumprod_or_final(prev_t)?;
+        let beta_prod_t = 1.0 - alpha_prod_t;
+
+        // 2. Predicted x0 and noise from the model output.
+        let (pred_original_sample, pred_epsilon) = match self.config.prediction_type {
+            PredictionType::Epsilon => {
+                let x0 = div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?;
+                (x0, model_output)
+            }
+            PredictionType::Sample => {
+                let eps = div(&(&sample - mul(&model_output, alpha_prod_t.sqrt())?)?, beta_prod_t.sqrt())?;
+                (model_output, eps)
+            }
+            PredictionType::VPrediction => {
+                let x0 = (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?;
+                let eps = (mul(&model_output, alpha_prod_t.sqrt())? + mul(&sample, beta_prod_t.sqrt())?)?;
+                (x0, eps)
+            }
+        };
+
+        // 3. Optional clipping of x0 (pixel-space models).
+        let pred_original_sample = if self.config.clip_sample {
+            let range = self.config.clip_sample_range as f32;
+            pred_original_sample.clamp(-range, range)?
+        } else {
+            pred_original_sample
+        };
+
+        // 4. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps  (eta = 0: no fresh noise).
+        let direction = mul(&pred_epsilon, (1.0 - alpha_prod_t_prev).sqrt())?;
+        (mul(&pred_original_sample, alpha_prod_t_prev.sqrt())? + direction)?.to_dtype(dtype)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let t = at(&self.timesteps, step_index, "timesteps")? as usize;
+        self.schedule.add_noise(original, noise, &[t])
+    }
+
+    fn prediction_type(&self) -> PredictionType {
+        self.config.prediction_type
+    }
+
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parity::run_cases;
+    use super::*;
+
+    #[test]
+    fn matches_diffusers_rollouts() {
+        run_cases(SchedulerKind::Ddim);
+    }
+
+    #[test]
+    fn thresholding_is_rejected() {
+        let cfg = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#, "t.json").unwrap();
+        let err = DdimScheduler::new(&cfg, 4).err().unwrap().to_string();
+        assert!(err.contains("t.json") && err.contains("thresholding"), "{err}");
+    }
+}
