@@ -104,7 +104,7 @@ fn scale_before_any_controlnet() {
 fn controlnet_that_does_not_fit_the_base() {
     fails_with(
         &["--model", MODEL, "--controlnet", "tests/fixtures/models/tiny-controlnet-mismatch", "--control", CONTROL],
-        &["cross_attention_dim", "32", "24"],
+        &["tiny-controlnet-mismatch", "does not fit the base", "2 in the ControlNet but 3 in the UNet"],
     );
 }
 

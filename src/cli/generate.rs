@@ -156,10 +156,8 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
 
     // 6. Write each image with its recipe.
     let scheduler_name = match scheduler {
-        Some(k) => k.to_string(),
-        None => SchedulerKind::from_class_name(&sd.scheduler_config.class_name())
-            .map(|k| k.to_string())
-            .unwrap_or_else(|_| sd.scheduler_config.class_name()),
+        Some(k) => k.cli_name().to_string(),
+        None => sd.scheduler_config.own_kind()?.cli_name().to_string(),
     };
     let mut recipe = Recipe {
         software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
