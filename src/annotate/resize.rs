@@ -112,12 +112,12 @@ pub fn fit_to_output(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) 
             let mut out = Mat::new(w, h, 3);
             for y in 0..h {
                 for x in 0..w {
-                    for c in 0..3 {
-                        let inside = (px..px + nw).contains(&x) && (py..py + nh).contains(&y);
+                    let inside = (px..px + nw).contains(&x) && (py..py + nh).contains(&y);
+                    for (c, &fill) in border.iter().enumerate() {
                         let v = if inside {
                             inner.at(y - py, x - px, c)
                         } else {
-                            border[c]
+                            fill
                         };
                         out.set(y, x, c, v);
                     }
