@@ -282,13 +282,13 @@ fn read_image(path: &Path) -> Result<RgbImage> {
 
 /// `<stem>.png`: the output name of an input in folder mode.
 fn png_name(input: &Path) -> PathBuf {
-    let stem = input
+    // append rather than `set_extension`, which would eat a dot inside the stem ("photo.final")
+    let mut name = input
         .file_stem()
         .map(|s| s.to_os_string())
         .unwrap_or_else(|| "map".into());
-    let mut name = PathBuf::from(stem);
-    name.set_extension("png");
-    name
+    name.push(".png");
+    PathBuf::from(name)
 }
 
 /// Write a control map in the format of `path`'s extension, atomically.
