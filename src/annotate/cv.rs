@@ -65,6 +65,9 @@ impl Mat<u8> {
     }
 
     /// To an RGB image; a one-channel map is repeated into the three channels (ControlNet's `HWC3`).
+    ///
+    /// # Panics
+    /// On a `Mat` with other than 1 or 3 channels (the annotators only make those).
     pub fn to_rgb(&self) -> image::RgbImage {
         let data = match self.channels {
             3 => self.data.clone(),
