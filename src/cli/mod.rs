@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub mod annotate;
 pub mod generate;
 
 #[derive(Parser, Debug)]
@@ -16,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
     Generate(generate::GenerateArgs),
+    /// Make control maps (canny edges, lineart, shuffle, ...) from an image or a folder of images.
+    Annotate(annotate::AnnotateArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -30,6 +33,10 @@ pub fn main() -> ExitCode {
             let sub = matches.subcommand_matches("generate").expect("clap matched the generate subcommand");
             generate::run(args, sub)
         }
+        Command::Annotate(args) => match annotate::run(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,474 @@
+//! Annotators ("preprocessors"): turn a picture into the control map a ControlNet was trained on.
+//!
+//! Each detector matches its reference implementation (OpenCV as ControlNet's `annotator/` calls it,
+//! controlnet_aux, A1111's sd-webui-controlnet); see `docs/annotators.md` for the table of references.
+//!
+//! The recipe ([`annotate`]) is A1111's:
+//! 1. pick the annotator resolution (default: [`resize::pixel_perfect_resolution`], so the map is made at the
+//!    output size and never stretched);
+//! 2. bring the image to that resolution as the detector asks ([`Preprocess`]);
+//! 3. detect;
+//! 4. fit the map to the output size with the [`ResizeMode`].
+//!
+//! Model-based detectors (HED, depth, OpenPose, M-LSD, lineart models) implement the same [`Detector`] trait
+//! and are added to [`detector`]'s table; they read their weights from [`DetectorOptions::model`].
+use std::path::PathBuf;
+
+use image::{DynamicImage, RgbImage};
+
+use crate::{Error, Result};
+
+pub mod binary;
+pub mod blur;
+pub mod canny;
+pub mod color;
+pub mod cv;
+pub mod inpaint;
+pub mod invert;
+pub mod lineart;
+pub mod normal;
+pub mod resize;
+pub mod scribble;
+pub mod shuffle;
+pub mod tile;
+
+pub use resize::ResizeMode;
+
+/// How the input is brought to the annotator resolution before [`Detector::detect`] (A1111's preprocessors
+/// differ in this; each detector says which it wants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preprocess {
+    /// The image as given (invert, tile).
+    AsIs,
+    /// Short side to the resolution: cubic when enlarging, area when shrinking (A1111's
+    /// `resize_image_with_pad` followed by `remove_pad`).
+    Resize,
+    /// As [`Preprocess::Resize`], then edge-padded to a multiple of 64 for the detector, the padding cropped
+    /// from its output (A1111's `resize_image_with_pad`; what models with 64-pixel strides need).
+    ResizePad64,
+    /// Short side to the resolution with area interpolation both ways (A1111's colour annotator).
+    ResizeArea,
+}
+
+/// One way of making a control map from an RGB image.
+pub trait Detector: Send + Sync {
+    /// The kind name, as given to [`detector`].
+    fn name(&self) -> &str;
+
+    /// How the input should be brought to the annotator resolution; see [`Preprocess`].
+    fn preprocess(&self) -> Preprocess {
+        Preprocess::ResizePad64
+    }
+
+    /// The control map of `image`, at the size of `image` unless the detector changes it on purpose
+    /// (tile's down-sampling, a model's output stride).
+    fn detect(&self, image: &RgbImage) -> Result<RgbImage>;
+}
+
+/// Settings of all detectors; each reads the ones it knows and falls back to its reference default.
+#[derive(Clone, Debug, Default)]
+pub struct DetectorOptions {
+    /// Canny's low threshold (default 100).
+    pub low: Option<f64>,
+    /// Canny's high threshold (default 200).
+    pub high: Option<f64>,
+    /// Seed of the random content shuffle (numpy's `np.random.seed`, so < 2^32).
+    pub seed: u32,
+    /// binary: grey threshold, 0 = Otsu (default 0); scribble: XDoG threshold (default 32).
+    pub threshold: Option<f64>,
+    /// blur: Gaussian sigma (default 9).
+    pub sigma: Option<f64>,
+    /// tile: down-sampling rate (default 1 = unchanged).
+    pub rate: Option<f64>,
+    /// normal: depth (0..1 after min-max normalisation) below which a pixel is flat background (default 0.4).
+    pub bg_threshold: Option<f64>,
+    /// Weights file or folder of a model-based detector (unused by the classical ones).
+    pub model: Option<PathBuf>,
+}
+
+/// A detector kind: its name and what it makes.
+pub struct Kind {
+    pub name: &'static str,
+    pub summary: &'static str,
+}
+
+/// Every kind [`detector`] can build, plus `inpaint` (see [`inpaint::condition`]: it needs a mask and makes a
+/// float map, so it is not a [`Detector`]).
+pub const KINDS: &[Kind] = &[
+    Kind {
+        name: "canny",
+        summary: "Canny edges (cv2.Canny on the RGB image)",
+    },
+    Kind {
+        name: "shuffle",
+        summary: "content shuffle: the image warped by a seeded random flow",
+    },
+    Kind {
+        name: "lineart",
+        summary: "standard lineart: difference of Gaussians",
+    },
+    Kind {
+        name: "color",
+        summary: "colour palette: 64x smaller cubic, then nearest up",
+    },
+    Kind {
+        name: "binary",
+        summary: "black/white threshold (Otsu when --threshold 0)",
+    },
+    Kind {
+        name: "invert",
+        summary: "255 - image (white lines on black from black lines on white)",
+    },
+    Kind {
+        name: "scribble",
+        summary: "scribble from XDoG (A1111 scribble_xdog)",
+    },
+    Kind {
+        name: "tile",
+        summary: "tile resample: area down-sampling by --rate",
+    },
+    Kind {
+        name: "blur",
+        summary: "Gaussian blur (A1111 blur_gaussian)",
+    },
+    Kind {
+        name: "normal",
+        summary: "normal map from a depth image (ControlNet's MiDaS normal)",
+    },
+    Kind {
+        name: "inpaint",
+        summary: "inpaint condition: image with masked pixels at -1 (needs --mask)",
+    },
+];
+
+/// The comma-separated kind names, for error messages and help.
+pub fn kind_names() -> String {
+    KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Build the detector called `kind` with `options`.
+pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detector>> {
+    let positive = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
+        let v = v.unwrap_or(default);
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(Error::Invalid(format!(
+                "--{name} must be a positive number, got {v}"
+            )))
+        }
+    };
+    Ok(match kind {
+        "canny" => Box::new(canny::Canny {
+            low: options.low.unwrap_or(canny::DEFAULT_LOW),
+            high: options.high.unwrap_or(canny::DEFAULT_HIGH),
+        }),
+        "shuffle" => Box::new(shuffle::Shuffle { seed: options.seed }),
+        "lineart" => Box::new(lineart::LineartStandard),
+        "color" => Box::new(color::Color),
+        "binary" => Box::new(binary::Binary {
+            threshold: options.threshold.unwrap_or(binary::DEFAULT_THRESHOLD),
+        }),
+        "invert" => Box::new(invert::Invert),
+        "scribble" => Box::new(scribble::ScribbleXdog {
+            threshold: options.threshold.unwrap_or(scribble::DEFAULT_THRESHOLD),
+        }),
+        "tile" => Box::new(tile::TileResample {
+            rate: positive("rate", options.rate, tile::DEFAULT_RATE)?,
+        }),
+        "blur" => Box::new(blur::BlurGaussian {
+            sigma: positive("sigma", options.sigma, blur::DEFAULT_SIGMA)?,
+        }),
+        "normal" => Box::new(normal::NormalFromDepth {
+            bg_threshold: options.bg_threshold.unwrap_or(normal::DEFAULT_BG_THRESHOLD),
+            z: normal::DEFAULT_Z,
+        }),
+        "inpaint" => {
+            return Err(Error::Invalid(
+                "inpaint needs a mask and makes a float map: use annotate::inpaint::condition \
+                 (CLI: `annotate inpaint IMAGE --mask MASK --output OUT.safetensors`)"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "unknown annotator kind '{other}'; valid kinds: {}",
+                kind_names()
+            )))
+        }
+    })
+}
+
+/// Output size, annotator resolution and resize mode of one [`annotate`] call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AnnotateSettings {
+    /// Output width; default: the input's (or kept to the input's aspect if only `height` is given).
+    pub width: Option<u32>,
+    /// Output height; default like `width`.
+    pub height: Option<u32>,
+    /// Annotator resolution (short side the detector sees); default: pixel perfect.
+    pub resolution: Option<u32>,
+    pub resize: ResizeMode,
+}
+
+impl AnnotateSettings {
+    /// The output `(width, height)` for an input of `(w, h)`.
+    pub fn output_size(&self, w: u32, h: u32) -> Result<(u32, u32)> {
+        let keep = |other: u32, num: u32, den: u32| {
+            ((other as f64 * num as f64 / den as f64).round() as u32).max(1)
+        };
+        let size = match (self.width, self.height) {
+            (Some(tw), Some(th)) => (tw, th),
+            (Some(tw), None) => (tw, keep(tw, h, w)),
+            (None, Some(th)) => (keep(th, w, h), th),
+            (None, None) => (w, h),
+        };
+        if size.0 == 0 || size.1 == 0 {
+            return Err(Error::Invalid(format!(
+                "--width/--height must be positive, got {}x{}",
+                size.0, size.1
+            )));
+        }
+        Ok(size)
+    }
+}
+
+/// Make the control map of `image` with `detector` (the recipe in the module docs).
+pub fn annotate(
+    detector: &dyn Detector,
+    image: &RgbImage,
+    settings: &AnnotateSettings,
+) -> Result<RgbImage> {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: the image is empty ({w}x{h})",
+            detector.name()
+        )));
+    }
+    // 1. annotator resolution
+    let (out_w, out_h) = settings.output_size(w, h)?;
+    let resolution = match settings.resolution {
+        Some(0) => return Err(Error::Invalid("--resolution must be positive".into())),
+        Some(r) => r,
+        None => resize::pixel_perfect_resolution(w, h, out_w, out_h, settings.resize),
+    };
+    // 2. preprocess
+    let src = cv::Mat::from_rgb(image);
+    let (prepared, crop) = match detector.preprocess() {
+        Preprocess::AsIs => (src, None),
+        Preprocess::Resize => (resize::resize_short_side(&src, resolution), None),
+        Preprocess::ResizePad64 => {
+            let resized = resize::resize_short_side(&src, resolution);
+            let size = (resized.width as u32, resized.height as u32);
+            (resize::pad_to_64(&resized), Some(size))
+        }
+        Preprocess::ResizeArea => (resize::resize_short_side_area(&src, resolution), None),
+    };
+    // 3. detect (and drop the padding)
+    let mut map = detector.detect(&prepared.to_rgb())?;
+    if let Some((cw, ch)) = crop {
+        if map.dimensions() != (cw, ch) {
+            map = image::imageops::crop_imm(&map, 0, 0, cw.min(map.width()), ch.min(map.height()))
+                .to_image();
+        }
+    }
+    // 4. fit to the output
+    Ok(resize::fit_to_output(&map, out_w, out_h, settings.resize))
+}
+
+/// ControlNet's `HWC3`: grey to three equal channels, transparent pixels composited onto white.
+pub fn hwc3(image: &DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.to_rgb8();
+    }
+    let rgba = image.to_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let alpha = p[3] as f32 / 255.0;
+        for c in 0..3 {
+            // float32 then truncation, as numpy's astype(uint8)
+            let v = p[c] as f32 * alpha + 255.0 * (1.0 - alpha);
+            o[c] = v.clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Reading the fixtures made by `tools/fixtures/gen_annotators.py`.
+    use image::RgbImage;
+    use serde::Deserialize;
+
+    pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators");
+
+    #[derive(Deserialize, Debug, Clone)]
+    pub struct Case {
+        pub kind: String,
+        pub input: String,
+        pub output: String,
+        #[serde(default)]
+        pub mask: Option<String>,
+        pub params: serde_json::Map<String, serde_json::Value>,
+    }
+
+    impl Case {
+        pub fn f64(&self, key: &str) -> f64 {
+            self.params[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{}: no {key}", self.output))
+        }
+        pub fn str(&self, key: &str) -> &str {
+            self.params[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no {key}", self.output))
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Manifest {
+        cases: Vec<Case>,
+    }
+
+    pub fn cases(kind: &str) -> Vec<Case> {
+        let text = std::fs::read_to_string(format!("{DIR}/manifest.json")).unwrap();
+        let m: Manifest = serde_json::from_str(&text).unwrap();
+        let cases: Vec<Case> = m.cases.into_iter().filter(|c| c.kind == kind).collect();
+        assert!(!cases.is_empty(), "no fixture cases for {kind}");
+        cases
+    }
+
+    pub fn load(name: &str) -> RgbImage {
+        image::open(format!("{DIR}/{name}")).unwrap().to_rgb8()
+    }
+
+    /// Per-sample absolute differences of two images of the same size (panics on a size mismatch).
+    pub fn abs_diffs(a: &RgbImage, b: &RgbImage, what: &str) -> Vec<u8> {
+        assert_eq!(a.dimensions(), b.dimensions(), "{what}: size");
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(&x, &y)| x.abs_diff(y))
+            .collect()
+    }
+
+    /// The "numerically close" metric of most detector tests: mean |diff| ≤ `max_mean` grey levels and at
+    /// least `min_within` of the samples within `tol` levels.
+    pub fn assert_close(
+        ours: &RgbImage,
+        reference: &RgbImage,
+        max_mean: f64,
+        tol: u8,
+        min_within: f64,
+        what: &str,
+    ) {
+        let d = abs_diffs(ours, reference, what);
+        let mean = d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64;
+        let within = d.iter().filter(|&&v| v <= tol).count() as f64 / d.len() as f64;
+        let max = d.iter().max().copied().unwrap_or(0);
+        eprintln!(
+            "{what}: mean |diff| {mean:.4}, within {tol}: {:.4}%, max {max}",
+            within * 100.0
+        );
+        assert!(
+            mean <= max_mean && within >= min_within,
+            "{what}: mean |diff| {mean:.4} (limit {max_mean}), within {tol}: {within:.4} (limit {min_within}), max {max}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_kind_lists_the_valid_ones() {
+        let err = detector("sobel", &DetectorOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("'sobel'") && err.contains("canny") && err.contains("normal"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_listed_kind_builds_except_inpaint() {
+        for k in KINDS {
+            let d = detector(k.name, &DetectorOptions::default());
+            if k.name == "inpaint" {
+                assert!(d.is_err());
+            } else {
+                assert_eq!(d.unwrap().name(), k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_numbers_name_their_flag() {
+        let o = DetectorOptions {
+            sigma: Some(-1.0),
+            ..Default::default()
+        };
+        let err = detector("blur", &o).err().unwrap().to_string();
+        assert!(err.contains("--sigma"), "{err}");
+    }
+
+    #[test]
+    fn empty_image_is_an_error() {
+        let d = detector("invert", &DetectorOptions::default()).unwrap();
+        let err = annotate(
+            d.as_ref(),
+            &RgbImage::new(0, 5),
+            &AnnotateSettings::default(),
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn default_output_keeps_the_input_size() {
+        // pixel perfect: canny runs at the input's size, so the map equals the direct call
+        let img = test_support::load("input_odd.png");
+        let d = detector("canny", &DetectorOptions::default()).unwrap();
+        let out = annotate(d.as_ref(), &img, &AnnotateSettings::default()).unwrap();
+        assert_eq!(out.dimensions(), img.dimensions());
+        let direct = d.detect(&img).unwrap();
+        // the pipeline pads to 64 with replicated edges; only the last rows/columns may differ
+        let (w, h) = img.dimensions();
+        for y in 0..h - 2 {
+            for x in 0..w - 2 {
+                assert_eq!(out.get_pixel(x, y), direct.get_pixel(x, y), "({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn output_size_keeps_aspect_when_one_side_is_given() {
+        let s = AnnotateSettings {
+            width: Some(200),
+            ..Default::default()
+        };
+        assert_eq!(s.output_size(100, 50).unwrap(), (200, 100));
+        let s = AnnotateSettings {
+            height: Some(0),
+            ..Default::default()
+        };
+        assert!(s.output_size(100, 50).is_err());
+    }
+
+    #[test]
+    fn hwc3_composites_alpha_onto_white() {
+        let mut rgba = image::RgbaImage::new(1, 1);
+        rgba.put_pixel(0, 0, image::Rgba([0, 100, 200, 128]));
+        let out = hwc3(&DynamicImage::ImageRgba8(rgba));
+        // numpy: (c * a + 255 * (1 - a)) with a = 128/255, truncated
+        let a = 128f32 / 255.0;
+        let expect = |c: f32| (c * a + 255.0 * (1.0 - a)) as u8;
+        assert_eq!(
+            out.get_pixel(0, 0).0,
+            [expect(0.0), expect(100.0), expect(200.0)]
+        );
+    }
+}
