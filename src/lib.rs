@@ -7,7 +7,9 @@
 //! - [`rng`]: a CPU random generator that reproduces `torch.Generator("cpu")`.
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
+//! - [`annotate`]: condition images from inputs (OpenPose JSON → skeleton, ...).
 //! - [`cli`]: the `controlnet` command.
+pub mod annotate;
 pub mod cli;
 pub mod error;
 pub mod io;

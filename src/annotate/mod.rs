@@ -1,0 +1,3 @@
+//! Annotators: turn inputs into the condition images ControlNet was trained on.
+pub mod draw;
+pub mod pose;
