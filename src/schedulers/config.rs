@@ -63,9 +63,12 @@ impl SchedulerKind {
         }
     }
 
-    /// The scheduler for a diffusers class name, if it is one this crate implements.
-    pub fn from_class_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.class_name() == name)
+    /// The scheduler for a diffusers class name (`_class_name`); an error lists the implemented classes.
+    pub fn from_class_name(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|k| k.class_name() == name).ok_or_else(|| {
+            let classes = Self::ALL.map(|k| k.class_name()).join(", ");
+            Error::Invalid(format!("scheduler class {name:?} is not implemented; implemented: {classes}"))
+        })
     }
 
     fn valid_names() -> String {
@@ -96,7 +99,7 @@ pub struct SchedulerConfig {
     /// The file it came from, named in every error about it.
     pub path: PathBuf,
     /// `_class_name`: the scheduler class the model ships with.
-    pub class_name: Option<String>,
+    class_name: Option<String>,
     /// Public keys only (diffusers drops `_`-prefixed ones before building a class).
     values: Map<String, Value>,
 }
@@ -133,6 +136,11 @@ impl SchedulerConfig {
         self
     }
 
+    /// `_class_name` (the scheduler class the model ships with), or "" when the file has none.
+    pub fn class_name(&self) -> String {
+        self.class_name.clone().unwrap_or_default()
+    }
+
     /// The raw value of a key as the file (or an override) set it.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.values.get(key)
@@ -144,7 +152,7 @@ impl SchedulerConfig {
             .class_name
             .as_deref()
             .ok_or_else(|| Error::config(&self.path, "has no _class_name; choose a scheduler explicitly"))?;
-        SchedulerKind::from_class_name(name).ok_or_else(|| {
+        SchedulerKind::from_class_name(name).map_err(|_| {
             Error::config(
                 &self.path,
                 format!(
@@ -204,11 +212,12 @@ mod tests {
     fn names_round_trip() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.cli_name().parse::<SchedulerKind>().unwrap(), kind);
-            assert_eq!(SchedulerKind::from_class_name(kind.class_name()), Some(kind));
+            assert_eq!(SchedulerKind::from_class_name(kind.class_name()).unwrap(), kind);
             assert_eq!(kind.to_string(), kind.cli_name());
         }
         assert_eq!("Euler-A".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
-        assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
+        let err = SchedulerKind::from_class_name("LMSDiscreteScheduler").unwrap_err().to_string();
+        assert!(err.contains("LMSDiscreteScheduler") && err.contains("UniPCMultistepScheduler"), "{err}");
     }
 
     #[test]
@@ -227,7 +236,7 @@ mod tests {
             "mem.json",
         )
         .unwrap();
-        assert_eq!(cfg.class_name.as_deref(), Some("PNDMScheduler"));
+        assert_eq!(cfg.class_name(), "PNDMScheduler");
         assert_eq!(cfg.own_kind().unwrap(), SchedulerKind::Pndm);
         assert!(cfg.get("_diffusers_version").is_none());
         assert_eq!(cfg.get("steps_offset"), Some(&Value::from(1)));

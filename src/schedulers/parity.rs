@@ -205,8 +205,7 @@ fn every_case_belongs_to_a_scheduler() {
     let cases: Vec<Case> = serde_json::from_str(&manifest).unwrap();
     let mut per_kind: HashMap<SchedulerKind, usize> = HashMap::new();
     for case in &cases {
-        let kind =
-            SchedulerKind::from_class_name(&case.class).unwrap_or_else(|| panic!("{}: {}", case.name, case.class));
+        let kind = SchedulerKind::from_class_name(&case.class).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         *per_kind.entry(kind).or_default() += 1;
     }
     assert_eq!(per_kind.len(), SchedulerKind::ALL.len(), "{per_kind:?}");
