@@ -9,10 +9,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn controlnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_controlnet"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_controlnet")).args(args).output().unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -40,11 +37,7 @@ fn zero_width_png() -> Vec<u8> {
         for &b in bytes {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
             }
         }
         !crc
@@ -70,28 +63,15 @@ fn zero_width_png() -> Vec<u8> {
 fn canny_on_a_file_matches_cv2() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("edges.png");
-    let run = controlnet(&[
-        "annotate",
-        "canny",
-        s(&fixture("input_odd.png")),
-        "--output",
-        s(&out),
-    ]);
+    let run = controlnet(&["annotate", "canny", s(&fixture("input_odd.png")), "--output", s(&out)]);
     assert!(run.status.success(), "{}", stderr(&run));
     let ours = image::open(&out).unwrap().to_rgb8();
     let reference = image::open(fixture("canny_odd.png")).unwrap().to_rgb8();
     // the default output is the input's size (pixel perfect, no rescale); the CLI pads to 64 like A1111,
     // which can only touch the last rows/columns: >= 99% of pixels equal cv2.Canny's
     assert_eq!(ours.dimensions(), reference.dimensions());
-    let same = ours
-        .pixels()
-        .zip(reference.pixels())
-        .filter(|(a, b)| a[0] == b[0])
-        .count();
-    assert!(
-        same as f64 >= 0.99 * (ours.width() * ours.height()) as f64,
-        "{same} equal pixels"
-    );
+    let same = ours.pixels().zip(reference.pixels()).filter(|(a, b)| a[0] == b[0]).count();
+    assert!(same as f64 >= 0.99 * (ours.width() * ours.height()) as f64, "{same} equal pixels");
     // no temporary file left next to it
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
@@ -132,13 +112,7 @@ fn folder_with_an_unreadable_file() {
     assert_eq!(run.status.code(), Some(1));
     let a = image::open(output.join("a.png")).unwrap().to_rgb8();
     assert_eq!(a.dimensions(), (64, 64));
-    assert_eq!(
-        image::open(output.join("b.png"))
-            .unwrap()
-            .to_rgb8()
-            .dimensions(),
-        (97, 61)
-    );
+    assert_eq!(image::open(output.join("b.png")).unwrap().to_rgb8().dimensions(), (97, 61));
     assert!(!output.join("notes.png").exists());
     // only the two maps: no temporary files
     assert_eq!(std::fs::read_dir(&output).unwrap().count(), 2);
@@ -151,15 +125,7 @@ fn folder_all_good_exits_zero() {
     std::fs::create_dir(&input).unwrap();
     std::fs::copy(fixture("input_square.png"), input.join("a.png")).unwrap();
     let output = dir.path().join("out");
-    let run = controlnet(&[
-        "annotate",
-        "shuffle",
-        s(&input),
-        "--output",
-        s(&output),
-        "--seed",
-        "3",
-    ]);
+    let run = controlnet(&["annotate", "shuffle", s(&input), "--output", s(&output), "--seed", "3"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(output.join("a.png").exists());
 }
@@ -169,13 +135,7 @@ fn not_an_image_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jpg");
     std::fs::write(&bad, b"\xff\xd8 truncated jpeg").unwrap();
-    let run = controlnet(&[
-        "annotate",
-        "canny",
-        s(&bad),
-        "--output",
-        s(&dir.path().join("o.png")),
-    ]);
+    let run = controlnet(&["annotate", "canny", s(&bad), "--output", s(&dir.path().join("o.png"))]);
     assert_clean_failure(&run, &["bad.jpg"]);
     assert!(!dir.path().join("o.png").exists());
 }
@@ -185,49 +145,25 @@ fn zero_size_image_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.png");
     std::fs::write(&empty, zero_width_png()).unwrap();
-    let run = controlnet(&[
-        "annotate",
-        "invert",
-        s(&empty),
-        "--output",
-        s(&dir.path().join("o.png")),
-    ]);
+    let run = controlnet(&["annotate", "invert", s(&empty), "--output", s(&dir.path().join("o.png"))]);
     assert_clean_failure(&run, &["empty.png"]);
 }
 
 #[test]
 fn missing_input_names_the_file() {
-    let run = controlnet(&[
-        "annotate",
-        "canny",
-        "/nonexistent/x.png",
-        "--output",
-        "/tmp/never.png",
-    ]);
+    let run = controlnet(&["annotate", "canny", "/nonexistent/x.png", "--output", "/tmp/never.png"]);
     assert_clean_failure(&run, &["/nonexistent/x.png"]);
 }
 
 #[test]
 fn unknown_kind_lists_the_valid_ones() {
-    let run = controlnet(&[
-        "annotate",
-        "hed2",
-        s(&fixture("input_odd.png")),
-        "--output",
-        "/tmp/never.png",
-    ]);
+    let run = controlnet(&["annotate", "hed2", s(&fixture("input_odd.png")), "--output", "/tmp/never.png"]);
     assert_clean_failure(&run, &["hed2", "canny", "lineart", "inpaint"]);
 }
 
 #[test]
 fn inpaint_without_mask_names_the_flag() {
-    let run = controlnet(&[
-        "annotate",
-        "inpaint",
-        s(&fixture("input_odd.png")),
-        "--output",
-        "/tmp/x.safetensors",
-    ]);
+    let run = controlnet(&["annotate", "inpaint", s(&fixture("input_odd.png")), "--output", "/tmp/x.safetensors"]);
     assert_clean_failure(&run, &["--mask"]);
 }
 
@@ -260,24 +196,12 @@ fn inpaint_writes_the_condition_tensor() {
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
     let ours = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
-    let reference = candle_core::safetensors::load(
-        fixture("inpaint_odd.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture("inpaint_odd.safetensors"), &candle_core::Device::Cpu).unwrap();
     let (a, b) = (&ours["control"], &reference["control"]);
     assert_eq!(a.dims(), &[1, 3, 61, 97]);
     // metric: max |diff| <= 1e-6 against diffusers' make_inpaint_condition
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
     assert!(diff <= 1e-6, "max |diff| {diff}");
 }
 
@@ -298,12 +222,7 @@ fn mask_on_another_kind_is_refused() {
 #[test]
 fn unknown_output_extension_names_the_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let run = controlnet(&[
-        "annotate",
-        "canny",
-        s(&fixture("input_odd.png")),
-        "--output",
-        s(&dir.path().join("edges.xyz")),
-    ]);
+    let run =
+        controlnet(&["annotate", "canny", s(&fixture("input_odd.png")), "--output", s(&dir.path().join("edges.xyz"))]);
     assert_clean_failure(&run, &["--output", "edges.xyz"]);
 }

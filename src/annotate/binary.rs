@@ -33,11 +33,7 @@ impl Detector for Binary {
 pub fn binary(img: &Mat<u8>, threshold: f64) -> Mat<u8> {
     let grey = cv::rgb_to_gray(img);
     // OpenCV floors the threshold of 8-bit images
-    let t = if threshold == 0.0 || threshold == 255.0 {
-        cv::otsu_threshold(&grey) as f64
-    } else {
-        threshold.floor()
-    };
+    let t = if threshold == 0.0 || threshold == 255.0 { cv::otsu_threshold(&grey) as f64 } else { threshold.floor() };
     grey.map(|v| if v as f64 > t { 0 } else { 255 })
 }
 
@@ -50,11 +46,7 @@ mod tests {
     fn matches_cv2_threshold_binary_inv() {
         // exact: integer grey conversion, OpenCV's Otsu scan
         for c in cases("binary") {
-            let ours = Binary {
-                threshold: c.f64("threshold"),
-            }
-            .detect(&load(&c.input))
-            .unwrap();
+            let ours = Binary { threshold: c.f64("threshold") }.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 0.0, 0, 1.0, &c.output);
         }
     }

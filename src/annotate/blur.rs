@@ -36,11 +36,7 @@ mod tests {
         // metric: mean |diff| <= 0.01 and >= 99.9% exact (OpenCV's 8-bit blur is integer arithmetic; only
         // its softfloat exp() may differ from libm in the last bit)
         for c in cases("blur") {
-            let ours = BlurGaussian {
-                sigma: c.f64("sigma"),
-            }
-            .detect(&load(&c.input))
-            .unwrap();
+            let ours = BlurGaussian { sigma: c.f64("sigma") }.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 0.01, 0, 0.999, &c.output);
         }
     }

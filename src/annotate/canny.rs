@@ -95,9 +95,7 @@ pub fn canny(img: &Mat<u8>, low: f64, high: f64) -> Mat<u8> {
     let mut stack = Vec::new();
     for y in 0..h {
         for x in 0..w {
-            let at = |oy: isize, ox: isize| {
-                mag[((y as isize + 1 + oy) as usize) * mw + (x as isize + 1 + ox) as usize]
-            };
+            let at = |oy: isize, ox: isize| mag[((y as isize + 1 + oy) as usize) * mw + (x as isize + 1 + ox) as usize];
             let m = at(0, 0);
             if m <= low {
                 continue;
@@ -153,10 +151,7 @@ pub fn canny(img: &Mat<u8>, low: f64, high: f64) -> Mat<u8> {
         width: w,
         height: h,
         channels: 1,
-        data: mark
-            .iter()
-            .map(|&m| if m == Mark::Edge { 255 } else { 0 })
-            .collect(),
+        data: mark.iter().map(|&m| if m == Mark::Edge { 255 } else { 0 }).collect(),
     }
 }
 
@@ -179,11 +174,7 @@ mod tests {
                 (-1..=1).any(|dy| {
                     (-1..=1).any(|dx| {
                         let (nx, ny) = (x + dx, y + dy);
-                        nx >= 0
-                            && ny >= 0
-                            && nx < w as isize
-                            && ny < h as isize
-                            && b[ny as usize * w + nx as usize]
+                        nx >= 0 && ny >= 0 && nx < w as isize && ny < h as isize && b[ny as usize * w + nx as usize]
                     })
                 })
             })
@@ -196,19 +187,12 @@ mod tests {
         // (and required to be >= 99.9%: the algorithm is integer arithmetic, reproduced step by step)
         for c in cases("canny") {
             let img = load(&c.input);
-            let ours = Canny {
-                low: c.f64("low"),
-                high: c.f64("high"),
-            }
-            .detect(&img)
-            .unwrap();
+            let ours = Canny { low: c.f64("low"), high: c.f64("high") }.detect(&img).unwrap();
             let reference = load(&c.output);
             let (w, h) = (img.width() as usize, img.height() as usize);
             let (a, b) = (edges(&ours), edges(&reference));
-            let precision =
-                matched(&a, &b, w, h) as f64 / a.iter().filter(|&&v| v).count().max(1) as f64;
-            let recall =
-                matched(&b, &a, w, h) as f64 / b.iter().filter(|&&v| v).count().max(1) as f64;
+            let precision = matched(&a, &b, w, h) as f64 / a.iter().filter(|&&v| v).count().max(1) as f64;
+            let recall = matched(&b, &a, w, h) as f64 / b.iter().filter(|&&v| v).count().max(1) as f64;
             let f1 = 2.0 * precision * recall / (precision + recall).max(1e-12);
             let exact = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
             eprintln!(
@@ -231,12 +215,7 @@ mod tests {
 
     #[test]
     fn flat_image_has_no_edges() {
-        let img = Mat {
-            width: 5,
-            height: 4,
-            channels: 3,
-            data: vec![9u8; 60],
-        };
+        let img = Mat { width: 5, height: 4, channels: 3, data: vec![9u8; 60] };
         assert!(canny(&img, 1.0, 2.0).data.iter().all(|&v| v == 0));
     }
 }

@@ -23,12 +23,7 @@ impl Detector for Color {
     fn detect(&self, image: &RgbImage) -> crate::Result<RgbImage> {
         let img = Mat::from_rgb(image);
         // OpenCV would refuse a zero-size grid (images under 64 px); keep one tile instead
-        let small = cv::resize_u8(
-            &img,
-            (img.width / TILE).max(1),
-            (img.height / TILE).max(1),
-            Interpolation::Cubic,
-        );
+        let small = cv::resize_u8(&img, (img.width / TILE).max(1), (img.height / TILE).max(1), Interpolation::Cubic);
         Ok(cv::resize_u8(&small, img.width, img.height, Interpolation::Nearest).to_rgb())
     }
 }

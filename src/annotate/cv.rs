@@ -25,12 +25,7 @@ pub struct Mat<T> {
 
 impl<T: Copy + Default> Mat<T> {
     pub fn new(width: usize, height: usize, channels: usize) -> Self {
-        Self {
-            width,
-            height,
-            channels,
-            data: vec![T::default(); width * height * channels],
-        }
+        Self { width, height, channels, data: vec![T::default(); width * height * channels] }
     }
 
     #[inline]
@@ -74,8 +69,7 @@ impl Mat<u8> {
             1 => self.data.iter().flat_map(|&v| [v, v, v]).collect(),
             c => panic!("to_rgb: {c}-channel Mat"),
         };
-        image::RgbImage::from_raw(self.width as u32, self.height as u32, data)
-            .expect("buffer length matches the size")
+        image::RgbImage::from_raw(self.width as u32, self.height as u32, data).expect("buffer length matches the size")
     }
 }
 
@@ -170,21 +164,11 @@ pub fn gaussian_kernel_fixed8(n: usize, sigma: f64) -> Vec<i64> {
 pub fn gaussian_blur_u8(src: &Mat<u8>, sigma: f64) -> Mat<u8> {
     let n = gaussian_ksize(sigma, true);
     // OpenCV shrinks the kernel to 1 along an axis of length 1
-    let kx = if src.width == 1 {
-        vec![256]
-    } else {
-        gaussian_kernel_fixed8(n, sigma)
-    };
-    let ky = if src.height == 1 {
-        vec![256]
-    } else {
-        gaussian_kernel_fixed8(n, sigma)
-    };
+    let kx = if src.width == 1 { vec![256] } else { gaussian_kernel_fixed8(n, sigma) };
+    let ky = if src.height == 1 { vec![256] } else { gaussian_kernel_fixed8(n, sigma) };
     let rows = filter_rows(src, &kx, |v| v as i64, Border::Reflect101);
     let mut out = Mat::new(src.width, src.height, src.channels);
-    filter_cols(&rows, &ky, Border::Reflect101, &mut out, |acc: i64| {
-        ((acc + (1 << 15)) >> 16).clamp(0, 255) as u8
-    });
+    filter_cols(&rows, &ky, Border::Reflect101, &mut out, |acc: i64| ((acc + (1 << 15)) >> 16).clamp(0, 255) as u8);
     out
 }
 
@@ -192,17 +176,12 @@ pub fn gaussian_blur_u8(src: &Mat<u8>, sigma: f64) -> Mat<u8> {
 pub fn gaussian_blur_f32(src: &Mat<f32>, sigma: f64) -> Mat<f32> {
     let n = gaussian_ksize(sigma, false);
     // OpenCV builds a float kernel from the double one
-    let k: Vec<f64> = gaussian_kernel(n, sigma)
-        .iter()
-        .map(|&v| v as f32 as f64)
-        .collect();
+    let k: Vec<f64> = gaussian_kernel(n, sigma).iter().map(|&v| v as f32 as f64).collect();
     let kx = if src.width == 1 { vec![1.0] } else { k.clone() };
     let ky = if src.height == 1 { vec![1.0] } else { k };
     let rows = filter_rows(src, &kx, |v| v as f64, Border::Reflect101);
     let mut out = Mat::new(src.width, src.height, src.channels);
-    filter_cols(&rows, &ky, Border::Reflect101, &mut out, |acc: f64| {
-        acc as f32
-    });
+    filter_cols(&rows, &ky, Border::Reflect101, &mut out, |acc: f64| acc as f32);
     out
 }
 
@@ -213,9 +192,8 @@ where
 {
     let (w, c, r) = (src.width, src.channels, (k.len() / 2) as isize);
     let mut out = Mat::new(w, src.height, c);
-    let cols: Vec<Vec<usize>> = (0..w as isize)
-        .map(|x| (-r..=r).map(|d| border_index(x + d, w, border)).collect())
-        .collect();
+    let cols: Vec<Vec<usize>> =
+        (0..w as isize).map(|x| (-r..=r).map(|d| border_index(x + d, w, border)).collect()).collect();
     for y in 0..src.height {
         let row = &src.data[y * w * c..(y + 1) * w * c];
         for (x, taps) in cols.iter().enumerate() {
@@ -232,21 +210,14 @@ where
 }
 
 /// Vertical pass of a separable filter, `finish` turning each accumulated sum into the output sample.
-fn filter_cols<A, O>(
-    src: &Mat<A>,
-    k: &[A],
-    border: Border,
-    out: &mut Mat<O>,
-    finish: impl Fn(A) -> O,
-) where
+fn filter_cols<A, O>(src: &Mat<A>, k: &[A], border: Border, out: &mut Mat<O>, finish: impl Fn(A) -> O)
+where
     A: Copy + Default + std::ops::Mul<Output = A> + std::ops::AddAssign,
     O: Copy,
 {
     let (h, stride, r) = (src.height, src.width * src.channels, (k.len() / 2) as isize);
     for y in 0..h {
-        let taps: Vec<usize> = (-r..=r)
-            .map(|d| border_index(y as isize + d, h, border))
-            .collect();
+        let taps: Vec<usize> = (-r..=r).map(|d| border_index(y as isize + d, h, border)).collect();
         for i in 0..stride {
             let mut acc = A::default();
             for (&sy, &kv) in taps.iter().zip(k) {
@@ -263,13 +234,8 @@ pub fn sobel3_f32(src: &Mat<f32>, dx: bool) -> Mat<f32> {
     assert_eq!(src.channels, 1, "sobel3_f32 takes one channel");
     let (w, h) = (src.width, src.height);
     let mut out = Mat::new(w, h, 1);
-    let px = |y: isize, x: isize| {
-        src.at(
-            border_index(y, h, Border::Reflect101),
-            border_index(x, w, Border::Reflect101),
-            0,
-        )
-    };
+    let px =
+        |y: isize, x: isize| src.at(border_index(y, h, Border::Reflect101), border_index(x, w, Border::Reflect101), 0);
     for y in 0..h as isize {
         for x in 0..w as isize {
             let v = if dx {
@@ -350,15 +316,9 @@ fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Tap
                     fx = 0.0;
                 }
             }
-            let weight = if ksize == 4 {
-                cubic_coeffs(fx).to_vec()
-            } else {
-                vec![1.0 - fx, fx]
-            };
+            let weight = if ksize == 4 { cubic_coeffs(fx).to_vec() } else { vec![1.0 - fx, fx] };
             let first = sx - (ksize / 2 - 1);
-            let index = (0..ksize)
-                .map(|k| (first + k).clamp(0, src_len as isize - 1) as usize)
-                .collect();
+            let index = (0..ksize).map(|k| (first + k).clamp(0, src_len as isize - 1) as usize).collect();
             Taps { index, weight }
         })
         .collect()
@@ -376,35 +336,21 @@ pub fn resize_u8(src: &Mat<u8>, width: usize, height: usize, interp: Interpolati
     }
     match interp {
         Interpolation::Nearest => resize_nearest(src, width, height),
-        Interpolation::Area if width <= src.width && height <= src.height => {
-            resize_area_down(src, width, height)
-        }
+        Interpolation::Area if width <= src.width && height <= src.height => resize_area_down(src, width, height),
         Interpolation::Cubic => {
             let widen = |taps: Vec<Taps>| -> Vec<(Vec<usize>, Vec<f64>)> {
-                taps.into_iter()
-                    .map(|t| (t.index, t.weight.iter().map(|&a| a as f64).collect()))
-                    .collect()
+                taps.into_iter().map(|t| (t.index, t.weight.iter().map(|&a| a as f64).collect())).collect()
             };
             let xt = widen(interp_taps(src.width, width, interp));
             let yt = widen(interp_taps(src.height, height, interp));
-            separable_resize(
-                src,
-                &xt,
-                &yt,
-                |v| v as f64,
-                |acc: f64| acc.round_ties_even().clamp(0.0, 255.0) as u8,
-            )
+            separable_resize(src, &xt, &yt, |v| v as f64, |acc: f64| acc.round_ties_even().clamp(0.0, 255.0) as u8)
         }
         _ => {
             // fixed point: 11-bit coefficients per axis, one rounding at the end (`FixedPtCast<.., 22>`)
             let to_fixed = |taps: Vec<Taps>| -> Vec<(Vec<usize>, Vec<i64>)> {
                 taps.into_iter()
                     .map(|t| {
-                        let w = t
-                            .weight
-                            .iter()
-                            .map(|&a| cv_round((a * RESIZE_COEF_SCALE) as f64))
-                            .collect();
+                        let w = t.weight.iter().map(|&a| cv_round((a * RESIZE_COEF_SCALE) as f64)).collect();
                         (t.index, w)
                     })
                     .collect()
@@ -416,10 +362,7 @@ pub fn resize_u8(src: &Mat<u8>, width: usize, height: usize, interp: Interpolati
                 &xt,
                 &yt,
                 |v| v as i64,
-                |acc: i64| {
-                    ((acc + (1 << (2 * RESIZE_COEF_BITS - 1))) >> (2 * RESIZE_COEF_BITS))
-                        .clamp(0, 255) as u8
-                },
+                |acc: i64| ((acc + (1 << (2 * RESIZE_COEF_BITS - 1))) >> (2 * RESIZE_COEF_BITS)).clamp(0, 255) as u8,
             )
         }
     }
@@ -427,17 +370,12 @@ pub fn resize_u8(src: &Mat<u8>, width: usize, height: usize, interp: Interpolati
 
 /// `cv2.resize` of a double image with `INTER_CUBIC` or `INTER_LINEAR` (float coefficients, double sums).
 pub fn resize_f64(src: &Mat<f64>, width: usize, height: usize, interp: Interpolation) -> Mat<f64> {
-    assert!(matches!(
-        interp,
-        Interpolation::Cubic | Interpolation::Linear
-    ));
+    assert!(matches!(interp, Interpolation::Cubic | Interpolation::Linear));
     if (width, height) == (src.width, src.height) {
         return src.clone();
     }
     let widen = |taps: Vec<Taps>| -> Vec<(Vec<usize>, Vec<f64>)> {
-        taps.into_iter()
-            .map(|t| (t.index, t.weight.iter().map(|&a| a as f64).collect()))
-            .collect()
+        taps.into_iter().map(|t| (t.index, t.weight.iter().map(|&a| a as f64).collect())).collect()
     };
     let xt = widen(interp_taps(src.width, width, interp));
     let yt = widen(interp_taps(src.height, height, interp));
@@ -519,26 +457,14 @@ fn area_taps(src_len: usize, dst_len: usize, scale: f64) -> Vec<AreaTap> {
         s2 = s2.min(src_len - 1);
         let s1 = (fs1.ceil() as usize).min(s2);
         if s1 as f64 - fs1 > 1e-3 {
-            taps.push(AreaTap {
-                dst: d,
-                src: s1 - 1,
-                alpha: ((s1 as f64 - fs1) / cell) as f32,
-            });
+            taps.push(AreaTap { dst: d, src: s1 - 1, alpha: ((s1 as f64 - fs1) / cell) as f32 });
         }
         for s in s1..s2 {
-            taps.push(AreaTap {
-                dst: d,
-                src: s,
-                alpha: (1.0 / cell) as f32,
-            });
+            taps.push(AreaTap { dst: d, src: s, alpha: (1.0 / cell) as f32 });
         }
         if fs2 - s2 as f64 > 1e-3 {
             let a = (fs2 - s2 as f64).min(1.0).min(cell) / cell;
-            taps.push(AreaTap {
-                dst: d,
-                src: s2,
-                alpha: a as f32,
-            });
+            taps.push(AreaTap { dst: d, src: s2, alpha: a as f32 });
         }
     }
     taps
@@ -565,11 +491,7 @@ fn resize_area_down(src: &Mat<u8>, width: usize, height: usize) -> Mat<u8> {
                             sum += src.at(y * fy + dy, x * fx + dx, ch) as i64;
                         }
                     }
-                    let v = if area == 4 {
-                        ((sum + 2) >> 2) as u8
-                    } else {
-                        saturate_u8(sum as f32 * scale)
-                    };
+                    let v = if area == 4 { ((sum + 2) >> 2) as u8 } else { saturate_u8(sum as f32 * scale) };
                     out.set(y, x, ch, v);
                 }
             }
@@ -625,13 +547,7 @@ fn resize_area_down(src: &Mat<u8>, width: usize, height: usize) -> Mat<u8> {
 ///
 /// OpenCV 5 (the reference build) interpolates with float weights at the exact coordinates; OpenCV 4's
 /// generic path rounded the coordinates to 1/32 pixel first (up to a few grey levels apart on sharp edges).
-pub fn remap_linear_u8(
-    src: &Mat<u8>,
-    map_x: &[f32],
-    map_y: &[f32],
-    width: usize,
-    height: usize,
-) -> Mat<u8> {
+pub fn remap_linear_u8(src: &Mat<u8>, map_x: &[f32], map_y: &[f32], width: usize, height: usize) -> Mat<u8> {
     assert_eq!(map_x.len(), width * height);
     assert_eq!(map_y.len(), width * height);
     let c = src.channels;
@@ -667,17 +583,9 @@ pub fn rgb_to_gray(src: &Mat<u8>) -> Mat<u8> {
     let data = src
         .data
         .chunks_exact(3)
-        .map(|p| {
-            ((p[0] as u32 * R + p[1] as u32 * G + p[2] as u32 * B + (1 << (SHIFT - 1))) >> SHIFT)
-                as u8
-        })
+        .map(|p| ((p[0] as u32 * R + p[1] as u32 * G + p[2] as u32 * B + (1 << (SHIFT - 1))) >> SHIFT) as u8)
         .collect();
-    Mat {
-        width: src.width,
-        height: src.height,
-        channels: 1,
-        data,
-    }
+    Mat { width: src.width, height: src.height, channels: 1, data }
 }
 
 /// Otsu's threshold of a one-channel 8-bit image as `cv2.threshold(.., THRESH_OTSU)` computes it: the grey
@@ -689,12 +597,7 @@ pub fn otsu_threshold(src: &Mat<u8>) -> u8 {
         hist[v as usize] += 1;
     }
     let scale = 1.0 / src.data.len() as f64;
-    let mu: f64 = hist
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| i as f64 * h as f64)
-        .sum::<f64>()
-        * scale;
+    let mu: f64 = hist.iter().enumerate().map(|(i, &h)| i as f64 * h as f64).sum::<f64>() * scale;
     let (mut mu1, mut q1) = (0.0f64, 0.0f64);
     let (mut max_sigma, mut max_val) = (0.0f64, 0u8);
     let eps = f32::EPSILON as f64;

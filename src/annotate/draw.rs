@@ -79,11 +79,7 @@ pub fn ellipse_to_poly(
     while angle > 360 {
         angle -= 360;
     }
-    let (mut start, mut end) = if arc_start > arc_end {
-        (arc_end, arc_start)
-    } else {
-        (arc_start, arc_end)
-    };
+    let (mut start, mut end) = if arc_start > arc_end { (arc_end, arc_start) } else { (arc_start, arc_end) };
     while start < 0 {
         start += 360;
         end += 360;
@@ -158,12 +154,8 @@ fn clip_line(width: i64, height: i64, p1: &mut Point, p2: &mut Point) -> bool {
         return false;
     }
     let (right, bottom) = (width - 1, height - 1);
-    let code = |p: &Point| {
-        (p.x < 0) as i32
-            + (p.x > right) as i32 * 2
-            + (p.y < 0) as i32 * 4
-            + (p.y > bottom) as i32 * 8
-    };
+    let code =
+        |p: &Point| (p.x < 0) as i32 + (p.x > right) as i32 * 2 + (p.y < 0) as i32 * 4 + (p.y > bottom) as i32 * 8;
     let muldiv = |a: i64, b: i64, c: i64| (a as f64 * b as f64 / c as f64) as i64;
     let (mut c1, mut c2) = (code(p1), code(p2));
     if (c1 & c2) == 0 && (c1 | c2) != 0 {
@@ -249,27 +241,14 @@ fn line_fixed(img: &mut RgbImage, mut p1: Point, mut p2: Point, color: Color) {
     }
     let (x_step, y_step, mut ecount) = if x_major {
         let dy = if dx < 0 { -dy } else { dy };
-        (
-            XY_ONE,
-            (dy << XY_SHIFT) / (ax | 1),
-            (p2.x - p1.x) >> XY_SHIFT,
-        )
+        (XY_ONE, (dy << XY_SHIFT) / (ax | 1), (p2.x - p1.x) >> XY_SHIFT)
     } else {
         let dx = if dy < 0 { -dx } else { dx };
-        (
-            (dx << XY_SHIFT) / (ay | 1),
-            XY_ONE,
-            (p2.y - p1.y) >> XY_SHIFT,
-        )
+        ((dx << XY_SHIFT) / (ay | 1), XY_ONE, (p2.y - p1.y) >> XY_SHIFT)
     };
     p1.x += XY_HALF;
     p1.y += XY_HALF;
-    put_clipped(
-        img,
-        (p2.x + XY_HALF) >> XY_SHIFT,
-        (p2.y + XY_HALF) >> XY_SHIFT,
-        color,
-    );
+    put_clipped(img, (p2.x + XY_HALF) >> XY_SHIFT, (p2.y + XY_HALF) >> XY_SHIFT, color);
     if x_major {
         p1.x >>= XY_SHIFT;
         while ecount >= 0 {
@@ -345,20 +324,8 @@ fn fill_convex_poly_shifted(img: &mut RgbImage, v: &[Point], color: Color, shift
         dx: i64,
         y_end: i64,
     }
-    let start = Chain {
-        idx: imin,
-        step: 1,
-        x: -XY_ONE,
-        dx: 0,
-        y_end: ymin,
-    };
-    let mut chains = [
-        start,
-        Chain {
-            step: n - 1,
-            ..start
-        },
-    ];
+    let start = Chain { idx: imin, step: 1, x: -XY_ONE, dx: 0, y_end: ymin };
+    let mut chains = [start, Chain { step: n - 1, ..start }];
     let mut budget = n as i64;
     let mut y = ymin;
     loop {
@@ -393,11 +360,7 @@ fn fill_convex_poly_shifted(img: &mut RgbImage, v: &[Point], color: Color, shift
             break;
         }
         if y >= 0 {
-            let (l, r) = if chains[0].x > chains[1].x {
-                (1, 0)
-            } else {
-                (0, 1)
-            };
+            let (l, r) = if chains[0].x > chains[1].x { (1, 0) } else { (0, 1) };
             let x1 = (chains[l].x + XY_HALF) >> XY_SHIFT;
             let x2 = (chains[r].x + XY_HALF) >> XY_SHIFT;
             if x2 >= 0 && x1 < w {
@@ -418,8 +381,7 @@ fn fill_convex_poly_shifted(img: &mut RgbImage, v: &[Point], color: Color, shift
 pub fn fill_circle(img: &mut RgbImage, center: Point, radius: i64, color: Color) {
     let (w, h) = (img.width() as i64, img.height() as i64);
     let (cx, cy) = (center.x, center.y);
-    let (mut err, mut dx, mut dy, mut plus, mut minus) =
-        (0i64, radius, 0i64, 1i64, (radius << 1) - 1);
+    let (mut err, mut dx, mut dy, mut plus, mut minus) = (0i64, radius, 0i64, 1i64, (radius << 1) - 1);
     let inside = cx >= radius && cx < w - radius && cy >= radius && cy < h - radius;
     let row_ok = |y: i64| y >= 0 && y < h;
     while dx >= dy {
@@ -536,28 +498,13 @@ mod tests {
     #[derive(Deserialize)]
     #[serde(tag = "op", rename_all = "lowercase")]
     enum Op {
-        Poly {
-            points: Vec<[i64; 2]>,
-            color: Color,
-        },
-        Circle {
-            center: [i64; 2],
-            radius: i64,
-            color: Color,
-        },
-        Line {
-            p0: [i64; 2],
-            p1: [i64; 2],
-            thickness: i64,
-            color: Color,
-        },
+        Poly { points: Vec<[i64; 2]>, color: Color },
+        Circle { center: [i64; 2], radius: i64, color: Color },
+        Line { p0: [i64; 2], p1: [i64; 2], thickness: i64, color: Color },
     }
 
     fn primitives() -> Primitives {
-        serde_json::from_str(
-            &std::fs::read_to_string(format!("{FIXTURES}primitives.json")).unwrap(),
-        )
-        .unwrap()
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}primitives.json")).unwrap()).unwrap()
     }
 
     fn pt(p: [i64; 2]) -> Point {
@@ -567,20 +514,9 @@ mod tests {
     #[test]
     fn ellipse_to_poly_matches_cv2() {
         for (i, c) in primitives().ellipse2poly.iter().enumerate() {
-            let got = ellipse_to_poly(
-                pt(c.center),
-                (c.axes[0], c.axes[1]),
-                c.angle,
-                c.arc_start,
-                c.arc_end,
-                c.delta,
-            );
+            let got = ellipse_to_poly(pt(c.center), (c.axes[0], c.axes[1]), c.angle, c.arc_start, c.arc_end, c.delta);
             let expected: Vec<Point> = c.points.iter().map(|&p| pt(p)).collect();
-            assert_eq!(
-                got, expected,
-                "case {i}: center {:?} axes {:?} angle {}",
-                c.center, c.axes, c.angle
-            );
+            assert_eq!(got, expected, "case {i}: center {:?} axes {:?} angle {}", c.center, c.axes, c.angle);
         }
     }
 
@@ -591,37 +527,16 @@ mod tests {
             let mut img = RgbImage::new(case.width, case.height);
             for op in &case.ops {
                 match op {
-                    Op::Poly { points, color } => fill_convex_poly(
-                        &mut img,
-                        &points.iter().map(|&p| pt(p)).collect::<Vec<_>>(),
-                        *color,
-                    ),
-                    Op::Circle {
-                        center,
-                        radius,
-                        color,
-                    } => fill_circle(&mut img, pt(*center), *radius, *color),
-                    Op::Line {
-                        p0,
-                        p1,
-                        thickness,
-                        color,
-                    } => line(&mut img, pt(*p0), pt(*p1), *color, *thickness),
+                    Op::Poly { points, color } => {
+                        fill_convex_poly(&mut img, &points.iter().map(|&p| pt(p)).collect::<Vec<_>>(), *color)
+                    }
+                    Op::Circle { center, radius, color } => fill_circle(&mut img, pt(*center), *radius, *color),
+                    Op::Line { p0, p1, thickness, color } => line(&mut img, pt(*p0), pt(*p1), *color, *thickness),
                 }
             }
-            let reference = image::open(format!("{FIXTURES}{}", case.png))
-                .unwrap()
-                .to_rgb8();
-            let differing = img
-                .pixels()
-                .zip(reference.pixels())
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(
-                differing, 0,
-                "{}: {differing} pixels differ from cv2",
-                case.name
-            );
+            let reference = image::open(format!("{FIXTURES}{}", case.png)).unwrap().to_rgb8();
+            let differing = img.pixels().zip(reference.pixels()).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{}: {differing} pixels differ from cv2", case.name);
         }
     }
 
@@ -648,11 +563,7 @@ mod tests {
         // cv2.circle(np.zeros((5, 5, 3)), (2, 2), 1, 9, -1): the 2-px line caps are these pluses.
         let mut img = RgbImage::new(5, 5);
         fill_circle(&mut img, Point::new(2, 2), 1, [9, 9, 9]);
-        let set: Vec<(u32, u32)> = img
-            .enumerate_pixels()
-            .filter(|p| p.2 .0[0] == 9)
-            .map(|p| (p.0, p.1))
-            .collect();
+        let set: Vec<(u32, u32)> = img.enumerate_pixels().filter(|p| p.2 .0[0] == 9).map(|p| (p.0, p.1)).collect();
         assert_eq!(set, vec![(2, 1), (1, 2), (2, 2), (3, 2), (2, 3)]);
     }
 

@@ -45,18 +45,10 @@ mod tests {
         // metric: max |diff| <= 1e-6 (the same float32 division)
         for c in cases("inpaint") {
             let ours = condition(&load(&c.input), &load(c.mask.as_ref().unwrap())).unwrap();
-            let refs = candle_core::safetensors::load(format!("{DIR}/{}", c.output), &Device::Cpu)
-                .unwrap();
+            let refs = candle_core::safetensors::load(format!("{DIR}/{}", c.output), &Device::Cpu).unwrap();
             let r = &refs["control"];
             assert_eq!(ours.dims(), r.dims());
-            let max = (ours - r)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
+            let max = (ours - r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             let max = max.to_scalar::<f32>().unwrap();
             assert!(max <= 1e-6, "{}: max |diff| {max}", c.output);
         }
@@ -64,10 +56,7 @@ mod tests {
 
     #[test]
     fn size_mismatch_names_the_mask() {
-        let err = condition(&RgbImage::new(4, 4), &RgbImage::new(4, 5))
-            .err()
-            .unwrap()
-            .to_string();
+        let err = condition(&RgbImage::new(4, 4), &RgbImage::new(4, 5)).err().unwrap().to_string();
         assert!(err.contains("--mask"), "{err}");
     }
 }

@@ -42,31 +42,19 @@ pub fn lineart_standard(img: &Mat<u8>) -> Mat<u8> {
         .chunks_exact(c)
         .zip(x.data.chunks_exact(c))
         .map(|(gp, xp)| {
-            let m = gp
-                .iter()
-                .zip(xp)
-                .map(|(a, b)| a - b)
-                .fold(f32::INFINITY, f32::min);
+            let m = gp.iter().zip(xp).map(|(a, b)| a - b).fold(f32::INFINITY, f32::min);
             m.clamp(0.0, 255.0)
         })
         .collect();
     // 2. normalise by the median strength of the clear lines (numpy's median: mean of the middle two)
-    let mut lines: Vec<f32> = intensity
-        .iter()
-        .copied()
-        .filter(|&v| v > INTENSITY_THRESHOLD)
-        .collect();
+    let mut lines: Vec<f32> = intensity.iter().copied().filter(|&v| v > INTENSITY_THRESHOLD).collect();
     let median = if lines.is_empty() {
         // np.median of nothing is nan, and Python's max(16, nan) is 16
         MIN_MEDIAN
     } else {
         lines.sort_by(f32::total_cmp);
         let n = lines.len();
-        let m = if n % 2 == 1 {
-            lines[n / 2]
-        } else {
-            (lines[n / 2 - 1] + lines[n / 2]) / 2.0
-        };
+        let m = if n % 2 == 1 { lines[n / 2] } else { (lines[n / 2 - 1] + lines[n / 2]) / 2.0 };
         m.max(MIN_MEDIAN)
     };
     // 3. to grey, truncated like numpy's astype(uint8)
@@ -74,10 +62,7 @@ pub fn lineart_standard(img: &Mat<u8>) -> Mat<u8> {
         width: img.width,
         height: img.height,
         channels: 1,
-        data: intensity
-            .iter()
-            .map(|&v| ((v / median) * MEDIAN_GREY).clamp(0.0, 255.0) as u8)
-            .collect(),
+        data: intensity.iter().map(|&v| ((v / median) * MEDIAN_GREY).clamp(0.0, 255.0) as u8).collect(),
     }
 }
 

@@ -97,50 +97,17 @@ pub struct Kind {
 /// Every kind [`detector`] can build, plus `inpaint` (see [`inpaint::condition`]: it needs a mask and makes a
 /// float map, so it is not a [`Detector`]).
 pub const KINDS: &[Kind] = &[
-    Kind {
-        name: "canny",
-        summary: "Canny edges (cv2.Canny on the RGB image)",
-    },
-    Kind {
-        name: "shuffle",
-        summary: "content shuffle: the image warped by a seeded random flow",
-    },
-    Kind {
-        name: "lineart",
-        summary: "standard lineart: difference of Gaussians",
-    },
-    Kind {
-        name: "color",
-        summary: "colour palette: 64x smaller cubic, then nearest up",
-    },
-    Kind {
-        name: "binary",
-        summary: "black/white threshold (Otsu when --threshold 0)",
-    },
-    Kind {
-        name: "invert",
-        summary: "255 - image (white lines on black from black lines on white)",
-    },
-    Kind {
-        name: "scribble",
-        summary: "scribble from XDoG (A1111 scribble_xdog)",
-    },
-    Kind {
-        name: "tile",
-        summary: "tile resample: area down-sampling by --rate",
-    },
-    Kind {
-        name: "blur",
-        summary: "Gaussian blur (A1111 blur_gaussian)",
-    },
-    Kind {
-        name: "normal",
-        summary: "normal map from a depth image (ControlNet's MiDaS normal)",
-    },
-    Kind {
-        name: "inpaint",
-        summary: "inpaint condition: image with masked pixels at -1 (needs --mask)",
-    },
+    Kind { name: "canny", summary: "Canny edges (cv2.Canny on the RGB image)" },
+    Kind { name: "shuffle", summary: "content shuffle: the image warped by a seeded random flow" },
+    Kind { name: "lineart", summary: "standard lineart: difference of Gaussians" },
+    Kind { name: "color", summary: "colour palette: 64x smaller cubic, then nearest up" },
+    Kind { name: "binary", summary: "black/white threshold (Otsu when --threshold 0)" },
+    Kind { name: "invert", summary: "255 - image (white lines on black from black lines on white)" },
+    Kind { name: "scribble", summary: "scribble from XDoG (A1111 scribble_xdog)" },
+    Kind { name: "tile", summary: "tile resample: area down-sampling by --rate" },
+    Kind { name: "blur", summary: "Gaussian blur (A1111 blur_gaussian)" },
+    Kind { name: "normal", summary: "normal map from a depth image (ControlNet's MiDaS normal)" },
+    Kind { name: "inpaint", summary: "inpaint condition: image with masked pixels at -1 (needs --mask)" },
 ];
 
 /// The comma-separated kind names, for error messages and help.
@@ -155,9 +122,7 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
         if v.is_finite() && v > 0.0 {
             Ok(v)
         } else {
-            Err(Error::Invalid(format!(
-                "--{name} must be a positive number, got {v}"
-            )))
+            Err(Error::Invalid(format!("--{name} must be a positive number, got {v}")))
         }
     };
     Ok(match kind {
@@ -168,19 +133,13 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
         "shuffle" => Box::new(shuffle::Shuffle { seed: options.seed }),
         "lineart" => Box::new(lineart::LineartStandard),
         "color" => Box::new(color::Color),
-        "binary" => Box::new(binary::Binary {
-            threshold: options.threshold.unwrap_or(binary::DEFAULT_THRESHOLD),
-        }),
+        "binary" => Box::new(binary::Binary { threshold: options.threshold.unwrap_or(binary::DEFAULT_THRESHOLD) }),
         "invert" => Box::new(invert::Invert),
-        "scribble" => Box::new(scribble::ScribbleXdog {
-            threshold: options.threshold.unwrap_or(scribble::DEFAULT_THRESHOLD),
-        }),
-        "tile" => Box::new(tile::TileResample {
-            rate: positive("rate", options.rate, tile::DEFAULT_RATE)?,
-        }),
-        "blur" => Box::new(blur::BlurGaussian {
-            sigma: positive("sigma", options.sigma, blur::DEFAULT_SIGMA)?,
-        }),
+        "scribble" => {
+            Box::new(scribble::ScribbleXdog { threshold: options.threshold.unwrap_or(scribble::DEFAULT_THRESHOLD) })
+        }
+        "tile" => Box::new(tile::TileResample { rate: positive("rate", options.rate, tile::DEFAULT_RATE)? }),
+        "blur" => Box::new(blur::BlurGaussian { sigma: positive("sigma", options.sigma, blur::DEFAULT_SIGMA)? }),
         "normal" => Box::new(normal::NormalFromDepth {
             bg_threshold: options.bg_threshold.unwrap_or(normal::DEFAULT_BG_THRESHOLD),
             z: normal::DEFAULT_Z,
@@ -193,10 +152,7 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
             ))
         }
         other => {
-            return Err(Error::Invalid(format!(
-                "unknown annotator kind '{other}'; valid kinds: {}",
-                kind_names()
-            )))
+            return Err(Error::Invalid(format!("unknown annotator kind '{other}'; valid kinds: {}", kind_names())))
         }
     })
 }
@@ -216,9 +172,7 @@ pub struct AnnotateSettings {
 impl AnnotateSettings {
     /// The output `(width, height)` for an input of `(w, h)`.
     pub fn output_size(&self, w: u32, h: u32) -> Result<(u32, u32)> {
-        let keep = |other: u32, num: u32, den: u32| {
-            ((other as f64 * num as f64 / den as f64).round() as u32).max(1)
-        };
+        let keep = |other: u32, num: u32, den: u32| ((other as f64 * num as f64 / den as f64).round() as u32).max(1);
         let size = match (self.width, self.height) {
             (Some(tw), Some(th)) => (tw, th),
             (Some(tw), None) => (tw, keep(tw, h, w)),
@@ -226,27 +180,17 @@ impl AnnotateSettings {
             (None, None) => (w, h),
         };
         if size.0 == 0 || size.1 == 0 {
-            return Err(Error::Invalid(format!(
-                "--width/--height must be positive, got {}x{}",
-                size.0, size.1
-            )));
+            return Err(Error::Invalid(format!("--width/--height must be positive, got {}x{}", size.0, size.1)));
         }
         Ok(size)
     }
 }
 
 /// Make the control map of `image` with `detector` (the recipe in the module docs).
-pub fn annotate(
-    detector: &dyn Detector,
-    image: &RgbImage,
-    settings: &AnnotateSettings,
-) -> Result<RgbImage> {
+pub fn annotate(detector: &dyn Detector, image: &RgbImage, settings: &AnnotateSettings) -> Result<RgbImage> {
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Invalid(format!(
-            "{}: the image is empty ({w}x{h})",
-            detector.name()
-        )));
+        return Err(Error::Invalid(format!("{}: the image is empty ({w}x{h})", detector.name())));
     }
     // 1. annotator resolution
     let (out_w, out_h) = settings.output_size(w, h)?;
@@ -271,8 +215,7 @@ pub fn annotate(
     let mut map = detector.detect(&prepared.to_rgb())?;
     if let Some((cw, ch)) = crop {
         if map.dimensions() != (cw, ch) {
-            map = image::imageops::crop_imm(&map, 0, 0, cw.min(map.width()), ch.min(map.height()))
-                .to_image();
+            map = image::imageops::crop_imm(&map, 0, 0, cw.min(map.width()), ch.min(map.height())).to_image();
         }
     }
     // 4. fit to the output
@@ -317,14 +260,10 @@ pub(crate) mod test_support {
 
     impl Case {
         pub fn f64(&self, key: &str) -> f64 {
-            self.params[key]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{}: no {key}", self.output))
+            self.params[key].as_f64().unwrap_or_else(|| panic!("{}: no {key}", self.output))
         }
         pub fn str(&self, key: &str) -> &str {
-            self.params[key]
-                .as_str()
-                .unwrap_or_else(|| panic!("{}: no {key}", self.output))
+            self.params[key].as_str().unwrap_or_else(|| panic!("{}: no {key}", self.output))
         }
     }
 
@@ -348,31 +287,17 @@ pub(crate) mod test_support {
     /// Per-sample absolute differences of two images of the same size (panics on a size mismatch).
     pub fn abs_diffs(a: &RgbImage, b: &RgbImage, what: &str) -> Vec<u8> {
         assert_eq!(a.dimensions(), b.dimensions(), "{what}: size");
-        a.as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .map(|(&x, &y)| x.abs_diff(y))
-            .collect()
+        a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| x.abs_diff(y)).collect()
     }
 
     /// The "numerically close" metric of most detector tests: mean |diff| ≤ `max_mean` grey levels and at
     /// least `min_within` of the samples within `tol` levels.
-    pub fn assert_close(
-        ours: &RgbImage,
-        reference: &RgbImage,
-        max_mean: f64,
-        tol: u8,
-        min_within: f64,
-        what: &str,
-    ) {
+    pub fn assert_close(ours: &RgbImage, reference: &RgbImage, max_mean: f64, tol: u8, min_within: f64, what: &str) {
         let d = abs_diffs(ours, reference, what);
         let mean = d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64;
         let within = d.iter().filter(|&&v| v <= tol).count() as f64 / d.len() as f64;
         let max = d.iter().max().copied().unwrap_or(0);
-        eprintln!(
-            "{what}: mean |diff| {mean:.4}, within {tol}: {:.4}%, max {max}",
-            within * 100.0
-        );
+        eprintln!("{what}: mean |diff| {mean:.4}, within {tol}: {:.4}%, max {max}", within * 100.0);
         assert!(
             mean <= max_mean && within >= min_within,
             "{what}: mean |diff| {mean:.4} (limit {max_mean}), within {tol}: {within:.4} (limit {min_within}), max {max}"
@@ -386,14 +311,8 @@ mod tests {
 
     #[test]
     fn unknown_kind_lists_the_valid_ones() {
-        let err = detector("sobel", &DetectorOptions::default())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("'sobel'") && err.contains("canny") && err.contains("normal"),
-            "{err}"
-        );
+        let err = detector("sobel", &DetectorOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("'sobel'") && err.contains("canny") && err.contains("normal"), "{err}");
     }
 
     #[test]
@@ -410,10 +329,7 @@ mod tests {
 
     #[test]
     fn bad_numbers_name_their_flag() {
-        let o = DetectorOptions {
-            sigma: Some(-1.0),
-            ..Default::default()
-        };
+        let o = DetectorOptions { sigma: Some(-1.0), ..Default::default() };
         let err = detector("blur", &o).err().unwrap().to_string();
         assert!(err.contains("--sigma"), "{err}");
     }
@@ -421,11 +337,7 @@ mod tests {
     #[test]
     fn empty_image_is_an_error() {
         let d = detector("invert", &DetectorOptions::default()).unwrap();
-        let err = annotate(
-            d.as_ref(),
-            &RgbImage::new(0, 5),
-            &AnnotateSettings::default(),
-        );
+        let err = annotate(d.as_ref(), &RgbImage::new(0, 5), &AnnotateSettings::default());
         assert!(err.is_err());
     }
 
@@ -448,15 +360,9 @@ mod tests {
 
     #[test]
     fn output_size_keeps_aspect_when_one_side_is_given() {
-        let s = AnnotateSettings {
-            width: Some(200),
-            ..Default::default()
-        };
+        let s = AnnotateSettings { width: Some(200), ..Default::default() };
         assert_eq!(s.output_size(100, 50).unwrap(), (200, 100));
-        let s = AnnotateSettings {
-            height: Some(0),
-            ..Default::default()
-        };
+        let s = AnnotateSettings { height: Some(0), ..Default::default() };
         assert!(s.output_size(100, 50).is_err());
     }
 
@@ -468,9 +374,6 @@ mod tests {
         // numpy: (c * a + 255 * (1 - a)) with a = 128/255, truncated
         let a = 128f32 / 255.0;
         let expect = |c: f32| (c * a + 255.0 * (1.0 - a)) as u8;
-        assert_eq!(
-            out.get_pixel(0, 0).0,
-            [expect(0.0), expect(100.0), expect(200.0)]
-        );
+        assert_eq!(out.get_pixel(0, 0).0, [expect(0.0), expect(100.0), expect(200.0)]);
     }
 }

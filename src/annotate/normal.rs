@@ -43,23 +43,14 @@ pub fn normal_from_depth(depth: &Mat<u8>, z: f64, bg_threshold: f64) -> Mat<u8> 
     let gy = cv::sobel3_f32(&d, false);
     // 2. background: normalised depth below the threshold (a constant depth has no background: the
     //    reference divides 0 by 0 and no NaN compares below)
-    let (lo, hi) = d
-        .data
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-            (l.min(v), h.max(v))
-        });
+    let (lo, hi) = d.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
     let range = hi - lo;
     let z = z as f32;
     let bg = bg_threshold as f32;
     let mut out = Mat::new(depth.width, depth.height, 3);
     for i in 0..d.data.len() {
         let is_bg = range > 0.0 && (d.data[i] - lo) / range < bg;
-        let (x, y) = if is_bg {
-            (0.0, 0.0)
-        } else {
-            (gx.data[i], gy.data[i])
-        };
+        let (x, y) = if is_bg { (0.0, 0.0) } else { (gx.data[i], gy.data[i]) };
         // 3. unit normal in float32, then numpy's astype(uint8) truncation
         let norm = (x * x + y * y + z * z).sqrt();
         let to_u8 = |v: f32| ((v / norm) * 127.5 + 127.5).clamp(0.0, 255.0) as u8;
@@ -79,10 +70,7 @@ mod tests {
     fn matches_midas_normal_formula() {
         // metric: mean |diff| <= 0.02, >= 99.9% within 1 level (float32 as the reference; truncation)
         for c in cases("normal") {
-            let d = NormalFromDepth {
-                bg_threshold: c.f64("bg_threshold"),
-                z: DEFAULT_Z,
-            };
+            let d = NormalFromDepth { bg_threshold: c.f64("bg_threshold"), z: DEFAULT_Z };
             let ours = d.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 0.02, 1, 0.999, &c.output);
         }
@@ -90,12 +78,7 @@ mod tests {
 
     #[test]
     fn constant_depth_faces_the_viewer() {
-        let flat = Mat {
-            width: 3,
-            height: 2,
-            channels: 1,
-            data: vec![7u8; 6],
-        };
+        let flat = Mat { width: 3, height: 2, channels: 1, data: vec![7u8; 6] };
         let n = normal_from_depth(&flat, DEFAULT_Z, 0.4);
         assert!(n.data.chunks_exact(3).all(|p| p == [255, 127, 127]));
     }

@@ -33,16 +33,10 @@ pub const BODY_25_POINTS: usize = 25;
 pub const HAND_POINTS: usize = 21;
 
 /// BODY_25 index of each COCO-18 point: the same joints, minus MidHip (8) and the feet (19..25).
-const BODY_25_TO_COCO_18: [usize; BODY_POINTS] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
-];
+const BODY_25_TO_COCO_18: [usize; BODY_POINTS] = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18];
 /// JSON field of each keypoint group, in drawing order.
-const FIELDS: [&str; 4] = [
-    "pose_keypoints_2d",
-    "hand_left_keypoints_2d",
-    "hand_right_keypoints_2d",
-    "face_keypoints_2d",
-];
+const FIELDS: [&str; 4] =
+    ["pose_keypoints_2d", "hand_left_keypoints_2d", "hand_right_keypoints_2d", "face_keypoints_2d"];
 
 /// One keypoint as OpenPose writes it: position and detection confidence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,11 +48,7 @@ pub struct Keypoint {
 
 impl Keypoint {
     /// What OpenPose writes for a point it did not find.
-    pub const MISSING: Keypoint = Keypoint {
-        x: 0.0,
-        y: 0.0,
-        confidence: 0.0,
-    };
+    pub const MISSING: Keypoint = Keypoint { x: 0.0, y: 0.0, confidence: 0.0 };
 
     pub fn new(x: f64, y: f64, confidence: f64) -> Self {
         Self { x, y, confidence }
@@ -94,20 +84,10 @@ pub struct Person {
 impl Person {
     /// The four groups in drawing order: body, left hand, right hand, face.
     pub fn groups(&self) -> [Option<&Vec<Keypoint>>; 4] {
-        [
-            self.body.as_ref(),
-            self.left_hand.as_ref(),
-            self.right_hand.as_ref(),
-            self.face.as_ref(),
-        ]
+        [self.body.as_ref(), self.left_hand.as_ref(), self.right_hand.as_ref(), self.face.as_ref()]
     }
     fn groups_mut(&mut self) -> [&mut Option<Vec<Keypoint>>; 4] {
-        [
-            &mut self.body,
-            &mut self.left_hand,
-            &mut self.right_hand,
-            &mut self.face,
-        ]
+        [&mut self.body, &mut self.left_hand, &mut self.right_hand, &mut self.face]
     }
 }
 
@@ -154,11 +134,7 @@ fn invalid(msg: impl std::fmt::Display) -> Error {
 }
 
 /// Flat `[x, y, c, ...]` → keypoints; `None` for an absent or empty group.
-fn unflatten(
-    numbers: Option<Vec<f64>>,
-    person: usize,
-    field: &str,
-) -> Result<Option<Vec<Keypoint>>> {
+fn unflatten(numbers: Option<Vec<f64>>, person: usize, field: &str) -> Result<Option<Vec<Keypoint>>> {
     let Some(numbers) = numbers.filter(|n| !n.is_empty()) else {
         return Ok(None);
     };
@@ -168,33 +144,22 @@ fn unflatten(
             numbers.len()
         )));
     }
-    Ok(Some(
-        numbers
-            .chunks_exact(3)
-            .map(|c| Keypoint::new(c[0], c[1], c[2]))
-            .collect(),
-    ))
+    Ok(Some(numbers.chunks_exact(3).map(|c| Keypoint::new(c[0], c[1], c[2])).collect()))
 }
 
 fn flatten(points: &Option<Vec<Keypoint>>) -> Vec<f64> {
-    points
-        .iter()
-        .flatten()
-        .flat_map(|p| [p.x, p.y, p.confidence])
-        .collect()
+    points.iter().flatten().flat_map(|p| [p.x, p.y, p.confidence]).collect()
 }
 
 impl Person {
     fn from_raw(raw: RawPerson, index: usize) -> Result<Self> {
-        let expect = |points: Option<Vec<Keypoint>>, field: &str, allowed: &[usize], what: &str| {
-            match points {
-                Some(p) if !allowed.contains(&p.len()) => Err(invalid(format!(
-                    "person {index}: {field} has {} points ({} numbers); expected {what}",
-                    p.len(),
-                    p.len() * 3
-                ))),
-                other => Ok(other),
-            }
+        let expect = |points: Option<Vec<Keypoint>>, field: &str, allowed: &[usize], what: &str| match points {
+            Some(p) if !allowed.contains(&p.len()) => Err(invalid(format!(
+                "person {index}: {field} has {} points ({} numbers); expected {what}",
+                p.len(),
+                p.len() * 3
+            ))),
+            other => Ok(other),
         };
         let body = expect(
             unflatten(raw.pose_keypoints_2d, index, FIELDS[0])?,
@@ -206,14 +171,7 @@ impl Person {
             BODY_25_POINTS => BODY_25_TO_COCO_18.iter().map(|&i| b[i]).collect(),
             _ => b,
         });
-        let hand = |numbers, field: &str| {
-            expect(
-                unflatten(numbers, index, field)?,
-                field,
-                &[HAND_POINTS],
-                "21",
-            )
-        };
+        let hand = |numbers, field: &str| expect(unflatten(numbers, index, field)?, field, &[HAND_POINTS], "21");
         Ok(Self {
             body,
             left_hand: hand(raw.hand_left_keypoints_2d, FIELDS[1])?,
@@ -240,17 +198,13 @@ fn canvas_side(value: Option<f64>, field: &str) -> Result<Option<u32>> {
     match value {
         None => Ok(None),
         Some(v) if v >= 1.0 && v.fract() == 0.0 && v <= u32::MAX as f64 => Ok(Some(v as u32)),
-        Some(v) => Err(invalid(format!(
-            "{field} is {v}; a canvas side is a whole number of pixels, at least 1"
-        ))),
+        Some(v) => Err(invalid(format!("{field} is {v}; a canvas side is a whole number of pixels, at least 1"))),
     }
 }
 
 fn check_canvas(width: u32, height: u32) -> Result<()> {
     if width == 0 || height == 0 {
-        return Err(invalid(format!(
-            "canvas {width}×{height} is empty; both sides must be at least 1 pixel"
-        )));
+        return Err(invalid(format!("canvas {width}×{height} is empty; both sides must be at least 1 pixel")));
     }
     Ok(())
 }
@@ -262,18 +216,14 @@ impl PoseFile {
         let mut files = Self::list_from_json_str(json)?;
         match files.len() {
             1 => Ok(files.remove(0)),
-            n => Err(invalid(format!(
-                "the file holds a list of {n} poses; expected one (read it as a list)"
-            ))),
+            n => Err(invalid(format!("the file holds a list of {n} poses; expected one (read it as a list)"))),
         }
     }
 
     /// Parses an OpenPose JSON object or a list of them (as A1111 writes for several images).
     pub fn list_from_json_str(json: &str) -> Result<Vec<Self>> {
         if json.trim().is_empty() {
-            return Err(invalid(
-                "the input is empty; expected an object with \"people\"",
-            ));
+            return Err(invalid("the input is empty; expected an object with \"people\""));
         }
         let value: Value = serde_json::from_str(json).map_err(invalid)?;
         match value {
@@ -285,8 +235,7 @@ impl PoseFile {
     /// Reads [`PoseFile::list_from_json_str`] from a file; errors name the file.
     pub fn list_from_json_file(path: &Path) -> Result<Vec<Self>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::list_from_json_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+        Self::list_from_json_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
     }
 
     /// Reads [`PoseFile::from_json_str`] from a file; errors name the file.
@@ -297,9 +246,7 @@ impl PoseFile {
 
     fn from_value(value: Value) -> Result<Self> {
         if !value.is_object() {
-            return Err(invalid(format!(
-                "expected an object with \"people\", found {value}"
-            )));
+            return Err(invalid(format!("expected an object with \"people\", found {value}")));
         }
         let raw: RawPoseFile = serde_json::from_value(value).map_err(invalid)?;
         let people = raw
@@ -308,8 +255,7 @@ impl PoseFile {
             .into_iter()
             .enumerate()
             .map(|(i, v)| {
-                let person =
-                    serde_json::from_value(v).map_err(|e| invalid(format!("person {i}: {e}")))?;
+                let person = serde_json::from_value(v).map_err(|e| invalid(format!("person {i}: {e}")))?;
                 Person::from_raw(person, i)
             })
             .collect::<Result<_>>()?;
@@ -323,22 +269,14 @@ impl PoseFile {
 
     fn to_value(&self) -> Value {
         let raw = RawPoseFile {
-            people: Some(
-                self.people
-                    .iter()
-                    .map(|p| serde_json::json!(p.to_raw()))
-                    .collect(),
-            ),
+            people: Some(self.people.iter().map(|p| serde_json::json!(p.to_raw())).collect()),
             canvas_width: self.canvas_width.map(f64::from),
             canvas_height: self.canvas_height.map(f64::from),
             other: self.other.clone(),
         };
         let mut value = serde_json::json!(raw);
         // Canvas sides are integers in every writer's output, not `512.0`.
-        for (key, side) in [
-            ("canvas_width", self.canvas_width),
-            ("canvas_height", self.canvas_height),
-        ] {
+        for (key, side) in [("canvas_width", self.canvas_width), ("canvas_height", self.canvas_height)] {
             if let Some(side) = side {
                 value[key] = Value::from(side);
             }
@@ -444,11 +382,7 @@ mod tests {
         let texts: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
         let json = format!(
             r#"{{"people": [{{"face_keypoints_2d": [{}]}}]}}"#,
-            texts
-                .iter()
-                .map(|t| format!("{t}, 1, 1"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            texts.iter().map(|t| format!("{t}, 1, 1")).collect::<Vec<_>>().join(", ")
         );
         let f = PoseFile::from_json_str(&json).unwrap();
         for (p, t) in f.people[0].face.as_ref().unwrap().iter().zip(&texts) {
@@ -461,18 +395,9 @@ mod tests {
         // BODY_25 point i at x = i: COCO keeps 0..=7, skips MidHip (8), keeps 9..=18, drops the feet.
         let body25: Vec<f64> = (0..25).flat_map(|i| [i as f64, 1.0, 1.0]).collect();
         let f = file(serde_json::json!([{ "pose_keypoints_2d": body25 }]), None);
-        let xs: Vec<f64> = f.people[0]
-            .body
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|p| p.x)
-            .collect();
-        let expected: Vec<f64> = [
-            0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
-        ]
-        .map(f64::from)
-        .to_vec();
+        let xs: Vec<f64> = f.people[0].body.as_ref().unwrap().iter().map(|p| p.x).collect();
+        let expected: Vec<f64> =
+            [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18].map(f64::from).to_vec();
         assert_eq!(xs, expected);
     }
 
@@ -483,13 +408,7 @@ mod tests {
         assert_eq!(files.len(), 2);
         assert!(files[0].people.is_empty() && files[1].canvas_size().is_none());
         assert!(err_of(list).contains("list of 2 poses"));
-        assert_eq!(
-            PoseFile::from_json_str(r#"[{"people": []}]"#)
-                .unwrap()
-                .people
-                .len(),
-            0
-        );
+        assert_eq!(PoseFile::from_json_str(r#"[{"people": []}]"#).unwrap().people.len(), 0);
         // `{}` is a pose with nobody in it (renders black at a given size).
         assert!(PoseFile::from_json_str("{}").unwrap().people.is_empty());
         let back = PoseFile::list_from_json_str(&PoseFile::list_to_json_string(&files)).unwrap();
@@ -503,38 +422,16 @@ mod tests {
         assert!(err_of("{\"people\": [").contains("pose JSON"));
         assert!(err_of("42").contains("expected an object"));
         let e = err_of(r#"{"people": [{}, {"hand_left_keypoints_2d": [1, 2]}]}"#);
-        assert!(
-            e.contains("person 1")
-                && e.contains("hand_left_keypoints_2d")
-                && e.contains("multiple of 3"),
-            "{e}"
-        );
-        let e = err_of(
-            &serde_json::json!({ "people": [{ "pose_keypoints_2d": vec![1.0; 17 * 3] }] })
-                .to_string(),
-        );
-        assert!(
-            e.contains("person 0") && e.contains("pose_keypoints_2d") && e.contains("17 points"),
-            "{e}"
-        );
-        let e = err_of(
-            &serde_json::json!({ "people": [{ "hand_right_keypoints_2d": vec![1.0; 20 * 3] }] })
-                .to_string(),
-        );
-        assert!(
-            e.contains("hand_right_keypoints_2d") && e.contains("expected 21"),
-            "{e}"
-        );
+        assert!(e.contains("person 1") && e.contains("hand_left_keypoints_2d") && e.contains("multiple of 3"), "{e}");
+        let e = err_of(&serde_json::json!({ "people": [{ "pose_keypoints_2d": vec![1.0; 17 * 3] }] }).to_string());
+        assert!(e.contains("person 0") && e.contains("pose_keypoints_2d") && e.contains("17 points"), "{e}");
+        let e =
+            err_of(&serde_json::json!({ "people": [{ "hand_right_keypoints_2d": vec![1.0; 20 * 3] }] }).to_string());
+        assert!(e.contains("hand_right_keypoints_2d") && e.contains("expected 21"), "{e}");
         let e = err_of(r#"{"people": [{"pose_keypoints_2d": "x"}]}"#);
         assert!(e.contains("person 0"), "{e}");
-        assert!(
-            err_of(r#"{"people": [], "canvas_width": 0, "canvas_height": 5}"#)
-                .contains("canvas_width is 0")
-        );
-        assert!(
-            err_of(r#"{"people": [], "canvas_width": 5.5, "canvas_height": 5}"#)
-                .contains("whole number")
-        );
+        assert!(err_of(r#"{"people": [], "canvas_width": 0, "canvas_height": 5}"#).contains("canvas_width is 0"));
+        assert!(err_of(r#"{"people": [], "canvas_width": 5.5, "canvas_height": 5}"#).contains("whole number"));
         assert!(PoseFile::default().with_canvas(0, 4).is_err());
         assert!(PoseFile::default().scale(f64::NAN, 1.0).is_err());
     }
@@ -542,11 +439,7 @@ mod tests {
     #[test]
     fn normalised_detection_follows_a1111() {
         let k = |x, y, c| Keypoint::new(x, y, c);
-        assert!(is_normalized(&[
-            k(0.5, 0.5, 1.0),
-            k(-0.2, 1.0, 1.0),
-            k(300.0, 2.0, 0.0)
-        ]));
+        assert!(is_normalized(&[k(0.5, 0.5, 1.0), k(-0.2, 1.0, 1.0), k(300.0, 2.0, 0.0)]));
         assert!(!is_normalized(&[k(0.5, 0.5, 1.0), k(1.01, 0.5, 1.0)]));
         assert!(!is_normalized(&[k(0.5, 0.5, 0.0)]));
         assert!(!is_normalized(&[]));

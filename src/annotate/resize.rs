@@ -28,13 +28,7 @@ fn safeint(x: f64) -> u32 {
 
 /// The annotator resolution (short side) at which the map needs no further scaling to fill an output of
 /// `target_w × target_h` in `mode`: the larger scale factor for crop/stretch, the smaller for fill.
-pub fn pixel_perfect_resolution(
-    raw_w: u32,
-    raw_h: u32,
-    target_w: u32,
-    target_h: u32,
-    mode: ResizeMode,
-) -> u32 {
+pub fn pixel_perfect_resolution(raw_w: u32, raw_h: u32, target_w: u32, target_h: u32, mode: ResizeMode) -> u32 {
     let k0 = target_h as f64 / raw_h as f64;
     let k1 = target_w as f64 / raw_w as f64;
     let k = match mode {
@@ -48,11 +42,7 @@ pub fn pixel_perfect_resolution(
 /// `resize_image_with_pad`).
 pub fn resize_short_side(img: &Mat<u8>, resolution: u32) -> Mat<u8> {
     let k = resolution as f64 / img.width.min(img.height) as f64;
-    let interp = if k > 1.0 {
-        Interpolation::Cubic
-    } else {
-        Interpolation::Area
-    };
+    let interp = if k > 1.0 { Interpolation::Cubic } else { Interpolation::Area };
     let h = safeint(img.height as f64 * k).max(1) as usize;
     let w = safeint(img.width as f64 * k).max(1) as usize;
     cv::resize_u8(img, w, h, interp)
@@ -63,17 +53,8 @@ pub fn resize_short_side(img: &Mat<u8>, resolution: u32) -> Mat<u8> {
 pub fn resize_short_side_area(img: &Mat<u8>, resolution: u32) -> Mat<u8> {
     let (w, h) = (img.width as f64, img.height as f64);
     let r = resolution as f64;
-    let (nw, nh) = if h < w {
-        ((w / h * r).round_ties_even(), r)
-    } else {
-        (r, (h / w * r).round_ties_even())
-    };
-    cv::resize_u8(
-        img,
-        (nw as usize).max(1),
-        (nh as usize).max(1),
-        Interpolation::Area,
-    )
+    let (nw, nh) = if h < w { ((w / h * r).round_ties_even(), r) } else { (r, (h / w * r).round_ties_even()) };
+    cv::resize_u8(img, (nw as usize).max(1), (nh as usize).max(1), Interpolation::Area)
 }
 
 /// Pad right and bottom to multiples of 64 by repeating the edge pixels (`np.pad(.., mode="edge")`).
@@ -114,11 +95,7 @@ pub fn fit_to_output(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) 
                 for x in 0..w {
                     let inside = (px..px + nw).contains(&x) && (py..py + nh).contains(&y);
                     for (c, &fill) in border.iter().enumerate() {
-                        let v = if inside {
-                            inner.at(y - py, x - px, c)
-                        } else {
-                            fill
-                        };
+                        let v = if inside { inner.at(y - py, x - px, c) } else { fill };
                         out.set(y, x, c, v);
                     }
                 }
@@ -166,11 +143,7 @@ fn median_border_colour(m: &Mat<u8>) -> [u8; 3] {
         }
         v.sort_unstable();
         let n = v.len();
-        let med = if n % 2 == 1 {
-            v[n / 2] as f64
-        } else {
-            (v[n / 2 - 1] as f64 + v[n / 2] as f64) / 2.0
-        };
+        let med = if n % 2 == 1 { v[n / 2] as f64 } else { (v[n / 2 - 1] as f64 + v[n / 2] as f64) / 2.0 };
         *o = med as u8;
     }
     out
@@ -201,10 +174,7 @@ pub fn high_quality_resize(m: &Mat<u8>, w: usize, h: usize) -> Mat<u8> {
     }
     let smaller = w * h < m.width * m.height;
     let colours = count_colours(m, 200);
-    let (lo, hi) = m
-        .data
-        .iter()
-        .fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = m.data.iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     let is_binary = colours == 2 && lo < 16 && hi > 240;
     let interp = if colours > 2 && colours < 200 {
         Interpolation::Nearest
@@ -233,11 +203,7 @@ pub fn high_quality_resize(m: &Mat<u8>, w: usize, h: usize) -> Mat<u8> {
         width: w,
         height: h,
         channels: 3,
-        data: grey
-            .data
-            .iter()
-            .flat_map(|&v| [if v > t { 255 } else { 0 }; 3])
-            .collect(),
+        data: grey.data.iter().flat_map(|&v| [if v > t { 255 } else { 0 }; 3]).collect(),
     }
 }
 
@@ -249,32 +215,14 @@ mod tests {
     #[test]
     fn pixel_perfect_matches_a1111() {
         // numbers from A1111's formula: raw 61x97 (h x w) to 512x512
-        assert_eq!(
-            pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::CropAndResize),
-            512
-        );
-        assert_eq!(
-            pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::ResizeAndFill),
-            322
-        );
-        assert_eq!(
-            pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::JustResize),
-            512
-        );
+        assert_eq!(pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::CropAndResize), 512);
+        assert_eq!(pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::ResizeAndFill), 322);
+        assert_eq!(pixel_perfect_resolution(97, 61, 512, 512, ResizeMode::JustResize), 512);
         // same size: the annotator runs at the input's short side
-        assert_eq!(
-            pixel_perfect_resolution(97, 61, 97, 61, ResizeMode::CropAndResize),
-            61
-        );
+        assert_eq!(pixel_perfect_resolution(97, 61, 97, 61, ResizeMode::CropAndResize), 61);
         // 512x768 (w x h) image for a 768x512 output: crop needs 768 on the short side
-        assert_eq!(
-            pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::CropAndResize),
-            768
-        );
-        assert_eq!(
-            pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::ResizeAndFill),
-            341
-        );
+        assert_eq!(pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::CropAndResize), 768);
+        assert_eq!(pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::ResizeAndFill), 341);
     }
 
     #[test]

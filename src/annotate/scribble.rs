@@ -40,11 +40,7 @@ pub fn scribble_xdog(img: &Mat<u8>, threshold: f64) -> Mat<u8> {
         .chunks_exact(c)
         .zip(g2.data.chunks_exact(c))
         .map(|(p1, p2)| {
-            let dmin = p2
-                .iter()
-                .zip(p1)
-                .map(|(b, a)| b - a)
-                .fold(f32::INFINITY, f32::min);
+            let dmin = p2.iter().zip(p1).map(|(b, a)| b - a).fold(f32::INFINITY, f32::min);
             // dog = (255 - min(g2 - g1)).clip(0, 255).astype(uint8): truncation
             let dog = (255.0 - dmin).clamp(0.0, 255.0) as u8;
             // A1111 computes 2 * (255 - dog) in uint8, which wraps for strong lines (>= 128 levels);
@@ -57,12 +53,7 @@ pub fn scribble_xdog(img: &Mat<u8>, threshold: f64) -> Mat<u8> {
             }
         })
         .collect();
-    Mat {
-        width: img.width,
-        height: img.height,
-        channels: 1,
-        data,
-    }
+    Mat { width: img.width, height: img.height, channels: 1, data }
 }
 
 #[cfg(test)]
@@ -75,11 +66,7 @@ mod tests {
         // binary map: metric is the share of differing pixels, <= 0.5% (mean |diff| <= 1.3 levels); float
         // blurs summed in another order flip pixels sitting exactly on the threshold
         for c in cases("scribble") {
-            let ours = ScribbleXdog {
-                threshold: c.f64("threshold"),
-            }
-            .detect(&load(&c.input))
-            .unwrap();
+            let ours = ScribbleXdog { threshold: c.f64("threshold") }.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 1.3, 0, 0.995, &c.output);
         }
     }

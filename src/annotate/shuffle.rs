@@ -47,12 +47,7 @@ pub fn shuffle(img: &Mat<u8>, seed: u32) -> Mat<u8> {
 fn noise_disk(rng: &mut NumpyRandomState, w: usize, h: usize, f: usize) -> Vec<f64> {
     // 1. uniform noise on a grid with one spare cell around the image, row-major like numpy
     let (gw, gh) = (w / f + 2, h / f + 2);
-    let grid = Mat {
-        width: gw,
-        height: gh,
-        channels: 1,
-        data: (0..gw * gh).map(|_| rng.random_sample()).collect(),
-    };
+    let grid = Mat { width: gw, height: gh, channels: 1, data: (0..gw * gh).map(|_| rng.random_sample()).collect() };
     // 2. cubic upsampling to the image plus an f-pixel margin, of which the centre is kept
     let big = cv::resize_f64(&grid, w + 2 * f, h + 2 * f, Interpolation::Cubic);
     let mut crop = Vec::with_capacity(w * h);
@@ -79,9 +74,7 @@ impl NumpyRandomState {
         let mut mt = [0u32; 624];
         mt[0] = seed;
         for i in 1..624 {
-            mt[i] = 1_812_433_253u32
-                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
-                .wrapping_add(i as u32);
+            mt[i] = 1_812_433_253u32.wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_add(i as u32);
         }
         Self { mt, index: 624 }
     }
@@ -127,10 +120,7 @@ mod tests {
         // np.random.seed(0); np.random.uniform(size=3)
         let mut r = NumpyRandomState::new(0);
         let v: Vec<f64> = (0..3).map(|_| r.random_sample()).collect();
-        assert_eq!(
-            v,
-            [0.5488135039273248, 0.7151893663724195, 0.6027633760716439]
-        );
+        assert_eq!(v, [0.5488135039273248, 0.7151893663724195, 0.6027633760716439]);
     }
 
     #[test]
@@ -138,11 +128,7 @@ mod tests {
         // metric: mean |diff| <= 0.05, >= 99.5% exact (same random numbers; the flow is rounded to 1/32
         // pixel, so a last-bit difference in the cubic noise can move a sample by one sub-pixel step)
         for c in cases("shuffle") {
-            let ours = Shuffle {
-                seed: c.f64("seed") as u32,
-            }
-            .detect(&load(&c.input))
-            .unwrap();
+            let ours = Shuffle { seed: c.f64("seed") as u32 }.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 0.05, 0, 0.995, &c.output);
         }
     }
@@ -161,20 +147,13 @@ mod tests {
         // and most output pixels keep one of the input colours exactly
         let mut img = RgbImage::new(80, 60);
         for (x, _, p) in img.enumerate_pixels_mut() {
-            *p = if x < 40 {
-                image::Rgb([255, 0, 0])
-            } else {
-                image::Rgb([0, 0, 255])
-            };
+            *p = if x < 40 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) };
         }
         let out = Shuffle { seed: 3 }.detect(&img).unwrap();
         let mut pure = 0;
         for p in out.pixels() {
             assert_eq!(p[1], 0, "green appeared");
-            assert!(
-                p[0] as u16 + p[2] as u16 >= 254 && p[0] as u16 + p[2] as u16 <= 256,
-                "not a blend: {p:?}"
-            );
+            assert!(p[0] as u16 + p[2] as u16 >= 254 && p[0] as u16 + p[2] as u16 <= 256, "not a blend: {p:?}");
             if p.0 == [255, 0, 0] || p.0 == [0, 0, 255] {
                 pure += 1;
             }

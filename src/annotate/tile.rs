@@ -43,11 +43,7 @@ mod tests {
     fn matches_a1111_tile_resample() {
         // metric: mean |diff| <= 0.01, >= 99.9% exact (area weights in float as OpenCV)
         for c in cases("tile") {
-            let ours = TileResample {
-                rate: c.f64("rate"),
-            }
-            .detect(&load(&c.input))
-            .unwrap();
+            let ours = TileResample { rate: c.f64("rate") }.detect(&load(&c.input)).unwrap();
             assert_close(&ours, &load(&c.output), 0.01, 0, 0.999, &c.output);
         }
     }
@@ -63,21 +59,12 @@ mod tests {
                 let (w, h) = (c.f64("width") as usize, c.f64("height") as usize);
                 let (interp, mean, tol, within) = match kind {
                     "cv_resize_cubic" => (Interpolation::Cubic, 0.01, 0, 0.999),
-                    "cv_resize_area" if w <= img.width && h <= img.height => {
-                        (Interpolation::Area, 0.0, 0, 1.0)
-                    }
+                    "cv_resize_area" if w <= img.width && h <= img.height => (Interpolation::Area, 0.0, 0, 1.0),
                     "cv_resize_area" => (Interpolation::Area, 0.2, 1, 0.999),
                     _ => (Interpolation::Nearest, 0.0, 0, 1.0),
                 };
                 let ours = cv::resize_u8(&img, w, h, interp);
-                assert_close(
-                    &ours.to_rgb(),
-                    &load(&c.output),
-                    mean,
-                    tol,
-                    within,
-                    &c.output,
-                );
+                assert_close(&ours.to_rgb(), &load(&c.output), mean, tol, within, &c.output);
             }
         }
     }

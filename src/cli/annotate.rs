@@ -22,11 +22,9 @@ use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, ResizeM
 use crate::{Error, Result};
 
 #[derive(Args, Debug, Clone)]
-#[command(
-    after_help = "Kinds: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, \
+#[command(after_help = "Kinds: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, \
                         inpaint (see docs/annotators.md).\nExit status: 0 when every input was annotated, 1 on \
-                        an error or when a folder had unreadable files (listed on stderr)."
-)]
+                        an error or when a folder had unreadable files (listed on stderr).")]
 pub struct AnnotateArgs {
     /// Annotator kind (canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, inpaint).
     pub kind: String,
@@ -91,12 +89,7 @@ impl AnnotateArgs {
     }
 
     fn settings(&self) -> AnnotateSettings {
-        AnnotateSettings {
-            width: self.width,
-            height: self.height,
-            resolution: self.resolution,
-            resize: self.resize,
-        }
+        AnnotateSettings { width: self.width, height: self.height, resolution: self.resolution, resize: self.resize }
     }
 }
 
@@ -106,10 +99,7 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
         return run_inpaint(args);
     }
     if args.mask.is_some() {
-        return Err(Error::Invalid(format!(
-            "--mask is only used by the inpaint kind, not {}",
-            args.kind
-        )));
+        return Err(Error::Invalid(format!("--mask is only used by the inpaint kind, not {}", args.kind)));
     }
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
@@ -119,37 +109,21 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     }
     let image = read_image(&args.input)?;
     let map = annotate::annotate(detector.as_ref(), &image, &settings)?;
-    let out = if args.output.is_dir() {
-        args.output.join(png_name(&args.input))
-    } else {
-        args.output.clone()
-    };
+    let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
     write_image(&map, &out)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Annotate every file of the input folder into the output folder.
-fn run_folder(
-    detector: &dyn Detector,
-    args: &AnnotateArgs,
-    settings: &AnnotateSettings,
-) -> Result<ExitCode> {
+fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateSettings) -> Result<ExitCode> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.input)
         .map_err(|e| Error::io(&args.input, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
+        .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: the folder has no files to annotate",
-            args.input.display()
-        )));
+        return Err(Error::Invalid(format!("{}: the folder has no files to annotate", args.input.display())));
     }
     if args.output.exists() && !args.output.is_dir() {
         return Err(Error::Invalid(format!(
@@ -167,21 +141,11 @@ fn run_folder(
     // two inputs with the same stem (a.jpg, a.png) would write the same a.png: the second is skipped
     let mut taken: HashMap<PathBuf, PathBuf> = HashMap::new();
     for file in &files {
-        bar.set_message(
-            file.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
+        bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let out = args.output.join(png_name(file));
         if let Some(first) = taken.get(&out) {
-            skipped.push((
-                file.clone(),
-                format!(
-                    "its output {} is already taken by {}",
-                    out.display(),
-                    first.display()
-                ),
-            ));
+            skipped
+                .push((file.clone(), format!("its output {} is already taken by {}", out.display(), first.display())));
         } else {
             taken.insert(out.clone(), file.clone());
             let result = read_image(file)
@@ -196,11 +160,7 @@ fn run_folder(
     bar.finish_and_clear();
 
     let done = files.len() - skipped.len();
-    eprintln!(
-        "annotated {done} of {} files into {}",
-        files.len(),
-        args.output.display()
-    );
+    eprintln!("annotated {done} of {} files into {}", files.len(), args.output.display());
     if skipped.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -213,9 +173,10 @@ fn run_folder(
 
 /// `inpaint`: image + mask → the float condition tensor in a safetensors file.
 fn run_inpaint(args: &AnnotateArgs) -> Result<ExitCode> {
-    let mask_path = args.mask.as_ref().ok_or_else(|| {
-        Error::Invalid("inpaint needs --mask IMAGE (white where to inpaint)".into())
-    })?;
+    let mask_path = args
+        .mask
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("inpaint needs --mask IMAGE (white where to inpaint)".into()))?;
     if args.input.is_dir() {
         return Err(Error::Invalid(format!(
             "{}: inpaint takes one image and its --mask, not a folder",
@@ -248,10 +209,8 @@ fn run_inpaint(args: &AnnotateArgs) -> Result<ExitCode> {
     let control = annotate::inpaint::condition(&image, &mask)?;
     let tensors = HashMap::from([("control".to_string(), control)]);
     write_atomic(&args.output, |tmp| {
-        candle_core::safetensors::save(&tensors, tmp).map_err(|e| Error::Image {
-            path: args.output.clone(),
-            msg: format!("cannot write safetensors: {e}"),
-        })
+        candle_core::safetensors::save(&tensors, tmp)
+            .map_err(|e| Error::Image { path: args.output.clone(), msg: format!("cannot write safetensors: {e}") })
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -270,11 +229,7 @@ fn read_image(path: &Path) -> Result<RgbImage> {
     if decoded.width() == 0 || decoded.height() == 0 {
         return Err(Error::Image {
             path: path.to_path_buf(),
-            msg: format!(
-                "the image is empty ({}x{})",
-                decoded.width(),
-                decoded.height()
-            ),
+            msg: format!("the image is empty ({}x{})", decoded.width(), decoded.height()),
         });
     }
     Ok(annotate::hwc3(&decoded))
@@ -283,10 +238,7 @@ fn read_image(path: &Path) -> Result<RgbImage> {
 /// `<stem>.png`: the output name of an input in folder mode.
 fn png_name(input: &Path) -> PathBuf {
     // append rather than `set_extension`, which would eat a dot inside the stem ("photo.final")
-    let mut name = input
-        .file_stem()
-        .map(|s| s.to_os_string())
-        .unwrap_or_else(|| "map".into());
+    let mut name = input.file_stem().map(|s| s.to_os_string()).unwrap_or_else(|| "map".into());
     name.push(".png");
     PathBuf::from(name)
 }
@@ -294,16 +246,11 @@ fn png_name(input: &Path) -> PathBuf {
 /// Write a control map in the format of `path`'s extension, atomically.
 fn write_image(map: &RgbImage, path: &Path) -> Result<()> {
     let format = ImageFormat::from_path(path).map_err(|_| {
-        Error::Invalid(format!(
-            "--output {}: unknown image extension (use .png, .jpg, .webp or .bmp)",
-            path.display()
-        ))
+        Error::Invalid(format!("--output {}: unknown image extension (use .png, .jpg, .webp or .bmp)", path.display()))
     })?;
     write_atomic(path, |tmp| {
-        map.save_with_format(tmp, format).map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            msg: format!("cannot write: {e}"),
-        })
+        map.save_with_format(tmp, format)
+            .map_err(|e| Error::Image { path: path.to_path_buf(), msg: format!("cannot write: {e}") })
     })
 }
 
@@ -315,13 +262,9 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result =
-        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -349,9 +292,6 @@ mod tests {
 
     #[test]
     fn folder_outputs_are_png_named_after_the_stem() {
-        assert_eq!(
-            png_name(Path::new("a/b/photo.final.jpg")),
-            PathBuf::from("photo.final.png")
-        );
+        assert_eq!(png_name(Path::new("a/b/photo.final.jpg")), PathBuf::from("photo.final.png"));
     }
 }

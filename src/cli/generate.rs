@@ -115,15 +115,12 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     if width == 0 || height == 0 {
         bail!("the output size {width}x{height} is empty: the control image is smaller than {factor} pixels; pass --width/--height");
     }
+    crate::pipeline::generate::check_size(width, height, factor)?;
 
     // 4. Conditions as diffusers prepares them: RGB, resized with PIL's Lanczos filter, scaled to [0, 1].
     let mut controls = Vec::new();
     for ((n, net), img) in nets.iter().zip(&loaded).zip(&control_images) {
-        let resized = if width % factor == 0 && height % factor == 0 {
-            images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos)
-        } else {
-            img.clone() // the size check in the pipeline reports the bad flag
-        };
+        let resized = images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos);
         controls.push(Control {
             net,
             image: images::to_tensor01(&resized, &device)?,

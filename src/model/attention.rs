@@ -126,10 +126,7 @@ mod tests {
             qkv_bias: true,
             upcast_attention: true,
         };
-        let attn = Attention::new(cfg, vb.clone())
-            .unwrap()
-            .with_group_norm(2, 1e-6, vb)
-            .unwrap();
+        let attn = Attention::new(cfg, vb.clone()).unwrap().with_group_norm(2, 1e-6, vb).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 8, 3, 5), &dev).unwrap();
         let batch = attn.forward_spatial(&x).unwrap();
         for i in 0..2 {

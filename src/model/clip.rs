@@ -63,9 +63,7 @@ fn default_layer_norm_eps() -> f64 {
 impl ClipTextConfig {
     /// Checks what the weights cannot: the heads must split the width evenly.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -103,9 +101,7 @@ impl ClipAttention {
     /// (batch, seq, width) → (batch, heads, seq, head_dim)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        x.reshape((b, n, self.heads, d / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
+        x.reshape((b, n, self.heads, d / self.heads))?.transpose(1, 2)?.contiguous()
     }
 
     /// `mask` is (seq, seq), added to the scores: 0 where a token may look, -inf at later tokens.
@@ -142,8 +138,7 @@ impl ClipMlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&self.activation.apply(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.activation.apply(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -168,9 +163,7 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
         &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
     }
 }
@@ -193,17 +186,11 @@ impl ClipTextModel {
             candle_core::bail!("text encoder config: {msg}");
         }
         let prefixed = format!("{TEXT_MODEL_PREFIX}.embeddings.token_embedding.weight");
-        let vb = if vb.contains_tensor(&prefixed) {
-            vb.pp(TEXT_MODEL_PREFIX)
-        } else {
-            vb
-        };
+        let vb = if vb.contains_tensor(&prefixed) { vb.pp(TEXT_MODEL_PREFIX) } else { vb };
         let emb = vb.pp("embeddings");
-        let token_embedding =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
+        let token_embedding = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding =
+            emb.pp("position_embedding").get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(&cfg, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -211,11 +198,7 @@ impl ClipTextModel {
             token_embedding,
             position_embedding,
             layers,
-            final_layer_norm: LayerNorm::new(
-                cfg.hidden_size,
-                cfg.layer_norm_eps,
-                vb.pp("final_layer_norm"),
-            )?,
+            final_layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
             config: cfg,
             span: tracing::span!(tracing::Level::TRACE, "clip-text"),
         })
@@ -226,21 +209,11 @@ impl ClipTextModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config_path = dir.join("config.json");
         let cfg: ClipTextConfig = read_json(&config_path)?;
-        cfg.validate()
-            .map_err(|msg| Error::config(&config_path, msg))?;
+        cfg.validate().map_err(|msg| Error::config(&config_path, msg))?;
         let paths = find_safetensors(dir, TRANSFORMERS_STEM)?;
         let vb = var_builder(&paths, dtype, device)?;
-        let origin = if paths.len() == 1 {
-            paths[0].clone()
-        } else {
-            dir.to_path_buf()
-        };
-        Self::new(cfg, vb).map_err(|e| {
-            Error::weights(
-                origin,
-                format!("does not fit {}: {e}", config_path.display()),
-            )
-        })
+        let origin = if paths.len() == 1 { paths[0].clone() } else { dir.to_path_buf() };
+        Self::new(cfg, vb).map_err(|e| Error::weights(origin, format!("does not fit {}: {e}", config_path.display())))
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -260,10 +233,7 @@ impl ClipTextModel {
         }
         // 1. token + position embeddings (positions 0..seq)
         let positions = self.position_embedding.narrow(0, 0, seq)?;
-        let mut x = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&positions)?;
+        let mut x = self.token_embedding.forward(input_ids)?.broadcast_add(&positions)?;
         // 2. causal transformer layers: each token sees itself and earlier tokens only
         let mask = causal_mask(seq, x.dtype(), x.device())?;
         for layer in &self.layers {
@@ -276,9 +246,8 @@ impl ClipTextModel {
 
 /// (seq, seq) additive mask: 0 on and below the diagonal, -inf above it.
 fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
 }
 
@@ -294,26 +263,9 @@ mod tests {
     /// max |ours - ref| <= 1e-4 * max(1, max |ref|).
     fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
         assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0);
-        assert!(
-            diff <= 1e-4 * scale,
-            "{what}: max abs diff {diff} (ref scale {scale})"
-        );
+        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff} (ref scale {scale})");
     }
 
     /// Runs both id batches of a fixture through the model loaded from `model_dir`.
@@ -324,11 +276,7 @@ mod tests {
         for case in ["prompt", "random"] {
             let ids = fx[&format!("{case}_ids")].to_dtype(DType::U32).unwrap();
             let ours = model.forward(&ids).unwrap();
-            assert_close(
-                &ours,
-                &fx[&format!("{case}_hidden")],
-                &format!("{fixture} {case}"),
-            );
+            assert_close(&ours, &fx[&format!("{case}_hidden")], &format!("{fixture} {case}"));
         }
         model
     }
@@ -336,20 +284,15 @@ mod tests {
     /// quick_gelu, keys without `text_model.` (what transformers 5 saves), f32 file.
     #[test]
     fn sd15_text_encoder_matches_transformers() {
-        let model = check_fixture(
-            "tests/fixtures/models/tiny-sd15/text_encoder",
-            "tests/fixtures/clip/sd15.safetensors",
-        );
+        let model =
+            check_fixture("tests/fixtures/models/tiny-sd15/text_encoder", "tests/fixtures/clip/sd15.safetensors");
         assert_eq!(model.config().hidden_act, Activation::QuickGelu);
     }
 
     /// gelu, keys with `text_model.` (real SD checkpoints), fp16 file loaded into f32.
     #[test]
     fn sd2_fp16_prefixed_text_encoder_matches_transformers() {
-        let model = check_fixture(
-            "tests/fixtures/models/tiny-sd2/text_encoder",
-            "tests/fixtures/clip/sd2.safetensors",
-        );
+        let model = check_fixture("tests/fixtures/models/tiny-sd2/text_encoder", "tests/fixtures/clip/sd2.safetensors");
         assert_eq!(model.config().hidden_act, Activation::Gelu);
     }
 
@@ -357,12 +300,8 @@ mod tests {
     #[test]
     fn earlier_tokens_do_not_see_later_ones() {
         let dev = Device::Cpu;
-        let model = ClipTextModel::load(
-            &repo("tests/fixtures/models/tiny-sd15/text_encoder"),
-            DType::F32,
-            &dev,
-        )
-        .unwrap();
+        let model =
+            ClipTextModel::load(&repo("tests/fixtures/models/tiny-sd15/text_encoder"), DType::F32, &dev).unwrap();
         let a = Tensor::new(&[[49406u32, 320, 1125, 49407]], &dev).unwrap();
         let b = Tensor::new(&[[49406u32, 320, 4558, 49407]], &dev).unwrap();
         let (ha, hb) = (model.forward(&a).unwrap(), model.forward(&b).unwrap());
@@ -385,51 +324,28 @@ mod tests {
         let src = repo("tests/fixtures/models/tiny-sd2/text_encoder");
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
         cfg["hidden_size"] = 64.into();
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-        std::fs::copy(
-            src.join("model.fp16.safetensors"),
-            tmp.path().join("model.fp16.safetensors"),
-        )
-        .unwrap();
-        let err = ClipTextModel::load(tmp.path(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        std::fs::copy(src.join("model.fp16.safetensors"), tmp.path().join("model.fp16.safetensors")).unwrap();
+        let err = ClipTextModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("model.fp16.safetensors"), "{err}");
-        assert!(
-            err.contains("text_model.embeddings.token_embedding.weight"),
-            "{err}"
-        );
+        assert!(err.contains("text_model.embeddings.token_embedding.weight"), "{err}");
     }
 
     #[test]
     fn bad_activation_names_config_file() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(
-            tmp.path().join("config.json"),
-            r#"{"hidden_size": 32, "hidden_act": "relu6"}"#,
-        )
-        .unwrap();
-        let err = ClipTextModel::load(tmp.path(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("config.json") && err.contains("relu6"),
-            "{err}"
-        );
+        std::fs::write(tmp.path().join("config.json"), r#"{"hidden_size": 32, "hidden_act": "relu6"}"#).unwrap();
+        let err = ClipTextModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("relu6"), "{err}");
     }
 
     #[test]
     fn too_long_sequence_is_an_error() {
         let dev = Device::Cpu;
-        let model = ClipTextModel::load(
-            &repo("tests/fixtures/models/tiny-sd15/text_encoder"),
-            DType::F32,
-            &dev,
-        )
-        .unwrap();
+        let model =
+            ClipTextModel::load(&repo("tests/fixtures/models/tiny-sd15/text_encoder"), DType::F32, &dev).unwrap();
         let ids = Tensor::zeros((1, 78), DType::U32, &dev).unwrap();
         let err = model.forward(&ids).unwrap_err().to_string();
         assert!(err.contains("max_position_embeddings"), "{err}");

@@ -11,9 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::layers::{conv2d, Conv2d};
 use super::unet::UNet2DConditionConfig;
-use super::unet_encoder::{
-    check_context, config_error, weights_origin, EncoderConfig, UNetEncoder,
-};
+use super::unet_encoder::{check_context, config_error, weights_origin, EncoderConfig, UNetEncoder};
 use crate::io::weights::{find_safetensors, read_json, var_builder, DIFFUSERS_STEM};
 use crate::Error;
 
@@ -71,16 +69,10 @@ impl ControlNetOutput {
                 b.len()
             )));
         }
-        let down = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| x.broadcast_add(y))
-            .collect::<Result<Vec<_>>>()?;
+        let down = a.iter().zip(b).map(|(x, y)| x.broadcast_add(y)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             down_block_res_samples: down,
-            mid_block_res_sample: self
-                .mid_block_res_sample
-                .broadcast_add(&other.mid_block_res_sample)?,
+            mid_block_res_sample: self.mid_block_res_sample.broadcast_add(&other.mid_block_res_sample)?,
         })
     }
 }
@@ -95,12 +87,7 @@ pub struct ControlNetConditioningEmbedding {
 }
 
 impl ControlNetConditioningEmbedding {
-    pub fn new(
-        in_channels: usize,
-        widths: &[usize],
-        out_channels: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(in_channels: usize, widths: &[usize], out_channels: usize, vb: VarBuilder) -> Result<Self> {
         let (Some(&first), Some(&last)) = (widths.first(), widths.last()) else {
             bail!("conditioning_embedding_out_channels is empty")
         };
@@ -133,9 +120,7 @@ impl Module for ControlNetConditioningEmbedding {
 /// residual (k = n, weight 1), i.e. diffusers' `logspace(-1, 0, n + 1)`. The original code writes
 /// `0.825 ** (12 - k)` for SD's 13 residuals: 0.825 ≈ 10^(-1/12).
 pub fn guess_mode_scales(n_down: usize) -> Vec<f64> {
-    (0..=n_down)
-        .map(|k| 10f64.powf(-1.0 + k as f64 / n_down as f64))
-        .collect()
+    (0..=n_down).map(|k| 10f64.powf(-1.0 + k as f64 / n_down as f64)).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -158,10 +143,7 @@ impl ControlNetModel {
         let enc = &config.encoder;
         // The encoder validates the config first.
         let encoder = UNetEncoder::new(enc, vb.clone())?;
-        let (c0, c_mid) = (
-            enc.block_out_channels[0],
-            enc.block_out_channels[enc.block_out_channels.len() - 1],
-        );
+        let (c0, c_mid) = (enc.block_out_channels[0], enc.block_out_channels[enc.block_out_channels.len() - 1]);
         let controlnet_cond_embedding = ControlNetConditioningEmbedding::new(
             config.conditioning_channels,
             &config.conditioning_embedding_out_channels,
@@ -194,14 +176,10 @@ impl ControlNetModel {
     pub fn load(path: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config_path = path.join("config.json");
         let config: ControlNetConfig = read_json(&config_path)?;
-        config
-            .encoder
-            .levels()
-            .map_err(|m| Error::config(&config_path, m))?;
+        config.encoder.levels().map_err(|m| Error::config(&config_path, m))?;
         let files = find_safetensors(path, DIFFUSERS_STEM)?;
         let vb = var_builder(&files, dtype, device)?;
-        let mut model =
-            Self::new(&config, vb).map_err(|e| Error::weights(weights_origin(path, &files), e))?;
+        let mut model = Self::new(&config, vb).map_err(|e| Error::weights(weights_origin(path, &files), e))?;
         model.source = Some(path.to_path_buf());
         Ok(model)
     }
@@ -222,8 +200,7 @@ impl ControlNetModel {
             }
         };
         let dtype = self.controlnet_mid_block.weight().dtype();
-        self.controlnet_cond_embedding
-            .forward(&cond.to_dtype(dtype)?)
+        self.controlnet_cond_embedding.forward(&cond.to_dtype(dtype)?)
     }
 
     /// The residuals for one denoising step. `cond_embedding` comes from [`Self::embed_condition`].
@@ -242,9 +219,7 @@ impl ControlNetModel {
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
         // 1. time
-        let temb = self
-            .encoder
-            .embed_time(timestep, sample.dim(0)?, sample.dtype())?;
+        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype())?;
         // 2. pre-process: the hint joins the latent right after conv_in (one hint may serve the whole batch)
         let h = self.encoder.conv_in(sample)?;
         let (e, hd) = (cond_embedding.dims(), h.dims());
@@ -268,32 +243,19 @@ impl ControlNetModel {
         let mid = self.controlnet_mid_block.forward(&h)?;
         // 6. strength: uniform, or guess mode's ramp (not for pooled ControlNets)
         let scales = if guess_mode && !self.config.global_pool_conditions {
-            guess_mode_scales(down.len())
-                .into_iter()
-                .map(|s| s * conditioning_scale)
-                .collect()
+            guess_mode_scales(down.len()).into_iter().map(|s| s * conditioning_scale).collect()
         } else {
             vec![conditioning_scale; down.len() + 1]
         };
         let scale = |t: &Tensor, s: f64| if s == 1.0 { Ok(t.clone()) } else { t * s };
-        let mut down = down
-            .iter()
-            .zip(&scales)
-            .map(|(t, &s)| scale(t, s))
-            .collect::<Result<Vec<_>>>()?;
+        let mut down = down.iter().zip(&scales).map(|(t, &s)| scale(t, s)).collect::<Result<Vec<_>>>()?;
         let mut mid = scale(&mid, scales[scales.len() - 1])?;
         // 7. global pooling: one value per channel
         if self.config.global_pool_conditions {
-            down = down
-                .iter()
-                .map(|t| t.mean_keepdim((2, 3)))
-                .collect::<Result<_>>()?;
+            down = down.iter().map(|t| t.mean_keepdim((2, 3))).collect::<Result<_>>()?;
             mid = mid.mean_keepdim((2, 3))?;
         }
-        Ok(ControlNetOutput {
-            down_block_res_samples: down,
-            mid_block_res_sample: mid,
-        })
+        Ok(ControlNetOutput { down_block_res_samples: down, mid_block_res_sample: mid })
     }
 
     /// Checks this ControlNet fits a base UNet: same latent channels, level widths, resnets per level and
@@ -302,36 +264,14 @@ impl ControlNetModel {
         let (cn, base) = (&self.config.encoder, &unet.encoder);
         let n = base.down_block_types.len();
         let lists = |c: &EncoderConfig| {
-            c.layers_per_block
-                .expand(c.down_block_types.len(), "layers_per_block")
-                .unwrap_or_default()
+            c.layers_per_block.expand(c.down_block_types.len(), "layers_per_block").unwrap_or_default()
         };
         let checks: [(&str, String, String); 5] = [
-            (
-                "in_channels",
-                cn.in_channels.to_string(),
-                base.in_channels.to_string(),
-            ),
-            (
-                "number of down blocks",
-                cn.down_block_types.len().to_string(),
-                n.to_string(),
-            ),
-            (
-                "block_out_channels",
-                format!("{:?}", cn.block_out_channels),
-                format!("{:?}", base.block_out_channels),
-            ),
-            (
-                "layers_per_block",
-                format!("{:?}", lists(cn)),
-                format!("{:?}", lists(base)),
-            ),
-            (
-                "cross_attention_dim",
-                cn.cross_attention_dim.to_string(),
-                base.cross_attention_dim.to_string(),
-            ),
+            ("in_channels", cn.in_channels.to_string(), base.in_channels.to_string()),
+            ("number of down blocks", cn.down_block_types.len().to_string(), n.to_string()),
+            ("block_out_channels", format!("{:?}", cn.block_out_channels), format!("{:?}", base.block_out_channels)),
+            ("layers_per_block", format!("{:?}", lists(cn)), format!("{:?}", lists(base))),
+            ("cross_attention_dim", cn.cross_attention_dim.to_string(), base.cross_attention_dim.to_string()),
         ];
         for (field, ours, theirs) in checks {
             if ours != theirs {
@@ -363,22 +303,11 @@ mod tests {
 
     fn check(out: &ControlNetOutput, fx: &HashMap<String, Tensor>, prefix: &str) {
         let n = out.down_block_res_samples.len();
-        assert!(
-            !fx.contains_key(&format!("{prefix}.down.{n}")),
-            "{prefix}: too few residuals"
-        );
+        assert!(!fx.contains_key(&format!("{prefix}.down.{n}")), "{prefix}: too few residuals");
         for (i, r) in out.down_block_res_samples.iter().enumerate() {
-            assert_close(
-                r,
-                &fx[&format!("{prefix}.down.{i}")],
-                &format!("{prefix}.down.{i}"),
-            );
+            assert_close(r, &fx[&format!("{prefix}.down.{i}")], &format!("{prefix}.down.{i}"));
         }
-        assert_close(
-            &out.mid_block_res_sample,
-            &fx[&format!("{prefix}.mid")],
-            &format!("{prefix}.mid"),
-        );
+        assert_close(&out.mid_block_res_sample, &fx[&format!("{prefix}.mid")], &format!("{prefix}.mid"));
     }
 
     /// Hint embedding and residuals against diffusers (ControlNets a and b on tiny SD1.x): scale 1.0, scale 0.7,
@@ -389,38 +318,18 @@ mod tests {
         let inp = fixture("inputs");
         let fx = fixture("sd15");
         let cond = condition_image();
-        let (x, t, ctx) = (
-            &inp["sample"],
-            &inp["timesteps"],
-            &inp["encoder_hidden_states"],
-        );
+        let (x, t, ctx) = (&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"]);
         for name in ["a", "b"] {
             let cn = tiny(&format!("tiny-controlnet-{name}"));
             let hint = cn.embed_condition(&cond).unwrap();
             assert_close(&hint, &fx[&format!("{name}.hint")], "hint");
-            check(
-                &cn.forward(x, t, ctx, &hint, 1.0, false).unwrap(),
-                &fx,
-                &format!("{name}.scale1"),
-            );
+            check(&cn.forward(x, t, ctx, &hint, 1.0, false).unwrap(), &fx, &format!("{name}.scale1"));
             if name == "a" {
-                check(
-                    &cn.forward(x, t, ctx, &hint, 0.7, false).unwrap(),
-                    &fx,
-                    "a.scale0.7",
-                );
-                check(
-                    &cn.forward(x, t, ctx, &hint, 0.8, true).unwrap(),
-                    &fx,
-                    "a.guess0.8",
-                );
+                check(&cn.forward(x, t, ctx, &hint, 0.7, false).unwrap(), &fx, "a.scale0.7");
+                check(&cn.forward(x, t, ctx, &hint, 0.8, true).unwrap(), &fx, "a.guess0.8");
                 let mut pooled = cn.clone();
                 pooled.config.global_pool_conditions = true;
-                check(
-                    &pooled.forward(x, t, ctx, &hint, 0.9, true).unwrap(),
-                    &fx,
-                    "a.pool",
-                );
+                check(&pooled.forward(x, t, ctx, &hint, 0.9, true).unwrap(), &fx, "a.pool");
             }
         }
     }
@@ -429,24 +338,12 @@ mod tests {
     fn sd2_controlnet_matches_diffusers() {
         let inp = fixture("inputs");
         let fx = fixture("sd2");
-        let (x, t, ctx) = (
-            &inp["sample"],
-            &inp["timesteps"],
-            &inp["encoder_hidden_states"],
-        );
+        let (x, t, ctx) = (&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"]);
         let cn = tiny("tiny-controlnet-sd2");
         let hint = cn.embed_condition(&condition_image()).unwrap();
         assert_close(&hint, &fx["c.hint"], "hint");
-        check(
-            &cn.forward(x, t, ctx, &hint, 1.0, false).unwrap(),
-            &fx,
-            "c.scale1",
-        );
-        check(
-            &cn.forward(x, t, ctx, &hint, 0.8, true).unwrap(),
-            &fx,
-            "c.guess0.8",
-        );
+        check(&cn.forward(x, t, ctx, &hint, 1.0, false).unwrap(), &fx, "c.scale1");
+        check(&cn.forward(x, t, ctx, &hint, 0.8, true).unwrap(), &fx, "c.guess0.8");
     }
 
     #[test]
@@ -466,22 +363,13 @@ mod tests {
         let cond = condition_image();
         let rgb = cn.embed_condition(&cond).unwrap();
         cn.config.controlnet_conditioning_channel_order = ChannelOrder::Bgr;
-        let flipped = cond
-            .index_select(&Tensor::new(&[2u32, 1, 0], &Device::Cpu).unwrap(), 1)
-            .unwrap();
-        assert_close(
-            &cn.embed_condition(&flipped).unwrap(),
-            &rgb,
-            "bgr of flipped = rgb",
-        );
+        let flipped = cond.index_select(&Tensor::new(&[2u32, 1, 0], &Device::Cpu).unwrap(), 1).unwrap();
+        assert_close(&cn.embed_condition(&flipped).unwrap(), &rgb, "bgr of flipped = rgb");
     }
 
     #[test]
     fn full_size_layouts_match_diffusers() {
-        for (name, count) in [
-            ("sd15_controlnet", 361_279_120usize),
-            ("sd21_controlnet", 364_228_240),
-        ] {
+        for (name, count) in [("sd15_controlnet", 361_279_120usize), ("sd21_controlnet", 364_228_240)] {
             let (config, expected) = layout(name);
             let config: ControlNetConfig = serde_json::from_value(config).unwrap();
             let rec = RecordingBackend::default();
@@ -503,25 +391,16 @@ mod tests {
         config.encoder.cross_attention_dim = 1024;
         let rec = RecordingBackend::default();
         let cn = ControlNetModel::new(&config, rec.var_builder()).unwrap();
-        let unet: UNet2DConditionConfig = read_json(&repo_path(
-            "tests/fixtures/models/tiny-sd15/unet/config.json",
-        ))
-        .unwrap();
+        let unet: UNet2DConditionConfig =
+            read_json(&repo_path("tests/fixtures/models/tiny-sd15/unet/config.json")).unwrap();
         let err = cn.check_compatible(&unet).unwrap_err().to_string();
-        assert!(
-            err.contains("cross_attention_dim is 1024 in the ControlNet but 32 in the UNet"),
-            "{err}"
-        );
+        assert!(err.contains("cross_attention_dim is 1024 in the ControlNet but 32 in the UNet"), "{err}");
         tiny("tiny-controlnet-a").check_compatible(&unet).unwrap();
         // A loaded model names its folder.
         let mut sd2 = tiny("tiny-controlnet-sd2");
         sd2.config.encoder.block_out_channels = vec![32, 64, 64];
         let err = sd2.check_compatible(&unet).unwrap_err().to_string();
-        assert!(
-            err.contains("tiny-controlnet-sd2")
-                && err.contains("block_out_channels is [32, 64, 64]"),
-            "{err}"
-        );
+        assert!(err.contains("tiny-controlnet-sd2") && err.contains("block_out_channels is [32, 64, 64]"), "{err}");
     }
 
     #[test]
@@ -529,22 +408,14 @@ mod tests {
         let src = repo_path("tests/fixtures/models/tiny-controlnet-a");
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-        let mut tensors = candle_core::safetensors::load(
-            src.join("diffusion_pytorch_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let mut tensors =
+            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
         let victim = "controlnet_down_blocks.3.weight";
         assert!(tensors.remove(victim).is_some());
         let file = dir.path().join("diffusion_pytorch_model.safetensors");
         candle_core::safetensors::save(&tensors, &file).unwrap();
-        let err = ControlNetModel::load(dir.path(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(victim) && err.contains(&file.display().to_string()),
-            "{err}"
-        );
+        let err = ControlNetModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(victim) && err.contains(&file.display().to_string()), "{err}");
     }
 
     /// Training will backpropagate through the whole ControlNet: every weight must receive a gradient.
@@ -558,51 +429,27 @@ mod tests {
         let inp = fixture("inputs");
         let cond = condition_image();
         let hint = cn.embed_condition(&cond).unwrap();
-        let out = cn
-            .forward(
-                &inp["sample"],
-                &inp["timesteps"],
-                &inp["encoder_hidden_states"],
-                &hint,
-                1.0,
-                false,
-            )
-            .unwrap();
+        let out =
+            cn.forward(&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"], &hint, 1.0, false).unwrap();
         let mut loss = out.mid_block_res_sample.sqr().unwrap().sum_all().unwrap();
         for r in &out.down_block_res_samples {
             loss = (loss + r.sqr().unwrap().sum_all().unwrap()).unwrap();
         }
         let grads = loss.backward().unwrap();
         let data = map.data().lock().unwrap();
-        let in_file = candle_core::safetensors::load(
-            dir.join("diffusion_pytorch_model.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(
-            data.len(),
-            in_file.len(),
-            "trainable tensors vs checkpoint tensors"
-        );
+        let in_file =
+            candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(data.len(), in_file.len(), "trainable tensors vs checkpoint tensors");
         for (name, var) in data.iter() {
-            assert!(
-                grads.get(var.as_tensor()).is_some(),
-                "no gradient for {name}"
-            );
+            assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
         }
     }
 
     #[test]
     fn summing_outputs_of_different_layouts_fails() {
         let t = Tensor::zeros((1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
-        let a = ControlNetOutput {
-            down_block_res_samples: vec![t.clone(); 3],
-            mid_block_res_sample: t.clone(),
-        };
-        let b = ControlNetOutput {
-            down_block_res_samples: vec![t.clone(); 2],
-            mid_block_res_sample: t,
-        };
+        let a = ControlNetOutput { down_block_res_samples: vec![t.clone(); 3], mid_block_res_sample: t.clone() };
+        let b = ControlNetOutput { down_block_res_samples: vec![t.clone(); 2], mid_block_res_sample: t };
         let err = a.add(&b).unwrap_err().to_string();
         assert!(err.contains("3 and 2"), "{err}");
         assert_eq!(a.add(&a).unwrap().down_block_res_samples.len(), 3);

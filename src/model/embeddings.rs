@@ -20,11 +20,7 @@ pub struct Timesteps {
 
 impl Timesteps {
     pub fn new(num_channels: usize, flip_sin_to_cos: bool, downscale_freq_shift: f64) -> Self {
-        Self {
-            num_channels,
-            flip_sin_to_cos,
-            downscale_freq_shift,
-        }
+        Self { num_channels, flip_sin_to_cos, downscale_freq_shift }
     }
 
     /// The frequencies `exp(-ln(MAX_PERIOD) * i / (half - shift))`. The exponent is formed in f32 as torch forms it
@@ -45,10 +41,7 @@ impl Timesteps {
     /// `timesteps`: (batch,) values, possibly fractional → (batch, num_channels) float32.
     pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
         if timesteps.rank() != 1 {
-            bail!(
-                "timesteps must be a (batch,) tensor, got shape {:?}",
-                timesteps.dims()
-            )
+            bail!("timesteps must be a (batch,) tensor, got shape {:?}", timesteps.dims())
         }
         let half = self.num_channels / 2;
         let freqs = Tensor::from_vec(self.frequencies(), (1, half), timesteps.device())?;
@@ -57,11 +50,7 @@ impl Timesteps {
         let angles = t.broadcast_mul(&freqs)?;
         // 2. sinusoids, in the checkpoint's order
         let (sin, cos) = (angles.sin()?, angles.cos()?);
-        let emb = if self.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], 1)?
-        } else {
-            Tensor::cat(&[sin, cos], 1)?
-        };
+        let emb = if self.flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
         // 3. an odd width gets one zero column
         if self.num_channels % 2 == 1 {
             emb.pad_with_zeros(1, 0, 1)
@@ -80,12 +69,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub fn new(
-        in_channels: usize,
-        time_embed_dim: usize,
-        act: Activation,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(in_channels: usize, time_embed_dim: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             linear_1: linear(in_channels, time_embed_dim, true, vb.pp("linear_1"))?,
             act,

@@ -41,9 +41,7 @@ pub struct GeGlu {
 
 impl GeGlu {
     pub fn new(dim_in: usize, dim_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            proj: linear(dim_in, dim_out * 2, true, vb.pp("proj"))?,
-        })
+        Ok(Self { proj: linear(dim_in, dim_out * 2, true, vb.pp("proj"))? })
     }
 }
 
@@ -67,10 +65,7 @@ impl FeedForward {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * FF_MULT;
         let net = vb.pp("net");
-        Ok(Self {
-            geglu: GeGlu::new(dim, inner, net.pp("0"))?,
-            out: linear(inner, dim, true, net.pp("2"))?,
-        })
+        Ok(Self { geglu: GeGlu::new(dim, inner, net.pp("0"))?, out: linear(inner, dim, true, net.pp("2"))? })
     }
 }
 
@@ -119,10 +114,7 @@ impl BasicTransformerBlock {
         // 1. self-attention among the pixels
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         // 2. cross-attention: pixels query the text
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         // 3. feed-forward
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
@@ -172,9 +164,8 @@ impl Transformer2DModel {
         let inner = cfg.heads * cfg.dim_head;
         let c = cfg.in_channels;
         let blocks = vb.pp("transformer_blocks");
-        let transformer_blocks = (0..cfg.num_layers)
-            .map(|i| BasicTransformerBlock::new(inner, cfg, blocks.pp(i)))
-            .collect::<Result<_>>()?;
+        let transformer_blocks =
+            (0..cfg.num_layers).map(|i| BasicTransformerBlock::new(inner, cfg, blocks.pp(i))).collect::<Result<_>>()?;
         Ok(Self {
             norm: group_norm(cfg.norm_num_groups, c, GROUP_NORM_EPS, vb.pp("norm"))?,
             proj_in: Projection::new(c, inner, cfg.use_linear_projection, vb.pp("proj_in"))?,
@@ -239,13 +230,7 @@ mod tests {
             let dev = Device::Cpu;
             let x = Tensor::randn(0f32, 1., (1, 4, 2, 3), &dev).unwrap();
             let ctx = Tensor::randn(0f32, 1., (1, 5, 3), &dev).unwrap();
-            let loss = model
-                .forward(&x, &ctx)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap();
+            let loss = model.forward(&x, &ctx).unwrap().sqr().unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
             let data = map.data().lock().unwrap();
             assert_eq!(data.len(), 26, "tensor count");

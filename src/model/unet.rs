@@ -20,14 +20,7 @@ fn default_out_channels() -> usize {
     4
 }
 fn default_up_block_types() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 fn default_conv_out_kernel() -> usize {
     3
@@ -65,16 +58,10 @@ impl UNet2DConditionConfig {
             ));
         }
         if self.center_input_sample || self.reverse_transformer_layers_per_block.is_some() {
-            return Err(
-                "center_input_sample / reverse_transformer_layers_per_block are not supported"
-                    .into(),
-            );
+            return Err("center_input_sample / reverse_transformer_layers_per_block are not supported".into());
         }
         if self.conv_out_kernel.is_multiple_of(2) {
-            return Err(format!(
-                "conv_out_kernel must be odd, got {}",
-                self.conv_out_kernel
-            ));
+            return Err(format!("conv_out_kernel must be odd, got {}", self.conv_out_kernel));
         }
         self.up_block_types
             .iter()
@@ -90,11 +77,7 @@ impl UNet2DConditionConfig {
 
 /// Adds a ControlNet residual to a UNet activation (a new tensor; broadcast over H, W for pooled residuals).
 pub(crate) fn add_residual(h: &Tensor, residual: &Tensor, what: &str) -> Result<Tensor> {
-    let fits = h.rank() == residual.rank()
-        && h.dims()
-            .iter()
-            .zip(residual.dims())
-            .all(|(a, b)| a == b || *b == 1);
+    let fits = h.rank() == residual.rank() && h.dims().iter().zip(residual.dims()).all(|(a, b)| a == b || *b == 1);
     if !fits {
         bail!(
             "{what}: ControlNet residual of shape {:?} does not fit the UNet activation of shape {:?}",
@@ -136,26 +119,14 @@ impl UNet2DConditionModel {
             let skip_in = rev[(i + 1).min(n - 1)].channels;
             // One more resnet than the down block: it also eats the downsampler's (or conv_in's) skip.
             let block = enc.block_config(level, level.layers + 1, *kind);
-            up_blocks.push(UpBlock2D::new(
-                &block,
-                skip_in,
-                prev_output,
-                level.channels,
-                !is_last,
-                vb_up.pp(i),
-            )?);
+            up_blocks.push(UpBlock2D::new(&block, skip_in, prev_output, level.channels, !is_last, vb_up.pp(i))?);
             prev_output = level.channels;
         }
         let c0 = enc.block_out_channels[0];
         Ok(Self {
             encoder,
             up_blocks,
-            conv_norm_out: group_norm(
-                enc.norm_num_groups,
-                c0,
-                enc.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
+            conv_norm_out: group_norm(enc.norm_num_groups, c0, enc.norm_eps, vb.pp("conv_norm_out"))?,
             conv_act: enc.act_fn,
             conv_out: conv2d(
                 c0,
@@ -177,9 +148,7 @@ impl UNet2DConditionModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNet2DConditionConfig = read_json(&config_path)?;
-        config
-            .validate()
-            .map_err(|m| Error::config(&config_path, m))?;
+        config.validate().map_err(|m| Error::config(&config_path, m))?;
         let files = find_safetensors(dir, DIFFUSERS_STEM)?;
         let vb = var_builder(&files, dtype, device)?;
         Self::new(&config, vb).map_err(|e| Error::weights(weights_origin(dir, &files), e))
@@ -211,9 +180,7 @@ impl UNet2DConditionModel {
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
         // 1. time
-        let temb = self
-            .encoder
-            .embed_time(timestep, sample.dim(0)?, sample.dtype())?;
+        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype())?;
         // 2. pre-process
         let h = self.encoder.conv_in(sample)?;
         // 3. down, then ControlNet residuals onto the skip connections
@@ -286,25 +253,11 @@ pub(crate) mod test_support {
     /// Parity metric: max |actual - expected| <= 1e-4 * max(1, max |expected|).
     pub fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
         assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
-        let diff = (actual - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
+        let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap();
         let diff: f32 = diff.to_scalar().unwrap();
-        let scale: f32 = expected
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let scale: f32 = expected.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         let tol = 1e-4 * scale.max(1.0);
-        assert!(
-            diff <= tol,
-            "{what}: max abs diff {diff:e} > {tol:e} (max |ref| {scale})"
-        );
+        assert!(diff <= tol, "{what}: max abs diff {diff:e} > {tol:e} (max |ref| {scale})");
     }
 
     /// A `VarBuilder` backend that hands out zero-stride zero tensors (no memory per tensor) and records each
@@ -315,19 +268,8 @@ pub(crate) mod test_support {
     }
 
     impl SimpleBackend for RecordingBackend {
-        fn get(
-            &self,
-            s: Shape,
-            name: &str,
-            _: candle_nn::Init,
-            dtype: DType,
-            dev: &Device,
-        ) -> Result<Tensor> {
-            let previous = self
-                .seen
-                .lock()
-                .unwrap()
-                .insert(name.to_string(), s.dims().to_vec());
+        fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+            let previous = self.seen.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
             assert!(previous.is_none(), "{name} requested twice");
             Tensor::zeros((), dtype, dev)?.broadcast_as(s)
         }
@@ -351,8 +293,7 @@ pub(crate) mod test_support {
     /// `tests/fixtures/unet/layout_{name}.json`: the hub config and every tensor's shape of a full-size model.
     pub fn layout(name: &str) -> (serde_json::Value, BTreeMap<String, Vec<usize>>) {
         let path = repo_path(&format!("tests/fixtures/unet/layout_{name}.json"));
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let tensors = serde_json::from_value(v["tensors"].take()).unwrap();
         (v["config"].take(), tensors)
     }
@@ -373,10 +314,7 @@ mod tests {
         while let Some(t) = fx.get(&format!("{prefix}.down.{}", down.len())) {
             down.push(t.clone());
         }
-        ControlNetOutput {
-            down_block_res_samples: down,
-            mid_block_res_sample: fx[&format!("{prefix}.mid")].clone(),
-        }
+        ControlNetOutput { down_block_res_samples: down, mid_block_res_sample: fx[&format!("{prefix}.mid")].clone() }
     }
 
     /// The UNet against diffusers on the tiny SD1.x model: without residuals, with one ControlNet's residuals,
@@ -387,11 +325,7 @@ mod tests {
         let unet = tiny_unet("tiny-sd15");
         let inp = fixture("inputs");
         let fx = fixture("sd15");
-        let (x, t, ctx) = (
-            &inp["sample"],
-            &inp["timesteps"],
-            &inp["encoder_hidden_states"],
-        );
+        let (x, t, ctx) = (&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"]);
         let out = unet.forward(x, t, ctx, None).unwrap();
         assert_close(&out, &fx["unet.plain"], "plain");
         let a = residuals(&fx, "a.scale1");
@@ -401,14 +335,10 @@ mod tests {
         let ab = a.add(&residuals(&fx, "b.scale1")).unwrap();
         let out = unet.forward(x, t, ctx, Some(&ab)).unwrap();
         assert_close(&out, &fx["unet.with_ab"], "with a + b");
-        let out = unet
-            .forward(x, t, ctx, Some(&residuals(&fx, "a.pool")))
-            .unwrap();
+        let out = unet.forward(x, t, ctx, Some(&residuals(&fx, "a.pool"))).unwrap();
         assert_close(&out, &fx["unet.with_pool"], "with pooled residuals");
         let ctx1 = ctx.narrow(0, 0, 1).unwrap();
-        let out = unet
-            .forward(&inp["odd.sample"], &inp["odd.timesteps"], &ctx1, None)
-            .unwrap();
+        let out = unet.forward(&inp["odd.sample"], &inp["odd.timesteps"], &ctx1, None).unwrap();
         assert_close(&out, &fx["unet.odd"], "odd 6x6 latent");
     }
 
@@ -418,22 +348,10 @@ mod tests {
         let unet = tiny_unet("tiny-sd2");
         let inp = fixture("inputs");
         let fx = fixture("sd2");
-        let (x, t, ctx) = (
-            &inp["sample"],
-            &inp["timesteps"],
-            &inp["encoder_hidden_states"],
-        );
-        assert_close(
-            &unet.forward(x, t, ctx, None).unwrap(),
-            &fx["unet.plain"],
-            "plain",
-        );
+        let (x, t, ctx) = (&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"]);
+        assert_close(&unet.forward(x, t, ctx, None).unwrap(), &fx["unet.plain"], "plain");
         let c = residuals(&fx, "c.scale1");
-        assert_close(
-            &unet.forward(x, t, ctx, Some(&c)).unwrap(),
-            &fx["unet.with_c"],
-            "with c",
-        );
+        assert_close(&unet.forward(x, t, ctx, Some(&c)).unwrap(), &fx["unet.with_c"], "with c");
     }
 
     /// Half precision runs end to end (upcast attention, f32 sinusoids, f16 residuals into an f16 UNet) and
@@ -451,18 +369,12 @@ mod tests {
             mid_block_res_sample: half(&c.mid_block_res_sample),
         };
         let out = unet
-            .forward(
-                &half(&inp["sample"]),
-                &inp["timesteps"],
-                &half(&inp["encoder_hidden_states"]),
-                Some(&c),
-            )
+            .forward(&half(&inp["sample"]), &inp["timesteps"], &half(&inp["encoder_hidden_states"]), Some(&c))
             .unwrap();
         assert_eq!(out.dtype(), DType::F16);
         let out = out.to_dtype(DType::F32).unwrap();
         let reference = &fx["unet.with_c"];
-        let max_abs =
-            |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+        let max_abs = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
         let diff = max_abs(&(out - reference).unwrap());
         let tol = 2e-2 * max_abs(reference).max(1.0);
         assert!(diff <= tol, "f16 vs f32 reference: {diff} > {tol}");
@@ -495,45 +407,24 @@ mod tests {
         let mut a = residuals(&fx, "a.scale1");
         a.down_block_res_samples.pop();
         let err = unet
-            .forward(
-                &inp["sample"],
-                &inp["timesteps"],
-                &inp["encoder_hidden_states"],
-                Some(&a),
-            )
+            .forward(&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"], Some(&a))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("5 down-block residuals") && err.contains("6 skip connections"),
-            "{err}"
-        );
+        assert!(err.contains("5 down-block residuals") && err.contains("6 skip connections"), "{err}");
         // Text embeddings of the wrong width (an SD2 text encoder with an SD1 UNet).
         let ctx = Tensor::zeros((2, 77, 1024), DType::F32, &Device::Cpu).unwrap();
-        let err = unet
-            .forward(&inp["sample"], &inp["timesteps"], &ctx, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("[2, 77, 1024]") && err.contains("(2, tokens, 32)"),
-            "{err}"
-        );
+        let err = unet.forward(&inp["sample"], &inp["timesteps"], &ctx, None).unwrap_err().to_string();
+        assert!(err.contains("[2, 77, 1024]") && err.contains("(2, tokens, 32)"), "{err}");
     }
 
     #[test]
     fn unsupported_configs_are_named() {
-        let parse = |json: &str| {
-            serde_json::from_str::<UNet2DConditionConfig>(json)
-                .unwrap()
-                .validate()
-        };
+        let parse = |json: &str| serde_json::from_str::<UNet2DConditionConfig>(json).unwrap().validate();
         let sdxl = parse(r#"{"addition_embed_type": "text_time"}"#).unwrap_err();
         assert!(sdxl.contains("SDXL is not supported yet"), "{sdxl}");
         let block = parse(r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#)
             .unwrap_err();
-        assert!(
-            block.contains("down_block_types[0]") && block.contains("AttnDownBlock2D"),
-            "{block}"
-        );
+        assert!(block.contains("down_block_types[0]") && block.contains("AttnDownBlock2D"), "{block}");
         let heads = parse(r#"{"attention_head_dim": [5, 10]}"#).unwrap_err();
         assert!(heads.contains("attention_head_dim has 2 values"), "{heads}");
         let only = parse(r#"{"only_cross_attention": true}"#).unwrap_err();
@@ -541,26 +432,15 @@ mod tests {
         // diffusers' defaults give SD1.x's layout apart from the cross-attention width.
         assert_eq!(
             parse("{}").unwrap(),
-            vec![
-                BlockKind::Plain,
-                BlockKind::CrossAttn,
-                BlockKind::CrossAttn,
-                BlockKind::CrossAttn
-            ]
+            vec![BlockKind::Plain, BlockKind::CrossAttn, BlockKind::CrossAttn, BlockKind::CrossAttn]
         );
     }
 
     #[test]
     fn config_error_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"addition_embed_type": "text_time"}"#,
-        )
-        .unwrap();
-        let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        std::fs::write(dir.path().join("config.json"), r#"{"addition_embed_type": "text_time"}"#).unwrap();
+        let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("config.json") && err.contains("SDXL"), "{err}");
     }
 }

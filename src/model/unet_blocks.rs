@@ -56,12 +56,7 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
-    fn resnet(
-        &self,
-        in_channels: usize,
-        out_channels: usize,
-        output_scale_factor: f64,
-    ) -> ResnetConfig {
+    fn resnet(&self, in_channels: usize, out_channels: usize, output_scale_factor: f64) -> ResnetConfig {
         ResnetConfig {
             in_channels,
             out_channels,
@@ -86,19 +81,12 @@ impl BlockConfig {
         }
     }
 
-    fn transformers(
-        &self,
-        n: usize,
-        channels: usize,
-        vb: VarBuilder,
-    ) -> Result<Vec<Transformer2DModel>> {
+    fn transformers(&self, n: usize, channels: usize, vb: VarBuilder) -> Result<Vec<Transformer2DModel>> {
         match self.kind {
             BlockKind::Plain => Ok(Vec::new()),
             BlockKind::CrossAttn => {
                 let vb = vb.pp("attentions");
-                (0..n)
-                    .map(|i| Transformer2DModel::new(&self.transformer(channels), vb.pp(i)))
-                    .collect()
+                (0..n).map(|i| Transformer2DModel::new(&self.transformer(channels), vb.pp(i))).collect()
             }
         }
     }
@@ -114,10 +102,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?,
-            pad_right_bottom: padding == 0,
-        })
+        Ok(Self { conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?, pad_right_bottom: padding == 0 })
     }
 }
 
@@ -140,9 +125,7 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
-        })
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
     }
 
     /// `size`: the (h, w) to reach, i.e. the next skip connection's; twice the input when the input size is a
@@ -177,11 +160,7 @@ impl DownBlock2D {
             })
             .collect::<Result<_>>()?;
         let downsamplers = match downsample_padding {
-            Some(p) => Some(Downsample2D::new(
-                out_channels,
-                p,
-                vb.pp("downsamplers").pp(0),
-            )?),
+            Some(p) => Some(Downsample2D::new(out_channels, p, vb.pp("downsamplers").pp(0))?),
             None => None,
         };
         Ok(Self {
@@ -199,12 +178,7 @@ impl DownBlock2D {
 
     /// Returns the block's output and its skip connections (each resnet(+transformer) output, then the
     /// downsampled map).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let _enter = self.span.enter();
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.num_outputs());
@@ -234,25 +208,12 @@ pub struct UNetMidBlock2DCrossAttn {
 
 impl UNetMidBlock2DCrossAttn {
     /// `cfg.num_layers` counts the transformer/resnet pairs after the first resnet (1 in SD).
-    pub fn new(
-        cfg: &BlockConfig,
-        channels: usize,
-        output_scale_factor: f64,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(cfg: &BlockConfig, channels: usize, output_scale_factor: f64, vb: VarBuilder) -> Result<Self> {
         let vb_res = vb.pp("resnets");
         let resnets = (0..=cfg.num_layers)
-            .map(|i| {
-                ResnetBlock2D::new(
-                    cfg.resnet(channels, channels, output_scale_factor),
-                    vb_res.pp(i),
-                )
-            })
+            .map(|i| ResnetBlock2D::new(cfg.resnet(channels, channels, output_scale_factor), vb_res.pp(i)))
             .collect::<Result<_>>()?;
-        let cross = BlockConfig {
-            kind: BlockKind::CrossAttn,
-            ..*cfg
-        };
+        let cross = BlockConfig { kind: BlockKind::CrossAttn, ..*cfg };
         Ok(Self {
             resnets,
             attentions: cross.transformers(cfg.num_layers, channels, vb)?,
@@ -295,24 +256,13 @@ impl UpBlock2D {
         let n = cfg.num_layers;
         let resnets = (0..n)
             .map(|i| {
-                let skip = if i == n - 1 {
-                    in_channels
-                } else {
-                    out_channels
-                };
-                let c_in = if i == 0 {
-                    prev_output_channels
-                } else {
-                    out_channels
-                };
+                let skip = if i == n - 1 { in_channels } else { out_channels };
+                let c_in = if i == 0 { prev_output_channels } else { out_channels };
                 ResnetBlock2D::new(cfg.resnet(c_in + skip, out_channels, 1.0), vb_res.pp(i))
             })
             .collect::<Result<_>>()?;
-        let upsamplers = if add_upsample {
-            Some(Upsample2D::new(out_channels, vb.pp("upsamplers").pp(0))?)
-        } else {
-            None
-        };
+        let upsamplers =
+            if add_upsample { Some(Upsample2D::new(out_channels, vb.pp("upsamplers").pp(0))?) } else { None };
         Ok(Self {
             resnets,
             attentions: cfg.transformers(n, out_channels, vb)?,
@@ -338,11 +288,7 @@ impl UpBlock2D {
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         if skips.len() != self.resnets.len() {
-            candle_core::bail!(
-                "up block expects {} skip connections, got {}",
-                self.resnets.len(),
-                skips.len()
-            )
+            candle_core::bail!("up block expects {} skip connections, got {}", self.resnets.len(), skips.len())
         }
         let mut h = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {

@@ -27,10 +27,7 @@ impl<T: Copy> PerBlock<T> {
         match self {
             PerBlock::One(v) => Ok(vec![*v; n]),
             PerBlock::Each(vs) if vs.len() == n => Ok(vs.clone()),
-            PerBlock::Each(vs) => Err(format!(
-                "{field} has {} values but there are {n} down blocks",
-                vs.len()
-            )),
+            PerBlock::Each(vs) => Err(format!("{field} has {} values but there are {n} down blocks", vs.len())),
         }
     }
 }
@@ -43,14 +40,7 @@ fn default_block_out_channels() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
 fn default_down_block_types() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn default_mid_block_type() -> Option<String> {
     Some(MID_BLOCK_TYPE.to_string())
@@ -217,14 +207,8 @@ impl EncoderConfig {
             Some(h) => h.expand(n, "num_attention_heads")?,
             None => self.attention_head_dim.expand(n, "attention_head_dim")?,
         };
-        let transformer_layers = self
-            .transformer_layers_per_block
-            .expand(n, "transformer_layers_per_block")?;
-        if self
-            .only_cross_attention
-            .expand(n, "only_cross_attention")?
-            .contains(&true)
-        {
+        let transformer_layers = self.transformer_layers_per_block.expand(n, "transformer_layers_per_block")?;
+        if self.only_cross_attention.expand(n, "only_cross_attention")?.contains(&true) {
             return Err("only_cross_attention = true is not supported".into());
         }
         (0..n)
@@ -263,46 +247,24 @@ impl EncoderConfig {
             ("time_embedding_dim", self.time_embedding_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
-            (
-                "time_embedding_act_fn",
-                self.time_embedding_act_fn.is_some(),
-            ),
+            ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, used)| *used) {
-            return Err(format!(
-                "{field} is set, which SD1.x/SD2.x models do not use and is not supported"
-            ));
+            return Err(format!("{field} is set, which SD1.x/SD2.x models do not use and is not supported"));
         }
         let expect = [
-            (
-                "time_embedding_type",
-                self.time_embedding_type.as_str(),
-                "positional",
-            ),
-            (
-                "resnet_time_scale_shift",
-                &self.resnet_time_scale_shift,
-                "default",
-            ),
+            ("time_embedding_type", self.time_embedding_type.as_str(), "positional"),
+            ("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default"),
             ("attention_type", &self.attention_type, "default"),
-            (
-                "mid_block_type",
-                self.mid_block_type.as_deref().unwrap_or("null"),
-                MID_BLOCK_TYPE,
-            ),
+            ("mid_block_type", self.mid_block_type.as_deref().unwrap_or("null"), MID_BLOCK_TYPE),
         ];
         for (field, found, supported) in expect {
             if found != supported {
-                return Err(format!(
-                    "{field} is {found:?}; only {supported:?} is supported"
-                ));
+                return Err(format!("{field} is {found:?}; only {supported:?} is supported"));
             }
         }
         if self.conv_in_kernel.is_multiple_of(2) {
-            return Err(format!(
-                "conv_in_kernel must be odd, got {}",
-                self.conv_in_kernel
-            ));
+            return Err(format!("conv_in_kernel must be odd, got {}", self.conv_in_kernel));
         }
         Ok(())
     }
@@ -325,12 +287,7 @@ impl EncoderConfig {
     }
 
     /// The settings one block of `level` shares, with `num_layers` resnets.
-    pub(crate) fn block_config(
-        &self,
-        level: &Level,
-        num_layers: usize,
-        kind: BlockKind,
-    ) -> BlockConfig {
+    pub(crate) fn block_config(&self, level: &Level, num_layers: usize, kind: BlockKind) -> BlockConfig {
         BlockConfig {
             kind,
             num_layers,
@@ -375,27 +332,14 @@ impl UNetEncoder {
             let is_last = i + 1 == levels.len();
             let block = cfg.block_config(level, level.layers, level.kind);
             let padding = (!is_last).then_some(cfg.downsample_padding);
-            down_blocks.push(DownBlock2D::new(
-                &block,
-                in_channels,
-                level.channels,
-                padding,
-                vb_down.pp(i),
-            )?);
+            down_blocks.push(DownBlock2D::new(&block, in_channels, level.channels, padding, vb_down.pp(i))?);
             in_channels = level.channels;
         }
         let last = levels[levels.len() - 1];
         // SD's mid block: one transformer between two resnets.
         let mid = cfg.block_config(&last, 1, BlockKind::CrossAttn);
         Ok(Self {
-            conv_in: conv2d(
-                cfg.in_channels,
-                c0,
-                cfg.conv_in_kernel,
-                1,
-                cfg.conv_in_kernel / 2,
-                vb.pp("conv_in"),
-            )?,
+            conv_in: conv2d(cfg.in_channels, c0, cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2, vb.pp("conv_in"))?,
             time_proj: Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift),
             time_embedding: TimestepEmbedding::new(c0, temb, cfg.act_fn, vb.pp("time_embedding"))?,
             down_blocks,
@@ -427,21 +371,12 @@ impl UNetEncoder {
 
     /// Number of skip connections: `conv_in`'s output, then each down block's.
     pub fn num_skips(&self) -> usize {
-        1 + self
-            .down_blocks
-            .iter()
-            .map(DownBlock2D::num_outputs)
-            .sum::<usize>()
+        1 + self.down_blocks.iter().map(DownBlock2D::num_outputs).sum::<usize>()
     }
 
     /// Runs the down blocks on `conv_in`'s output `h`. Returns the lowest-resolution map and the skip
     /// connections, `h` itself first.
-    pub fn down(
-        &self,
-        h: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn down(&self, h: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = vec![h.clone()];
         let mut h = h.clone();
         for block in &self.down_blocks {
@@ -467,11 +402,7 @@ pub(crate) fn weights_origin(dir: &Path, files: &[PathBuf]) -> PathBuf {
 
 /// Checks the text embeddings fit the sample's batch and the model's cross-attention width (a clear message
 /// instead of a matmul shape error deep inside a transformer).
-pub(crate) fn check_context(
-    sample: &Tensor,
-    context: &Tensor,
-    cross_attention_dim: usize,
-) -> Result<()> {
+pub(crate) fn check_context(sample: &Tensor, context: &Tensor, cross_attention_dim: usize) -> Result<()> {
     let (b, _, _, _) = sample.dims4()?;
     match context.dims() {
         &[cb, _, d] if cb == b && d == cross_attention_dim => Ok(()),

@@ -95,20 +95,11 @@ impl AutoencoderKLConfig {
             ));
         }
         let groups = self.norm_num_groups;
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|&&c| groups == 0 || c % groups != 0)
-        {
-            return Err(format!(
-                "block_out_channels {c} is not divisible by norm_num_groups {groups}"
-            ));
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| groups == 0 || c % groups != 0) {
+            return Err(format!("block_out_channels {c} is not divisible by norm_num_groups {groups}"));
         }
         if self.act_fn != Activation::Silu {
-            return Err(format!(
-                "act_fn {:?} is not supported (only silu)",
-                self.act_fn
-            ));
+            return Err(format!("act_fn {:?} is not supported (only silu)", self.act_fn));
         }
         Ok(())
     }
@@ -135,10 +126,7 @@ impl DiagonalGaussian {
     /// Splits the encoder's moments (batch, 2*latent, h, w) into mean and log-variance along the channels.
     pub fn from_moments(moments: &Tensor) -> Result<Self> {
         let c = moments.dim(1)? / 2;
-        Ok(Self {
-            mean: moments.narrow(1, 0, c)?,
-            logvar: moments.narrow(1, c, c)?.clamp(LOGVAR_MIN, LOGVAR_MAX)?,
-        })
+        Ok(Self { mean: moments.narrow(1, 0, c)?, logvar: moments.narrow(1, c, c)?.clamp(LOGVAR_MIN, LOGVAR_MAX)? })
     }
 
     /// The most likely latents (the mean).
@@ -195,9 +183,7 @@ impl AutoencoderKL {
         if let Err(msg) = cfg.validate() {
             candle_core::bail!("VAE config: {msg}");
         }
-        let blocks = VaeBlockConfig {
-            norm_num_groups: cfg.norm_num_groups,
-        };
+        let blocks = VaeBlockConfig { norm_num_groups: cfg.norm_num_groups };
         let vb = with_deprecated_attention_names(vb);
         let latent = cfg.latent_channels;
         // The encoder outputs mean and log-variance stacked on the channels ("double_z").
@@ -219,18 +205,8 @@ impl AutoencoderKL {
             cfg.mid_block_add_attention,
             vb.pp("decoder"),
         )?;
-        let quant_conv = if cfg.use_quant_conv {
-            Some(conv2d(
-                2 * latent,
-                2 * latent,
-                1,
-                1,
-                0,
-                vb.pp("quant_conv"),
-            )?)
-        } else {
-            None
-        };
+        let quant_conv =
+            if cfg.use_quant_conv { Some(conv2d(2 * latent, 2 * latent, 1, 1, 0, vb.pp("quant_conv"))?) } else { None };
         let post_quant_conv = if cfg.use_post_quant_conv {
             Some(conv2d(latent, latent, 1, 1, 0, vb.pp("post_quant_conv"))?)
         } else {
@@ -251,21 +227,11 @@ impl AutoencoderKL {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config_path = dir.join("config.json");
         let cfg: AutoencoderKLConfig = read_json(&config_path)?;
-        cfg.validate()
-            .map_err(|msg| Error::config(&config_path, msg))?;
+        cfg.validate().map_err(|msg| Error::config(&config_path, msg))?;
         let paths = find_safetensors(dir, DIFFUSERS_STEM)?;
         let vb = var_builder(&paths, dtype, device)?;
-        let origin = if paths.len() == 1 {
-            paths[0].clone()
-        } else {
-            dir.to_path_buf()
-        };
-        Self::new(cfg, vb).map_err(|e| {
-            Error::weights(
-                origin,
-                format!("does not fit {}: {e}", config_path.display()),
-            )
-        })
+        let origin = if paths.len() == 1 { paths[0].clone() } else { dir.to_path_buf() };
+        Self::new(cfg, vb).map_err(|e| Error::weights(origin, format!("does not fit {}: {e}", config_path.display())))
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {
@@ -301,14 +267,9 @@ impl AutoencoderKL {
 /// numpy's round (half to even), then u8.
 pub fn latents_to_image(decoded: &Tensor) -> Result<Tensor> {
     let shape = decoded.shape().clone();
-    let values = decoded
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let pixels: Vec<u8> = values
-        .into_iter()
-        .map(|x| ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
-        .collect();
+    let values = decoded.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let pixels: Vec<u8> =
+        values.into_iter().map(|x| ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8).collect();
     Tensor::from_vec(pixels, shape, decoded.device())
 }
 
@@ -333,8 +294,7 @@ mod tests {
     }
 
     fn fixture(name: &str) -> HashMap<String, Tensor> {
-        candle_core::safetensors::load(repo(&format!("tests/fixtures/vae/{name}")), &Device::Cpu)
-            .unwrap()
+        candle_core::safetensors::load(repo(&format!("tests/fixtures/vae/{name}")), &Device::Cpu).unwrap()
     }
 
     fn tiny_vae() -> AutoencoderKL {
@@ -342,12 +302,7 @@ mod tests {
     }
 
     fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// max |ours - ref| <= 1e-4 * max(1, max |ref|).
@@ -355,10 +310,7 @@ mod tests {
         assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
         let diff = max_abs(&(ours - reference).unwrap());
         let scale = max_abs(reference).max(1.0);
-        assert!(
-            diff <= 1e-4 * scale,
-            "{what}: max abs diff {diff} (ref scale {scale})"
-        );
+        assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff} (ref scale {scale})");
     }
 
     fn u8_values(t: &Tensor) -> Vec<u8> {
@@ -421,10 +373,7 @@ mod tests {
     fn postprocess_rounds_half_to_even_and_clamps() {
         // 0.5 * 255 = 127.5 → 128 (even); x = 2/255 - 1 maps to exactly 1.0 → 1; out-of-range values clamp.
         let x = Tensor::new(&[0.0f32, -3.0, 3.0, 1.0, -1.0], &Device::Cpu).unwrap();
-        assert_eq!(
-            u8_values(&latents_to_image(&x).unwrap()),
-            vec![128, 0, 255, 255, 0]
-        );
+        assert_eq!(u8_values(&latents_to_image(&x).unwrap()), vec![128, 0, 255, 255, 0]);
     }
 
     /// Exact f32 bits of diffusers' preprocess (numpy `x / 255`, then `2x - 1`), read off the venv; a
@@ -433,14 +382,7 @@ mod tests {
     fn preprocess_equals_diffusers_exactly() {
         let x = Tensor::new(&[0u8, 1, 127, 128, 254, 255], &Device::Cpu).unwrap();
         let y: Vec<f32> = image_to_input(&x).unwrap().to_vec1().unwrap();
-        let want_bits = [
-            0xbf80_0000u32,
-            0xbf7d_fdfe,
-            0xbb80_8080,
-            0x3b80_8100,
-            0x3f7d_fdfe,
-            0x3f80_0000,
-        ];
+        let want_bits = [0xbf80_0000u32, 0xbf7d_fdfe, 0xbb80_8080, 0x3b80_8100, 0x3f7d_fdfe, 0x3f80_0000];
         let want: Vec<f32> = want_bits.into_iter().map(f32::from_bits).collect();
         assert_eq!(y, want);
     }
@@ -462,10 +404,7 @@ mod tests {
 
     #[test]
     fn logvar_is_clamped() {
-        let moments = Tensor::new(&[0.0f32, 1.0, -100.0, 100.0], &Device::Cpu)
-            .unwrap()
-            .reshape((1, 4, 1, 1))
-            .unwrap();
+        let moments = Tensor::new(&[0.0f32, 1.0, -100.0, 100.0], &Device::Cpu).unwrap().reshape((1, 4, 1, 1)).unwrap();
         let g = DiagonalGaussian::from_moments(&moments).unwrap();
         let lv: Vec<f32> = g.logvar.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(lv, vec![-30.0, 20.0]);
@@ -475,11 +414,8 @@ mod tests {
     #[test]
     fn deprecated_attention_names_load() {
         let dev = Device::Cpu;
-        let weights = candle_core::safetensors::load(
-            repo(TINY_VAE).join("diffusion_pytorch_model.safetensors"),
-            &dev,
-        )
-        .unwrap();
+        let weights =
+            candle_core::safetensors::load(repo(TINY_VAE).join("diffusion_pytorch_model.safetensors"), &dev).unwrap();
         let renamed: HashMap<String, Tensor> = weights
             .into_iter()
             .map(|(k, v)| {
@@ -498,11 +434,7 @@ mod tests {
         let vb = VarBuilder::from_tensors(renamed, DType::F32, &dev);
         let vae = AutoencoderKL::new(tiny_vae().config().clone(), vb).unwrap();
         let fx = fixture("decode_8x12_batch2.safetensors");
-        assert_close(
-            &vae.decode(&fx["latents"]).unwrap(),
-            &fx["decoded"],
-            "renamed",
-        );
+        assert_close(&vae.decode(&fx["latents"]).unwrap(), &fx["decoded"], "renamed");
     }
 
     /// Writes the tiny VAE's weights with an edited config into a temporary folder and loads it.
@@ -510,8 +442,7 @@ mod tests {
         let src = repo(TINY_VAE);
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
         edit(&mut cfg);
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
         std::fs::copy(
@@ -519,9 +450,7 @@ mod tests {
             tmp.path().join("diffusion_pytorch_model.safetensors"),
         )
         .unwrap();
-        AutoencoderKL::load(tmp.path(), DType::F32, &Device::Cpu)
-            .unwrap_err()
-            .to_string()
+        AutoencoderKL::load(tmp.path(), DType::F32, &Device::Cpu).unwrap_err().to_string()
     }
 
     #[test]
@@ -529,19 +458,13 @@ mod tests {
         let err = load_with_config(|c| {
             c.as_object_mut().unwrap().remove("block_out_channels");
         });
-        assert!(
-            err.contains("config.json") && err.contains("block_out_channels"),
-            "{err}"
-        );
+        assert!(err.contains("config.json") && err.contains("block_out_channels"), "{err}");
     }
 
     #[test]
     fn unknown_block_type_names_config_file() {
         let err = load_with_config(|c| c["up_block_types"][1] = "AttnUpDecoderBlock2D".into());
-        assert!(
-            err.contains("config.json") && err.contains("AttnUpDecoderBlock2D"),
-            "{err}"
-        );
+        assert!(err.contains("config.json") && err.contains("AttnUpDecoderBlock2D"), "{err}");
     }
 
     #[test]

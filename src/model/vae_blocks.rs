@@ -39,9 +39,7 @@ struct Downsample {
 
 impl Downsample {
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 2, 0, vb.pp("conv"))?,
-        })
+        Ok(Self { conv: conv2d(channels, channels, 3, 2, 0, vb.pp("conv"))? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -58,9 +56,7 @@ struct Upsample {
 
 impl Upsample {
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
-        })
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -91,18 +87,9 @@ impl DownEncoderBlock2D {
                 ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
             })
             .collect::<Result<Vec<_>>>()?;
-        let downsampler = if add_downsample {
-            Some(Downsample::new(
-                out_channels,
-                vb.pp("downsamplers").pp("0"),
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            downsampler,
-        })
+        let downsampler =
+            if add_downsample { Some(Downsample::new(out_channels, vb.pp("downsamplers").pp("0"))?) } else { None };
+        Ok(Self { resnets, downsampler })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -139,11 +126,8 @@ impl UpDecoderBlock2D {
                 ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsampler = if add_upsample {
-            Some(Upsample::new(out_channels, vb.pp("upsamplers").pp("0"))?)
-        } else {
-            None
-        };
+        let upsampler =
+            if add_upsample { Some(Upsample::new(out_channels, vb.pp("upsamplers").pp("0"))?) } else { None };
         Ok(Self { resnets, upsampler })
     }
 
@@ -167,14 +151,8 @@ pub struct VaeMidBlock {
 }
 
 impl VaeMidBlock {
-    pub fn new(
-        cfg: VaeBlockConfig,
-        channels: usize,
-        add_attention: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let resnet =
-            |i: usize| ResnetBlock2D::new(cfg.resnet(channels, channels), vb.pp("resnets").pp(i));
+    pub fn new(cfg: VaeBlockConfig, channels: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
+        let resnet = |i: usize| ResnetBlock2D::new(cfg.resnet(channels, channels), vb.pp("resnets").pp(i));
         let attention = if add_attention {
             let attn_vb = vb.pp("attentions").pp("0");
             // One head as wide as the block: diffusers sets attention_head_dim = channels here.
@@ -195,10 +173,7 @@ impl VaeMidBlock {
         } else {
             None
         };
-        Ok(Self {
-            resnets: [resnet(0)?, resnet(1)?],
-            attention,
-        })
+        Ok(Self { resnets: [resnet(0)?, resnet(1)?], attention })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -221,19 +196,13 @@ struct OutputHead {
 impl OutputHead {
     fn new(cfg: VaeBlockConfig, in_c: usize, out_c: usize, vb: &VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv_norm_out: group_norm(
-                cfg.norm_num_groups,
-                in_c,
-                VAE_NORM_EPS,
-                vb.pp("conv_norm_out"),
-            )?,
+            conv_norm_out: group_norm(cfg.norm_num_groups, in_c, VAE_NORM_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(in_c, out_c, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(x)?.silu()?)
     }
 }
 
@@ -266,25 +235,13 @@ impl Encoder {
         let down_blocks = (0..channels.len())
             .map(|i| {
                 let i_c = if i == 0 { channels[0] } else { channels[i - 1] };
-                DownEncoderBlock2D::new(
-                    cfg,
-                    i_c,
-                    channels[i],
-                    layers_per_block,
-                    i != last,
-                    vb.pp("down_blocks").pp(i),
-                )
+                DownEncoderBlock2D::new(cfg, i_c, channels[i], layers_per_block, i != last, vb.pp("down_blocks").pp(i))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             conv_in,
             down_blocks,
-            mid_block: VaeMidBlock::new(
-                cfg,
-                channels[last],
-                mid_block_add_attention,
-                vb.pp("mid_block"),
-            )?,
+            mid_block: VaeMidBlock::new(cfg, channels[last], mid_block_add_attention, vb.pp("mid_block"))?,
             head: OutputHead::new(cfg, channels[last], out_channels, &vb)?,
             span: tracing::span!(tracing::Level::TRACE, "vae-encoder"),
         })
@@ -332,24 +289,12 @@ impl Decoder {
         }
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
         let conv_in = conv2d(in_channels, reversed[0], 3, 1, 1, vb.pp("conv_in"))?;
-        let mid_block = VaeMidBlock::new(
-            cfg,
-            reversed[0],
-            mid_block_add_attention,
-            vb.pp("mid_block"),
-        )?;
+        let mid_block = VaeMidBlock::new(cfg, reversed[0], mid_block_add_attention, vb.pp("mid_block"))?;
         let last = reversed.len() - 1;
         let up_blocks = (0..reversed.len())
             .map(|i| {
                 let i_c = if i == 0 { reversed[0] } else { reversed[i - 1] };
-                UpDecoderBlock2D::new(
-                    cfg,
-                    i_c,
-                    reversed[i],
-                    layers_per_block + 1,
-                    i != last,
-                    vb.pp("up_blocks").pp(i),
-                )
+                UpDecoderBlock2D::new(cfg, i_c, reversed[i], layers_per_block + 1, i != last, vb.pp("up_blocks").pp(i))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

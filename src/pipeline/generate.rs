@@ -55,11 +55,7 @@ pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) 
     if p.num_images == 0 {
         return Err(Error::Invalid("--num-images must be at least 1".into()));
     }
-    for (flag, v) in [("--width", p.width), ("--height", p.height)] {
-        if v == 0 || v % factor != 0 {
-            return Err(Error::Invalid(format!("{flag} {v} is not a positive multiple of {factor}")));
-        }
-    }
+    check_size(p.width, p.height, factor)?;
     if !p.guidance.is_finite() || p.guidance < 0.0 {
         return Err(Error::Invalid(format!("--guidance {} must be a finite number >= 0", p.guidance)));
     }
@@ -89,6 +85,16 @@ pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) 
             )));
         }
         c.net.check_compatible(sd.unet.config())?;
+    }
+    Ok(())
+}
+
+/// The output size must be a positive multiple of the VAE's scale factor (8 for SD).
+pub fn check_size(width: usize, height: usize, factor: usize) -> Result<()> {
+    for (flag, v) in [("--width", width), ("--height", height)] {
+        if v == 0 || !v.is_multiple_of(factor) {
+            return Err(Error::Invalid(format!("{flag} {v} is not a positive multiple of {factor}")));
+        }
     }
     Ok(())
 }

@@ -6,16 +6,7 @@ use super::{check_canvas, invalid, is_normalized, Keypoint, PoseFile, FIELDS};
 use crate::{Error, Result};
 
 /// COCO-18 right/left pairs (shoulder, elbow, wrist, hip, knee, ankle, eye, ear), swapped by a mirror.
-const BODY_MIRROR_PAIRS: [(usize, usize); 8] = [
-    (2, 5),
-    (3, 6),
-    (4, 7),
-    (8, 11),
-    (9, 12),
-    (10, 13),
-    (14, 15),
-    (16, 17),
-];
+const BODY_MIRROR_PAIRS: [(usize, usize); 8] = [(2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17)];
 /// The mirror image of each of the 68 iBUG face landmarks (OpenPose adds the two pupils, 68 ↔ 69).
 const FACE_68_MIRROR: [usize; 68] = [
     16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, // jaw
@@ -30,9 +21,7 @@ const FACE_68_MIRROR: [usize; 68] = [
 fn finite(values: &[f64], what: &str) -> Result<()> {
     match values.iter().all(|v| v.is_finite()) {
         true => Ok(()),
-        false => Err(Error::Invalid(format!(
-            "pose: {what} must be finite numbers, got {values:?}"
-        ))),
+        false => Err(Error::Invalid(format!("pose: {what} must be finite numbers, got {values:?}"))),
     }
 }
 
@@ -40,18 +29,11 @@ impl PoseFile {
     /// The same poses on a canvas of the given size; coordinates are left as they are.
     pub fn with_canvas(&self, width: u32, height: u32) -> Result<Self> {
         check_canvas(width, height)?;
-        Ok(Self {
-            canvas_width: Some(width),
-            canvas_height: Some(height),
-            ..self.clone()
-        })
+        Ok(Self { canvas_width: Some(width), canvas_height: Some(height), ..self.clone() })
     }
 
     /// Applies `f(group index, points)` to every present group of every person.
-    fn map_groups(
-        &self,
-        mut f: impl FnMut(usize, usize, &[Keypoint]) -> Result<Vec<Keypoint>>,
-    ) -> Result<Self> {
+    fn map_groups(&self, mut f: impl FnMut(usize, usize, &[Keypoint]) -> Result<Vec<Keypoint>>) -> Result<Self> {
         let mut out = self.clone();
         for (person_index, person) in out.people.iter_mut().enumerate() {
             for (group_index, group) in person.groups_mut().into_iter().enumerate() {
@@ -83,11 +65,8 @@ impl PoseFile {
             if !is_normalized(points) {
                 return Ok(points.to_vec());
             }
-            let (w, h) =
-                self.require_canvas(&format!("person {person}: normalised {}", FIELDS[group]))?;
-            Ok(Self::map_points(points, |x, y| {
-                (x * f64::from(w), y * f64::from(h))
-            }))
+            let (w, h) = self.require_canvas(&format!("person {person}: normalised {}", FIELDS[group]))?;
+            Ok(Self::map_points(points, |x, y| (x * f64::from(w), y * f64::from(h))))
         })
     }
 
@@ -95,25 +74,20 @@ impl PoseFile {
     /// one of its points lies beyond ±1 canvas (e.g. right of the canvas), so keep such files in pixels.
     pub fn to_normalized(&self) -> Result<Self> {
         let (w, h) = self.require_canvas("normalising")?;
-        self.to_pixels()?.map_groups(|_, _, points| {
-            Ok(Self::map_points(points, |x, y| {
-                (x / f64::from(w), y / f64::from(h))
-            }))
-        })
+        self.to_pixels()?
+            .map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (x / f64::from(w), y / f64::from(h)))))
     }
 
     /// `(x, y) → (sx·x, sy·y)` in pixels (normalised groups are converted first); the canvas is unchanged.
     pub fn scale(&self, sx: f64, sy: f64) -> Result<Self> {
         finite(&[sx, sy], "scale factors")?;
-        self.to_pixels()?
-            .map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (x * sx, y * sy))))
+        self.to_pixels()?.map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (x * sx, y * sy))))
     }
 
     /// `(x, y) → (x + dx, y + dy)` in pixels (normalised groups are converted first).
     pub fn translate(&self, dx: f64, dy: f64) -> Result<Self> {
         finite(&[dx, dy], "translation")?;
-        self.to_pixels()?
-            .map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (x + dx, y + dy))))
+        self.to_pixels()?.map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (x + dx, y + dy))))
     }
 
     /// The pose of the mirrored image: `x → canvas_width − x` (a mirror of the canvas, under the renderer's
@@ -123,9 +97,8 @@ impl PoseFile {
     pub fn flip_horizontal(&self) -> Result<Self> {
         let (w, _) = self.require_canvas("flipping")?;
         let width = f64::from(w);
-        let mut out = self
-            .to_pixels()?
-            .map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (width - x, y))))?;
+        let mut out =
+            self.to_pixels()?.map_groups(|_, _, points| Ok(Self::map_points(points, |x, y| (width - x, y))))?;
         for person in &mut out.people {
             if let Some(body) = &mut person.body {
                 for &(r, l) in &BODY_MIRROR_PAIRS {
@@ -154,10 +127,7 @@ impl PoseFile {
     pub fn resize_canvas(&self, width: u32, height: u32) -> Result<Self> {
         check_canvas(width, height)?;
         let (old_w, old_h) = self.require_canvas("resizing the canvas")?;
-        let (sx, sy) = (
-            f64::from(width) / f64::from(old_w),
-            f64::from(height) / f64::from(old_h),
-        );
+        let (sx, sy) = (f64::from(width) / f64::from(old_w), f64::from(height) / f64::from(old_h));
         let mut out = self.map_groups(|_, _, points| {
             Ok(match is_normalized(points) {
                 true => points.to_vec(),
@@ -243,10 +213,7 @@ mod tests {
         let b = t.people[0].body.as_ref().unwrap();
         assert_eq!((b[1].x, b[1].y, b[1].confidence), (16.0, 100.0, 0.9));
         assert_eq!(b[0], Keypoint::MISSING, "missing points do not move");
-        assert_eq!(
-            t.people[1].left_hand.as_ref().unwrap()[3].x,
-            0.01 * 3.0 * 200.0 + 5.0
-        );
+        assert_eq!(t.people[1].left_hand.as_ref().unwrap()[3].x, 0.01 * 3.0 * 200.0 + 5.0);
 
         let s = f.scale(2.0, 0.5).unwrap();
         let b = s.people[0].body.as_ref().unwrap();
@@ -256,10 +223,7 @@ mod tests {
         assert_eq!(r.canvas_size(), Some((400, 50)));
         let b = r.people[0].body.as_ref().unwrap();
         assert_eq!((b[2].x, b[2].y), (24.0, 52.0));
-        assert_eq!(
-            r.people[1], f.people[1],
-            "normalised groups follow the canvas by themselves"
-        );
+        assert_eq!(r.people[1], f.people[1], "normalised groups follow the canvas by themselves");
 
         // Flip: x → 200 − x, right/left joints swapped (COCO 2 = right shoulder ↔ 5 = left shoulder), hands swapped.
         let fl = f.flip_horizontal().unwrap();
@@ -269,18 +233,13 @@ mod tests {
         assert_eq!((b[1].x, b[1].y), (200.0 - 11.0, 102.0));
         assert_eq!(b[0], Keypoint::MISSING);
         assert!(fl.people[1].left_hand.is_none());
-        assert_eq!(
-            fl.people[1].right_hand.as_ref().unwrap()[3].x,
-            200.0 - 0.01 * 3.0 * 200.0
-        );
+        assert_eq!(fl.people[1].right_hand.as_ref().unwrap()[3].x, 200.0 - 0.01 * 3.0 * 200.0);
         // Flipping twice restores the pose in pixels (up to the rounding of 200 − (200 − x)).
         let twice = fl.flip_horizontal().unwrap();
         for (a, b) in twice.people.iter().zip(&px.people) {
             for (ga, gb) in a.groups().into_iter().zip(b.groups()) {
                 for (p, q) in ga.into_iter().flatten().zip(gb.into_iter().flatten()) {
-                    assert!(
-                        (p.x - q.x).abs() < 1e-12 && p.y == q.y && p.confidence == q.confidence
-                    );
+                    assert!((p.x - q.x).abs() < 1e-12 && p.y == q.y && p.confidence == q.confidence);
                 }
             }
         }
@@ -290,22 +249,11 @@ mod tests {
 
         let m = f.merge(&file(serde_json::json!([{}]), None)).unwrap();
         assert_eq!((m.people.len(), m.canvas_size()), (3, Some((200, 100))));
-        let e = f
-            .merge(&file(serde_json::json!([]), Some((201, 100))))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("canvas_width") && e.contains("200") && e.contains("201"),
-            "{e}"
-        );
+        let e = f.merge(&file(serde_json::json!([]), Some((201, 100)))).unwrap_err().to_string();
+        assert!(e.contains("canvas_width") && e.contains("200") && e.contains("201"), "{e}");
 
         let c = f.with_min_confidence(1.0);
-        assert!(c.people[0]
-            .body
-            .as_ref()
-            .unwrap()
-            .iter()
-            .all(|p| *p == Keypoint::MISSING));
+        assert!(c.people[0].body.as_ref().unwrap().iter().all(|p| *p == Keypoint::MISSING));
         assert_eq!(c.people[1], f.people[1]);
     }
 
@@ -315,10 +263,7 @@ mod tests {
             assert_eq!(FACE_68_MIRROR[j], i, "the mirror map is an involution");
         }
         let face: Vec<f64> = (0..70).flat_map(|i| [10.0 + i as f64, 5.0, 1.0]).collect();
-        let f = file(
-            serde_json::json!([{ "face_keypoints_2d": face }]),
-            Some((100, 100)),
-        );
+        let f = file(serde_json::json!([{ "face_keypoints_2d": face }]), Some((100, 100)));
         let flipped = f.flip_horizontal().unwrap();
         let face = flipped.people[0].face.as_ref().unwrap();
         assert_eq!(face[0].x, 100.0 - 26.0, "jaw start ↔ jaw end (landmark 16)");
@@ -328,27 +273,11 @@ mod tests {
     #[test]
     fn operations_on_normalised_groups_need_a_canvas() {
         let people = serde_json::json!([{ "face_keypoints_2d": [0.5, 0.5, 1.0] }]);
-        let e = file(people.clone(), None)
-            .translate(1.0, 1.0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("person 0") && e.contains("face_keypoints_2d") && e.contains("canvas"),
-            "{e}"
-        );
+        let e = file(people.clone(), None).translate(1.0, 1.0).unwrap_err().to_string();
+        assert!(e.contains("person 0") && e.contains("face_keypoints_2d") && e.contains("canvas"), "{e}");
         assert!(file(people, None).flip_horizontal().is_err());
         // Pixel files need none for scale/translate.
-        let f = file(
-            serde_json::json!([{ "face_keypoints_2d": [5.0, 5.0, 1.0] }]),
-            None,
-        );
-        assert_eq!(
-            f.translate(1.0, 0.0).unwrap().people[0]
-                .face
-                .as_ref()
-                .unwrap()[0]
-                .x,
-            6.0
-        );
+        let f = file(serde_json::json!([{ "face_keypoints_2d": [5.0, 5.0, 1.0] }]), None);
+        assert_eq!(f.translate(1.0, 0.0).unwrap().people[0].face.as_ref().unwrap()[0].x, 6.0);
     }
 }

@@ -102,11 +102,7 @@ pub struct DrawOptions {
 impl Default for DrawOptions {
     /// Everything the file holds, as `draw_poses` defaults to.
     fn default() -> Self {
-        Self {
-            body: true,
-            hands: true,
-            face: true,
-        }
+        Self { body: true, hands: true, face: true }
     }
 }
 
@@ -152,11 +148,7 @@ fn draw_body(img: &mut RgbImage, joints: &[Option<(f64, f64)>]) {
             360,
             1,
         );
-        fill_convex_poly(
-            img,
-            &polygon,
-            color.map(|c| int(f64::from(c) * LIMB_SHADE) as u8),
-        );
+        fill_convex_poly(img, &polygon, color.map(|c| int(f64::from(c) * LIMB_SHADE) as u8));
     }
     for (joint, color) in joints.iter().zip(BODY_COLORS) {
         if let Some((x, y)) = joint {
@@ -168,10 +160,7 @@ fn draw_body(img: &mut RgbImage, joints: &[Option<(f64, f64)>]) {
 /// `draw_handpose`: bones as 2-px lines coloured round the hue circle, then blue joints. Points in row or column 0
 /// (or beyond, negative) are skipped: the reference compares their integer pixel with `eps = 0.01`.
 fn draw_hand(img: &mut RgbImage, joints: &[Option<(f64, f64)>]) {
-    let visible = |p: Option<(f64, f64)>| {
-        p.map(|(x, y)| Point::new(int(x), int(y)))
-            .filter(|p| p.x > 0 && p.y > 0)
-    };
+    let visible = |p: Option<(f64, f64)>| p.map(|(x, y)| Point::new(int(x), int(y))).filter(|p| p.x > 0 && p.y > 0);
     for (edge, &(a, b)) in HAND_EDGES.iter().enumerate() {
         // An edge with a missing end is skipped before its coordinates are looked at.
         if let (Some(p1), Some(p2)) = (visible(joints[a]), visible(joints[b])) {
@@ -289,18 +278,9 @@ mod tests {
     /// (PSNR in dB over all channels, fraction of pixels equal in all channels).
     fn compare(a: &RgbImage, b: &RgbImage) -> (f64, f64) {
         assert_eq!(a.dimensions(), b.dimensions());
-        let sq: f64 = a
-            .as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
-            .sum();
+        let sq: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
         let mse = sq / a.as_raw().len() as f64;
-        let psnr = if mse == 0.0 {
-            f64::INFINITY
-        } else {
-            10.0 * (255.0f64 * 255.0 / mse).log10()
-        };
+        let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() };
         let equal = a.pixels().zip(b.pixels()).filter(|(p, q)| p == q).count();
         (psnr, equal as f64 / (a.width() * a.height()) as f64)
     }
@@ -311,30 +291,17 @@ mod tests {
         let cases: Vec<Case> = serde_json::from_str(&manifest).unwrap();
         assert!(cases.len() >= 6);
         for case in cases {
-            let files = PoseFile::list_from_json_file(std::path::Path::new(&format!(
-                "{FIXTURES}{}",
-                case.json
-            )))
-            .unwrap();
+            let files =
+                PoseFile::list_from_json_file(std::path::Path::new(&format!("{FIXTURES}{}", case.json))).unwrap();
             let pose = &files[case.frame];
-            let opts = DrawOptions {
-                body: case.body,
-                hands: case.hands,
-                face: case.face,
-            };
+            let opts = DrawOptions { body: case.body, hands: case.hands, face: case.face };
             let img = pose.render(case.width, case.height, opts).unwrap();
             if pose.canvas_size().is_some() {
                 assert_eq!(pose.render_canvas(opts).unwrap(), img);
             }
-            let reference = image::open(format!("{FIXTURES}{}", case.png))
-                .unwrap()
-                .to_rgb8();
+            let reference = image::open(format!("{FIXTURES}{}", case.png)).unwrap().to_rgb8();
             let (psnr, equal) = compare(&img, &reference);
-            eprintln!(
-                "{}: PSNR {psnr:.2} dB, {:.4}% of pixels equal",
-                case.name,
-                100.0 * equal
-            );
+            eprintln!("{}: PSNR {psnr:.2} dB, {:.4}% of pixels equal", case.name, 100.0 * equal);
             assert!(psnr >= 40.0, "{}: PSNR {psnr:.2} dB < 40 dB", case.name);
         }
     }
@@ -378,20 +345,13 @@ mod tests {
         assert!(img.pixels().all(|p| p.0 == [0, 0, 0]));
         assert!(empty.render(0, 5, DrawOptions::default()).is_err());
         assert!(empty.render(5, 1 << 20, DrawOptions::default()).is_err());
-        assert!(empty
-            .render_canvas(DrawOptions::default())
-            .unwrap_err()
-            .to_string()
-            .contains("canvas"));
+        assert!(empty.render_canvas(DrawOptions::default()).unwrap_err().to_string().contains("canvas"));
     }
 
     #[test]
     fn far_away_points_are_an_error_not_a_hang() {
         let json = r#"{"people": [{"face_keypoints_2d": [5, 5, 1, 3e9, 5, 1]}]}"#;
-        let e = PoseFile::from_json_str(json)
-            .unwrap()
-            .render(8, 8, DrawOptions::default())
-            .unwrap_err();
+        let e = PoseFile::from_json_str(json).unwrap().render(8, 8, DrawOptions::default()).unwrap_err();
         assert!(e.to_string().contains("face_keypoints_2d point 1"), "{e}");
     }
 }

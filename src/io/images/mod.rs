@@ -25,10 +25,7 @@ pub use resample::{resize, ResampleFilter};
 const SUPPORTED_FORMATS: &str = "PNG, JPEG, WebP, BMP";
 
 pub(crate) fn image_error(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::Image {
-        path: path.to_path_buf(),
-        msg: msg.to_string(),
-    }
+    Error::Image { path: path.to_path_buf(), msg: msg.to_string() }
 }
 
 /// Loads an image file as 8-bit RGB the way `diffusers.utils.load_image` does with PIL: the EXIF orientation is
@@ -38,38 +35,22 @@ pub(crate) fn image_error(path: &Path, msg: impl std::fmt::Display) -> Error {
 /// The format is detected from the content, falling back to the extension. Lossy formats (JPEG, lossy WebP) are
 /// decoded by pure-Rust decoders that may differ from libjpeg/libwebp by a level or two on some pixels.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::io(path, e))?;
+    let reader = ImageReader::open(path).and_then(|r| r.with_guessed_format()).map_err(|e| Error::io(path, e))?;
     let format = reader.format().ok_or_else(|| {
-        image_error(
-            path,
-            format!("not an image: unrecognised file format (supported: {SUPPORTED_FORMATS})"),
-        )
+        image_error(path, format!("not an image: unrecognised file format (supported: {SUPPORTED_FORMATS})"))
     })?;
     if !format.reading_enabled() {
         return Err(image_error(
             path,
-            format!(
-                "unsupported image format {} (supported: {SUPPORTED_FORMATS})",
-                format_name(format)
-            ),
+            format!("unsupported image format {} (supported: {SUPPORTED_FORMATS})", format_name(format)),
         ));
     }
     let not_an_image = |e: image::ImageError| {
-        image_error(
-            path,
-            format!(
-                "not an image or a damaged {} file: {e}",
-                format_name(format)
-            ),
-        )
+        image_error(path, format!("not an image or a damaged {} file: {e}", format_name(format)))
     };
     let mut decoder = reader.into_decoder().map_err(not_an_image)?;
     // PIL's exif_transpose ignores an unreadable EXIF block; so do we.
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let decoded = DynamicImage::from_decoder(decoder).map_err(not_an_image)?;
     let grey16_is_pil_i16 = format == ImageFormat::Png && png_is_plain_grey16(path);
     let mut rgb = DynamicImage::ImageRgb8(pil_convert_rgb(decoded, grey16_is_pil_i16));
@@ -81,10 +62,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 fn format_name(format: ImageFormat) -> String {
     match format {
         ImageFormat::WebP => "WebP".into(),
-        other => other
-            .extensions_str()
-            .first()
-            .map_or_else(|| format!("{other:?}"), |ext| ext.to_uppercase()),
+        other => other.extensions_str().first().map_or_else(|| format!("{other:?}"), |ext| ext.to_uppercase()),
     }
 }
 
@@ -96,9 +74,7 @@ fn png_is_plain_grey16(path: &Path) -> bool {
     };
     let mut decoder = png::Decoder::new(BufReader::new(file));
     match decoder.read_header_info() {
-        Ok(info) => {
-            info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Sixteen
-        }
+        Ok(info) => info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Sixteen,
         Err(_) => false,
     }
 }
@@ -113,11 +89,7 @@ fn pil_convert_rgb(img: DynamicImage, grey16_is_pil_i16: bool) -> RgbImage {
     fn clip_i16(v: u16) -> u8 {
         v.min(255) as u8
     }
-    let grey16 = if grey16_is_pil_i16 {
-        clip_i16
-    } else {
-        high_byte
-    };
+    let grey16 = if grey16_is_pil_i16 { clip_i16 } else { high_byte };
     let (w, h) = (img.width(), img.height());
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
@@ -125,21 +97,15 @@ fn pil_convert_rgb(img: DynamicImage, grey16_is_pil_i16: bool) -> RgbImage {
             let [r, g, b, _] = rgba.get_pixel(x, y).0;
             image::Rgb([r, g, b])
         }),
-        DynamicImage::ImageLuma8(l) => {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb([l.get_pixel(x, y).0[0]; 3]))
+        DynamicImage::ImageLuma8(l) => RgbImage::from_fn(w, h, |x, y| image::Rgb([l.get_pixel(x, y).0[0]; 3])),
+        DynamicImage::ImageLumaA8(la) => RgbImage::from_fn(w, h, |x, y| image::Rgb([la.get_pixel(x, y).0[0]; 3])),
+        DynamicImage::ImageLuma16(l) => RgbImage::from_fn(w, h, |x, y| image::Rgb([grey16(l.get_pixel(x, y).0[0]); 3])),
+        DynamicImage::ImageLumaA16(la) => {
+            RgbImage::from_fn(w, h, |x, y| image::Rgb([grey16(la.get_pixel(x, y).0[0]); 3]))
         }
-        DynamicImage::ImageLumaA8(la) => {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb([la.get_pixel(x, y).0[0]; 3]))
+        DynamicImage::ImageRgb16(rgb) => {
+            RgbImage::from_fn(w, h, |x, y| image::Rgb(rgb.get_pixel(x, y).0.map(high_byte)))
         }
-        DynamicImage::ImageLuma16(l) => {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb([grey16(l.get_pixel(x, y).0[0]); 3]))
-        }
-        DynamicImage::ImageLumaA16(la) => RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([grey16(la.get_pixel(x, y).0[0]); 3])
-        }),
-        DynamicImage::ImageRgb16(rgb) => RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb(rgb.get_pixel(x, y).0.map(high_byte))
-        }),
         DynamicImage::ImageRgba16(rgba) => RgbImage::from_fn(w, h, |x, y| {
             let [r, g, b, _] = rgba.get_pixel(x, y).0;
             image::Rgb([r, g, b].map(high_byte))
@@ -177,16 +143,10 @@ pub fn tensor_to_images(pixels_u8: &Tensor) -> candle_core::Result<Vec<RgbImage>
     if h == 0 || w == 0 {
         return Ok(vec![RgbImage::new(w as u32, h as u32); b]);
     }
-    let hwc = pixels_u8
-        .to_device(&Device::Cpu)?
-        .permute((0, 2, 3, 1))?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
+    let hwc = pixels_u8.to_device(&Device::Cpu)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<u8>()?;
     Ok(hwc
         .chunks_exact(h * w * 3)
-        .map(|one| {
-            RgbImage::from_raw(w as u32, h as u32, one.to_vec()).expect("h * w * 3 bytes per image")
-        })
+        .map(|one| RgbImage::from_raw(w as u32, h as u32, one.to_vec()).expect("h * w * 3 bytes per image"))
         .collect())
 }
 
@@ -206,11 +166,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         };
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

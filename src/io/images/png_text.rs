@@ -25,10 +25,7 @@ fn check_keyword(path: &Path, key: &str) -> Result<()> {
         ));
     }
     if key.contains('\0') {
-        return Err(image_error(
-            path,
-            format!("PNG text key {key:?} contains a NUL"),
-        ));
+        return Err(image_error(path, format!("PNG text key {key:?} contains a NUL")));
     }
     Ok(())
 }
@@ -87,35 +84,19 @@ impl TempFile {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = dest
-            .file_name()
-            .ok_or_else(|| image_error(dest, "output path has no file name"))?
-            .to_string_lossy();
+        let name = dest.file_name().ok_or_else(|| image_error(dest, "output path has no file name"))?.to_string_lossy();
         // Unique per process and call, so parallel saves into one folder do not collide.
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| {
-                if dir.is_dir() {
-                    Error::io(&path, e)
-                } else {
-                    image_error(
-                        dest,
-                        format!("cannot save: folder {} does not exist ({e})", dir.display()),
-                    )
-                }
-            })?;
-        Ok((
-            Self {
-                path,
-                persisted: false,
-            },
-            file,
-        ))
+        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
+            if dir.is_dir() {
+                Error::io(&path, e)
+            } else {
+                image_error(dest, format!("cannot save: folder {} does not exist ({e})", dir.display()))
+            }
+        })?;
+        Ok((Self { path, persisted: false }, file))
     }
 
     fn persist(mut self, dest: &Path) -> Result<()> {
@@ -147,30 +128,16 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     reader.finish().map_err(|e| bad(&e))?;
     let info = reader.info();
 
-    let mut latin1 = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|c| Ok((c.keyword.clone(), c.text.clone())));
-    let mut compressed = info
-        .compressed_latin1_text
-        .iter()
-        .map(|c| Ok((c.keyword.clone(), c.get_text().map_err(|e| bad(&e))?)));
-    let mut utf8 = info
-        .utf8_text
-        .iter()
-        .map(|c| Ok((c.keyword.clone(), c.get_text().map_err(|e| bad(&e))?)));
-    let counts = [
-        info.uncompressed_latin1_text.len(),
-        info.compressed_latin1_text.len(),
-        info.utf8_text.len(),
-    ];
+    let mut latin1 = info.uncompressed_latin1_text.iter().map(|c| Ok((c.keyword.clone(), c.text.clone())));
+    let mut compressed =
+        info.compressed_latin1_text.iter().map(|c| Ok((c.keyword.clone(), c.get_text().map_err(|e| bad(&e))?)));
+    let mut utf8 = info.utf8_text.iter().map(|c| Ok((c.keyword.clone(), c.get_text().map_err(|e| bad(&e))?)));
+    let counts = [info.uncompressed_latin1_text.len(), info.compressed_latin1_text.len(), info.utf8_text.len()];
 
     // The decoder groups chunks by type; interleave them back in the order the file lists them.
     let order = text_chunk_order(path).unwrap_or_default();
-    let order_matches = [b"tEXt", b"zTXt", b"iTXt"]
-        .iter()
-        .zip(counts)
-        .all(|(kind, n)| order.iter().filter(|k| k == kind).count() == n);
+    let order_matches =
+        [b"tEXt", b"zTXt", b"iTXt"].iter().zip(counts).all(|(kind, n)| order.iter().filter(|k| k == kind).count() == n);
     let mut entries: Vec<Result<(String, String)>> = Vec::new();
     if order_matches {
         for kind in &order {
@@ -228,10 +195,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.png");
         let text: Vec<(String, String)> = [
-            (
-                "prompt",
-                "\u{732b}\u{306e}\u{7d75}, a cat \u{1f408} on a mat",
-            ),
+            ("prompt", "\u{732b}\u{306e}\u{7d75}, a cat \u{1f408} on a mat"),
             ("parameters", "Steps: 20, Sampler: PNDM, caf\u{e9}"),
             ("negative_prompt", ""),
             ("seed", "42"),
@@ -243,10 +207,7 @@ mod tests {
         assert_eq!(read_png_text(&path).unwrap(), text);
         assert_eq!(super::super::load_rgb(&path).unwrap(), tiny());
         // Latin-1 values go to tEXt, the others to iTXt.
-        assert_eq!(
-            text_chunk_order(&path).unwrap(),
-            vec![*b"iTXt", *b"tEXt", *b"tEXt", *b"tEXt"]
-        );
+        assert_eq!(text_chunk_order(&path).unwrap(), vec![*b"iTXt", *b"tEXt", *b"tEXt", *b"tEXt"]);
     }
 
     #[test]
@@ -254,19 +215,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("no_such_dir").join("out.png");
         let err = save_png(&path, &tiny(), &[]).unwrap_err().to_string();
-        assert!(
-            err.contains("no_such_dir") && err.contains("does not exist"),
-            "{err}"
-        );
+        assert!(err.contains("no_such_dir") && err.contains("does not exist"), "{err}");
         assert!(!path.exists());
     }
 
     /// The files in a folder, for checking that no temporary file is left behind.
     fn listing(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }

@@ -137,19 +137,11 @@ impl AxisWeights {
             first.push(lo);
             len.push(hi - lo);
         }
-        Self {
-            ksize,
-            first,
-            len,
-            weights,
-        }
+        Self { ksize, first, len, weights }
     }
 
     fn of(&self, i: usize) -> (usize, &[i32]) {
-        (
-            self.first[i],
-            &self.weights[i * self.ksize..][..self.len[i]],
-        )
+        (self.first[i], &self.weights[i * self.ksize..][..self.len[i]])
     }
 }
 
@@ -197,9 +189,10 @@ fn horizontal_pass(
         for (x, px) in row_out.chunks_exact_mut(channels).enumerate() {
             let (lo, k) = weights.of(x);
             for (c, out) in px.iter_mut().enumerate() {
-                let sum = k.iter().enumerate().fold(HALF, |acc, (j, &w)| {
-                    acc + i64::from(row_in[(lo + j) * channels + c]) * i64::from(w)
-                });
+                let sum = k
+                    .iter()
+                    .enumerate()
+                    .fold(HALF, |acc, (j, &w)| acc + i64::from(row_in[(lo + j) * channels + c]) * i64::from(w));
                 *out = clip8(sum);
             }
         }
@@ -208,13 +201,7 @@ fn horizontal_pass(
 }
 
 /// Resamples the columns of `src` (rows of `width` pixels); its row 0 is source row `row_offset`.
-fn vertical_pass(
-    src: &[u8],
-    width: usize,
-    channels: usize,
-    row_offset: usize,
-    weights: &AxisWeights,
-) -> Vec<u8> {
+fn vertical_pass(src: &[u8], width: usize, channels: usize, row_offset: usize, weights: &AxisWeights) -> Vec<u8> {
     let stride = width * channels;
     let out_h = weights.first.len();
     let mut out = vec![0u8; out_h * stride];
@@ -222,9 +209,10 @@ fn vertical_pass(
         let (lo, k) = weights.of(y);
         let lo = lo - row_offset;
         for (i, out) in row_out.iter_mut().enumerate() {
-            let sum = k.iter().enumerate().fold(HALF, |acc, (j, &w)| {
-                acc + i64::from(src[(lo + j) * stride + i]) * i64::from(w)
-            });
+            let sum = k
+                .iter()
+                .enumerate()
+                .fold(HALF, |acc, (j, &w)| acc + i64::from(src[(lo + j) * stride + i]) * i64::from(w));
             *out = clip8(sum);
         }
     }
@@ -311,8 +299,7 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: ResampleFilter) -
         ResampleFilter::Nearest => resample_nearest(img.as_raw(), in_size, CHANNELS, out_size),
         _ => resample_convolution(img.as_raw(), in_size, CHANNELS, out_size, filter),
     };
-    RgbImage::from_raw(width, height, pixels)
-        .expect("resampled buffer has width * height * 3 bytes")
+    RgbImage::from_raw(width, height, pixels).expect("resampled buffer has width * height * 3 bytes")
 }
 
 #[cfg(test)]
@@ -321,11 +308,7 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for filter in [
-            ResampleFilter::Lanczos,
-            ResampleFilter::Bicubic,
-            ResampleFilter::Bilinear,
-        ] {
+        for filter in [ResampleFilter::Lanczos, ResampleFilter::Bicubic, ResampleFilter::Bilinear] {
             for (n_in, n_out) in [(37, 128), (130, 8), (64, 17), (5, 5)] {
                 let w = AxisWeights::new(n_in, n_out, filter);
                 for i in 0..n_out {
@@ -333,10 +316,7 @@ mod tests {
                     assert!(lo + k.len() <= n_in);
                     let sum: i64 = k.iter().map(|&v| i64::from(v)).sum();
                     // Each weight is rounded separately, so the sum is off by at most half a unit per tap.
-                    assert!(
-                        (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
-                        "{filter:?} {sum}"
-                    );
+                    assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{filter:?} {sum}");
                 }
             }
         }
@@ -345,12 +325,9 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let img = RgbImage::from_pixel(13, 7, image::Rgb([200, 0, 255]));
-        for filter in [
-            ResampleFilter::Lanczos,
-            ResampleFilter::Bicubic,
-            ResampleFilter::Bilinear,
-            ResampleFilter::Nearest,
-        ] {
+        for filter in
+            [ResampleFilter::Lanczos, ResampleFilter::Bicubic, ResampleFilter::Bilinear, ResampleFilter::Nearest]
+        {
             let out = resize(&img, 40, 3, filter);
             assert!(out.pixels().all(|p| p.0 == [200, 0, 255]), "{filter:?}");
         }
@@ -364,14 +341,8 @@ mod tests {
 
     #[test]
     fn diffusers_names() {
-        assert_eq!(
-            ResampleFilter::from_diffusers_name("lanczos"),
-            Some(ResampleFilter::Lanczos)
-        );
-        assert_eq!(
-            ResampleFilter::from_diffusers_name("linear"),
-            Some(ResampleFilter::Bilinear)
-        );
+        assert_eq!(ResampleFilter::from_diffusers_name("lanczos"), Some(ResampleFilter::Lanczos));
+        assert_eq!(ResampleFilter::from_diffusers_name("linear"), Some(ResampleFilter::Bilinear));
         assert_eq!(ResampleFilter::from_diffusers_name("box"), None);
     }
 }

@@ -67,22 +67,13 @@ fn read_expected(rel: &str) -> RgbImage {
 /// Largest per-channel difference between two same-sized images.
 fn max_abs_diff(a: &RgbImage, b: &RgbImage) -> u8 {
     assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
 #[test]
 fn resize_is_byte_exact_with_pil() {
     let cases = manifest().resize;
-    assert!(
-        cases.len() >= 30,
-        "manifest lists {} resize cases",
-        cases.len()
-    );
+    assert!(cases.len() >= 30, "manifest lists {} resize cases", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let src = read_expected(&case.input);
@@ -94,11 +85,7 @@ fn resize_is_byte_exact_with_pil() {
             failures.push(format!("{}: max |diff| = {diff}", case.expected));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "differs from PIL:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "differs from PIL:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -107,14 +94,9 @@ fn pass_order_matches_pillow() {
     assert!(cases.len() > 300);
     let wrong: Vec<_> = cases
         .iter()
-        .filter(|&&(w, h, ow, oh, vertical)| {
-            super::resample::vertical_first((w, h), (ow, oh)) != vertical
-        })
+        .filter(|&&(w, h, ow, oh, vertical)| super::resample::vertical_first((w, h), (ow, oh)) != vertical)
         .collect();
-    assert!(
-        wrong.is_empty(),
-        "pass order differs from Pillow for {wrong:?}"
-    );
+    assert!(wrong.is_empty(), "pass order differs from Pillow for {wrong:?}");
 }
 
 #[test]
@@ -125,34 +107,18 @@ fn load_rgb_matches_diffusers_load_image() {
         let ours = load_rgb(&fixture(&case.input)).unwrap();
         let pil = read_expected(&case.expected);
         if ours.dimensions() != pil.dimensions() {
-            failures.push(format!(
-                "{}: size {:?} vs PIL {:?}",
-                case.input,
-                ours.dimensions(),
-                pil.dimensions()
-            ));
+            failures.push(format!("{}: size {:?} vs PIL {:?}", case.input, ours.dimensions(), pil.dimensions()));
             continue;
         }
         let diff = max_abs_diff(&ours, &pil);
         // Lossless inputs must match exactly. JPEG and lossy WebP go through different decoders
         // (zune-jpeg / image-webp vs libjpeg-turbo / libwebp); their measured gap is pinned here.
-        let allowed = if case.lossy_codec {
-            LOSSY_DECODER_TOLERANCE
-        } else {
-            0
-        };
+        let allowed = if case.lossy_codec { LOSSY_DECODER_TOLERANCE } else { 0 };
         if diff > allowed {
-            failures.push(format!(
-                "{} (PIL mode {}): max |diff| = {diff}",
-                case.input, case.pil_mode
-            ));
+            failures.push(format!("{} (PIL mode {}): max |diff| = {diff}", case.input, case.pil_mode));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "differs from PIL:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "differs from PIL:\n{}", failures.join("\n"));
 }
 
 /// Largest per-channel difference allowed between our JPEG/lossy-WebP decoding and PIL's, in pixel levels.
@@ -164,23 +130,12 @@ const LOSSY_DECODER_TOLERANCE: u8 = 4;
 fn control_image_preprocess_matches_diffusers_bitwise() {
     let case = manifest().preprocess;
     let img = load_rgb(&fixture(&case.input)).unwrap();
-    let ours = to_tensor01(
-        &resize(&img, case.width, case.height, ResampleFilter::Lanczos),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ours = to_tensor01(&resize(&img, case.width, case.height, ResampleFilter::Lanczos), &Device::Cpu).unwrap();
     let reference = candle_core::safetensors::load(fixture(&case.tensor), &Device::Cpu).unwrap();
     let reference = &reference["control"];
     assert_eq!(ours.dims(), reference.dims());
     // Same pixels and the same f32 division: every value bit-identical (max |a - b| == 0).
-    let diff = (&ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
+    let diff = (&ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
 }
 
@@ -196,18 +151,12 @@ fn text_file_renamed_png_is_not_an_image() {
     let path = dir.path().join("notes.png");
     std::fs::write(&path, "just some text\n").unwrap();
     let err = load_rgb(&path).unwrap_err().to_string();
-    assert!(
-        err.contains("notes.png") && err.contains("not an image"),
-        "{err}"
-    );
+    assert!(err.contains("notes.png") && err.contains("not an image"), "{err}");
 
     let unknown = dir.path().join("notes.xyz");
     std::fs::write(&unknown, "just some text\n").unwrap();
     let err = load_rgb(&unknown).unwrap_err().to_string();
-    assert!(
-        err.contains("notes.xyz") && err.contains("not an image"),
-        "{err}"
-    );
+    assert!(err.contains("notes.xyz") && err.contains("not an image"), "{err}");
 
     let missing = dir.path().join("missing.png");
     let err = load_rgb(&missing).unwrap_err().to_string();
@@ -221,10 +170,7 @@ fn unsupported_format_is_named() {
     // A GIF header: recognised by its magic bytes, but this build has no GIF decoder.
     std::fs::write(&path, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
     let err = load_rgb(&path).unwrap_err().to_string();
-    assert!(
-        err.contains("anim.gif") && err.contains("unsupported image format"),
-        "{err}"
-    );
+    assert!(err.contains("anim.gif") && err.contains("unsupported image format"), "{err}");
 }
 
 #[test]
@@ -233,25 +179,10 @@ fn tensor_round_trip() {
     let t = to_tensor01(&img, &Device::Cpu).unwrap();
     assert_eq!(t.dims(), &[1, 3, 3, 5]);
     // Channel-major: element (0, 1, y, x) is the green of pixel (x, y).
-    let v: f32 = t
-        .get(0)
-        .unwrap()
-        .get(1)
-        .unwrap()
-        .get(2)
-        .unwrap()
-        .get(4)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let v: f32 = t.get(0).unwrap().get(1).unwrap().get(2).unwrap().get(4).unwrap().to_scalar().unwrap();
     assert_eq!(v, 200.0 / 255.0);
 
-    let u8s = (t * 255.0)
-        .unwrap()
-        .round()
-        .unwrap()
-        .to_dtype(candle_core::DType::U8)
-        .unwrap();
+    let u8s = (t * 255.0).unwrap().round().unwrap().to_dtype(candle_core::DType::U8).unwrap();
     let batch = Tensor::cat(&[&u8s, &u8s], 0).unwrap();
     let images = tensor_to_images(&batch).unwrap();
     assert_eq!(images, vec![img.clone(), img]);
@@ -265,20 +196,11 @@ fn sha256_of_known_content() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("abc.bin");
     std::fs::write(&path, b"abc").unwrap();
-    assert_eq!(
-        sha256_file(&path).unwrap(),
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    );
+    assert_eq!(sha256_file(&path).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     // Larger than one read block, so the streaming loop runs more than once.
     let big = vec![0u8; (1 << 20) + 3];
     std::fs::write(&path, &big).unwrap();
     // Reference: Python's hashlib.sha256(bytes(2**20 + 3)).hexdigest().
-    assert_eq!(
-        sha256_file(&path).unwrap(),
-        "e0694d51e30f3b163519b8ba9d4ab2ca18b2f8b4d98bcc09f9052af3dbf960ca"
-    );
-    assert!(sha256_file(&dir.path().join("missing"))
-        .unwrap_err()
-        .to_string()
-        .contains("missing"));
+    assert_eq!(sha256_file(&path).unwrap(), "e0694d51e30f3b163519b8ba9d4ab2ca18b2f8b4d98bcc09f9052af3dbf960ca");
+    assert!(sha256_file(&dir.path().join("missing")).unwrap_err().to_string().contains("missing"));
 }
