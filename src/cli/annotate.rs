@@ -18,15 +18,16 @@ use clap::Args;
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::annotate::pose::{DrawOptions, PoseFile};
 use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, ResizeMode};
 use crate::{Error, Result};
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Kinds: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, \
-                        inpaint (see docs/annotators.md).\nExit status: 0 when every input was annotated, 1 on \
+                        inpaint, pose (INPUT = OpenPose JSON; see docs/annotators.md, docs/pose.md).\nExit status: 0 when every input was annotated, 1 on \
                         an error or when a folder had unreadable files (listed on stderr).")]
 pub struct AnnotateArgs {
-    /// Annotator kind (canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, inpaint).
+    /// Annotator kind (canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, inpaint, pose).
     pub kind: String,
     /// Image file, or a folder of images.
     pub input: PathBuf,
@@ -72,6 +73,31 @@ pub struct AnnotateArgs {
     /// Weights of a model-based annotator (not used by the classical kinds).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// pose: mirror the keypoints left-right (left and right limbs swap, as a detector would see it).
+    #[arg(long)]
+    pub flip: bool,
+    /// pose: scale the keypoints by F about the canvas origin.
+    #[arg(long, value_name = "F")]
+    pub scale: Option<f64>,
+    /// pose: move the keypoints right by F pixels.
+    #[arg(long, value_name = "F", allow_negative_numbers = true, default_value_t = 0.0)]
+    pub translate_x: f64,
+    /// pose: move the keypoints down by F pixels.
+    #[arg(long, value_name = "F", allow_negative_numbers = true, default_value_t = 0.0)]
+    pub translate_y: f64,
+    /// pose: add the people of another OpenPose JSON file (same canvas). Repeatable.
+    #[arg(long, value_name = "JSON")]
+    pub merge: Vec<PathBuf>,
+    /// pose: do not draw the body / the hands / the face.
+    #[arg(long)]
+    pub no_body: bool,
+    #[arg(long)]
+    pub no_hands: bool,
+    #[arg(long)]
+    pub no_face: bool,
+    /// pose: also write the edited keypoints as OpenPose JSON.
+    #[arg(long, value_name = "JSON")]
+    pub save_json: Option<PathBuf>,
 }
 
 impl AnnotateArgs {
@@ -97,6 +123,9 @@ impl AnnotateArgs {
 pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     if args.kind == "inpaint" {
         return run_inpaint(args);
+    }
+    if args.kind == "pose" {
+        return run_pose(args);
     }
     if args.mask.is_some() {
         return Err(Error::Invalid(format!("--mask is only used by the inpaint kind, not {}", args.kind)));
@@ -169,6 +198,57 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
         eprintln!("  {}: {why}", file.display());
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// The keypoint edits of `annotate pose`, in the order they apply: merge, flip, scale, translate.
+pub fn edit_pose(pose: PoseFile, args: &AnnotateArgs) -> Result<PoseFile> {
+    let mut pose = pose;
+    for other in &args.merge {
+        pose = pose.merge(&PoseFile::from_json_file(other)?)?;
+    }
+    if args.flip {
+        pose = pose.flip_horizontal()?;
+    }
+    if let Some(f) = args.scale {
+        pose = pose.scale(f, f)?;
+    }
+    if args.translate_x != 0.0 || args.translate_y != 0.0 {
+        pose = pose.translate(args.translate_x, args.translate_y)?;
+    }
+    Ok(pose)
+}
+
+/// `pose`: OpenPose JSON (keypoints) → the skeleton image ControlNet's openpose models were trained on.
+/// `--width/--height` rescale the canvas (and the keypoints with it).
+fn run_pose(args: &AnnotateArgs) -> Result<ExitCode> {
+    let pose = edit_pose(PoseFile::from_json_file(&args.input)?, args)?;
+    let pose = match (args.width, args.height, pose.canvas_size()) {
+        (None, None, _) => pose,
+        (w, h, Some((cw, ch))) => pose.resize_canvas(w.unwrap_or(cw), h.unwrap_or(ch))?,
+        (Some(w), Some(h), None) => pose.with_canvas(w, h)?,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: the file has no canvas size; give both --width and --height",
+                args.input.display()
+            )))
+        }
+    };
+    let opts = DrawOptions { body: !args.no_body, hands: !args.no_hands, face: !args.no_face };
+    let image = match pose.canvas_size() {
+        Some(_) => pose.render_canvas(opts)?,
+        None => {
+            return Err(Error::Invalid(format!(
+                "{}: the file has no canvas_width/canvas_height; give --width and --height",
+                args.input.display()
+            )))
+        }
+    };
+    if let Some(json) = &args.save_json {
+        write_atomic(json, |tmp| std::fs::write(tmp, pose.to_json_string()).map_err(|e| Error::io(tmp, e)))?;
+    }
+    let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
+    write_image(&image, &out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `inpaint`: image + mask → the float condition tensor in a safetensors file.

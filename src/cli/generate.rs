@@ -5,6 +5,8 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use clap::{ArgMatches, Args};
 
+use crate::annotate::pose::{DrawOptions, PoseFile};
+use crate::annotate::{self, AnnotateSettings, DetectorOptions, ResizeMode};
 use crate::io::images::{self, ResampleFilter};
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::model::controlnet::ControlNetModel;
@@ -32,6 +34,17 @@ pub struct GenerateArgs {
     /// Fraction of the steps after which the matching ControlNet stops acting [default: 1.0].
     #[arg(long = "control-end", value_name = "F", allow_negative_numbers = true)]
     pub ends: Vec<f64>,
+    /// Make the matching --control's condition with this annotator first (canny, lineart, scribble, ...; pose
+    /// reads an OpenPose JSON as the --control). See `controlnet annotate --help`.
+    #[arg(long = "preprocess", value_name = "KIND")]
+    pub preprocess: Vec<String>,
+    /// Save the condition the matching ControlNet used (after preprocessing and resizing) as a PNG.
+    #[arg(long = "save-control", value_name = "PATH")]
+    pub save_controls: Vec<PathBuf>,
+    /// How a condition whose size differs from the output is fitted: just-resize (as diffusers), crop-and-resize,
+    /// resize-and-fill (as A1111).
+    #[arg(long, value_enum, default_value_t = ResizeMode::JustResize)]
+    pub resize: ResizeMode,
     /// Let the ControlNets recognise the condition's content without a prompt (control on the conditional half only).
     #[arg(long)]
     pub guess_mode: bool,
@@ -73,6 +86,8 @@ pub struct GenerateArgs {
 struct NetFlags {
     controlnet: PathBuf,
     control: PathBuf,
+    preprocess: Option<String>,
+    save_control: Option<PathBuf>,
     scale: f64,
     start: f64,
     end: f64,
@@ -92,22 +107,23 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         println!("seed: {seed}");
     }
 
-    // 2. Models.
+    // 2. Conditions as given (before the models, so a bad file fails fast).
+    let sources: Vec<ControlSource> = nets.iter().map(ControlSource::load).collect::<anyhow::Result<_>>()?;
+
+    // 3. Models.
     let device = super::device()?;
     let dtype = DType::F32;
     let sd = StableDiffusion::load(&args.model, dtype, &device)?;
     let loaded: Vec<ControlNetModel> =
         nets.iter().map(|n| ControlNetModel::load(&n.controlnet, dtype, &device)).collect::<crate::Result<_>>()?;
 
-    // 3. Size: given, else the first condition's size rounded down to a multiple of 8, else the model's.
+    // 4. Size: given, else the first condition's size rounded down to a multiple of 8, else the model's.
     let factor = sd.vae_scale_factor();
-    let mut control_images = Vec::new();
-    for n in &nets {
-        control_images
-            .push(images::load_rgb(&n.control).with_context(|| format!("--control {}", n.control.display()))?);
-    }
-    let (default_w, default_h) = match control_images.first() {
-        Some(img) => ((img.width() as usize / factor) * factor, (img.height() as usize / factor) * factor),
+    let (default_w, default_h) = match sources.first() {
+        Some(src) => {
+            let (w, h) = src.size();
+            ((w as usize / factor) * factor, (h as usize / factor) * factor)
+        }
         None => (sd.default_size(), sd.default_size()),
     };
     let width = args.width.unwrap_or(default_w);
@@ -117,10 +133,14 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     }
     crate::pipeline::generate::check_size(width, height, factor)?;
 
-    // 4. Conditions as diffusers prepares them: RGB, resized with PIL's Lanczos filter, scaled to [0, 1].
+    // 5. Conditions at the output size: annotated when asked, fitted by --resize (just-resize = diffusers:
+    //    PIL's Lanczos filter), scaled to [0, 1].
     let mut controls = Vec::new();
-    for ((n, net), img) in nets.iter().zip(&loaded).zip(&control_images) {
-        let resized = images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos);
+    for ((n, net), src) in nets.iter().zip(&loaded).zip(&sources) {
+        let resized = src.condition(n, width as u32, height as u32, args.resize)?;
+        if let Some(path) = &n.save_control {
+            images::save_png(path, &resized, &[])?;
+        }
         controls.push(Control {
             net,
             image: images::to_tensor01(&resized, &device)?,
@@ -143,7 +163,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     };
     crate::pipeline::generate::validate(&sd, &controls, &params)?;
 
-    // 5. Run, with a progress bar on stderr.
+    // 6. Run, with a progress bar on stderr.
     let bar = progress_bar(args.quiet);
     let out = generate(&sd, &controls, &params, &mut |done, total| {
         bar.set_length(total as u64);
@@ -151,7 +171,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
 
-    // 6. Write each image with its recipe.
+    // 7. Write each image with its recipe.
     let scheduler_name = match scheduler {
         Some(k) => k.cli_name().to_string(),
         None => sd.scheduler_config.own_kind()?.cli_name().to_string(),
@@ -167,6 +187,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                         path: n.controlnet.display().to_string(),
                         sha256: weights_hash(&n.controlnet)?,
                     },
+                    preprocess: n.preprocess.clone(),
                     control_image: FileRef {
                         path: n.control.display().to_string(),
                         sha256: images::sha256_file(&n.control)?,
@@ -205,37 +226,114 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
         bail!("{} --controlnet but {} --control: give one condition image per ControlNet", n, args.controls.len());
     }
     let net_pos: Vec<usize> = m.indices_of("controlnets").map(|i| i.collect()).unwrap_or_default();
-    let per_net = |id: &str, flag: &str, values: &[f64], default: f64| -> anyhow::Result<Vec<f64>> {
-        if values.len() == n {
-            return Ok(values.to_vec());
-        }
-        if values.len() > n {
-            bail!("{flag} given {} times for {n} --controlnet", values.len());
-        }
-        let positions: Vec<usize> = m.indices_of(id).map(|i| i.collect()).unwrap_or_default();
-        let mut out = vec![None; n];
-        for (&pos, &v) in positions.iter().zip(values) {
-            let Some(owner) = net_pos.iter().rposition(|&p| p < pos) else {
-                bail!("{flag} {v} comes before any --controlnet: put it after the ControlNet it belongs to");
-            };
-            if out[owner].replace(v).is_some() {
-                bail!("{flag} given twice for --controlnet {}", args.controlnets[owner].display());
-            }
-        }
-        Ok(out.into_iter().map(|v| v.unwrap_or(default)).collect())
-    };
-    let scales = per_net("scales", "--conditioning-scale", &args.scales, 1.0)?;
-    let starts = per_net("starts", "--control-start", &args.starts, 0.0)?;
-    let ends = per_net("ends", "--control-end", &args.ends, 1.0)?;
+    let scales = per_net(m, &net_pos, args, "scales", "--conditioning-scale", &args.scales)?;
+    let starts = per_net(m, &net_pos, args, "starts", "--control-start", &args.starts)?;
+    let ends = per_net(m, &net_pos, args, "ends", "--control-end", &args.ends)?;
+    let preprocess = per_net(m, &net_pos, args, "preprocess", "--preprocess", &args.preprocess)?;
+    let save = per_net(m, &net_pos, args, "save_controls", "--save-control", &args.save_controls)?;
     Ok((0..n)
         .map(|i| NetFlags {
             controlnet: args.controlnets[i].clone(),
             control: args.controls[i].clone(),
-            scale: scales[i],
-            start: starts[i],
-            end: ends[i],
+            preprocess: preprocess[i].clone(),
+            save_control: save[i].clone(),
+            scale: scales[i].unwrap_or(1.0),
+            start: starts[i].unwrap_or(0.0),
+            end: ends[i].unwrap_or(1.0),
         })
         .collect())
+}
+
+/// The values of one per-net flag, one slot per --controlnet (`None`: not given for that net).
+fn per_net<T: Clone + std::fmt::Debug>(
+    m: &ArgMatches,
+    net_pos: &[usize],
+    args: &GenerateArgs,
+    id: &str,
+    flag: &str,
+    values: &[T],
+) -> anyhow::Result<Vec<Option<T>>> {
+    let n = net_pos.len();
+    if values.len() == n {
+        return Ok(values.iter().cloned().map(Some).collect());
+    }
+    if values.len() > n {
+        bail!("{flag} given {} times for {n} --controlnet", values.len());
+    }
+    let positions: Vec<usize> = m.indices_of(id).map(|i| i.collect()).unwrap_or_default();
+    let mut out = vec![None; n];
+    for (&pos, v) in positions.iter().zip(values) {
+        let Some(owner) = net_pos.iter().rposition(|&p| p < pos) else {
+            bail!("{flag} {v:?} comes before any --controlnet: put it after the ControlNet it belongs to");
+        };
+        if out[owner].replace(v.clone()).is_some() {
+            bail!("{flag} given twice for --controlnet {}", args.controlnets[owner].display());
+        }
+    }
+    Ok(out)
+}
+
+/// A condition as the user gave it: an image, or OpenPose keypoints for `--preprocess pose`.
+enum ControlSource {
+    Image(image::RgbImage),
+    Pose(PoseFile),
+}
+
+impl ControlSource {
+    fn load(n: &NetFlags) -> anyhow::Result<Self> {
+        let flag = || format!("--control {}", n.control.display());
+        if n.preprocess.as_deref() == Some("pose") {
+            let pose = PoseFile::from_json_file(&n.control).with_context(flag)?;
+            if pose.canvas_size().is_none() {
+                bail!("{}: the pose has no canvas_width/canvas_height", flag());
+            }
+            return Ok(Self::Pose(pose));
+        }
+        Ok(Self::Image(images::load_rgb(&n.control).with_context(flag)?))
+    }
+
+    /// Width and height as given (a pose's canvas).
+    fn size(&self) -> (u32, u32) {
+        match self {
+            Self::Image(img) => img.dimensions(),
+            Self::Pose(p) => p.canvas_size().unwrap_or((0, 0)),
+        }
+    }
+
+    /// The condition at the output size: annotated with --preprocess, fitted with --resize.
+    fn condition(&self, n: &NetFlags, width: u32, height: u32, mode: ResizeMode) -> anyhow::Result<image::RgbImage> {
+        let map = match (self, n.preprocess.as_deref()) {
+            (Self::Pose(pose), _) => {
+                let (cw, ch) = pose.canvas_size().unwrap_or((width, height));
+                // Fit the canvas as --resize says: keypoints scale with it (just-resize stretches them).
+                let fitted = match mode {
+                    ResizeMode::JustResize => pose.resize_canvas(width, height)?,
+                    _ => {
+                        let s = match mode {
+                            ResizeMode::CropAndResize => (width as f64 / cw as f64).max(height as f64 / ch as f64),
+                            _ => (width as f64 / cw as f64).min(height as f64 / ch as f64),
+                        };
+                        let (dx, dy) = ((width as f64 - cw as f64 * s) / 2.0, (height as f64 - ch as f64 * s) / 2.0);
+                        pose.to_pixels()?.scale(s, s)?.translate(dx, dy)?.with_canvas(width, height)?
+                    }
+                };
+                fitted.render_canvas(DrawOptions::default())?
+            }
+            (Self::Image(img), Some(kind)) => {
+                let detector = annotate::detector(kind, &DetectorOptions::default())
+                    .with_context(|| format!("--preprocess {kind}"))?;
+                let settings =
+                    AnnotateSettings { width: Some(width), height: Some(height), resolution: None, resize: mode };
+                annotate::annotate(detector.as_ref(), img, &settings)?
+            }
+            (Self::Image(img), None) => match mode {
+                ResizeMode::JustResize => img.clone(),
+                _ => annotate::resize::fit_to_output(img, width, height, mode),
+            },
+        };
+        // diffusers' own resize (a plain copy when the size already matches).
+        Ok(images::resize(&map, width, height, ResampleFilter::Lanczos))
+    }
 }
 
 /// OUTPUT for one image; OUTPUT-1.png, OUTPUT-2.png, ... for several. The folder must exist.

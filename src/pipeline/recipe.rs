@@ -18,6 +18,9 @@ pub struct FileRef {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ControlRecipe {
     pub controlnet: FileRef,
+    /// The annotator that made the condition from the control file (`--preprocess`), if any.
+    #[serde(default)]
+    pub preprocess: Option<String>,
     pub control_image: FileRef,
     pub conditioning_scale: f64,
     pub control_start: f64,
@@ -86,7 +89,8 @@ impl Recipe {
         ));
         for (i, c) in self.controls.iter().enumerate() {
             s.push_str(&format!(
-                ", ControlNet {i}: \"Module: none, Model: {} [{}], Weight: {}, Resize Mode: Just Resize, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
+                ", ControlNet {i}: \"Module: {}, Model: {} [{}], Weight: {}, Resize Mode: Just Resize, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
+                c.preprocess.as_deref().unwrap_or("none"),
                 stem(&c.controlnet.path),
                 &c.controlnet.sha256[..c.controlnet.sha256.len().min(8)],
                 c.conditioning_scale,
@@ -124,6 +128,7 @@ mod tests {
             model: FileRef { path: "models/sd15".into(), sha256: "0123456789abcdef".into() },
             controls: vec![ControlRecipe {
                 controlnet: FileRef { path: "cn/canny".into(), sha256: "fedcba9876543210".into() },
+                preprocess: None,
                 control_image: FileRef { path: "edges.png".into(), sha256: "aa".into() },
                 conditioning_scale: 0.8,
                 control_start: 0.0,

@@ -1,0 +1,201 @@
+//! `generate --preprocess KIND --save-control PATH --resize MODE`: the condition a ControlNet sees is exactly
+//! what `controlnet annotate` makes for the output size, and it is kept when asked.
+mod common;
+
+use common::*;
+
+const MODEL: &str = "tests/fixtures/models/tiny-sd15";
+const CN: &str = "tests/fixtures/models/tiny-controlnet-a";
+
+fn rgb(path: &std::path::Path) -> image::RgbImage {
+    image::open(path).unwrap().to_rgb8()
+}
+
+#[test]
+fn canny_preprocess_equals_annotate_at_output_size() {
+    let dir = temp_dir();
+    let (saved, out, annotated) = (dir.path().join("cond.png"), dir.path().join("o.png"), dir.path().join("a.png"));
+    let input = "tests/fixtures/annotators/input_square.png";
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        input,
+        "--preprocess",
+        "canny",
+        "--save-control",
+        saved.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let res = controlnet(&[
+        "annotate",
+        "canny",
+        input,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--resize",
+        "just-resize",
+        "--output",
+        annotated.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let (a, b) = (rgb(&saved), rgb(&annotated));
+    assert_eq!(a.dimensions(), (64, 64));
+    assert_eq!(a, b, "the condition generate used differs from annotate's map");
+    // An edge map: only black and white, and some edges.
+    assert!(a.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
+    assert!(a.pixels().any(|p| p.0 == [255, 255, 255]));
+    let recipe =
+        controlnet::pipeline::recipe::Recipe::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
+            .unwrap();
+    assert_eq!(recipe.controls[0].preprocess.as_deref(), Some("canny"));
+}
+
+#[test]
+fn pose_json_as_condition_renders_at_output_size() {
+    let dir = temp_dir();
+    let (saved, out, annotated) = (dir.path().join("pose.png"), dir.path().join("o.png"), dir.path().join("a.png"));
+    let json = "tests/fixtures/pose/a1111_normalised.json";
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        json,
+        "--preprocess",
+        "pose",
+        "--save-control",
+        saved.to_str().unwrap(),
+        "--width",
+        "128",
+        "--height",
+        "96",
+        "--steps",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--seed",
+        "3",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let res = controlnet(&[
+        "annotate",
+        "pose",
+        json,
+        "--width",
+        "128",
+        "--height",
+        "96",
+        "--output",
+        annotated.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(rgb(&saved), rgb(&annotated));
+    assert_eq!(rgb(&saved).dimensions(), (128, 96));
+}
+
+#[test]
+fn default_size_follows_the_pose_canvas() {
+    let dir = temp_dir();
+    let out = dir.path().join("o.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        "tests/fixtures/pose/openpose_pixels_odd.json",
+        "--preprocess",
+        "pose",
+        "--steps",
+        "1",
+        "--seed",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    // The canvas is 333x257: rounded down to multiples of 8.
+    assert_eq!(rgb(&out).dimensions(), (328, 256));
+}
+
+#[test]
+fn crop_and_resize_keeps_the_aspect() {
+    let dir = temp_dir();
+    let (saved, out) = (dir.path().join("c.png"), dir.path().join("o.png"));
+    // 130x97 condition into a 64x64 output: cropped, not squashed.
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        "tests/fixtures/pipeline/control_odd.png",
+        "--resize",
+        "crop-and-resize",
+        "--save-control",
+        saved.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--seed",
+        "4",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let src = controlnet::io::images::load_rgb(&repo().join("tests/fixtures/pipeline/control_odd.png")).unwrap();
+    let want =
+        controlnet::annotate::resize::fit_to_output(&src, 64, 64, controlnet::annotate::ResizeMode::CropAndResize);
+    assert_eq!(rgb(&saved), want);
+}
+
+#[test]
+fn unknown_preprocessor_is_named() {
+    let dir = temp_dir();
+    let out = dir.path().join("o.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        "tests/fixtures/pipeline/control_circle.png",
+        "--preprocess",
+        "sketchy",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("--preprocess sketchy") && err.contains("canny"), "{err}");
+    assert!(!out.exists());
+}
