@@ -199,3 +199,38 @@ fn unknown_preprocessor_is_named() {
     assert!(err.contains("--preprocess sketchy") && err.contains("canny"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn annotate_pose_matches_controlnet_aux_and_edits_keypoints() {
+    let dir = temp_dir();
+    let (out, flipped, json) = (dir.path().join("p.png"), dir.path().join("f.png"), dir.path().join("f.json"));
+    let input = "tests/fixtures/pose/openpose_pixels_odd.json";
+    let res = controlnet(&["annotate", "pose", input, "--output", out.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    // controlnet_aux's draw_poses output for the same file (tools/fixtures/gen_pose.py).
+    assert_eq!(rgb(&out), rgb(&fixture("pose/openpose_pixels_odd.png")));
+    let res = controlnet(&[
+        "annotate", "pose", input, "--flip", "--save-json", json.to_str().unwrap(), "--output",
+        flipped.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    // Flipping twice gives the original picture back.
+    let twice = dir.path().join("t.png");
+    let res = controlnet(&["annotate", "pose", json.to_str().unwrap(), "--flip", "--output", twice.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_ne!(rgb(&flipped), rgb(&out));
+    assert_eq!(rgb(&twice), rgb(&out));
+}
+
+#[test]
+fn annotate_pose_bad_input() {
+    let dir = temp_dir();
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.path().join("p.png");
+    let res = controlnet(&["annotate", "pose", empty.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("empty.json") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists());
+}
