@@ -1,2 +1,4 @@
 //! Reading and writing what users have: weights, model folders, images.
+pub mod checkpoint;
+pub mod pickle;
 pub mod weights;

@@ -53,21 +53,14 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let files: BTreeSet<&String> = parsed.weight_map.values().collect();
     let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        return Err(Error::weights(
-            index,
-            format!("lists shard {} which does not exist", missing.display()),
-        ));
+        return Err(Error::weights(index, format!("lists shard {} which does not exist", missing.display())));
     }
     Ok(paths)
 }
 
 /// Opens safetensors files (memory-mapped) as a `VarBuilder` that converts every tensor to `dtype`.
 /// The header of each file is checked first, so a truncated or foreign file fails with its own path.
-pub fn var_builder(
-    paths: &[PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
+pub fn var_builder(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     for p in paths {
         check_safetensors(p)?;
     }
@@ -83,51 +76,31 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| {
-        Error::weights(
-            path,
-            "not a safetensors file (shorter than its 8-byte header length)",
-        )
-    })?;
+    f.read_exact(&mut n)
+        .map_err(|_| Error::weights(path, "not a safetensors file (shorter than its 8-byte header length)"))?;
     let header_len = u64::from_le_bytes(n);
     if header_len > 100_000_000 || 8 + header_len > len {
-        return Err(Error::weights(
-            path,
-            "not a safetensors file (header length does not fit the file)",
-        ));
+        return Err(Error::weights(path, "not a safetensors file (header length does not fit the file)"));
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
     let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| {
-            Error::weights(
-                path,
-                format!("not a safetensors file (header is not JSON: {e})"),
-            )
-        })?;
+        .map_err(|e| Error::weights(path, format!("not a safetensors file (header is not JSON: {e})")))?;
     let data_len = len - 8 - header_len;
     for (name, info) in &meta {
         if name == "__metadata__" {
             continue;
         }
-        let end = info
-            .get("data_offsets")
-            .and_then(|o| o.get(1))
-            .and_then(|v| v.as_u64());
+        let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|v| v.as_u64());
         match end {
             Some(end) if end <= data_len => {}
-            Some(end) => return Err(Error::weights(
-                path,
-                format!(
-                    "truncated: tensor {name} ends at byte {end} but the data is {data_len} bytes"
-                ),
-            )),
-            None => {
+            Some(end) => {
                 return Err(Error::weights(
                     path,
-                    format!("tensor {name} has no data_offsets"),
+                    format!("truncated: tensor {name} ends at byte {end} but the data is {data_len} bytes"),
                 ))
             }
+            None => return Err(Error::weights(path, format!("tensor {name} has no data_offsets"))),
         }
     }
     Ok(())
@@ -139,8 +112,7 @@ mod tests {
 
     #[test]
     fn finds_fp16_variant_when_no_full_precision_file() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/models/tiny-sd2/text_encoder");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd2/text_encoder");
         let files = find_safetensors(&dir, TRANSFORMERS_STEM).unwrap();
         assert!(files[0].ends_with("model.fp16.safetensors"));
     }
@@ -160,12 +132,7 @@ mod tests {
 
     #[test]
     fn missing_weights_error_names_folder() {
-        let err = find_safetensors(Path::new("/nonexistent/unet"), DIFFUSERS_STEM)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/nonexistent/unet") && err.contains("diffusion_pytorch_model"),
-            "{err}"
-        );
+        let err = find_safetensors(Path::new("/nonexistent/unet"), DIFFUSERS_STEM).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/unet") && err.contains("diffusion_pytorch_model"), "{err}");
     }
 }
