@@ -690,7 +690,7 @@ impl<'a> Unpickler<'a> {
                     let (Some(m), Some(n)) = (module.as_str(), name.as_str()) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let v = self.global(&m.to_string(), &n.to_string())?;
+                    let v = self.global(m, n)?;
                     self.stack.push(v)
                 }
                 b'Q' => {
@@ -726,7 +726,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn pairs(&self, items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("odd number of dict items"));
         }
         let mut it = items.into_iter();
