@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod detect;
 #[cfg(test)]
 mod fixtures;
+pub mod inspect;
 pub mod keymap;
 pub mod pickle;
 pub mod single_file;
