@@ -17,6 +17,7 @@ use super::keymap::{self, OpenClipTarget, UnetLayout};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
+    #[serde(rename = "controlnet")]
     ControlNet,
     Unet,
     Vae,
