@@ -27,9 +27,9 @@ pub enum DTypeArg {
     F32,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// The ControlNet to convert (file or diffusers folder).
+    /// The ControlNet to convert (file, diffusers folder, or hub id owner/name[@revision][/file]).
     pub input: PathBuf,
     /// Where to write (a folder for --to diffusers, a .safetensors file for --to original).
     pub output: PathBuf,
@@ -49,6 +49,8 @@ pub struct ConvertArgs {
 
 pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     // 1. Read: any layout into diffusers names + config.
+    let input = crate::io::hub::resolve(&args.input.to_string_lossy(), None)?;
+    let args = &ConvertArgs { input, ..args.clone() };
     let input_format = if args.input.is_dir() {
         Format::Diffusers
     } else {

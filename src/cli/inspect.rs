@@ -8,7 +8,8 @@ use crate::io::inspect::{inspect, Inspection};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A weights file (.safetensors, .pth, .ckpt, .bin) or a diffusers folder.
+    /// A weights file (.safetensors, .pth, .ckpt, .bin), a diffusers folder, or a hub id
+    /// (owner/name[@revision][/file], fetched into the Hugging Face cache).
     pub path: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -16,7 +17,8 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
-    let i = inspect(&args.path)?;
+    let path = crate::io::hub::resolve(&args.path.to_string_lossy(), None)?;
+    let i = inspect(&path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod detect;
 #[cfg(test)]
 mod fixtures;
+pub mod hub;
 pub mod inspect;
 pub mod keymap;
 pub mod pickle;
