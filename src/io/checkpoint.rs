@@ -51,8 +51,9 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Element count (saturating: headers come from untrusted files).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |a, &n| a.saturating_mul(n))
     }
 }
 

@@ -144,9 +144,14 @@ impl TorchFile {
             let count = read_at(path, f, off, 8)?;
             let n = u64::from_le_bytes(count.try_into().expect("8 bytes"));
             let elem = *sizes.get(&key).unwrap_or(&1) as u64;
-            let len = n.checked_mul(elem).filter(|l| off + 8 + l <= file_len).ok_or_else(|| {
-                Error::weights(path, format!("truncated: storage {key} ({n} elements) runs past the end of the file"))
-            })?;
+            let len = n.checked_mul(elem).filter(|l| off.saturating_add(8).saturating_add(*l) <= file_len).ok_or_else(
+                || {
+                    Error::weights(
+                        path,
+                        format!("truncated: storage {key} ({n} elements) runs past the end of the file"),
+                    )
+                },
+            )?;
             storages.insert(key, (off + 8, len));
             off += 8 + len;
         }
@@ -174,9 +179,18 @@ impl TorchFile {
             let (_, len) = storages.get(&t.storage).ok_or_else(|| {
                 Error::weights(path, format!("tensor {} refers to storage {} which the file lacks", t.name, t.storage))
             })?;
-            let needed =
-                t.shape.iter().zip(&t.stride).map(|(&n, &s)| n.saturating_sub(1) * s).sum::<usize>() + t.offset + 1;
+            // Highest element index the view touches, +1 (saturating: a hostile file may give any numbers).
+            let needed = t.shape.iter().zip(&t.stride).fold(t.offset.saturating_add(1), |acc, (&n, &s)| {
+                acc.saturating_add(n.saturating_sub(1).saturating_mul(s))
+            });
             let have = *len as usize / t.dtype.size_in_bytes();
+            let numel = t.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+            if numel.is_none() {
+                return Err(Error::weights(
+                    path,
+                    format!("tensor {}: shape {:?} has more elements than memory can address", t.name, t.shape),
+                ));
+            }
             if t.shape.iter().all(|&n| n > 0) && needed > have {
                 return Err(Error::weights(
                     path,
@@ -305,7 +319,7 @@ fn zip_entries(path: &Path, f: &mut File) -> Result<HashMap<String, (u64, u64)>>
         cd_size = u64_at(&eocd64, 40);
         cd_off = u64_at(&eocd64, 48);
     }
-    if cd_off + cd_size > len {
+    if cd_off.saturating_add(cd_size) > len {
         return Err(bad("central directory lies past the end of the file"));
     }
     let cd = read_at(path, f, cd_off, cd_size)?;
@@ -356,7 +370,7 @@ fn zip_entries(path: &Path, f: &mut File) -> Result<HashMap<String, (u64, u64)>>
             return Err(bad("corrupt local header"));
         }
         let data = local + 30 + u16_at(&header, 26) as u64 + u16_at(&header, 28) as u64;
-        if data + size > len {
+        if data.saturating_add(size) > len {
             return Err(Error::weights(path, format!("truncated: zip entry {name} runs past the end of the file")));
         }
         entries.insert(name, (data, size));
@@ -885,6 +899,34 @@ mod tests {
         assert!(TorchFile::open(&p).unwrap_err().to_string().contains("x.pth"));
         std::fs::write(&p, b"hello world").unwrap();
         assert!(TorchFile::open(&p).unwrap_err().to_string().contains("not a torch file"));
+    }
+
+    /// Cut or corrupted files give errors, never panics (every prefix length class, every pickle byte flipped).
+    #[test]
+    fn corrupt_files_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["pickles/nested.pt", "pickles/nested_legacy.pt"] {
+            let bytes = std::fs::read(fixture(file)).unwrap();
+            let mut variants: Vec<Vec<u8>> = (0..bytes.len()).step_by(37).map(|n| bytes[..n].to_vec()).collect();
+            // The pickle sits in the first ~1 KB of both files: flip each of its bytes in turn.
+            for i in 0..bytes.len().min(1100) {
+                let mut b = bytes.clone();
+                b[i] ^= 0x5a;
+                variants.push(b);
+            }
+            for (n, v) in variants.iter().enumerate() {
+                let p = dir.path().join("x.pt");
+                std::fs::write(&p, v).unwrap();
+                let r = std::panic::catch_unwind(|| {
+                    if let Ok(tf) = TorchFile::open(&p) {
+                        for t in &tf.tensors {
+                            let _ = tf.load(t, &Device::Cpu);
+                        }
+                    }
+                });
+                assert!(r.is_ok(), "{file}: variant {n} panicked");
+            }
+        }
     }
 
     #[test]
