@@ -193,6 +193,9 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     if kind == ControlNet {
         controlnet_details(tensors, file_name, &mut d);
     }
+    if kind == SdCheckpoint && base == Base::Sdxl {
+        d.notes.push("SDXL single files can be inspected, not loaded (only SD1.x and SD2.x)".into());
+    }
     if kind == SdCheckpoint && has_prefix(tensors, "model_ema.") {
         d.notes.push("holds EMA weights too (not pruned); the non-EMA weights are used".into());
     }

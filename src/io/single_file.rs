@@ -116,7 +116,17 @@ pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<C
     };
     let config = match config {
         Some(c) => read_given_config(c, "config.json")?,
-        None => controlnet_config(&tensors, &det),
+        None => {
+            if det.base == Base::Unknown {
+                tracing::warn!(
+                    "{}: cross-attention width {:?} matches no known base; attention heads follow SD1.5 (8). \
+                     Pass a config if the model differs.",
+                    path.display(),
+                    det.cross_attention_dim
+                );
+            }
+            controlnet_config(&tensors, &det)
+        }
     };
     check_config(path, &config, &tensors)?;
     Ok(Component { config, tensors })
