@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::pickle::{is_legacy_pickle, TorchFile};
+use super::torch_file::{is_legacy_pickle, TorchFile};
 use crate::{Error, Result};
 
 /// Named tensors, as the converters pass them around.

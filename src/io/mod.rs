@@ -9,4 +9,5 @@ pub mod inspect;
 pub mod keymap;
 pub mod pickle;
 pub mod single_file;
+pub mod torch_file;
 pub mod weights;
