@@ -133,9 +133,9 @@ pub fn fetch(spec: &HubSpec, opts: &HubOptions) -> Result<PathBuf> {
         )));
     }
     // 2. List the repo at this revision, pick the files, download them.
-    let api = ApiBuilder::new()
+    // from_cache, not new(): new() looks up the home folder and panics without one.
+    let api = ApiBuilder::from_cache(hf_hub::Cache::new(opts.cache_dir.clone()))
         .with_endpoint(opts.endpoint.clone())
-        .with_cache_dir(opts.cache_dir.clone())
         .with_token(opts.token.clone())
         .with_progress(opts.progress)
         .build()
