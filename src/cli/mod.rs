@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod annotate;
+pub mod convert;
 pub mod generate;
+pub mod inspect;
 
 #[derive(Parser, Debug)]
 #[command(name = "controlnet", version, about = "ControlNet for Stable Diffusion, in one Rust binary")]
@@ -17,6 +19,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
     Generate(generate::GenerateArgs),
+    /// Tell what a weights file or model folder is: kind, base model, naming, parameters, dtype.
+    Inspect(inspect::InspectArgs),
+    /// Convert a ControlNet between the original single-file layout and a diffusers folder.
+    Convert(convert::ConvertArgs),
     /// Make control maps (canny edges, lineart, shuffle, ...) from an image or a folder of images.
     Annotate(annotate::AnnotateArgs),
 }
@@ -33,6 +39,8 @@ pub fn main() -> ExitCode {
             let sub = matches.subcommand_matches("generate").expect("clap matched the generate subcommand");
             generate::run(args, sub)
         }
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Annotate(args) => match annotate::run(args) {
             Ok(code) => return code,
             Err(e) => Err(e.into()),

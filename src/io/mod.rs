@@ -1,3 +1,15 @@
-//! Reading and writing what users have: weights, model folders, images.
+//! Reading and writing what users have: weights (diffusers folders, original checkpoints, pickles, the hub),
+//! key maps between the namings, and images.
+pub mod base;
+pub mod checkpoint;
+pub mod detect;
+#[cfg(test)]
+mod fixtures;
+pub mod hub;
 pub mod images;
+pub mod inspect;
+pub mod keymap;
+pub mod pickle;
+pub mod single_file;
+pub mod torch_file;
 pub mod weights;

@@ -1,0 +1,686 @@
+//! Loading the files people have into diffusers-named components: original ControlNets
+//! (`control_v11p_sd15_canny.pth`), diffusers ControlNet files and folders, and single-file SD checkpoints
+//! (A1111 / civitai `.safetensors` / `.ckpt`).
+//!
+//! A [`Component`] is what the model constructors take: diffusers tensor names and a diffusers `config.json`
+//! value; build a model with `VarBuilder::from_tensors(c.tensors, dtype, device)` and
+//! `serde_json::from_value(c.config)`. Tensors keep the dtype they were stored in.
+//!
+//! The config is read from the weights (channels, levels, layers, cross-attention width, linear/conv
+//! projections, hint channels); what weights cannot say (attention heads, GroupNorm groups, default size) comes
+//! from the base model's row in [`super::base`]. For models that follow no base (tests' tiny models), pass the
+//! diffusers config yourself (`config` in the options), as diffusers' `from_single_file(config=...)`.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Map, Value};
+
+use super::base::{self, facts, Base, BaseFacts};
+use super::checkpoint::{Checkpoint, TensorMap};
+use super::detect::{
+    detect, Detection, Format, ModelKind, CLIP_PREFIX, CONTROL_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+};
+use super::keymap::{self, OpenClipTarget, Reshape, UnetLayout};
+use super::weights::{find_safetensors, read_json, DIFFUSERS_STEM};
+use crate::{Error, Result};
+
+/// CLIP's BPE vocabulary (the same for SD1 and SD2), gzipped into the binary: single-file checkpoints carry no
+/// tokenizer. From the open_clip wheel (MIT), as `tests/fixtures/models/tiny-sd2/tokenizer/`.
+const CLIP_VOCAB_GZ: &[u8] = include_bytes!("../../assets/clip/vocab.json.gz");
+const CLIP_MERGES_GZ: &[u8] = include_bytes!("../../assets/clip/merges.txt.gz");
+
+/// A converted component: diffusers key names, tensors (as stored), and the diffusers config JSON.
+#[derive(Debug)]
+pub struct Component {
+    pub config: Value,
+    pub tensors: TensorMap,
+}
+
+/// The CLIP tokenizer files a single-file checkpoint lacks.
+#[derive(Debug, Clone)]
+pub struct BundledTokenizer {
+    /// `vocab.json` text.
+    pub vocab_json: String,
+    /// `merges.txt` text.
+    pub merges_txt: String,
+    /// OpenAI CLIP (SD1) pads with `<|endoftext|>`, SD2's OpenCLIP tokenizer with `!`.
+    pub pad_token: String,
+}
+
+/// The parts of a single-file SD checkpoint, each ready for its constructor.
+#[derive(Debug)]
+pub struct SdComponents {
+    pub unet: Component,
+    pub vae: Component,
+    pub text_encoder: Component,
+    pub tokenizer: BundledTokenizer,
+    pub base: Base,
+    /// `scheduler_config.json` of the base model's diffusers folder.
+    pub scheduler_config: Value,
+    /// What was guessed and why (printed by the CLI).
+    pub notes: Vec<String>,
+}
+
+/// What the model was trained to predict (SD2.x 768 models: v; SD1.x and SD2.x-base: epsilon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+impl PredictionType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+        }
+    }
+}
+
+impl std::str::FromStr for PredictionType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "epsilon" | "eps" => Ok(Self::Epsilon),
+            "v_prediction" | "v" | "v-prediction" => Ok(Self::VPrediction),
+            _ => Err(Error::Invalid(format!("--prediction-type: expected epsilon or v_prediction, got {s:?}"))),
+        }
+    }
+}
+
+/// Options of [`load_sd_checkpoint_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SdOptions {
+    pub prediction_type: Option<PredictionType>,
+    /// A diffusers pipeline folder whose `unet/`, `vae/`, `text_encoder/` and `scheduler/` configs are used
+    /// instead of the ones read from the weights.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// A ControlNet from one file, original or diffusers names, any format; its config read from the weights.
+pub fn load_controlnet_file(path: &Path) -> Result<Component> {
+    load_controlnet_file_with(path, None)
+}
+
+/// As [`load_controlnet_file`], with an explicit diffusers config (a `config.json` or a folder holding one).
+pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<Component> {
+    let ck = Checkpoint::open(path)?;
+    let det = expect_kind(&ck, ModelKind::ControlNet)?;
+    let tensors = match det.format {
+        Format::Original => {
+            let l = original_layout(&ck, &det.prefix)?;
+            rename(&ck, &det.prefix, |k| keymap::unet_to_diffusers(k, &l))?
+        }
+        Format::Diffusers => ck.load_where(|_| true)?,
+    };
+    let config = match config {
+        Some(c) => read_given_config(c, "config.json")?,
+        None => {
+            if det.base == Base::Unknown {
+                tracing::warn!(
+                    "{}: cross-attention width {:?} matches no known base; attention heads follow SD1.5 (8). \
+                     Pass a config if the model differs.",
+                    path.display(),
+                    det.cross_attention_dim
+                );
+            }
+            controlnet_config(&tensors, &det)
+        }
+    };
+    check_config(path, &config, &tensors)?;
+    Ok(Component { config, tensors })
+}
+
+/// A ControlNet from a diffusers folder (config.json + weights) or from any single file.
+pub fn load_controlnet(path: &Path) -> Result<Component> {
+    if !path.is_dir() {
+        return load_controlnet_file(path);
+    }
+    let config: Value = read_json(&path.join("config.json"))?;
+    let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("");
+    if class != "ControlNetModel" {
+        let what = if class.is_empty() { "a folder without a model class" } else { class };
+        return Err(Error::weights(path, format!("expected a ControlNet, but this folder holds {what}")));
+    }
+    let mut tensors = TensorMap::new();
+    for file in find_safetensors(path, DIFFUSERS_STEM)? {
+        tensors.extend(Checkpoint::open(&file)?.load_where(|_| true)?);
+    }
+    Ok(Component { config, tensors })
+}
+
+/// Diffusers ControlNet tensors → the original layout (`control_model.` prefix), as lllyasviel's files.
+pub fn controlnet_to_original(tensors: &TensorMap) -> Result<TensorMap> {
+    let l = UnetLayout::from_diffusers(tensors.keys().map(String::as_str))
+        .ok_or_else(|| Error::Invalid("not a diffusers ControlNet: no down_blocks.0.resnets".into()))?;
+    tensors
+        .iter()
+        .map(|(k, t)| {
+            let o = keymap::unet_to_original(k, &l)
+                .ok_or_else(|| Error::Invalid(format!("ControlNet tensor {k} has no original name")))?;
+            Ok((format!("{CONTROL_PREFIX}{o}"), t.clone()))
+        })
+        .collect()
+}
+
+/// A single-file SD1.x / SD2.x checkpoint; `prediction_type` overrides the guess for SD2.x files.
+pub fn load_sd_checkpoint(path: &Path, prediction_type: Option<PredictionType>) -> Result<SdComponents> {
+    load_sd_checkpoint_with(path, &SdOptions { prediction_type, config_dir: None })
+}
+
+pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdComponents> {
+    let ck = Checkpoint::open(path)?;
+    let det = expect_kind(&ck, ModelKind::SdCheckpoint)?;
+    if det.base == Base::Sdxl {
+        return Err(Error::weights(path, "an SDXL single-file checkpoint: only SD1.x and SD2.x are supported"));
+    }
+    let mut notes = det.notes.clone();
+
+    // 1. UNet.
+    let l = original_layout(&ck, UNET_PREFIX)?;
+    let unet = rename(&ck, UNET_PREFIX, |k| keymap::unet_to_diffusers(k, &l))?;
+
+    // 2. VAE: 1x1-conv attention weights become linear.
+    let levels = count_indices(&ck, &format!("{VAE_PREFIX}encoder.down."));
+    let mut vae = TensorMap::new();
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(VAE_PREFIX)) {
+        let k = &t.name[VAE_PREFIX.len()..];
+        let (name, reshape) = keymap::vae_to_diffusers(k, levels)
+            .ok_or_else(|| Error::weights(path, format!("unrecognised VAE tensor {}", t.name)))?;
+        let x = ck.load(&t.name)?;
+        let x = match reshape {
+            Reshape::None => x,
+            Reshape::Conv1x1ToLinear => x.flatten_from(1)?,
+        };
+        vae.insert(name, x);
+    }
+
+    // 3. Text encoder: OpenAI CLIP (SD1) or OpenCLIP (SD2, fused q/k/v, last layer dropped).
+    let open_clip = ck.tensors.iter().any(|t| t.name.starts_with(OPEN_CLIP_PREFIX));
+    let text = if open_clip { open_clip_tensors(&ck)? } else { rename_clip(&ck)? };
+    let base = match det.base {
+        Base::Unknown if open_clip => Base::Sd21,
+        b => b,
+    };
+    let f = facts(base);
+
+    // 4. Configs: given, or read from the weights.
+    let given = |sub: &str, file: &str| -> Result<Option<Value>> {
+        opts.config_dir.as_ref().map(|d| read_given_config(&d.join(sub), file)).transpose()
+    };
+    let unet_config = match given("unet", "config.json")? {
+        Some(c) => c,
+        None => unet_config(&unet, f),
+    };
+    check_config(path, &unet_config, &unet)?;
+    let vae_config = given("vae", "config.json")?.unwrap_or_else(|| vae_config(&vae, f));
+    let text_config = given("text_encoder", "config.json")?.unwrap_or_else(|| text_config(&text, f, open_clip));
+
+    // 5. Scheduler: SD2.x 768 models predict v, the 512 "base" ones epsilon; diffusers tells them apart by the
+    // training step stored in .ckpt files (875000 = 2.x-base). Safetensors files carry no step.
+    let prediction = match (opts.prediction_type, base) {
+        (Some(p), _) => p,
+        (None, Base::Sd21) => {
+            let step = ck.scalars.get("global_step").map(String::as_str);
+            let p = if step == Some("875000") { PredictionType::Epsilon } else { PredictionType::VPrediction };
+            notes.push(format!(
+                "SD2.x: assumed {} prediction (global_step {}); pass --prediction-type if images look wrong",
+                p.as_str(),
+                step.unwrap_or("absent")
+            ));
+            p
+        }
+        (None, _) => PredictionType::Epsilon,
+    };
+    let scheduler_config = match given("scheduler", "scheduler_config.json")? {
+        Some(mut c) => {
+            if let (Some(p), Some(o)) = (opts.prediction_type, c.as_object_mut()) {
+                o.insert("prediction_type".into(), json!(p.as_str()));
+            }
+            c
+        }
+        None => base::scheduler_config(base, prediction.as_str()),
+    };
+    if det.base == Base::Unknown && opts.config_dir.is_none() {
+        notes.push(format!(
+            "cross-attention width {:?} matches no known base: attention heads and GroupNorm groups follow SD1.5 \
+             conventions; pass a config folder if the model differs",
+            det.cross_attention_dim
+        ));
+    }
+    let tokenizer = bundled_tokenizer(f.pad_token)?;
+    Ok(SdComponents {
+        unet: Component { config: unet_config, tensors: unet },
+        vae: Component { config: vae_config, tensors: vae },
+        text_encoder: Component { config: text_config, tensors: text },
+        tokenizer,
+        base,
+        scheduler_config,
+        notes,
+    })
+}
+
+/// The CLIP vocabulary bundled in the binary, with the base model's padding token.
+pub fn bundled_tokenizer(pad_token: &str) -> Result<BundledTokenizer> {
+    let gunzip = |bytes: &[u8], name: &str| -> Result<String> {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut s)
+            .map_err(|e| Error::Invalid(format!("bundled CLIP {name} is corrupt: {e}")))?;
+        Ok(s)
+    };
+    Ok(BundledTokenizer {
+        vocab_json: gunzip(CLIP_VOCAB_GZ, "vocab.json")?,
+        merges_txt: gunzip(CLIP_MERGES_GZ, "merges.txt")?,
+        pad_token: pad_token.to_string(),
+    })
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Tensor renaming.
+// ------------------------------------------------------------------------------------------------------------
+
+/// Fails with what the file IS when it is not what was asked for.
+fn expect_kind(ck: &Checkpoint, want: ModelKind) -> Result<Detection> {
+    let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let det = detect(&ck.tensors, &name);
+    if det.kind == want {
+        return Ok(det);
+    }
+    let hint = match (want, det.kind) {
+        (ModelKind::ControlNet, ModelKind::SdCheckpoint) => " (pass it as the base model, not as a ControlNet)",
+        (ModelKind::ControlNet, ModelKind::Unet) => " (a base model's UNet, not a ControlNet)",
+        (ModelKind::SdCheckpoint, ModelKind::ControlNet) => " (pass it with --controlnet)",
+        _ => "",
+    };
+    let want = match want {
+        ModelKind::SdCheckpoint => "a Stable Diffusion single-file checkpoint".to_string(),
+        w => format!("a {w}"),
+    };
+    Err(Error::weights(&ck.path, format!("expected {want}, but this file is {}{hint}", det.description)))
+}
+
+fn original_layout(ck: &Checkpoint, prefix: &str) -> Result<UnetLayout> {
+    UnetLayout::from_original(ck.tensors.iter().filter_map(|t| t.name.strip_prefix(prefix)))
+        .ok_or_else(|| Error::weights(&ck.path, format!("no {prefix}input_blocks: cannot read the block layout")))
+}
+
+/// Loads every tensor under `prefix` under its mapped name; unmapped names are an error (listed).
+fn rename(ck: &Checkpoint, prefix: &str, map: impl Fn(&str) -> Option<String>) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
+    let mut unknown = Vec::new();
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(prefix)) {
+        match map(&t.name[prefix.len()..]) {
+            Some(name) => {
+                out.insert(name, ck.load(&t.name)?);
+            }
+            None => unknown.push(t.name.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        let n = unknown.len();
+        unknown.truncate(5);
+        return Err(Error::weights(&ck.path, format!("{n} unrecognised tensors, e.g. {}", unknown.join(", "))));
+    }
+    Ok(out)
+}
+
+fn count_indices(ck: &Checkpoint, prefix: &str) -> usize {
+    ck.tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+fn rename_clip(ck: &Checkpoint) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(CLIP_PREFIX)) {
+        if let Some(name) = keymap::clip_to_diffusers(&t.name[CLIP_PREFIX.len()..]) {
+            out.insert(name, ck.load(&t.name)?);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::weights(&ck.path, "no text encoder (cond_stage_model.*) in this checkpoint"));
+    }
+    Ok(out)
+}
+
+fn open_clip_tensors(ck: &Checkpoint) -> Result<TensorMap> {
+    let layers = count_indices(ck, &format!("{OPEN_CLIP_PREFIX}transformer.resblocks."));
+    let mut out = TensorMap::new();
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(OPEN_CLIP_PREFIX)) {
+        match keymap::open_clip_to_diffusers(&t.name[OPEN_CLIP_PREFIX.len()..], layers) {
+            Some(OpenClipTarget::One(name)) => {
+                out.insert(name, ck.load(&t.name)?);
+            }
+            Some(OpenClipTarget::Qkv(names)) => {
+                let fused = ck.load(&t.name)?;
+                let d = fused.dim(0)? / 3;
+                for (i, name) in names.into_iter().enumerate() {
+                    out.insert(name, fused.narrow(0, i * d, d)?.contiguous()?);
+                }
+            }
+            Some(OpenClipTarget::Dropped(_)) => {}
+            None => return Err(Error::weights(&ck.path, format!("unrecognised OpenCLIP tensor {}", t.name))),
+        }
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Configs read from weights (diffusers names).
+// ------------------------------------------------------------------------------------------------------------
+
+fn dim(t: &TensorMap, name: &str, i: usize) -> Option<usize> {
+    t.get(name).and_then(|x| x.dims().get(i).copied())
+}
+
+fn count(t: &TensorMap, prefix: &str) -> usize {
+    t.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1)
+}
+
+/// The encoder half shared by UNet and ControlNet configs.
+fn encoder_config(t: &TensorMap, f: &BaseFacts) -> Map<String, Value> {
+    let levels = count(t, "down_blocks.");
+    let channels: Vec<usize> =
+        (0..levels).filter_map(|b| dim(t, &format!("down_blocks.{b}.resnets.0.conv1.weight"), 0)).collect();
+    let has_attn = |b: usize| t.keys().any(|k| k.starts_with(&format!("down_blocks.{b}.attentions.")));
+    let down: Vec<&str> =
+        (0..levels).map(|b| if has_attn(b) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
+    let depth: Vec<usize> =
+        (0..levels).map(|b| count(t, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")).max(1)).collect();
+    let depth = if depth.iter().all(|&d| d == depth[0]) { json!(depth[0]) } else { json!(depth) };
+    let cross = t.iter().find(|(k, _)| k.ends_with("attn2.to_k.weight")).and_then(|(_, x)| x.dims().get(1).copied());
+    let linear = t.iter().find(|(k, _)| k.ends_with("proj_in.weight")).is_some_and(|(_, x)| x.rank() == 2);
+    let mut c = Map::new();
+    c.insert("in_channels".into(), json!(dim(t, "conv_in.weight", 1)));
+    c.insert("block_out_channels".into(), json!(channels));
+    c.insert("layers_per_block".into(), json!(count(t, "down_blocks.0.resnets.")));
+    c.insert("down_block_types".into(), json!(down));
+    c.insert("cross_attention_dim".into(), json!(cross.unwrap_or(f.cross_attention_dim)));
+    c.insert("attention_head_dim".into(), base::attention_head_dim(f.heads, &channels));
+    c.insert("use_linear_projection".into(), json!(linear));
+    c.insert("upcast_attention".into(), json!(f.upcast_attention));
+    c.insert("transformer_layers_per_block".into(), depth);
+    c.insert("norm_num_groups".into(), json!(f.norm_num_groups));
+    if let Some(n) = dim(t, "add_embedding.linear_1.weight", 1) {
+        c.insert("addition_embed_type".into(), json!("text_time"));
+        c.insert("addition_time_embed_dim".into(), json!(f.addition_time_embed_dim.unwrap_or(256)));
+        c.insert("projection_class_embeddings_input_dim".into(), json!(n));
+    }
+    c
+}
+
+fn controlnet_config(t: &TensorMap, det: &Detection) -> Value {
+    let mut c = encoder_config(t, facts(det.base));
+    c.insert("_class_name".into(), json!("ControlNetModel"));
+    c.insert("conditioning_channels".into(), json!(dim(t, "controlnet_cond_embedding.conv_in.weight", 1)));
+    let blocks = count(t, "controlnet_cond_embedding.blocks.");
+    let mut hint: Vec<usize> = dim(t, "controlnet_cond_embedding.conv_in.weight", 0).into_iter().collect();
+    hint.extend(
+        (1..blocks).step_by(2).filter_map(|i| dim(t, &format!("controlnet_cond_embedding.blocks.{i}.weight"), 0)),
+    );
+    c.insert("conditioning_embedding_out_channels".into(), json!(hint));
+    c.insert("global_pool_conditions".into(), json!(det.global_pool_conditions));
+    Value::Object(c)
+}
+
+fn unet_config(t: &TensorMap, f: &BaseFacts) -> Value {
+    let mut c = encoder_config(t, f);
+    let down: Vec<String> = c["down_block_types"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let up: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+    c.insert("_class_name".into(), json!("UNet2DConditionModel"));
+    c.insert("out_channels".into(), json!(dim(t, "conv_out.weight", 0)));
+    c.insert("up_block_types".into(), json!(up));
+    c.insert("sample_size".into(), json!(f.image_size / 8));
+    Value::Object(c)
+}
+
+fn vae_config(t: &TensorMap, f: &BaseFacts) -> Value {
+    let levels = count(t, "encoder.down_blocks.");
+    let channels: Vec<usize> =
+        (0..levels).filter_map(|b| dim(t, &format!("encoder.down_blocks.{b}.resnets.0.conv1.weight"), 0)).collect();
+    json!({
+        "_class_name": "AutoencoderKL",
+        "in_channels": dim(t, "encoder.conv_in.weight", 1),
+        "out_channels": dim(t, "decoder.conv_out.weight", 0),
+        // quant_conv maps the encoder's (mean, logvar) pair: 2 x latent channels.
+        "latent_channels": dim(t, "quant_conv.weight", 0).map(|n| n / 2),
+        "block_out_channels": channels,
+        "down_block_types": vec!["DownEncoderBlock2D"; levels],
+        "up_block_types": vec!["UpDecoderBlock2D"; levels],
+        "layers_per_block": count(t, "encoder.down_blocks.0.resnets."),
+        "norm_num_groups": f.norm_num_groups,
+        "sample_size": f.image_size,
+        "scaling_factor": f.vae_scaling_factor,
+    })
+}
+
+fn text_config(t: &TensorMap, f: &BaseFacts, open_clip: bool) -> Value {
+    let hidden = dim(t, "text_model.embeddings.token_embedding.weight", 1).unwrap_or(f.cross_attention_dim);
+    json!({
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_act": if open_clip { "gelu" } else { f.text_hidden_act },
+        "hidden_size": hidden,
+        "intermediate_size": dim(t, "text_model.encoder.layers.0.mlp.fc1.weight", 0),
+        "num_attention_heads": (hidden / f.text_head_dim).max(1),
+        "num_hidden_layers": count(t, "text_model.encoder.layers."),
+        "max_position_embeddings": dim(t, "text_model.embeddings.position_embedding.weight", 0),
+        "vocab_size": dim(t, "text_model.embeddings.token_embedding.weight", 0),
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    })
+}
+
+fn read_given_config(path: &Path, file: &str) -> Result<Value> {
+    let p = if path.is_dir() { path.join(file) } else { path.to_path_buf() };
+    read_json(&p)
+}
+
+/// A given config must fit the weights: the fields weights determine are compared.
+fn check_config(path: &Path, config: &Value, t: &TensorMap) -> Result<()> {
+    let derived = encoder_config(t, facts(Base::Unknown));
+    for key in ["block_out_channels", "layers_per_block", "cross_attention_dim", "use_linear_projection", "in_channels"]
+    {
+        let (Some(want), Some(have)) = (derived.get(key), config.get(key)) else { continue };
+        if want != have {
+            return Err(Error::weights(path, format!("the config says {key} = {have}, the weights say {want}")));
+        }
+    }
+    Ok(())
+}
+
+/// Casts every floating-point tensor to `dtype` (integer buffers are left alone).
+pub fn cast_floats(tensors: &TensorMap, dtype: DType) -> Result<TensorMap> {
+    tensors
+        .iter()
+        .map(|(k, t)| {
+            let t: Tensor = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() };
+            Ok((k.clone(), t))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{assert_same, fixtures, original, twin, write};
+    use super::*;
+
+    fn twin_config(dir: &str) -> Value {
+        read_json(&fixtures().join("models").join(dir).join("config.json")).unwrap()
+    }
+
+    /// The config fields that weights determine must equal the ones diffusers wrote for the twin.
+    fn assert_derivable_fields(got: &Value, want: &Value, extra: &[&str]) {
+        let common = [
+            "in_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "down_block_types",
+            "cross_attention_dim",
+            "use_linear_projection",
+            "transformer_layers_per_block",
+        ];
+        for k in common.iter().chain(extra) {
+            assert_eq!(got.get(*k), want.get(*k), "config field {k}");
+        }
+    }
+
+    fn strip_text_model(t: &TensorMap, prefix: &str) -> TensorMap {
+        t.iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(prefix).map(|k| (k.strip_prefix("text_model.").unwrap_or(k).to_string(), v.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn original_controlnet_safetensors_equals_its_diffusers_twin() {
+        let dir = tempfile::tempdir().unwrap();
+        for (recipe, twin_dir) in [("controlnet_sd15", "tiny-controlnet-a"), ("controlnet_sd2", "tiny-controlnet-sd2")]
+        {
+            let orig = original(recipe, None);
+            let with_prefix = write(dir.path(), &format!("{recipe}.safetensors"), &orig);
+            let bare: TensorMap =
+                orig.iter().map(|(k, v)| (k.strip_prefix(CONTROL_PREFIX).unwrap().to_string(), v.clone())).collect();
+            let without_prefix = write(dir.path(), &format!("{recipe}-bare.safetensors"), &bare);
+            for path in [with_prefix, without_prefix] {
+                let c = load_controlnet_file(&path).unwrap();
+                assert_same(&c.tensors, &twin(recipe), recipe);
+                let want = twin_config(twin_dir);
+                assert_derivable_fields(
+                    &c.config,
+                    &want,
+                    &["conditioning_channels", "conditioning_embedding_out_channels"],
+                );
+                let given = fixtures().join("models").join(twin_dir);
+                assert_eq!(load_controlnet_file_with(&path, Some(&given)).unwrap().config, want);
+            }
+        }
+    }
+
+    #[test]
+    fn fp16_pth_equals_twin_in_f16() {
+        let c = load_controlnet_file(&fixtures().join("load/control_tiny_sd15_fp16.pth")).unwrap();
+        let want = cast_floats(&twin("controlnet_sd15"), DType::F16).unwrap();
+        assert_same(&c.tensors, &want, "fp16 .pth");
+        let dir = tempfile::tempdir().unwrap();
+        let st = write(dir.path(), "fp16.safetensors", &original("controlnet_sd15", Some(DType::F16)));
+        assert_same(&load_controlnet_file(&st).unwrap().tensors, &want, "fp16 safetensors");
+    }
+
+    #[test]
+    fn controlnet_round_trips_through_the_original_layout() {
+        let orig = original("controlnet_sd15", None);
+        let dir = tempfile::tempdir().unwrap();
+        let c = load_controlnet_file(&write(dir.path(), "cn.safetensors", &orig)).unwrap();
+        assert_same(&controlnet_to_original(&c.tensors).unwrap(), &orig, "diffusers -> original");
+    }
+
+    #[test]
+    fn sd15_single_file_equals_its_diffusers_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "tiny-sd15.safetensors", &original("sd15_single_file", None));
+        let config_dir = fixtures().join("models/tiny-sd15");
+        let sd =
+            load_sd_checkpoint_with(&path, &SdOptions { config_dir: Some(config_dir.clone()), ..Default::default() })
+                .unwrap();
+        let t = twin("sd15_single_file");
+        let part =
+            |p: &str| t.iter().filter_map(|(k, v)| k.strip_prefix(p).map(|k| (k.to_string(), v.clone()))).collect();
+        assert_same(&sd.unet.tensors, &part("unet/"), "unet");
+        assert_same(&sd.vae.tensors, &part("vae/"), "vae");
+        assert_same(
+            &strip_text_model(&sd.text_encoder.tensors, ""),
+            &strip_text_model(&t, "text_encoder/"),
+            "text encoder",
+        );
+        assert_eq!(sd.scheduler_config["prediction_type"], "epsilon");
+        assert_eq!(sd.tokenizer.pad_token, "<|endoftext|>");
+        assert!(sd.tokenizer.vocab_json.len() > 900_000 && sd.tokenizer.merges_txt.starts_with("#version"));
+
+        // Without the folder: configs read from the weights.
+        let guessed = load_sd_checkpoint(&path, None).unwrap();
+        let unet_cfg: Value = read_json(&config_dir.join("unet/config.json")).unwrap();
+        assert_derivable_fields(&guessed.unet.config, &unet_cfg, &["out_channels", "up_block_types"]);
+        let vae_cfg: Value = read_json(&config_dir.join("vae/config.json")).unwrap();
+        for k in ["block_out_channels", "latent_channels", "layers_per_block", "in_channels", "out_channels"] {
+            assert_eq!(guessed.vae.config[k], vae_cfg[k], "vae {k}");
+        }
+        let te_cfg: Value = read_json(&config_dir.join("text_encoder/config.json")).unwrap();
+        for k in [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "max_position_embeddings",
+            "vocab_size",
+            "hidden_act",
+        ] {
+            assert_eq!(guessed.text_encoder.config[k], te_cfg[k], "text encoder {k}");
+        }
+        assert!(guessed.notes.iter().any(|n| n.contains("matches no known base")));
+    }
+
+    #[test]
+    fn sd2_single_file_splits_qkv_and_drops_the_last_openclip_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "tiny-sd2.safetensors", &original("sd2_single_file", None));
+        let sd = load_sd_checkpoint(&path, None).unwrap();
+        let t = twin("sd2_single_file");
+        assert_same(
+            &strip_text_model(&sd.text_encoder.tensors, ""),
+            &strip_text_model(&t, "text_encoder/"),
+            "text encoder",
+        );
+        let unet: TensorMap =
+            t.iter().filter_map(|(k, v)| k.strip_prefix("unet/").map(|k| (k.to_string(), v.clone()))).collect();
+        assert_same(&sd.unet.tensors, &unet, "unet");
+        assert_eq!(sd.base, Base::Sd21);
+        assert_eq!(sd.text_encoder.config["num_hidden_layers"], 2);
+        assert_eq!(sd.text_encoder.config["hidden_act"], "gelu");
+        assert_eq!(sd.unet.config["use_linear_projection"], true);
+        assert_eq!(sd.scheduler_config["prediction_type"], "v_prediction");
+        assert_eq!(sd.tokenizer.pad_token, "!");
+        let eps = load_sd_checkpoint(&path, Some(PredictionType::Epsilon)).unwrap();
+        assert_eq!(eps.scheduler_config["prediction_type"], "epsilon");
+    }
+
+    #[test]
+    fn wrong_kind_says_what_the_file_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = original("sd15_single_file", None);
+        let full = write(dir.path(), "model.safetensors", &sd);
+        let err = load_controlnet_file(&full).unwrap_err().to_string();
+        assert!(
+            err.contains("expected a ControlNet") && err.contains("Stable Diffusion single-file checkpoint"),
+            "{err}"
+        );
+        let unet: TensorMap = sd.into_iter().filter(|(k, _)| k.starts_with(UNET_PREFIX)).collect();
+        let err = load_controlnet_file(&write(dir.path(), "unet.safetensors", &unet)).unwrap_err().to_string();
+        assert!(err.contains("is a UNet (original names)") && err.contains("unet.safetensors"), "{err}");
+        let cn = fixtures().join("load/control_tiny_sd15_fp16.pth");
+        let err = load_sd_checkpoint(&cn, None).unwrap_err().to_string();
+        assert!(err.contains("this file is a ControlNet (original names)"), "{err}");
+    }
+
+    #[test]
+    fn a_config_that_does_not_fit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "cn.safetensors", &original("controlnet_sd15", None));
+        let wrong = fixtures().join("models/tiny-sd15/unet/config.json");
+        let mut cfg: Value = read_json(&wrong).unwrap();
+        cfg["block_out_channels"] = json!([32, 64, 64]);
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let err = load_controlnet_file_with(&path, Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("block_out_channels") && err.contains("[32,64,64]"), "{err}");
+    }
+}
