@@ -28,7 +28,26 @@ fn fails_with(extra: &[&str], expect: &[&str]) {
 
 #[test]
 fn missing_model_folder() {
-    fails_with(&["--model", "no/such/model", "--prompt", "x"], &["--model", "no/such/model"]);
+    fails_with(&["--model", "./no/such/model", "--prompt", "x"], &["--model", "./no/such/model", "no such file"]);
+}
+
+/// A hub id that is not cached, offline: a clear error naming the flag, and no network use.
+#[test]
+fn hub_id_offline_and_not_cached() {
+    let cache = temp_dir();
+    let dir = temp_dir();
+    let out = dir.path().join("o.png");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(["generate", "--model", "someone/some-model", "--output", out.to_str().unwrap(), "--quiet"])
+        .current_dir(repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", cache.path())
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let err = stderr(&res);
+    assert!(!res.status.success());
+    assert!(err.contains("--model someone/some-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
 #[test]

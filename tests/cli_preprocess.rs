@@ -210,7 +210,13 @@ fn annotate_pose_matches_controlnet_aux_and_edits_keypoints() {
     // controlnet_aux's draw_poses output for the same file (tools/fixtures/gen_pose.py).
     assert_eq!(rgb(&out), rgb(&fixture("pose/openpose_pixels_odd.png")));
     let res = controlnet(&[
-        "annotate", "pose", input, "--flip", "--save-json", json.to_str().unwrap(), "--output",
+        "annotate",
+        "pose",
+        input,
+        "--flip",
+        "--save-json",
+        json.to_str().unwrap(),
+        "--output",
         flipped.to_str().unwrap(),
     ]);
     assert!(res.status.success(), "{}", stderr(&res));

@@ -11,17 +11,33 @@ use crate::io::images::{self, ResampleFilter};
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::model::controlnet::ControlNetModel;
 use crate::pipeline::recipe::{ControlRecipe, FileRef, Recipe};
+use crate::pipeline::sd::{open_controlnet, LoadOptions};
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
 use crate::schedulers::SchedulerKind;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Stable Diffusion 1.x/2.x pipeline folder (diffusers layout, with model_index.json).
-    #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
-    /// A ControlNet (diffusers folder). Repeat for several; the i-th --control and per-net flags belong to it.
-    #[arg(long = "controlnet", value_name = "DIR_OR_FILE")]
+    /// Stable Diffusion 1.x/2.x: a diffusers pipeline folder, a single-file checkpoint (.safetensors/.ckpt as
+    /// A1111 uses), or a hub id (owner/name[@revision]).
+    #[arg(long, value_name = "DIR_FILE_OR_ID")]
+    pub model: String,
+    /// A ControlNet: diffusers folder, original (lllyasviel) .safetensors/.pth file, or hub id. Repeat for
+    /// several; the i-th --control and per-net flags belong to it.
+    #[arg(long = "controlnet", value_name = "DIR_FILE_OR_ID")]
     pub controlnets: Vec<PathBuf>,
+    /// For a single-file --model of an unusual size: a diffusers pipeline folder whose config.json files
+    /// describe it (as diffusers' from_single_file(config=...)).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// For a single-file --controlnet the weights cannot fully describe: its diffusers config.json.
+    #[arg(long = "controlnet-config", value_name = "JSON")]
+    pub controlnet_configs: Vec<PathBuf>,
+    /// Prefer the fp16 weight variant when downloading from the hub (weights are computed in f32 on the CPU).
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+    /// What a single-file checkpoint's model predicts, when the file cannot tell (SD2 768 models: v).
+    #[arg(long, value_name = "epsilon|v_prediction")]
+    pub prediction_type: Option<String>,
     /// The condition image of the matching --controlnet (edges, depth, pose, ...).
     #[arg(long = "control", value_name = "IMAGE")]
     pub controls: Vec<PathBuf>,
@@ -88,6 +104,7 @@ struct NetFlags {
     control: PathBuf,
     preprocess: Option<String>,
     save_control: Option<PathBuf>,
+    config: Option<PathBuf>,
     scale: f64,
     start: f64,
     end: f64,
@@ -112,10 +129,23 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
 
     // 3. Models.
     let device = super::device()?;
-    let dtype = DType::F32;
-    let sd = StableDiffusion::load(&args.model, dtype, &device)?;
-    let loaded: Vec<ControlNetModel> =
-        nets.iter().map(|n| ControlNetModel::load(&n.controlnet, dtype, &device)).collect::<crate::Result<_>>()?;
+    let prediction_type = args
+        .prediction_type
+        .as_deref()
+        .map(|p| p.parse().map_err(|e| anyhow::anyhow!("--prediction-type {p}: {e}")))
+        .transpose()?;
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: device.clone(),
+        variant: args.variant.clone(),
+        prediction_type,
+        config_dir: args.config.clone(),
+    };
+    let sd = StableDiffusion::open(&args.model, &opts)?;
+    let loaded: Vec<ControlNetModel> = nets
+        .iter()
+        .map(|n| open_controlnet(&n.controlnet.to_string_lossy(), n.config.as_deref(), &opts))
+        .collect::<crate::Result<_>>()?;
 
     // 4. Size: given, else the first condition's size rounded down to a multiple of 8, else the model's.
     let factor = sd.vae_scale_factor();
@@ -178,14 +208,15 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     };
     let mut recipe = Recipe {
         software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
-        model: FileRef { path: args.model.display().to_string(), sha256: pipeline_hash(&args.model)? },
+        model: FileRef { path: args.model.clone(), sha256: weights_hash(&sd.dir, true)? },
         controls: nets
             .iter()
-            .map(|n| {
+            .zip(&loaded)
+            .map(|(n, net)| {
                 Ok(ControlRecipe {
                     controlnet: FileRef {
                         path: n.controlnet.display().to_string(),
-                        sha256: weights_hash(&n.controlnet)?,
+                        sha256: weights_hash(net.source().unwrap_or(&n.controlnet), false)?,
                     },
                     preprocess: n.preprocess.clone(),
                     control_image: FileRef {
@@ -231,12 +262,14 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
     let ends = per_net(m, &net_pos, args, "ends", "--control-end", &args.ends)?;
     let preprocess = per_net(m, &net_pos, args, "preprocess", "--preprocess", &args.preprocess)?;
     let save = per_net(m, &net_pos, args, "save_controls", "--save-control", &args.save_controls)?;
+    let configs = per_net(m, &net_pos, args, "controlnet_configs", "--controlnet-config", &args.controlnet_configs)?;
     Ok((0..n)
         .map(|i| NetFlags {
             controlnet: args.controlnets[i].clone(),
             control: args.controls[i].clone(),
             preprocess: preprocess[i].clone(),
             save_control: save[i].clone(),
+            config: configs[i].clone(),
             scale: scales[i].unwrap_or(1.0),
             start: starts[i].unwrap_or(0.0),
             end: ends[i].unwrap_or(1.0),
@@ -372,22 +405,21 @@ fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
-/// SHA-256 over the SHA-256s of the weight files of a pipeline's unet, vae and text encoder.
-fn pipeline_hash(dir: &Path) -> anyhow::Result<String> {
+/// SHA-256 of a weights file; for a folder, over the SHA-256s of its weight files (a pipeline's: unet, vae and
+/// text encoder).
+fn weights_hash(path: &Path, pipeline: bool) -> anyhow::Result<String> {
+    if !path.is_dir() {
+        return Ok(images::sha256_file(path)?);
+    }
     let mut files = Vec::new();
-    for (sub, stem) in [("unet", DIFFUSERS_STEM), ("vae", DIFFUSERS_STEM), ("text_encoder", TRANSFORMERS_STEM)] {
-        files.extend(find_safetensors(&dir.join(sub), stem)?);
+    if pipeline {
+        for (sub, stem) in [("unet", DIFFUSERS_STEM), ("vae", DIFFUSERS_STEM), ("text_encoder", TRANSFORMERS_STEM)] {
+            files.extend(find_safetensors(&path.join(sub), stem)?);
+        }
+    } else {
+        files = find_safetensors(path, DIFFUSERS_STEM)?;
     }
     combined_hash(&files)
-}
-
-/// SHA-256 of a weights file, or of the weight files of a diffusers folder.
-fn weights_hash(path: &Path) -> anyhow::Result<String> {
-    if path.is_dir() {
-        combined_hash(&find_safetensors(path, DIFFUSERS_STEM)?)
-    } else {
-        Ok(images::sha256_file(path)?)
-    }
 }
 
 fn combined_hash(files: &[PathBuf]) -> anyhow::Result<String> {

@@ -161,38 +161,8 @@ fn inspect_folder(dir: &Path) -> Result<Inspection> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{fixtures, original, write};
+    use super::super::fixtures::{fixtures, original, sparse_file, write};
     use super::*;
-    use std::io::Write;
-
-    /// A safetensors file with the layout's header and a sparse hole as data (takes no disk space).
-    fn sparse_file(dir: &Path, layout: &str, file_name: &str) -> (PathBuf, u64) {
-        let text = std::fs::read_to_string(fixtures().join(format!("load/layouts/{layout}.json"))).unwrap();
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let mut header = serde_json::Map::new();
-        let mut offset = 0u64;
-        for (name, spec) in v["tensors"].as_object().unwrap() {
-            let dtype = spec[0].as_str().unwrap();
-            let shape: Vec<u64> = serde_json::from_value(spec[1].clone()).unwrap();
-            let size = match dtype {
-                "F16" | "BF16" => 2,
-                "F32" => 4,
-                _ => 8,
-            } * shape.iter().product::<u64>();
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}),
-            );
-            offset += size;
-        }
-        let h = serde_json::to_vec(&header).unwrap();
-        let p = dir.join(file_name);
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
-        f.write_all(&h).unwrap();
-        f.set_len(8 + h.len() as u64 + offset).unwrap();
-        (p, v["parameters"].as_u64().unwrap())
-    }
 
     #[test]
     fn full_size_layouts() {

@@ -4,7 +4,7 @@ pub mod base;
 pub mod checkpoint;
 pub mod detect;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod hub;
 pub mod images;
 pub mod inspect;

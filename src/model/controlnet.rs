@@ -184,8 +184,30 @@ impl ControlNetModel {
         Ok(model)
     }
 
+    /// Builds from tensors already named the diffusers way and a diffusers `config.json` value (what
+    /// `io::single_file` makes of original checkpoints); `origin` is named in errors.
+    pub fn from_tensors(
+        config: serde_json::Value,
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        origin: &Path,
+    ) -> crate::Result<Self> {
+        let config: ControlNetConfig = serde_json::from_value(config).map_err(|e| Error::config(origin, e))?;
+        config.encoder.levels().map_err(|m| Error::config(origin, m))?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let mut model = Self::new(&config, vb).map_err(|e| Error::weights(origin, e))?;
+        model.source = Some(origin.to_path_buf());
+        Ok(model)
+    }
+
     pub fn config(&self) -> &ControlNetConfig {
         &self.config
+    }
+
+    /// The folder or file it was loaded from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
     }
 
     /// The hint embedding of a (batch, C, H, W) condition in [0,1]: computed once per image, reused every step.

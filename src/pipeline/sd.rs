@@ -3,10 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::io::weights::read_json;
+use crate::io::single_file::{self, PredictionType};
+use crate::io::{hub, weights::read_json};
 use crate::model::clip::ClipTextModel;
+use crate::model::controlnet::ControlNetModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::schedulers::SchedulerConfig;
@@ -30,7 +33,95 @@ pub struct StableDiffusion {
     pub scheduler_config_path: PathBuf,
 }
 
+/// How to load what the user named: compute dtype and device, the hub variant, and what a single file
+/// cannot tell.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// `Some("fp16")`: prefer `*.fp16.safetensors` when downloading from the hub.
+    pub variant: Option<String>,
+    /// Overrides the guess for single-file SD checkpoints (SD2 768 models predict v).
+    pub prediction_type: Option<PredictionType>,
+    /// A diffusers pipeline folder whose `*/config.json` describe a single-file `--model` (as diffusers'
+    /// `from_single_file(config=...)`), for models whose attention heads or norms the weights cannot tell.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// A local path as given, or a hub id (`owner/name[@revision]`) fetched into the Hugging Face cache.
+fn resolve(flag: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
+    let path =
+        hub::resolve(spec, opts.variant.as_deref()).map_err(|e| Error::Invalid(format!("{flag} {spec}: {e}")))?;
+    if !path.exists() {
+        return Err(Error::Invalid(format!(
+            "{flag} {spec}: no such file or folder (a hub id is written owner/name[@revision])"
+        )));
+    }
+    Ok(path)
+}
+
+/// A ControlNet from a diffusers folder, an original (lllyasviel) `.safetensors`/`.pth` file, a diffusers
+/// single file, or a hub id.
+/// `config`: a diffusers ControlNet `config.json` (or its folder) for a single file the weights cannot fully
+/// describe.
+pub fn open_controlnet(spec: &str, config: Option<&Path>, opts: &LoadOptions) -> Result<ControlNetModel> {
+    let path = resolve("--controlnet", spec, opts)?;
+    if path.is_dir() {
+        return ControlNetModel::load(&path, opts.dtype, &opts.device);
+    }
+    let c = single_file::load_controlnet_file_with(&path, config)?;
+    ControlNetModel::from_tensors(c.config, c.tensors, opts.dtype, &opts.device, &path)
+}
+
 impl StableDiffusion {
+    /// The model named by `--model`: a diffusers pipeline folder, a single-file SD checkpoint
+    /// (A1111/civitai `.safetensors`/`.ckpt`), or a hub id.
+    pub fn open(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let path = resolve("--model", spec, opts)?;
+        if path.is_dir() {
+            Self::load(&path, opts.dtype, &opts.device)
+        } else {
+            Self::from_single_file(&path, opts)
+        }
+    }
+
+    /// Splits a single-file checkpoint into its UNet, VAE and text encoder (`io::single_file` renames the
+    /// keys); the tokenizer is the CLIP vocabulary bundled with the binary.
+    pub fn from_single_file(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let sd_opts =
+            single_file::SdOptions { prediction_type: opts.prediction_type, config_dir: opts.config_dir.clone() };
+        let c = single_file::load_sd_checkpoint_with(path, &sd_opts)?;
+        for note in &c.notes {
+            tracing::warn!("{}: {note}", path.display());
+        }
+        let (dtype, dev) = (opts.dtype, &opts.device);
+        let cfg_err = |what: &str, e: serde_json::Error| Error::config(path, format!("{what}: {e}"));
+        let unet_cfg = serde_json::from_value(c.unet.config).map_err(|e| cfg_err("unet", e))?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, VarBuilder::from_tensors(c.unet.tensors, dtype, dev))
+            .map_err(|e| Error::weights(path, format!("unet: {e}")))?;
+        let vae_cfg = serde_json::from_value(c.vae.config).map_err(|e| cfg_err("vae", e))?;
+        let vae = AutoencoderKL::new(vae_cfg, VarBuilder::from_tensors(c.vae.tensors, dtype, dev))
+            .map_err(|e| Error::weights(path, format!("vae: {e}")))?;
+        let te_cfg = serde_json::from_value(c.text_encoder.config).map_err(|e| cfg_err("text encoder", e))?;
+        let text_encoder = ClipTextModel::new(te_cfg, VarBuilder::from_tensors(c.text_encoder.tensors, dtype, dev))
+            .map_err(|e| Error::weights(path, format!("text encoder: {e}")))?;
+        let tokenizer = ClipTokenizer::from_vocab_and_merges(
+            &c.tokenizer.vocab_json,
+            &c.tokenizer.merges_txt,
+            &c.tokenizer.pad_token,
+        )?;
+        let scheduler_config = SchedulerConfig::from_json_str(&c.scheduler_config.to_string(), path)?;
+        Ok(Self {
+            dir: path.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            scheduler_config_path: path.to_path_buf(),
+        })
+    }
+
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!("--model {}: not a folder", dir.display())));
@@ -66,5 +157,73 @@ impl StableDiffusion {
     /// The size diffusers uses when none is given and no condition image sets it: the UNet's sample size × 8.
     pub fn default_size(&self) -> usize {
         self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::fixtures;
+    use crate::pipeline::{generate, GenerateParams};
+
+    /// A single-file SD1 checkpoint (original LDM names, built from the tiny pipeline by the recipe checked
+    /// against diffusers' conversion) gives diffusers' latents for the tiny pipeline's `sd_no_controlnet` case.
+    #[test]
+    fn single_file_checkpoint_matches_its_diffusers_twin() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = fixtures::write(dir.path(), "tiny-sd15.safetensors", &fixtures::original("sd15_single_file", None));
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            prediction_type: None,
+            config_dir: Some(fixtures::fixtures().join("models/tiny-sd15")),
+        };
+        let sd = StableDiffusion::open(file.to_str().unwrap(), &opts).unwrap();
+        let params = GenerateParams {
+            prompt: "a red circle on a light blue background".into(),
+            negative_prompt: String::new(),
+            width: 128,
+            height: 128,
+            steps: 5,
+            guidance: 7.5,
+            scheduler: Some("dpm++2m".parse().unwrap()),
+            seed: 18,
+            num_images: 1,
+            guess_mode: false,
+        };
+        let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
+        let reference = candle_core::safetensors::load(
+            fixtures::fixtures().join("pipeline/sd_no_controlnet.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let diff: f32 =
+            (&out.latents - &reference["latents"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 2e-4, "latents differ by {diff}");
+    }
+
+    #[test]
+    fn sdxl_controlnet_file_is_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, _) =
+            fixtures::sparse_file(dir.path(), "controlnet_sdxl_diffusers", "diffusion_pytorch_model.safetensors");
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            prediction_type: None,
+            config_dir: None,
+        };
+        let err = open_controlnet(file.to_str().unwrap(), None, &opts).err().unwrap().to_string();
+        assert!(err.contains("SDXL") && err.contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn sdxl_pipeline_folder_is_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
+        let err = StableDiffusion::load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("SDXL is not supported yet"), "{err}");
     }
 }
