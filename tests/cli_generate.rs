@@ -130,3 +130,67 @@ fn seed_is_printed_when_not_given() {
             .unwrap();
     assert_eq!(recipe.seed, seed);
 }
+
+#[test]
+fn reproduce_makes_the_same_image_from_its_recipe() {
+    let dir = temp_dir();
+    let out = dir.path().join("orig.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-a",
+        "--control",
+        "tests/fixtures/pipeline/control_odd.png",
+        "--prompt",
+        "zwei Kreise 🐱",
+        "--negative-prompt",
+        "blur",
+        "--steps",
+        "3",
+        "--seed",
+        "99",
+        "--scheduler",
+        "euler-a",
+        "--num-images",
+        "2",
+        "--conditioning-scale",
+        "0.7",
+        "--control-end",
+        "0.8",
+        "--resize",
+        "crop-and-resize",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let second = dir.path().join("orig-2.png");
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", second.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let a = image::open(&second).unwrap().to_rgb8();
+    let b = image::open(&again).unwrap().to_rgb8();
+    assert_eq!(a, b, "reproduced image differs");
+    let first = image::open(dir.path().join("orig-1.png")).unwrap().to_rgb8();
+    assert_ne!(first, b, "batch position was not kept");
+    // No leftovers next to the output.
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
+#[test]
+fn reproduce_refuses_an_image_without_recipe() {
+    let dir = temp_dir();
+    let out = dir.path().join("x.png");
+    let res =
+        controlnet(&["reproduce", "tests/fixtures/pipeline/control_circle.png", "--output", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("carries no controlnet-rs recipe"), "{}", stderr(&res));
+}

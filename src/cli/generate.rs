@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::DType;
-use clap::{ArgMatches, Args};
+use clap::{ArgMatches, Args, ValueEnum};
 
 use crate::annotate::pose::{DrawOptions, PoseFile};
 use crate::annotate::{self, AnnotateSettings, DetectorOptions, ResizeMode};
@@ -219,6 +219,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                         sha256: weights_hash(net.source().unwrap_or(&n.controlnet), false)?,
                     },
                     preprocess: n.preprocess.clone(),
+                    config: n.config.as_ref().map(|c| c.display().to_string()),
                     control_image: FileRef {
                         path: n.control.display().to_string(),
                         sha256: images::sha256_file(&n.control)?,
@@ -236,6 +237,9 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         steps: params.steps,
         guidance: params.guidance,
         scheduler: scheduler_name,
+        resize: args.resize.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+        model_config: args.config.as_ref().map(|c| c.display().to_string()),
+        prediction_type: args.prediction_type.clone(),
         seed,
         guess_mode: params.guess_mode,
         num_images: params.num_images,

@@ -7,6 +7,7 @@ pub mod annotate;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
+pub mod reproduce;
 
 #[derive(Parser, Debug)]
 #[command(name = "controlnet", version, about = "ControlNet for Stable Diffusion, in one Rust binary")]
@@ -19,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
     Generate(generate::GenerateArgs),
+    /// Make an image again from the recipe its PNG carries.
+    Reproduce(reproduce::ReproduceArgs),
     /// Tell what a weights file or model folder is: kind, base model, naming, parameters, dtype.
     Inspect(inspect::InspectArgs),
     /// Convert a ControlNet between the original single-file layout and a diffusers folder.
@@ -39,6 +42,7 @@ pub fn main() -> ExitCode {
             let sub = matches.subcommand_matches("generate").expect("clap matched the generate subcommand");
             generate::run(args, sub)
         }
+        Command::Reproduce(args) => reproduce::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Annotate(args) => match annotate::run(args) {

@@ -21,6 +21,9 @@ pub struct ControlRecipe {
     /// The annotator that made the condition from the control file (`--preprocess`), if any.
     #[serde(default)]
     pub preprocess: Option<String>,
+    /// `--controlnet-config`, when one described a single file.
+    #[serde(default)]
+    pub config: Option<String>,
     pub control_image: FileRef,
     pub conditioning_scale: f64,
     pub control_start: f64,
@@ -41,11 +44,23 @@ pub struct Recipe {
     pub guidance: f64,
     /// The scheduler that ran (CLI name), also when it was the model's own.
     pub scheduler: String,
+    /// How conditions were fitted to the output (`--resize`).
+    #[serde(default = "default_resize")]
+    pub resize: String,
+    /// `--config` and `--prediction-type`, when given for a single-file model.
+    #[serde(default)]
+    pub model_config: Option<String>,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
     pub seed: u64,
     pub guess_mode: bool,
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
+}
+
+fn default_resize() -> String {
+    "just-resize".into()
 }
 
 /// A1111's sampler names for our schedulers.
@@ -112,6 +127,48 @@ impl Recipe {
         vec![(A1111_KEY.to_string(), self.a1111_parameters()), (RECIPE_KEY.to_string(), json)]
     }
 
+    /// The `controlnet generate` arguments that make this recipe's batch again (without `--output`).
+    pub fn generate_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec!["--model".into(), self.model.path.clone()];
+        let push = |a: &mut Vec<String>, k: &str, v: String| {
+            a.push(k.into());
+            a.push(v);
+        };
+        if let Some(c) = &self.model_config {
+            push(&mut a, "--config", c.clone());
+        }
+        if let Some(p) = &self.prediction_type {
+            push(&mut a, "--prediction-type", p.clone());
+        }
+        for c in &self.controls {
+            push(&mut a, "--controlnet", c.controlnet.path.clone());
+            push(&mut a, "--control", c.control_image.path.clone());
+            push(&mut a, "--conditioning-scale", c.conditioning_scale.to_string());
+            push(&mut a, "--control-start", c.control_start.to_string());
+            push(&mut a, "--control-end", c.control_end.to_string());
+            if let Some(p) = &c.preprocess {
+                push(&mut a, "--preprocess", p.clone());
+            }
+            if let Some(cfg) = &c.config {
+                push(&mut a, "--controlnet-config", cfg.clone());
+            }
+        }
+        push(&mut a, "--prompt", self.prompt.clone());
+        push(&mut a, "--negative-prompt", self.negative_prompt.clone());
+        push(&mut a, "--width", self.width.to_string());
+        push(&mut a, "--height", self.height.to_string());
+        push(&mut a, "--steps", self.steps.to_string());
+        push(&mut a, "--guidance", self.guidance.to_string());
+        push(&mut a, "--scheduler", self.scheduler.clone());
+        push(&mut a, "--seed", self.seed.to_string());
+        push(&mut a, "--num-images", self.num_images.to_string());
+        push(&mut a, "--resize", self.resize.clone());
+        if self.guess_mode {
+            a.push("--guess-mode".into());
+        }
+        a
+    }
+
     /// Reads a recipe back from a PNG's text chunks.
     pub fn from_text_chunks(chunks: &[(String, String)]) -> Option<Recipe> {
         chunks.iter().find(|(k, _)| k == RECIPE_KEY).and_then(|(_, v)| serde_json::from_str(v).ok())
@@ -129,6 +186,7 @@ mod tests {
             controls: vec![ControlRecipe {
                 controlnet: FileRef { path: "cn/canny".into(), sha256: "fedcba9876543210".into() },
                 preprocess: None,
+                config: None,
                 control_image: FileRef { path: "edges.png".into(), sha256: "aa".into() },
                 conditioning_scale: 0.8,
                 control_start: 0.0,
@@ -141,6 +199,9 @@ mod tests {
             steps: 20,
             guidance: 7.5,
             scheduler: "euler-a".into(),
+            resize: "just-resize".into(),
+            model_config: None,
+            prediction_type: None,
             seed: 42,
             guess_mode: false,
             num_images: 1,
