@@ -58,11 +58,17 @@ pub trait Scheduler: Send {
     /// sigmas; PNDM repeats one (its PLMS warm-up evaluates the model twice at that timestep).
     fn timesteps(&self) -> &[f64];
 
-    /// The standard deviation to scale the initial Gaussian noise by.
-    fn init_noise_sigma(&self) -> f64;
+    /// The standard deviation to scale the initial Gaussian noise by (1 unless the scheduler works in sigmas).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The model input for step `step_index` (Euler-family schedulers divide by `sqrt(sigma² + 1)`).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// The model input for step `step_index`: the sample itself, except for Euler-family schedulers, which
+    /// divide by `sqrt(sigma² + 1)`.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        at(self.timesteps(), step_index, "timesteps")?;
+        Ok(sample.clone())
+    }
 
     /// One step: the model's output at `timesteps()[step_index]` for `sample` → the previous (less noisy)
     /// sample. Schedulers that add noise draw it from `rng`, as diffusers does from the pipeline's generator.
