@@ -1,19 +1,14 @@
 //! End-to-end tests of `controlnet annotate`: files, folders, errors.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators");
+use common::{controlnet, stderr};
 
+/// A file of tests/fixtures/annotators (absolute, so the tests do not depend on the working folder).
 fn fixture(name: &str) -> PathBuf {
-    Path::new(FIXTURES).join(name)
-}
-
-fn controlnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_controlnet")).args(args).output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    common::fixture("annotators").join(name)
 }
 
 /// Fails if the command crashed instead of reporting an error.

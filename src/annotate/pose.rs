@@ -311,7 +311,7 @@ mod tests {
     use super::*;
 
     /// A COCO-18 body in pixels, point i at (10 + i, 100 + 2i), with the given points missing.
-    fn body18(missing: &[usize]) -> Vec<f64> {
+    pub(super) fn body18(missing: &[usize]) -> Vec<f64> {
         (0..18)
             .flat_map(|i| match missing.contains(&i) {
                 true => [0.0, 0.0, 0.0],
@@ -320,7 +320,7 @@ mod tests {
             .collect()
     }
 
-    fn file(people: Value, canvas: Option<(u32, u32)>) -> PoseFile {
+    pub(super) fn file(people: Value, canvas: Option<(u32, u32)>) -> PoseFile {
         let mut v = serde_json::json!({ "people": people });
         if let Some((w, h)) = canvas {
             v["canvas_width"] = w.into();

@@ -174,27 +174,8 @@ impl PoseFile {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{body18, file};
     use super::*;
-    use serde_json::Value;
-
-    /// A COCO-18 body in pixels, point i at (10 + i, 100 + 2i), with the given points missing.
-    fn body18(missing: &[usize]) -> Vec<f64> {
-        (0..18)
-            .flat_map(|i| match missing.contains(&i) {
-                true => [0.0, 0.0, 0.0],
-                false => [10.0 + i as f64, 100.0 + 2.0 * i as f64, 0.9],
-            })
-            .collect()
-    }
-
-    fn file(people: Value, canvas: Option<(u32, u32)>) -> PoseFile {
-        let mut v = serde_json::json!({ "people": people });
-        if let Some((w, h)) = canvas {
-            v["canvas_width"] = w.into();
-            v["canvas_height"] = h.into();
-        }
-        PoseFile::from_json_str(&v.to_string()).unwrap()
-    }
 
     #[test]
     fn keypoint_operations() {
