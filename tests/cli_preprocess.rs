@@ -240,3 +240,73 @@ fn annotate_pose_bad_input() {
     assert!(err.contains("empty.json") && !err.contains("panicked"), "{err}");
     assert!(!out.exists());
 }
+
+/// `annotate inpaint` writes a float condition (-1 at masked pixels); generate uses it as it is.
+#[test]
+fn inpaint_condition_tensor_feeds_generate() {
+    let dir = temp_dir();
+    let mask = dir.path().join("mask.png");
+    let mut m = image::RgbImage::new(128, 128);
+    for y in 40..90 {
+        for x in 30..100 {
+            m.put_pixel(x, y, image::Rgb([255, 255, 255]));
+        }
+    }
+    m.save(&mask).unwrap();
+    let cond = dir.path().join("inpaint.safetensors");
+    let image = "tests/fixtures/pipeline/control_circle.png";
+    let res = controlnet(&[
+        "annotate",
+        "inpaint",
+        image,
+        "--mask",
+        mask.to_str().unwrap(),
+        "--output",
+        cond.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let run = |control: &str, out: &std::path::Path| {
+        controlnet(&[
+            "generate",
+            "--model",
+            MODEL,
+            "--controlnet",
+            CN,
+            "--control",
+            control,
+            "--steps",
+            "2",
+            "--seed",
+            "8",
+            "--output",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
+    };
+    let (with_mask, plain) = (dir.path().join("m.png"), dir.path().join("p.png"));
+    let res = run(cond.to_str().unwrap(), &with_mask);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let res = run(image, &plain);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(rgb(&with_mask).dimensions(), (128, 128));
+    assert_ne!(rgb(&with_mask), rgb(&plain), "the masked condition changed nothing");
+    // A tensor is not resized: another output size is refused, naming the file.
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        CN,
+        "--control",
+        cond.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        dir.path().join("x.png").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("inpaint.safetensors") && stderr(&res).contains("not resized"), "{}", stderr(&res));
+}

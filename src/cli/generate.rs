@@ -167,17 +167,27 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     //    PIL's Lanczos filter), scaled to [0, 1].
     let mut controls = Vec::new();
     for ((n, net), src) in nets.iter().zip(&loaded).zip(&sources) {
-        let resized = src.condition(n, width as u32, height as u32, args.resize)?;
-        if let Some(path) = &n.save_control {
-            images::save_png(path, &resized, &[])?;
-        }
-        controls.push(Control {
-            net,
-            image: images::to_tensor01(&resized, &device)?,
-            scale: n.scale,
-            start: n.start,
-            end: n.end,
-        });
+        let image = match src {
+            // A float condition (e.g. `annotate inpaint`'s, with -1 at masked pixels) is used as it is.
+            ControlSource::Tensor(t) => {
+                let (_, _, h, w) = t.dims4()?;
+                if (w, h) != (width, height) {
+                    bail!("--control {}: the condition tensor is {w}x{h} but the output is {width}x{height}; tensors are not resized", n.control.display());
+                }
+                if n.save_control.is_some() {
+                    bail!("--save-control: the condition {} is already a file", n.control.display());
+                }
+                t.to_device(&device)?
+            }
+            _ => {
+                let resized = src.condition(n, width as u32, height as u32, args.resize)?;
+                if let Some(path) = &n.save_control {
+                    images::save_png(path, &resized, &[])?;
+                }
+                images::to_tensor01(&resized, &device)?
+            }
+        };
+        controls.push(Control { net, image, scale: n.scale, start: n.start, end: n.end });
     }
     let params = GenerateParams {
         prompt: args.prompt.clone(),
@@ -314,6 +324,8 @@ fn per_net<T: Clone + std::fmt::Debug>(
 enum ControlSource {
     Image(image::RgbImage),
     Pose(PoseFile),
+    /// A `.safetensors` file with a float condition `control` of shape (1, channels, height, width).
+    Tensor(candle_core::Tensor),
 }
 
 impl ControlSource {
@@ -326,6 +338,15 @@ impl ControlSource {
             }
             return Ok(Self::Pose(pose));
         }
+        if n.control.extension().is_some_and(|e| e == "safetensors") {
+            let mut tensors = candle_core::safetensors::load(&n.control, &candle_core::Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", flag()))?;
+            let t = tensors.remove("control").with_context(|| format!("{}: has no tensor named control", flag()))?;
+            if t.rank() != 4 || t.dim(0)? != 1 {
+                bail!("{}: control must have shape (1, channels, height, width), found {:?}", flag(), t.dims());
+            }
+            return Ok(Self::Tensor(t.to_dtype(candle_core::DType::F32)?));
+        }
         Ok(Self::Image(images::load_rgb(&n.control).with_context(flag)?))
     }
 
@@ -334,6 +355,10 @@ impl ControlSource {
         match self {
             Self::Image(img) => img.dimensions(),
             Self::Pose(p) => p.canvas_size().unwrap_or((0, 0)),
+            Self::Tensor(t) => {
+                let d = t.dims();
+                (d[3] as u32, d[2] as u32)
+            }
         }
     }
 
@@ -363,6 +388,7 @@ impl ControlSource {
                     AnnotateSettings { width: Some(width), height: Some(height), resolution: None, resize: mode };
                 annotate::annotate(detector.as_ref(), img, &settings)?
             }
+            (Self::Tensor(_), _) => bail!("--control {}: a condition tensor is used as it is", n.control.display()),
             (Self::Image(img), None) => match mode {
                 ResizeMode::JustResize => img.clone(),
                 _ => annotate::resize::fit_to_output(img, width, height, mode),
