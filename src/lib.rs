@@ -8,6 +8,7 @@
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
+//! - [`synthetic`]: made-up datasets (the demo's circles).
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod annotate;
 pub mod convert;
+pub mod dataset;
 pub mod generate;
 pub mod inspect;
 pub mod reproduce;
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
     Generate(generate::GenerateArgs),
+    /// Make a synthetic training dataset (the demo's circles).
+    Dataset(dataset::DatasetArgs),
     /// Make an image again from the recipe its PNG carries.
     Reproduce(reproduce::ReproduceArgs),
     /// Tell what a weights file or model folder is: kind, base model, naming, parameters, dtype.
@@ -43,6 +46,7 @@ pub fn main() -> ExitCode {
             generate::run(args, sub)
         }
         Command::Reproduce(args) => reproduce::run(args),
+        Command::Dataset(args) => dataset::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Annotate(args) => match annotate::run(args) {

@@ -1,0 +1,218 @@
+//! A Fill50k-style dataset (the ControlNet paper's tutorial task): one filled circle of a named colour on a
+//! background of another named colour; the condition is the circle's outline, white on black; the prompt names
+//! both colours ("a red circle on a light blue background"). Written in the fill50k layout: `prompt.json` lines
+//! `{"source": "source/N.png", "target": "target/N.png", "prompt": ...}`.
+use std::io::Write;
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::io::images::save_png;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+/// The colour words prompts use, with the RGB each stands for. Users type these words: keep them.
+pub const COLOURS: [(&str, [u8; 3]); 16] = [
+    ("red", [220, 20, 60]),
+    ("orange", [255, 140, 0]),
+    ("yellow", [255, 215, 0]),
+    ("green", [34, 139, 34]),
+    ("cyan", [0, 206, 209]),
+    ("blue", [30, 60, 200]),
+    ("purple", [128, 0, 128]),
+    ("pink", [255, 105, 180]),
+    ("white", [245, 245, 245]),
+    ("black", [20, 20, 20]),
+    ("gray", [128, 128, 128]),
+    ("brown", [139, 69, 19]),
+    ("light blue", [135, 206, 250]),
+    ("dark blue", [0, 0, 110]),
+    ("light green", [144, 238, 144]),
+    ("dark green", [0, 90, 0]),
+];
+
+/// The RGB of a colour word, if it is one of [`COLOURS`].
+pub fn colour(name: &str) -> Option<[u8; 3]> {
+    COLOURS.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+}
+
+/// One sample: where the circle is and which colours it has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Circle {
+    pub cx: f64,
+    pub cy: f64,
+    pub radius: f64,
+    pub fg: usize,
+    pub bg: usize,
+}
+
+impl Circle {
+    /// Draws a seeded random circle for an image of `size` px: radius 10–35 % of the side, fully inside.
+    pub fn random(rng: &mut TorchGenerator, size: u32) -> Self {
+        let u = rng.rand(5);
+        let s = size as f64;
+        let radius = s * (0.10 + 0.25 * u[0] as f64);
+        let cx = radius + (s - 2.0 * radius) * u[1] as f64;
+        let cy = radius + (s - 2.0 * radius) * u[2] as f64;
+        let fg = ((u[3] as f64 * 16.0) as usize).min(15);
+        // A background different from the circle: one of the other 15 colours.
+        let bg = (fg + 1 + ((u[4] as f64 * 15.0) as usize).min(14)) % 16;
+        Self { cx, cy, radius, fg, bg }
+    }
+
+    /// "a red circle on a light blue background" ("an orange …" where English wants it).
+    pub fn prompt(&self) -> String {
+        let (fg, bg) = (COLOURS[self.fg].0, COLOURS[self.bg].0);
+        format!("{} {fg} circle on {} {bg} background", article(fg), article(bg))
+    }
+
+    /// Distance of a pixel's centre from the circle's centre.
+    fn distance(&self, x: u32, y: u32) -> f64 {
+        ((x as f64 + 0.5 - self.cx).powi(2) + (y as f64 + 0.5 - self.cy).powi(2)).sqrt()
+    }
+
+    /// The target image: the filled circle on its background.
+    pub fn image(&self, size: u32) -> RgbImage {
+        let (fg, bg) = (Rgb(COLOURS[self.fg].1), Rgb(COLOURS[self.bg].1));
+        RgbImage::from_fn(size, size, |x, y| if self.distance(x, y) <= self.radius { fg } else { bg })
+    }
+
+    /// The condition: the circle's outline, white, `outline_width(size)` px wide, on black.
+    pub fn condition(&self, size: u32) -> RgbImage {
+        let half = outline_width(size) as f64 / 2.0;
+        RgbImage::from_fn(size, size, |x, y| {
+            if (self.distance(x, y) - self.radius).abs() <= half {
+                Rgb([255, 255, 255])
+            } else {
+                Rgb([0, 0, 0])
+            }
+        })
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// Outline width: 3 px at 128 px, scaling with the image (at least 2).
+pub fn outline_width(size: u32) -> u32 {
+    (size * 3 / 128).max(2)
+}
+
+/// One line of `prompt.json`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct PromptLine {
+    pub source: String,
+    pub target: String,
+    pub prompt: String,
+}
+
+/// Writes `count` samples of `size` px into `out` (created): `source/N.png`, `target/N.png`, `prompt.json`.
+/// `on_sample` is called after each one (progress).
+pub fn write_dataset(out: &Path, count: usize, size: u32, seed: u64, on_sample: &mut dyn FnMut()) -> Result<()> {
+    if count == 0 {
+        return Err(Error::Invalid("--count must be at least 1".into()));
+    }
+    if !(16..=4096).contains(&size) {
+        return Err(Error::Invalid(format!("--size {size} must be between 16 and 4096 px")));
+    }
+    for sub in ["source", "target"] {
+        std::fs::create_dir_all(out.join(sub)).map_err(|e| Error::io(out.join(sub), e))?;
+    }
+    let mut rng = TorchGenerator::new(seed);
+    let mut lines = String::new();
+    for i in 0..count {
+        let c = Circle::random(&mut rng, size);
+        let line =
+            PromptLine { source: format!("source/{i}.png"), target: format!("target/{i}.png"), prompt: c.prompt() };
+        save_png(&out.join(&line.source), &c.condition(size), &[])?;
+        save_png(&out.join(&line.target), &c.image(size), &[])?;
+        lines.push_str(&serde_json::to_string(&line).map_err(|e| Error::Invalid(e.to_string()))?);
+        lines.push('\n');
+        on_sample();
+    }
+    // prompt.json last and atomically: a dataset with a prompt.json is complete.
+    let path = out.join("prompt.json");
+    let tmp = out.join(".prompt.json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(lines.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| Error::io(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_are_the_named_ones() {
+        assert_eq!(colour("light blue"), Some([135, 206, 250]));
+        assert_eq!(colour("dark green"), Some([0, 90, 0]));
+        assert_eq!(colour("magenta"), None);
+        let names: std::collections::HashSet<_> = COLOURS.iter().map(|c| c.0).collect();
+        assert_eq!(names.len(), 16);
+    }
+
+    #[test]
+    fn dataset_layout_colours_and_outline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        write_dataset(dir.path(), 12, 64, 3, &mut || n += 1).unwrap();
+        assert_eq!(n, 12);
+        let text = std::fs::read_to_string(dir.path().join("prompt.json")).unwrap();
+        let lines: Vec<PromptLine> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 12);
+        let mut rng = TorchGenerator::new(3);
+        for line in &lines {
+            let c = Circle::random(&mut rng, 64);
+            assert_eq!(line.prompt, c.prompt());
+            assert_ne!(c.fg, c.bg);
+            assert!(c.cx - c.radius >= 0.0 && c.cx + c.radius <= 64.0 && c.cy - c.radius >= 0.0);
+            let target = image::open(dir.path().join(&line.target)).unwrap().to_rgb8();
+            let source = image::open(dir.path().join(&line.source)).unwrap().to_rgb8();
+            // Centre has the circle's colour, a far corner the background's.
+            let (cx, cy) = (c.cx as u32, c.cy as u32);
+            assert_eq!(target.get_pixel(cx, cy).0, COLOURS[c.fg].1);
+            let corner = if c.cx < 32.0 {
+                (63, if c.cy < 32.0 { 63 } else { 0 })
+            } else {
+                (0, if c.cy < 32.0 { 63 } else { 0 })
+            };
+            assert_eq!(target.get_pixel(corner.0, corner.1).0, COLOURS[c.bg].1);
+            // The condition is white exactly on the outline ring, black inside and outside it.
+            assert_eq!(source.get_pixel(cx, cy).0, [0, 0, 0]);
+            let ring_x = (c.cx + c.radius).min(63.0) as u32;
+            assert_eq!(source.get_pixel(ring_x.min(63), cy).0, [255, 255, 255], "{c:?}");
+            assert!(source.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
+        }
+        // Seeded: the same seed writes the same files.
+        let again = tempfile::tempdir().unwrap();
+        write_dataset(again.path(), 12, 64, 3, &mut || {}).unwrap();
+        assert_eq!(text, std::fs::read_to_string(again.path().join("prompt.json")).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("target/5.png")).unwrap(),
+            std::fs::read(again.path().join("target/5.png")).unwrap()
+        );
+    }
+
+    #[test]
+    fn prompts_read_as_english() {
+        let c = Circle { cx: 1.0, cy: 1.0, radius: 1.0, fg: 1, bg: 12 };
+        assert_eq!(c.prompt(), "an orange circle on a light blue background");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_dataset(dir.path(), 0, 64, 1, &mut || {}).unwrap_err().to_string().contains("--count"));
+        assert!(write_dataset(dir.path(), 1, 8, 1, &mut || {}).unwrap_err().to_string().contains("--size 8"));
+    }
+}
