@@ -8,6 +8,7 @@
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
+//! - [`train`]: training ControlNets on your own data.
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
