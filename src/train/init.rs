@@ -16,8 +16,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::params::TensorMap;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::single_file::{load_sd_checkpoint_with, SdOptions};
+use crate::io::weights::{find_safetensors, read_json, DIFFUSERS_STEM};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::model::unet::UNet2DConditionConfig;
+use crate::pipeline::sd::LoadOptions;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -93,6 +97,28 @@ pub struct NewControlNet {
     pub config: Value,
     pub tensors: TensorMap,
     pub report: InitReport,
+}
+
+/// The base model's UNet: its `config.json` value and tensors (as stored), from `--model` given as a diffusers
+/// pipeline folder, a single-file SD checkpoint, or a hub id.
+pub fn load_base_unet(spec: &str, opts: &LoadOptions) -> Result<(Value, TensorMap)> {
+    let path = crate::io::hub::resolve(spec, opts.variant.as_deref())
+        .map_err(|e| Error::Invalid(format!("--model {spec}: {e}")))?;
+    if path.is_dir() {
+        let dir = path.join("unet");
+        let config: Value = read_json(&dir.join("config.json"))?;
+        let mut tensors = TensorMap::new();
+        for file in find_safetensors(&dir, DIFFUSERS_STEM)? {
+            tensors.extend(Checkpoint::open(&file)?.load_where(|_| true)?);
+        }
+        return Ok((config, tensors));
+    }
+    if !path.is_file() {
+        return Err(Error::Invalid(format!("--model {spec}: no such file or folder")));
+    }
+    let sd_opts = SdOptions { prediction_type: opts.prediction_type, config_dir: opts.config_dir.clone() };
+    let c = load_sd_checkpoint_with(&path, &sd_opts)?;
+    Ok((c.unet.config, c.unet.tensors))
 }
 
 /// Builds the ControlNet of `unet_config` / `unet` (a UNet's config.json value and its tensors by diffusers
@@ -232,7 +258,6 @@ fn uniform(rng: &mut TorchGenerator, n: usize, from: f64, to: f64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::weights::read_json;
     use std::path::PathBuf;
 
     fn repo(rel: &str) -> PathBuf {
