@@ -13,6 +13,8 @@
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
 pub mod checkpoint;
 pub mod dataset;
+#[cfg(test)]
+mod gradcheck;
 pub mod init;
 pub mod objective;
 pub mod optimizer;
