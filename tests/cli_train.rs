@@ -64,7 +64,8 @@ fn init_train_resume_generate() {
     };
     let out = train(&["--controlnet", cn_s, "--max-steps", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    for f in ["controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "loss.png", "train_config.json"]
+    for f in
+        ["controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "loss.png", "train_config.json"]
     {
         assert!(run.join(f).is_file(), "{f} missing");
     }

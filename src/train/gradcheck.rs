@@ -78,7 +78,7 @@ fn check(what: &str, (h, tolerance): (f64, f64), map: &VarMap, inputs: &[(&str, 
         let original = values(v.as_tensor());
         for _ in 0..SAMPLES.min(original.len()) {
             let i = (rng.next() % original.len() as u64) as usize;
-            let mut at = |delta: f64| -> f64 {
+            let at = |delta: f64| -> f64 {
                 let mut p = original.clone();
                 p[i] += delta;
                 v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu).unwrap()).unwrap();
