@@ -6,9 +6,11 @@
 //! summed, clipped to `max_grad_norm`, and AdamW updates the trainable tensors at the warm-up learning rate
 //! of that update.
 //!
-//! Randomness comes from two torch-compatible generators, both seeded with `--seed` and both saved in every
-//! checkpoint: the *data* generator shuffles each epoch (torch's `randperm` algorithm), drops captions
-//! (`--proportion-empty-prompts`) and picks one of several captions; the *noise* generator draws each
+//! Randomness comes from two torch-compatible generators, both saved in every checkpoint: the *noise*
+//! generator, seeded with `--seed`, and the *data* generator, seeded with `--seed` + [`DATA_SEED_OFFSET`] (the
+//! engine reads only the seed's low 32 bits; equal seeds would make the two streams the same numbers). The data
+//! generator shuffles each epoch (torch's `randperm` algorithm), drops captions
+//! (`--proportion-empty-prompts`) and picks one of several captions; the noise generator draws each
 //! micro-batch's posterior noise, noise and timesteps in diffusers' order. With the weights, the optimizer's
 //! moments and step counts, the epoch's order and the position in it, a resumed run continues exactly: N
 //! updates, a checkpoint, resume, N more give the same weights as 2N in one run (tested).
@@ -51,6 +53,9 @@ const CK_CONTROLNET: &str = "controlnet";
 const CK_UNET_DECODER: &str = "unet_decoder.safetensors";
 const CK_OPTIMIZER: &str = "optimizer.safetensors";
 const CK_STATE: &str = "state.json";
+/// Added to `--seed` for the data generator (shuffling, caption dropping): the golden-ratio constant's high
+/// word, so the two generators' low 32-bit seeds always differ.
+pub const DATA_SEED_OFFSET: u64 = 0x9E37_79B9;
 /// Prefix of the UNet's trainable tensors among the run's parameters.
 const UNET_PREFIX: &str = "unet.";
 
@@ -300,7 +305,7 @@ impl Trainer {
         };
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
-        let mut data_rng = TorchGenerator::new(settings.seed);
+        let mut data_rng = TorchGenerator::new(settings.seed.wrapping_add(DATA_SEED_OFFSET));
         let order = randperm(dataset.len(), &mut data_rng);
         let state = TrainState {
             step: 0,
