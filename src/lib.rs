@@ -9,6 +9,7 @@
 //! - [`io`]: weights, model folders, images.
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
 //! - [`synthetic`]: made-up datasets (the demo's circles).
+//! - [`train`]: training ControlNets on your own data.
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
 pub mod cli;
@@ -20,5 +21,6 @@ pub mod rng;
 pub mod schedulers;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

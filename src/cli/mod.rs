@@ -7,8 +7,10 @@ pub mod annotate;
 pub mod convert;
 pub mod dataset;
 pub mod generate;
+pub mod init;
 pub mod inspect;
 pub mod reproduce;
+pub mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "controlnet", version, about = "ControlNet for Stable Diffusion, in one Rust binary")]
@@ -31,6 +33,10 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Make control maps (canny edges, lineart, shuffle, ...) from an image or a folder of images.
     Annotate(annotate::AnnotateArgs),
+    /// Make a new, untrained ControlNet from a base model's UNet (encoder copied, zero convolutions).
+    Init(init::InitArgs),
+    /// Train a ControlNet on your own (target image, condition, caption) data.
+    Train(train::TrainArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -49,6 +55,8 @@ pub fn main() -> ExitCode {
         Command::Dataset(args) => dataset::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Init(args) => init::run(args),
+        Command::Train(args) => train::run(args),
         Command::Annotate(args) => match annotate::run(args) {
             Ok(code) => return code,
             Err(e) => Err(e.into()),

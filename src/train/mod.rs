@@ -1,0 +1,23 @@
+//! Training a ControlNet on your own data, as diffusers' `examples/controlnet/train_controlnet.py` and the
+//! original `tool_add_control.py` + `train.md` do it: the base model stays locked, a trainable copy of its
+//! encoder reads the condition, and zero convolutions make the first step start exactly from the base model.
+//!
+//! - [`init`]: a new ControlNet from a base UNet (encoder copied, zero convolutions, hint encoder drawn).
+//! - [`dataset`]: fill50k-style `prompt.json` or `metadata.jsonl` folders, checked up front, resized and cropped
+//!   as diffusers' transforms do.
+//! - [`params`]: which tensors train (Vars) and which stay plain tensors (no gradient is ever computed for them).
+//! - [`objective`]: one step's loss (VAE latents, noise, timesteps, ControlNet → locked UNet → MSE).
+//! - [`optimizer`]: torch's AdamW and `clip_grad_norm_`, with state that checkpoints round-trip.
+//! - [`checkpoint`]: atomic checkpoints with a checksummed manifest; resume continues bit for bit.
+//! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
+//! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
+pub mod checkpoint;
+pub mod dataset;
+#[cfg(test)]
+mod gradcheck;
+pub mod init;
+pub mod objective;
+pub mod optimizer;
+pub mod params;
+pub mod trainer;
+pub mod validation;

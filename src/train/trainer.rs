@@ -1,0 +1,890 @@
+//! The training loop: batches in a seeded shuffled order, gradient accumulation, clipping, AdamW with a
+//! warm-up, checkpoints that resume exactly, the loss log, validation images and Ctrl-C.
+//!
+//! One *update* (a "step" in diffusers' progress bar) is `gradient_accumulation_steps` micro-batches: each
+//! micro-batch's loss is divided by that number before `backward` (as `accelerate` does), the gradients are
+//! summed, clipped to `max_grad_norm`, and AdamW updates the trainable tensors at the warm-up learning rate
+//! of that update.
+//!
+//! Randomness comes from two torch-compatible generators, both saved in every checkpoint: the *noise*
+//! generator, seeded with `--seed`, and the *data* generator, seeded with `--seed` + [`DATA_SEED_OFFSET`] (the
+//! engine reads only the seed's low 32 bits; equal seeds would make the two streams the same numbers). The data
+//! generator shuffles each epoch (torch's `randperm` algorithm), drops captions
+//! (`--proportion-empty-prompts`) and picks one of several captions; the noise generator draws each
+//! micro-batch's posterior noise, noise and timesteps in diffusers' order. With the weights, the optimizer's
+//! moments and step counts, the epoch's order and the position in it, a resumed run continues exactly: N
+//! updates, a checkpoint, resume, N more give the same weights as 2N in one run (tested).
+//!
+//! Differences from diffusers' script, on purpose: an update always takes `gradient_accumulation_steps`
+//! micro-batches (continuing into the next epoch; `accelerate` also closes an update at an epoch's end),
+//! and the logged loss is the mean over the update's micro-batches (the script logs the last one's).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::checkpoint::{self, Entry};
+use super::dataset::{condition_tensor, resize_center_crop, Dataset};
+use super::objective::{encode_prompts, encode_targets, Draws, Objective};
+use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
+use super::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap, DECODER_PREFIXES};
+use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
+use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::model::vae::DiagonalGaussian;
+use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
+use crate::rng::{GeneratorState, TorchGenerator};
+use crate::schedulers::SchedulerKind;
+use crate::{Error, Result};
+
+/// Files of a run folder.
+pub const LOSS_LOG: &str = "loss.jsonl";
+pub const LOSS_CURVE: &str = "loss.png";
+pub const VALIDATION_LOG: &str = "validation.jsonl";
+pub const VALIDATION_DIR: &str = "validation";
+pub const RESULT_DIR: &str = "controlnet";
+pub const RESULT_UNET_DIR: &str = "unet";
+/// Files inside a checkpoint.
+const CK_CONTROLNET: &str = "controlnet";
+const CK_UNET_DECODER: &str = "unet_decoder.safetensors";
+const CK_OPTIMIZER: &str = "optimizer.safetensors";
+const CK_STATE: &str = "state.json";
+/// Added to `--seed` for the data generator (shuffling, caption dropping): the golden-ratio constant's high
+/// word, so the two generators' low 32-bit seeds always differ.
+pub const DATA_SEED_OFFSET: u64 = 0x9E37_79B9;
+/// Prefix of the UNet's trainable tensors among the run's parameters.
+const UNET_PREFIX: &str = "unet.";
+
+/// Everything that shapes the training trajectory, plus bookkeeping. Saved with each checkpoint; a resumed run
+/// must agree on the fields [`TrainSettings::trajectory_mismatch`] compares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Images are resized and centre-cropped to this square size (a multiple of 8).
+    pub resolution: u32,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer updates of the whole run.
+    pub max_steps: u64,
+    pub seed: u64,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub lr_warmup_steps: usize,
+    /// Share of captions replaced by "" (so the ControlNet learns to read the condition alone).
+    pub proportion_empty_prompts: f64,
+    pub unlock_decoder: bool,
+    pub only_mid_control: bool,
+    /// Keep VAE posteriors, conditions and text embeddings in memory.
+    pub cache: bool,
+    /// Save a checkpoint every this many updates (0: only at the end and on Ctrl-C).
+    pub checkpointing_steps: u64,
+    /// Keep only the newest checkpoints.
+    pub checkpoints_total_limit: Option<usize>,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            resolution: 512,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            max_steps: 1000,
+            seed: 0,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            lr_warmup_steps: 0,
+            proportion_empty_prompts: 0.5,
+            unlock_decoder: false,
+            only_mid_control: false,
+            cache: false,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: None,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// Checks ranges; messages name the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
+            return bad(format!("--resolution {} must be a positive multiple of 8", self.resolution));
+        }
+        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("--batch-size and --gradient-accumulation-steps must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
+            return bad(format!("--proportion-empty-prompts {} must lie in [0, 1]", self.proportion_empty_prompts));
+        }
+        if !(self.adamw.lr.is_finite() && self.adamw.lr >= 0.0) {
+            return bad(format!("--learning-rate {} must be a finite number >= 0", self.adamw.lr));
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
+            return bad(format!("--max-grad-norm {} must be positive", self.max_grad_norm));
+        }
+        Ok(())
+    }
+
+    /// The first setting a resumed run changed that would change the trajectory, if any.
+    pub fn trajectory_mismatch(&self, saved: &TrainSettings) -> Option<String> {
+        let fields: [(&str, String, String); 10] = [
+            ("resolution", self.resolution.to_string(), saved.resolution.to_string()),
+            ("batch-size", self.batch_size.to_string(), saved.batch_size.to_string()),
+            (
+                "gradient-accumulation-steps",
+                self.gradient_accumulation_steps.to_string(),
+                saved.gradient_accumulation_steps.to_string(),
+            ),
+            ("seed", self.seed.to_string(), saved.seed.to_string()),
+            ("AdamW settings", format!("{:?}", self.adamw), format!("{:?}", saved.adamw)),
+            ("max-grad-norm", self.max_grad_norm.to_string(), saved.max_grad_norm.to_string()),
+            ("lr-warmup-steps", self.lr_warmup_steps.to_string(), saved.lr_warmup_steps.to_string()),
+            (
+                "proportion-empty-prompts",
+                self.proportion_empty_prompts.to_string(),
+                saved.proportion_empty_prompts.to_string(),
+            ),
+            ("unlock-decoder", self.unlock_decoder.to_string(), saved.unlock_decoder.to_string()),
+            ("only-mid-control", self.only_mid_control.to_string(), saved.only_mid_control.to_string()),
+        ];
+        fields
+            .into_iter()
+            .find(|(_, a, b)| a != b)
+            .map(|(name, now, then)| format!("--{name} is {now} but the checkpoint was trained with {then}"))
+    }
+}
+
+/// Validation: (condition image, prompt) pairs generated every `every` updates.
+#[derive(Debug, Clone)]
+pub struct ValidationSettings {
+    pub pairs: Vec<(PathBuf, String)>,
+    pub every: u64,
+    pub num_images: usize,
+    pub inference_steps: usize,
+    pub guidance: f64,
+    /// Score each image with the canny fidelity (for edge conditions).
+    pub canny_fidelity: bool,
+}
+
+/// Where the run is: saved in each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer updates done.
+    pub step: u64,
+    pub epoch: u64,
+    /// This epoch's example order and how far it has been read.
+    pub order: Vec<usize>,
+    pub cursor: usize,
+    pub data_rng: GeneratorState,
+    pub noise_rng: GeneratorState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedState {
+    state: TrainState,
+    optimizer: AdamWSteps,
+    settings: TrainSettings,
+    dataset_len: usize,
+}
+
+/// What one update did (for the progress bar and the log).
+#[derive(Debug, Clone)]
+pub struct UpdateReport {
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_second: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// `max_steps` reached; the result folder was written.
+    Finished,
+    /// Stopped by the stop flag (Ctrl-C) after saving a checkpoint at this step.
+    Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+/// The inputs of a run, loaded by the caller.
+pub struct RunInputs {
+    /// The base pipeline (its UNet is used as is when the decoder stays locked).
+    pub sd: StableDiffusion,
+    /// The base UNet's `config.json` value and tensors: needed only with `unlock_decoder`.
+    pub unet: Option<(Value, TensorMap)>,
+    /// The ControlNet to train: `config.json` value and tensors.
+    pub controlnet_config: Value,
+    pub controlnet: TensorMap,
+    pub dataset: Dataset,
+    pub settings: TrainSettings,
+    pub validation: Option<ValidationSettings>,
+    pub run_dir: PathBuf,
+}
+
+/// In-memory copies for `--cache`.
+#[derive(Default)]
+struct Cache {
+    /// Per example: VAE posterior mean and log-variance (1, 4, h, w), condition (3, r, r).
+    examples: Vec<(Tensor, Tensor, Tensor)>,
+    /// Text embeddings (1, 77, D) by caption.
+    text: HashMap<String, Tensor>,
+}
+
+pub struct Trainer {
+    sd: StableDiffusion,
+    unet_config: Value,
+    /// The UNet's locked tensors (only with an unlocked decoder: to rebuild inference copies and the result).
+    unet_locked: Option<TensorMap>,
+    controlnet: ControlNetModel,
+    controlnet_config: Value,
+    /// ControlNet tensors by name, the UNet's decoder as `unet.<name>`.
+    params: Params,
+    optimizer: AdamW,
+    objective: Objective,
+    dataset: Dataset,
+    settings: TrainSettings,
+    validation: Option<ValidationSettings>,
+    state: TrainState,
+    cache: Option<Cache>,
+    run_dir: PathBuf,
+    device: Device,
+    last_checkpoint: Option<u64>,
+}
+
+/// torch's CPU `randperm(n, generator)`: from the identity, swap element i with one drawn from [i, n).
+pub fn randperm(n: usize, rng: &mut TorchGenerator) -> Vec<usize> {
+    let mut r: Vec<usize> = (0..n).collect();
+    for i in 0..n.saturating_sub(1) {
+        let z = rng.random() as usize % (n - i);
+        r.swap(i, z + i);
+    }
+    r
+}
+
+impl Trainer {
+    /// Sets up a new run (state at step 0).
+    pub fn new(inputs: RunInputs) -> Result<Self> {
+        let RunInputs { mut sd, unet, controlnet_config, controlnet, dataset, settings, validation, run_dir } = inputs;
+        settings.validate()?;
+        let device = sd.unet.device().clone();
+        let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
+            .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
+        if cn_config.conditioning_channels != 3 {
+            return Err(Error::Invalid(format!(
+                "this ControlNet reads {}-channel conditions; training reads RGB condition images (3 channels)",
+                cn_config.conditioning_channels
+            )));
+        }
+        let (controlnet, mut params) = trainable_controlnet(&cn_config, controlnet, &device)?;
+        controlnet.check_compatible(sd.unet.config())?;
+        let mut unet_locked = None;
+        let unet_config = match unet {
+            Some((config_json, tensors)) => {
+                let config: UNet2DConditionConfig = serde_json::from_value(config_json.clone())
+                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
+                if settings.unlock_decoder {
+                    let locked: TensorMap = tensors
+                        .iter()
+                        .filter(|(k, _)| !DECODER_PREFIXES.iter().any(|p| k.starts_with(p)))
+                        .map(|(k, t)| (k.clone(), t.clone()))
+                        .collect();
+                    let (unet, decoder) = unet_with_decoder(&config, tensors, true, &device)?;
+                    sd.unet = unet;
+                    params = params.merged(decoder, UNET_PREFIX);
+                    unet_locked = Some(locked);
+                }
+                config_json
+            }
+            None if settings.unlock_decoder => {
+                return Err(Error::Invalid("internal: --unlock-decoder needs the UNet's tensors".into()))
+            }
+            None => Value::Null,
+        };
+        let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
+        objective.only_mid_control = settings.only_mid_control;
+        let mut data_rng = TorchGenerator::new(settings.seed.wrapping_add(DATA_SEED_OFFSET));
+        let order = randperm(dataset.len(), &mut data_rng);
+        let state = TrainState {
+            step: 0,
+            epoch: 0,
+            order,
+            cursor: 0,
+            data_rng: data_rng.state(),
+            noise_rng: TorchGenerator::new(settings.seed).state(),
+        };
+        Ok(Self {
+            sd,
+            unet_config,
+            unet_locked,
+            controlnet,
+            controlnet_config,
+            params,
+            optimizer: AdamW::new(settings.adamw),
+            objective,
+            dataset,
+            settings,
+            validation,
+            state,
+            cache: None,
+            run_dir,
+            device,
+            last_checkpoint: None,
+        })
+    }
+
+    /// Continues from a checkpoint folder: weights, optimizer moments and steps, data order and position, both
+    /// generators. Settings that change the trajectory must match the checkpoint's.
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::verify(dir)?;
+        let saved: SavedState = serde_json::from_value(checkpoint::read_json(dir, CK_STATE)?)
+            .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
+        if let Some(msg) = self.settings.trajectory_mismatch(&saved.settings) {
+            return Err(Error::Invalid(format!("cannot resume from {}: {msg}", dir.display())));
+        }
+        if saved.dataset_len != self.dataset.len() {
+            return Err(Error::Invalid(format!(
+                "cannot resume from {}: the dataset had {} examples, now {}",
+                dir.display(),
+                saved.dataset_len,
+                self.dataset.len()
+            )));
+        }
+        let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
+        let mut tensors = checkpoint::read_tensors(dir, &cn_file)?;
+        if self.settings.unlock_decoder {
+            for (k, t) in checkpoint::read_tensors(dir, CK_UNET_DECODER)? {
+                tensors.insert(format!("{UNET_PREFIX}{k}"), t);
+            }
+        }
+        self.params.load(&tensors, dir)?;
+        let moments = checkpoint::read_tensors(dir, CK_OPTIMIZER)?;
+        let moments =
+            moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&self.device)?))).collect::<Result<TensorMap>>()?;
+        self.optimizer = AdamW::from_state(&moments, &saved.optimizer, dir)?;
+        self.optimizer.config = self.settings.adamw;
+        TorchGenerator::from_state(&saved.state.data_rng)?;
+        TorchGenerator::from_state(&saved.state.noise_rng)?;
+        self.state = saved.state;
+        self.last_checkpoint = Some(self.state.step);
+        Ok(())
+    }
+
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Encodes every example's target and condition, and every caption, once (`--cache`).
+    pub fn fill_cache(&mut self, on_progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        let mut cache = Cache::default();
+        let n = self.dataset.len();
+        for i in 0..n {
+            let s = self.dataset.load(i, self.settings.resolution, &self.device)?;
+            let p = encode_targets(&self.sd.vae, &s.pixel_values.unsqueeze(0)?)?;
+            cache.examples.push((p.mean, p.logvar, s.condition));
+            on_progress(i + 1, n);
+        }
+        let mut captions: Vec<String> = vec![String::new()];
+        captions.extend(self.dataset.examples.iter().flat_map(|e| e.captions.iter().cloned()));
+        for c in captions {
+            if let std::collections::hash_map::Entry::Vacant(slot) = cache.text.entry(c) {
+                let prompt = [slot.key().clone()];
+                let t = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, &prompt, &self.device)?;
+                slot.insert(t);
+            }
+        }
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    /// The next micro-batch's example indices, starting a new shuffled epoch when one is used up.
+    fn next_indices(&mut self, data_rng: &mut TorchGenerator) -> Vec<usize> {
+        if self.state.cursor >= self.state.order.len() {
+            self.state.epoch += 1;
+            self.state.order = randperm(self.dataset.len(), data_rng);
+            self.state.cursor = 0;
+        }
+        let end = (self.state.cursor + self.settings.batch_size).min(self.state.order.len());
+        let idx = self.state.order[self.state.cursor..end].to_vec();
+        self.state.cursor = end;
+        idx
+    }
+
+    /// Captions for a micro-batch: "" with probability `proportion_empty_prompts`, else one of the example's.
+    fn captions(&self, indices: &[usize], data_rng: &mut TorchGenerator) -> Vec<String> {
+        let p = self.settings.proportion_empty_prompts;
+        indices
+            .iter()
+            .map(|&i| {
+                let caps = &self.dataset.examples[i].captions;
+                if f64::from(data_rng.rand(1)[0]) < p {
+                    String::new()
+                } else if caps.len() == 1 {
+                    caps[0].clone()
+                } else {
+                    caps[data_rng.randint(0, caps.len() as i64, 1)[0] as usize].clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Posterior, text embeddings and conditions of a micro-batch (from the cache, or computed now).
+    fn inputs(&self, indices: &[usize], captions: &[String]) -> Result<(DiagonalGaussian, Tensor, Tensor)> {
+        if let Some(cache) = &self.cache {
+            let pick = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
+                let parts: Vec<&Tensor> = indices.iter().map(|&i| f(&cache.examples[i])).collect();
+                Ok(Tensor::cat(&parts, 0)?)
+            };
+            let posterior = DiagonalGaussian { mean: pick(|e| &e.0)?, logvar: pick(|e| &e.1)? };
+            let conds: Vec<Tensor> =
+                indices.iter().map(|&i| cache.examples[i].2.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
+            let texts: Vec<&Tensor> = captions.iter().map(|c| &cache.text[c]).collect();
+            return Ok((posterior, Tensor::cat(&texts, 0)?, Tensor::cat(&conds, 0)?));
+        }
+        let samples = indices
+            .iter()
+            .map(|&i| self.dataset.load(i, self.settings.resolution, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let pixels = Tensor::stack(&samples.iter().map(|s| &s.pixel_values).collect::<Vec<_>>(), 0)?;
+        let conds = Tensor::stack(&samples.iter().map(|s| &s.condition).collect::<Vec<_>>(), 0)?;
+        let posterior = encode_targets(&self.sd.vae, &pixels)?;
+        let text = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, captions, &self.device)?;
+        Ok((posterior, text, conds))
+    }
+
+    /// One optimizer update (`gradient_accumulation_steps` micro-batches).
+    pub fn update(&mut self) -> Result<UpdateReport> {
+        let start = Instant::now();
+        let mut data_rng = TorchGenerator::from_state(&self.state.data_rng)?;
+        let mut noise_rng = TorchGenerator::from_state(&self.state.noise_rng)?;
+        let accum = self.settings.gradient_accumulation_steps;
+        let scaling = self.sd.vae.config().scaling_factor;
+        let mut grads = Grads::default();
+        let mut loss_sum = 0f64;
+        let mut samples = 0usize;
+        for _ in 0..accum {
+            let indices = self.next_indices(&mut data_rng);
+            let captions = self.captions(&indices, &mut data_rng);
+            let (posterior, text, cond) = self.inputs(&indices, &captions)?;
+            let draws =
+                Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
+            let out =
+                self.objective.loss(&self.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
+            let loss: f32 = out.loss.to_dtype(DType::F32)?.to_scalar()?;
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "the loss is {loss} at update {}: training diverged (lower --learning-rate?)",
+                    self.state.step + 1
+                )));
+            }
+            let store = (out.loss / accum as f64)?.backward()?;
+            grads.accumulate(&self.params, &store, 1.0)?;
+            loss_sum += f64::from(loss);
+            samples += indices.len();
+        }
+        let grad_norm = grads.clip_norm(self.settings.max_grad_norm)?;
+        let lr = warmup_lr(self.settings.adamw.lr, self.settings.lr_warmup_steps, self.state.step as usize);
+        self.optimizer.step(&self.params, &grads, lr)?;
+        self.state.step += 1;
+        self.state.data_rng = data_rng.state();
+        self.state.noise_rng = noise_rng.state();
+        let report = UpdateReport {
+            step: self.state.step,
+            loss: (loss_sum / accum as f64) as f32,
+            lr,
+            grad_norm,
+            samples_per_second: samples as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        };
+        let record = LossRecord { step: report.step, loss: report.loss, lr, grad_norm, epoch: self.state.epoch };
+        validation::append_jsonl(&self.run_dir.join(LOSS_LOG), &record)?;
+        Ok(report)
+    }
+
+    /// Runs until `max_steps` (checkpoints, validation and the loss curve on their schedules) or until `stop`
+    /// is set, which saves a checkpoint and returns [`RunEnd::Interrupted`].
+    pub fn run(&mut self, stop: &AtomicBool, on_update: &mut dyn FnMut(&UpdateReport)) -> Result<RunEnd> {
+        std::fs::create_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
+        // Log lines after the restored step belong to the abandoned continuation.
+        validation::truncate_log(&self.run_dir.join(LOSS_LOG), self.state.step)?;
+        validation::truncate_log(&self.run_dir.join(VALIDATION_LOG), self.state.step)?;
+        while self.state.step < self.settings.max_steps {
+            if stop.load(Ordering::SeqCst) {
+                let checkpoint = self.save_checkpoint()?;
+                return Ok(RunEnd::Interrupted { step: self.state.step, checkpoint });
+            }
+            let report = self.update()?;
+            on_update(&report);
+            let step = self.state.step;
+            let every = self.settings.checkpointing_steps;
+            if every > 0 && step.is_multiple_of(every) {
+                self.save_checkpoint()?;
+                self.write_loss_curve()?;
+            }
+            if let Some(v) = &self.validation {
+                if v.every > 0 && step.is_multiple_of(v.every) {
+                    self.validate()?;
+                }
+            }
+        }
+        if self.last_checkpoint != Some(self.state.step) {
+            self.save_checkpoint()?;
+        }
+        self.write_loss_curve()?;
+        self.save_result()?;
+        Ok(RunEnd::Finished)
+    }
+
+    /// Writes `checkpoint-<step>` (skipped if it exists from this run already) and applies the retention limit.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let step = self.state.step;
+        if self.last_checkpoint == Some(step) {
+            let dir = checkpoint::checkpoint_dir(&self.run_dir, step);
+            if checkpoint::verify(&dir).is_ok() {
+                return Ok(dir);
+            }
+        }
+        let snapshot = self.params.snapshot()?;
+        let controlnet: TensorMap =
+            snapshot.iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).map(|(k, t)| (k.clone(), t.clone())).collect();
+        let decoder: TensorMap = snapshot
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(UNET_PREFIX).map(|k| (k.to_string(), t.clone())))
+            .collect();
+        let (moments, steps) = self.optimizer.state();
+        let saved = SavedState {
+            state: self.state.clone(),
+            optimizer: steps,
+            settings: self.settings.clone(),
+            dataset_len: self.dataset.len(),
+        };
+        let saved = serde_json::to_value(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
+        let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
+        let cn_config_file = format!("{CK_CONTROLNET}/config.json");
+        let mut entries = vec![
+            Entry::Tensors(&cn_file, &controlnet),
+            Entry::Json(&cn_config_file, &self.controlnet_config),
+            Entry::Tensors(CK_OPTIMIZER, &moments),
+            Entry::Json(CK_STATE, &saved),
+        ];
+        if self.settings.unlock_decoder {
+            entries.push(Entry::Tensors(CK_UNET_DECODER, &decoder));
+        }
+        let dir = checkpoint::save(&self.run_dir, step, &entries, self.settings.checkpoints_total_limit)?;
+        self.last_checkpoint = Some(step);
+        Ok(dir)
+    }
+
+    /// `RUN_DIR/controlnet` (and `RUN_DIR/unet` with an unlocked decoder): diffusers folders.
+    pub fn save_result(&self) -> Result<PathBuf> {
+        let out = self.run_dir.join(RESULT_DIR);
+        checkpoint::write_diffusers_folder(&out, &self.controlnet_config, &self.controlnet_tensors()?)?;
+        if let Some(locked) = &self.unet_locked {
+            let mut all = locked.clone();
+            for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
+                all.insert(k, t);
+            }
+            checkpoint::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.unet_config, &all)?;
+        }
+        Ok(out)
+    }
+
+    fn controlnet_tensors(&self) -> Result<TensorMap> {
+        Ok(self.params.snapshot()?.into_iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).collect())
+    }
+
+    /// Redraws `loss.png` from `loss.jsonl`.
+    pub fn write_loss_curve(&self) -> Result<()> {
+        let records = validation::read_loss_log(&self.run_dir.join(LOSS_LOG))?;
+        crate::io::images::save_png(&self.run_dir.join(LOSS_CURVE), &validation::loss_curve(&records), &[])
+    }
+
+    /// Generates the validation pairs with the current weights: `validation/step-<N>.png` (one row per pair:
+    /// the condition, then the images) and a line per pair in `validation.jsonl`. Returns the grid's path.
+    pub fn validate(&mut self) -> Result<Option<PathBuf>> {
+        let Some(v) = self.validation.clone() else { return Ok(None) };
+        // Inference copies, detached from the graph (generation must not record 20 steps of activations).
+        let cn_config: ControlNetConfig = serde_json::from_value(self.controlnet_config.clone())
+            .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
+        let tensors = self.controlnet_tensors()?;
+        let net =
+            ControlNetModel::new(&cn_config, candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &self.device))?;
+        let trained_unet = match &self.unet_locked {
+            Some(locked) => {
+                let mut all = locked.clone();
+                for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
+                    all.insert(k, t);
+                }
+                let config: UNet2DConditionConfig = serde_json::from_value(self.unet_config.clone())
+                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
+                Some(UNet2DConditionModel::new(
+                    &config,
+                    candle_nn::VarBuilder::from_tensors(all, DType::F32, &self.device),
+                )?)
+            }
+            None => None,
+        };
+        let training_unet = trained_unet.map(|u| std::mem::replace(&mut self.sd.unet, u));
+        let result = self.generate_validation(&v, &net);
+        if let Some(u) = training_unet {
+            self.sd.unet = u;
+        }
+        let (rows, records) = result?;
+        let dir = self.run_dir.join(VALIDATION_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("step-{}.png", self.state.step));
+        crate::io::images::save_png(&path, &validation::image_grid(&rows), &[])?;
+        for r in &records {
+            validation::append_jsonl(&self.run_dir.join(VALIDATION_LOG), r)?;
+        }
+        Ok(Some(path))
+    }
+
+    fn generate_validation(
+        &self,
+        v: &ValidationSettings,
+        net: &ControlNetModel,
+    ) -> Result<(Vec<Vec<image::RgbImage>>, Vec<ValidationRecord>)> {
+        let r = self.settings.resolution;
+        let mut rows = Vec::new();
+        let mut records = Vec::new();
+        for (cond_path, prompt) in &v.pairs {
+            let cond_img = resize_center_crop(&crate::io::images::load_rgb(cond_path)?, r);
+            let image = condition_tensor(&cond_img, &self.device)?.unsqueeze(0)?;
+            let control = Control { net, image, scale: 1.0, start: 0.0, end: 1.0 };
+            let params = GenerateParams {
+                prompt: prompt.clone(),
+                negative_prompt: String::new(),
+                width: r as usize,
+                height: r as usize,
+                steps: v.inference_steps,
+                guidance: v.guidance,
+                scheduler: Some(SchedulerKind::UniPc),
+                seed: self.settings.seed,
+                num_images: v.num_images,
+                guess_mode: false,
+            };
+            let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
+            let fidelity: Vec<Fidelity> = if v.canny_fidelity {
+                out.images.iter().map(|img| validation::canny_fidelity(img, &cond_img)).collect()
+            } else {
+                Vec::new()
+            };
+            let mut row = vec![cond_img];
+            row.extend(out.images);
+            rows.push(row);
+            records.push(ValidationRecord {
+                step: self.state.step,
+                condition: cond_path.clone(),
+                prompt: prompt.clone(),
+                fidelity,
+            });
+        }
+        Ok((rows, records))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::io::weights::read_json;
+    use crate::train::init::{controlnet_from_unet, InitOptions};
+
+    const TINY_SD15: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15");
+
+    /// A small fill50k-style dataset: discs of different colours and places (targets) and their rings
+    /// (conditions), 40×32 px so the resize and the crop both act.
+    pub(crate) fn synthetic_dataset(dir: &Path, n: usize) -> PathBuf {
+        std::fs::create_dir_all(dir.join("source")).unwrap();
+        std::fs::create_dir_all(dir.join("target")).unwrap();
+        let mut lines = String::new();
+        for i in 0..n {
+            let (cx, cy, r) = (12.0 + 4.0 * i as f32, 14.0 + 2.0 * (i % 3) as f32, 7.0 + (i % 2) as f32 * 2.0);
+            let colour = [[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 200, 30]][i % 4];
+            let dist = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+            let target = image::RgbImage::from_fn(40, 32, |x, y| {
+                image::Rgb(if dist(x, y) < r { colour } else { [235, 235, 235] })
+            });
+            let source = image::RgbImage::from_fn(40, 32, |x, y| {
+                image::Rgb(if (dist(x, y) - r).abs() < 1.0 { [255; 3] } else { [0; 3] })
+            });
+            target.save(dir.join(format!("target/{i}.png"))).unwrap();
+            source.save(dir.join(format!("source/{i}.png"))).unwrap();
+            let colour_name = ["red", "green", "blue", "yellow"][i % 4];
+            lines += &format!(
+                "{{\"source\": \"source/{i}.png\", \"target\": \"target/{i}.png\", \"prompt\": \"a {colour_name} circle\"}}\n"
+            );
+        }
+        std::fs::write(dir.join("prompt.json"), lines).unwrap();
+        dir.to_path_buf()
+    }
+
+    pub(crate) fn settings() -> TrainSettings {
+        TrainSettings {
+            resolution: 32,
+            batch_size: 2,
+            max_steps: 4,
+            seed: 3,
+            adamw: AdamWConfig { lr: 1e-4, ..Default::default() },
+            lr_warmup_steps: 1,
+            checkpointing_steps: 0,
+            ..Default::default()
+        }
+    }
+
+    fn trainer(data: &Path, run_dir: &Path, settings: TrainSettings) -> Trainer {
+        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let unet_dir = Path::new(TINY_SD15).join("unet");
+        let unet_config: Value = read_json(&unet_dir.join("config.json")).unwrap();
+        let unet_tensors =
+            candle_core::safetensors::load(unet_dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+        let new = controlnet_from_unet(&unet_config, &unet_tensors, &InitOptions::default()).unwrap();
+        let unet = settings.unlock_decoder.then_some((unet_config, unet_tensors));
+        Trainer::new(RunInputs {
+            sd,
+            unet,
+            controlnet_config: new.config,
+            controlnet: new.tensors,
+            dataset: Dataset::open(data).unwrap(),
+            settings,
+            validation: None,
+            run_dir: run_dir.to_path_buf(),
+        })
+        .unwrap()
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+        t.params()
+            .snapshot()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect()
+    }
+
+    fn run(t: &mut Trainer, stop_after: Option<u64>) -> RunEnd {
+        let stop = AtomicBool::new(false);
+        t.run(&stop, &mut |r| {
+            if Some(r.step) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap()
+    }
+
+    /// 4 updates in one run equal: 1 update, Ctrl-C (checkpoint), resume, 3 more; and equal: checkpoints every
+    /// update up to 3 with the newest one corrupted, resume (falls back to 2), 2 more. Bit for bit: weights and
+    /// the logged losses.
+    #[test]
+    fn resumed_runs_equal_an_uninterrupted_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 3);
+        let mut a = trainer(&data, &tmp.path().join("a"), settings());
+        assert_eq!(run(&mut a, None), RunEnd::Finished);
+        let want = weights(&a);
+        let want_log = validation::read_loss_log(&tmp.path().join("a").join(LOSS_LOG)).unwrap();
+        assert_eq!(want_log.len(), 4);
+        // Epochs of 3 examples in batches of 2: the run crossed an epoch boundary.
+        assert!(want_log.last().unwrap().epoch >= 1);
+
+        // Interrupted after update 1, then resumed.
+        let b_dir = tmp.path().join("b");
+        let mut b = trainer(&data, &b_dir, settings());
+        let RunEnd::Interrupted { step: 1, checkpoint } = run(&mut b, Some(1)) else { panic!("not interrupted") };
+        let mut b = trainer(&data, &b_dir, settings());
+        b.restore(&checkpoint).unwrap();
+        assert_eq!(run(&mut b, None), RunEnd::Finished);
+        assert!(weights(&b) == want, "resumed weights differ");
+        assert_eq!(validation::read_loss_log(&b_dir.join(LOSS_LOG)).unwrap(), want_log);
+
+        // Checkpoints every update, the newest corrupted: resume takes the one before.
+        let c_dir = tmp.path().join("c");
+        let mut c = trainer(&data, &c_dir, TrainSettings { max_steps: 3, checkpointing_steps: 1, ..settings() });
+        run(&mut c, None);
+        let bad = checkpoint::checkpoint_dir(&c_dir, 3).join(CK_OPTIMIZER);
+        let mut bytes = std::fs::read(&bad).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&bad, bytes).unwrap();
+        let (found, skipped) = checkpoint::latest_valid(&c_dir).unwrap();
+        let (step, dir) = found.unwrap();
+        assert_eq!((step, skipped.len()), (2, 1));
+        let mut c = trainer(&data, &c_dir, settings());
+        c.restore(&dir).unwrap();
+        assert_eq!(run(&mut c, None), RunEnd::Finished);
+        assert!(weights(&c) == want, "weights after falling back differ");
+    }
+
+    /// A loss on fixed draws and a fixed batch (all examples, their captions) falls after 30 updates.
+    #[test]
+    fn loss_falls_on_a_small_dataset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 4);
+        let s = TrainSettings {
+            max_steps: 30,
+            batch_size: 4,
+            adamw: AdamWConfig { lr: 2e-3, ..Default::default() },
+            proportion_empty_prompts: 0.0,
+            cache: true,
+            ..settings()
+        };
+        let mut t = trainer(&data, &tmp.path().join("run"), s);
+        t.fill_cache(&mut |_, _| {}).unwrap();
+        let eval = |t: &Trainer| -> f32 {
+            let idx: Vec<usize> = (0..4).collect();
+            let captions: Vec<String> = idx.iter().map(|&i| t.dataset.examples[i].captions[0].clone()).collect();
+            let (posterior, text, cond) = t.inputs(&idx, &captions).unwrap();
+            let mut total = 0.0;
+            for seed in 0..4 {
+                let mut rng = TorchGenerator::new(100 + seed);
+                let draws = Draws::draw(&mut rng, posterior.mean.dims(), 1000, &Device::Cpu).unwrap();
+                let scaling = t.sd.vae.config().scaling_factor;
+                let out =
+                    t.objective.loss(&t.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws).unwrap();
+                total += out.loss.to_scalar::<f32>().unwrap();
+            }
+            total / 4.0
+        };
+        let before = eval(&t);
+        run(&mut t, None);
+        let after = eval(&t);
+        eprintln!("fixed-draw loss: {before} -> {after}");
+        assert!(after < 0.9 * before, "loss did not fall: {before} -> {after}");
+        // The result is a diffusers ControlNet folder that loads.
+        let out = tmp.path().join("run").join(RESULT_DIR);
+        ControlNetModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+        assert!(tmp.path().join("run").join(LOSS_CURVE).is_file());
+    }
+
+    /// `--unlock-decoder` trains the UNet's decoder (and writes it), `--only-mid-control` leaves the down zero
+    /// convolutions untouched.
+    #[test]
+    fn unlocked_decoder_and_only_mid_control_train_what_they_say() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 2);
+        let s = TrainSettings { max_steps: 2, unlock_decoder: true, only_mid_control: true, ..settings() };
+        let mut t = trainer(&data, &tmp.path().join("run"), s);
+        let before = t.params().snapshot().unwrap();
+        assert!(before.keys().any(|k| k.starts_with("unet.up_blocks.")));
+        assert!(!before.keys().any(|k| k.starts_with("unet.down_blocks.")));
+        run(&mut t, None);
+        let after = t.params().snapshot().unwrap();
+        let changed = |k: &str| {
+            let d: f32 = (&after[k] - &before[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            d > 0.0
+        };
+        assert!(changed("unet.conv_out.weight") && changed("controlnet_mid_block.weight"));
+        assert!(!changed("controlnet_down_blocks.0.weight"), "only-mid-control trained a down zero convolution");
+        let unet_out = tmp.path().join("run").join(RESULT_UNET_DIR);
+        UNet2DConditionModel::load(&unet_out, DType::F32, &Device::Cpu).unwrap();
+    }
+}
