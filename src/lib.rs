@@ -8,8 +8,10 @@
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
+//! - [`bench`]: speed and memory of the full-size networks with random weights.
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod io;

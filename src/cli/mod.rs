@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod annotate;
+pub mod bench;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
@@ -25,6 +26,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Make control maps (canny edges, lineart, shuffle, ...) from an image or a folder of images.
     Annotate(annotate::AnnotateArgs),
+    /// Measure speed and memory of the full-size UNet, ControlNet and VAE (random weights, no downloads).
+    Bench(bench::BenchArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -41,6 +44,7 @@ pub fn main() -> ExitCode {
         }
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Annotate(args) => match annotate::run(args) {
             Ok(code) => return code,
             Err(e) => Err(e.into()),
