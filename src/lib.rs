@@ -7,6 +7,7 @@
 //! - [`rng`]: a CPU random generator that reproduces `torch.Generator("cpu")`.
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
+//! - [`memory`]: allocator settings the command line uses (large blocks reused between steps).
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
 //! - [`bench`]: speed and memory of the full-size networks with random weights.
 //! - [`cli`]: the `controlnet` command.
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod io;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod rng;

@@ -160,6 +160,10 @@ pub struct BenchReport {
     pub controlnet_embed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vae_decode_s: Option<f64>,
+    /// CPU seconds (all threads) of the median step and decode: less sensitive to other jobs than wall time.
+    pub unet_controlnet_step_cpu_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae_decode_cpu_s: Option<f64>,
     /// Peak resident memory of the whole run (VmHWM).
     pub peak_rss_bytes: u64,
     /// Peak while the UNet and ControlNet were loaded and running (weights included).
@@ -204,22 +208,37 @@ pub fn peak_rss_bytes() -> u64 {
     proc_status_bytes("VmHWM:")
 }
 
+/// CPU seconds (user + system, all threads) this process has used, from /proc/self/stat (0 elsewhere). On a
+/// shared machine this moves less than wall time when other jobs compete for the cores.
+pub fn process_cpu_seconds() -> f64 {
+    /// The kernel reports times in USER_HZ ticks, 100 per second on every Linux ABI.
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime are fields 14, 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / USER_HZ
+}
+
 /// Restarts the peak-RSS counter at the current RSS (Linux: `5` into /proc/self/clear_refs). Returns false where
 /// that is not possible; peaks are then cumulative.
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Runs `f` `1 + iters` times and times all but the first.
-fn timed<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Timing, T)> {
+/// Runs `f` `1 + iters` times and times all but the first: (wall, CPU, last result).
+fn timed<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Timing, Timing, T)> {
     let mut last = f()?;
     let mut samples = Vec::with_capacity(iters);
+    let mut cpu = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
         last = f()?;
         samples.push(start.elapsed().as_secs_f64());
+        cpu.push(process_cpu_seconds() - cpu_start);
     }
-    Ok((Timing::new(samples), last))
+    Ok((Timing::new(samples), Timing::new(cpu), last))
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {
@@ -268,10 +287,11 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
 
     // 3. hint embedding, ControlNet and UNet, and both as one step
     progress("hint embedding");
-    let (embed_t, hint) = timed(opts.iters, || Ok(controlnet.embed_condition(&cond)?))?;
+    let (embed_t, _, hint) = timed(opts.iters, || Ok(controlnet.embed_condition(&cond)?))?;
     let mut cn_samples = Vec::new();
     let mut unet_samples = Vec::new();
     let mut step_samples = Vec::new();
+    let mut step_cpu = Vec::new();
     let mut finite = true;
     for i in 0..=opts.iters {
         progress(&if i == 0 {
@@ -279,7 +299,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         } else {
             format!("UNet + ControlNet step {i}/{}", opts.iters)
         });
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
         let residuals = controlnet.forward(&sample, &timestep, &text, &hint, 1.0, false)?;
         let cn_done = Instant::now();
         let out = unet.forward(&sample, &timestep, &text, Some(&residuals))?;
@@ -288,24 +308,27 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
             cn_samples.push((cn_done - start).as_secs_f64());
             unet_samples.push((done - cn_done).as_secs_f64());
             step_samples.push((done - start).as_secs_f64());
+            step_cpu.push(process_cpu_seconds() - cpu_start);
         }
         finite &= all_finite(&out)?;
     }
     let (cn_t, unet_t, step_t) = (Timing::new(cn_samples), Timing::new(unet_samples), Timing::new(step_samples));
     let peak_unet_cn = peak_rss_bytes();
     drop((unet, controlnet, hint, sample, text, cond));
+    // The command line keeps freed memory for reuse (crate::memory); return it so the VAE's peak is its own.
+    crate::memory::release_free_memory();
 
     // 4. VAE decode of one image
-    let (vae_t, peak_vae) = if opts.skip_vae {
-        (None, None)
+    let (vae_t, vae_cpu, peak_vae) = if opts.skip_vae {
+        (None, None, None)
     } else {
         progress("building the VAE and decoding");
         let reset = reset_peak_rss();
         let vae = AutoencoderKL::new(vae_cfg.clone(), RandomWeights::new(opts.seed).var_builder(dtype, &dev))?;
         let latents = random_input(opts.seed, &[1, vae_cfg.latent_channels, s, s], "latents")?;
-        let (t, image) = timed(opts.iters, || Ok(vae.decode(&latents)?))?;
+        let (t, cpu, image) = timed(opts.iters, || Ok(vae.decode(&latents)?))?;
         finite &= all_finite(&image)?;
-        (Some(t), reset.then(peak_rss_bytes))
+        (Some(t), Some(cpu), reset.then(peak_rss_bytes))
     };
 
     let per_s = |gflop: f64, t: &Timing| gflop / t.median_s;
@@ -338,6 +361,8 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         controlnet_s: cn_t.median_s,
         controlnet_embed_s: embed_t.median_s,
         vae_decode_s: vae_t.as_ref().map(|t| t.median_s),
+        unet_controlnet_step_cpu_s: Timing::new(step_cpu).median_s,
+        vae_decode_cpu_s: vae_cpu.map(|t| t.median_s),
         peak_rss_bytes: peak_rss_bytes().max(peak_unet_cn),
         peak_rss_unet_controlnet_bytes: peak_unet_cn,
         peak_rss_vae_bytes: peak_vae,

@@ -83,6 +83,11 @@ pub fn render(r: &BenchReport) -> String {
     if let Some(v) = r.vae_decode_s {
         row(&format!("VAE decode ({px}x{px}, 1 image)"), v, r.gflop.vae_decode, "vae_decode");
     }
+    let _ = write!(s, "CPU seconds (all threads): step {:.2}", r.unet_controlnet_step_cpu_s);
+    if let Some(v) = r.vae_decode_cpu_s {
+        let _ = write!(s, ", VAE decode {v:.2}");
+    }
+    let _ = writeln!(s);
     let _ = write!(
         s,
         "peak RSS: {} (UNet + ControlNet phase {}",

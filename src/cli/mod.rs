@@ -32,6 +32,8 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     init_tracing();
+    let tuned = crate::memory::reuse_freed_memory();
+    tracing::debug!("malloc keeps freed memory for reuse: {tuned}");
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
