@@ -5,7 +5,9 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{Conv2d, GroupNorm};
+pub use candle_nn::GroupNorm;
+
+use super::ops::conv2d::{conv2d as conv2d_op, Conv2dParams};
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias, keys `weight` / `bias`.
 pub fn conv2d(
@@ -17,7 +19,33 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    let inner = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
+    Ok(Conv2d { inner, params: Conv2dParams { padding, stride } })
+}
+
+/// `nn.Conv2d` with bias, run by [`super::ops::conv2d`] (im2col in NCHW, bias fused) on the CPU.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.inner.bias() {
+            Some(bias) => conv2d_op(x, self.inner.weight(), bias, self.params),
+            None => self.inner.forward(x),
+        }
+    }
 }
 
 /// `nn.Linear(in, out, bias)`.
