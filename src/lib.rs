@@ -7,14 +7,18 @@
 //! - [`rng`]: a CPU random generator that reproduces `torch.Generator("cpu")`.
 //! - [`pipeline`]: the generate recipe (prompt + conditions → image).
 //! - [`io`]: weights, model folders, images.
+//! - [`memory`]: allocator settings the command line uses (large blocks reused between steps).
 //! - [`annotate`]: the annotators that make control maps (canny, shuffle, lineart, ...).
 //! - [`synthetic`]: made-up datasets (the demo's circles).
 //! - [`train`]: training ControlNets on your own data.
+//! - [`bench`]: speed and memory of the full-size networks with random weights.
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod io;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod rng;

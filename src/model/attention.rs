@@ -5,6 +5,10 @@ use candle_nn::VarBuilder;
 
 use super::layers::{group_norm, linear, softmax_last_dim, GroupNorm, Linear};
 
+/// Attention scores materialised at once (elements): queries are processed in blocks so the scores of the
+/// 4096-token self-attention at 512 px (1 GiB for a guided batch of 8 heads) never exist whole.
+const MAX_SCORES: usize = 1 << 24;
+
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionConfig {
     pub query_dim: usize,
@@ -82,14 +86,38 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        // 2. scaled dot products and softmax (in f32 when asked)
+        // 2. scaled dot products, softmax (in f32 when asked) and weighted values, a block of queries at a time
+        let out = self.attend_in_blocks(&q, &k, &v, MAX_SCORES)?;
+        // 3. merge heads, output projection
+        self.to_out.forward(&self.merge_heads(&out)?)
+    }
+
+    /// [`Self::attend`] on blocks of queries whose scores have at most `max_scores` elements (one query at
+    /// least); each query's result does not depend on the others, so the blocks are simply concatenated.
+    fn attend_in_blocks(&self, q: &Tensor, k: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
+        let (bh, n, _) = q.dims3()?;
+        let keys = k.dim(1)?;
+        let block = (max_scores / (bh * keys).max(1)).clamp(1, n.max(1));
+        if block >= n {
+            return self.attend(q, k, v);
+        }
+        let parts = (0..n)
+            .step_by(block)
+            .map(|start| self.attend(&q.narrow(1, start, block.min(n - start))?, k, v))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
+    }
+
+    /// softmax(q kᵀ · scale) v for (batch*heads, queries, dim) q and (batch*heads, keys, dim) k, v.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let dtype = q.dtype();
-        let (q, k) = if self.upcast_attention { (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?) } else { (q, k) };
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        // 3. weighted values, merge heads, output projection
-        let out = self.merge_heads(&probs.matmul(&v)?)?;
-        self.to_out.forward(&out)
+        let (q, k) = if self.upcast_attention {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q.clone(), k.clone())
+        };
+        let probs = softmax_last_dim(&q.matmul(&k.t()?)?, self.scale)?.to_dtype(dtype)?;
+        probs.matmul(v)
     }
 
     /// Self-attention over the pixels of a (batch, channels, height, width) map with a residual connection,
@@ -141,6 +169,30 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-5, "item {i}: {diff}");
         }
+    }
+
+    /// Blocks of queries (5 of 3, 3, 3, 3, 1 rows here) give the result of all queries at once.
+    #[test]
+    fn query_blocks_equal_one_block() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let cfg = AttentionConfig {
+            query_dim: 8,
+            cross_attention_dim: None,
+            heads: 2,
+            dim_head: 4,
+            qkv_bias: false,
+            upcast_attention: false,
+        };
+        let attn = Attention::new(cfg, vb).unwrap();
+        let q = Tensor::randn(0f32, 1., (4, 13, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (4, 6, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (4, 6, 4), &dev).unwrap();
+        let whole = attn.attend(&q, &k, &v).unwrap();
+        let blocks = attn.attend_in_blocks(&q, &k, &v, 3 * 4 * 6).unwrap();
+        let diff: f32 = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     /// With one head, identical keys and v = identity projections, attention averages the values.

@@ -113,7 +113,7 @@ impl ClipAttention {
         let v = self.split_heads(&self.v_proj.forward(x)?)?;
         // 2. masked scaled dot products, softmax over the keys
         let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?;
+        let probs = softmax_last_dim(&scores, 1.0)?;
         // 3. weighted values, merge heads, output projection
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out_proj.forward(&out)

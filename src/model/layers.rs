@@ -1,11 +1,13 @@
-//! Small layers shared by every network, built only from ops that record a backward pass.
+//! Small layers shared by every network; every one records a backward pass, as training reuses them.
 //!
 //! candle 0.11's fused `LayerNorm` fast path and `softmax_last_dim` record no gradient (see
-//! shared/notes/reference-stack.md), so the versions here are written from primitives: training reuses them.
-use candle_core::{DType, Module, Result, Tensor, D};
+//! shared/notes/reference-stack.md). The convolution, norms and softmax here run fused CPU kernels
+//! ([`super::ops`]) that carry their own backward passes, and fall back to candle's ops elsewhere.
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{Conv2d, GroupNorm};
+use super::ops::conv2d::{conv2d as conv2d_op, Conv2dParams};
+use super::ops::norm;
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias, keys `weight` / `bias`.
 pub fn conv2d(
@@ -17,7 +19,33 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    let inner = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
+    Ok(Conv2d { inner, params: Conv2dParams { padding, stride } })
+}
+
+/// `nn.Conv2d` with bias, run by [`super::ops::conv2d`] (im2col in NCHW, bias fused) on the CPU.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.inner.bias() {
+            Some(bias) => conv2d_op(x, self.inner.weight(), bias, self.params),
+            None => self.inner.forward(x),
+        }
+    }
 }
 
 /// `nn.Linear(in, out, bias)`.
@@ -49,12 +77,44 @@ impl Module for Linear {
     }
 }
 
-/// `nn.GroupNorm(groups, channels, eps)` with affine weights (candle's implementation is made of primitives).
+/// `nn.GroupNorm(groups, channels, eps)` with affine weights, keys `weight` / `bias`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm { weight, bias, groups, eps })
 }
 
-/// `nn.LayerNorm(dim, eps)` over the last dimension, differentiable.
+/// `nn.GroupNorm`. [`GroupNorm::forward_silu`] fuses the SiLU that follows every group norm of a resnet.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `silu(group_norm(x))` in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
+
+    /// The norm followed by `act` (fused for SiLU).
+    pub fn forward_then(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Silu => self.forward_silu(x),
+            other => other.apply(&self.forward(x)?),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)` over the last dimension (statistics in f32 for half-precision inputs, as torch).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -70,20 +130,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Statistics in f32 even for half-precision inputs, as torch does.
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        norm::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last dimension, differentiable (candle's `softmax_last_dim` is not).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
+/// `softmax(scale · x)` over the last dimension, differentiable (candle's `softmax_last_dim` is not).
+pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    super::ops::softmax::softmax_last_dim(x, scale)
 }
 
 /// The activations the checkpoints' configs name.
@@ -113,7 +166,7 @@ impl Activation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn layer_norm_matches_definition_and_has_gradients() {

@@ -47,10 +47,8 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let halves = h.chunk(2, candle_core::D::Minus1)?;
-        // Exact (erf) GELU, as torch's default `F.gelu`.
-        halves[0].mul(&halves[1].gelu_erf()?)
+        // Exact (erf) GELU, as torch's default `F.gelu`, on the gate half; one fused pass.
+        super::ops::geglu::geglu(&self.proj.forward(x)?)
     }
 }
 

@@ -217,7 +217,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &these, &temb, ctx, size)?;
         }
         // 6. post-process
-        let h = self.conv_act.apply(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_then(&h, self.conv_act)?;
         self.conv_out.forward(&h)
     }
 }

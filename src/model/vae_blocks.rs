@@ -202,7 +202,7 @@ impl OutputHead {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv_out.forward(&self.conv_norm_out.forward(x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(x)?)
     }
 }
 

@@ -1,0 +1,105 @@
+//! `controlnet bench --preset sd15|sd21 --latent N --batch N [--iters N] [--json] [--skip-vae]`: seconds per
+//! guided step, per UNet and ControlNet pass and per VAE decode, GFLOP/s and peak memory of the full-size
+//! networks with random weights (see [`crate::bench`]).
+use std::fmt::Write;
+
+use clap::Args;
+
+use crate::bench::{run as run_bench, BenchOptions, BenchReport, Preset};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Architecture: sd15 (SD1.5 + sd-controlnet-canny) or sd21 (SD2.1 + controlnet-sd21).
+    #[arg(long, default_value = "sd15", value_parser = ["sd15", "sd21"])]
+    pub preset: String,
+    /// Latent height and width (the image is 8x larger): 64 for 512 px.
+    #[arg(long, default_value_t = 64)]
+    pub latent: usize,
+    /// UNet batch: 2 is one image with classifier-free guidance.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Timed repetitions after one warm-up (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not build and time the VAE decoder.
+    #[arg(long)]
+    pub skip_vae: bool,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let preset = Preset::parse(&args.preset).ok_or_else(|| anyhow::anyhow!("unknown --preset {}", args.preset))?;
+    let opts = BenchOptions {
+        preset,
+        latent: args.latent,
+        batch: args.batch,
+        iters: args.iters,
+        skip_vae: args.skip_vae,
+        seed: args.seed,
+    };
+    let report = run_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The text report: a table of medians, then memory.
+pub fn render(r: &BenchReport) -> String {
+    let mut s = String::new();
+    let px = 8 * r.latent;
+    let _ = writeln!(
+        s,
+        "{} {}: latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up",
+        r.implementation,
+        r.preset.name(),
+        r.latent,
+        r.latent,
+        r.batch,
+        r.dtype,
+        r.iters
+    );
+    let _ = writeln!(s, "machine: {} ({} CPUs), {} threads", r.machine, r.cpus, r.threads);
+    let _ = writeln!(s, "{:<34}{:>10}{:>10}{:>10}", "", "seconds", "GFLOP", "GFLOP/s");
+    let rate = |k: &str| r.gflops_per_s[k].as_f64().unwrap_or(f64::NAN);
+    let mut row = |name: &str, secs: f64, gflop: f64, key: &str| {
+        let _ = writeln!(s, "{name:<34}{secs:>10.2}{gflop:>10.0}{:>10.1}", rate(key));
+    };
+    row("UNet + ControlNet step", r.unet_controlnet_step_s, r.gflop.unet_controlnet_step, "unet_controlnet_step");
+    row("  UNet (with residuals)", r.unet_step_s, r.gflop.unet, "unet");
+    row("  ControlNet", r.controlnet_s, r.gflop.controlnet, "controlnet");
+    row("ControlNet hint embedding (once)", r.controlnet_embed_s, r.gflop.controlnet_embed, "controlnet_embed");
+    if let Some(v) = r.vae_decode_s {
+        row(&format!("VAE decode ({px}x{px}, 1 image)"), v, r.gflop.vae_decode, "vae_decode");
+    }
+    let _ = write!(s, "CPU seconds (all threads): step {:.2}", r.unet_controlnet_step_cpu_s);
+    if let Some(v) = r.vae_decode_cpu_s {
+        let _ = write!(s, ", VAE decode {v:.2}");
+    }
+    let _ = writeln!(s);
+    let _ = write!(
+        s,
+        "peak RSS: {} (UNet + ControlNet phase {}",
+        gib(r.peak_rss_bytes),
+        gib(r.peak_rss_unet_controlnet_bytes)
+    );
+    if let Some(v) = r.peak_rss_vae_bytes {
+        let _ = write!(s, ", VAE phase {}", gib(v));
+    }
+    let _ = writeln!(s, "); build {:.1} s", r.build_s);
+    if !r.outputs_finite {
+        let _ = writeln!(s, "warning: some outputs were not finite");
+    }
+    s
+}

@@ -1,0 +1,53 @@
+//! Fused CPU kernels for the layers that dominate a denoising step, each with a backward pass (training
+//! reuses the layers, a finite-difference test checks each) and a fallback to candle's ops on other devices
+//! and for half precision.
+pub mod conv2d;
+pub mod geglu;
+mod math;
+pub mod norm;
+pub mod softmax;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    /// max |a - b| / max(1, max |b|).
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let f = |t: Tensor| -> f64 { t.to_dtype(DType::F64).unwrap().max_all().unwrap().to_scalar().unwrap() };
+        f((a - b).unwrap().abs().unwrap()) / f(b.abs().unwrap()).max(1.0)
+    }
+
+    /// Checks the gradients `f`'s backward pass gives its inputs (random f64 tensors of `shapes`) against
+    /// central finite differences of `sum(f(inputs) · r)` for a random `r`, at every input element.
+    pub fn check_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = shapes.iter().map(|s| Var::randn(0f64, 1., s.to_vec(), &dev).unwrap()).collect();
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&inputs).unwrap();
+        let r = Tensor::randn(0f64, 1., out.shape(), &dev).unwrap();
+        let loss = |ts: &[Tensor]| -> f64 { (f(ts).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar().unwrap() };
+        let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-6;
+        for (i, var) in vars.iter().enumerate() {
+            let g: Vec<f64> =
+                grads.get(var).expect("a gradient for every input").flatten_all().unwrap().to_vec1().unwrap();
+            let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+            for j in 0..base.len() {
+                let nudged = |delta: f64| {
+                    let mut v = base.clone();
+                    v[j] += delta;
+                    let mut ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
+                    ts[i] = Tensor::from_vec(v, var.shape(), &dev).unwrap();
+                    loss(&ts)
+                };
+                let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps);
+                let tol = 1e-6 * numeric.abs().max(1.0);
+                assert!(
+                    (numeric - g[j]).abs() < tol,
+                    "input {i}[{j}]: finite difference {numeric} vs backward {}",
+                    g[j]
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Group norm (optionally followed by SiLU) and layer norm as single passes.
+//!
+//! Built from candle primitives each norm is about ten full passes over the activation with as many new
+//! tensors, and SiLU one more. Here each (sample, group) or row is reduced once for its statistics (in f64)
+//! and written once, normalised, scaled, shifted and activated. Backward passes are the textbook formulas in
+//! candle ops, so training keeps its gradients.
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::math::Real;
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Mean and 1/sqrt(var + eps) of a slice, accumulated in f64 (two passes: the slice is in cache).
+fn moments<T: Real>(xs: &[T], eps: f64) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `out = act(x * scale + shift)`.
+#[inline(always)]
+fn affine<T: Real>(out: &mut [T], xs: &[T], scale: T, shift: T, silu: bool) {
+    if silu {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            let z = x * scale + shift;
+            *o = z / (T::one() + (T::zero() - z).exp());
+        }
+    } else {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            *o = x * scale + shift;
+        }
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: operands must be contiguous"),
+    }
+}
+
+/// The (x, weight, bias) storages as slices of one float type, or an error naming the op.
+macro_rules! dispatch3 {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, |$x:ident, $w:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let ($x, $w, $b) = (contiguous(x, $l1, $name)?, contiguous(w, $l2, $name)?, contiguous(b, $l3, $name)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let ($x, $w, $b) = (contiguous(x, $l1, $name)?, contiguous(w, $l2, $name)?, contiguous(b, $l3, $name)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 operands of one dtype expected", $name),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Group norm
+
+/// `nn.GroupNorm(groups, C, eps)` on `x` (B, C, ...) with per-channel `weight` and `bias`, then SiLU when
+/// `silu`. Falls back to candle ops off the CPU or for half precision (statistics in f32 there).
+pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if groups == 0 || c % groups != 0 || weight.elem_count() != c || bias.elem_count() != c {
+        candle_core::bail!(
+            "group norm: {c} channels, {groups} groups, weight {:?}, bias {:?}",
+            weight.shape(),
+            bias.shape()
+        )
+    }
+    if !fast_path(x) {
+        let y = group_norm_reference(x, weight, bias, groups, eps)?;
+        return if silu { y.silu() } else { Ok(y) };
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, GroupNormOp { groups, eps, silu })
+}
+
+/// The composition of candle ops the fused kernel replaces (and the half-precision path).
+fn group_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let dtype = x.dtype();
+    let internal = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };
+    let xg = x.to_dtype(internal)?.reshape((dims[0], groups, ()))?;
+    let centered = xg.broadcast_sub(&xg.mean_keepdim(2)?)?;
+    let var = centered.sqr()?.mean_keepdim(2)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
+    let mut per_channel = vec![1; dims.len()];
+    per_channel[1] = dims[1];
+    normed
+        .broadcast_mul(&weight.reshape(per_channel.as_slice())?)?
+        .broadcast_add(&bias.reshape(per_channel.as_slice())?)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    /// `x` is (batch, channels, spatial...) contiguous: each (sample, group) is one contiguous block of
+    /// `channels / groups` planes.
+    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T], batch: usize, channels: usize) -> Vec<T> {
+        let per_group = channels / self.groups;
+        let spatial = x.len() / (batch * channels).max(1);
+        let block = per_group * spatial;
+        let mut out = vec![T::zero(); x.len()];
+        if block == 0 {
+            return out;
+        }
+        out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(i, (o, xs))| {
+            let g = i % self.groups;
+            let (mean, rstd) = moments(xs, self.eps);
+            for ch in 0..per_group {
+                let c = g * per_group + ch;
+                let scale = w[c].to_f64() * rstd;
+                let shift = b[c].to_f64() - mean * scale;
+                let plane = ch * spatial..(ch + 1) * spatial;
+                affine(&mut o[plane.clone()], &xs[plane], T::from_f64(scale), T::from_f64(shift), self.silu);
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let out = dispatch3!("group norm", s1, l1, s2, l2, s3, l3, |x, w, b| self.forward(x, w, b, batch, channels));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims().to_vec();
+        let mut per_channel = vec![1; dims.len()];
+        per_channel[1] = dims[1];
+        let (w, b) = (weight.reshape(per_channel.as_slice())?, bias.reshape(per_channel.as_slice())?);
+        // Recompute the normalised input x̂ = (x - mean) * rstd per (sample, group).
+        let xg = x.reshape((dims[0], self.groups, ()))?;
+        let centered = xg.broadcast_sub(&xg.mean_keepdim(2)?)?;
+        let rstd = (centered.sqr()?.mean_keepdim(2)? + self.eps)?.sqrt()?.recip()?;
+        let xhat = centered.broadcast_mul(&rstd)?.reshape(dims.as_slice())?;
+        // Through SiLU: d/dz z·σ(z) = σ(z)·(1 + z·(1 - σ(z))).
+        let grad_z = if self.silu {
+            let z = xhat.broadcast_mul(&w)?.broadcast_add(&b)?;
+            let s = candle_nn::ops::sigmoid(&z)?;
+            (grad * (&s * ((z * (1.0 - &s)?)? + 1.0)?)?)?
+        } else {
+            grad.clone()
+        };
+        let reduce = |t: &Tensor| -> Result<Tensor> {
+            let t = t.sum_keepdim(0)?;
+            let t = (2..dims.len()).try_fold(t, |t, d| t.sum_keepdim(d))?;
+            t.flatten_all()
+        };
+        let grad_w = reduce(&(&grad_z * &xhat)?)?;
+        let grad_b = reduce(&grad_z)?;
+        // x̂'s gradient back through the normalisation: rstd · (g - mean(g) - x̂ · mean(g · x̂)) per group.
+        let g = grad_z.broadcast_mul(&w)?.reshape((dims[0], self.groups, ()))?;
+        let xh = xhat.reshape((dims[0], self.groups, ()))?;
+        let inner =
+            g.broadcast_sub(&g.mean_keepdim(2)?)?.broadcast_sub(&xh.broadcast_mul(&(&g * &xh)?.mean_keepdim(2)?)?)?;
+        let grad_x = inner.broadcast_mul(&rstd)?.reshape(dims.as_slice())?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Layer norm
+
+/// `nn.LayerNorm(D, eps)` over the last dimension with `weight` and `bias` of length D. Half precision falls
+/// back to candle ops with statistics in f32, as torch does.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fast_path(x) {
+        return layer_norm_reference(x, weight, bias, eps);
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+}
+
+fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl LayerNormOp {
+    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xs)| {
+            let (mean, rstd) = moments(xs, self.eps);
+            let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+            for (((o, &x), &w), &b) in o.iter_mut().zip(xs).zip(w).zip(b) {
+                *o = (x - mean) * rstd * w + b;
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims().last().copied().unwrap_or(0);
+        if l2.shape().elem_count() != d || l3.shape().elem_count() != d {
+            candle_core::bail!("layer norm: input {:?}, weight {:?}, bias {:?}", l1.shape(), l2.shape(), l3.shape())
+        }
+        let out = dispatch3!("layer norm", s1, l1, s2, l2, s3, l3, |x, w, b| self.forward(x, w, b));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let xhat = centered.broadcast_mul(&rstd)?;
+        let d = weight.elem_count();
+        let rows = |t: &Tensor| -> Result<Tensor> { t.reshape(((), d))?.sum(0) };
+        let grad_w = rows(&(grad * &xhat)?)?;
+        let grad_b = rows(grad)?;
+        let g = grad.broadcast_mul(weight)?;
+        let inner = g
+            .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+            .broadcast_sub(&xhat.broadcast_mul(&(&g * &xhat)?.mean_keepdim(D::Minus1)?)?)?;
+        Ok((Some(inner.broadcast_mul(&rstd)?), Some(grad_w), Some(grad_b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::test_support::{check_gradients, max_rel_diff};
+    use candle_core::Device;
+
+    #[test]
+    fn group_norm_matches_composition() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 8, 5, 3), &dev).unwrap().affine(3.0, 1.0).unwrap();
+        let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 8, &dev).unwrap();
+        for silu in [false, true] {
+            let ours = group_norm(&x, &w, &b, 4, 1e-5, silu).unwrap();
+            let mut want = group_norm_reference(&x, &w, &b, 4, 1e-5).unwrap();
+            if silu {
+                want = want.silu().unwrap();
+            }
+            assert!(max_rel_diff(&ours, &want) < 1e-5, "silu {silu}");
+        }
+        // Rank 3 (batch, channels, tokens) as well.
+        let x3 = x.reshape((2, 8, 15)).unwrap();
+        let ours = group_norm(&x3, &w, &b, 2, 1e-6, false).unwrap();
+        assert!(max_rel_diff(&ours, &group_norm_reference(&x3, &w, &b, 2, 1e-6).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn group_norm_gradients_match_finite_differences() {
+        for silu in [false, true] {
+            check_gradients(&[&[2, 6, 3, 2], &[6], &[6]], |t| group_norm(&t[0], &t[1], &t[2], 3, 1e-5, silu));
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_composition_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 7, 16), &dev).unwrap().affine(2.0, -0.5).unwrap();
+        let w = Tensor::randn(0f32, 1., 16, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 16, &dev).unwrap();
+        let ours = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_rel_diff(&ours, &layer_norm_reference(&x, &w, &b, 1e-5).unwrap()) < 1e-5);
+        check_gradients(&[&[2, 3, 5], &[5], &[5]], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    }
+}

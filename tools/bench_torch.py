@@ -1,0 +1,215 @@
+"""Times diffusers on PyTorch (CPU, f32) on the same full-size configs as `controlnet bench`.
+
+Same structure and JSON keys as `controlnet bench --json` (src/bench/): random weights with the same scale rule
+(matrices and kernels uniform with variance 1/fan_in, norm scales 1, biases uniform with variance 1/len), a
+latent batch, one timestep, random text embeddings and one condition image for the batch; medians over
+--iters after one warm-up; peak RSS from /proc/self/status (VmHWM, reset per phase through clear_refs).
+
+One step = ControlNetModel(...) on the whole batch, then UNet2DConditionModel(...) with its residuals, as
+StableDiffusionControlNetPipeline runs it. diffusers' ControlNet recomputes the hint embedding inside every
+call, so `controlnet_s` includes it here (`controlnet_s_includes_embed`); `controlnet_embed_s` times it alone.
+
+Usage: .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --batch 2 --iters 3 [--skip-vae]
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+LAYOUTS = os.path.join(REPO, "tests", "fixtures", "unet")
+TEXT_TOKENS = 77
+TIMESTEP = 500.0
+SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+FLOPS_FIXTURE = os.path.join(REPO, "tests", "fixtures", "bench", "flops.json")
+
+
+def config(name):
+    with open(os.path.join(LAYOUTS, f"layout_{name}.json")) as f:
+        return json.load(f)["config"]
+
+
+def build(cls, cfg, gen):
+    """The model on the meta device, then materialised and filled in place (no default init pass)."""
+    with torch.device("meta"):
+        model = cls.from_config(cfg)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+                bound = math.sqrt(3.0 / max(fan_in, 1))
+                p.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def vm(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timing(samples):
+    return {"median_s": statistics.median(samples), "samples_s": samples}
+
+
+def timed(iters, fn):
+    out = fn()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - start)
+    return timing(samples), out
+
+
+def flops(preset, latent):
+    """torch's FlopCounterMode counts per image (tools/fixtures/gen_bench.py), when stored for this size."""
+    with open(FLOPS_FIXTURE) as f:
+        for case in json.load(f)["cases"]:
+            if case["preset"] == preset and case["latent"] == latent:
+                return case
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=["sd15", "sd21"], default="sd15")
+    ap.add_argument("--latent", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", "2")))
+    ap.add_argument("--skip-vae", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(args.seed)
+    s, b = args.latent, args.batch
+    log = lambda msg: print(f"bench_torch: {msg}", file=sys.stderr, flush=True)
+
+    log("building the UNet and the ControlNet with random weights")
+    reset_peak()
+    start = time.perf_counter()
+    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen)
+    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen)
+    build_s = time.perf_counter() - start
+
+    width = unet.config.cross_attention_dim
+    sample = torch.rand(b, 4, s, s, generator=gen) * 2 - 1
+    t = torch.tensor([TIMESTEP])
+    text = torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1
+    cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1)
+
+    log("hint embedding")
+    embed_t, _ = timed(args.iters, lambda: cn.controlnet_cond_embedding(cond[:1]))
+    cn_s, unet_s, step_s = [], [], []
+    finite = True
+    for i in range(args.iters + 1):
+        log("UNet + ControlNet step " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
+        start = time.perf_counter()
+        down, mid = cn(sample, t, text, cond, return_dict=False)
+        cn_done = time.perf_counter()
+        out = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        done = time.perf_counter()
+        if i > 0:
+            cn_s.append(cn_done - start)
+            unet_s.append(done - cn_done)
+            step_s.append(done - start)
+        finite &= bool(torch.isfinite(out).all())
+    peak_unet_cn = vm("VmHWM:")
+    del unet, cn, down, mid, out
+
+    vae_t = peak_vae = None
+    if not args.skip_vae:
+        log("building the VAE and decoding")
+        reset = reset_peak()
+        vae = build(AutoencoderKL, SD_VAE, gen)
+        latents = torch.rand(1, 4, s, s, generator=gen) * 2 - 1
+        vae_t, image = timed(args.iters, lambda: vae.decode(latents).sample)
+        finite &= bool(torch.isfinite(image).all())
+        peak_vae = vm("VmHWM:") if reset else None
+
+    step_t, unet_t, cn_t = timing(step_s), timing(unet_s), timing(cn_s)
+    report = {
+        "implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
+        "preset": args.preset,
+        "latent": s,
+        "batch": b,
+        "iters": args.iters,
+        "dtype": "f32",
+        "machine": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "unet_controlnet_step_s": step_t["median_s"],
+        "unet_step_s": unet_t["median_s"],
+        "controlnet_s": cn_t["median_s"],
+        "controlnet_s_includes_embed": True,
+        "controlnet_embed_s": embed_t["median_s"],
+        "peak_rss_bytes": max(vm("VmHWM:"), peak_unet_cn),
+        "peak_rss_unet_controlnet_bytes": peak_unet_cn,
+        "outputs_finite": finite,
+        "timings": {"unet_controlnet_step": step_t, "unet": unet_t, "controlnet": cn_t, "controlnet_embed": embed_t},
+    }
+    if vae_t is not None:
+        report["vae_decode_s"] = vae_t["median_s"]
+        report["peak_rss_vae_bytes"] = peak_vae
+        report["timings"]["vae_decode"] = vae_t
+    counts = flops(args.preset, s)
+    if counts:
+        g = {
+            "unet": b * counts["unet"] / 1e9,
+            "controlnet": b * counts["controlnet"] / 1e9,
+            "controlnet_embed": counts["controlnet_embed"] / 1e9,
+            "vae_decode": counts["vae_decode"] / 1e9,
+        }
+        g["unet_controlnet_step"] = g["unet"] + g["controlnet"]
+        report["gflop"] = g
+        secs = {"unet_controlnet_step": step_t, "unet": unet_t, "controlnet": cn_t, "controlnet_embed": embed_t}
+        if vae_t is not None:
+            secs["vae_decode"] = vae_t
+        report["gflops_per_s"] = {k: g[k] / v["median_s"] for k, v in secs.items()}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
