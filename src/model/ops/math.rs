@@ -41,7 +41,7 @@ pub fn exp_f32(x: f32) -> f32 {
     /// ln 2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits so that k * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
     let x = x.clamp(-87.0, 88.0);
     let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;

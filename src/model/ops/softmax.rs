@@ -10,7 +10,7 @@ use super::math::Real;
 
 /// `softmax(scale · x)` over the last dimension (`scale > 0`; attention passes 1/sqrt(head width)).
 pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if !(scale > 0.0) {
+    if scale.is_nan() || scale <= 0.0 {
         candle_core::bail!("softmax: scale must be positive, got {scale}")
     }
     if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
