@@ -63,6 +63,7 @@ fn params(seed: u64, steps: usize, scheduler: Option<&str>) -> GenerateParams {
         seed,
         num_images: 1,
         guess_mode: false,
+        vae_tiling: false,
     }
 }
 

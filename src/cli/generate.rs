@@ -64,6 +64,10 @@ pub struct GenerateArgs {
     /// Let the ControlNets recognise the condition's content without a prompt (control on the conditional half only).
     #[arg(long)]
     pub guess_mode: bool,
+    /// Decode the image in overlapping 512-px tiles (the VAE's sample_size), blended at the seams, as diffusers'
+    /// enable_vae_tiling: the decoder's memory stays that of one tile for large images.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// What to draw.
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -200,6 +204,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         seed,
         num_images: args.num_images,
         guess_mode: args.guess_mode,
+        vae_tiling: args.vae_tiling,
     };
     crate::pipeline::generate::validate(&sd, &controls, &params)?;
 
@@ -252,6 +257,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         prediction_type: args.prediction_type.clone(),
         seed,
         guess_mode: params.guess_mode,
+        vae_tiling: params.vae_tiling,
         num_images: params.num_images,
         image_index: 1,
     };

@@ -86,8 +86,13 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        // 2. scaled dot products, softmax (in f32 when asked) and weighted values, a block of queries at a time
-        let out = self.attend_in_blocks(&q, &k, &v, MAX_SCORES)?;
+        // 2. scaled dot products, softmax (in f32 when asked) and weighted values
+        let out = if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+            // The fused kernel never holds more than a cache-sized block of scores.
+            super::ops::attention::attention(&q, &k, &v, self.scale)?
+        } else {
+            self.attend_in_blocks(&q, &k, &v, MAX_SCORES)?
+        };
         // 3. merge heads, output projection
         self.to_out.forward(&self.merge_heads(&out)?)
     }

@@ -13,3 +13,4 @@ pub mod unet_blocks;
 pub mod unet_encoder;
 pub mod vae;
 pub mod vae_blocks;
+pub mod vae_tiling;

@@ -25,7 +25,7 @@ pub enum VaeUpBlockType {
 
 /// `vae/config.json`, with diffusers' `AutoencoderKL` defaults. `block_out_channels` and the block types are
 /// required: diffusers' one-level defaults never describe a real VAE, so a config without them is a wrong file.
-/// `force_upcast`, `sample_size`, `latents_mean/std` are ignored.
+/// `force_upcast` and `latents_mean/std` are ignored.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct AutoencoderKLConfig {
     #[serde(default = "default_image_channels")]
@@ -56,6 +56,34 @@ pub struct AutoencoderKLConfig {
     pub use_quant_conv: bool,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// The image size the VAE was trained at: the tile size of tiled decoding ([`super::vae_tiling`]).
+    #[serde(default = "default_sample_size")]
+    pub sample_size: SampleSize,
+}
+
+/// `sample_size`: one size, or (height, width) as some configs write it (diffusers then uses the first).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(usize),
+    Sizes(Vec<usize>),
+}
+
+impl SampleSize {
+    /// The size diffusers takes for tiling.
+    pub fn first(&self) -> usize {
+        match self {
+            SampleSize::Square(s) => *s,
+            SampleSize::Sizes(v) => v.first().copied().unwrap_or(DIFFUSERS_SAMPLE_SIZE),
+        }
+    }
+}
+
+/// `AutoencoderKL`'s default `sample_size` in diffusers (real VAE configs set their own: 512 for SD1.x).
+const DIFFUSERS_SAMPLE_SIZE: usize = 32;
+
+fn default_sample_size() -> SampleSize {
+    SampleSize::Square(DIFFUSERS_SAMPLE_SIZE)
 }
 
 fn default_image_channels() -> usize {

@@ -5,6 +5,7 @@ use image::RgbImage;
 
 use super::sd::StableDiffusion;
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
+use crate::model::vae_tiling::VaeTiling;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::{Error, Result};
@@ -36,6 +37,9 @@ pub struct GenerateParams {
     pub num_images: usize,
     /// Control on the conditional half only, with per-level scales (works without a prompt).
     pub guess_mode: bool,
+    /// Decode in overlapping tiles of the VAE's `sample_size` (diffusers' `enable_vae_tiling`): the decoder's
+    /// memory stays that of one tile for large images; seams are cross-faded.
+    pub vae_tiling: bool,
 }
 
 pub struct GenerateOutput {
@@ -189,7 +193,9 @@ pub fn generate(
 
     // 6. Decode the latents and turn them into 8-bit images.
     let scaling = sd.vae.config().scaling_factor;
-    let decoded = sd.vae.decode(&(&latents / scaling)?)?;
+    let z = (&latents / scaling)?;
+    let decoded =
+        if p.vae_tiling { sd.vae.decode_tiled(&z, VaeTiling::for_vae(&sd.vae))? } else { sd.vae.decode(&z)? };
     let pixels = crate::model::vae::latents_to_image(&decoded)?;
     let images = crate::io::images::tensor_to_images(&pixels)?;
     Ok(GenerateOutput { latents, decoded, images })

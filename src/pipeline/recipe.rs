@@ -54,6 +54,9 @@ pub struct Recipe {
     pub prediction_type: Option<String>,
     pub seed: u64,
     pub guess_mode: bool,
+    /// Tiled VAE decoding (recorded only when on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_tiling: bool,
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
@@ -204,6 +207,7 @@ mod tests {
             prediction_type: None,
             seed: 42,
             guess_mode: false,
+            vae_tiling: false,
             num_images: 1,
             image_index: 1,
         }

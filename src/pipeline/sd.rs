@@ -191,6 +191,7 @@ mod tests {
             seed: 18,
             num_images: 1,
             guess_mode: false,
+            vae_tiling: false,
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(

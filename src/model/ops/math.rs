@@ -6,6 +6,64 @@ pub trait Real: WithDType {
     fn exp(self) -> Self;
     /// `gelu(x) = x Φ(x)` with the exact normal CDF, as candle's `gelu_erf` (and torch's default `F.gelu`).
     fn gelu_erf(self) -> Self;
+    /// Softmax of one row in place.
+    fn softmax_row(row: &mut [Self]) {
+        softmax_row_lanes(row)
+    }
+}
+
+/// Softmax of one row in place (scale the scores first).
+pub fn softmax_row<T: Real>(row: &mut [T]) {
+    T::softmax_row(row)
+}
+
+/// Independent accumulators per reduction: float additions are not associative, so the compiler vectorises a
+/// reduction only when it is written over separate lanes.
+const LANES: usize = 16;
+
+/// max, then `e^(x - max)` with their sum, then a multiply by its inverse; reductions over [`LANES`] lanes.
+#[inline(always)]
+fn softmax_row_lanes<T: Real>(row: &mut [T]) {
+    let Some(&first) = row.first() else { return };
+    let mut maxima = [first; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in maxima.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&maxima).fold(first, |m, &v| if v > m { v } else { m });
+    let mut sums = [T::zero(); LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = (*v - max).exp();
+            *s += *v;
+        }
+    }
+    let mut sum = T::zero();
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = T::one() / sums.iter().fold(sum, |a, &b| a + b);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The f32 row softmax compiled for the widest vector unit the CPU has (the crate itself targets baseline
+/// x86-64, i.e. 4-wide SSE2).
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    #[target_feature(enable = "avx512f")]
+    pub fn softmax_row_avx512(row: &mut [f32]) {
+        super::softmax_row_lanes(row)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn softmax_row_avx2(row: &mut [f32]) {
+        super::softmax_row_lanes(row)
+    }
 }
 
 impl Real for f32 {
@@ -16,6 +74,20 @@ impl Real for f32 {
     #[inline(always)]
     fn gelu_erf(self) -> Self {
         (candle_core::cpu::erf::erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * self
+    }
+    fn softmax_row(row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { wide::softmax_row_avx512(row) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { wide::softmax_row_avx2(row) };
+            }
+        }
+        softmax_row_lanes(row)
     }
 }
 
@@ -41,9 +113,10 @@ pub fn exp_f32(x: f32) -> f32 {
     /// ln 2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits so that k * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Cephes' expf polynomial; its last coefficient, 5.0000001e-1, is exactly 0.5 in f32.
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.0e-1];
-    let x = x.clamp(-87.0, 88.0);
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+    // Selects rather than `clamp` (NaN rules): they vectorise; a NaN fails both tests and propagates.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
     let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = P.iter().fold(0.0, |acc, &c| acc * r + c);
@@ -69,5 +142,25 @@ mod tests {
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1e30) < 1e-37 && exp_f32(f32::NEG_INFINITY) < 1e-37);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// The lane-wise row softmax (every dispatch path) against the plain formula, rows shorter and longer than
+    /// the lanes.
+    #[test]
+    fn softmax_row_matches_definition() {
+        for len in [1usize, 5, 16, 77, 4099] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let mut ours = row.clone();
+            softmax_row(&mut ours);
+            let mut lanes = row.clone();
+            softmax_row_lanes(&mut lanes);
+            for ((&o, &l), &v) in ours.iter().zip(&lanes).zip(&row) {
+                let want = (v as f64 - max).exp() / sum;
+                assert!((o as f64 - want).abs() < 1e-6 * want.max(1e-3) + 1e-9, "len {len}: {o} vs {want}");
+                assert!((l as f64 - want).abs() < 1e-6 * want.max(1e-3) + 1e-9, "len {len}: {l} vs {want}");
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Fused CPU kernels for the layers that dominate a denoising step, each with a backward pass (training
 //! reuses the layers, a finite-difference test checks each) and a fallback to candle's ops on other devices
 //! and for half precision.
+pub mod attention;
 pub mod conv2d;
 pub mod geglu;
 mod math;

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::math::Real;
+use super::math::{softmax_row, Real};
 
 /// `softmax(scale · x)` over the last dimension (`scale > 0`; attention passes 1/sqrt(head width)).
 pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
@@ -32,16 +32,11 @@ impl SoftmaxOp {
             return out;
         }
         out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xs)| {
-            // Largest first, so every exponent is <= 0 (no overflow).
-            let max = xs.iter().copied().fold(xs[0], |m, v| if v > m { v } else { m });
             for (o, &v) in o.iter_mut().zip(xs) {
-                *o = ((v - max) * scale).exp();
+                *o = v * scale;
             }
-            let sum = o.iter().fold(T::zero(), |s, &v| s + v);
-            let inv = T::one() / sum;
-            for v in o.iter_mut() {
-                *v *= inv;
-            }
+            // The largest is subtracted first, so every exponent is <= 0 (no overflow).
+            softmax_row(o);
         });
         out
     }
