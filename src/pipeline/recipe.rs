@@ -169,6 +169,9 @@ impl Recipe {
         if self.guess_mode {
             a.push("--guess-mode".into());
         }
+        if self.vae_tiling {
+            a.push("--vae-tiling".into());
+        }
         a
     }
 

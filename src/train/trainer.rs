@@ -668,6 +668,7 @@ impl Trainer {
                 seed: self.settings.seed,
                 num_images: v.num_images,
                 guess_mode: false,
+                vae_tiling: false,
             };
             let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
             let fidelity: Vec<Fidelity> = if v.canny_fidelity {
