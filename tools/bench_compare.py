@@ -70,13 +70,18 @@ def table(pairs):
                if rs.get('peak_rss_unet_controlnet_bytes') and th.get('peak_rss_unet_controlnet_bytes') else "–")
             + " | | |"
         )
+        loads = lambda r: f"{r.get('load_before', float('nan')):.1f} → {r.get('load_after', float('nan')):.1f}"
+        lines.append(f"| {name} | load average before → after | {loads(rs)} | {loads(th)} | | | |")
         if rs.get("peak_rss_vae_bytes") or th.get("peak_rss_vae_bytes"):
             lines.append(f"| {name} | peak RSS (VAE) | {gib(rs.get('peak_rss_vae_bytes'))} | "
                          f"{gib(th.get('peak_rss_vae_bytes'))} | | | |")
     any_report = next(iter(pairs.values()))[0]
+    runs = ", ".join(f"{p} {8 * l}px b{b}: {rs['iters']} (rs) / {th['iters']} (torch)"
+                     for (p, l, b), (rs, th) in sorted(pairs.items()))
     lines.append("")
     lines.append(f"Machine: {any_report['machine']}, {any_report['cpus']} CPUs, {any_report['threads']} threads, f32; "
-                 f"medians of {any_report['iters']} after one warm-up; {datetime.date.today().isoformat()}.")
+                 f"{datetime.date.today().isoformat()}. Medians after one warm-up of {runs} timed runs. "
+                 f"controlnet-rs: {any_report['implementation']}; torch: {next(iter(pairs.values()))[1]['implementation']}.")
     return "\n".join(lines)
 
 

@@ -76,6 +76,14 @@ def reset_peak():
         return False
 
 
+def load_average():
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return 0.0
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -120,6 +128,7 @@ def main():
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    load_before = load_average()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(args.seed)
@@ -141,11 +150,11 @@ def main():
 
     log("hint embedding")
     embed_t, _ = timed(args.iters, lambda: cn.controlnet_cond_embedding(cond[:1]))
-    cn_s, unet_s, step_s = [], [], []
+    cn_s, unet_s, step_s, step_cpu = [], [], [], []
     finite = True
     for i in range(args.iters + 1):
         log("UNet + ControlNet step " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         down, mid = cn(sample, t, text, cond, return_dict=False)
         cn_done = time.perf_counter()
         out = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
@@ -154,6 +163,7 @@ def main():
             cn_s.append(cn_done - start)
             unet_s.append(done - cn_done)
             step_s.append(done - start)
+            step_cpu.append(time.process_time() - cpu_start)
         finite &= bool(torch.isfinite(out).all())
     peak_unet_cn = vm("VmHWM:")
     del unet, cn, down, mid, out
@@ -185,8 +195,11 @@ def main():
         "controlnet_s": cn_t["median_s"],
         "controlnet_s_includes_embed": True,
         "controlnet_embed_s": embed_t["median_s"],
+        "unet_controlnet_step_cpu_s": statistics.median(step_cpu),
         "peak_rss_bytes": max(vm("VmHWM:"), peak_unet_cn),
         "peak_rss_unet_controlnet_bytes": peak_unet_cn,
+        "load_before": load_before,
+        "load_after": load_average(),
         "outputs_finite": finite,
         "timings": {"unet_controlnet_step": step_t, "unet": unet_t, "controlnet": cn_t, "controlnet_embed": embed_t},
     }

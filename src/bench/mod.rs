@@ -174,22 +174,55 @@ pub struct BenchReport {
     pub gflop: GigaFlops,
     /// Achieved GFLOP/s per measurement (FLOPs / median seconds).
     pub gflops_per_s: serde_json::Value,
+    /// /proc/loadavg's 1-minute load before and after the run: above the thread count, other processes
+    /// competed for the cores and the times are inflated.
+    pub load_before: f64,
+    pub load_after: f64,
     /// Whether every output was finite (random weights should not overflow; NaNs would make timings moot).
     pub outputs_finite: bool,
     pub timings: serde_json::Value,
 }
 
-/// The first "model name" of /proc/cpuinfo ("unknown" elsewhere).
+/// The CPU as /proc/cpuinfo names it, with its family and model numbers (virtual machines often show only
+/// "AMD EPYC"; family 26 is Zen 5) and the widest vector unit the kernels use ("unknown" elsewhere).
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown".into());
+    let ids = match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!(", family {f} model {m}"),
+        _ => String::new(),
+    };
+    format!("{name}{ids}, {}", vector_unit())
+}
+
+/// The widest SIMD extension this CPU offers of those gemm and the fused kernels dispatch to.
+pub fn vector_unit() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "AVX2+FMA";
+        }
+        "SSE2"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
+/// The 1-minute load average (0 where there is no procfs).
+pub fn load_average() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// A `Vm*:` field of /proc/self/status in bytes (0 where there is no procfs).
@@ -258,6 +291,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
         return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
     }
+    let load_before = load_average();
     let dev = Device::Cpu;
     let dtype = DType::F32;
     let (s, b) = (opts.latent, opts.batch);
@@ -374,6 +408,8 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
             vae_decode: vae_flops,
         },
         gflops_per_s,
+        load_before,
+        load_after: load_average(),
         outputs_finite: finite,
         timings,
     })

@@ -70,7 +70,11 @@ pub fn render(r: &BenchReport) -> String {
         r.dtype,
         r.iters
     );
-    let _ = writeln!(s, "machine: {} ({} CPUs), {} threads", r.machine, r.cpus, r.threads);
+    let _ = writeln!(
+        s,
+        "machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after",
+        r.machine, r.cpus, r.threads, r.load_before, r.load_after
+    );
     let _ = writeln!(s, "{:<34}{:>10}{:>10}{:>10}", "", "seconds", "GFLOP", "GFLOP/s");
     let rate = |k: &str| r.gflops_per_s[k].as_f64().unwrap_or(f64::NAN);
     let mut row = |name: &str, secs: f64, gflop: f64, key: &str| {
