@@ -216,17 +216,9 @@ fn safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
 
 /// Writes tensors as a safetensors file atomically: a temporary file beside `path`, renamed on success.
 pub fn save_safetensors_atomic(tensors: &TensorMap, path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
-    let result = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| Error::weights(path, format!("writing: {e}")))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    result
+    super::atomic::write_atomic(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(|e| Error::weights(path, format!("writing: {e}")))
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Reading and writing what users have: weights (diffusers folders, original checkpoints, pickles, the hub),
 //! key maps between the namings, and images.
+pub mod atomic;
 pub mod base;
 pub mod checkpoint;
 pub mod detect;

@@ -8,6 +8,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use crate::io::atomic::write_atomic;
 use crate::io::images::save_png;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -138,14 +139,14 @@ pub fn write_dataset(out: &Path, count: usize, size: u32, seed: u64, on_sample: 
     }
     // prompt.json last and atomically: a dataset with a prompt.json is complete.
     let path = out.join("prompt.json");
-    let tmp = out.join(".prompt.json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(lines.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| Error::io(&path, e))
+    write_atomic(&path, |tmp| {
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(tmp)?;
+            f.write_all(lines.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io(&path, e))
+    })
 }
 
 #[cfg(test)]
