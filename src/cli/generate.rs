@@ -10,6 +10,7 @@ use crate::annotate::{self, AnnotateSettings, DetectorOptions, ResizeMode};
 use crate::io::images::{self, ResampleFilter};
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::model::controlnet::ControlNetModel;
+use crate::pipeline::demo;
 use crate::pipeline::recipe::{ControlRecipe, FileRef, Recipe};
 use crate::pipeline::sd::{open_controlnet, LoadOptions};
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
@@ -18,11 +19,12 @@ use crate::schedulers::SchedulerKind;
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Stable Diffusion 1.x/2.x: a diffusers pipeline folder, a single-file checkpoint (.safetensors/.ckpt as
-    /// A1111 uses), or a hub id (owner/name[@revision]).
+    /// A1111 uses), or a hub id (owner/name[@revision]) [default: the bundled demo model, 128 px circles].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
-    pub model: String,
+    pub model: Option<String>,
     /// A ControlNet: diffusers folder, original (lllyasviel) .safetensors/.pth file, or hub id. Repeat for
-    /// several; the i-th --control and per-net flags belong to it.
+    /// several; the i-th --control and per-net flags belong to it. [default with the demo model and one
+    /// --control: the demo's circle-outline ControlNet].
     #[arg(long = "controlnet", value_name = "DIR_FILE_OR_ID")]
     pub controlnets: Vec<PathBuf>,
     /// For a single-file --model of an unusual size: a diffusers pipeline folder whose config.json files
@@ -115,8 +117,23 @@ struct NetFlags {
 }
 
 pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
-    // 1. Settings that need no model: pairing, scheduler name, output paths.
-    let nets = pair_net_flags(args, matches)?;
+    // 1. Settings that need no model: the demo defaults, pairing, scheduler name, output paths.
+    let (model, demo_controlnet) = match &args.model {
+        Some(m) => (m.clone(), None),
+        None => {
+            let base = demo::base()?.display().to_string();
+            let net = match (args.controlnets.len(), args.controls.len()) {
+                (0, 1) => Some(demo::controlnet()?),
+                (0, n) if n > 1 => bail!("{n} --control images but no --controlnet: the demo ControlNet takes one"),
+                _ => None,
+            };
+            (base, net)
+        }
+    };
+    let nets = match demo_controlnet {
+        Some(net) => demo_net_flags(args, net)?,
+        None => pair_net_flags(args, matches)?,
+    };
     let scheduler = args
         .scheduler
         .as_deref()
@@ -145,7 +162,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         prediction_type,
         config_dir: args.config.clone(),
     };
-    let sd = StableDiffusion::open(&args.model, &opts)?;
+    let sd = StableDiffusion::open(&model, &opts)?;
     let loaded: Vec<ControlNetModel> = nets
         .iter()
         .map(|n| open_controlnet(&n.controlnet.to_string_lossy(), n.config.as_deref(), &opts))
@@ -223,7 +240,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     };
     let mut recipe = Recipe {
         software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
-        model: FileRef { path: args.model.clone(), sha256: weights_hash(&sd.dir, true)? },
+        model: FileRef { path: model.clone(), sha256: weights_hash(&sd.dir, true)? },
         controls: nets
             .iter()
             .zip(&loaded)
@@ -267,6 +284,30 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The one --control with the demo ControlNet: each per-net flag may be given once.
+fn demo_net_flags(args: &GenerateArgs, controlnet: PathBuf) -> anyhow::Result<Vec<NetFlags>> {
+    fn once<T: Clone>(flag: &str, values: &[T]) -> anyhow::Result<Option<T>> {
+        match values {
+            [] => Ok(None),
+            [v] => Ok(Some(v.clone())),
+            _ => bail!("{flag} given {} times for the one --control", values.len()),
+        }
+    }
+    if !args.controlnet_configs.is_empty() {
+        bail!("--controlnet-config needs a --controlnet");
+    }
+    Ok(vec![NetFlags {
+        controlnet,
+        control: args.controls[0].clone(),
+        preprocess: once("--preprocess", &args.preprocess)?,
+        save_control: once("--save-control", &args.save_controls)?,
+        config: None,
+        scale: once("--conditioning-scale", &args.scales)?.unwrap_or(1.0),
+        start: once("--control-start", &args.starts)?.unwrap_or(0.0),
+        end: once("--control-end", &args.ends)?.unwrap_or(1.0),
+    }])
 }
 
 /// Pairs the per-net flags with their --controlnet. A flag given once per net pairs by order (the i-th with the

@@ -12,6 +12,7 @@ pub mod init;
 pub mod inspect;
 pub mod reproduce;
 pub mod train;
+pub mod train_base;
 
 #[derive(Parser, Debug)]
 #[command(name = "controlnet", version, about = "ControlNet for Stable Diffusion, in one Rust binary")]
@@ -38,11 +39,23 @@ pub enum Command {
     Init(init::InitArgs),
     /// Train a ControlNet on your own (target image, condition, caption) data.
     Train(train::TrainArgs),
+    /// Train a small Stable Diffusion base from scratch (VAE, UNet; frozen text encoder): the demo model's recipe.
+    TrainBase(train_base::TrainBaseArgs),
     /// Measure speed and memory of the full-size UNet, ControlNet and VAE (random weights, no downloads).
     Bench(bench::BenchArgs),
 }
 
+/// candle looks up its thread count on every parallel op and, unless `RAYON_NUM_THREADS` is set, works it out
+/// by parsing `/proc/cpuinfo` each time (`num_cpus::get_physical`): ~4 % of a small-model training step. The
+/// count is worked out once here, before any thread exists (setting the environment is only sound then).
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
+}
+
 pub fn main() -> ExitCode {
+    pin_thread_count();
     init_tracing();
     let tuned = crate::memory::reuse_freed_memory();
     tracing::debug!("malloc keeps freed memory for reuse: {tuned}");
@@ -62,6 +75,7 @@ pub fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Init(args) => init::run(args),
         Command::Train(args) => train::run(args),
+        Command::TrainBase(args) => train_base::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Annotate(args) => match annotate::run(args) {
             Ok(code) => return code,

@@ -92,6 +92,54 @@ impl Circle {
     }
 }
 
+/// Scoring a generated image against the circle it was asked for (the demo's test and `docs/demo.md`).
+pub mod score {
+    use super::*;
+
+    /// The filled disk of `circle` at `size` px, row-major.
+    pub fn disk(circle: &Circle, size: u32) -> Vec<bool> {
+        (0..size * size).map(|i| circle.distance(i % size, i / size) <= circle.radius).collect()
+    }
+
+    /// Pixels nearer (in RGB) to the circle's colour than to the background's.
+    pub fn segment(image: &RgbImage, circle: &Circle) -> Vec<bool> {
+        let (fg, bg) = (COLOURS[circle.fg].1, COLOURS[circle.bg].1);
+        image.pixels().map(|p| distance2(p.0, fg) < distance2(p.0, bg)).collect()
+    }
+
+    /// Intersection over union of two masks (1 when both are empty).
+    pub fn iou(a: &[bool], b: &[bool]) -> f64 {
+        let inter = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
+        let union = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
+        if union == 0 {
+            1.0
+        } else {
+            inter as f64 / union as f64
+        }
+    }
+
+    /// The named colour nearest to the mean of the pixels `mask` selects (`None` when it selects none).
+    pub fn mean_colour_name(image: &RgbImage, mask: &[bool]) -> Option<usize> {
+        let mut sum = [0f64; 3];
+        let mut n = 0usize;
+        for (p, _) in image.pixels().zip(mask).filter(|(_, m)| **m) {
+            for (total, &v) in sum.iter_mut().zip(&p.0) {
+                *total += v as f64;
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        let mean = sum.map(|s| (s / n as f64).round() as u8);
+        (0..COLOURS.len()).min_by_key(|&i| distance2(mean, COLOURS[i].1))
+    }
+
+    fn distance2(a: [u8; 3], b: [u8; 3]) -> u32 {
+        a.iter().zip(b).map(|(&x, y)| (x as i32 - y as i32).pow(2) as u32).sum()
+    }
+}
+
 fn article(word: &str) -> &'static str {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
         "an"
@@ -202,6 +250,24 @@ mod tests {
             std::fs::read(dir.path().join("target/5.png")).unwrap(),
             std::fs::read(again.path().join("target/5.png")).unwrap()
         );
+    }
+
+    #[test]
+    fn scores_a_perfect_and_a_shifted_image() {
+        let c = Circle { cx: 30.0, cy: 34.0, radius: 12.0, fg: 0, bg: 12 };
+        let img = c.image(64);
+        let disk = score::disk(&c, 64);
+        assert_eq!(score::segment(&img, &c), disk);
+        assert_eq!(score::iou(&score::segment(&img, &c), &disk), 1.0);
+        assert_eq!(score::mean_colour_name(&img, &disk), Some(0));
+        let inverse: Vec<bool> = disk.iter().map(|d| !d).collect();
+        assert_eq!(score::mean_colour_name(&img, &inverse), Some(12));
+        // The same circle moved by its radius: two disks of radius r at distance r overlap by
+        // 2r²·acos(1/2) − (r/2)·√3·r ≈ 1.228 r² of a union 2πr² − that, IoU ≈ 0.243.
+        let moved = Circle { cx: 42.0, ..c };
+        let iou = score::iou(&score::segment(&moved.image(64), &c), &disk);
+        assert!((iou - 0.243).abs() < 0.02, "{iou}");
+        assert_eq!(score::iou(&[false; 4], &[false; 4]), 1.0);
     }
 
     #[test]

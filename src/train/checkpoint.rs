@@ -31,6 +31,30 @@ const PREFIX: &str = "checkpoint-";
 pub enum Entry<'a> {
     Tensors(&'a str, &'a TensorMap),
     Json(&'a str, &'a Value),
+    /// A text file written as is (a tokenizer's `vocab.json`, `merges.txt`).
+    Text(&'a str, &'a str),
+}
+
+impl Entry<'_> {
+    fn rel(&self) -> &str {
+        match self {
+            Entry::Tensors(rel, _) | Entry::Json(rel, _) | Entry::Text(rel, _) => rel,
+        }
+    }
+
+    /// Writes the file under `root` (folders created, contents flushed); returns its path.
+    fn write(&self, root: &Path) -> Result<PathBuf> {
+        let path = prepare(root, self.rel())?;
+        match self {
+            Entry::Tensors(_, tensors) => save_tensors(tensors, &path)?,
+            Entry::Json(_, value) => {
+                let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))? + "\n";
+                write_synced(&path, text.as_bytes())?;
+            }
+            Entry::Text(_, text) => write_synced(&path, text.as_bytes())?,
+        }
+        Ok(path)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,22 +85,9 @@ pub fn save(run_dir: &Path, step: u64, entries: &[Entry], keep: Option<usize>) -
     let result = (|| -> Result<()> {
         let mut files = BTreeMap::new();
         for entry in entries {
-            let rel = match entry {
-                Entry::Tensors(rel, tensors) => {
-                    let path = prepare(&tmp, rel)?;
-                    save_tensors(tensors, &path)?;
-                    *rel
-                }
-                Entry::Json(rel, value) => {
-                    let path = prepare(&tmp, rel)?;
-                    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
-                    write_synced(&path, text.as_bytes())?;
-                    *rel
-                }
-            };
-            let path = tmp.join(rel);
+            let path = entry.write(&tmp)?;
             let size = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-            files.insert(rel.to_string(), FileRecord { size, sha256: sha256_file(&path)? });
+            files.insert(entry.rel().to_string(), FileRecord { size, sha256: sha256_file(&path)? });
         }
         let manifest = Manifest { step, files };
         let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -175,18 +186,25 @@ pub fn read_json(dir: &Path, rel: &str) -> Result<Value> {
 /// Writes `config.json` + `diffusion_pytorch_model.safetensors` into a temporary sibling of `out`, then
 /// renames it to `out` (replacing an existing folder only once the new one is complete).
 pub fn write_diffusers_folder(out: &Path, config: &Value, tensors: &TensorMap) -> Result<()> {
+    let weights = format!("{DIFFUSERS_STEM}.safetensors");
+    write_folder(out, &[Entry::Json("config.json", config), Entry::Tensors(&weights, tensors)])
+}
+
+/// Writes a folder of files into a temporary sibling of `out`, then renames it to `out` (replacing an existing
+/// folder only once the new one is complete).
+pub fn write_folder(out: &Path, entries: &[Entry]) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "controlnet".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.{}.partial", std::process::id()));
     let result = (|| -> Result<()> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let text = serde_json::to_string_pretty(config).map_err(|e| Error::Invalid(e.to_string()))? + "\n";
-        write_synced(&tmp.join("config.json"), text.as_bytes())?;
-        save_tensors(tensors, &tmp.join(format!("{DIFFUSERS_STEM}.safetensors")))?;
+        for entry in entries {
+            entry.write(&tmp)?;
+        }
         if out.is_dir() {
             std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
         } else if out.exists() {

@@ -11,6 +11,9 @@
 //! - [`checkpoint`]: atomic checkpoints with a checksummed manifest; resume continues bit for bit.
 //! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
+//! - [`base`]: a small Stable Diffusion base trained from scratch (VAE, UNet; frozen random text encoder): the demo.
+//! - [`scratch`]: seeded starting weights for networks trained from scratch.
+pub mod base;
 pub mod checkpoint;
 pub mod dataset;
 #[cfg(test)]
@@ -19,5 +22,6 @@ pub mod init;
 pub mod objective;
 pub mod optimizer;
 pub mod params;
+pub mod scratch;
 pub mod trainer;
 pub mod validation;
