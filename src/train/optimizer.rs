@@ -55,7 +55,11 @@ impl Grads {
     pub fn accumulate(&mut self, params: &Params, store: &candle_core::backprop::GradStore, scale: f64) -> Result<()> {
         for (name, var) in params.iter() {
             let Some(g) = store.get(var.as_tensor()) else { continue };
-            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
+            // A leaf's gradient can still carry the op that made it, and through it the whole forward graph of
+            // the step: kept in the moments, every step's graph would stay alive (measured: ~190 MB a step on
+            // the demo UNet at batch 8). Only the values are needed.
+            let g = g.detach();
+            let g = if scale == 1.0 { g } else { (g * scale)? };
             let sum = match self.grads.remove(name) {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -236,6 +240,27 @@ mod tests {
         let (_, steps) = opt.state();
         assert_eq!(steps.steps["p1"], 3);
         assert_eq!(steps.steps["p0"], 4);
+    }
+
+    /// The kept gradients hold values only: no op linking them (and the moments made from them) to the step's
+    /// forward graph, which would otherwise stay in memory for the rest of the run.
+    #[test]
+    fn gradients_are_detached_from_the_graph() {
+        let dev = Device::Cpu;
+        let (_, params) =
+            Params::split(TensorMap::from([("a".into(), Tensor::new(&[0.5f32, 2.0], &dev).unwrap())]), |_| true)
+                .unwrap();
+        let a = params.get("a").unwrap().as_tensor();
+        // d/da (a · exp(a)) = exp(a) + a·exp(a): candle builds it from the tracked exp(a).
+        let loss = (a * a.exp().unwrap()).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        let mut grads = Grads::default();
+        grads.accumulate(&params, &store, 1.0).unwrap();
+        assert!(!grads.get("a").unwrap().track_op());
+        let mut adamw = AdamW::new(AdamWConfig::default());
+        adamw.step(&params, &grads, 1e-3).unwrap();
+        let (moments, _) = adamw.state();
+        assert!(moments.values().all(|m| !m.track_op()));
     }
 
     #[test]
