@@ -1,4 +1,5 @@
-//! 2-D convolution on the CPU as im2col + one matrix product per band of output rows, in NCHW throughout.
+//! 2-D convolution on the CPU as im2col + one matrix product per band of output rows, in NCHW throughout,
+//! forward and backward.
 //!
 //! candle 0.11.1's CPU convolution converts the input to NHWC and re-lays out the kernel on one thread at every
 //! call, then gathers each tile's patches with scattered writes; in the VAE decoder that gathering took twice
@@ -6,10 +7,19 @@
 //! (in-channel, ky, kx) order, so the OIHW weights are already the left matrix, the rows of each patch row are
 //! contiguous copies of input rows, and the product writes straight into the NCHW output, bias included.
 //!
-//! The backward pass uses candle's own convolution ops (the same formulas as candle's autograd), so training
-//! through these layers is unchanged.
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+//! The backward pass reuses that layout. candle's autograd formulas would call its CPU `conv_transpose2d` and
+//! `conv2d`, which in 0.11.1 are naive loops; training spent most of its time there. Instead, per band:
+//! - input gradient: `W^T (C*KH*KW, O) x grad_out (O, pixels)` is the patch matrix's gradient, and col2im adds
+//!   each of its entries back onto the input pixel the forward's gather copied it from;
+//! - weight gradient: `grad_out (O, pixels) x patches^T`, summed over bands and batch items, with the patches
+//!   built by the forward's gather;
+//! - bias gradient: `grad_out` summed over batch and pixels.
+//!
+//! 1x1 stride-1 unpadded convolutions skip the patch matrix in both directions (it is the input itself). Other
+//! devices and dtypes keep candle's formulas.
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Target size of one band's patch matrix (elements): big enough for an efficient matrix product, small
 /// enough to stay in the last-level cache instead of materialising a 9x copy of a 512x512 VAE activation.
@@ -25,6 +35,100 @@ pub struct Conv2dParams {
 impl Conv2dParams {
     fn out_size(&self, input: usize, kernel: usize) -> Option<usize> {
         (input + 2 * self.padding).checked_sub(kernel).map(|span| span / self.stride + 1)
+    }
+
+    /// A 1x1 convolution that sees every pixel once: its patch matrix is the input itself.
+    fn pointwise(&self, d: &Dims) -> bool {
+        d.kh == 1 && d.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Output rows per band, so that one band's patch matrix holds about `BAND_ELEMENTS` values.
+    fn band_rows(d: &Dims) -> usize {
+        (BAND_ELEMENTS / (d.patch() * d.ow).max(1)).clamp(1, d.oh.max(1))
+    }
+
+    /// The input row that output row `oy` sees through kernel row `ky`, if it is not padding.
+    fn input_row(&self, oy: usize, ky: usize, h: usize) -> Option<usize> {
+        let y = (oy * self.stride + ky).checked_sub(self.padding)?;
+        (y < h).then_some(y)
+    }
+
+    /// The output columns `first..end` whose input column `ox * stride + kx - padding` lies inside a row of
+    /// width `w` (the others see padding); the first of them sees input column `x0`.
+    fn inside_columns(&self, kx: usize, w: usize, ow: usize) -> (usize, usize, usize) {
+        let (pad, stride) = (self.padding as isize, self.stride);
+        let at_least = |lo: isize| if lo <= 0 { 0 } else { (lo as usize).div_ceil(stride).min(ow) };
+        let first = at_least(pad - kx as isize);
+        let end = at_least(w as isize + pad - kx as isize).max(first);
+        // Only used when first < end, where it is a real column (>= 0).
+        let x0 = ((first * stride + kx) as isize - pad).max(0) as usize;
+        (first, end, x0)
+    }
+
+    /// Fills `cols` (C*KH*KW rows of `rows * ow` values) with the input pixels each output pixel of rows
+    /// `row0..row0 + rows` sees, zero where the kernel hangs over the padding.
+    fn gather<T: WithDType>(&self, input: &[T], cols: &mut [T], d: &Dims, row0: usize, rows: usize) {
+        let stride = self.stride;
+        let n = rows * d.ow;
+        // One input channel's KH*KW patch rows per task.
+        cols.par_chunks_mut(d.kh * d.kw * n).zip(input.par_chunks(d.h * d.w)).for_each(|(block, plane)| {
+            for ky in 0..d.kh {
+                for kx in 0..d.kw {
+                    let (first, end, x0) = self.inside_columns(kx, d.w, d.ow);
+                    let dst_row = &mut block[(ky * d.kw + kx) * n..(ky * d.kw + kx + 1) * n];
+                    for (r, dst) in dst_row.chunks_mut(d.ow).enumerate() {
+                        let Some(y) = self.input_row(row0 + r, ky, d.h) else {
+                            dst.fill(T::zero());
+                            continue;
+                        };
+                        let src = &plane[y * d.w..(y + 1) * d.w];
+                        dst[..first].fill(T::zero());
+                        dst[end..].fill(T::zero());
+                        if first == end {
+                            // No output column of this kernel column sees the input (x0 may lie past it).
+                            continue;
+                        }
+                        if stride == 1 {
+                            dst[first..end].copy_from_slice(&src[x0..x0 + end - first]);
+                        } else {
+                            for (v, &s) in dst[first..end].iter_mut().zip(src[x0..].iter().step_by(stride)) {
+                                *v = s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The inverse of [`Self::gather`] (col2im): adds each entry of `cols` (laid out as `gather` fills it for
+    /// output rows `row0..row0 + rows`) onto the input pixel it was copied from, dropping the padding's.
+    fn scatter_add<T: WithDType>(&self, cols: &[T], grad_in: &mut [T], d: &Dims, row0: usize, rows: usize) {
+        let stride = self.stride;
+        let n = rows * d.ow;
+        // Overlapping kernel windows add into the same pixels, but only within one channel's plane: one input
+        // channel per task keeps every write to a pixel on one thread.
+        grad_in.par_chunks_mut(d.h * d.w).zip(cols.par_chunks(d.kh * d.kw * n)).for_each(|(plane, block)| {
+            for ky in 0..d.kh {
+                for kx in 0..d.kw {
+                    let (first, end, x0) = self.inside_columns(kx, d.w, d.ow);
+                    let src_row = &block[(ky * d.kw + kx) * n..(ky * d.kw + kx + 1) * n];
+                    for (r, src) in src_row.chunks(d.ow).enumerate() {
+                        let Some(y) = self.input_row(row0 + r, ky, d.h).filter(|_| first < end) else { continue };
+                        let dst = &mut plane[y * d.w..(y + 1) * d.w];
+                        if stride == 1 {
+                            for (v, &s) in dst[x0..x0 + end - first].iter_mut().zip(&src[first..end]) {
+                                *v += s;
+                            }
+                        } else {
+                            for (v, &s) in dst[x0..].iter_mut().step_by(stride).zip(&src[first..end]) {
+                                *v += s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -53,129 +157,106 @@ struct Dims {
     ow: usize,
 }
 
-impl Conv2dOp {
-    fn dims(&self, x: &Layout, k: &Layout, bias: &Layout) -> Result<Dims> {
-        let (b, c, h, w) = x.shape().dims4()?;
-        let (o, kc, kh, kw) = k.shape().dims4()?;
-        if kc != c || bias.shape().elem_count() != o {
-            candle_core::bail!(
-                "conv2d: input {:?}, kernel {:?} and bias {:?} do not fit",
-                x.shape(),
-                k.shape(),
-                bias.shape()
-            )
+impl Dims {
+    /// Checks that input (B, C, H, W), kernel (O, C, KH, KW) and output (B, O, OH, OW) sizes fit `p`.
+    fn new(p: Conv2dParams, op: &str, x: [usize; 4], k: [usize; 4], out: Option<(usize, usize)>) -> Result<Self> {
+        let [b, c, h, w] = x;
+        let [o, kc, kh, kw] = k;
+        if kc != c {
+            candle_core::bail!("{op}: input {x:?} and kernel {k:?} do not fit")
         }
-        let (Some(oh), Some(ow)) = (self.0.out_size(h, kh), self.0.out_size(w, kw)) else {
-            candle_core::bail!("conv2d: kernel {kh}x{kw} is larger than the padded input {h}x{w}")
+        if [h, w, kh, kw].contains(&0) {
+            // The patch loops split planes and kernels into chunks of these sizes.
+            candle_core::bail!("{op}: empty input plane {h}x{w} or kernel {kh}x{kw}")
+        }
+        let (Some(oh), Some(ow)) = (p.out_size(h, kh), p.out_size(w, kw)) else {
+            candle_core::bail!("{op}: kernel {kh}x{kw} is larger than the padded input {h}x{w}")
         };
+        if let Some(out) = out.filter(|&out| out != (oh, ow)) {
+            candle_core::bail!("{op}: a {kh}x{kw} kernel maps {h}x{w} to {oh}x{ow}, not {out:?}")
+        }
         Ok(Dims { b, c, h, w, o, kh, kw, oh, ow })
     }
 
-    fn forward<T: WithDType>(&self, x: &[T], k: &[T], bias: &[T], d: &Dims) -> Vec<T> {
-        let p = self.0;
-        let hw = d.oh * d.ow;
-        let patch = d.c * d.kh * d.kw;
-        let mut out = vec![T::zero(); d.b * d.o * hw];
-        // Bias first: the product then accumulates onto it (no separate pass over the output).
-        for (plane, &bias) in out.chunks_mut(hw).zip(bias.iter().cycle()) {
-            plane.fill(bias);
-        }
-        let pointwise = d.kh == 1 && d.kw == 1 && p.stride == 1 && p.padding == 0;
-        let band_rows = (BAND_ELEMENTS / (patch * d.ow).max(1)).clamp(1, d.oh);
-        let mut cols = if pointwise { Vec::new() } else { vec![T::zero(); patch * band_rows * d.ow] };
-        for item in 0..d.b {
-            let input = &x[item * d.c * d.h * d.w..(item + 1) * d.c * d.h * d.w];
-            let output = &mut out[item * d.o * hw..(item + 1) * d.o * hw];
-            if pointwise {
-                // A 1x1 convolution is the product itself: (O, C) x (C, H*W).
-                matmul(d.o, hw, d.c, output, hw, k, input, hw);
-                continue;
-            }
-            for row0 in (0..d.oh).step_by(band_rows) {
-                let rows = band_rows.min(d.oh - row0);
-                let n = rows * d.ow;
-                let cols = &mut cols[..patch * n];
-                self.gather(input, cols, d, row0, rows);
-                matmul(d.o, n, patch, &mut output[row0 * d.ow..], hw, k, cols, n);
-            }
-        }
-        out
-    }
-
-    /// Fills `cols` (C*KH*KW rows of `rows * ow` values) with the input pixels each output pixel of rows
-    /// `row0..row0 + rows` sees, zero where the kernel hangs over the padding.
-    fn gather<T: WithDType>(&self, input: &[T], cols: &mut [T], d: &Dims, row0: usize, rows: usize) {
-        let (pad, stride) = (self.0.padding as isize, self.0.stride);
-        let n = rows * d.ow;
-        // One input channel's KH*KW patch rows per task.
-        cols.par_chunks_mut(d.kh * d.kw * n).enumerate().for_each(|(ch, block)| {
-            let plane = &input[ch * d.h * d.w..(ch + 1) * d.h * d.w];
-            for ky in 0..d.kh {
-                for kx in 0..d.kw {
-                    let dst_row = &mut block[(ky * d.kw + kx) * n..(ky * d.kw + kx + 1) * n];
-                    for (r, dst) in dst_row.chunks_mut(d.ow).enumerate() {
-                        let y = ((row0 + r) * stride) as isize + ky as isize - pad;
-                        if y < 0 || y >= d.h as isize {
-                            dst.fill(T::zero());
-                            continue;
-                        }
-                        let src = &plane[y as usize * d.w..(y as usize + 1) * d.w];
-                        // Output columns whose input column x = ox*stride + kx - pad lies inside the row:
-                        // first <= ox < end.
-                        let x_of = |ox: usize| (ox * stride) as isize + kx as isize - pad;
-                        let at_least = |lo: isize| if lo <= 0 { 0 } else { (lo as usize).div_ceil(stride).min(d.ow) };
-                        let first = at_least(pad - kx as isize);
-                        let end = at_least(d.w as isize + pad - kx as isize).max(first);
-                        dst[..first].fill(T::zero());
-                        dst[end..].fill(T::zero());
-                        if stride == 1 {
-                            let x0 = x_of(first) as usize;
-                            dst[first..end].copy_from_slice(&src[x0..x0 + end - first]);
-                        } else {
-                            for (ox, v) in dst[first..end].iter_mut().enumerate() {
-                                *v = src[x_of(first + ox) as usize];
-                            }
-                        }
-                    }
-                }
-            }
-        });
+    /// Rows of the patch matrix (and columns of the flattened kernel).
+    fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
     }
 }
 
-/// `dst (m, n; row stride dst_rs) += lhs (m, k; contiguous) x rhs (k, n; row stride rhs_rs)` on all threads.
+/// A read-only matrix: element (i, j) is `data[i * rs + j * cs]`, so a transpose is a swap of strides.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// Row-major, `rs` elements from one row to the next.
+    fn rows(data: &'a [T], rs: usize) -> Self {
+        Mat { data, rs, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `rs` elements apart.
+    fn transposed(data: &'a [T], rs: usize) -> Self {
+        Mat { data, rs: 1, cs: rs }
+    }
+
+    /// Whether every element of an (m, n) matrix lies inside `data`.
+    fn covers(&self, m: usize, n: usize) -> bool {
+        spans(self.data.len(), m, n, self.rs, self.cs)
+    }
+}
+
+/// Whether `len` elements hold an (m, n) matrix with strides `rs` and `cs`.
+fn spans(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
+    m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < len
+}
+
+/// `dst (m, n; element (i, j) at i * dst_rs + j * dst_cs) = [dst +] lhs (m, k) x rhs (k, n)` on all threads:
+/// added onto `dst` when `accumulate`, else overwriting it.
+///
+/// Strides decide the speed: gemm makes `dst` column-major (transposing the whole product if `dst_rs` is the
+/// larger stride), then wants its left operand column-major too; a left operand with contiguous rows is
+/// re-packed, a strided copy as large as that operand.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [T],
-    dst_rs: usize,
-    lhs: &[T],
-    rhs: &[T],
-    rhs_rs: usize,
-) {
-    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    debug_assert!(lhs.len() >= m * k && (k == 0 || rhs.len() >= (k - 1) * rhs_rs + n));
-    let threads = candle_core::utils::get_num_threads();
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) -> Result<()> {
+    // They guard the raw-pointer product below (the callers derive every size from checked dims).
+    if !(spans(dst.len(), m, n, dst_rs, dst_cs) && lhs.covers(m, k) && rhs.covers(k, n)) {
+        candle_core::bail!("conv2d: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
+    }
+    // candle 0.11.1 works the count out from /proc/cpuinfo at every call: read it once, not per product (in
+    // training at 128 px, the re-reads took about 4% of the time).
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the slices cover every element the strides address (checked above in debug builds; the callers
-    // derive all sizes from the same checked dims), and dst does not overlap the inputs.
+    // SAFETY: the asserts above check that the slices cover every element the strides address, and dst (a
+    // unique borrow) cannot overlap the inputs.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             T::one(),
             T::one(),
             false,
@@ -184,6 +265,59 @@ fn matmul<T: WithDType>(
             parallelism,
         )
     }
+    Ok(())
+}
+
+impl Conv2dOp {
+    fn forward<T: WithDType>(&self, x: &[T], k: &[T], bias: &[T], d: &Dims) -> Result<Vec<T>> {
+        let p = self.0;
+        let hw = d.oh * d.ow;
+        let patch = d.patch();
+        let mut out = vec![T::zero(); d.b * d.o * hw];
+        // Bias first: the product then accumulates onto it (no separate pass over the output).
+        for (plane, &bias) in out.chunks_mut(hw).zip(bias.iter().cycle()) {
+            plane.fill(bias);
+        }
+        let pointwise = p.pointwise(d);
+        let band_rows = Conv2dParams::band_rows(d);
+        let mut cols = if pointwise { Vec::new() } else { vec![T::zero(); patch * band_rows * d.ow] };
+        for item in 0..d.b {
+            let input = &x[item * d.c * d.h * d.w..(item + 1) * d.c * d.h * d.w];
+            let output = &mut out[item * d.o * hw..(item + 1) * d.o * hw];
+            if pointwise {
+                // A 1x1 convolution is the product itself: (O, C) x (C, H*W).
+                matmul(d.o, hw, d.c, output, (hw, 1), true, Mat::rows(k, d.c), Mat::rows(input, hw))?;
+                continue;
+            }
+            for row0 in (0..d.oh).step_by(band_rows) {
+                let rows = band_rows.min(d.oh - row0);
+                let n = rows * d.ow;
+                let cols = &mut cols[..patch * n];
+                p.gather(input, cols, d, row0, rows);
+                matmul(
+                    d.o,
+                    n,
+                    patch,
+                    &mut output[row0 * d.ow..],
+                    (hw, 1),
+                    true,
+                    Mat::rows(k, patch),
+                    Mat::rows(cols, n),
+                )?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The contiguous range of a layout's storage (the public entry points pass contiguous tensors).
+fn contiguous(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: strided operand")))
+}
+
+fn dims4(l: &Layout) -> Result<[usize; 4]> {
+    let (a, b, c, d) = l.shape().dims4()?;
+    Ok([a, b, c, d])
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -200,51 +334,236 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(l1, l2, l3)?;
-        let contiguous = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("conv2d: strided operand".into()))
-        };
-        let ((x0, x1), (k0, k1), (b0, b1)) = (contiguous(l1)?, contiguous(l2)?, contiguous(l3)?);
+        let name = self.name();
+        let d = Dims::new(self.0, name, dims4(l1)?, dims4(l2)?, None)?;
+        if l3.shape().elem_count() != d.o {
+            candle_core::bail!("{name}: kernel {:?} and bias {:?} do not fit", l2.shape(), l3.shape())
+        }
+        let ((x0, x1), (k0, k1), (b0, b1)) = (contiguous(l1, name)?, contiguous(l2, name)?, contiguous(l3, name)?);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d))
+                CpuStorage::F32(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(k), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d))
+                CpuStorage::F64(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             _ => candle_core::bail!(
-                "conv2d: f32 or f64 operands of one dtype expected, got {:?}",
+                "{name}: f32 or f64 operands of one dtype expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
             ),
         };
         Ok((out, Shape::from((d.b, d.o, d.oh, d.ow))))
     }
 
-    /// The gradients as candle's autograd computes them for `Tensor::conv2d`, plus the bias's.
+    /// Only the gradients someone can use: an operand that is neither a variable nor computed from one (the
+    /// locked UNet's weights when training a ControlNet, the noisy latents entering the first convolution) gets
+    /// none, which skips a product as large as the forward's.
     fn bwd(
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Conv2dParams { padding, stride } = self.0;
-        let (_, _, k_h, k_w) = kernel.dims4()?;
-        // The transposed convolution must give back the input's size, which stride 2 leaves ambiguous.
-        let covered = (grad.dim(2)? - 1) * stride + k_h - 2 * padding;
-        let grad_x = grad.conv_transpose2d(kernel, padding, x.dim(2)? - covered, stride, 1)?;
-        // Weight gradient: the input's channels correlated with the output gradient's, dilated by the stride.
-        let grad_k = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?.transpose(0, 1)?;
-        let grad_k = grad_k.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?;
-        let grad_b = grad.sum((0, 2, 3))?;
-        Ok((Some(grad_x), Some(grad_k), Some(grad_b)))
+        let p = self.0;
+        let fast = grad.device().is_cpu()
+            && matches!(grad.dtype(), DType::F32 | DType::F64)
+            && x.dtype() == grad.dtype()
+            && kernel.dtype() == grad.dtype();
+        let (grad_x, grad_k) = if fast {
+            let grad = grad.contiguous()?;
+            let grad_x = if x.track_op() {
+                let (_, _, h, w) = x.dims4()?;
+                Some(grad.apply_op2_no_bwd(&kernel.contiguous()?, &Conv2dGradInput { p, h, w })?)
+            } else {
+                None
+            };
+            let grad_k = if kernel.track_op() {
+                let (_, _, kh, kw) = kernel.dims4()?;
+                Some(x.contiguous()?.apply_op2_no_bwd(&grad, &Conv2dGradWeight { p, kh, kw })?)
+            } else {
+                None
+            };
+            (grad_x, grad_k)
+        } else {
+            let (grad_x, grad_k) = candle_grads(x, kernel, grad, p)?;
+            (Some(grad_x), Some(grad_k))
+        };
+        // Summing the contiguous pixels first takes candle's fast path for trailing dimensions; a sum over
+        // (0, 2, 3) at once walks the tensor element by element (as long as the input gradient here).
+        let grad_b = if bias.track_op() {
+            let (b, o, oh, ow) = grad.dims4()?;
+            Some(grad.reshape((b, o, oh * ow))?.sum(2)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_k, grad_b))
+    }
+}
+
+/// The input and kernel gradients as candle's autograd computes them for `Tensor::conv2d` (slow naive loops on
+/// the CPU in candle 0.11.1): the fallback for other devices and dtypes, and the tests' reference.
+fn candle_grads(x: &Tensor, kernel: &Tensor, grad: &Tensor, p: Conv2dParams) -> Result<(Tensor, Tensor)> {
+    let Conv2dParams { padding, stride } = p;
+    let (_, _, h, w) = x.dims4()?;
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    // The transposed convolution must give back the input's size, which stride 2 leaves ambiguous; its one
+    // output padding serves both axes, so take the larger need and cut the other axis back (an extra row or
+    // column does not change the others).
+    let covered = |input: usize, out: usize, k: usize| input - ((out - 1) * stride + k - 2 * padding);
+    let extra = covered(h, grad.dim(2)?, k_h).max(covered(w, grad.dim(3)?, k_w));
+    let grad_x = grad.conv_transpose2d(kernel, padding, extra, stride, 1)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
+    // Weight gradient: the input's channels correlated with the output gradient's, dilated by the stride.
+    let grad_k = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?.transpose(0, 1)?;
+    let grad_k = grad_k.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?;
+    Ok((grad_x, grad_k))
+}
+
+/// The input gradient (B, C, H, W) from the output gradient (B, O, OH, OW) and the kernel (O, C, KH, KW).
+/// The input's size is part of the op: with stride 2, OH and OW do not determine it.
+struct Conv2dGradInput {
+    p: Conv2dParams,
+    h: usize,
+    w: usize,
+}
+
+impl Conv2dGradInput {
+    fn compute<T: WithDType>(&self, g: &[T], k: &[T], d: &Dims) -> Result<Vec<T>> {
+        let p = self.p;
+        let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
+        let mut out = vec![T::zero(); d.b * in_size];
+        if p.pointwise(d) {
+            // The patch matrix is the input: its gradient (C, H*W) = W^T (C, O) x grad (O, H*W) directly.
+            for (g, out) in g.chunks(d.o * hw).zip(out.chunks_mut(in_size)) {
+                matmul(d.c, hw, d.o, out, (hw, 1), false, Mat::transposed(k, d.c), Mat::rows(g, hw))?;
+            }
+            return Ok(out);
+        }
+        let band_rows = Conv2dParams::band_rows(d);
+        let mut cols = vec![T::zero(); patch * band_rows * d.ow];
+        for (g, out) in g.chunks(d.o * hw).zip(out.chunks_mut(in_size)) {
+            for row0 in (0..d.oh).step_by(band_rows) {
+                let rows = band_rows.min(d.oh - row0);
+                let n = rows * d.ow;
+                let cols = &mut cols[..patch * n];
+                matmul(
+                    patch,
+                    n,
+                    d.o,
+                    cols,
+                    (n, 1),
+                    false,
+                    Mat::transposed(k, patch),
+                    Mat::rows(&g[row0 * d.ow..], hw),
+                )?;
+                p.scatter_add(cols, out, d, row0, rows);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for Conv2dGradInput {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let [b, o, oh, ow] = dims4(l1)?;
+        let [ko, c, kh, kw] = dims4(l2)?;
+        if ko != o {
+            candle_core::bail!("{name}: gradient {:?} and kernel {:?} do not fit", l1.shape(), l2.shape())
+        }
+        let d = Dims::new(self.p, name, [b, c, self.h, self.w], [o, c, kh, kw], Some((oh, ow)))?;
+        let ((g0, g1), (k0, k1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(k)) => CpuStorage::F32(self.compute(&g[g0..g1], &k[k0..k1], &d)?),
+            (CpuStorage::F64(g), CpuStorage::F64(k)) => CpuStorage::F64(self.compute(&g[g0..g1], &k[k0..k1], &d)?),
+            _ => candle_core::bail!(
+                "{name}: f32 or f64 operands of one dtype expected, got {:?}",
+                candle_core::backend::BackendStorage::dtype(s1)
+            ),
+        };
+        Ok((out, Shape::from((d.b, d.c, d.h, d.w))))
+    }
+}
+
+/// The kernel gradient (O, C, KH, KW) from the input (B, C, H, W) and the output gradient (B, O, OH, OW).
+struct Conv2dGradWeight {
+    p: Conv2dParams,
+    kh: usize,
+    kw: usize,
+}
+
+impl Conv2dGradWeight {
+    fn compute<T: WithDType>(&self, x: &[T], g: &[T], d: &Dims) -> Result<Vec<T>> {
+        let p = self.p;
+        let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
+        // The products accumulate the (O, C*KH*KW) gradient column-major, i.e. transposed: in the OIHW layout
+        // gemm would re-pack the whole patch matrix into the order it wants at every band, a strided copy 9x
+        // larger than the output gradient it re-packs this way. One small transpose at the end fixes the layout.
+        let mut transposed = vec![T::zero(); patch * d.o];
+        let dst = (1, d.o);
+        if p.pointwise(d) {
+            for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
+                matmul(d.o, d.c, hw, &mut transposed, dst, true, Mat::rows(g, hw), Mat::transposed(x, hw))?;
+            }
+        } else {
+            let band_rows = Conv2dParams::band_rows(d);
+            let mut cols = vec![T::zero(); patch * band_rows * d.ow];
+            for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
+                for row0 in (0..d.oh).step_by(band_rows) {
+                    let rows = band_rows.min(d.oh - row0);
+                    let n = rows * d.ow;
+                    let cols = &mut cols[..patch * n];
+                    p.gather(x, cols, d, row0, rows);
+                    let g = Mat::rows(&g[row0 * d.ow..], hw);
+                    matmul(d.o, patch, n, &mut transposed, dst, true, g, Mat::transposed(cols, n))?;
+                }
+            }
+        }
+        let mut out = vec![T::zero(); d.o * patch];
+        for o in 0..d.o {
+            for q in 0..patch {
+                out[o * patch + q] = transposed[q * d.o + o];
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for Conv2dGradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-grad-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let [b, c, h, w] = dims4(l1)?;
+        let [gb, o, oh, ow] = dims4(l2)?;
+        if gb != b {
+            candle_core::bail!("{name}: input {:?} and gradient {:?} do not fit", l1.shape(), l2.shape())
+        }
+        let d = Dims::new(self.p, name, [b, c, h, w], [o, c, self.kh, self.kw], Some((oh, ow)))?;
+        let ((x0, x1), (g0, g1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.compute(&x[x0..x1], &g[g0..g1], &d)?),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.compute(&x[x0..x1], &g[g0..g1], &d)?),
+            _ => candle_core::bail!(
+                "{name}: f32 or f64 operands of one dtype expected, got {:?}",
+                candle_core::backend::BackendStorage::dtype(s1)
+            ),
+        };
+        Ok((out, Shape::from((d.o, d.c, d.kh, d.kw))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::test_support::max_rel_diff;
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, k: &Tensor, b: &Tensor, p: Conv2dParams) -> Tensor {
@@ -267,20 +586,23 @@ mod tests {
             .unwrap()
     }
 
-    /// Every kernel size, stride and padding SD uses (and odd sizes, and bands that do not divide the rows)
-    /// against candle's convolution.
+    /// (in channels, out channels, kernel, stride, padding, height, width): every kernel size, stride and
+    /// padding SD uses, odd sizes, and bands that do not divide the rows.
+    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 7] = [
+        (3, 5, 3, 1, 1, 7, 9),
+        (4, 6, 3, 2, 1, 9, 8),
+        (4, 6, 3, 2, 0, 9, 8),
+        (6, 4, 1, 1, 0, 5, 7),
+        (2, 3, 1, 2, 0, 6, 6),
+        (3, 2, 5, 1, 2, 6, 5),
+        (64, 8, 3, 1, 1, 40, 33),
+    ];
+
+    /// [`SHAPES`] against candle's convolution.
     #[test]
     fn matches_candle_conv2d() {
         let dev = Device::Cpu;
-        for (c, o, k, stride, padding, h, w) in [
-            (3, 5, 3, 1, 1, 7, 9),
-            (4, 6, 3, 2, 1, 9, 8),
-            (4, 6, 3, 2, 0, 9, 8),
-            (6, 4, 1, 1, 0, 5, 7),
-            (2, 3, 1, 2, 0, 6, 6),
-            (3, 2, 5, 1, 2, 6, 5),
-            (64, 8, 3, 1, 1, 40, 33),
-        ] {
+        for (c, o, k, stride, padding, h, w) in SHAPES {
             let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let kernel = Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
@@ -307,13 +629,40 @@ mod tests {
         assert!(diff < 1e-3, "{diff}");
     }
 
-    /// Gradients of all three operands against central finite differences (f64), for stride 1 and 2.
+    /// The gradient ops against candle's formulas (what the backward used before them) in f32, over [`SHAPES`]
+    /// and two inputs whose patch matrices span several bands (stride 1 and 2): col2im adds across band edges.
+    #[test]
+    fn gradients_match_candle_formulas() {
+        let dev = Device::Cpu;
+        let banded = [(256, 3, 3, 1, 1, 70, 64), (256, 3, 3, 2, 1, 70, 64)];
+        const { assert!(BAND_ELEMENTS / (256 * 9 * 64) < 70 && BAND_ELEMENTS / (256 * 9 * 32) < 35, "several bands") };
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain(banded) {
+            let p = Conv2dParams { padding, stride };
+            let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+            let kernel = Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap();
+            let (oh, ow) = (p.out_size(h, k).unwrap(), p.out_size(w, k).unwrap());
+            let grad = Tensor::randn(0f32, 1., (2, o, oh, ow), &dev).unwrap();
+            let (want_x, want_k) = candle_grads(&x, &kernel, &grad, p).unwrap();
+            let got_x = grad.apply_op2_no_bwd(&kernel, &Conv2dGradInput { p, h, w }).unwrap();
+            let got_k = x.apply_op2_no_bwd(&grad, &Conv2dGradWeight { p, kh: k, kw: k }).unwrap();
+            let case = format!("{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+            assert_eq!(got_x.dims(), want_x.dims(), "{case}");
+            assert_eq!(got_k.dims(), want_k.dims(), "{case}");
+            for (which, got, want) in [("input", got_x, want_x), ("kernel", got_k, want_k)] {
+                let diff = max_rel_diff(&got, &want);
+                assert!(diff <= 1e-4, "{case}: {which} gradient off by {diff}");
+            }
+        }
+    }
+
+    /// Gradients of all three operands against central finite differences (f64), for stride 1 and 2 and the
+    /// 1x1 shortcut.
     #[test]
     fn gradients_match_finite_differences() {
         let dev = Device::Cpu;
-        for (stride, padding, h) in [(1, 1, 5), (2, 1, 5), (2, 0, 6)] {
+        for (kernel, stride, padding, h) in [(3, 1, 1, 5), (3, 2, 1, 5), (3, 2, 0, 6), (1, 1, 0, 4)] {
             let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, h, h), &dev).unwrap()).unwrap();
-            let k = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3, 3, 3), &dev).unwrap()).unwrap();
+            let k = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3, kernel, kernel), &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::randn(0f64, 1., 4, &dev).unwrap()).unwrap();
             let p = Conv2dParams { padding, stride };
             let out_shape = conv2d(&x, &k, &b, p).unwrap().shape().clone();
@@ -347,5 +696,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Operands that are neither variables nor computed from one get no gradient (nothing could use it), the
+    /// others still get theirs.
+    #[test]
+    fn untracked_operands_get_no_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (1, 2, 5, 5), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (3, 2, 3, 3), &dev).unwrap();
+        let b = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let p = Conv2dParams { padding: 1, stride: 1 };
+        let grads = conv2d(&x, &k, &b, p).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&k).is_none() && grads.get(&b).is_none());
     }
 }
