@@ -26,6 +26,15 @@ fn init_train_resume_generate() {
     assert!(text.contains("controlnet_mid_block.weight") && text.contains("controlnet_cond_embedding.conv_in.weight"));
     assert!(text.contains("copied from the UNet's encoder"), "{text}");
 
+    // A smaller hint encoder: its channels land in the config (diffusers' conditioning_embedding_out_channels).
+    let small = dir.path().join("cn-small");
+    let out =
+        controlnet(&["init", "--model", MODEL, "--output", small.to_str().unwrap(), "--hint-channels", "8,8,16,16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(small.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["conditioning_embedding_out_channels"], serde_json::json!([8, 8, 16, 16]));
+
     // 2. Two updates with checkpoints, cache, validation and the fidelity score.
     let train = |extra: &[&str]| {
         let mut args = vec![

@@ -22,6 +22,10 @@ pub struct InitArgs {
     /// Channels of the condition images it will read.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub conditioning_channels: usize,
+    /// Channels of the hint encoder's convolutions (diffusers' conditioning_embedding_out_channels); one stride-2
+    /// step between consecutive entries, so 4 entries take the condition to the latent size of an 8x VAE.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_HINT_CHANNELS, value_name = "C,C,..")]
+    pub hint_channels: Vec<usize>,
     /// Seed of the hint encoder's initialisation (as torch.manual_seed before from_unet).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
@@ -44,7 +48,7 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     let (unet_config, unet) = load_base_unet(&args.model, &opts)?;
     let init = InitOptions {
         conditioning_channels: args.conditioning_channels,
-        hint_channels: DEFAULT_HINT_CHANNELS.to_vec(),
+        hint_channels: args.hint_channels.clone(),
         seed: args.seed,
     };
     let new = controlnet_from_unet(&unet_config, &unet, &init)?;

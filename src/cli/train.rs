@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Condition channels of the new ControlNet (with --init).
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub conditioning_channels: usize,
+    /// Channels of the hint encoder's convolutions (diffusers' conditioning_embedding_out_channels); one stride-2
+    /// step between consecutive entries, so 4 entries take the condition to the latent size of an 8x VAE.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_HINT_CHANNELS, value_name = "C,C,..")]
+    pub hint_channels: Vec<usize>,
     /// The data: a fill50k-style prompt.json (or its folder), or a folder with metadata.jsonl.
     #[arg(long, value_name = "PATH")]
     pub dataset: PathBuf,
@@ -247,7 +251,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             let (config, tensors) = unet.as_ref().expect("loaded for --init");
             let init = InitOptions {
                 conditioning_channels: args.conditioning_channels,
-                hint_channels: DEFAULT_HINT_CHANNELS.to_vec(),
+                hint_channels: args.hint_channels.clone(),
                 seed: args.seed,
             };
             let new = controlnet_from_unet(config, tensors, &init)?;

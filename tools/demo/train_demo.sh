@@ -20,11 +20,14 @@ cd "$WORK"
 # 2. The base (VAE 1500 steps of 8 random 64-px crops, UNet 2000 steps of 32 cached latents).
 "$BIN" train-base --dataset circles --output base-run --vae-steps 1500 --unet-steps 2000 -q
 
-# 3. The ControlNet.
+# 3. The ControlNet, with the base's decoder unlocked (the original's sd_locked=False: a base trained for
+#    half an hour on a CPU still draws poorly; its decoder keeps learning alongside the ControlNet). A small hint
+#    encoder: SD's (16,32,96,256) would cost four times the rest of this tiny network.
 RESUME=()
 [ -d cn-run ] && RESUME=(--resume)
 "$BIN" train --model base-run/model --init --dataset circles --output cn-run "${RESUME[@]}" \
-    --resolution 128 --batch-size 16 --learning-rate 2e-4 --max-steps 1000 --cache \
+    --resolution 128 --batch-size 8 --learning-rate 2e-4 --max-steps 1000 --cache \
+    --hint-channels 16,32,32,32 --unlock-decoder \
     --checkpointing-steps 100 --checkpoints-total-limit 2 \
     --validation-image val/source/0.png --validation-prompt "a dark green circle on a cyan background" \
     --validation-image val/source/1.png --validation-prompt "a dark blue circle on a blue background" \
@@ -35,6 +38,7 @@ RESUME=()
 # 4. Into the repository.
 rm -rf "$REPO/assets/demo.new" && mkdir -p "$REPO/assets/demo.new"
 cp -r base-run/model "$REPO/assets/demo.new/base"
+rm -rf "$REPO/assets/demo.new/base/unet" && cp -r cn-run/unet "$REPO/assets/demo.new/base/unet"
 cp -r cn-run/controlnet "$REPO/assets/demo.new/circles-controlnet"
 rm -rf "$REPO/assets/demo" && mv "$REPO/assets/demo.new" "$REPO/assets/demo"
 du -sh "$REPO/assets/demo"
