@@ -91,7 +91,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("cn");
         let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15").to_string();
-        let args = InitArgs { model, output: out.clone(), conditioning_channels: 3, seed: 0, force: false };
+        let args = InitArgs {
+            model,
+            output: out.clone(),
+            conditioning_channels: 3,
+            hint_channels: DEFAULT_HINT_CHANNELS.to_vec(),
+            seed: 0,
+            force: false,
+        };
         run(&args).unwrap();
         let cn = ControlNetModel::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         assert_eq!(cn.config().conditioning_channels, 3);

@@ -26,7 +26,7 @@ cd "$WORK"
 RESUME=()
 [ -d cn-run ] && RESUME=(--resume)
 "$BIN" train --model base-run/model --init --dataset circles --output cn-run "${RESUME[@]}" \
-    --resolution 128 --batch-size 8 --learning-rate 2e-4 --max-steps 1000 --cache \
+    --resolution 128 --batch-size 8 --learning-rate 2e-4 --max-steps 3000 --cache \
     --hint-channels 16,32,32,32 --unlock-decoder \
     --checkpointing-steps 100 --checkpoints-total-limit 2 \
     --validation-image val/source/0.png --validation-prompt "a dark green circle on a cyan background" \
