@@ -98,6 +98,22 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a
+/// second Ctrl-C quits at once.
+pub fn stop_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now (no checkpoint)");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)");
+    });
+    stop
+}
+
 /// The compute device: CUDA device 0 when built with `--features cuda`, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {
     #[cfg(feature = "cuda")]

@@ -6,8 +6,6 @@
 //! `generate` and diffusers load; plus `unet/` with `--unlock-decoder`). Ctrl-C saves a checkpoint and stops;
 //! `--resume` continues exactly where the newest valid checkpoint left off.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -289,15 +287,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     }
 
     // 3. Train, stopping cleanly on Ctrl-C.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now (no checkpoint)");
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this update and saving a checkpoint (Ctrl-C again to quit at once)");
-    });
+    let stop = super::stop_on_ctrl_c();
     let progress = bar(args.quiet, settings.max_steps, "");
     progress.set_position(trainer.step());
     progress.reset_eta();

@@ -5,8 +5,6 @@
 //! `unet/` (checkpoints, `loss.jsonl`, `loss.png`), `base_config.json`, and `samples.png`: images the finished
 //! base makes for a few prompts. Run the same command again to continue a stopped run.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::DType;
@@ -100,15 +98,7 @@ pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
     dataset.check()?;
     let device = super::device()?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now (no checkpoint)");
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)");
-    });
+    let stop = super::stop_on_ctrl_c();
     let started = std::time::Instant::now();
     let mut bar: Option<(&'static str, indicatif::ProgressBar)> = None;
     let end = train_base(&dataset, &args.output, &Architecture::demo(), &settings, &device, &stop, &mut |r| {
