@@ -277,6 +277,7 @@ pub fn train_base(
     };
 
     // 2. The VAE.
+    let mut posteriors = None;
     let vae_dir = model_dir.join("vae");
     if !is_complete(&vae_dir, &format!("{DIFFUSERS_STEM}.safetensors")) {
         load_targets(&mut targets)?;
@@ -302,8 +303,11 @@ pub fn train_base(
         if !finished {
             return Ok(interrupted(VAE_STAGE, &run_dir.join(VAE_STAGE)));
         }
-        // Stable Diffusion's recipe: scale latents to unit variance for the denoiser.
-        let scale = 1.0 / latent_std(&vae, images)?;
+        // Stable Diffusion's recipe: scale latents to unit variance for the denoiser. The posteriors are kept
+        // for the UNet stage.
+        let encoded = encode_all(&vae, images)?;
+        let scale = 1.0 / latent_std(&encoded)?;
+        posteriors = Some(encoded);
         let mut config = arch.vae.clone();
         config["scaling_factor"] = json!(scale);
         checkpoint::write_diffusers_folder(&vae_dir, &config, &params.snapshot()?)?;
@@ -316,7 +320,10 @@ pub fn train_base(
         let images = targets.as_deref().unwrap_or_default();
         let vae = AutoencoderKL::load(&vae_dir, DType::F32, device)?;
         let scaling_factor = vae.config().scaling_factor;
-        let posteriors = encode_all(&vae, images)?;
+        let posteriors = match posteriors.take() {
+            Some(p) => p,
+            None => encode_all(&vae, images)?,
+        };
         drop(vae);
         let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer"))?;
         let text_encoder = ClipTextModel::load(&model_dir.join("text_encoder"), DType::F32, device)?;
@@ -459,9 +466,9 @@ fn encode_all(vae: &AutoencoderKL, images: &[Tensor]) -> Result<Vec<(Tensor, Ten
     Ok(out)
 }
 
-/// Standard deviation of the posterior means of `images` (all elements together).
-fn latent_std(vae: &AutoencoderKL, images: &[Tensor]) -> Result<f64> {
-    let means: Vec<Tensor> = encode_all(vae, images)?.into_iter().map(|(m, _)| m).collect();
+/// Standard deviation of the posterior means (all elements together).
+fn latent_std(posteriors: &[(Tensor, Tensor)]) -> Result<f64> {
+    let means: Vec<Tensor> = posteriors.iter().map(|(m, _)| m.clone()).collect();
     let all = Tensor::stack(&means, 0)?.flatten_all()?.to_dtype(DType::F64)?;
     let mean = all.mean_all()?;
     let var: f64 = all.broadcast_sub(&mean)?.sqr()?.mean_all()?.to_scalar()?;
