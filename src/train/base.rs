@@ -29,7 +29,7 @@ use super::checkpoint::{self, Entry};
 use super::dataset::Dataset;
 use super::objective::{encode_prompts, Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
-use super::params::{Params, TensorMap};
+use super::params::{on_device, Params, TensorMap};
 use super::scratch;
 use super::validation::{self, LossRecord};
 use crate::io::single_file::bundled_tokenizer;
@@ -424,10 +424,6 @@ fn is_complete(dir: &Path, weights: &str) -> bool {
 fn interrupted(stage: &'static str, dir: &Path) -> BaseEnd {
     let step = checkpoint::list(dir).ok().and_then(|l| l.last().map(|(s, _)| *s)).unwrap_or(0);
     BaseEnd::Interrupted { stage, step }
-}
-
-fn on_device(tensors: TensorMap, device: &Device) -> Result<TensorMap> {
-    tensors.into_iter().map(|(k, t)| Ok((k, t.to_device(device)?))).collect()
 }
 
 /// `batch` random `crop`-sized squares of random images (each (3, res, res)).

@@ -135,7 +135,8 @@ pub fn unet_with_decoder(
     Ok((model, params))
 }
 
-fn on_device(tensors: TensorMap, device: &Device) -> Result<TensorMap> {
+/// Every tensor as f32 on `device`.
+pub(crate) fn on_device(tensors: TensorMap, device: &Device) -> Result<TensorMap> {
     tensors.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(device)?))).collect()
 }
 
