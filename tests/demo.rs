@@ -19,7 +19,14 @@ const GUIDANCE: f64 = 7.5;
 
 struct Scored {
     iou: f64,
-    colours_right: bool,
+    circle_colour_right: bool,
+    background_colour_right: bool,
+}
+
+impl Scored {
+    fn colours_right(&self) -> bool {
+        self.circle_colour_right && self.background_colour_right
+    }
 }
 
 fn circles() -> Vec<Circle> {
@@ -58,9 +65,11 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
             let image = &generate(sd, &controls, &params, &mut |_, _| {}).unwrap().images[0];
             let found = score::segment(image, c);
             let outside: Vec<bool> = found.iter().map(|f| !f).collect();
-            let colours_right = score::mean_colour_name(image, &found) == Some(c.fg)
-                && score::mean_colour_name(image, &outside) == Some(c.bg);
-            Scored { iou: score::iou(&found, &score::disk(c, SIZE)), colours_right }
+            Scored {
+                iou: score::iou(&found, &score::disk(c, SIZE)),
+                circle_colour_right: score::mean_colour_name(image, &found) == Some(c.fg),
+                background_colour_right: score::mean_colour_name(image, &outside) == Some(c.bg),
+            }
         })
         .collect()
 }
@@ -91,14 +100,21 @@ fn controlnet_follows_unseen_conditions_and_the_base_alone_does_not() {
     let chance = chance_iou();
     let iou_with = mean(with.iter().map(|s| s.iou));
     let iou_without = mean(without.iter().map(|s| s.iou));
-    let colours_with = with.iter().filter(|s| s.colours_right).count();
-    let colours_without = without.iter().filter(|s| s.colours_right).count();
+    let colours_with = with.iter().filter(|s| s.colours_right()).count();
+    let colours_without = without.iter().filter(|s| s.colours_right()).count();
     println!(
         "mean IoU with the ControlNet {iou_with:.3}, base alone {iou_without:.3}, chance {chance:.3}; prompted \
          colours right in {colours_with}/{CONDITIONS} with, {colours_without}/{CONDITIONS} without"
     );
     for (i, s) in with.iter().enumerate() {
-        println!("  condition {i:2}: IoU {:.3} (base alone {:.3}) colours {}", s.iou, without[i].iou, s.colours_right);
+        println!(
+            "  condition {i:2}: IoU {:.3} (base alone {:.3}) circle colour {} background colour {}  ({})",
+            s.iou,
+            without[i].iou,
+            s.circle_colour_right,
+            s.background_colour_right,
+            circles()[i].prompt()
+        );
     }
     assert!(iou_with >= 0.8, "mean IoU with the ControlNet {iou_with:.3} < 0.8");
     // Every image has both prompted colours (a miss would be a colour-word the base never learned).

@@ -4,8 +4,13 @@ once: they would share the cores), and prints a markdown table with ours/torch r
 Each run's JSON goes to --out (default target/bench/) as `{rust,torch}_{preset}_{latent}_b{batch}.json`;
 `--table-only` prints the table from the files already there (for runs made in the background).
 
+With --train the two time a ControlNet training update instead (`controlnet bench --train`,
+`bench_torch.py --train`); those reports are `{rust,torch}_train_{preset}_{latent}_b{batch}.json` and get their own
+table.
+
 Usage: python3 tools/bench_compare.py --latent 32 64 [--preset sd15] [--batch 2] [--iters 3] [--skip-vae]
-       python3 tools/bench_compare.py --table-only
+       python3 tools/bench_compare.py --train --latent 32 --batch 1
+       python3 tools/bench_compare.py --table-only [--train]
 """
 import argparse
 import datetime
@@ -42,6 +47,39 @@ def gib(n):
 def secs(r, key):
     v = r.get(key)
     return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
+
+
+TRAIN_ROWS = [
+    ("training update", "train_step_s"),
+    ("forward", "forward_s"),
+    ("backward", "backward_s"),
+    ("clip + AdamW", "optimizer_s"),
+]
+
+
+def train_table(pairs):
+    lines = [
+        "| config | measurement | controlnet-rs | diffusers/torch | ratio rs/torch |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for (preset, latent, batch), (rs, th) in sorted(pairs.items()):
+        name = f"{preset} {8 * latent}px b{batch}"
+        for label, key in TRAIN_ROWS:
+            a, b = rs.get(key), th.get(key)
+            ratio = f"{a / b:.2f}" if a and b else "–"
+            lines.append(f"| {name} | {label} (s) | {secs(rs, key)} | {secs(th, key)} | {ratio} |")
+        a, b = rs.get("peak_rss_bytes"), th.get("peak_rss_bytes")
+        lines.append(f"| {name} | peak RSS | {gib(a)} | {gib(b)} | " + (f"{a / b:.2f}" if a and b else "–") + " |")
+        loads = lambda r: f"{r.get('load_before', float('nan')):.1f} → {r.get('load_after', float('nan')):.1f}"
+        lines.append(f"| {name} | load average before → after | {loads(rs)} | {loads(th)} | |")
+    any_rs, any_th = next(iter(pairs.values()))
+    runs = ", ".join(f"{p} {8 * l}px b{b}: {rs['iters']} (rs) / {th['iters']} (torch)"
+                     for (p, l, b), (rs, th) in sorted(pairs.items()))
+    lines.append("")
+    lines.append(f"Machine: {any_rs['machine']}, {any_rs['cpus']} CPUs, {any_rs['threads']} threads, f32; "
+                 f"{datetime.date.today().isoformat()}. Medians after one warm-up update of {runs} timed updates. "
+                 f"controlnet-rs: {any_rs['implementation']}; torch: {any_th['implementation']}.")
+    return "\n".join(lines)
 
 
 def table(pairs):
@@ -96,27 +134,35 @@ def main():
     ap.add_argument("--python", default=DEFAULT_PYTHON if os.path.exists(DEFAULT_PYTHON) else sys.executable)
     ap.add_argument("--out", default=os.path.join(REPO, "target", "bench"))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--train", action="store_true", help="time a ControlNet training update instead")
     args = ap.parse_args()
+    mode = ["--train"] if args.train else []
+    prefix = "train_" if args.train else ""
     os.makedirs(args.out, exist_ok=True)
     if not args.table_only:
         for preset in args.preset:
             for latent in args.latent:
                 common = ["--preset", preset, "--latent", str(latent), "--batch", str(args.batch),
-                          "--iters", str(args.iters)] + (["--skip-vae"] if args.skip_vae else [])
-                tag = f"{preset}_{latent}_b{args.batch}"
+                          "--iters", str(args.iters)] + mode
+                if args.skip_vae and not args.train:
+                    common.append("--skip-vae")
+                tag = f"{prefix}{preset}_{latent}_b{args.batch}"
                 run([args.binary, "bench", "--json"] + common, os.path.join(args.out, f"rust_{tag}.json"))
                 run([args.python, os.path.join(REPO, "tools", "bench_torch.py")] + common,
                     os.path.join(args.out, f"torch_{tag}.json"))
     pairs = {}
-    for path in glob.glob(os.path.join(args.out, "rust_*.json")):
+    pattern = "rust_train_*.json" if args.train else "rust_*.json"
+    for path in glob.glob(os.path.join(args.out, pattern)):
+        if not args.train and os.path.basename(path).startswith("rust_train_"):
+            continue
         twin = path.replace("rust_", "torch_")
         if os.path.exists(twin):
             with open(path) as f, open(twin) as g:
                 rs, th = json.load(f), json.load(g)
             pairs[(rs["preset"], rs["latent"], rs["batch"])] = (rs, th)
     if not pairs:
-        sys.exit(f"no pairs of rust_*/torch_* reports in {args.out}")
-    print(table(pairs))
+        sys.exit(f"no pairs of rust_{prefix}*/torch_{prefix}* reports in {args.out}")
+    print(train_table(pairs) if args.train else table(pairs))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ One step = ControlNetModel(...) on the whole batch, then UNet2DConditionModel(..
 StableDiffusionControlNetPipeline runs it. diffusers' ControlNet recomputes the hint embedding inside every
 call, so `controlnet_s` includes it here (`controlnet_s_includes_embed`); `controlnet_embed_s` times it alone.
 
+With --train it times one ControlNet training update instead, as diffusers' examples/controlnet/
+train_controlnet.py runs it once latents and text embeddings are at hand: ControlNet (trainable) + locked UNet
+(requires_grad False), MSE, backward, clip_grad_norm_(1.0), AdamW (torch defaults but lr 1e-5, weight decay 1e-2),
+zero_grad(set_to_none=True); the same keys as `controlnet bench --train --json`.
+
 Usage: .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --batch 2 --iters 3 [--skip-vae]
+       .venv-ref/bin/python tools/bench_torch.py --train --preset sd15 --latent 32 --batch 1 --iters 3
 """
 import argparse
 import json
@@ -21,6 +27,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -127,7 +134,10 @@ def main():
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", "2")))
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", action="store_true")
     args = ap.parse_args()
+    if args.train:
+        return train(args)
     load_before = load_average()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -221,6 +231,81 @@ def main():
         if vae_t is not None:
             secs["vae_decode"] = vae_t
         report["gflops_per_s"] = {k: g[k] / v["median_s"] for k, v in secs.items()}
+    print(json.dumps(report))
+
+
+def train(args):
+    """One ControlNet training update per timed iteration (see the module docstring)."""
+    load_before = load_average()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    s, b = args.latent, args.batch
+    log = lambda msg: print(f"bench_torch: {msg}", file=sys.stderr, flush=True)
+    log("building the locked UNet and the trainable ControlNet with random weights")
+    reset_peak()
+    start = time.perf_counter()
+    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen)
+    unet.requires_grad_(False)
+    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen).train()
+    build_s = time.perf_counter() - start
+    params = list(cn.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    width = unet.config.cross_attention_dim
+    noisy = torch.rand(b, 4, s, s, generator=gen) * 2 - 1
+    t = torch.full((b,), TIMESTEP)
+    text = torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1
+    cond = torch.rand(b, 3, 8 * s, 8 * s, generator=gen)
+    target = torch.rand(b, 4, s, s, generator=gen) * 2 - 1
+    fwd, bwd, optim, total, cpu = [], [], [], [], []
+    finite = True
+    for i in range(args.iters + 1):
+        log("training update " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        down, mid = cn(noisy, t, text, cond, return_dict=False)
+        pred = unet(noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        loss_value = loss.item()
+        forward_done = time.perf_counter()
+        loss.backward()
+        backward_done = time.perf_counter()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = time.perf_counter()
+        finite &= math.isfinite(loss_value) and bool(torch.isfinite(norm))
+        if i > 0:
+            fwd.append(forward_done - start)
+            bwd.append(backward_done - forward_done)
+            optim.append(done - backward_done)
+            total.append(done - start)
+            cpu.append(time.process_time() - cpu_start)
+    total_t, fwd_t, bwd_t, optim_t = timing(total), timing(fwd), timing(bwd), timing(optim)
+    report = {
+        "implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
+        "mode": "train",
+        "preset": args.preset,
+        "latent": s,
+        "batch": b,
+        "iters": args.iters,
+        "dtype": "f32",
+        "machine": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "train_step_s": total_t["median_s"],
+        "forward_s": fwd_t["median_s"],
+        "backward_s": bwd_t["median_s"],
+        "optimizer_s": optim_t["median_s"],
+        "train_step_cpu_s": statistics.median(cpu),
+        "samples_per_s": b / total_t["median_s"],
+        "peak_rss_bytes": vm("VmHWM:"),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "finite": finite,
+        "timings": {"train_step": total_t, "forward": fwd_t, "backward": bwd_t, "optimizer": optim_t},
+    }
     print(json.dumps(report))
 
 

@@ -5,7 +5,7 @@
 //!
 //! A step here is what the pipeline runs per denoising step: the ControlNet on the whole batch, then the UNet
 //! with its residuals (the hint embedding is computed once per image, so it is timed apart). The VAE decodes
-//! one image.
+//! one image. [`train`] times a training update instead (`controlnet bench --train`).
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,6 +17,7 @@ use crate::{Error, Result};
 
 pub mod flops;
 pub mod random;
+pub mod train;
 
 use random::RandomWeights;
 
@@ -256,7 +257,7 @@ pub fn process_cpu_seconds() -> f64 {
 
 /// Restarts the peak-RSS counter at the current RSS (Linux: `5` into /proc/self/clear_refs). Returns false where
 /// that is not possible; peaks are then cumulative.
-fn reset_peak_rss() -> bool {
+pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -280,7 +281,7 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 }
 
 /// Seeded uniform [-1, 1) input of a shape (inputs need no particular distribution either).
-fn random_input(seed: u64, shape: &[usize], name: &str) -> Result<Tensor> {
+pub(crate) fn random_input(seed: u64, shape: &[usize], name: &str) -> Result<Tensor> {
     let shape = candle_core::Shape::from(shape);
     let values = random::uniform(seed ^ INPUT_SEED_OFFSET ^ random::hash_name(name), shape.elem_count(), 1.0);
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)

@@ -1,10 +1,12 @@
 //! `controlnet bench --preset sd15|sd21 --latent N --batch N [--iters N] [--json] [--skip-vae]`: seconds per
 //! guided step, per UNet and ControlNet pass and per VAE decode, GFLOP/s and peak memory of the full-size
-//! networks with random weights (see [`crate::bench`]).
+//! networks with random weights (see [`crate::bench`]). With `--train`: one ControlNet training update instead
+//! ([`crate::bench::train`]).
 use std::fmt::Write;
 
 use clap::Args;
 
+use crate::bench::train::{run as run_train_bench, TrainBenchOptions, TrainBenchReport};
 use crate::bench::{run as run_bench, BenchOptions, BenchReport, Preset};
 
 #[derive(Args, Debug)]
@@ -30,10 +32,25 @@ pub struct BenchArgs {
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Time a ControlNet training update (locked UNet, AdamW) instead of inference; --batch is then the
+    /// training batch (use e.g. --latent 32 --batch 1 for 256 px).
+    #[arg(long)]
+    pub train: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let preset = Preset::parse(&args.preset).ok_or_else(|| anyhow::anyhow!("unknown --preset {}", args.preset))?;
+    if args.train {
+        let opts =
+            TrainBenchOptions { preset, latent: args.latent, batch: args.batch, iters: args.iters, seed: args.seed };
+        let report = run_train_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", render_train(&report));
+        }
+        return Ok(());
+    }
     let opts = BenchOptions {
         preset,
         latent: args.latent,
@@ -104,6 +121,53 @@ pub fn render(r: &BenchReport) -> String {
     let _ = writeln!(s, "); build {:.1} s", r.build_s);
     if !r.outputs_finite {
         let _ = writeln!(s, "warning: some outputs were not finite");
+    }
+    s
+}
+
+/// The text report of `--train`.
+pub fn render_train(r: &TrainBenchReport) -> String {
+    let mut s = String::new();
+    let px = 8 * r.latent;
+    let _ = writeln!(
+        s,
+        "{} {}: ControlNet training update, latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up",
+        r.implementation,
+        r.preset.name(),
+        r.latent,
+        r.latent,
+        r.batch,
+        r.dtype,
+        r.iters
+    );
+    let _ = writeln!(
+        s,
+        "machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after",
+        r.machine, r.cpus, r.threads, r.load_before, r.load_after
+    );
+    let _ = writeln!(s, "{:<34}{:>10}", "", "seconds");
+    for (name, secs) in [
+        ("training update", r.train_step_s),
+        ("  forward (ControlNet + UNet, MSE)", r.forward_s),
+        ("  backward", r.backward_s),
+        ("  clip + AdamW", r.optimizer_s),
+    ] {
+        let _ = writeln!(s, "{name:<34}{secs:>10.2}");
+    }
+    let _ = writeln!(
+        s,
+        "{:.2} samples/s; forward {:.0} GFLOP; CPU seconds (all threads) per update {:.2}",
+        r.samples_per_s, r.forward_gflop, r.train_step_cpu_s
+    );
+    let _ = writeln!(
+        s,
+        "peak RSS: {}; {:.0} M trainable parameters; build {:.1} s",
+        gib(r.peak_rss_bytes),
+        r.trainable_parameters as f64 / 1e6,
+        r.build_s
+    );
+    if !r.finite {
+        let _ = writeln!(s, "warning: a loss or gradient was not finite, or a trainable tensor had no gradient");
     }
     s
 }

@@ -132,6 +132,11 @@ impl AdamW {
 
     /// One update of every tensor in `params` that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
+        self.step_with(params, grads, lr, true)
+    }
+
+    /// [`AdamW::step`]; `in_place` allows the in-place passes where the tensors are on the CPU.
+    fn step_with(&mut self, params: &Params, grads: &Grads, lr: f64, in_place: bool) -> Result<()> {
         let c = self.config;
         for (name, var) in params.iter() {
             let Some(g) = grads.get(name) else { continue };
@@ -142,23 +147,33 @@ impl AdamW {
                 None => Moments { step: 0, exp_avg: p.zeros_like()?, exp_avg_sq: p.zeros_like()? },
             };
             let step = st.step + 1;
-            // Decoupled weight decay.
-            let decayed = p.detach().affine(1.0 - lr * c.weight_decay, 0.0)?;
-            let exp_avg = ((&g - &st.exp_avg)?.affine(1.0 - c.beta1, 0.0)? + &st.exp_avg)?;
-            let exp_avg_sq = (st.exp_avg_sq.affine(c.beta2, 0.0)? + g.affine(1.0 - c.beta2, 0.0)?.mul(&g)?)?;
-            let bias_correction1 = 1.0 - c.beta1.powf(step as f64);
-            let bias_correction2_sqrt = (1.0 - c.beta2.powf(step as f64)).sqrt();
-            let step_size = lr / bias_correction1;
-            let scalar = |v: f64| Tensor::new(v as f32, p.device());
-            let denom = exp_avg_sq.sqrt()?.broadcast_div(&scalar(bias_correction2_sqrt)?)?.affine(1.0, c.eps)?;
-            let update = exp_avg.affine(-step_size, 0.0)?.div(&denom)?;
-            var.set(&(decayed + update)?)?;
+            let scalars = Scalars::new(&c, lr, step);
+            let (exp_avg, exp_avg_sq) = if in_place && p.device().is_cpu() && p.is_contiguous() {
+                // Three passes over memory, in place, no temporaries (the same f32 operations in the same order).
+                let g = g.contiguous()?;
+                st.exp_avg.inplace_op2(&g, &inplace::Lerp { weight: scalars.one_minus_beta1 })?;
+                st.exp_avg_sq
+                    .inplace_op2(&g, &inplace::AddSquare { beta2: scalars.beta2, weight: scalars.one_minus_beta2 })?;
+                p.inplace_op3(&st.exp_avg, &st.exp_avg_sq, &inplace::Apply(scalars))?;
+                (st.exp_avg, st.exp_avg_sq)
+            } else {
+                let decayed = p.detach().affine(f64::from(scalars.decay), 0.0)?;
+                let exp_avg = ((&g - &st.exp_avg)?.affine(f64::from(scalars.one_minus_beta1), 0.0)? + &st.exp_avg)?;
+                let exp_avg_sq = (st.exp_avg_sq.affine(f64::from(scalars.beta2), 0.0)?
+                    + g.affine(f64::from(scalars.one_minus_beta2), 0.0)?.mul(&g)?)?;
+                let bc2 = Tensor::new(scalars.bias_correction2_sqrt, p.device())?;
+                let denom = exp_avg_sq.sqrt()?.broadcast_div(&bc2)?.affine(1.0, f64::from(scalars.eps))?;
+                let update = exp_avg.affine(f64::from(scalars.neg_step_size), 0.0)?.div(&denom)?;
+                var.set(&(decayed + update)?)?;
+                (exp_avg, exp_avg_sq)
+            };
             self.state.insert(name.clone(), Moments { step, exp_avg, exp_avg_sq });
         }
         Ok(())
     }
 
-    /// The moments as tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`) and the per-tensor step counts.
+    /// The moments as tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`) and the per-tensor step counts. The
+    /// tensors are the live moments, which the next [`AdamW::step`] updates in place: write them out first.
     pub fn state(&self) -> (TensorMap, AdamWSteps) {
         let mut tensors = TensorMap::new();
         let mut steps = BTreeMap::new();
@@ -180,11 +195,154 @@ impl AdamW {
                     .cloned()
                     .ok_or_else(|| Error::weights(origin, format!("optimizer tensor {key} is missing")))
             };
-            let exp_avg = get(format!("exp_avg.{name}"))?;
-            let exp_avg_sq = get(format!("exp_avg_sq.{name}"))?;
+            // Copies: the moments are updated in place, and must not change the caller's tensors.
+            let exp_avg = get(format!("exp_avg.{name}"))?.copy()?;
+            let exp_avg_sq = get(format!("exp_avg_sq.{name}"))?.copy()?;
             state.insert(name.clone(), Moments { step, exp_avg, exp_avg_sq });
         }
         Ok(Self { config: steps.config, state })
+    }
+}
+
+/// The scalar factors of one update, computed in f64 and rounded to f32 as torch applies Python floats.
+#[derive(Debug, Clone, Copy)]
+struct Scalars {
+    /// 1 − lr·wd (decoupled weight decay).
+    decay: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// √(1 − β2^step).
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    /// −lr / (1 − β1^step).
+    neg_step_size: f32,
+}
+
+impl Scalars {
+    fn new(c: &AdamWConfig, lr: f64, step: u64) -> Self {
+        let bias_correction1 = 1.0 - c.beta1.powf(step as f64);
+        Self {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            bias_correction2_sqrt: (1.0 - c.beta2.powf(step as f64)).sqrt() as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-lr / bias_correction1) as f32,
+        }
+    }
+}
+
+/// The update as in-place passes over contiguous f32 CPU tensors, element by element in the order the tensor
+/// formulas above evaluate (so both paths give the same bits). Each pass splits its slice across rayon's threads.
+mod inplace {
+    use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
+    use rayon::prelude::*;
+
+    use super::Scalars;
+
+    /// Elements per parallel work item.
+    const CHUNK: usize = 1 << 16;
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => bail!("{op}: needs contiguous f32 tensors"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+            _ => bail!("{op}: needs contiguous f32 tensors"),
+        }
+    }
+
+    fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
+        if a != b {
+            bail!("{op}: {a} elements against {b}");
+        }
+        Ok(())
+    }
+
+    /// m ← (g − m)·(1 − β1) + m.
+    pub struct Lerp {
+        pub weight: f32,
+    }
+
+    impl InplaceOp2 for Lerp {
+        fn name(&self) -> &'static str {
+            "adamw-lerp"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let (m, g) = (slice_mut(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+            same_len(self.name(), m.len(), g.len())?;
+            let w = self.weight;
+            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    *m += (g - *m) * w;
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// v ← v·β2 + (g·(1 − β2))·g.
+    pub struct AddSquare {
+        pub beta2: f32,
+        pub weight: f32,
+    }
+
+    impl InplaceOp2 for AddSquare {
+        fn name(&self) -> &'static str {
+            "adamw-add-square"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let (v, g) = (slice_mut(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+            same_len(self.name(), v.len(), g.len())?;
+            let (beta2, w) = (self.beta2, self.weight);
+            v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(v, g)| {
+                for (v, &g) in v.iter_mut().zip(g) {
+                    *v = *v * beta2 + g * w * g;
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// p ← p·(1 − lr·wd) + (m·(−step size)) / (√v / √(1 − β2^step) + ε).
+    pub struct Apply(pub Scalars);
+
+    impl InplaceOp3 for Apply {
+        fn name(&self) -> &'static str {
+            "adamw-apply"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let p = slice_mut(s1, l1, self.name())?;
+            let (m, v) = (slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+            same_len(self.name(), p.len(), m.len())?;
+            same_len(self.name(), p.len(), v.len())?;
+            let c = self.0;
+            p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / c.bias_correction2_sqrt + c.eps;
+                    *p = *p * c.decay + m * c.neg_step_size / denom;
+                }
+            });
+            Ok(())
+        }
     }
 }
 
@@ -261,6 +419,53 @@ mod tests {
         adamw.step(&params, &grads, 1e-3).unwrap();
         let (moments, _) = adamw.state();
         assert!(moments.values().all(|m| !m.track_op()));
+    }
+
+    /// The in-place CPU passes and the tensor formulas (other devices) give the same bits, over several steps
+    /// with decay, warm-up and a tensor that skips a step.
+    #[test]
+    fn in_place_update_equals_the_tensor_formulas() {
+        let dev = Device::Cpu;
+        let values = |seed: u64, n: usize| crate::bench::random::uniform(seed, n, 1.5);
+        let init = || -> TensorMap {
+            (0..2)
+                .map(|i| {
+                    (
+                        format!("w{i}"),
+                        Tensor::from_vec(values(i, 1000 + 37 * i as usize), 1000 + 37 * i as usize, &dev).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let (_, a) = Params::split(init(), |_| true).unwrap();
+        let (_, b) = Params::split(init(), |_| true).unwrap();
+        let config = AdamWConfig { lr: 3e-3, weight_decay: 0.1, ..Default::default() };
+        let (mut fast, mut slow) = (AdamW::new(config), AdamW::new(config));
+        for k in 0..5u64 {
+            let mut grads = Grads::default();
+            for i in 0..2u64 {
+                if k == 2 && i == 1 {
+                    continue;
+                }
+                let n = 1000 + 37 * i as usize;
+                grads.insert(&format!("w{i}"), Tensor::from_vec(values(100 + 10 * k + i, n), n, &dev).unwrap());
+            }
+            let lr = warmup_lr(config.lr, 2, k as usize);
+            fast.step_with(&a, &grads, lr, true).unwrap();
+            slow.step_with(&b, &grads, lr, false).unwrap();
+            for i in 0..2 {
+                let name = format!("w{i}");
+                let (x, y) =
+                    (a.get(&name).unwrap().to_vec1::<f32>().unwrap(), b.get(&name).unwrap().to_vec1::<f32>().unwrap());
+                assert!(x.iter().zip(&y).all(|(x, y)| x.to_bits() == y.to_bits()), "step {k} {name}");
+            }
+        }
+        let (ma, sa) = fast.state();
+        let (mb, sb) = slow.state();
+        assert_eq!(sa, sb);
+        for (k, t) in &ma {
+            assert_eq!(t.to_vec1::<f32>().unwrap(), mb[k].to_vec1::<f32>().unwrap(), "{k}");
+        }
     }
 
     #[test]
