@@ -102,9 +102,15 @@ fn controlnet_follows_unseen_conditions_and_the_base_alone_does_not() {
     let iou_without = mean(without.iter().map(|s| s.iou));
     let colours_with = with.iter().filter(|s| s.colours_right()).count();
     let colours_without = without.iter().filter(|s| s.colours_right()).count();
+    let count = |v: &[Scored], f: fn(&Scored) -> bool| v.iter().filter(|s| f(s)).count();
     println!(
         "mean IoU with the ControlNet {iou_with:.3}, base alone {iou_without:.3}, chance {chance:.3}; prompted \
-         colours right in {colours_with}/{CONDITIONS} with, {colours_without}/{CONDITIONS} without"
+         colours right in {colours_with}/{CONDITIONS} with (circle {}, background {}), {colours_without}/{CONDITIONS} \
+         without (circle {}, background {})",
+        count(&with, |s| s.circle_colour_right),
+        count(&with, |s| s.background_colour_right),
+        count(&without, |s| s.circle_colour_right),
+        count(&without, |s| s.background_colour_right),
     );
     for (i, s) in with.iter().enumerate() {
         println!(

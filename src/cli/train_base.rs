@@ -61,6 +61,9 @@ pub struct TrainBaseArgs {
     pub proportion_empty_prompts: f64,
     #[arg(long, default_value_t = BaseSettings::default().checkpointing_steps, value_name = "N")]
     pub checkpointing_steps: u64,
+    /// Keep the text encoder at its random initialisation instead of training it with the UNet.
+    #[arg(long)]
+    pub freeze_text_encoder: bool,
     /// No progress bar: a log line every 50 steps instead (for runs in the background).
     #[arg(long, short)]
     pub quiet: bool,
@@ -87,6 +90,7 @@ impl TrainBaseArgs {
             },
             proportion_empty_prompts: self.proportion_empty_prompts,
             checkpointing_steps: self.checkpointing_steps,
+            train_text_encoder: !self.freeze_text_encoder,
         }
     }
 }

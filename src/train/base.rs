@@ -2,14 +2,17 @@
 //!
 //! Three parts, each a diffusers folder under `RUN_DIR/model/`, made in order and skipped when already there
 //! (so a stopped run picks up where it was):
-//! 1. `text_encoder/` + `tokenizer/`: a CLIP text encoder left at its seeded random initialisation (frozen; the
-//!    UNet learns to read its outputs) and the real CLIP BPE vocabulary;
+//! 1. `text_encoder/` + `tokenizer/`: a CLIP text encoder at its seeded random initialisation and the real CLIP
+//!    BPE vocabulary. By default the encoder then trains along with the UNet (part 3): left frozen and random,
+//!    it gave the UNet the colour words but not which one is the circle's, and the demo base painted colours
+//!    regardless of the prompt (docs/demo.md);
 //! 2. `vae/`: an autoencoder trained on the targets, reconstruction MSE + a small KL term (the latent-diffusion
 //!    recipe, without the perceptual and adversarial terms a flat-colour dataset does not need); its
 //!    `scaling_factor` is then set to 1/std of the training latents, as Stable Diffusion's 0.18215 was found;
 //! 3. `unet/`: the denoiser, trained with diffusers' text-to-image objective (ε-prediction MSE at a uniform
-//!    timestep, latents sampled from the VAE posterior and scaled) on cached latents and text embeddings,
-//!    with a share of captions dropped so classifier-free guidance works.
+//!    timestep, latents sampled from the VAE posterior and scaled) on cached latents, with a share of captions
+//!    dropped so classifier-free guidance works; the text encoder trains with it (one AdamW over both) unless
+//!    frozen, when its embeddings are cached too. A trained encoder is written back to `text_encoder/` (f32).
 //!
 //! Each training stage keeps checkpoints (`RUN_DIR/<stage>/checkpoint-N`: weights, AdamW moments, step and
 //! generator state) and `loss.jsonl`/`loss.png`; a stage that was stopped resumes from its newest valid
@@ -27,7 +30,7 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{self, Entry};
 use super::dataset::Dataset;
-use super::objective::{encode_prompts, Draws, Objective};
+use super::objective::{encode_prompts, token_ids, Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
 use super::params::{on_device, Params, TensorMap};
 use super::scratch;
@@ -58,6 +61,8 @@ const CK_OPTIMIZER: &str = "optimizer.safetensors";
 const CK_STATE: &str = "state.json";
 /// Text encoder weights file (transformers' name).
 const TEXT_WEIGHTS: &str = "model.safetensors";
+/// The text encoder's tensors in the UNet stage's checkpoints (one optimizer over both networks).
+const TEXT_PARAMS_PREFIX: &str = "text_encoder.";
 /// Images encoded per VAE call when caching latents.
 const ENCODE_BATCH: usize = 16;
 
@@ -138,6 +143,9 @@ pub struct BaseSettings {
     pub proportion_empty_prompts: f64,
     /// Checkpoint every this many steps (0: only when stopped).
     pub checkpointing_steps: u64,
+    /// Train the text encoder with the UNet (false: it stays at its random initialisation).
+    #[serde(default)]
+    pub train_text_encoder: bool,
 }
 
 impl Default for BaseSettings {
@@ -151,6 +159,7 @@ impl Default for BaseSettings {
             unet: StageSettings { steps: 4000, batch_size: 32, learning_rate: 5e-4, warmup_steps: 100 },
             proportion_empty_prompts: 0.1,
             checkpointing_steps: 250,
+            train_text_encoder: true,
         }
     }
 }
@@ -326,13 +335,22 @@ pub fn train_base(
         };
         drop(vae);
         let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::load(&model_dir.join("text_encoder"), DType::F32, device)?;
+        let text_dir = model_dir.join("text_encoder");
+        let text_tensors = on_device(checkpoint::read_tensors(&text_dir, TEXT_WEIGHTS)?, device)?;
+        let (text_all, text_params) = Params::split(text_tensors, |_| settings.train_text_encoder)?;
+        let text_encoder =
+            ClipTextModel::new(text_config.clone(), VarBuilder::from_tensors(text_all, DType::F32, device))?;
         let captions: BTreeSet<&str> =
             dataset.examples.iter().flat_map(|e| e.captions.iter().map(String::as_str)).chain([""]).collect();
+        // Token ids per caption; with a frozen encoder, its embeddings too (computed once).
+        let mut ids = HashMap::new();
         let mut text = HashMap::new();
         for c in captions {
-            let e = encode_prompts(&tokenizer, &text_encoder, &[c.to_string()], device)?;
-            text.insert(c.to_string(), e.squeeze(0)?);
+            let caption = [c.to_string()];
+            ids.insert(c.to_string(), token_ids(&tokenizer, &caption, device)?.squeeze(0)?);
+            if !settings.train_text_encoder {
+                text.insert(c.to_string(), encode_prompts(&tokenizer, &text_encoder, &caption, device)?.squeeze(0)?);
+            }
         }
         let scheduler = SchedulerConfig::from_file(model_dir.join("scheduler"))?;
         let objective = Objective::from_scheduler_config(&scheduler)?;
@@ -340,8 +358,9 @@ pub fn train_base(
             serde_json::from_value(arch.unet.clone()).map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
         let init =
             scratch::draw(settings.seed.wrapping_add(UNET_SEED_OFFSET), |vb| UNet2DConditionModel::new(&cfg, vb))?;
-        let (all, params) = Params::split(on_device(init, device)?, |_| true)?;
+        let (all, unet_params) = Params::split(on_device(init, device)?, |_| true)?;
         let unet = UNet2DConditionModel::new(&cfg, VarBuilder::from_tensors(all, DType::F32, device))?;
+        let params = unet_params.clone().merged(text_params.clone(), TEXT_PARAMS_PREFIX);
         let stage = Stage {
             name: UNET_STAGE,
             dir: run_dir.join(UNET_STAGE),
@@ -357,6 +376,7 @@ pub fn train_base(
             let mut means = Vec::with_capacity(b);
             let mut logvars = Vec::with_capacity(b);
             let mut texts = Vec::with_capacity(b);
+            let mut tokens = Vec::with_capacity(b);
             for (&i, &u) in picks.iter().zip(&drops) {
                 let (mean, logvar) = &posteriors[i as usize];
                 means.push(mean.clone());
@@ -366,8 +386,16 @@ pub fn train_base(
                 } else {
                     &dataset.examples[i as usize].captions[0]
                 };
-                texts.push(text[caption].clone());
+                match text.get(caption) {
+                    Some(embedding) => texts.push(embedding.clone()),
+                    None => tokens.push(ids[caption].clone()),
+                }
             }
+            let text = if tokens.is_empty() {
+                Tensor::stack(&texts, 0)?
+            } else {
+                text_encoder.forward(&Tensor::stack(&tokens, 0)?)?
+            };
             let mean = Tensor::stack(&means, 0)?;
             let logvar = Tensor::stack(&logvars, 0)?;
             let draws = Draws::draw(rng, mean.dims(), objective.num_train_timesteps(), device)?;
@@ -375,7 +403,7 @@ pub fn train_base(
             let noisy = objective.schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
             let t: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
             let t = Tensor::from_vec(t, b, device)?;
-            let pred = unet.forward(&noisy, &t, &Tensor::stack(&texts, 0)?, None)?;
+            let pred = unet.forward(&noisy, &t, &text, None)?;
             let target = match objective.prediction_type {
                 PredictionType::VPrediction => objective.schedule.velocity(&latents, &draws.noise, &draws.timesteps)?,
                 _ => draws.noise.clone(),
@@ -385,7 +413,17 @@ pub fn train_base(
         if !finished {
             return Ok(interrupted(UNET_STAGE, &run_dir.join(UNET_STAGE)));
         }
-        checkpoint::write_diffusers_folder(&unet_dir, &arch.unet, &params.snapshot()?)?;
+        // The encoder first: the UNet folder marks the stage done.
+        if settings.train_text_encoder {
+            checkpoint::write_folder(
+                &text_dir,
+                &[
+                    Entry::Json("config.json", &arch.text_encoder),
+                    Entry::Tensors(TEXT_WEIGHTS, &text_params.snapshot()?),
+                ],
+            )?;
+        }
+        checkpoint::write_diffusers_folder(&unet_dir, &arch.unet, &unet_params.snapshot()?)?;
     }
     Ok(BaseEnd::Finished)
 }
@@ -655,6 +693,47 @@ mod tests {
         let end = train_base(&dataset, &b, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
         assert_eq!(end, BaseEnd::Finished);
         assert!(files(&a.join(MODEL_DIR)) == files(&b.join(MODEL_DIR)), "resumed run differs");
+    }
+
+    /// By default the text encoder trains with the UNet and is written back in f32; frozen, it stays the seeded
+    /// f16 initialisation.
+    #[test]
+    fn the_text_encoder_trains_unless_frozen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
+        let dataset = Dataset::open(&data).unwrap();
+        let (arch, settings) = tiny();
+        let (dev, never) = (Device::Cpu, AtomicBool::new(false));
+        let text =
+            |run: &Path| checkpoint::read_tensors(&run.join(MODEL_DIR).join("text_encoder"), TEXT_WEIGHTS).unwrap();
+        let frozen = tmp.path().join("frozen");
+        let settings_frozen = BaseSettings { train_text_encoder: false, ..settings.clone() };
+        train_base(&dataset, &frozen, &arch, &settings_frozen, &dev, &never, &mut |_| {}).unwrap();
+        let trained = tmp.path().join("trained");
+        train_base(&dataset, &trained, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
+        let (before, after) = (text(&frozen), text(&trained));
+        assert_eq!(before.len(), after.len());
+        let mut unchanged = Vec::new();
+        for (name, init) in &before {
+            assert_eq!(init.dtype(), DType::F16, "{name}");
+            assert_eq!(after[name].dtype(), DType::F32, "{name}");
+            let diff: f32 = (init.to_dtype(DType::F32).unwrap() - &after[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            if diff == 0.0 {
+                unchanged.push(name.clone());
+            }
+        }
+        // Every tensor got a gradient and moved (a silently untrained tensor is the known trap).
+        assert!(unchanged.is_empty(), "not trained: {unchanged:?}");
+        // The trained pipeline loads.
+        crate::pipeline::StableDiffusion::load(&trained.join(MODEL_DIR), DType::F32, &dev).unwrap();
     }
 
     #[test]
