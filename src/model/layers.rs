@@ -72,8 +72,20 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// A locked layer on a tracked input (the UNet's decoder when a ControlNet trains) records only the
+    /// input's gradient: candle's matmul backward would also form the weight's, and drop it.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(&x.contiguous()?)
+        let x = x.contiguous()?;
+        let weight = self.inner.weight();
+        let locked = x.track_op() && !weight.track_op() && !self.inner.bias().is_some_and(|b| b.track_op());
+        if locked {
+            return super::ops::frozen::locked(
+                &x,
+                |x| self.inner.forward(x),
+                super::ops::frozen::linear_input_grad(weight),
+            );
+        }
+        self.inner.forward(&x)
     }
 }
 

@@ -3,6 +3,7 @@
 //! and for half precision.
 pub mod attention;
 pub mod conv2d;
+pub mod frozen;
 pub mod geglu;
 mod math;
 pub mod norm;
