@@ -64,6 +64,9 @@ pub struct TrainBaseArgs {
     /// Keep the text encoder at its random initialisation instead of training it with the UNet.
     #[arg(long)]
     pub freeze_text_encoder: bool,
+    /// Min-SNR weighting γ of the UNet loss (diffusers' --snr_gamma); 0 for the plain MSE.
+    #[arg(long, default_value_t = 5.0, value_name = "F")]
+    pub snr_gamma: f64,
     /// No progress bar: a log line every 50 steps instead (for runs in the background).
     #[arg(long, short)]
     pub quiet: bool,
@@ -91,6 +94,7 @@ impl TrainBaseArgs {
             proportion_empty_prompts: self.proportion_empty_prompts,
             checkpointing_steps: self.checkpointing_steps,
             train_text_encoder: !self.freeze_text_encoder,
+            snr_gamma: (self.snr_gamma != 0.0).then_some(self.snr_gamma),
         }
     }
 }
