@@ -67,6 +67,10 @@ pub struct TrainBaseArgs {
     /// Min-SNR weighting γ of the UNet loss (diffusers' --snr_gamma); 0 for the plain MSE.
     #[arg(long, default_value_t = 5.0, value_name = "F")]
     pub snr_gamma: f64,
+    /// Offset noise of the UNet stage (diffusers' --noise_offset): lets the prompt, not the seed, set the
+    /// background colour; 0 for none.
+    #[arg(long, default_value_t = BaseSettings::default().noise_offset, value_name = "F")]
+    pub noise_offset: f64,
     /// No progress bar: a log line every 50 steps instead (for runs in the background).
     #[arg(long, short)]
     pub quiet: bool,
@@ -95,6 +99,7 @@ impl TrainBaseArgs {
             checkpointing_steps: self.checkpointing_steps,
             train_text_encoder: !self.freeze_text_encoder,
             snr_gamma: (self.snr_gamma != 0.0).then_some(self.snr_gamma),
+            noise_offset: self.noise_offset,
         }
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled demo model (assets/demo) from nothing, as docs/demo.md describes:
 #   1. the synthetic circles dataset (4000 pairs, 128 px, seed 0);
-#   2. the base: VAE, then UNet, with a frozen random CLIP text encoder (controlnet train-base);
+#   2. the base: VAE, then UNet with the CLIP text encoder training alongside (controlnet train-base);
 #   3. the ControlNet on that base (controlnet train --init), with validation grids and the edge-fidelity score;
 #   4. copies both into assets/demo.
 # Every stage checkpoints; run the script again to continue a stopped run. WORK defaults to ./demo-work.
@@ -17,8 +17,9 @@ cd "$WORK"
 [ -f circles/prompt.json ] || "$BIN" dataset circles --count 4000 --size 128 --seed 0 --output circles -q
 [ -f val/prompt.json ] || "$BIN" dataset circles --count 4 --size 128 --seed 99 --output val -q
 
-# 2. The base (VAE 1500 steps of 8 random 64-px crops, UNet 2000 steps of 32 cached latents).
-"$BIN" train-base --dataset circles --output base-run --vae-steps 1500 --unet-steps 2000 -q
+# 2. The base: VAE 1500 steps of 8 random 64-px crops; UNet 3000 steps of 32 cached latents, the text encoder
+#    training with it, min-SNR weighting (gamma 5): train-base's defaults.
+"$BIN" train-base --dataset circles --output base-run --vae-steps 1500 --unet-steps 3000 -q
 
 # 3. The ControlNet on the locked base, at a learning rate this small network tolerates (1e-3; at 2e-4 it had
 #    not started to follow after 1500 steps). A small hint encoder: SD's (16,32,96,256) would cost four times the
