@@ -140,9 +140,9 @@ pub struct GigaFlops {
     pub vae_decode: f64,
 }
 
-/// Everything `controlnet bench --json` prints. The top-level `*_s` fields are medians.
+/// What every bench report starts with: the implementation, the configuration and the machine.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct BenchReport {
+pub struct RunInfo {
     pub implementation: String,
     pub preset: Preset,
     pub latent: usize,
@@ -152,6 +152,43 @@ pub struct BenchReport {
     pub machine: String,
     pub cpus: usize,
     pub threads: usize,
+    /// /proc/loadavg's 1-minute load before and after the run: above the thread count, other processes
+    /// competed for the cores and the times are inflated.
+    pub load_before: f64,
+    pub load_after: f64,
+}
+
+impl RunInfo {
+    /// This machine and build, for a run of `preset` at `latent`/`batch`; `load_before` is read now, and
+    /// `load_after` is set by [`RunInfo::finish`].
+    pub fn start(preset: Preset, latent: usize, batch: usize, iters: usize) -> Self {
+        Self {
+            implementation: "controlnet-rs (candle 0.11.1)".into(),
+            preset,
+            latent,
+            batch,
+            iters,
+            dtype: "f32".into(),
+            machine: cpu_model(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: candle_core::utils::get_num_threads(),
+            load_before: load_average(),
+            load_after: f64::NAN,
+        }
+    }
+
+    pub fn finish(mut self) -> Self {
+        self.load_after = load_average();
+        self
+    }
+}
+
+/// Everything `controlnet bench --json` prints (the [`RunInfo`] fields at the top level). The top-level `*_s`
+/// fields are medians.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    #[serde(flatten)]
+    pub run: RunInfo,
     /// Seconds to build the UNet and the ControlNet with random weights.
     pub build_s: f64,
     pub unet_controlnet_step_s: f64,
@@ -175,10 +212,6 @@ pub struct BenchReport {
     pub gflop: GigaFlops,
     /// Achieved GFLOP/s per measurement (FLOPs / median seconds).
     pub gflops_per_s: serde_json::Value,
-    /// /proc/loadavg's 1-minute load before and after the run: above the thread count, other processes
-    /// competed for the cores and the times are inflated.
-    pub load_before: f64,
-    pub load_after: f64,
     /// Whether every output was finite (random weights should not overflow; NaNs would make timings moot).
     pub outputs_finite: bool,
     pub timings: serde_json::Value,
@@ -292,7 +325,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
         return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
     }
-    let load_before = load_average();
+    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
     let dtype = DType::F32;
     let (s, b) = (opts.latent, opts.batch);
@@ -381,15 +414,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         timings["vae_decode"] = serde_json::to_value(t).map_err(|e| Error::Invalid(e.to_string()))?;
     }
     Ok(BenchReport {
-        implementation: "controlnet-rs (candle 0.11.1)".into(),
-        preset: opts.preset,
-        latent: s,
-        batch: b,
-        iters: opts.iters,
-        dtype: "f32".into(),
-        machine: cpu_model(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        threads: candle_core::utils::get_num_threads(),
+        run: run.finish(),
         build_s,
         unet_controlnet_step_s: step_t.median_s,
         unet_step_s: unet_t.median_s,
@@ -409,8 +434,6 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
             vae_decode: vae_flops,
         },
         gflops_per_s,
-        load_before,
-        load_after: load_average(),
         outputs_finite: finite,
         timings,
     })

@@ -15,8 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::random::RandomWeights;
 use super::{
-    cpu_model, flops, load_average, peak_rss_bytes, process_cpu_seconds, random_input, reset_peak_rss, Preset, Timing,
-    TEXT_TOKENS,
+    flops, peak_rss_bytes, process_cpu_seconds, random_input, reset_peak_rss, Preset, RunInfo, Timing, TEXT_TOKENS,
 };
 use crate::model::unet::UNet2DConditionModel;
 use crate::train::optimizer::{AdamW, AdamWConfig, Grads};
@@ -45,16 +44,9 @@ pub struct TrainBenchOptions {
 /// Everything `controlnet bench --train --json` prints; the top-level `*_s` fields are medians.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainBenchReport {
-    pub implementation: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub mode: &'static str,
-    pub preset: Preset,
-    pub latent: usize,
-    pub batch: usize,
-    pub iters: usize,
-    pub dtype: String,
-    pub machine: String,
-    pub cpus: usize,
-    pub threads: usize,
     /// Seconds to build the locked UNet and the trainable ControlNet.
     pub build_s: f64,
     pub trainable_parameters: usize,
@@ -71,8 +63,6 @@ pub struct TrainBenchReport {
     /// FLOPs of the forward pass (UNet + ControlNet + hint embedding, whole batch), in units of 1e9; the
     /// backward is about twice the trainable part's forward plus once the locked UNet's (input gradients only).
     pub forward_gflop: f64,
-    pub load_before: f64,
-    pub load_after: f64,
     /// Whether every update's loss and gradient norm were finite.
     pub finite: bool,
     pub timings: serde_json::Value,
@@ -83,7 +73,7 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
         return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
     }
-    let load_before = load_average();
+    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
     let (s, b) = (opts.latent, opts.batch);
     let (unet_cfg, cn_cfg) = (opts.preset.unet_config(), opts.preset.controlnet_config());
@@ -147,16 +137,8 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
         "train_step": total, "forward": forward, "backward": backward, "optimizer": optim,
     });
     Ok(TrainBenchReport {
-        implementation: "controlnet-rs (candle 0.11.1)".into(),
+        run: run.finish(),
         mode: "train",
-        preset: opts.preset,
-        latent: s,
-        batch: b,
-        iters: opts.iters,
-        dtype: "f32".into(),
-        machine: cpu_model(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        threads: candle_core::utils::get_num_threads(),
         build_s,
         trainable_parameters: params.num_elements(),
         train_step_s: total.median_s,
@@ -167,8 +149,6 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
         samples_per_s: b as f64 / total.median_s,
         peak_rss_bytes: peak_rss_bytes(),
         forward_gflop,
-        load_before,
-        load_after: load_average(),
         finite,
         timings,
     })

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use clap::Args;
 
 use crate::bench::train::{run as run_train_bench, TrainBenchOptions, TrainBenchReport};
-use crate::bench::{run as run_bench, BenchOptions, BenchReport, Preset};
+use crate::bench::{run as run_bench, BenchOptions, BenchReport, Preset, RunInfo};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -72,26 +72,31 @@ fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// The text report: a table of medians, then memory.
-pub fn render(r: &BenchReport) -> String {
-    let mut s = String::new();
+/// The first two lines of a report: what ran (`what` prefixes the configuration), then the machine.
+fn header(r: &RunInfo, what: &str) -> String {
     let px = 8 * r.latent;
-    let _ = writeln!(
-        s,
-        "{} {}: latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up",
+    format!(
+        "{} {}: {what}latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up\n\
+         machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after\n",
         r.implementation,
         r.preset.name(),
         r.latent,
         r.latent,
         r.batch,
         r.dtype,
-        r.iters
-    );
-    let _ = writeln!(
-        s,
-        "machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after",
-        r.machine, r.cpus, r.threads, r.load_before, r.load_after
-    );
+        r.iters,
+        r.machine,
+        r.cpus,
+        r.threads,
+        r.load_before,
+        r.load_after
+    )
+}
+
+/// The text report: a table of medians, then memory.
+pub fn render(r: &BenchReport) -> String {
+    let mut s = header(&r.run, "");
+    let px = 8 * r.run.latent;
     let _ = writeln!(s, "{:<34}{:>10}{:>10}{:>10}", "", "seconds", "GFLOP", "GFLOP/s");
     let rate = |k: &str| r.gflops_per_s[k].as_f64().unwrap_or(f64::NAN);
     let mut row = |name: &str, secs: f64, gflop: f64, key: &str| {
@@ -127,24 +132,7 @@ pub fn render(r: &BenchReport) -> String {
 
 /// The text report of `--train`.
 pub fn render_train(r: &TrainBenchReport) -> String {
-    let mut s = String::new();
-    let px = 8 * r.latent;
-    let _ = writeln!(
-        s,
-        "{} {}: ControlNet training update, latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up",
-        r.implementation,
-        r.preset.name(),
-        r.latent,
-        r.latent,
-        r.batch,
-        r.dtype,
-        r.iters
-    );
-    let _ = writeln!(
-        s,
-        "machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after",
-        r.machine, r.cpus, r.threads, r.load_before, r.load_after
-    );
+    let mut s = header(&r.run, "ControlNet training update, ");
     let _ = writeln!(s, "{:<34}{:>10}", "", "seconds");
     for (name, secs) in [
         ("training update", r.train_step_s),
