@@ -49,6 +49,17 @@ def secs(r, key):
     return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
 
 
+def footer(pairs, warmup, timed):
+    """The line under a table: machine, date, repetitions, both implementations."""
+    any_rs, any_th = next(iter(pairs.values()))
+    runs = ", ".join(f"{p} {8 * l}px b{b}: {rs['iters']} (rs) / {th['iters']} (torch)"
+                     for (p, l, b), (rs, th) in sorted(pairs.items()))
+    warmup = f"warm-up {warmup}" if warmup else "warm-up"
+    return (f"Machine: {any_rs['machine']}, {any_rs['cpus']} CPUs, {any_rs['threads']} threads, f32; "
+            f"{datetime.date.today().isoformat()}. Medians after one {warmup} of {runs} {timed}. "
+            f"controlnet-rs: {any_rs['implementation']}; torch: {any_th['implementation']}.")
+
+
 TRAIN_ROWS = [
     ("training update", "train_step_s"),
     ("forward", "forward_s"),
@@ -72,13 +83,7 @@ def train_table(pairs):
         lines.append(f"| {name} | peak RSS | {gib(a)} | {gib(b)} | " + (f"{a / b:.2f}" if a and b else "–") + " |")
         loads = lambda r: f"{r.get('load_before', float('nan')):.1f} → {r.get('load_after', float('nan')):.1f}"
         lines.append(f"| {name} | load average before → after | {loads(rs)} | {loads(th)} | |")
-    any_rs, any_th = next(iter(pairs.values()))
-    runs = ", ".join(f"{p} {8 * l}px b{b}: {rs['iters']} (rs) / {th['iters']} (torch)"
-                     for (p, l, b), (rs, th) in sorted(pairs.items()))
-    lines.append("")
-    lines.append(f"Machine: {any_rs['machine']}, {any_rs['cpus']} CPUs, {any_rs['threads']} threads, f32; "
-                 f"{datetime.date.today().isoformat()}. Medians after one warm-up update of {runs} timed updates. "
-                 f"controlnet-rs: {any_rs['implementation']}; torch: {any_th['implementation']}.")
+    lines += ["", footer(pairs, "update", "timed updates")]
     return "\n".join(lines)
 
 
@@ -113,13 +118,7 @@ def table(pairs):
         if rs.get("peak_rss_vae_bytes") or th.get("peak_rss_vae_bytes"):
             lines.append(f"| {name} | peak RSS (VAE) | {gib(rs.get('peak_rss_vae_bytes'))} | "
                          f"{gib(th.get('peak_rss_vae_bytes'))} | | | |")
-    any_report = next(iter(pairs.values()))[0]
-    runs = ", ".join(f"{p} {8 * l}px b{b}: {rs['iters']} (rs) / {th['iters']} (torch)"
-                     for (p, l, b), (rs, th) in sorted(pairs.items()))
-    lines.append("")
-    lines.append(f"Machine: {any_report['machine']}, {any_report['cpus']} CPUs, {any_report['threads']} threads, f32; "
-                 f"{datetime.date.today().isoformat()}. Medians after one warm-up of {runs} timed runs. "
-                 f"controlnet-rs: {any_report['implementation']}; torch: {next(iter(pairs.values()))[1]['implementation']}.")
+    lines += ["", footer(pairs, "", "timed runs")]
     return "\n".join(lines)
 
 

@@ -102,6 +102,21 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def run_info(args, latent, batch):
+    """The fields every report starts with (controlnet-rs's RunInfo): implementation, configuration, machine."""
+    return {
+        "implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
+        "preset": args.preset,
+        "latent": latent,
+        "batch": batch,
+        "iters": args.iters,
+        "dtype": "f32",
+        "machine": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def timing(samples):
     return {"median_s": statistics.median(samples), "samples_s": samples}
 
@@ -190,15 +205,7 @@ def main():
 
     step_t, unet_t, cn_t = timing(step_s), timing(unet_s), timing(cn_s)
     report = {
-        "implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
-        "preset": args.preset,
-        "latent": s,
-        "batch": b,
-        "iters": args.iters,
-        "dtype": "f32",
-        "machine": cpu_model(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **run_info(args, s, b),
         "build_s": build_s,
         "unet_controlnet_step_s": step_t["median_s"],
         "unet_step_s": unet_t["median_s"],
@@ -282,16 +289,8 @@ def train(args):
             cpu.append(time.process_time() - cpu_start)
     total_t, fwd_t, bwd_t, optim_t = timing(total), timing(fwd), timing(bwd), timing(optim)
     report = {
-        "implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
+        **run_info(args, s, b),
         "mode": "train",
-        "preset": args.preset,
-        "latent": s,
-        "batch": b,
-        "iters": args.iters,
-        "dtype": "f32",
-        "machine": cpu_model(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
         "build_s": build_s,
         "trainable_parameters": sum(p.numel() for p in params),
         "train_step_s": total_t["median_s"],
