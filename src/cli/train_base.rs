@@ -53,6 +53,10 @@ pub struct TrainBaseArgs {
     pub unet_batch_size: usize,
     #[arg(long, default_value_t = BaseSettings::default().unet.learning_rate, value_name = "F")]
     pub unet_learning_rate: f64,
+    /// Decay of the UNet stage's moving average of the weights (diffusers' --use_ema), which is what the run
+    /// writes out; 0 writes the last step's weights.
+    #[arg(long, default_value_t = BaseSettings::default().unet.ema_decay.unwrap_or(0.0), value_name = "F")]
+    pub unet_ema_decay: f64,
     /// Linear learning-rate warm-up of each stage.
     #[arg(long, default_value_t = BaseSettings::default().unet.warmup_steps, value_name = "N")]
     pub warmup_steps: usize,
@@ -86,6 +90,7 @@ impl TrainBaseArgs {
                 batch_size: self.vae_batch_size,
                 learning_rate: self.vae_learning_rate,
                 warmup_steps: self.warmup_steps,
+                ema_decay: None,
             },
             vae_crop: self.vae_crop,
             kl_weight: self.kl_weight,
@@ -94,6 +99,7 @@ impl TrainBaseArgs {
                 batch_size: self.unet_batch_size,
                 learning_rate: self.unet_learning_rate,
                 warmup_steps: self.warmup_steps,
+                ema_decay: (self.unet_ema_decay != 0.0).then_some(self.unet_ema_decay),
             },
             proportion_empty_prompts: self.proportion_empty_prompts,
             checkpointing_steps: self.checkpointing_steps,

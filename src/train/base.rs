@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{self, Entry};
 use super::dataset::Dataset;
+use super::ema::Ema;
 use super::objective::{encode_prompts, token_ids, Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
 use super::params::{on_device, Params, TensorMap};
@@ -59,6 +60,7 @@ const UNET_SEED_OFFSET: u64 = 3;
 const CK_PARAMS: &str = "params.safetensors";
 const CK_OPTIMIZER: &str = "optimizer.safetensors";
 const CK_STATE: &str = "state.json";
+const CK_EMA: &str = "ema.safetensors";
 /// Text encoder weights file (transformers' name).
 const TEXT_WEIGHTS: &str = "model.safetensors";
 /// The text encoder's tensors in the UNet stage's checkpoints (one optimizer over both networks).
@@ -124,6 +126,10 @@ pub struct StageSettings {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub warmup_steps: usize,
+    /// Keep an exponential moving average of the weights with this decay (after warm-up) and write it out
+    /// at the end instead of the last step's weights ([`super::ema`]). None: the raw weights.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 /// Everything that shapes a base run.
@@ -165,10 +171,16 @@ impl Default for BaseSettings {
         Self {
             resolution: 128,
             seed: 0,
-            vae: StageSettings { steps: 1500, batch_size: 8, learning_rate: 1e-3, warmup_steps: 50 },
+            vae: StageSettings { steps: 1500, batch_size: 8, learning_rate: 1e-3, warmup_steps: 50, ema_decay: None },
             vae_crop: 64,
             kl_weight: 1e-4,
-            unet: StageSettings { steps: 4000, batch_size: 32, learning_rate: 5e-4, warmup_steps: 100 },
+            unet: StageSettings {
+                steps: 4000,
+                batch_size: 32,
+                learning_rate: 5e-4,
+                warmup_steps: 100,
+                ema_decay: Some(0.999),
+            },
             proportion_empty_prompts: 0.1,
             checkpointing_steps: 250,
             train_text_encoder: true,
@@ -194,6 +206,12 @@ impl BaseSettings {
             }
             if !(s.learning_rate.is_finite() && s.learning_rate > 0.0) {
                 return bad(format!("--{flag}-learning-rate {} must be a positive number", s.learning_rate));
+            }
+            if s.ema_decay.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
+                return bad(format!(
+                    "--{flag}-ema-decay {:?} must lie in (0, 1) (0 turns the average off)",
+                    s.ema_decay
+                ));
             }
         }
         if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
@@ -241,6 +259,9 @@ struct StageState {
     rng: GeneratorState,
     optimizer: AdamWSteps,
     settings: StageSettings,
+    /// Updates of the weight average so far (None: no average kept).
+    #[serde(default)]
+    ema_updates: Option<u64>,
 }
 
 /// Trains (or finishes training) the base model of `run_dir` on `dataset`; the result is
@@ -590,6 +611,7 @@ impl Stage<'_> {
         let mut optimizer = AdamW::new(adamw);
         let mut rng = TorchGenerator::new(self.seed);
         let mut step = 0u64;
+        let mut ema = None;
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let log = self.dir.join(super::trainer::LOSS_LOG);
         let (found, skipped) = checkpoint::latest_valid(&self.dir)?;
@@ -599,8 +621,9 @@ impl Stage<'_> {
         if let Some((_, dir)) = found {
             let state: StageState = serde_json::from_value(checkpoint::read_json(&dir, CK_STATE)?)
                 .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
-            // The step count may change (to extend or shorten a run); what shapes each step may not.
-            let shape = |s: &StageSettings| StageSettings { steps: 0, ..s.clone() };
+            // The step count may change (to extend or shorten a run), and an average may be started; what
+            // shapes each step may not.
+            let shape = |s: &StageSettings| StageSettings { steps: 0, ema_decay: None, ..s.clone() };
             if shape(&state.settings) != shape(self.settings) {
                 return Err(Error::Invalid(format!(
                     "cannot resume the {} stage from {}: it was trained with {:?}, now {:?}",
@@ -620,26 +643,46 @@ impl Stage<'_> {
             optimizer.config = adamw;
             rng = TorchGenerator::from_state(&state.rng)?;
             step = state.step;
+            if let (Some(decay), Some(updates)) = (self.settings.ema_decay, state.ema_updates) {
+                let shadow = checkpoint::read_tensors(&dir, CK_EMA)?;
+                ema = Some(Ema::from_state(params, decay, updates, shadow, &dir.join(CK_EMA))?);
+            }
             validation::truncate_log(&log, step)?;
         } else if log.exists() {
             validation::truncate_log(&log, 0)?;
         }
-        let save = |step: u64, optimizer: &AdamW, rng: &TorchGenerator| -> Result<()> {
+        // A new run, or a resumed one that kept no average, starts the average here.
+        if let (None, Some(decay)) = (&ema, self.settings.ema_decay) {
+            if step > 0 {
+                tracing::info!("the {} stage starts its weight average at step {step}", self.name);
+            }
+            ema = Some(Ema::new(params, decay)?);
+        }
+        let save = |step: u64, optimizer: &AdamW, rng: &TorchGenerator, ema: Option<&Ema>| -> Result<()> {
             let (moments, steps) = optimizer.state();
-            let state = StageState { step, rng: rng.state(), optimizer: steps, settings: self.settings.clone() };
+            let state = StageState {
+                step,
+                rng: rng.state(),
+                optimizer: steps,
+                settings: self.settings.clone(),
+                ema_updates: ema.map(Ema::updates),
+            };
             let state = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
             let snapshot = params.snapshot()?;
-            let entries = [
+            let mut entries = vec![
                 Entry::Tensors(CK_PARAMS, &snapshot),
                 Entry::Tensors(CK_OPTIMIZER, &moments),
                 Entry::Json(CK_STATE, &state),
             ];
+            if let Some(ema) = ema {
+                entries.push(Entry::Tensors(CK_EMA, ema.shadow()));
+            }
             checkpoint::save(&self.dir, step, &entries, Some(2))?;
             Ok(())
         };
         while step < self.settings.steps {
             if stop.load(Ordering::SeqCst) {
-                save(step, &optimizer, &rng)?;
+                save(step, &optimizer, &rng, ema.as_ref())?;
                 return Ok(false);
             }
             let started = Instant::now();
@@ -653,6 +696,9 @@ impl Stage<'_> {
             let grad_norm = grads.clip_norm(MAX_GRAD_NORM)?;
             let lr = warmup_lr(self.settings.learning_rate, self.settings.warmup_steps, step as usize);
             optimizer.step(params, &grads, lr)?;
+            if let Some(ema) = ema.as_mut() {
+                ema.update(params)?;
+            }
             step += 1;
             validation::append_jsonl(&log, &LossRecord { step, loss: value, lr, grad_norm, epoch: 0 })?;
             let seconds = started.elapsed().as_secs_f64();
@@ -664,8 +710,12 @@ impl Stage<'_> {
                 samples_per_second: self.settings.batch_size as f64 / seconds.max(1e-9),
             });
             if self.checkpointing_steps > 0 && step.is_multiple_of(self.checkpointing_steps) {
-                save(step, &optimizer, &rng)?;
+                save(step, &optimizer, &rng, ema.as_ref())?;
             }
+        }
+        // What the caller writes out: the average, when one was kept.
+        if let Some(ema) = &ema {
+            params.load(ema.shadow(), &self.dir)?;
         }
         let records = validation::read_loss_log(&log)?;
         let curve = self.dir.join(super::trainer::LOSS_CURVE);
@@ -686,12 +736,13 @@ mod tests {
         arch.vae["norm_num_groups"] = json!(4);
         arch.unet["block_out_channels"] = json!([16, 16, 32]);
         arch.unet["norm_num_groups"] = json!(8);
-        let stage = |steps| StageSettings { steps, batch_size: 2, learning_rate: 1e-3, warmup_steps: 0 };
+        let stage =
+            |steps, ema_decay| StageSettings { steps, batch_size: 2, learning_rate: 1e-3, warmup_steps: 0, ema_decay };
         let settings = BaseSettings {
             resolution: 32,
-            vae: stage(3),
+            vae: stage(3, None),
             vae_crop: 16,
-            unet: stage(4),
+            unet: stage(4, Some(0.9)),
             checkpointing_steps: 2,
             ..BaseSettings::default()
         };
@@ -748,6 +799,59 @@ mod tests {
         assert!(files(&a.join(MODEL_DIR)) == files(&b.join(MODEL_DIR)), "resumed run differs");
     }
 
+    /// With an average kept, the model folder holds the average (as the last checkpoint has it), not the last
+    /// step's weights; without one, the last step's weights.
+    #[test]
+    fn the_weight_average_is_what_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
+        let dataset = Dataset::open(&data).unwrap();
+        let (arch, settings) = tiny();
+        let (dev, never) = (Device::Cpu, AtomicBool::new(false));
+        let run = tmp.path().join("run");
+        train_base(&dataset, &run, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
+        let last = checkpoint::checkpoint_dir(&run.join(UNET_STAGE), settings.unet.steps);
+        let state: StageState = serde_json::from_value(checkpoint::read_json(&last, CK_STATE).unwrap()).unwrap();
+        assert_eq!(state.ema_updates, Some(settings.unet.steps));
+        let (average, raw) =
+            (checkpoint::read_tensors(&last, CK_EMA).unwrap(), checkpoint::read_tensors(&last, CK_PARAMS).unwrap());
+        let written =
+            checkpoint::read_tensors(&run.join(MODEL_DIR).join("unet"), &format!("{DIFFUSERS_STEM}.safetensors"))
+                .unwrap();
+        let max_diff =
+            |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+        let mut moved = 0;
+        for (name, w) in &written {
+            assert_eq!(max_diff(w, &average[name]), 0.0, "{name} is not the average");
+            if max_diff(w, &raw[name]) > 0.0 {
+                moved += 1;
+            }
+        }
+        assert!(moved > written.len() / 2, "only {moved} of {} tensors differ from the raw weights", written.len());
+
+        let plain = tmp.path().join("plain");
+        let no_average = BaseSettings { unet: StageSettings { ema_decay: None, ..settings.unet.clone() }, ..settings };
+        train_base(&dataset, &plain, &arch, &no_average, &dev, &never, &mut |_| {}).unwrap();
+        let last = checkpoint::checkpoint_dir(&plain.join(UNET_STAGE), no_average.unet.steps);
+        assert!(!last.join(CK_EMA).exists());
+        let raw = checkpoint::read_tensors(&last, CK_PARAMS).unwrap();
+        let written =
+            checkpoint::read_tensors(&plain.join(MODEL_DIR).join("unet"), &format!("{DIFFUSERS_STEM}.safetensors"))
+                .unwrap();
+        for (name, w) in &written {
+            assert_eq!(max_diff(w, &raw[name]), 0.0, "{name}");
+        }
+
+        // A finished run without an average, extended with one: the average starts where it resumes.
+        std::fs::remove_dir_all(plain.join(MODEL_DIR).join("unet")).unwrap();
+        let longer = BaseSettings { unet: StageSettings { steps: 6, ..settings.unet.clone() }, ..no_average };
+        train_base(&dataset, &plain, &arch, &longer, &dev, &never, &mut |_| {}).unwrap();
+        let last = checkpoint::checkpoint_dir(&plain.join(UNET_STAGE), 6);
+        let state: StageState = serde_json::from_value(checkpoint::read_json(&last, CK_STATE).unwrap()).unwrap();
+        assert_eq!(state.ema_updates, Some(2));
+    }
+
     /// By default the text encoder trains with the UNet and is written back in f32; frozen, it stays the seeded
     /// f16 initialisation.
     #[test]
@@ -799,6 +903,9 @@ mod tests {
         assert!(err.contains("--proportion-empty-prompts"), "{err}");
         let err = BaseSettings { snr_gamma: Some(-1.0), ..settings.clone() }.validate().unwrap_err().to_string();
         assert!(err.contains("--snr-gamma"), "{err}");
+        let unet = StageSettings { ema_decay: Some(1.0), ..settings.unet.clone() };
+        let err = BaseSettings { unet, ..settings.clone() }.validate().unwrap_err().to_string();
+        assert!(err.contains("--unet-ema-decay"), "{err}");
         let err = BaseSettings { noise_offset: f64::NAN, ..settings }.validate().unwrap_err().to_string();
         assert!(err.contains("--noise-offset"), "{err}");
     }

@@ -11,11 +11,13 @@
 //! - [`checkpoint`]: atomic checkpoints with a checksummed manifest; resume continues bit for bit.
 //! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
-//! - [`base`]: a small Stable Diffusion base trained from scratch (VAE, UNet; frozen random text encoder): the demo.
+//! - [`base`]: a small Stable Diffusion base trained from scratch (VAE, then UNet with the text encoder): the demo.
+//! - [`ema`]: the moving average of the weights a base stage writes out.
 //! - [`scratch`]: seeded starting weights for networks trained from scratch.
 pub mod base;
 pub mod checkpoint;
 pub mod dataset;
+pub mod ema;
 #[cfg(test)]
 mod gradcheck;
 pub mod init;
