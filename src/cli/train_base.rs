@@ -47,6 +47,10 @@ pub struct TrainBaseArgs {
     pub vae_crop: u32,
     #[arg(long, default_value_t = BaseSettings::default().kl_weight, value_name = "F")]
     pub kl_weight: f64,
+    /// Steps of the decoder-only stage after the VAE (the encoder and its latents stay fixed; the decoder
+    /// learns exact colours). Batch size and learning rate are the VAE's; 0 skips it.
+    #[arg(long, default_value_t = BaseSettings::default().vae_decoder.steps, value_name = "N")]
+    pub vae_decoder_steps: u64,
     #[arg(long, default_value_t = BaseSettings::default().unet.steps, value_name = "N")]
     pub unet_steps: u64,
     #[arg(long, default_value_t = BaseSettings::default().unet.batch_size, value_name = "N")]
@@ -94,6 +98,13 @@ impl TrainBaseArgs {
             },
             vae_crop: self.vae_crop,
             kl_weight: self.kl_weight,
+            vae_decoder: StageSettings {
+                steps: self.vae_decoder_steps,
+                batch_size: self.vae_batch_size,
+                learning_rate: self.vae_learning_rate,
+                warmup_steps: self.warmup_steps,
+                ema_decay: None,
+            },
             unet: StageSettings {
                 steps: self.unet_steps,
                 batch_size: self.unet_batch_size,

@@ -51,11 +51,13 @@ use crate::{Error, Result};
 pub const MODEL_DIR: &str = "model";
 /// Stage folders (checkpoints and logs) inside the run folder.
 pub const VAE_STAGE: &str = "vae";
+pub const VAE_DECODER_STAGE: &str = "vae-decoder";
 pub const UNET_STAGE: &str = "unet";
 /// Seeds of the parts, offset from `--seed` so no two parts share a stream.
 const TEXT_SEED_OFFSET: u64 = 1;
 const VAE_SEED_OFFSET: u64 = 2;
 const UNET_SEED_OFFSET: u64 = 3;
+const VAE_DECODER_SEED_OFFSET: u64 = 4;
 /// Checkpoint files.
 const CK_PARAMS: &str = "params.safetensors";
 const CK_OPTIMIZER: &str = "optimizer.safetensors";
@@ -144,6 +146,9 @@ pub struct BaseSettings {
     pub vae_crop: u32,
     /// Weight of the KL term (per latent element) against the reconstruction MSE (per pixel).
     pub kl_weight: f64,
+    /// The decoder alone, on the VAE's fixed latents (same crops; 0 steps: skipped).
+    #[serde(default = "no_stage")]
+    pub vae_decoder: StageSettings,
     pub unet: StageSettings,
     /// Share of captions replaced by "" (the unconditional half of classifier-free guidance).
     pub proportion_empty_prompts: f64,
@@ -174,6 +179,13 @@ impl Default for BaseSettings {
             vae: StageSettings { steps: 1500, batch_size: 8, learning_rate: 1e-3, warmup_steps: 50, ema_decay: None },
             vae_crop: 64,
             kl_weight: 1e-4,
+            vae_decoder: StageSettings {
+                steps: 1000,
+                batch_size: 8,
+                learning_rate: 1e-3,
+                warmup_steps: 50,
+                ema_decay: None,
+            },
             unet: StageSettings {
                 steps: 4000,
                 batch_size: 32,
@@ -190,6 +202,11 @@ impl Default for BaseSettings {
     }
 }
 
+/// A stage that does not run (settings saved before the stage existed).
+fn no_stage() -> StageSettings {
+    StageSettings { steps: 0, batch_size: 1, learning_rate: 1e-3, warmup_steps: 0, ema_decay: None }
+}
+
 impl BaseSettings {
     /// Checks ranges; messages name the flag.
     pub fn validate(&self) -> Result<()> {
@@ -200,7 +217,7 @@ impl BaseSettings {
         if self.vae_crop == 0 || !self.vae_crop.is_multiple_of(8) || self.vae_crop > self.resolution {
             return bad(format!("--vae-crop {} must be a multiple of 8 in [8, --resolution]", self.vae_crop));
         }
-        for (flag, s) in [("vae", &self.vae), ("unet", &self.unet)] {
+        for (flag, s) in [("vae", &self.vae), ("vae-decoder", &self.vae_decoder), ("unet", &self.unet)] {
             if s.batch_size == 0 {
                 return bad(format!("--{flag}-batch-size must be at least 1"));
             }
@@ -364,6 +381,47 @@ pub fn train_base(
         let mut config = arch.vae.clone();
         config["scaling_factor"] = json!(scale);
         checkpoint::write_diffusers_folder(&vae_dir, &config, &params.snapshot()?)?;
+    }
+
+    // 2b. The decoder alone (Stable Diffusion's fine-tuned-decoder VAEs did the same): the encoder, and so the
+    //     latents the UNet learns, stay as they are, while the decoder learns to render them in their exact
+    //     colours. Run after the UNet too, it changes nothing the UNet depends on. Its last checkpoint is
+    //     its record: rerunning the command rewrites the same decoder.
+    if settings.vae_decoder.steps > 0 {
+        let weights = format!("{DIFFUSERS_STEM}.safetensors");
+        let config = checkpoint::read_json(&vae_dir, "config.json")?;
+        let cfg: AutoencoderKLConfig =
+            serde_json::from_value(config.clone()).map_err(|e| Error::config(vae_dir.join("config.json"), e))?;
+        let (all, params) =
+            Params::split(on_device(checkpoint::read_tensors(&vae_dir, &weights)?, device)?, is_decoder)?;
+        let vae = AutoencoderKL::new(cfg, VarBuilder::from_tensors(all.clone(), DType::F32, device))?;
+        let stage = Stage {
+            name: VAE_DECODER_STAGE,
+            dir: run_dir.join(VAE_DECODER_STAGE),
+            settings: &settings.vae_decoder,
+            seed: settings.seed.wrapping_add(VAE_DECODER_SEED_OFFSET),
+            checkpointing_steps: settings.checkpointing_steps,
+        };
+        // Images and their posteriors, loaded at the first step (none when the stage is already done).
+        let mut encoded = None;
+        let finished = stage.run(&params, stop, report, |rng| {
+            load_targets(&mut targets)?;
+            let images = targets.as_deref().unwrap_or_default();
+            if encoded.is_none() && posteriors.is_none() {
+                encoded = Some(encode_all(&vae, images)?);
+            }
+            let latents = encoded.as_deref().or(posteriors.as_deref()).unwrap_or_default();
+            decoder_loss(&vae, latents, images, settings.vae_decoder.batch_size, settings.vae_crop as usize, rng)
+        })?;
+        if !finished {
+            return Ok(interrupted(VAE_DECODER_STAGE, &run_dir.join(VAE_DECODER_STAGE)));
+        }
+        let mut tensors = all;
+        tensors.extend(params.snapshot()?);
+        checkpoint::write_diffusers_folder(&vae_dir, &config, &tensors)?;
+        if posteriors.is_none() {
+            posteriors = encoded;
+        }
     }
 
     // 3. The UNet.
@@ -562,6 +620,42 @@ fn vae_loss(vae: &AutoencoderKL, x: &Tensor, kl_weight: f64, rng: &mut TorchGene
     Ok((reconstruction + (kl * (0.5 * kl_weight))?)?)
 }
 
+/// The decoder's tensors (and the 1×1 convolution in front of it): what the decoder stage trains.
+fn is_decoder(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
+/// Reconstruction MSE of the decoder alone: `batch` random `crop`-px squares of random images against the
+/// decoding of the matching latent squares, sampled from the (fixed) posteriors.
+fn decoder_loss(
+    vae: &AutoencoderKL,
+    posteriors: &[(Tensor, Tensor)],
+    images: &[Tensor],
+    batch: usize,
+    crop: usize,
+    rng: &mut TorchGenerator,
+) -> Result<Tensor> {
+    let factor = images[0].dim(1)? / posteriors[0].0.dim(1)?;
+    let (latent_crop, latent_res) = (crop / factor, posteriors[0].0.dim(1)?);
+    let picks = rng.randint(0, images.len() as i64, batch);
+    let offsets = rng.randint(0, (latent_res - latent_crop + 1) as i64, 2 * batch);
+    let mut means = Vec::with_capacity(batch);
+    let mut logvars = Vec::with_capacity(batch);
+    let mut targets = Vec::with_capacity(batch);
+    for (&i, yx) in picks.iter().zip(offsets.chunks(2)) {
+        let (y, x) = (yx[0] as usize, yx[1] as usize);
+        let (mean, logvar) = &posteriors[i as usize];
+        means.push(mean.narrow(1, y, latent_crop)?.narrow(2, x, latent_crop)?);
+        logvars.push(logvar.narrow(1, y, latent_crop)?.narrow(2, x, latent_crop)?);
+        targets.push(images[i as usize].narrow(1, y * factor, crop)?.narrow(2, x * factor, crop)?);
+    }
+    let (mean, logvar) = (Tensor::stack(&means, 0)?, Tensor::stack(&logvars, 0)?);
+    let noise = rng.randn_tensor(mean.dims(), mean.device())?;
+    let z = (mean + ((logvar * 0.5)?.exp()? * noise)?)?;
+    let recon = vae.decode(&z)?;
+    Ok((recon - Tensor::stack(&targets, 0)?)?.sqr()?.mean_all()?)
+}
+
 /// Posterior means and log-variances of every image, (4, h, w) each, off the graph.
 fn encode_all(vae: &AutoencoderKL, images: &[Tensor]) -> Result<Vec<(Tensor, Tensor)>> {
     let mut out = Vec::with_capacity(images.len());
@@ -612,6 +706,7 @@ impl Stage<'_> {
         let mut rng = TorchGenerator::new(self.seed);
         let mut step = 0u64;
         let mut ema = None;
+        let mut saved_at = None;
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let log = self.dir.join(super::trainer::LOSS_LOG);
         let (found, skipped) = checkpoint::latest_valid(&self.dir)?;
@@ -643,6 +738,7 @@ impl Stage<'_> {
             optimizer.config = adamw;
             rng = TorchGenerator::from_state(&state.rng)?;
             step = state.step;
+            saved_at = Some(step);
             if let (Some(decay), Some(updates)) = (self.settings.ema_decay, state.ema_updates) {
                 let shadow = checkpoint::read_tensors(&dir, CK_EMA)?;
                 ema = Some(Ema::from_state(params, decay, updates, shadow, &dir.join(CK_EMA))?);
@@ -711,7 +807,12 @@ impl Stage<'_> {
             });
             if self.checkpointing_steps > 0 && step.is_multiple_of(self.checkpointing_steps) {
                 save(step, &optimizer, &rng, ema.as_ref())?;
+                saved_at = Some(step);
             }
+        }
+        // The last step is always checkpointed: it is the stage's record, and a longer run can go on from it.
+        if saved_at != Some(step) {
+            save(step, &optimizer, &rng, ema.as_ref())?;
         }
         // What the caller writes out: the average, when one was kept.
         if let Some(ema) = &ema {
@@ -741,6 +842,7 @@ mod tests {
         let settings = BaseSettings {
             resolution: 32,
             vae: stage(3, None),
+            vae_decoder: stage(2, None),
             vae_crop: 16,
             unet: stage(4, Some(0.9)),
             checkpointing_steps: 2,
@@ -797,6 +899,50 @@ mod tests {
         let end = train_base(&dataset, &b, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
         assert_eq!(end, BaseEnd::Finished);
         assert!(files(&a.join(MODEL_DIR)) == files(&b.join(MODEL_DIR)), "resumed run differs");
+    }
+
+    /// The decoder stage trains the decoder alone: the encoder (so the latents the UNet learned) and the
+    /// scaling factor are the VAE stage's; running the finished command again writes the same decoder.
+    #[test]
+    fn the_decoder_stage_keeps_the_encoder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
+        let dataset = Dataset::open(&data).unwrap();
+        let (arch, settings) = tiny();
+        let (dev, never) = (Device::Cpu, AtomicBool::new(false));
+        let run = tmp.path().join("run");
+        train_base(&dataset, &run, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
+        let weights = format!("{DIFFUSERS_STEM}.safetensors");
+        let vae_dir = run.join(MODEL_DIR).join("vae");
+        let written = checkpoint::read_tensors(&vae_dir, &weights).unwrap();
+        let vae_stage = checkpoint::checkpoint_dir(&run.join(VAE_STAGE), settings.vae.steps);
+        let before = checkpoint::read_tensors(&vae_stage, CK_PARAMS).unwrap();
+        let decoder_stage = checkpoint::checkpoint_dir(&run.join(VAE_DECODER_STAGE), settings.vae_decoder.steps);
+        let after = checkpoint::read_tensors(&decoder_stage, CK_PARAMS).unwrap();
+        assert!(!after.is_empty() && after.keys().all(|k| is_decoder(k)), "{:?}", after.keys());
+        let same = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
+        };
+        let mut moved = 0;
+        for (name, w) in &written {
+            if is_decoder(name) {
+                assert!(same(w, &after[name]), "{name} is not the decoder stage's");
+                moved += usize::from(!same(w, &before[name]));
+            } else {
+                assert!(same(w, &before[name]), "{name} changed");
+            }
+        }
+        assert!(moved > after.len() / 2, "only {moved} of {} decoder tensors trained", after.len());
+        let log =
+            validation::read_loss_log(&run.join(VAE_DECODER_STAGE).join(super::super::trainer::LOSS_LOG)).unwrap();
+        assert_eq!(log.len(), settings.vae_decoder.steps as usize);
+
+        let config = std::fs::read(vae_dir.join("config.json")).unwrap();
+        let bytes = std::fs::read(vae_dir.join(&weights)).unwrap();
+        train_base(&dataset, &run, &arch, &settings, &dev, &never, &mut |_| {}).unwrap();
+        assert!(std::fs::read(vae_dir.join(&weights)).unwrap() == bytes);
+        assert!(std::fs::read(vae_dir.join("config.json")).unwrap() == config);
     }
 
     /// With an average kept, the model folder holds the average (as the last checkpoint has it), not the last

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Rebuilds the bundled demo model (assets/demo) from nothing, as docs/demo.md describes:
+# Rebuilds the bundled demo model (assets/demo) from nothing, in the order the committed one was made
+# (docs/demo.md tells why each step is there):
 #   1. the synthetic circles dataset (4000 pairs, 128 px, seed 0);
-#   2. the base: VAE, then UNet with the CLIP text encoder training alongside (controlnet train-base);
-#   3. the ControlNet on that base (controlnet train --init), with validation grids and the edge-fidelity score;
-#   4. copies both into assets/demo.
+#   2. the base, first pass: VAE, then UNet + CLIP text encoder for 3000 steps (no weight average yet);
+#   3. a ControlNet on that base for 5600 steps (it starts following its condition around step 1500);
+#   4. the base, second pass: the decoder-only stage (exact colours), and the UNet stage continued to 5000
+#      steps with a moving average of its weights;
+#   5. the ControlNet continued on the finished base from its step-5600 weights;
+#   6. copies both into assets/demo.
 # Every stage checkpoints; run the script again to continue a stopped run. WORK defaults to ./demo-work.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${WORK:-$PWD/demo-work}"
 BIN="${BIN:-$REPO/target/release/controlnet}"
+# Steps of the ControlNet's second run (5).
+CN_STEPS="${CN_STEPS:-12000}"
 mkdir -p "$WORK"
 cd "$WORK"
 [ -x "$BIN" ] || (cd "$REPO" && cargo build --release)
@@ -17,28 +23,53 @@ cd "$WORK"
 [ -f circles/prompt.json ] || "$BIN" dataset circles --count 4000 --size 128 --seed 0 --output circles -q
 [ -f val/prompt.json ] || "$BIN" dataset circles --count 4 --size 128 --seed 99 --output val -q
 
-# 2. The base: VAE 1500 steps of 8 random 64-px crops; UNet 3000 steps of 32 cached latents, the text encoder
-#    training with it, min-SNR weighting (gamma 5): train-base's defaults.
-"$BIN" train-base --dataset circles --output base-run --vae-steps 1500 --unet-steps 3000 -q
+VALIDATION=(
+    --validation-image val/source/0.png --validation-prompt "a dark green circle on a cyan background"
+    --validation-image val/source/1.png --validation-prompt "a dark blue circle on a blue background"
+    --validation-image val/source/2.png --validation-prompt "a light green circle on a dark blue background"
+    --validation-image val/source/3.png --validation-prompt "a brown circle on a cyan background"
+    --fidelity canny
+)
+# The ControlNet runs: the locked base, lr 1e-3 (at 2e-4 it had not started to follow after 1500 steps), a
+# small hint encoder (SD's (16,32,96,256) would cost four times the rest of this tiny network).
+CONTROLNET=(--resolution 128 --batch-size 8 --learning-rate 1e-3 --cache --hint-channels 16,32,32,32)
 
-# 3. The ControlNet on the locked base, at a learning rate this small network tolerates (1e-3; at 2e-4 it had
-#    not started to follow after 1500 steps). A small hint encoder: SD's (16,32,96,256) would cost four times the
-#    rest of this tiny network.
+# 2. The base, first pass.
+if [ ! -f base/pass1.done ]; then
+    "$BIN" train-base --dataset circles --output base --vae-steps 1500 --vae-decoder-steps 0 \
+        --unet-steps 3000 --unet-ema-decay 0 -q
+    touch base/pass1.done
+fi
+
+# 3. The first ControlNet run.
+if [ ! -f cn-first/checkpoint-5600/manifest.json ]; then
+    RESUME=()
+    [ -d cn-first ] && RESUME=(--resume)
+    "$BIN" train --model base/model --init --dataset circles --output cn-first "${RESUME[@]}" "${CONTROLNET[@]}" \
+        --max-steps 5600 --checkpointing-steps 100 --checkpoints-total-limit 4 \
+        "${VALIDATION[@]}" --validation-steps 200 -q
+fi
+
+# 4. The base, second pass: the decoder stage, then the UNet stage on from step 3000 to 5000, averaging its
+#    weights from there.
+if [ ! -f base/pass2.started ]; then
+    rm -rf base/model/unet
+    touch base/pass2.started
+fi
+"$BIN" train-base --dataset circles --output base --vae-steps 1500 --vae-decoder-steps 1000 \
+    --unet-steps 5000 --unet-ema-decay 0.999 -q
+
+# 5. The ControlNet on the finished base, from the first run's weights.
 RESUME=()
-[ -d cn-run ] && RESUME=(--resume)
-"$BIN" train --model base-run/model --init --dataset circles --output cn-run "${RESUME[@]}" \
-    --resolution 128 --batch-size 8 --learning-rate 1e-3 --max-steps 3000 --cache \
-    --hint-channels 16,32,32,32 \
-    --checkpointing-steps 100 --checkpoints-total-limit 2 \
-    --validation-image val/source/0.png --validation-prompt "a dark green circle on a cyan background" \
-    --validation-image val/source/1.png --validation-prompt "a dark blue circle on a blue background" \
-    --validation-image val/source/2.png --validation-prompt "a light green circle on a dark blue background" \
-    --validation-image val/source/3.png --validation-prompt "a brown circle on a cyan background" \
-    --validation-steps 200 --fidelity canny -q
+[ -d cn-final ] && RESUME=(--resume)
+"$BIN" train --model base/model --controlnet cn-first/checkpoint-5600/controlnet --dataset circles \
+    --output cn-final "${RESUME[@]}" "${CONTROLNET[@]}" \
+    --max-steps "$CN_STEPS" --checkpointing-steps 250 --checkpoints-total-limit 8 \
+    "${VALIDATION[@]}" --validation-steps 500 -q
 
-# 4. Into the repository.
+# 6. Into the repository.
 rm -rf "$REPO/assets/demo.new" && mkdir -p "$REPO/assets/demo.new"
-cp -r base-run/model "$REPO/assets/demo.new/base"
-cp -r cn-run/controlnet "$REPO/assets/demo.new/circles-controlnet"
+cp -r base/model "$REPO/assets/demo.new/base"
+cp -r cn-final/controlnet "$REPO/assets/demo.new/circles-controlnet"
 rm -rf "$REPO/assets/demo" && mv "$REPO/assets/demo.new" "$REPO/assets/demo"
 du -sh "$REPO/assets/demo"
