@@ -89,7 +89,6 @@ fn chance_iou() -> f64 {
 }
 
 #[test]
-#[ignore = "needs assets/demo, not committed yet: the demo reaches mean IoU 0.62 and circle colours 12/24 so far (docs/demo.md)"]
 fn controlnet_follows_unseen_conditions_and_the_base_alone_does_not() {
     let sd = StableDiffusion::load(&demo::base().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let net =
@@ -134,7 +133,6 @@ fn controlnet_follows_unseen_conditions_and_the_base_alone_does_not() {
 
 /// The README's first command: no --model, no --controlnet.
 #[test]
-#[ignore = "needs assets/demo, not committed yet (docs/demo.md)"]
 fn generate_defaults_to_the_demo_model() {
     let dir = common::temp_dir();
     let out = dir.path().join("circle.png");

@@ -14,7 +14,7 @@ REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${WORK:-$PWD/demo-work}"
 BIN="${BIN:-$REPO/target/release/controlnet}"
 # Steps of the ControlNet's second run (5).
-CN_STEPS="${CN_STEPS:-12000}"
+CN_STEPS="${CN_STEPS:-6000}"
 mkdir -p "$WORK"
 cd "$WORK"
 [ -x "$BIN" ] || (cd "$REPO" && cargo build --release)
