@@ -851,6 +851,19 @@ mod tests {
         (arch, settings)
     }
 
+    /// A temporary folder with a 3-sample, 32-px circles dataset in it.
+    fn three_circles() -> (tempfile::TempDir, Dataset) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
+        let dataset = Dataset::open(&data).unwrap();
+        (tmp, dataset)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
     fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for part in ["vae", "unet", "text_encoder"] {
@@ -867,10 +880,7 @@ mod tests {
     /// uninterrupted run.
     #[test]
     fn trains_loads_and_resumes_exactly() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
-        let dataset = Dataset::open(&data).unwrap();
+        let (tmp, dataset) = three_circles();
         let (arch, settings) = tiny();
         let dev = Device::Cpu;
 
@@ -905,10 +915,7 @@ mod tests {
     /// scaling factor are the VAE stage's; running the finished command again writes the same decoder.
     #[test]
     fn the_decoder_stage_keeps_the_encoder() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
-        let dataset = Dataset::open(&data).unwrap();
+        let (tmp, dataset) = three_circles();
         let (arch, settings) = tiny();
         let (dev, never) = (Device::Cpu, AtomicBool::new(false));
         let run = tmp.path().join("run");
@@ -921,9 +928,7 @@ mod tests {
         let decoder_stage = checkpoint::checkpoint_dir(&run.join(VAE_DECODER_STAGE), settings.vae_decoder.steps);
         let after = checkpoint::read_tensors(&decoder_stage, CK_PARAMS).unwrap();
         assert!(!after.is_empty() && after.keys().all(|k| is_decoder(k)), "{:?}", after.keys());
-        let same = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
-        };
+        let same = |a: &Tensor, b: &Tensor| max_diff(a, b) == 0.0;
         let mut moved = 0;
         for (name, w) in &written {
             if is_decoder(name) {
@@ -949,10 +954,7 @@ mod tests {
     /// step's weights; without one, the last step's weights.
     #[test]
     fn the_weight_average_is_what_is_written() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
-        let dataset = Dataset::open(&data).unwrap();
+        let (tmp, dataset) = three_circles();
         let (arch, settings) = tiny();
         let (dev, never) = (Device::Cpu, AtomicBool::new(false));
         let run = tmp.path().join("run");
@@ -965,8 +967,6 @@ mod tests {
         let written =
             checkpoint::read_tensors(&run.join(MODEL_DIR).join("unet"), &format!("{DIFFUSERS_STEM}.safetensors"))
                 .unwrap();
-        let max_diff =
-            |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
         let mut moved = 0;
         for (name, w) in &written {
             assert_eq!(max_diff(w, &average[name]), 0.0, "{name} is not the average");
@@ -1002,10 +1002,7 @@ mod tests {
     /// f16 initialisation.
     #[test]
     fn the_text_encoder_trains_unless_frozen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
-        let dataset = Dataset::open(&data).unwrap();
+        let (tmp, dataset) = three_circles();
         let (arch, settings) = tiny();
         let (dev, never) = (Device::Cpu, AtomicBool::new(false));
         let text =
@@ -1021,15 +1018,7 @@ mod tests {
         for (name, init) in &before {
             assert_eq!(init.dtype(), DType::F16, "{name}");
             assert_eq!(after[name].dtype(), DType::F32, "{name}");
-            let diff: f32 = (init.to_dtype(DType::F32).unwrap() - &after[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            if diff == 0.0 {
+            if max_diff(&init.to_dtype(DType::F32).unwrap(), &after[name]) == 0.0 {
                 unchanged.push(name.clone());
             }
         }
