@@ -4,8 +4,6 @@
 //! samples cleaner images. The training itself still steps the raw weights; the average is what a run
 //! writes out at its end.
 
-use candle_core::Tensor;
-
 use super::params::{Params, TensorMap};
 use crate::{Error, Result};
 
@@ -82,17 +80,12 @@ impl Ema {
     pub fn shadow(&self) -> &TensorMap {
         &self.shadow
     }
-
-    /// The average of one weight.
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.shadow.get(name)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     fn params(v: &[f32]) -> Params {
         let t = Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
@@ -122,7 +115,7 @@ mod tests {
         ema.update(&p).unwrap(); // d = 2/11
         let (d0, d1) = (0.1f64, 2.0 / 11.0);
         let want = |start: f64, w1: f64, w2: f64| d1 * (d0 * start + (1.0 - d0) * w1) + (1.0 - d1) * w2;
-        let got: Vec<f32> = ema.get("w").unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = ema.shadow()["w"].to_vec1().unwrap();
         assert!((f64::from(got[0]) - want(1.0, 3.0, 5.0)).abs() < 1e-6, "{got:?}");
         assert!((f64::from(got[1]) - want(-2.0, 0.0, 4.0)).abs() < 1e-6, "{got:?}");
         // The raw weights are untouched.
