@@ -40,7 +40,7 @@ use crate::io::single_file::bundled_tokenizer;
 use crate::io::weights::DIFFUSERS_STEM;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use crate::rng::{GeneratorState, TorchGenerator};
 use crate::schedulers::schedule::PredictionType;
 use crate::schedulers::SchedulerConfig;
@@ -506,7 +506,8 @@ pub fn train_base(
                 let offset = (rng.randn_tensor(&[b, c, 1, 1], device)? * settings.noise_offset)?;
                 draws.noise = draws.noise.broadcast_add(&offset)?;
             }
-            let latents = ((mean + ((logvar * 0.5)?.exp()? * &draws.posterior_noise)?)? * scaling_factor)?;
+            let latents =
+                (DiagonalGaussian { mean, logvar }.sample_with_noise(&draws.posterior_noise)? * scaling_factor)?;
             let noisy = objective.schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
             let t: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
             let t = Tensor::from_vec(t, b, device)?;
@@ -649,10 +650,9 @@ fn decoder_loss(
         logvars.push(logvar.narrow(1, y, latent_crop)?.narrow(2, x, latent_crop)?);
         targets.push(images[i as usize].narrow(1, y * factor, crop)?.narrow(2, x * factor, crop)?);
     }
-    let (mean, logvar) = (Tensor::stack(&means, 0)?, Tensor::stack(&logvars, 0)?);
-    let noise = rng.randn_tensor(mean.dims(), mean.device())?;
-    let z = (mean + ((logvar * 0.5)?.exp()? * noise)?)?;
-    let recon = vae.decode(&z)?;
+    let posterior = DiagonalGaussian { mean: Tensor::stack(&means, 0)?, logvar: Tensor::stack(&logvars, 0)? };
+    let noise = rng.randn_tensor(posterior.mean.dims(), posterior.mean.device())?;
+    let recon = vae.decode(&posterior.sample_with_noise(&noise)?)?;
     Ok((recon - Tensor::stack(&targets, 0)?)?.sqr()?.mean_all()?)
 }
 
