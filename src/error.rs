@@ -3,12 +3,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error's text is part of this one's (not a `source()`), so `{:#}` prints it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A config file that is missing a field, has a bad value or is not JSON.
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
@@ -21,6 +18,12 @@ pub enum Error {
     /// A user-facing setting that is out of range or inconsistent (message names the flag).
     #[error("{0}")]
     Invalid(String),
+    /// One setting of a request that is out of range or inconsistent with another. `setting` is the library's
+    /// name for it: the request field in snake_case (`width`, `num_images`), prefixed `controls[i].` for a
+    /// per-ControlNet one (`controls[1].control_end`). Each front end shows it in its own words: the CLI as its
+    /// flag (`cli::flag_for`), the server as the JSON key.
+    #[error("{setting}: {msg}")]
+    Setting { setting: String, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -28,8 +31,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
+    }
+    pub fn setting(setting: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Setting { setting: setting.into(), msg: msg.to_string() }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Error::Config { path: path.into(), msg: msg.to_string() }

@@ -85,10 +85,41 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Library settings whose flag is not simply `--` + the name in kebab case.
+const FLAG_NAMES: &[(&str, &str)] = &[("controlnet", "--controlnet"), ("control", "--control")];
+
+/// A library setting's name (`crate::Error::Setting`) as this command line spells it: `num_images` →
+/// `--num-images`, `controls[1].control_end` → `--control-end (ControlNet 2)`.
+pub fn flag_for(setting: &str) -> String {
+    let flag = |name: &str| match FLAG_NAMES.iter().find(|(s, _)| *s == name) {
+        Some((_, f)) => f.to_string(),
+        None => format!("--{}", name.replace('_', "-")),
+    };
+    if let Some(rest) = setting.strip_prefix("controls[") {
+        if let Some((index, field)) = rest.split_once("].") {
+            if let Ok(i) = index.parse::<usize>() {
+                return format!("{} (ControlNet {})", flag(field), i + 1);
+            }
+        }
+    }
+    flag(setting)
+}
+
+/// The error as the user reads it: the chain of causes joined by ": ", each library setting named by its flag.
+pub fn describe(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| match cause.downcast_ref::<crate::Error>() {
+            Some(crate::Error::Setting { setting, msg }) => format!("{}: {msg}", flag_for(setting)),
+            _ => cause.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
@@ -96,6 +127,26 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_named_by_their_flags() {
+        assert_eq!(flag_for("num_images"), "--num-images");
+        assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
+        let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
+        assert_eq!(describe(&e), "generate: --width: 100000 is too large");
+    }
+
+    #[test]
+    fn io_errors_are_told_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::from(crate::Error::io("nope.png", io));
+        assert_eq!(describe(&e), "nope.png: No such file or directory");
+    }
 }
 
 /// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a
