@@ -20,9 +20,38 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     result
 }
 
+/// The rule every subcommand follows for its outputs: folders are created (by [`write_atomic`]), an existing
+/// file is replaced only once the new one is complete, and an output that is one of the command's inputs is
+/// refused before anything runs. `setting` names the output setting for the error (`output`).
+pub fn check_output_is_not_input(setting: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out) = output.canonicalize() else {
+        return Ok(()); // an output that does not exist yet cannot be an input
+    };
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|i| i == out) {
+            return Err(Error::setting(
+                setting,
+                format!("{} is also an input ({}): choose another output path", output.display(), input.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_input_is_never_an_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("photo.png");
+        std::fs::write(&input, b"png").unwrap();
+        let same = dir.path().join(".").join("photo.png");
+        let err = check_output_is_not_input("output", &same, &[&input]).unwrap_err().to_string();
+        assert!(err.starts_with("output: ") && err.contains("is also an input"), "{err}");
+        assert!(check_output_is_not_input("output", &dir.path().join("edges.png"), &[&input]).is_ok());
+    }
 
     #[test]
     fn atomic_write_leaves_the_old_file_on_failure() {
