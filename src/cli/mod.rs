@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod generate;
 pub mod init;
 pub mod inspect;
+pub mod progress;
 pub mod reproduce;
 pub mod train;
 pub mod train_base;
