@@ -130,26 +130,6 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_are_named_by_their_flags() {
-        assert_eq!(flag_for("num_images"), "--num-images");
-        assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
-        let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
-        assert_eq!(describe(&e), "generate: --width: 100000 is too large");
-    }
-
-    #[test]
-    fn io_errors_are_told_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        let e = anyhow::Error::from(crate::Error::io("nope.png", io));
-        assert_eq!(describe(&e), "nope.png: No such file or directory");
-    }
-}
-
 /// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a
 /// second Ctrl-C quits at once.
 pub fn stop_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
@@ -175,5 +155,25 @@ pub fn device() -> anyhow::Result<candle_core::Device> {
     #[cfg(not(feature = "cuda"))]
     {
         Ok(candle_core::Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_named_by_their_flags() {
+        assert_eq!(flag_for("num_images"), "--num-images");
+        assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
+        let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
+        assert_eq!(describe(&e), "generate: --width: 100000 is too large");
+    }
+
+    #[test]
+    fn io_errors_are_told_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::from(crate::Error::io("nope.png", io));
+        assert_eq!(describe(&e), "nope.png: No such file or directory");
     }
 }
