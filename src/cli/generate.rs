@@ -9,6 +9,7 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
+use crate::pipeline::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
@@ -72,16 +73,19 @@ pub struct GenerateArgs {
     /// What to steer away from.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Output width [default: the first control image's width rounded down to a multiple of 8].
+    /// Output width [default: the first control image's width rounded down to a multiple of 8, else the model's
+    /// native size].
     #[arg(long, value_name = "N")]
     pub width: Option<usize>,
-    /// Output height [default: the first control image's height rounded down to a multiple of 8].
+    /// Output height [default: the first control image's height rounded down to a multiple of 8, else the
+    /// model's native size].
     #[arg(long, value_name = "N")]
     pub height: Option<usize>,
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    /// Denoising steps.
+    #[arg(long, default_value_t = DEFAULT_STEPS, value_name = "N")]
     pub steps: usize,
     /// Classifier-free guidance scale (off at 1 or below).
-    #[arg(long, default_value_t = 7.5, value_name = "F")]
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE, value_name = "F")]
     pub guidance: f64,
     /// ddim, pndm, euler, euler-a, dpm++2m or unipc [default: the model's own scheduler].
     #[arg(long, value_name = "NAME")]
@@ -95,7 +99,7 @@ pub struct GenerateArgs {
     /// Where to write the PNG (folders are created; an existing file is only replaced on success).
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
-    /// No progress bar.
+    /// No progress display (warnings and the drawn seed are still printed).
     #[arg(long, short)]
     pub quiet: bool,
 }
