@@ -76,7 +76,7 @@ pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) 
         if c.start > c.end {
             return Err(Error::setting(
                 setting("control_start"),
-                format!("{} is after control_end {}", c.start, c.end),
+                format!("{} is after the end of the window ({})", c.start, c.end),
             ));
         }
         if !c.scale.is_finite() {

@@ -182,7 +182,7 @@ impl GenerateRequest {
             if c.control_start > c.control_end {
                 return Err(Error::setting(
                     setting("control_start"),
-                    format!("{} is after control_end {}", c.control_start, c.control_end),
+                    format!("{} is after the end of the window ({})", c.control_start, c.control_end),
                 ));
             }
             if !c.conditioning_scale.is_finite() {
