@@ -24,6 +24,9 @@ pub enum Error {
     /// flag (`cli::flag_for`), the server as the JSON key.
     #[error("{setting}: {msg}")]
     Setting { setting: String, msg: String },
+    /// The caller raised the cancel flag of a long call (generate); nothing was written.
+    #[error("cancelled")]
+    Cancelled,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

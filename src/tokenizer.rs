@@ -268,6 +268,37 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The end of `text` that [`encode`](Self::encode) cuts off (it keeps `max_length - 2` tokens), from the
+    /// word where the cut falls, lowercased as the tokenizer reads it; `None` when everything fits. diffusers
+    /// warns with this text ("The following part of your input was truncated ...").
+    pub fn truncated_part(&self, text: &str) -> Option<String> {
+        let limit = self.max_length - 2;
+        let mut count = 0;
+        let mut rest = text;
+        loop {
+            let special = self.find_special(rest);
+            let stretch = special.map_or(rest, |(start, _, _)| &rest[..start]);
+            let normalized: String = stretch.nfc().flat_map(char::to_lowercase).collect();
+            for piece in self.clip_split.find_iter(&normalized) {
+                let mut ids = Vec::new();
+                for word in self.byte_level_split.find_iter(piece.as_str()) {
+                    self.bpe(word.as_str().as_bytes(), &mut ids);
+                }
+                if count + ids.len() > limit {
+                    let cut = format!("{}{}", &normalized[piece.start()..], &rest[stretch.len()..]);
+                    return Some(cut.trim().to_string());
+                }
+                count += ids.len();
+            }
+            let (start, len, _) = special?;
+            if count + 1 > limit {
+                return Some(rest[start..].trim().to_string());
+            }
+            count += 1;
+            rest = &rest[start + len..];
+        }
+    }
+
     /// The prompt's token ids alone: no bos/eos, no truncation or padding (compare the length with
     /// `max_length() - 2` to tell whether `encode` truncates).
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
@@ -477,6 +508,20 @@ mod tests {
         assert_matches_transformers(&sd2, "tiny-sd2");
         let sd15 = ClipTokenizer::from_vocab_and_merges(&vocab, &merges, "<|endoftext|>").unwrap();
         assert_matches_transformers(&sd15, "tiny-sd15");
+    }
+
+    /// The part `encode` drops is told word for word, so a front end can warn as diffusers does.
+    #[test]
+    fn truncated_part_is_the_text_encode_drops() {
+        let tok = ClipTokenizer::from_dir(&tokenizer_dir("tiny-sd15")).unwrap();
+        let fits = "cat ".repeat(75);
+        assert_eq!(tok.truncated_part(&fits), None);
+        let long = format!("{fits}A Red dog");
+        assert_eq!(tok.truncated_part(&long).as_deref(), Some("a red dog"));
+        // A special token past the limit is part of what is cut.
+        let special = format!("{fits}<|endoftext|> cat");
+        assert_eq!(tok.truncated_part(&special).as_deref(), Some("<|endoftext|> cat"));
+        assert_eq!(tok.truncated_part(""), None);
     }
 
     #[test]

@@ -28,7 +28,10 @@ fn fails_with(extra: &[&str], expect: &[&str]) {
 
 #[test]
 fn missing_model_folder() {
-    fails_with(&["--model", "./no/such/model", "--prompt", "x"], &["--model", "./no/such/model", "no such file"]);
+    fails_with(
+        &["--model", "./no/such/model", "--prompt", "x"],
+        &["--model: ./no/such/model", "no such local file or folder"],
+    );
 }
 
 /// A hub id that is not cached, offline: a clear error naming the flag, and no network use.
@@ -47,7 +50,7 @@ fn hub_id_offline_and_not_cached() {
         .unwrap();
     let err = stderr(&res);
     assert!(!res.status.success());
-    assert!(err.contains("--model someone/some-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(err.contains("--model: someone/some-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
 #[test]
@@ -64,7 +67,7 @@ fn controls_and_controlnets_not_paired() {
 fn start_after_end() {
     fails_with(
         &["--model", MODEL, "--controlnet", CN, "--control", CONTROL, "--control-start", "0.8", "--control-end", "0.2"],
-        &["--control-start 0.8", "--control-end 0.2"],
+        &["--control-start (ControlNet 1): 0.8", "end of the window (0.2)"],
     );
 }
 
@@ -80,7 +83,7 @@ fn zero_steps() {
 
 #[test]
 fn size_not_multiple_of_8() {
-    fails_with(&["--model", MODEL, "--width", "100", "--prompt", "x"], &["--width 100", "multiple of 8"]);
+    fails_with(&["--model", MODEL, "--width", "100", "--prompt", "x"], &["--width: 100", "multiple of 8"]);
 }
 
 #[test]
@@ -88,11 +91,15 @@ fn bad_number() {
     fails_with(&["--model", MODEL, "--guidance", "lots"], &["--guidance"]);
 }
 
+/// Every subcommand's rule: an output's missing folders are created; the output must be a PNG.
 #[test]
 fn output_not_png_or_folder_missing() {
-    let res = controlnet(&["generate", "--model", MODEL, "--output", "no/such/dir/x.png", "--quiet"]);
-    assert!(!res.status.success());
-    assert!(stderr(&res).contains("no/such/dir"), "{}", stderr(&res));
+    let dir = temp_dir();
+    let nested = dir.path().join("no/such/dir/x.png");
+    let res =
+        controlnet(&["generate", "--model", MODEL, "--steps", "1", "--output", nested.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert!(nested.is_file());
     let res = controlnet(&["generate", "--model", MODEL, "--output", "x.jpg", "--quiet"]);
     assert!(!res.status.success());
     assert!(stderr(&res).contains(".png"), "{}", stderr(&res));

@@ -98,7 +98,7 @@ fn png_carries_its_recipe() {
         ),
         "{params}"
     );
-    let recipe = controlnet::pipeline::recipe::Recipe::from_text_chunks(&chunks).unwrap();
+    let recipe = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
     assert_eq!(recipe.seed, 5);
     assert_eq!(recipe.scheduler, "euler-a");
     assert_eq!(recipe.controls.len(), 1);
@@ -126,7 +126,7 @@ fn seed_is_printed_when_not_given() {
     let stdout = String::from_utf8_lossy(&res.stdout);
     let seed: u64 = stdout.lines().find_map(|l| l.strip_prefix("seed: ")).expect("seed line").parse().unwrap();
     let recipe =
-        controlnet::pipeline::recipe::Recipe::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
+        controlnet::pipeline::ImageMetadata::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
             .unwrap();
     assert_eq!(recipe.seed, seed);
 }
@@ -193,4 +193,255 @@ fn reproduce_refuses_an_image_without_recipe() {
         controlnet(&["reproduce", "tests/fixtures/pipeline/control_circle.png", "--output", out.to_str().unwrap()]);
     assert!(!res.status.success());
     assert!(stderr(&res).contains("carries no controlnet-rs recipe"), "{}", stderr(&res));
+}
+
+const SD15: &str = "tests/fixtures/models/tiny-sd15";
+const CN_A: &str = "tests/fixtures/models/tiny-controlnet-a";
+const CIRCLE: &str = "tests/fixtures/pipeline/control_circle.png";
+
+/// Runs the binary, killing it after `limit` (a run that should have been refused at once must not hang the
+/// suite); returns the output and how long it took.
+fn run_within(args: &[&str], limit: std::time::Duration) -> (std::process::Output, std::time::Duration) {
+    use std::process::{Command, Stdio};
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(repo())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out, start.elapsed())
+}
+
+/// Issue 14.1: a size that cannot fit is refused before anything is allocated, with the figures.
+#[test]
+fn huge_sizes_are_refused_at_once() {
+    let dir = temp_dir();
+    let out = dir.path().join("huge.png");
+    let limit = std::time::Duration::from_secs(30);
+    for size in [&["--width", "100000", "--height", "100000"][..], &["--width", "100000"][..]] {
+        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "2", "--seed", "1", "-o"];
+        args.push(out.to_str().unwrap());
+        args.extend(size);
+        let (res, took) = run_within(&args, limit);
+        let err = stderr(&res);
+        assert_eq!(res.status.code(), Some(1), "{size:?}: {err}");
+        assert!(
+            err.contains("--width: a 100000x") && err.contains("needs about") && err.contains("of memory"),
+            "{err}"
+        );
+        assert!(took < std::time::Duration::from_secs(5), "{size:?} took {took:?}");
+        // Refused before the seed is drawn and printed.
+        assert!(!String::from_utf8_lossy(&res.stdout).contains("seed:"));
+        assert!(!out.exists());
+    }
+}
+
+/// Issue 14.13: a prompt longer than CLIP reads is cut as diffusers cuts it, with a warning naming the cut part.
+#[test]
+fn a_long_prompt_is_cut_with_a_warning() {
+    let dir = temp_dir();
+    let out = dir.path().join("long.png");
+    let prompt = format!("{}a red dog", "cat ".repeat(75));
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        SD15,
+        "--prompt",
+        &prompt,
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let err = stderr(&res);
+    assert!(err.contains("warning: --prompt: ") && err.contains("this part was cut: \"a red dog\""), "{err}");
+}
+
+/// Friction: the seed is printed only once the request passed its checks; flags that do nothing are warned
+/// about; flags that cannot apply are refused.
+#[test]
+fn flags_that_do_not_apply_are_refused_or_warned() {
+    let dir = temp_dir();
+    let out = dir.path().join("f.png");
+    let o = out.to_str().unwrap();
+    let refused = |args: &[&str], expect: &str| {
+        let mut all = vec!["generate", "--model", SD15, "-o", o, "-q"];
+        all.extend(args);
+        let res = controlnet(&all);
+        assert_eq!(res.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&res).contains(expect), "{args:?}: {}", stderr(&res));
+        assert!(!String::from_utf8_lossy(&res.stdout).contains("seed:"), "{args:?}: seed printed before refusing");
+        assert!(!out.exists());
+    };
+    refused(&["--steps", "0"], "--steps: must be at least 1");
+    refused(&["--variant", "fp8"], "the valid value is fp16");
+    refused(&["--config", SD15], "--config: ");
+    refused(&["--prediction-type", "x0"], "epsilon");
+
+    let res = controlnet(&["generate", "--model", SD15, "--guess-mode", "--steps", "1", "-o", o, "-q"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert!(stderr(&res).contains("warning: --guess-mode: no ControlNet"), "{}", stderr(&res));
+    assert!(String::from_utf8_lossy(&res.stdout).contains("seed: "));
+}
+
+/// Issue 14.15: a mistyped local path is not looked up on the hub.
+#[test]
+fn a_mistyped_local_model_path_is_not_sent_to_the_hub() {
+    let dir = temp_dir();
+    let out = dir.path().join("m.png");
+    let (res, took) = run_within(
+        &["generate", "--model", "tests/fixtures/models/tiny-sd1", "-o", out.to_str().unwrap()],
+        std::time::Duration::from_secs(30),
+    );
+    let err = stderr(&res);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("--model: tests/fixtures/models/tiny-sd1: no such local file or folder"), "{err}");
+    assert!(err.contains("tests/fixtures/models exists"), "{err}");
+    assert!(took < std::time::Duration::from_secs(10));
+}
+
+/// Output rule: folders are created, an output that is an input is refused (and left as it was), progress shows
+/// as plain lines when stderr is not a terminal.
+#[test]
+fn outputs_follow_the_common_rule() {
+    let dir = temp_dir();
+    let control = dir.path().join("control.png");
+    std::fs::copy(repo().join(CIRCLE), &control).unwrap();
+    let before = std::fs::read(&control).unwrap();
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        SD15,
+        "--controlnet",
+        CN_A,
+        "--control",
+        control.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "-o",
+        control.to_str().unwrap(),
+    ]);
+    assert_eq!(res.status.code(), Some(1));
+    assert!(stderr(&res).contains("is also an input"), "{}", stderr(&res));
+    assert_eq!(std::fs::read(&control).unwrap(), before);
+
+    let nested = dir.path().join("new/folder/out.png");
+    let saved = dir.path().join("conds/c.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        SD15,
+        "--controlnet",
+        CN_A,
+        "--control",
+        CIRCLE,
+        "--save-control",
+        saved.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "-o",
+        nested.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert!(nested.is_file() && saved.is_file());
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains(&format!("wrote {}", nested.display())), "{stdout}");
+    assert!(stderr(&res).contains("step 1/"), "no plain progress line: {}", stderr(&res));
+}
+
+/// Issue 14.4: reproduce works from any folder, and prints the path it wrote.
+#[test]
+fn reproduce_works_from_another_folder() {
+    let dir = temp_dir();
+    let out = dir.path().join("orig.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        SD15,
+        "--controlnet",
+        CN_A,
+        "--control",
+        CIRCLE,
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let elsewhere = temp_dir();
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(["reproduce", out.to_str().unwrap(), "--output", "sub/again.png", "-q"])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", stderr(&res));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert_eq!(stdout.trim(), "wrote sub/again.png");
+    let again = elsewhere.path().join("sub/again.png");
+    assert_eq!(image::open(&again).unwrap().to_rgb8(), image::open(&out).unwrap().to_rgb8());
+}
+
+/// Issue 14.12: a picture is converted to the channels a net takes (grey for a 1-channel net).
+#[test]
+fn a_picture_feeds_a_one_channel_controlnet() {
+    use candle_core::{Device, IndexOp};
+    let dir = temp_dir();
+    let net = dir.path().join("grey-net");
+    std::fs::create_dir(&net).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join(CN_A).join("config.json")).unwrap()).unwrap();
+    config["conditioning_channels"] = 1.into();
+    std::fs::write(net.join("config.json"), config.to_string()).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    let mut tensors = candle_core::safetensors::load(repo().join(CN_A).join(weights), &Device::Cpu).unwrap();
+    let key = "controlnet_cond_embedding.conv_in.weight";
+    // The first input channel of the hint encoder's first conv: a net that reads one channel.
+    let sliced = tensors[key].i((.., 0..1, .., ..)).unwrap().contiguous().unwrap();
+    tensors.insert(key.to_string(), sliced);
+    candle_core::safetensors::save(&tensors, net.join(weights)).unwrap();
+
+    let out = dir.path().join("grey.png");
+    let saved = dir.path().join("cond.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        SD15,
+        "--controlnet",
+        net.to_str().unwrap(),
+        "--control",
+        CIRCLE,
+        "--save-control",
+        saved.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let cond = image::open(&saved).unwrap().to_rgb8();
+    assert!(cond.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]), "the saved condition is not grey");
 }

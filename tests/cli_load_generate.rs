@@ -67,3 +67,52 @@ fn unet_given_as_controlnet_says_what_it_is() {
     let err = stderr(&res);
     assert!(err.contains("UNet") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
 }
+
+/// Issue 14.7: the wrong kind of model says what it is and what was expected.
+#[test]
+fn wrong_kinds_of_model_say_what_they_are() {
+    let dir = temp_dir();
+    let out = dir.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let circle = "tests/fixtures/pipeline/control_circle.png";
+    let cases: [(&[&str], &str, &str); 3] = [
+        (
+            &[
+                "--model",
+                "tests/fixtures/models/tiny-sd15",
+                "--controlnet",
+                "tests/fixtures/models/tiny-sd15/unet",
+                "--control",
+                circle,
+            ],
+            "--controlnet (ControlNet 1): tests/fixtures/models/tiny-sd15/unet is ",
+            "UNet",
+        ),
+        (
+            &[
+                "--model",
+                "tests/fixtures/models/tiny-sd15",
+                "--controlnet",
+                "tests/fixtures/models/tiny-sd15",
+                "--control",
+                circle,
+            ],
+            "--controlnet (ControlNet 1): tests/fixtures/models/tiny-sd15 is ",
+            "pipeline",
+        ),
+        (
+            &["--model", "tests/fixtures/models/tiny-controlnet-a"],
+            "--model: tests/fixtures/models/tiny-controlnet-a is ",
+            "ControlNet",
+        ),
+    ];
+    for (args, starts, kind) in cases {
+        let mut all = vec!["generate", "-o", o, "-q"];
+        all.extend(args);
+        let res = controlnet(&all);
+        assert!(!res.status.success());
+        let err = stderr(&res);
+        assert!(err.contains(starts) && err.contains(kind) && err.contains("was expected"), "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+}

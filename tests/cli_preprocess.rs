@@ -62,7 +62,7 @@ fn canny_preprocess_equals_annotate_at_output_size() {
     assert!(a.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
     assert!(a.pixels().any(|p| p.0 == [255, 255, 255]));
     let recipe =
-        controlnet::pipeline::recipe::Recipe::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
+        controlnet::pipeline::ImageMetadata::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
             .unwrap();
     assert_eq!(recipe.controls[0].preprocess.as_deref(), Some("canny"));
 }
@@ -196,7 +196,10 @@ fn unknown_preprocessor_is_named() {
     ]);
     assert!(!res.status.success());
     let err = stderr(&res);
-    assert!(err.contains("--preprocess sketchy") && err.contains("canny"), "{err}");
+    assert!(
+        err.contains("--preprocess (ControlNet 1): ") && err.contains("'sketchy'") && err.contains("canny"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 

@@ -1,21 +1,22 @@
-//! `controlnet reproduce IMAGE.png --output OUT.png`: make an image again from the recipe it carries.
+//! `controlnet reproduce IMAGE.png --output OUT.png`: make an image again from the metadata it carries.
 //!
-//! The recipe's `controlnet-rs` JSON chunk holds every setting and the paths and SHA-256s of the model,
-//! ControlNets and control images. The batch is generated again with the same seed, the image at the recorded
+//! The PNG's `controlnet-rs` JSON chunk holds every setting and the paths and SHA-256s of the model,
+//! ControlNets and control images; it becomes a [`crate::pipeline::GenerateRequest`] (a recorded path that is
+//! gone is looked up beside the PNG). The batch is generated again with the same seed, the image at the recorded
 //! position is kept, and any input whose hash no longer matches is reported (the result would then differ).
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use clap::{Args, CommandFactory, FromArgMatches};
+use anyhow::bail;
+use clap::Args;
 
 use crate::io::images;
-use crate::pipeline::recipe::Recipe;
+use crate::pipeline::ImageMetadata;
 
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
     /// A PNG written by `controlnet generate`.
     pub image: PathBuf,
-    /// Where to write the regenerated image.
+    /// Where to write the regenerated image (folders are created; an existing file is only replaced on success).
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
     /// No progress bar.
@@ -25,47 +26,32 @@ pub struct ReproduceArgs {
 
 pub fn run(args: &ReproduceArgs) -> anyhow::Result<()> {
     let chunks = images::read_png_text(&args.image)?;
-    let Some(recipe) = Recipe::from_text_chunks(&chunks) else {
+    let Some(metadata) = ImageMetadata::from_text_chunks(&chunks) else {
         bail!("{}: carries no controlnet-rs recipe (was it written by `controlnet generate`?)", args.image.display());
     };
-    for c in &recipe.controls {
-        let path = Path::new(&c.control_image.path);
-        if let Ok(hash) = images::sha256_file(path) {
-            if hash != c.control_image.sha256 {
-                eprintln!("warning: {} changed since the image was made (SHA-256 differs)", path.display());
+    let png_dir = args.image.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let request = metadata.to_request(png_dir)?;
+    for (c, recorded) in request.controls.iter().zip(&metadata.controls) {
+        if let Ok(hash) = images::sha256_file(&c.control) {
+            if hash != recorded.control_image.sha256 {
+                eprintln!("warning: {} changed since the image was made (SHA-256 differs)", c.control.display());
             }
         }
     }
-    // Regenerate the whole batch next to the output (the noise of image k depends on the batch), keep image k.
-    let parent = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let work = tempfile_dir(parent)?;
-    let batch_out = work.join("batch.png");
-    let mut argv: Vec<String> = vec!["controlnet".into(), "generate".into()];
-    argv.extend(recipe.generate_args());
-    argv.extend(["--output".into(), batch_out.display().to_string()]);
-    if args.quiet {
-        argv.push("--quiet".into());
-    }
-    let result = (|| {
-        let matches = super::Cli::command().try_get_matches_from(&argv)?;
-        let sub = matches.subcommand_matches("generate").context("the recipe did not parse as generate")?;
-        let gen = super::generate::GenerateArgs::from_arg_matches(sub)?;
-        super::generate::run(&gen, sub)?;
-        let made = if recipe.num_images > 1 {
-            work.join(format!("batch-{}.png", recipe.image_index))
-        } else {
-            batch_out.clone()
-        };
-        std::fs::rename(&made, &args.output).with_context(|| format!("--output {}", args.output.display()))?;
-        anyhow::Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&work);
-    result
-}
+    super::generate::check_outputs(&request, [args.output.as_path()])?;
+    crate::io::atomic::check_output_is_not_input("output", &args.output, &[&args.image])?;
 
-/// A fresh hidden folder inside `parent` (same filesystem as the output, so the final rename is atomic).
-fn tempfile_dir(parent: &Path) -> anyhow::Result<PathBuf> {
-    let dir = parent.join(format!(".controlnet-reproduce-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("--output folder {}", parent.display()))?;
-    Ok(dir)
+    // The noise of image k depends on the whole batch: make the batch, keep image k.
+    let generated = super::generate::generate(&request, args.quiet)?;
+    let Some(kept) = generated.images.get(metadata.image_index.saturating_sub(1)) else {
+        bail!(
+            "{}: image_index {} is outside the batch of {}",
+            args.image.display(),
+            metadata.image_index,
+            metadata.num_images
+        );
+    };
+    images::save_png(&args.output, &kept.image, &kept.metadata.text_chunks())?;
+    println!("wrote {}", args.output.display());
+    Ok(())
 }

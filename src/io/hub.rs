@@ -55,9 +55,45 @@ impl std::str::FromStr for HubSpec {
     }
 }
 
-/// Is `s` meant as a hub id? (not an existing path, and shaped like one)
+/// Is `s` meant as a hub id? (not an existing path, not written like a local one, and shaped like a hub id)
 pub fn looks_like_hub_id(s: &str) -> bool {
-    !Path::new(s).exists() && !s.starts_with(['.', '/', '~']) && s.parse::<HubSpec>().is_ok()
+    !Path::new(s).exists() && !looks_like_local_path(s) && s.parse::<HubSpec>().is_ok()
+}
+
+/// Weight file extensions: `owner/name.safetensors` is a local file, not a repo (a hub file is
+/// `owner/name/file.safetensors`).
+const WEIGHT_EXTENSIONS: [&str; 5] = ["safetensors", "ckpt", "pth", "pt", "bin"];
+
+/// Whether `s` is written as a local path even though nothing is there: it starts with `.`, `/` or `~`, its
+/// first folder or its parent folder exists (`models/tiny-sd1` beside a `models/` folder: a typo, not a hub
+/// repo), or it is `a/b.safetensors` (a repo name does not end in a weights extension).
+pub fn looks_like_local_path(s: &str) -> bool {
+    if s.starts_with(['.', '/', '~']) {
+        return true;
+    }
+    let path = Path::new(s);
+    if !s.contains('/') {
+        return false;
+    }
+    let first_exists = path.components().next().is_some_and(|c| Path::new(c.as_os_str()).is_dir());
+    let parent_exists = path.parent().is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
+    let weights_name = s.matches('/').count() == 1
+        && path.extension().and_then(|e| e.to_str()).is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e));
+    first_exists || parent_exists || weights_name
+}
+
+/// What to say about a model path or id that led to nothing.
+pub fn missing_path_message(spec: &str) -> String {
+    if looks_like_local_path(spec) {
+        let parent = Path::new(spec).parent().filter(|p| !p.as_os_str().is_empty() && p.is_dir());
+        return match parent {
+            Some(p) => {
+                format!("no such local file or folder (the folder {} exists; is the name mistyped?)", p.display())
+            }
+            None => "no such local file or folder".to_string(),
+        };
+    }
+    "no such file or folder (a hub id is written owner/name[@revision])".to_string()
 }
 
 /// A local path as given, or a hub id fetched into the cache (`HF_*` variables honoured).
@@ -503,6 +539,18 @@ mod tests {
         assert!(p.ends_with("config.json") && p.is_file());
     }
 
+    /// A mistyped local path (its folder exists) is not sent to the hub as an id.
+    #[test]
+    fn a_missing_local_path_is_not_a_hub_id() {
+        // Tests run in the crate root, where `src/` and `tests/fixtures/models/` exist.
+        for typo in ["src/nope", "tests/fixtures/models/tiny-sd1", "models/tiny.safetensors", "~/sd/x"] {
+            assert!(!looks_like_hub_id(typo), "{typo}");
+            assert!(missing_path_message(typo).starts_with("no such local file or folder"), "{typo}");
+        }
+        assert!(missing_path_message("tests/fixtures/models/tiny-sd1").contains("tests/fixtures/models exists"));
+        assert!(missing_path_message("owner-x/name-y").contains("a hub id is written"));
+    }
+
     #[test]
     fn specs_and_environment() {
         let s: HubSpec = "lllyasviel/ControlNet-v1-1@main/control_v11p_sd15_canny.pth".parse().unwrap();
@@ -517,6 +565,7 @@ mod tests {
         assert_eq!("a/b@v1.0".parse::<HubSpec>().unwrap().revision, "v1.0");
         assert!("just-a-name".parse::<HubSpec>().is_err() && "a/b@".parse::<HubSpec>().is_err());
         assert!(looks_like_hub_id("lllyasviel/sd-controlnet-canny") && !looks_like_hub_id("./x/y"));
+        assert!(looks_like_hub_id("lllyasviel/ControlNet-v1-1/control_v11p_sd15_canny.pth"));
 
         let env = |vars: &'static [(&'static str, &'static str)]| {
             HubOptions::from_lookup(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))

@@ -24,21 +24,25 @@ pub fn dir() -> PathBuf {
 
 /// The demo base model folder, checked to exist.
 pub fn base() -> Result<PathBuf> {
-    existing(dir().join(BASE), "model_index.json")
+    existing("model", dir().join(BASE), "model_index.json")
 }
 
 /// The demo ControlNet folder, checked to exist.
 pub fn controlnet() -> Result<PathBuf> {
-    existing(dir().join(CONTROLNET), "config.json")
+    existing("controls[0].controlnet", dir().join(CONTROLNET), "config.json")
 }
 
-fn existing(path: PathBuf, marker: &str) -> Result<PathBuf> {
+/// `path` when it holds `marker`; else an error naming `setting` (the one to set instead of using the demo).
+fn existing(setting: &str, path: PathBuf, marker: &str) -> Result<PathBuf> {
     if path.join(marker).is_file() {
         return Ok(path);
     }
-    Err(Error::Invalid(format!(
-        "the bundled demo model is not at {} (set {DEMO_DIR_ENV} to the folder holding {BASE}/ and {CONTROLNET}/, \
-         or pass --model and --controlnet)",
-        path.display()
-    )))
+    Err(Error::setting(
+        setting,
+        format!(
+            "the bundled demo model is not at {} (set {DEMO_DIR_ENV} to the folder holding {BASE}/ and \
+             {CONTROLNET}/, or name a model and a ControlNet)",
+            path.display()
+        ),
+    ))
 }

@@ -1,8 +1,11 @@
 //! The generate recipe, step for step as diffusers' `StableDiffusionControlNetPipeline.__call__`
 //! (and `StableDiffusionPipeline` when no ControlNet is given), so the same seed gives the same image.
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::request::control_setting;
 use super::sd::StableDiffusion;
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
 use crate::model::vae_tiling::VaeTiling;
@@ -50,54 +53,56 @@ pub struct GenerateOutput {
     pub images: Vec<RgbImage>,
 }
 
-/// Checks the settings before any model runs; each message names the flag.
+/// Checks the settings before any model runs; each error names the setting (`steps`, `controls[0].control_end`).
 pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) -> Result<()> {
     let factor = sd.vae_scale_factor();
     if p.steps == 0 {
-        return Err(Error::Invalid("--steps must be at least 1".into()));
+        return Err(Error::setting("steps", "must be at least 1"));
     }
     if p.num_images == 0 {
-        return Err(Error::Invalid("--num-images must be at least 1".into()));
+        return Err(Error::setting("num_images", "must be at least 1"));
     }
     check_size(p.width, p.height, factor)?;
     if !p.guidance.is_finite() || p.guidance < 0.0 {
-        return Err(Error::Invalid(format!("--guidance {} must be a finite number >= 0", p.guidance)));
+        return Err(Error::setting("guidance", format!("{} must be a finite number >= 0", p.guidance)));
     }
     for (i, c) in controls.iter().enumerate() {
-        let n = i + 1;
-        if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) {
-            return Err(Error::Invalid(format!(
-                "ControlNet {n}: --control-start {} and --control-end {} must lie in [0, 1]",
-                c.start, c.end
-            )));
+        let setting = |field: &str| control_setting(i, field);
+        for (field, v) in [("control_start", c.start), ("control_end", c.end)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::setting(setting(field), format!("{v} must lie in [0, 1]")));
+            }
         }
         if c.start > c.end {
-            return Err(Error::Invalid(format!(
-                "ControlNet {n}: --control-start {} is after --control-end {}",
-                c.start, c.end
-            )));
+            return Err(Error::setting(
+                setting("control_start"),
+                format!("{} is after the end of the window ({})", c.start, c.end),
+            ));
         }
         if !c.scale.is_finite() {
-            return Err(Error::Invalid(format!("ControlNet {n}: --conditioning-scale {} is not a number", c.scale)));
+            return Err(Error::setting(setting("conditioning_scale"), format!("{} is not a number", c.scale)));
         }
         let (_, ch, h, w) = c.image.dims4()?;
         let want_ch = c.net.config().conditioning_channels;
         if ch != want_ch || h != p.height || w != p.width {
-            return Err(Error::Invalid(format!(
-                "ControlNet {n}: condition is {ch}×{h}×{w} (channels×height×width), expected {want_ch}×{}×{}",
-                p.height, p.width
-            )));
+            return Err(Error::setting(
+                setting("control"),
+                format!(
+                    "the condition is {ch}×{h}×{w} (channels×height×width), expected {want_ch}×{}×{}",
+                    p.height, p.width
+                ),
+            ));
         }
-        c.net.check_compatible(sd.unet.config())?;
+        c.net.check_compatible(sd.unet.config()).map_err(|e| Error::setting(setting("controlnet"), e))?;
     }
     Ok(())
 }
 
 /// The output size must be a positive multiple of the VAE's scale factor (8 for SD).
 pub fn check_size(width: usize, height: usize, factor: usize) -> Result<()> {
-    for (flag, v) in [("--width", width), ("--height", height)] {
+    for (setting, v) in [("width", width), ("height", height)] {
         if v == 0 || !v.is_multiple_of(factor) {
-            return Err(Error::Invalid(format!("{flag} {v} is not a positive multiple of {factor}")));
+            return Err(Error::setting(setting, format!("{v} is not a positive multiple of {factor}")));
         }
     }
     Ok(())
@@ -109,6 +114,18 @@ pub fn generate(
     controls: &[Control],
     p: &GenerateParams,
     on_step: &mut dyn FnMut(usize, usize),
+) -> Result<GenerateOutput> {
+    generate_cancellable(sd, controls, p, on_step, never_cancelled())
+}
+
+/// [`generate`] that stops before the next step (or the decoding) once `cancel` is raised, with
+/// [`Error::Cancelled`].
+pub fn generate_cancellable(
+    sd: &StableDiffusion,
+    controls: &[Control],
+    p: &GenerateParams,
+    on_step: &mut dyn FnMut(usize, usize),
+    cancel: &AtomicBool,
 ) -> Result<GenerateOutput> {
     validate(sd, controls, p)?;
     let device = sd.unet.device().clone();
@@ -148,6 +165,7 @@ pub fn generate(
     // 5. Denoise.
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
+        check_cancel(cancel)?;
         let latent_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let latent_input = scheduler.scale_model_input(&latent_input, i)?;
         let t_batch = Tensor::full(t as f32, latent_input.dim(0)?, &device)?.to_dtype(DType::F32)?;
@@ -192,6 +210,7 @@ pub fn generate(
     }
 
     // 6. Decode the latents and turn them into 8-bit images.
+    check_cancel(cancel)?;
     let scaling = sd.vae.config().scaling_factor;
     let z = (&latents / scaling)?;
     let decoded =
@@ -199,6 +218,20 @@ pub fn generate(
     let pixels = crate::model::vae::latents_to_image(&decoded)?;
     let images = crate::io::images::tensor_to_images(&pixels)?;
     Ok(GenerateOutput { latents, decoded, images })
+}
+
+/// A cancel flag that is never raised, for callers without one.
+pub fn never_cancelled() -> &'static AtomicBool {
+    static NEVER: AtomicBool = AtomicBool::new(false);
+    &NEVER
+}
+
+/// Whether `cancel` is raised, as the error a cancelled call returns.
+fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
 }
 
 /// Text embeddings of one prompt, repeated for `n` images: (n, 77, hidden).

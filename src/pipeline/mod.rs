@@ -1,9 +1,26 @@
-//! The generate recipe: a Stable Diffusion pipeline folder, optional ControlNets and their conditions →
-//! images, step for step as diffusers' `StableDiffusionControlNetPipeline`.
+//! Generating images: a [`GenerateRequest`] (prompt, conditions with their ControlNets, size, steps, seed, ...)
+//! → images and the metadata their PNGs carry, step for step as diffusers' `StableDiffusionControlNetPipeline`.
+//!
+//! - [`request`]: what to generate, the defaults and the checks that need no model;
+//! - [`generator`]: [`run`] (load the models a request names and run it) and [`Generator`] (run requests on
+//!   models already loaded), with a progress callback and a cancel flag;
+//! - [`conditions`]: a condition as given (image, pose, tensor) → the tensor a net takes at the output size;
+//! - [`memory_estimate`]: the memory a request needs, checked before anything is allocated;
+//! - [`generate`]: the denoising loop on loaded models and prepared conditions (what training's validation
+//!   images use too);
+//! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
+//! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
+pub mod conditions;
 pub mod demo;
 pub mod generate;
-pub mod recipe;
+pub mod generator;
+pub mod image_metadata;
+pub mod memory_estimate;
+pub mod request;
 pub mod sd;
 
-pub use generate::{generate, Control, GenerateOutput, GenerateParams};
+pub use generate::{generate, never_cancelled, Control, GenerateOutput, GenerateParams};
+pub use generator::{run, Generated, GeneratedImage, Generator, Progress};
+pub use image_metadata::ImageMetadata;
+pub use request::{ControlRequest, GenerateRequest};
 pub use sd::StableDiffusion;

@@ -6,8 +6,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::io::detect::ModelKind;
 use crate::io::single_file::{self, PredictionType};
-use crate::io::{hub, weights::read_json};
+use crate::io::{hub, inspect, weights::read_json};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
 use crate::model::unet::UNet2DConditionModel;
@@ -48,24 +49,42 @@ pub struct LoadOptions {
     pub config_dir: Option<PathBuf>,
 }
 
-/// A local path as given, or a hub id (`owner/name[@revision]`) fetched into the Hugging Face cache.
-fn resolve(flag: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
+/// A local path as given, or a hub id (`owner/name[@revision]`) fetched into the Hugging Face cache. Errors name
+/// `setting` (`model`, `controls[0].controlnet`).
+fn resolve(setting: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
     let path =
-        hub::resolve(spec, opts.variant.as_deref()).map_err(|e| Error::Invalid(format!("{flag} {spec}: {e}")))?;
+        hub::resolve(spec, opts.variant.as_deref()).map_err(|e| Error::setting(setting, format!("{spec}: {e}")))?;
     if !path.exists() {
-        return Err(Error::Invalid(format!(
-            "{flag} {spec}: no such file or folder (a hub id is written owner/name[@revision])"
-        )));
+        return Err(Error::setting(setting, format!("{spec}: {}", hub::missing_path_message(spec))));
     }
     Ok(path)
 }
 
+/// Refuses a file or folder that `inspect` recognises as another kind of model than `expected`, saying what it
+/// is. Files `inspect` cannot read are left to the loader (its errors name the tensor or file).
+fn check_kind(setting: &str, path: &Path, accepted: &[ModelKind], expected: &str) -> Result<()> {
+    let Ok(found) = inspect::inspect(path) else {
+        return Ok(());
+    };
+    if found.kind == ModelKind::Unknown || accepted.contains(&found.kind) {
+        return Ok(());
+    }
+    Err(Error::setting(setting, format!("{} is {}, but {expected} was expected", path.display(), found.description)))
+}
+
 /// A ControlNet from a diffusers folder, an original (lllyasviel) `.safetensors`/`.pth` file, a diffusers
-/// single file, or a hub id.
+/// single file, or a hub id; errors name `setting`.
 /// `config`: a diffusers ControlNet `config.json` (or its folder) for a single file the weights cannot fully
 /// describe.
-pub fn open_controlnet(spec: &str, config: Option<&Path>, opts: &LoadOptions) -> Result<ControlNetModel> {
-    let path = resolve("--controlnet", spec, opts)?;
+pub fn open_controlnet(
+    setting: &str,
+    spec: &str,
+    config: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<ControlNetModel> {
+    const EXPECTED: &str = "a ControlNet (a diffusers ControlNet folder or an original .safetensors/.pth file)";
+    let path = resolve(setting, spec, opts)?;
+    check_kind(setting, &path, &[ModelKind::ControlNet], EXPECTED)?;
     if path.is_dir() {
         return ControlNetModel::load(&path, opts.dtype, &opts.device);
     }
@@ -76,13 +95,33 @@ pub fn open_controlnet(spec: &str, config: Option<&Path>, opts: &LoadOptions) ->
 impl StableDiffusion {
     /// The model named by `--model`: a diffusers pipeline folder, a single-file SD checkpoint
     /// (A1111/civitai `.safetensors`/`.ckpt`), or a hub id.
+    ///
+    /// `prediction_type` overrides a folder's scheduler config (as diffusers' `from_pretrained(...,
+    /// prediction_type=...)` does for the scheduler) and a single file's guess; `config_dir` is for single files
+    /// only (a folder has its own configs).
     pub fn open(spec: &str, opts: &LoadOptions) -> Result<Self> {
-        let path = resolve("--model", spec, opts)?;
-        if path.is_dir() {
-            Self::load(&path, opts.dtype, &opts.device)
-        } else {
-            Self::from_single_file(&path, opts)
+        const EXPECTED: &str =
+            "a Stable Diffusion model (a pipeline folder with model_index.json, or a single-file checkpoint)";
+        let path = resolve("model", spec, opts)?;
+        check_kind("model", &path, &[ModelKind::Pipeline, ModelKind::SdCheckpoint], EXPECTED)?;
+        if !path.is_dir() {
+            return Self::from_single_file(&path, opts);
         }
+        if let Some(config) = &opts.config_dir {
+            return Err(Error::setting(
+                "config",
+                format!(
+                    "{}: the model {spec} is a pipeline folder with its own config.json files; config describes a \
+                     single-file model",
+                    config.display()
+                ),
+            ));
+        }
+        let mut sd = Self::load(&path, opts.dtype, &opts.device)?;
+        if let Some(p) = opts.prediction_type {
+            sd.scheduler_config = sd.scheduler_config.clone().with("prediction_type", p.as_str());
+        }
+        Ok(sd)
     }
 
     /// Splits a single-file checkpoint into its UNet, VAE and text encoder (`io::single_file` renames the
@@ -124,7 +163,7 @@ impl StableDiffusion {
 
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Invalid(format!("--model {}: not a folder", dir.display())));
+            return Err(Error::setting("model", format!("{}: not a folder", dir.display())));
         }
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
@@ -204,6 +243,42 @@ mod tests {
         assert!(diff < 2e-4, "latents differ by {diff}");
     }
 
+    /// Issue 14.3: `prediction_type` on a pipeline folder overrides its scheduler config, as diffusers does.
+    #[test]
+    fn prediction_type_applies_to_a_folder_model() {
+        let folder = fixtures::fixtures().join("models/tiny-sd15");
+        let open = |prediction_type| {
+            let opts = LoadOptions {
+                dtype: DType::F32,
+                device: Device::Cpu,
+                variant: None,
+                prediction_type,
+                config_dir: None,
+            };
+            StableDiffusion::open(folder.to_str().unwrap(), &opts).unwrap()
+        };
+        let (eps, v) = (open(None), open(Some(PredictionType::VPrediction)));
+        assert_eq!(v.scheduler_config.get("prediction_type"), Some(&serde_json::json!("v_prediction")));
+        let params = GenerateParams {
+            prompt: "a red circle".into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 3,
+            num_images: 1,
+            guess_mode: false,
+            vae_tiling: false,
+        };
+        let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
+        let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();
+        let diff: f32 = (&a.latents - &b.latents).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff > 1e-3, "v_prediction changed nothing (latents differ by {diff})");
+        assert_ne!(a.images[0], b.images[0]);
+    }
+
     #[test]
     fn sdxl_controlnet_file_is_refused_plainly() {
         let dir = tempfile::tempdir().unwrap();
@@ -216,7 +291,8 @@ mod tests {
             prediction_type: None,
             config_dir: None,
         };
-        let err = open_controlnet(file.to_str().unwrap(), None, &opts).err().unwrap().to_string();
+        let err =
+            open_controlnet("controls[0].controlnet", file.to_str().unwrap(), None, &opts).err().unwrap().to_string();
         assert!(err.contains("SDXL") && err.contains("not supported yet"), "{err}");
     }
 

@@ -150,6 +150,30 @@ pub fn tensor_to_images(pixels_u8: &Tensor) -> candle_core::Result<Vec<RgbImage>
         .collect())
 }
 
+/// Bytes of one 8-bit RGB image of `width`×`height`.
+pub fn rgb_bytes(width: u32, height: u32) -> u64 {
+    3 * u64::from(width) * u64::from(height)
+}
+
+/// An image operation (annotating, fitting, saving) holds about this many RGB buffers' worth at once: the
+/// input, the output and a few float planes (4 bytes per pixel each).
+pub const IMAGE_WORKING_COPIES: u64 = 8;
+
+/// Refuses an image size that is empty or whose buffers cannot fit in the memory available, before anything
+/// is allocated (a 100000×100000 image would abort in the allocator). `setting` names the size setting for the
+/// error (`width`, `resolution`).
+pub fn check_image_size(setting: &str, width: u32, height: u32) -> Result<()> {
+    check_image_size_with(setting, width, height, crate::memory::available_bytes())
+}
+
+fn check_image_size_with(setting: &str, width: u32, height: u32, available: Option<u64>) -> Result<()> {
+    if width == 0 || height == 0 {
+        return Err(Error::setting(setting, format!("{width}x{height} is empty: width and height must be at least 1")));
+    }
+    let need = rgb_bytes(width, height).saturating_mul(IMAGE_WORKING_COPIES);
+    crate::memory::check_fits(setting, &format!("a {width}x{height} image"), need, available)
+}
+
 /// The SHA-256 of a file as lowercase hex, read in blocks (weight files can be many GB).
 pub fn sha256_file(path: &Path) -> Result<String> {
     /// Read block size: large enough for throughput, small enough to never matter for memory.

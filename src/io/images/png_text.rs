@@ -89,13 +89,9 @@ impl TempFile {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
-            if dir.is_dir() {
-                Error::io(&path, e)
-            } else {
-                image_error(dest, format!("cannot save: folder {} does not exist ({e})", dir.display()))
-            }
-        })?;
+        // Every subcommand's rule: the output's folders are created.
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
         Ok((Self { path, persisted: false }, file))
     }
 
@@ -211,12 +207,12 @@ mod tests {
     }
 
     #[test]
-    fn missing_folder_is_an_error_naming_it() {
+    fn missing_folders_are_created() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("no_such_dir").join("out.png");
-        let err = save_png(&path, &tiny(), &[]).unwrap_err().to_string();
-        assert!(err.contains("no_such_dir") && err.contains("does not exist"), "{err}");
-        assert!(!path.exists());
+        let path = dir.path().join("no_such_dir").join("deeper").join("out.png");
+        save_png(&path, &tiny(), &[]).unwrap();
+        assert_eq!(super::super::load_rgb(&path).unwrap(), tiny());
+        assert_eq!(listing(path.parent().unwrap()), vec!["out.png".to_string()]);
     }
 
     /// The files in a folder, for checking that no temporary file is left behind.

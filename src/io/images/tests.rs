@@ -204,3 +204,16 @@ fn sha256_of_known_content() {
     assert_eq!(sha256_file(&path).unwrap(), "e0694d51e30f3b163519b8ba9d4ab2ca18b2f8b4d98bcc09f9052af3dbf960ca");
     assert!(sha256_file(&dir.path().join("missing")).unwrap_err().to_string().contains("missing"));
 }
+
+#[test]
+fn image_sizes_that_cannot_fit_are_refused_before_allocating() {
+    let err = check_image_size_with("width", 100_000, 100_000, Some(16 << 30)).unwrap_err().to_string();
+    assert!(err.starts_with("width: a 100000x100000 image needs about 223.5 GiB"), "{err}");
+    assert!(err.contains("16.0 GiB available"), "{err}");
+    // Without a figure for the free memory the fixed limit still refuses it.
+    assert!(check_image_size_with("width", 100_000, 100_000, None).is_err());
+    let err = check_image_size_with("width", 0, 1, Some(16 << 30)).unwrap_err().to_string();
+    assert!(err.contains("0x1 is empty"), "{err}");
+    assert!(check_image_size_with("resolution", 4096, 4096, Some(16 << 30)).is_ok());
+    assert_eq!(rgb_bytes(100_000, 100_000), 30_000_000_000);
+}

@@ -1,0 +1,320 @@
+//! A [`GenerateRequest`] → images and the metadata each PNG carries: the call every front end makes.
+//!
+//! [`run`] loads the models the request names and runs it; a front end that keeps models loaded (a server)
+//! makes a [`Generator`] from them and calls [`Generator::run`] per request. Both report through a progress
+//! callback and stop between steps when the cancel flag is raised ([`crate::Error::Cancelled`]).
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device};
+use image::RgbImage;
+
+use super::conditions::ControlSource;
+use super::generate::{check_size, generate_cancellable, validate, Control, GenerateParams};
+use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
+use super::memory_estimate::{estimate, RequestShape};
+use super::request::{control_setting, random_seed, resize_name, GenerateRequest};
+use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
+use crate::model::controlnet::ControlNetModel;
+use crate::{Error, Result};
+
+/// What a running request reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Something the user should know that does not stop the run: a setting that does nothing, a prompt that
+    /// was cut. Starts with the setting's name (`prompt: ...`).
+    Warning(String),
+    /// Every check passed; denoising starts with this seed (the one drawn when the request gave none).
+    Started { seed: u64 },
+    /// `done` of `total` denoising steps are finished.
+    Step { done: usize, total: usize },
+}
+
+/// One image and the metadata its PNG carries.
+pub struct GeneratedImage {
+    pub image: RgbImage,
+    pub metadata: ImageMetadata,
+}
+
+/// The result of a request.
+pub struct Generated {
+    pub seed: u64,
+    pub images: Vec<GeneratedImage>,
+    /// The condition each ControlNet used, at the output size (after annotating and fitting); `None` for a
+    /// condition given as a tensor.
+    pub conditions: Vec<Option<RgbImage>>,
+}
+
+/// Loads the models `request` names (the demo's where it names none) on `device` and runs it.
+pub fn run(
+    request: &GenerateRequest,
+    device: &Device,
+    progress: &dyn Fn(Progress),
+    cancel: &AtomicBool,
+) -> Result<Generated> {
+    // 1. Checks that need no model, and the conditions as given: a bad file fails before any model loads.
+    let request = request.with_demo_defaults()?;
+    request.validate()?;
+    if let (Some(w), Some(h)) = (request.width, request.height) {
+        crate::io::images::check_image_size("width", size_u32("width", w)?, size_u32("height", h)?)?;
+    }
+    let sources = load_sources(&request)?;
+
+    // 2. Models.
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: device.clone(),
+        variant: request.variant.clone(),
+        prediction_type: request.prediction_type,
+        config_dir: request.config.clone(),
+    };
+    let model = request.model.as_deref().unwrap_or_default();
+    let sd = StableDiffusion::open(model, &opts)?;
+    let nets = request
+        .controls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let spec = c.controlnet.as_deref().unwrap_or_default();
+            open_controlnet(&control_setting(i, "controlnet"), spec, c.controlnet_config.as_deref(), &opts)
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // 3. Run.
+    Generator::new(&sd, nets.iter().collect()).run_checked(&request, sources, progress, cancel)
+}
+
+/// Loaded models that run requests: the Stable Diffusion model and one ControlNet per condition of the
+/// requests it is given (in order).
+pub struct Generator<'a> {
+    sd: &'a StableDiffusion,
+    controlnets: Vec<&'a ControlNetModel>,
+    /// Weight hashes for the metadata, worked out once (multi-GB files).
+    model_hash: OnceLock<String>,
+    controlnet_hashes: Vec<OnceLock<String>>,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(sd: &'a StableDiffusion, controlnets: Vec<&'a ControlNetModel>) -> Self {
+        let controlnet_hashes = controlnets.iter().map(|_| OnceLock::new()).collect();
+        Self { sd, controlnets, model_hash: OnceLock::new(), controlnet_hashes }
+    }
+
+    /// Runs `request` on these models (its `model` and `controlnet` names are recorded in the metadata; they
+    /// should name the files these models came from).
+    pub fn run(
+        &self,
+        request: &GenerateRequest,
+        progress: &dyn Fn(Progress),
+        cancel: &AtomicBool,
+    ) -> Result<Generated> {
+        let request = request.with_demo_defaults()?;
+        request.validate()?;
+        let sources = load_sources(&request)?;
+        self.run_checked(&request, sources, progress, cancel)
+    }
+
+    fn run_checked(
+        &self,
+        request: &GenerateRequest,
+        sources: Vec<ControlSource>,
+        progress: &dyn Fn(Progress),
+        cancel: &AtomicBool,
+    ) -> Result<Generated> {
+        let sd = self.sd;
+        if self.controlnets.len() != request.controls.len() {
+            return Err(Error::setting(
+                "controls",
+                format!("{} conditions for {} loaded ControlNets", request.controls.len(), self.controlnets.len()),
+            ));
+        }
+        for note in request.unused_settings() {
+            progress(Progress::Warning(note));
+        }
+
+        // 1. Size: given, else the first condition's rounded down to a multiple of the VAE's factor, else the
+        //    model's native size.
+        let factor = sd.vae_scale_factor();
+        let (default_w, default_h) = match sources.first() {
+            Some(src) => {
+                let (w, h) = src.size();
+                ((w as usize / factor) * factor, (h as usize / factor) * factor)
+            }
+            None => (sd.default_size(), sd.default_size()),
+        };
+        let width = request.width.unwrap_or(default_w);
+        let height = request.height.unwrap_or(default_h);
+        if width == 0 || height == 0 {
+            return Err(Error::setting(
+                if width == 0 { "width" } else { "height" },
+                format!(
+                    "the output size {width}x{height} is empty: the condition is smaller than {factor} pixels; set \
+                     width and height"
+                ),
+            ));
+        }
+        check_size(width, height, factor)?;
+
+        // 2. Refuse what cannot fit before allocating any of it.
+        let size_setting = if request.width.is_none() && request.height.is_some() { "height" } else { "width" };
+        let levels = sd.unet.config().encoder.levels().map_err(|m| Error::config(&sd.dir, m))?;
+        let shape = RequestShape {
+            width,
+            height,
+            num_images: request.num_images,
+            guided: request.guidance > 1.0,
+            controlnets: request.controls.len(),
+            vae_tiling: request.vae_tiling,
+        };
+        estimate(&levels, sd.unet.config().encoder.in_channels, sd.vae.config(), shape).check(
+            size_setting,
+            width,
+            height,
+            crate::memory::available_bytes(),
+        )?;
+
+        // 3. Prompts longer than the text encoder reads are cut (as diffusers does): say which part.
+        for (setting, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
+            if let Some(cut) = sd.tokenizer.truncated_part(text) {
+                progress(Progress::Warning(format!(
+                    "{setting}: the text encoder reads at most {} tokens ({} of text); this part was cut: {cut:?}",
+                    sd.tokenizer.max_length(),
+                    sd.tokenizer.max_length() - 2
+                )));
+            }
+        }
+
+        // 4. Conditions at the output size, in the channels each net takes.
+        let device = sd.unet.device();
+        let fitted = request
+            .controls
+            .iter()
+            .zip(&sources)
+            .zip(&self.controlnets)
+            .enumerate()
+            .map(|(i, ((c, src), net))| {
+                src.fit(i, c, (width, height), request.resize, net.config().conditioning_channels, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let controls: Vec<Control> = request
+            .controls
+            .iter()
+            .zip(&self.controlnets)
+            .zip(&fitted)
+            .map(|((c, net), f)| Control {
+                net,
+                image: f.tensor.clone(),
+                scale: c.conditioning_scale,
+                start: c.control_start,
+                end: c.control_end,
+            })
+            .collect();
+        let seed = request.seed.unwrap_or_else(random_seed);
+        let params = GenerateParams {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            width,
+            height,
+            steps: request.steps,
+            guidance: request.guidance,
+            scheduler: request.scheduler,
+            seed,
+            num_images: request.num_images,
+            guess_mode: request.guess_mode,
+            vae_tiling: request.vae_tiling,
+        };
+        validate(sd, &controls, &params)?;
+
+        // 5. Denoise and decode.
+        progress(Progress::Started { seed });
+        let out = generate_cancellable(
+            sd,
+            &controls,
+            &params,
+            &mut |done, total| progress(Progress::Step { done, total }),
+            cancel,
+        )?;
+
+        // 6. The metadata of each image.
+        let base = self.metadata(request, &params)?;
+        let images = out
+            .images
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| GeneratedImage { image, metadata: ImageMetadata { image_index: i + 1, ..base.clone() } })
+            .collect();
+        Ok(Generated { seed, images, conditions: fitted.into_iter().map(|f| f.image).collect() })
+    }
+
+    /// The metadata shared by the images of one run (`image_index` 1).
+    fn metadata(&self, request: &GenerateRequest, params: &GenerateParams) -> Result<ImageMetadata> {
+        let sd = self.sd;
+        let model = request.model.as_deref().unwrap_or_default();
+        let model_hash = get_or_try(&self.model_hash, || weights_hash(&sd.dir, true))?;
+        let controls = request
+            .controls
+            .iter()
+            .zip(&self.controlnets)
+            .zip(&self.controlnet_hashes)
+            .map(|((c, net), hash)| {
+                let spec = c.controlnet.as_deref().unwrap_or_default();
+                let weights = net.source().unwrap_or(Path::new(spec));
+                Ok(ControlMetadata {
+                    controlnet: FileRef {
+                        path: recorded_path(spec),
+                        sha256: get_or_try(hash, || weights_hash(weights, false))?,
+                    },
+                    preprocess: c.preprocess.clone(),
+                    config: c.controlnet_config.as_ref().map(|p| recorded_path(&p.display().to_string())),
+                    control_image: file_ref(&c.control)?,
+                    conditioning_scale: c.conditioning_scale,
+                    control_start: c.control_start,
+                    control_end: c.control_end,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let scheduler = match params.scheduler {
+            Some(k) => k,
+            None => sd.scheduler_config.own_kind()?,
+        };
+        Ok(ImageMetadata {
+            software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
+            model: FileRef { path: recorded_path(model), sha256: model_hash },
+            controls,
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            width: params.width,
+            height: params.height,
+            steps: params.steps,
+            guidance: params.guidance,
+            scheduler: scheduler.cli_name().to_string(),
+            resize: resize_name(request.resize).to_string(),
+            model_config: request.config.as_ref().map(|c| recorded_path(&c.display().to_string())),
+            prediction_type: request.prediction_type.map(|p| p.as_str().to_string()),
+            seed: params.seed,
+            guess_mode: params.guess_mode,
+            vae_tiling: params.vae_tiling,
+            num_images: params.num_images,
+            image_index: 1,
+        })
+    }
+}
+
+/// The conditions of a request as given, each checked to read.
+fn load_sources(request: &GenerateRequest) -> Result<Vec<ControlSource>> {
+    request.controls.iter().enumerate().map(|(i, c)| ControlSource::load(i, c)).collect()
+}
+
+fn size_u32(setting: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::setting(setting, format!("{v} is larger than any image can be")))
+}
+
+/// `cell`'s value, computed by `f` the first time (an error is returned and nothing is stored).
+fn get_or_try(cell: &OnceLock<String>, f: impl FnOnce() -> Result<String>) -> Result<String> {
+    if let Some(v) = cell.get() {
+        return Ok(v.clone());
+    }
+    let v = f()?;
+    Ok(cell.get_or_init(|| v).clone())
+}

@@ -1,0 +1,335 @@
+//! The metadata an image carries in its PNG: a `parameters` text chunk as AUTOMATIC1111 writes it (so A1111,
+//! ComfyUI and image viewers show it) and a `controlnet-rs` JSON chunk with everything needed to make the image
+//! again (absolute paths and SHA-256s of the inputs, seed, every setting): [`ImageMetadata::to_request`].
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::request::{parse_resize, ControlRequest, GenerateRequest};
+use crate::io::images;
+use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
+use crate::{Error, Result};
+
+/// PNG text key of the JSON metadata.
+pub const METADATA_KEY: &str = "controlnet-rs";
+/// PNG text key A1111 uses for its human-readable generation parameters.
+pub const A1111_KEY: &str = "parameters";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileRef {
+    pub path: String,
+    /// SHA-256 of the weights (for a folder: of the concatenated SHA-256s of its weight files, in path order).
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlMetadata {
+    pub controlnet: FileRef,
+    /// The annotator that made the condition from the control file (`--preprocess`), if any.
+    #[serde(default)]
+    pub preprocess: Option<String>,
+    /// `--controlnet-config`, when one described a single file.
+    #[serde(default)]
+    pub config: Option<String>,
+    pub control_image: FileRef,
+    pub conditioning_scale: f64,
+    pub control_start: f64,
+    pub control_end: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageMetadata {
+    /// "controlnet-rs <version>"
+    pub software: String,
+    pub model: FileRef,
+    pub controls: Vec<ControlMetadata>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// The scheduler that ran (CLI name), also when it was the model's own.
+    pub scheduler: String,
+    /// How conditions were fitted to the output (`--resize`).
+    #[serde(default = "default_resize")]
+    pub resize: String,
+    /// `--config` and `--prediction-type`, when given for a single-file model.
+    #[serde(default)]
+    pub model_config: Option<String>,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    pub seed: u64,
+    pub guess_mode: bool,
+    /// Tiled VAE decoding (recorded only when on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_tiling: bool,
+    /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
+    pub num_images: usize,
+    pub image_index: usize,
+}
+
+fn default_resize() -> String {
+    "just-resize".into()
+}
+
+/// A1111's sampler names for our schedulers.
+fn a1111_sampler(name: &str) -> &str {
+    match name {
+        "ddim" => "DDIM",
+        "pndm" => "PLMS",
+        "euler" => "Euler",
+        "euler-a" => "Euler a",
+        "dpm++2m" => "DPM++ 2M",
+        "unipc" => "UniPC",
+        other => other,
+    }
+}
+
+/// A short hash as A1111 shows it (first 10 hex digits of the SHA-256).
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(10)]
+}
+
+fn stem(path: &str) -> &str {
+    let p = std::path::Path::new(path.trim_end_matches('/'));
+    p.file_stem().and_then(|s| s.to_str()).unwrap_or(path)
+}
+
+impl ImageMetadata {
+    /// The `parameters` text: prompt, negative prompt, then one line of `Key: value` pairs.
+    pub fn a1111_parameters(&self) -> String {
+        let mut s = self.prompt.clone();
+        s.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
+            self.steps,
+            a1111_sampler(&self.scheduler),
+            self.guidance,
+            self.seed,
+            self.width,
+            self.height,
+            short(&self.model.sha256),
+            stem(&self.model.path)
+        ));
+        for (i, c) in self.controls.iter().enumerate() {
+            s.push_str(&format!(
+                ", ControlNet {i}: \"Module: {}, Model: {} [{}], Weight: {}, Resize Mode: Just Resize, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
+                c.preprocess.as_deref().unwrap_or("none"),
+                stem(&c.controlnet.path),
+                &c.controlnet.sha256[..c.controlnet.sha256.len().min(8)],
+                c.conditioning_scale,
+                c.control_start,
+                c.control_end,
+                if self.guess_mode { "ControlNet is more important" } else { "Balanced" }
+            ));
+        }
+        if self.num_images > 1 {
+            s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
+        }
+        s.push_str(&format!(", Version: {}", self.software));
+        s
+    }
+
+    /// Both text chunks for the PNG.
+    pub fn text_chunks(&self) -> Vec<(String, String)> {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        vec![(A1111_KEY.to_string(), self.a1111_parameters()), (METADATA_KEY.to_string(), json)]
+    }
+
+    /// The request that makes this image's batch again. A recorded path that no longer exists is looked up
+    /// relative to `png_dir` (the folder of the PNG), so images made with relative paths by older versions
+    /// reproduce from anywhere.
+    pub fn to_request(&self, png_dir: &Path) -> Result<GenerateRequest> {
+        let find = |p: &str| find_recorded(p, png_dir);
+        let prediction_type = self.prediction_type.as_deref().map(str::parse).transpose()?;
+        let scheduler = self
+            .scheduler
+            .parse()
+            .map_err(|e| Error::setting("scheduler", format!("{:?} in the image metadata: {e}", self.scheduler)))?;
+        Ok(GenerateRequest {
+            model: Some(find(&self.model.path)),
+            config: self.model_config.as_deref().map(|c| PathBuf::from(find(c))),
+            variant: None,
+            prediction_type,
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            controls: self
+                .controls
+                .iter()
+                .map(|c| ControlRequest {
+                    controlnet: Some(find(&c.controlnet.path)),
+                    control: PathBuf::from(find(&c.control_image.path)),
+                    preprocess: c.preprocess.clone(),
+                    controlnet_config: c.config.as_deref().map(|p| PathBuf::from(find(p))),
+                    conditioning_scale: c.conditioning_scale,
+                    control_start: c.control_start,
+                    control_end: c.control_end,
+                })
+                .collect(),
+            width: Some(self.width),
+            height: Some(self.height),
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: Some(scheduler),
+            seed: Some(self.seed),
+            num_images: self.num_images,
+            guess_mode: self.guess_mode,
+            vae_tiling: self.vae_tiling,
+            resize: parse_resize(&self.resize)?,
+        })
+    }
+
+    /// Reads the metadata back from a PNG's text chunks.
+    pub fn from_text_chunks(chunks: &[(String, String)]) -> Option<ImageMetadata> {
+        chunks.iter().find(|(k, _)| k == METADATA_KEY).and_then(|(_, v)| serde_json::from_str(v).ok())
+    }
+}
+
+/// A recorded path as it is when it exists, else relative to `png_dir` when that exists, else as recorded (a hub
+/// id, or a file that is gone: loading names it).
+fn find_recorded(recorded: &str, png_dir: &Path) -> String {
+    if Path::new(recorded).exists() {
+        return recorded.to_string();
+    }
+    let beside = png_dir.join(recorded);
+    if beside.exists() {
+        return beside.display().to_string();
+    }
+    recorded.to_string()
+}
+
+/// How a local input is recorded: its absolute path (so the image can be made again from any folder); a hub
+/// id as it is.
+pub fn recorded_path(spec: &str) -> String {
+    let path = Path::new(spec);
+    if !path.exists() {
+        return spec.to_string();
+    }
+    std::path::absolute(path).map_or_else(|_| spec.to_string(), |p| p.display().to_string())
+}
+
+/// A local input's [`FileRef`]: absolute path and SHA-256.
+pub fn file_ref(path: &Path) -> Result<FileRef> {
+    Ok(FileRef { path: recorded_path(&path.display().to_string()), sha256: images::sha256_file(path)? })
+}
+
+/// SHA-256 of a weights file; for a folder, over the SHA-256s of its weight files (a pipeline's: unet, vae and
+/// text encoder).
+pub fn weights_hash(path: &Path, pipeline: bool) -> Result<String> {
+    if !path.is_dir() {
+        return images::sha256_file(path);
+    }
+    let mut files = Vec::new();
+    if pipeline {
+        for (sub, stem) in [("unet", DIFFUSERS_STEM), ("vae", DIFFUSERS_STEM), ("text_encoder", TRANSFORMERS_STEM)] {
+            files.extend(find_safetensors(&path.join(sub), stem)?);
+        }
+    } else {
+        files = find_safetensors(path, DIFFUSERS_STEM)?;
+    }
+    combined_hash(&files)
+}
+
+fn combined_hash(files: &[PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    if let [one] = files {
+        return images::sha256_file(one);
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(images::sha256_file(f)?.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn sample_metadata() -> ImageMetadata {
+        sample()
+    }
+
+    fn sample() -> ImageMetadata {
+        ImageMetadata {
+            software: "controlnet-rs 0.1.0".into(),
+            model: FileRef { path: "models/sd15".into(), sha256: "0123456789abcdef".into() },
+            controls: vec![ControlMetadata {
+                controlnet: FileRef { path: "cn/canny".into(), sha256: "fedcba9876543210".into() },
+                preprocess: None,
+                config: None,
+                control_image: FileRef { path: "edges.png".into(), sha256: "aa".into() },
+                conditioning_scale: 0.8,
+                control_start: 0.0,
+                control_end: 0.5,
+            }],
+            prompt: "a cat".into(),
+            negative_prompt: "".into(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            guidance: 7.5,
+            scheduler: "euler-a".into(),
+            resize: "just-resize".into(),
+            model_config: None,
+            prediction_type: None,
+            seed: 42,
+            guess_mode: false,
+            vae_tiling: false,
+            num_images: 1,
+            image_index: 1,
+        }
+    }
+
+    #[test]
+    fn a1111_parameters_layout() {
+        let p = sample().a1111_parameters();
+        let lines: Vec<&str> = p.lines().collect();
+        assert_eq!(lines[0], "a cat");
+        assert_eq!(lines[1], "Negative prompt: ");
+        assert!(lines[2].starts_with("Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: sd15"), "{}", lines[2]);
+        assert!(
+            lines[2].contains("ControlNet 0: \"Module: none, Model: canny [fedcba98], Weight: 0.8"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].contains("Guidance End: 0.5"));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let r = sample();
+        let back = ImageMetadata::from_text_chunks(&r.text_chunks()).unwrap();
+        assert_eq!(back, r);
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    /// Paths recorded relative to where the image was made are found beside the PNG.
+    #[test]
+    fn missing_relative_paths_are_found_beside_the_png() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("edges.png"), b"png").unwrap();
+        let mut m = super::tests::sample_metadata();
+        m.controls[0].control_image.path = "edges.png".into();
+        let r = m.to_request(dir.path()).unwrap();
+        assert_eq!(r.controls[0].control, dir.path().join("edges.png"));
+        // A path that exists nowhere (or a hub id) stays as recorded.
+        assert_eq!(r.controls[0].controlnet.as_deref(), Some("cn/canny"));
+        assert_eq!(r.seed, Some(42));
+        assert_eq!(r.scheduler, Some("euler-a".parse().unwrap()));
+    }
+
+    #[test]
+    fn local_inputs_are_recorded_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.png");
+        std::fs::write(&file, b"png").unwrap();
+        assert!(Path::new(&recorded_path(file.to_str().unwrap())).is_absolute());
+        assert_eq!(recorded_path("owner/name"), "owner/name");
+    }
+}

@@ -1,0 +1,200 @@
+//! How much memory a generate request needs, worked out from the model configs before anything is allocated,
+//! so that a size the machine cannot hold is refused with the figure instead of aborting in the allocator
+//! (`--width 100000 --height 100000` asked for 30 GB in one block) or running for hours.
+//!
+//! The figure is the peak of the two stages that hold the most at once, in f32:
+//! - denoising: the UNet's skip connections (kept from the down path for the up path), its working tensors at
+//!   the widest level, the ControlNet residuals (one net's output and their running sum), and the attention
+//!   score matrix `batch × heads × tokens²` at the largest attention level, as diffusers (and candle's GPU
+//!   path) hold it;
+//! - decoding: the VAE decoder's activations at full size (with tiling, those of one tile plus the blended
+//!   output) and its single-head mid-block attention over the latent pixels.
+//!
+//! It is an estimate (the constants are the tensors alive at once, counted from the code, rounded up), meant to
+//! tell "fits" from "cannot possibly fit", not to predict the resident size to the megabyte.
+use crate::model::unet_blocks::BlockKind;
+use crate::model::unet_encoder::Level;
+use crate::model::vae::AutoencoderKLConfig;
+
+/// Bytes of one f32 element.
+const F32: f64 = 4.0;
+/// Tensors of a level's full width alive at once inside a block: resnet input, norm, conv, the transformer's
+/// feed-forward (GEGLU: projected to 8× the channels, then 4×).
+const WORKING_TENSORS: f64 = 12.0;
+/// Tensors alive at once in a VAE decoder resnet at full size (input, hidden, output).
+const VAE_WORKING_TENSORS: f64 = 3.0;
+/// Bytes per output pixel: the decoded f32 RGB, its 8-bit copy and the image handed back.
+const OUTPUT_BYTES_PER_PIXEL: f64 = 3.0 * (4.0 + 1.0 + 1.0);
+/// Bytes per pixel of one fitted condition: the 8-bit RGB image and its f32 tensor.
+const CONDITION_BYTES_PER_PIXEL: f64 = 3.0 * (1.0 + 4.0);
+
+/// What a request looks like to the estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestShape {
+    pub width: usize,
+    pub height: usize,
+    pub num_images: usize,
+    /// Classifier-free guidance doubles the UNet's batch.
+    pub guided: bool,
+    pub controlnets: usize,
+    pub vae_tiling: bool,
+}
+
+/// The estimate, by part (bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// UNet skips and working tensors, ControlNet residuals, latents.
+    pub denoising: u64,
+    /// The attention score matrix at the largest attention level (part of the denoising peak).
+    pub attention_scores: u64,
+    /// The VAE decoder's activations and the output images.
+    pub decoding: u64,
+    /// The conditions fitted to the output size (held through both stages).
+    pub conditions: u64,
+    pub total: u64,
+}
+
+/// The estimate for `shape` on a UNet with these `levels` (`EncoderConfig::levels`), latent channels and VAE.
+pub fn estimate(
+    levels: &[Level],
+    latent_channels: usize,
+    vae: &AutoencoderKLConfig,
+    shape: RequestShape,
+) -> MemoryEstimate {
+    let factor = 1usize << vae.block_out_channels.len().saturating_sub(1);
+    let (h, w) = (shape.height as f64, shape.width as f64);
+    let n = shape.num_images as f64;
+    let batch = n * if shape.guided { 2.0 } else { 1.0 };
+    // Positions of level l of the latent grid (each level halves both sides, rounding up).
+    let positions = |l: usize| {
+        let side = |v: usize| v.div_ceil(factor).div_ceil(1 << l) as f64;
+        side(shape.height) * side(shape.width)
+    };
+
+    // 1. Denoising.
+    let skips: f64 = levels
+        .iter()
+        .enumerate()
+        .map(|(l, lv)| (lv.layers as f64 + 1.0) * lv.channels as f64 * positions(l))
+        .sum::<f64>()
+        * batch
+        * F32;
+    let working = levels
+        .iter()
+        .enumerate()
+        .map(|(l, lv)| WORKING_TENSORS * lv.channels as f64 * positions(l))
+        .fold(0.0, f64::max)
+        * batch
+        * F32;
+    let residuals = if shape.controlnets > 0 { 2.0 * skips } else { 0.0 };
+    let scores = levels
+        .iter()
+        .enumerate()
+        .filter(|(_, lv)| lv.kind == BlockKind::CrossAttn)
+        .map(|(l, lv)| batch * lv.heads as f64 * positions(l) * positions(l) * F32)
+        .fold(0.0, f64::max);
+    let latents = 4.0 * batch * latent_channels as f64 * positions(0) * F32;
+    let denoising = skips + working + residuals + scores + latents;
+
+    // 2. Decoding: the decoder's last level runs at full size with the VAE's first channel count; its mid block
+    //    attends over the latent pixels with one head. Tiling decodes one tile of `sample_size` at a time.
+    let full_channels = vae.block_out_channels.first().copied().unwrap_or(0) as f64;
+    let (dec_h, dec_w) = if shape.vae_tiling {
+        let tile = vae.sample_size.first() as f64;
+        (tile.min(h), tile.min(w))
+    } else {
+        (h, w)
+    };
+    let latent_pixels = (dec_h / factor as f64).ceil() * (dec_w / factor as f64).ceil();
+    let decoder =
+        VAE_WORKING_TENSORS * full_channels * dec_h * dec_w * n * F32 + n * latent_pixels * latent_pixels * F32;
+    let decoding = decoder + OUTPUT_BYTES_PER_PIXEL * h * w * n;
+
+    let conditions = CONDITION_BYTES_PER_PIXEL * h * w * shape.controlnets as f64;
+    // `as u64` saturates: an absurd request reads as u64::MAX bytes, still refused.
+    let total = conditions + denoising.max(decoding);
+    MemoryEstimate {
+        denoising: denoising as u64,
+        attention_scores: scores as u64,
+        decoding: decoding as u64,
+        conditions: conditions as u64,
+        total: total as u64,
+    }
+}
+
+impl MemoryEstimate {
+    /// Refuses the request when it cannot fit in `available` bytes (see `memory::available_bytes`), naming
+    /// `setting`, the size and the largest parts.
+    pub fn check(&self, setting: &str, width: usize, height: usize, available: Option<u64>) -> crate::Result<()> {
+        use crate::memory::format_bytes;
+        let what = format!(
+            "a {width}x{height} image (attention scores {}, denoising {}, decoding {})",
+            format_bytes(self.attention_scores),
+            format_bytes(self.denoising),
+            format_bytes(self.decoding)
+        );
+        crate::memory::check_fits(setting, &what, self.total, available)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SD1.5's UNet levels: 320/640/1280/1280 channels, 8 heads, attention on the first three.
+    fn sd15_levels() -> Vec<Level> {
+        [320, 640, 1280, 1280]
+            .iter()
+            .enumerate()
+            .map(|(i, &channels)| Level {
+                kind: if i < 3 { BlockKind::CrossAttn } else { BlockKind::Plain },
+                channels,
+                layers: 2,
+                heads: 8,
+                transformer_layers: 1,
+            })
+            .collect()
+    }
+
+    fn sd15_vae() -> AutoencoderKLConfig {
+        serde_json::from_str(
+            r#"{"block_out_channels": [128, 256, 512, 512], "sample_size": 512,
+                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#,
+        )
+        .unwrap()
+    }
+
+    fn shape(width: usize, height: usize) -> RequestShape {
+        RequestShape { width, height, num_images: 1, guided: true, controlnets: 1, vae_tiling: false }
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_512px_sd15_request_needs_a_few_gib() {
+        let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(512, 512));
+        // The 4096-token score matrix of a guided batch with 8 heads: 2 · 8 · 4096² · 4 bytes.
+        assert_eq!(e.attention_scores, 2 * 8 * 4096 * 4096 * 4);
+        assert!(e.total > GIB && e.total < 4 * GIB, "{e:?}");
+    }
+
+    #[test]
+    fn huge_sizes_need_more_than_any_machine() {
+        let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(100_000, 100_000));
+        assert!(e.total > 1 << 50, "{e:?}");
+        // One huge side is enough: the first level's self-attention over 12500 · 64 tokens.
+        let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(100_000, 512));
+        assert!(e.attention_scores > 1 << 40, "{e:?}");
+        let err = e.check("width", 100_000, 512, Some(16 * GIB)).unwrap_err().to_string();
+        assert!(err.starts_with("width: a 100000x512 image (attention scores ") && err.contains("16.0 GiB available"));
+    }
+
+    #[test]
+    fn tiled_decoding_needs_one_tile() {
+        let plain = estimate(&sd15_levels(), 4, &sd15_vae(), shape(2048, 2048));
+        let tiled = estimate(&sd15_levels(), 4, &sd15_vae(), RequestShape { vae_tiling: true, ..shape(2048, 2048) });
+        assert!(tiled.decoding * 4 < plain.decoding, "{plain:?} vs {tiled:?}");
+        assert_eq!(tiled.denoising, plain.denoising);
+    }
+}

@@ -1,0 +1,279 @@
+//! What to generate: [`GenerateRequest`], with the defaults and the checks every front end shares (the CLI, a
+//! server, a batch file). Errors name the request's own fields (`steps`, `controls[1].control_end`); each front
+//! end shows them in its words.
+use std::path::PathBuf;
+
+use crate::annotate::ResizeMode;
+use crate::io::single_file::PredictionType;
+use crate::schedulers::SchedulerKind;
+use crate::{Error, Result};
+
+use super::demo;
+
+/// Denoising steps when none are asked for.
+pub const DEFAULT_STEPS: usize = 20;
+/// Classifier-free guidance scale when none is asked for (diffusers' default).
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// The only weight variant the hub download knows.
+pub const VARIANTS: &[&str] = &["fp16"];
+
+/// One ControlNet, its condition, and when and how strongly it acts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlRequest {
+    /// A diffusers folder, an original (lllyasviel) `.safetensors`/`.pth` file, or a hub id; `None`: the demo
+    /// ControlNet (only with the demo model and a single condition).
+    pub controlnet: Option<String>,
+    /// The condition: an image, an OpenPose JSON (`preprocess` = `pose`), or a `.safetensors` file holding a
+    /// float tensor `control` of shape (1, channels, height, width) used as it is.
+    pub control: PathBuf,
+    /// Make the condition with this annotator first (`canny`, `lineart`, `pose`, ...).
+    pub preprocess: Option<String>,
+    /// A diffusers `config.json` for a single-file ControlNet the weights cannot fully describe.
+    pub controlnet_config: Option<PathBuf>,
+    /// Multiplies every residual of this net (`controlnet_conditioning_scale`).
+    pub conditioning_scale: f64,
+    /// The fraction of the steps where this net starts / stops acting (`control_guidance_start/end`).
+    pub control_start: f64,
+    pub control_end: f64,
+}
+
+impl ControlRequest {
+    /// `control` for the given net with the default scale (1) and window (0 to 1).
+    pub fn new(controlnet: Option<String>, control: impl Into<PathBuf>) -> Self {
+        Self {
+            controlnet,
+            control: control.into(),
+            preprocess: None,
+            controlnet_config: None,
+            conditioning_scale: 1.0,
+            control_start: 0.0,
+            control_end: 1.0,
+        }
+    }
+}
+
+/// Everything one generate call needs. [`Default`] gives the documented defaults; set `prompt` and what else
+/// matters, then hand it to [`super::run`] (or to a [`super::Generator`] holding loaded models).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// A diffusers pipeline folder, a single-file SD checkpoint or a hub id; `None`: the bundled demo model.
+    pub model: Option<String>,
+    /// For a single-file `model`: a pipeline folder whose `config.json` files describe it.
+    pub config: Option<PathBuf>,
+    /// Prefer this weight variant when downloading from the hub (only `fp16`).
+    pub variant: Option<String>,
+    /// What the model predicts: for a single file, overrides the guess; for a folder, overrides its scheduler
+    /// config's `prediction_type` (as diffusers' `from_pretrained(..., prediction_type=...)`).
+    pub prediction_type: Option<PredictionType>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub controls: Vec<ControlRequest>,
+    /// Output size; default: the first condition's size rounded down to a multiple of the VAE's factor (8),
+    /// else the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: usize,
+    /// Classifier-free guidance scale; off at 1 or below.
+    pub guidance: f64,
+    /// `None`: the model's own scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// `None`: a random seed, reported by [`super::Progress::Started`] and in the output.
+    pub seed: Option<u64>,
+    /// Images made in one batch (they share one noise draw, so image k depends on the batch size).
+    pub num_images: usize,
+    /// Control on the conditional half only (the nets recognise the condition without a prompt).
+    pub guess_mode: bool,
+    /// Decode in overlapping tiles of the VAE's `sample_size`: the decoder's memory stays that of one tile.
+    pub vae_tiling: bool,
+    /// How a condition of another size is fitted to the output.
+    pub resize: ResizeMode,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            model: None,
+            config: None,
+            variant: None,
+            prediction_type: None,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            controls: Vec::new(),
+            width: None,
+            height: None,
+            steps: DEFAULT_STEPS,
+            guidance: DEFAULT_GUIDANCE,
+            scheduler: None,
+            seed: None,
+            num_images: 1,
+            guess_mode: false,
+            vae_tiling: false,
+            resize: ResizeMode::JustResize,
+        }
+    }
+}
+
+/// A per-ControlNet setting's name: `controls[0].control_end`.
+pub fn control_setting(index: usize, field: &str) -> String {
+    format!("controls[{index}].{field}")
+}
+
+impl GenerateRequest {
+    /// The request with the bundled demo model and demo ControlNet filled in where none is named: the demo
+    /// model when `model` is `None`, and its ControlNet for a single condition without a net.
+    pub fn with_demo_defaults(&self) -> Result<Self> {
+        let mut r = self.clone();
+        if r.model.is_none() {
+            r.model = Some(demo::base()?.display().to_string());
+            match r.controls.as_mut_slice() {
+                [one] if one.controlnet.is_none() => one.controlnet = Some(demo::controlnet()?.display().to_string()),
+                [] | [_] => {}
+                several => {
+                    if let Some(i) = several.iter().position(|c| c.controlnet.is_none()) {
+                        return Err(Error::setting(
+                            control_setting(i, "controlnet"),
+                            format!("{} conditions but no ControlNet: the demo ControlNet takes one", several.len()),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(i) = r.controls.iter().position(|c| c.controlnet.is_none()) {
+            return Err(Error::setting(control_setting(i, "controlnet"), "no ControlNet given for this condition"));
+        }
+        Ok(r)
+    }
+
+    /// The checks that need no model: counts, ranges, names. Size and conditions are checked against the
+    /// model when it runs.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::setting("steps", "must be at least 1"));
+        }
+        if self.num_images == 0 {
+            return Err(Error::setting("num_images", "must be at least 1"));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::setting("guidance", format!("{} must be a finite number >= 0", self.guidance)));
+        }
+        if let Some(v) = &self.variant {
+            if !VARIANTS.contains(&v.as_str()) {
+                return Err(Error::setting(
+                    "variant",
+                    format!(
+                        "{v:?} is not a weight variant this tool reads; the valid value is {}",
+                        VARIANTS.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == Some(0) {
+                return Err(Error::setting(name, "0 is not a positive size"));
+            }
+        }
+        for (i, c) in self.controls.iter().enumerate() {
+            let setting = |field: &str| control_setting(i, field);
+            for (field, v) in [("control_start", c.control_start), ("control_end", c.control_end)] {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(Error::setting(setting(field), format!("{v} must lie in [0, 1]")));
+                }
+            }
+            if c.control_start > c.control_end {
+                return Err(Error::setting(
+                    setting("control_start"),
+                    format!("{} is after the end of the window ({})", c.control_start, c.control_end),
+                ));
+            }
+            if !c.conditioning_scale.is_finite() {
+                return Err(Error::setting(
+                    setting("conditioning_scale"),
+                    format!("{} is not a number", c.conditioning_scale),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes about settings that do nothing for this request (a front end shows them as warnings).
+    pub fn unused_settings(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.guess_mode && self.controls.is_empty() {
+            notes.push("guess_mode: no ControlNet is used, so guess mode changes nothing".to_string());
+        }
+        notes
+    }
+}
+
+/// A seed for a request that gave none: from the clock and the process id, below 2^53 so that it survives
+/// JSON tools that read numbers as doubles.
+pub fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    ((nanos ^ (std::process::id() as u128) << 32) as u64) & ((1 << 53) - 1)
+}
+
+/// The name of a resize mode as front ends and the image metadata write it.
+pub fn resize_name(mode: ResizeMode) -> &'static str {
+    match mode {
+        ResizeMode::JustResize => "just-resize",
+        ResizeMode::CropAndResize => "crop-and-resize",
+        ResizeMode::ResizeAndFill => "resize-and-fill",
+    }
+}
+
+/// The resize mode called `name` ([`resize_name`]'s inverse).
+pub fn parse_resize(name: &str) -> Result<ResizeMode> {
+    [ResizeMode::JustResize, ResizeMode::CropAndResize, ResizeMode::ResizeAndFill]
+        .into_iter()
+        .find(|m| resize_name(*m) == name)
+        .ok_or_else(|| {
+            Error::setting("resize", format!("{name:?}: expected just-resize, crop-and-resize or resize-and-fill"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let r = GenerateRequest::default();
+        assert_eq!((r.steps, r.guidance, r.num_images), (20, 7.5, 1));
+        assert_eq!(r.resize, ResizeMode::JustResize);
+        let c = ControlRequest::new(None, "a.png");
+        assert_eq!((c.conditioning_scale, c.control_start, c.control_end), (1.0, 0.0, 1.0));
+    }
+
+    #[test]
+    fn errors_name_the_setting_not_a_flag() {
+        let bad = |f: fn(&mut GenerateRequest)| {
+            let mut r = GenerateRequest { controls: vec![ControlRequest::new(None, "a.png")], ..Default::default() };
+            f(&mut r);
+            r.validate().unwrap_err().to_string()
+        };
+        assert_eq!(bad(|r| r.steps = 0), "steps: must be at least 1");
+        assert_eq!(bad(|r| r.num_images = 0), "num_images: must be at least 1");
+        assert!(bad(|r| r.controls[0].control_end = 1.5).starts_with("controls[0].control_end: 1.5"));
+        assert!(bad(|r| (r.controls[0].control_start, r.controls[0].control_end) = (0.9, 0.5))
+            .starts_with("controls[0].control_start: 0.9 is after"));
+        let variant = bad(|r| r.variant = Some("fp8".into()));
+        assert!(variant.starts_with("variant: \"fp8\"") && variant.contains("the valid value is fp16"), "{variant}");
+    }
+
+    #[test]
+    fn guess_mode_without_a_controlnet_is_noted() {
+        let r = GenerateRequest { guess_mode: true, ..Default::default() };
+        assert_eq!(r.unused_settings().len(), 1);
+        let r = GenerateRequest { guess_mode: true, controls: vec![ControlRequest::new(None, "a.png")], ..r };
+        assert!(r.unused_settings().is_empty());
+    }
+
+    #[test]
+    fn resize_names_round_trip() {
+        for m in [ResizeMode::JustResize, ResizeMode::CropAndResize, ResizeMode::ResizeAndFill] {
+            assert_eq!(parse_resize(resize_name(m)).unwrap(), m);
+        }
+        assert!(parse_resize("stretch").is_err());
+    }
+}
