@@ -6,8 +6,9 @@ use candle_nn::VarBuilder;
 use super::layers::{group_norm, linear, softmax_last_dim, GroupNorm, Linear};
 
 /// Attention scores materialised at once (elements): queries are processed in blocks so the scores of the
-/// 4096-token self-attention at 512 px (1 GiB for a guided batch of 8 heads) never exist whole.
-const MAX_SCORES: usize = 1 << 24;
+/// 4096-token self-attention at 512 px (1 GiB for a guided batch of 8 heads) never exist whole. The fused CPU
+/// kernel holds less still (one cache-sized block per task). `pipeline::memory_estimate` counts this bound.
+pub const MAX_SCORES: usize = 1 << 24;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionConfig {

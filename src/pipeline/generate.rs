@@ -104,9 +104,22 @@ pub fn check_size(width: usize, height: usize, factor: usize) -> Result<()> {
         if v == 0 || !v.is_multiple_of(factor) {
             return Err(Error::setting(setting, format!("{v} is not a positive multiple of {factor}")));
         }
+        if v > MAX_SIDE {
+            return Err(Error::setting(
+                setting,
+                format!(
+                    "{v} px is more than the {MAX_SIDE} px a side takes (as ComfyUI's limit): the attention over \
+                     such a latent would run for hours; generate smaller and upscale"
+                ),
+            ));
+        }
     }
     Ok(())
 }
+
+/// The largest side accepted, in pixels: ComfyUI's `MAX_RESOLUTION`. Memory is checked separately
+/// (`memory_estimate`); this bounds the time, which grows with the square of the latent's pixel count.
+pub const MAX_SIDE: usize = 16384;
 
 /// Runs the whole recipe. `on_step(done, total)` is called after every denoising step.
 pub fn generate(

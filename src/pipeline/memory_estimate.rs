@@ -5,13 +5,14 @@
 //! The figure is the peak of the two stages that hold the most at once, in f32:
 //! - denoising: the UNet's skip connections (kept from the down path for the up path), its working tensors at
 //!   the widest level, the ControlNet residuals (one net's output and their running sum), and the attention
-//!   score matrix `batch × heads × tokens²` at the largest attention level, as diffusers (and candle's GPU
-//!   path) hold it;
+//!   scores `batch × heads × tokens²` at the largest attention level, or the block of them our attention holds
+//!   at once (`model::attention::MAX_SCORES`) when that is smaller: the whole matrix never exists here;
 //! - decoding: the VAE decoder's activations at full size (with tiling, those of one tile plus the blended
-//!   output) and its single-head mid-block attention over the latent pixels.
+//!   output) and its single-head mid-block attention over the latent pixels (bounded the same way).
 //!
 //! It is an estimate (the constants are the tensors alive at once, counted from the code, rounded up), meant to
 //! tell "fits" from "cannot possibly fit", not to predict the resident size to the megabyte.
+use crate::model::attention::MAX_SCORES;
 use crate::model::unet_blocks::BlockKind;
 use crate::model::unet_encoder::Level;
 use crate::model::vae::AutoencoderKLConfig;
@@ -91,7 +92,7 @@ pub fn estimate(
         .iter()
         .enumerate()
         .filter(|(_, lv)| lv.kind == BlockKind::CrossAttn)
-        .map(|(l, lv)| batch * lv.heads as f64 * positions(l) * positions(l) * F32)
+        .map(|(l, lv)| held_scores(batch * lv.heads as f64 * positions(l) * positions(l)))
         .fold(0.0, f64::max);
     let latents = 4.0 * batch * latent_channels as f64 * positions(0) * F32;
     let denoising = skips + working + residuals + scores + latents;
@@ -107,7 +108,7 @@ pub fn estimate(
     };
     let latent_pixels = (dec_h / factor as f64).ceil() * (dec_w / factor as f64).ceil();
     let decoder =
-        VAE_WORKING_TENSORS * full_channels * dec_h * dec_w * n * F32 + n * latent_pixels * latent_pixels * F32;
+        VAE_WORKING_TENSORS * full_channels * dec_h * dec_w * n * F32 + held_scores(n * latent_pixels * latent_pixels);
     let decoding = decoder + OUTPUT_BYTES_PER_PIXEL * h * w * n;
 
     let conditions = CONDITION_BYTES_PER_PIXEL * h * w * shape.controlnets as f64;
@@ -120,6 +121,12 @@ pub fn estimate(
         conditions: conditions as u64,
         total: total as u64,
     }
+}
+
+/// Bytes of attention scores held at once for `elements` scores in all: queries run in blocks of at most
+/// `MAX_SCORES` scores.
+fn held_scores(elements: f64) -> f64 {
+    elements.min(MAX_SCORES as f64) * F32
 }
 
 impl MemoryEstimate {
@@ -174,18 +181,19 @@ mod tests {
     #[test]
     fn a_512px_sd15_request_needs_a_few_gib() {
         let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(512, 512));
-        // The 4096-token score matrix of a guided batch with 8 heads: 2 · 8 · 4096² · 4 bytes.
-        assert_eq!(e.attention_scores, 2 * 8 * 4096 * 4096 * 4);
-        assert!(e.total > GIB && e.total < 4 * GIB, "{e:?}");
+        // The 4096-token scores of a guided batch with 8 heads (2 · 8 · 4096² = 2^28) are held a block of 2^24
+        // at a time.
+        assert_eq!(e.attention_scores, (MAX_SCORES * 4) as u64);
+        assert!(e.total > GIB / 4 && e.total < 4 * GIB, "{e:?}");
     }
 
     #[test]
     fn huge_sizes_need_more_than_any_machine() {
         let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(100_000, 100_000));
-        assert!(e.total > 1 << 50, "{e:?}");
-        // One huge side is enough: the first level's self-attention over 12500 · 64 tokens.
+        assert!(e.total > 1 << 40, "{e:?}");
+        // One huge side is enough: the decoder's activations at 100000 x 512.
         let e = estimate(&sd15_levels(), 4, &sd15_vae(), shape(100_000, 512));
-        assert!(e.attention_scores > 1 << 40, "{e:?}");
+        assert!(e.decoding > 16 * GIB, "{e:?}");
         let err = e.check("width", 100_000, 512, Some(16 * GIB)).unwrap_err().to_string();
         assert!(err.starts_with("width: a 100000x512 image (attention scores ") && err.contains("16.0 GiB available"));
     }
