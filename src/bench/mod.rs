@@ -316,7 +316,11 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 /// Seeded uniform [-1, 1) input of a shape (inputs need no particular distribution either).
 pub(crate) fn random_input(seed: u64, shape: &[usize], name: &str) -> Result<Tensor> {
     let shape = candle_core::Shape::from(shape);
-    let values = random::uniform(seed ^ INPUT_SEED_OFFSET ^ random::hash_name(name), shape.elem_count(), 1.0);
+    let values = crate::train::random_weights::uniform(
+        seed ^ INPUT_SEED_OFFSET ^ crate::train::random_weights::hash_name(name),
+        shape.elem_count(),
+        1.0,
+    );
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 

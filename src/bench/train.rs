@@ -20,7 +20,7 @@ use super::{
 use crate::model::unet::UNet2DConditionModel;
 use crate::train::optimizer::{AdamW, AdamWConfig, Grads};
 use crate::train::params::trainable_controlnet;
-use crate::train::scratch;
+use crate::train::random_weights;
 use crate::{Error, Result};
 
 /// `--max-grad-norm`'s default in `controlnet train` and diffusers' script.
@@ -89,7 +89,7 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     reset_peak_rss();
     let start = Instant::now();
     let unet = UNet2DConditionModel::new(&unet_cfg, RandomWeights::new(opts.seed).var_builder(DType::F32, &dev))?;
-    let tensors = scratch::draw(opts.seed, |vb| crate::model::controlnet::ControlNetModel::new(&cn_cfg, vb))?;
+    let tensors = random_weights::draw(opts.seed, |vb| crate::model::controlnet::ControlNetModel::new(&cn_cfg, vb))?;
     let (controlnet, params) = trainable_controlnet(&cn_cfg, tensors, &dev)?;
     let build_s = start.elapsed().as_secs_f64();
     let mut optimizer = AdamW::new(AdamWConfig::default());

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::pipeline::sd::LoadOptions;
-use crate::train::checkpoint::write_diffusers_folder;
+use crate::train::files::write_diffusers_folder;
 use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, InitReport, DEFAULT_HINT_CHANNELS};
 use crate::train::params::TensorMap;
 

@@ -26,7 +26,8 @@ impl Progress {
             Mode::Hidden
         } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total);
-            let template = format!("{{spinner}} {label} {{pos}}/{{len}} [{{bar:30}}] {{elapsed}} (ETA {{eta}}) {{msg}}");
+            let template =
+                format!("{{spinner}} {label} {{pos}}/{{len}} [{{bar:30}}] {{elapsed}} (ETA {{eta}}) {{msg}}");
             if let Ok(style) = ProgressStyle::with_template(&template) {
                 bar.set_style(style.progress_chars("=> "));
             }

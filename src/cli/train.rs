@@ -14,10 +14,10 @@ use clap::Args;
 use crate::io::single_file::load_controlnet;
 use crate::pipeline::sd::LoadOptions;
 use crate::pipeline::StableDiffusion;
-use crate::train::checkpoint;
 use crate::train::dataset::Dataset;
 use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, DEFAULT_HINT_CHANNELS};
 use crate::train::optimizer::AdamWConfig;
+use crate::train::resume;
 use crate::train::trainer::{RunEnd, RunInputs, TrainSettings, Trainer, ValidationSettings, RESULT_DIR};
 
 #[derive(Args, Debug, Clone)]
@@ -195,7 +195,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let run_dir = args.output.clone();
     let resume_from = match args.resume.as_deref() {
         None => {
-            if !checkpoint::list(&run_dir)?.is_empty() {
+            if !resume::list(&run_dir)?.is_empty() {
                 bail!(
                     "{} already holds checkpoints: pass --resume to continue that run, or choose another --output",
                     run_dir.display()
@@ -204,7 +204,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             None
         }
         Some("latest") => {
-            let (found, skipped) = checkpoint::latest_valid(&run_dir)?;
+            let (found, skipped) = resume::latest_valid(&run_dir)?;
             for line in skipped {
                 eprintln!("warning: {line}");
             }
@@ -215,7 +215,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         }
         Some(path) => {
             let dir = PathBuf::from(path);
-            checkpoint::verify(&dir).with_context(|| format!("--resume {path}"))?;
+            resume::verify(&dir).with_context(|| format!("--resume {path}"))?;
             Some(dir)
         }
     };
@@ -323,4 +323,39 @@ fn bar(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// This command line as a shell would take it back, with `extra` appended when it is not there yet.
+pub(crate) fn command_line(extra: Option<&str>) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(program) = args.first_mut() {
+        // The name the user typed when it is on PATH, else the path it ran from.
+        if let Some(name) = std::path::Path::new(program).file_name() {
+            *program = name.to_string_lossy().into_owned();
+        }
+    }
+    if let Some(extra) = extra {
+        if !args.iter().any(|a| a == extra || a.starts_with(&format!("{extra}="))) {
+            args.push(extra.to_string());
+        }
+    }
+    args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+/// `a` quoted for a POSIX shell when it needs it.
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+/// A run stopped by Ctrl-C ends as an interrupted process does (status 130, as `generate` does), after its
+/// checkpoint and the message saying how to continue.
+pub(crate) fn exit_interrupted() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(130)
 }

@@ -27,11 +27,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::checkpoint::{self, Entry};
 use super::dataset::{condition_tensor, resize_center_crop, Dataset};
+use super::files::{self, Entry};
 use super::objective::{encode_prompts, encode_targets, Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
 use super::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap, DECODER_PREFIXES};
+use super::resume;
 use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -338,8 +339,8 @@ impl Trainer {
     /// Continues from a checkpoint folder: weights, optimizer moments and steps, data order and position, both
     /// generators. Settings that change the trajectory must match the checkpoint's.
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::verify(dir)?;
-        let saved: SavedState = serde_json::from_value(checkpoint::read_json(dir, CK_STATE)?)
+        resume::verify(dir)?;
+        let saved: SavedState = serde_json::from_value(files::read_json(dir, CK_STATE)?)
             .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
         if let Some(msg) = self.settings.trajectory_mismatch(&saved.settings) {
             return Err(Error::Invalid(format!("cannot resume from {}: {msg}", dir.display())));
@@ -353,14 +354,14 @@ impl Trainer {
             )));
         }
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
-        let mut tensors = checkpoint::read_tensors(dir, &cn_file)?;
+        let mut tensors = files::read_tensors(dir, &cn_file)?;
         if self.settings.unlock_decoder {
-            for (k, t) in checkpoint::read_tensors(dir, CK_UNET_DECODER)? {
+            for (k, t) in files::read_tensors(dir, CK_UNET_DECODER)? {
                 tensors.insert(format!("{UNET_PREFIX}{k}"), t);
             }
         }
         self.params.load(&tensors, dir)?;
-        let moments = checkpoint::read_tensors(dir, CK_OPTIMIZER)?;
+        let moments = files::read_tensors(dir, CK_OPTIMIZER)?;
         let moments =
             moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&self.device)?))).collect::<Result<TensorMap>>()?;
         self.optimizer = AdamW::from_state(&moments, &saved.optimizer, dir)?;
@@ -544,8 +545,8 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let step = self.state.step;
         if self.last_checkpoint == Some(step) {
-            let dir = checkpoint::checkpoint_dir(&self.run_dir, step);
-            if checkpoint::verify(&dir).is_ok() {
+            let dir = resume::checkpoint_dir(&self.run_dir, step);
+            if resume::verify(&dir).is_ok() {
                 return Ok(dir);
             }
         }
@@ -575,7 +576,7 @@ impl Trainer {
         if self.settings.unlock_decoder {
             entries.push(Entry::Tensors(CK_UNET_DECODER, &decoder));
         }
-        let dir = checkpoint::save(&self.run_dir, step, &entries, self.settings.checkpoints_total_limit)?;
+        let dir = resume::save(&self.run_dir, step, &entries, self.settings.checkpoints_total_limit)?;
         self.last_checkpoint = Some(step);
         Ok(dir)
     }
@@ -583,13 +584,13 @@ impl Trainer {
     /// `RUN_DIR/controlnet` (and `RUN_DIR/unet` with an unlocked decoder): diffusers folders.
     pub fn save_result(&self) -> Result<PathBuf> {
         let out = self.run_dir.join(RESULT_DIR);
-        checkpoint::write_diffusers_folder(&out, &self.controlnet_config, &self.controlnet_tensors()?)?;
+        files::write_diffusers_folder(&out, &self.controlnet_config, &self.controlnet_tensors()?)?;
         if let Some(locked) = &self.unet_locked {
             let mut all = locked.clone();
             for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
                 all.insert(k, t);
             }
-            checkpoint::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.unet_config, &all)?;
+            files::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.unet_config, &all)?;
         }
         Ok(out)
     }
@@ -811,12 +812,12 @@ pub(crate) mod tests {
         let c_dir = tmp.path().join("c");
         let mut c = trainer(&data, &c_dir, TrainSettings { max_steps: 3, checkpointing_steps: 1, ..settings() });
         run(&mut c, None);
-        let bad = checkpoint::checkpoint_dir(&c_dir, 3).join(CK_OPTIMIZER);
+        let bad = resume::checkpoint_dir(&c_dir, 3).join(CK_OPTIMIZER);
         let mut bytes = std::fs::read(&bad).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;
         std::fs::write(&bad, bytes).unwrap();
-        let (found, skipped) = checkpoint::latest_valid(&c_dir).unwrap();
+        let (found, skipped) = resume::latest_valid(&c_dir).unwrap();
         let (step, dir) = found.unwrap();
         assert_eq!((step, skipped.len()), (2, 1));
         let mut c = trainer(&data, &c_dir, settings());
