@@ -12,6 +12,7 @@
 //! - [`resume`]: `checkpoint-<N>` folders with a checksummed manifest; resume continues bit for bit.
 //! - [`settings`]: what shapes a ControlNet run (defaults, checks, what a resumed run may change) and its
 //!   validation.
+//! - [`feed`]: which examples and captions each micro-batch takes, and their latents and conditions.
 //! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
 //! - [`from_scratch`]: a small Stable Diffusion base trained from scratch (VAE, decoder, then UNet with the text
@@ -20,6 +21,7 @@
 //! - [`random_weights`]: seeded starting weights for networks trained from scratch (and `bench`'s).
 pub mod dataset;
 pub mod ema;
+pub mod feed;
 pub mod files;
 pub mod from_scratch;
 #[cfg(test)]
@@ -30,5 +32,6 @@ pub mod optimizer;
 pub mod params;
 pub mod random_weights;
 pub mod resume;
+pub mod settings;
 pub mod trainer;
 pub mod validation;

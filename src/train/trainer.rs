@@ -18,25 +18,25 @@
 //! Differences from diffusers' script, on purpose: an update always takes `gradient_accumulation_steps`
 //! micro-batches (continuing into the next epoch; `accelerate` also closes an update at an epoch's end),
 //! and the logged loss is the mean over the update's micro-batches (the script logs the last one's).
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::dataset::{condition_tensor, resize_center_crop, Dataset};
+use super::feed::{randperm, Feed};
 use super::files::{self, Entry};
-use super::objective::{encode_prompts, encode_targets, Draws, Objective};
-use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
+use super::objective::{Draws, Objective};
+use super::optimizer::{warmup_lr, AdamW, AdamWSteps, Grads};
 use super::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap, DECODER_PREFIXES};
 use super::resume;
+pub use super::settings::{TrainSettings, ValidationSettings};
 use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::model::vae::DiagonalGaussian;
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
 use crate::rng::{GeneratorState, TorchGenerator};
 use crate::schedulers::SchedulerKind;
@@ -59,116 +59,6 @@ const CK_STATE: &str = "state.json";
 pub const DATA_SEED_OFFSET: u64 = 0x9E37_79B9;
 /// Prefix of the UNet's trainable tensors among the run's parameters.
 const UNET_PREFIX: &str = "unet.";
-
-/// Everything that shapes the training trajectory, plus bookkeeping. Saved with each checkpoint; a resumed run
-/// must agree on the fields [`TrainSettings::trajectory_mismatch`] compares.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainSettings {
-    /// Images are resized and centre-cropped to this square size (a multiple of 8).
-    pub resolution: u32,
-    pub batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    /// Optimizer updates of the whole run.
-    pub max_steps: u64,
-    pub seed: u64,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub lr_warmup_steps: usize,
-    /// Share of captions replaced by "" (so the ControlNet learns to read the condition alone).
-    pub proportion_empty_prompts: f64,
-    pub unlock_decoder: bool,
-    pub only_mid_control: bool,
-    /// Keep VAE posteriors, conditions and text embeddings in memory.
-    pub cache: bool,
-    /// Save a checkpoint every this many updates (0: only at the end and on Ctrl-C).
-    pub checkpointing_steps: u64,
-    /// Keep only the newest checkpoints.
-    pub checkpoints_total_limit: Option<usize>,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            resolution: 512,
-            batch_size: 4,
-            gradient_accumulation_steps: 1,
-            max_steps: 1000,
-            seed: 0,
-            adamw: AdamWConfig::default(),
-            max_grad_norm: 1.0,
-            lr_warmup_steps: 0,
-            proportion_empty_prompts: 0.5,
-            unlock_decoder: false,
-            only_mid_control: false,
-            cache: false,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
-        }
-    }
-}
-
-impl TrainSettings {
-    /// Checks ranges; messages name the flag.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
-            return bad(format!("--resolution {} must be a positive multiple of 8", self.resolution));
-        }
-        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("--batch-size and --gradient-accumulation-steps must be at least 1".into());
-        }
-        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
-            return bad(format!("--proportion-empty-prompts {} must lie in [0, 1]", self.proportion_empty_prompts));
-        }
-        if !(self.adamw.lr.is_finite() && self.adamw.lr >= 0.0) {
-            return bad(format!("--learning-rate {} must be a finite number >= 0", self.adamw.lr));
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
-            return bad(format!("--max-grad-norm {} must be positive", self.max_grad_norm));
-        }
-        Ok(())
-    }
-
-    /// The first setting a resumed run changed that would change the trajectory, if any.
-    pub fn trajectory_mismatch(&self, saved: &TrainSettings) -> Option<String> {
-        let fields: [(&str, String, String); 10] = [
-            ("resolution", self.resolution.to_string(), saved.resolution.to_string()),
-            ("batch-size", self.batch_size.to_string(), saved.batch_size.to_string()),
-            (
-                "gradient-accumulation-steps",
-                self.gradient_accumulation_steps.to_string(),
-                saved.gradient_accumulation_steps.to_string(),
-            ),
-            ("seed", self.seed.to_string(), saved.seed.to_string()),
-            ("AdamW settings", format!("{:?}", self.adamw), format!("{:?}", saved.adamw)),
-            ("max-grad-norm", self.max_grad_norm.to_string(), saved.max_grad_norm.to_string()),
-            ("lr-warmup-steps", self.lr_warmup_steps.to_string(), saved.lr_warmup_steps.to_string()),
-            (
-                "proportion-empty-prompts",
-                self.proportion_empty_prompts.to_string(),
-                saved.proportion_empty_prompts.to_string(),
-            ),
-            ("unlock-decoder", self.unlock_decoder.to_string(), saved.unlock_decoder.to_string()),
-            ("only-mid-control", self.only_mid_control.to_string(), saved.only_mid_control.to_string()),
-        ];
-        fields
-            .into_iter()
-            .find(|(_, a, b)| a != b)
-            .map(|(name, now, then)| format!("--{name} is {now} but the checkpoint was trained with {then}"))
-    }
-}
-
-/// Validation: (condition image, prompt) pairs generated every `every` updates.
-#[derive(Debug, Clone)]
-pub struct ValidationSettings {
-    pub pairs: Vec<(PathBuf, String)>,
-    pub every: u64,
-    pub num_images: usize,
-    pub inference_steps: usize,
-    pub guidance: f64,
-    /// Score each image with the canny fidelity (for edge conditions).
-    pub canny_fidelity: bool,
-}
 
 /// Where the run is: saved in each checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,15 +115,6 @@ pub struct RunInputs {
     pub run_dir: PathBuf,
 }
 
-/// In-memory copies for `--cache`.
-#[derive(Default)]
-struct Cache {
-    /// Per example: VAE posterior mean and log-variance (1, 4, h, w), condition (3, r, r).
-    examples: Vec<(Tensor, Tensor, Tensor)>,
-    /// Text embeddings (1, 77, D) by caption.
-    text: HashMap<String, Tensor>,
-}
-
 pub struct Trainer {
     sd: StableDiffusion,
     unet_config: Value,
@@ -245,24 +126,14 @@ pub struct Trainer {
     params: Params,
     optimizer: AdamW,
     objective: Objective,
-    dataset: Dataset,
+    /// The examples each micro-batch takes, and their latents, embeddings and conditions.
+    feed: Feed,
     settings: TrainSettings,
     validation: Option<ValidationSettings>,
     state: TrainState,
-    cache: Option<Cache>,
     run_dir: PathBuf,
     device: Device,
     last_checkpoint: Option<u64>,
-}
-
-/// torch's CPU `randperm(n, generator)`: from the identity, swap element i with one drawn from [i, n).
-pub fn randperm(n: usize, rng: &mut TorchGenerator) -> Vec<usize> {
-    let mut r: Vec<usize> = (0..n).collect();
-    for i in 0..n.saturating_sub(1) {
-        let z = rng.random() as usize % (n - i);
-        r.swap(i, z + i);
-    }
-    r
 }
 
 impl Trainer {
@@ -273,11 +144,16 @@ impl Trainer {
         let device = sd.unet.device().clone();
         let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
             .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
-        if cn_config.conditioning_channels != 3 {
-            return Err(Error::Invalid(format!(
-                "this ControlNet reads {}-channel conditions; training reads RGB condition images (3 channels)",
-                cn_config.conditioning_channels
-            )));
+        // Condition images are read as RGB, or as grey for a 1-channel net (PIL's "L" conversion).
+        let condition_channels = cn_config.conditioning_channels;
+        if condition_channels != 3 && condition_channels != 1 {
+            return Err(Error::setting(
+                "conditioning_channels",
+                format!(
+                    "this ControlNet reads {condition_channels}-channel conditions; training makes RGB (3) or grey \
+                     (1) conditions from the dataset's images"
+                ),
+            ));
         }
         let (controlnet, mut params) = trainable_controlnet(&cn_config, controlnet, &device)?;
         controlnet.check_compatible(sd.unet.config())?;
@@ -300,7 +176,7 @@ impl Trainer {
                 config_json
             }
             None if settings.unlock_decoder => {
-                return Err(Error::Invalid("internal: --unlock-decoder needs the UNet's tensors".into()))
+                return Err(Error::setting("unlock_decoder", "needs the base UNet's tensors (RunInputs::unet)"))
             }
             None => Value::Null,
         };
@@ -325,15 +201,21 @@ impl Trainer {
             params,
             optimizer: AdamW::new(settings.adamw),
             objective,
-            dataset,
+            feed: Feed::new(dataset, &settings, condition_channels, &device),
             settings,
             validation,
             state,
-            cache: None,
             run_dir,
             device,
             last_checkpoint: None,
         })
+    }
+
+    /// The settings a checkpoint was trained with (what a resumed run starts from).
+    pub fn saved_settings(dir: &Path) -> Result<TrainSettings> {
+        let saved: SavedState = serde_json::from_value(files::read_json(dir, CK_STATE)?)
+            .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
+        Ok(saved.settings)
     }
 
     /// Continues from a checkpoint folder: weights, optimizer moments and steps, data order and position, both
@@ -342,16 +224,22 @@ impl Trainer {
         resume::verify(dir)?;
         let saved: SavedState = serde_json::from_value(files::read_json(dir, CK_STATE)?)
             .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
-        if let Some(msg) = self.settings.trajectory_mismatch(&saved.settings) {
-            return Err(Error::Invalid(format!("cannot resume from {}: {msg}", dir.display())));
+        if let Some(e) = self.settings.trajectory_mismatch(&saved.settings) {
+            return Err(match e {
+                Error::Setting { setting, msg } => Error::setting(setting, format!("{msg} ({})", dir.display())),
+                other => other,
+            });
         }
-        if saved.dataset_len != self.dataset.len() {
-            return Err(Error::Invalid(format!(
-                "cannot resume from {}: the dataset had {} examples, now {}",
-                dir.display(),
-                saved.dataset_len,
-                self.dataset.len()
-            )));
+        if saved.dataset_len != self.feed.dataset.len() {
+            return Err(Error::setting(
+                "dataset",
+                format!(
+                    "had {} examples when {} was saved, now {}: a resumed run reads the same data",
+                    saved.dataset_len,
+                    dir.display(),
+                    self.feed.dataset.len()
+                ),
+            ));
         }
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
         let mut tensors = files::read_tensors(dir, &cn_file)?;
@@ -383,80 +271,7 @@ impl Trainer {
 
     /// Encodes every example's target and condition, and every caption, once (`--cache`).
     pub fn fill_cache(&mut self, on_progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
-        let mut cache = Cache::default();
-        let n = self.dataset.len();
-        for i in 0..n {
-            let s = self.dataset.load(i, self.settings.resolution, &self.device)?;
-            let p = encode_targets(&self.sd.vae, &s.pixel_values.unsqueeze(0)?)?;
-            cache.examples.push((p.mean, p.logvar, s.condition));
-            on_progress(i + 1, n);
-        }
-        let mut captions: Vec<String> = vec![String::new()];
-        captions.extend(self.dataset.examples.iter().flat_map(|e| e.captions.iter().cloned()));
-        for c in captions {
-            if let std::collections::hash_map::Entry::Vacant(slot) = cache.text.entry(c) {
-                let prompt = [slot.key().clone()];
-                let t = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, &prompt, &self.device)?;
-                slot.insert(t);
-            }
-        }
-        self.cache = Some(cache);
-        Ok(())
-    }
-
-    /// The next micro-batch's example indices, starting a new shuffled epoch when one is used up.
-    fn next_indices(&mut self, data_rng: &mut TorchGenerator) -> Vec<usize> {
-        if self.state.cursor >= self.state.order.len() {
-            self.state.epoch += 1;
-            self.state.order = randperm(self.dataset.len(), data_rng);
-            self.state.cursor = 0;
-        }
-        let end = (self.state.cursor + self.settings.batch_size).min(self.state.order.len());
-        let idx = self.state.order[self.state.cursor..end].to_vec();
-        self.state.cursor = end;
-        idx
-    }
-
-    /// Captions for a micro-batch: "" with probability `proportion_empty_prompts`, else one of the example's.
-    fn captions(&self, indices: &[usize], data_rng: &mut TorchGenerator) -> Vec<String> {
-        let p = self.settings.proportion_empty_prompts;
-        indices
-            .iter()
-            .map(|&i| {
-                let caps = &self.dataset.examples[i].captions;
-                if f64::from(data_rng.rand(1)[0]) < p {
-                    String::new()
-                } else if caps.len() == 1 {
-                    caps[0].clone()
-                } else {
-                    caps[data_rng.randint(0, caps.len() as i64, 1)[0] as usize].clone()
-                }
-            })
-            .collect()
-    }
-
-    /// Posterior, text embeddings and conditions of a micro-batch (from the cache, or computed now).
-    fn inputs(&self, indices: &[usize], captions: &[String]) -> Result<(DiagonalGaussian, Tensor, Tensor)> {
-        if let Some(cache) = &self.cache {
-            let pick = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
-                let parts: Vec<&Tensor> = indices.iter().map(|&i| f(&cache.examples[i])).collect();
-                Ok(Tensor::cat(&parts, 0)?)
-            };
-            let posterior = DiagonalGaussian { mean: pick(|e| &e.0)?, logvar: pick(|e| &e.1)? };
-            let conds: Vec<Tensor> =
-                indices.iter().map(|&i| cache.examples[i].2.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
-            let texts: Vec<&Tensor> = captions.iter().map(|c| &cache.text[c]).collect();
-            return Ok((posterior, Tensor::cat(&texts, 0)?, Tensor::cat(&conds, 0)?));
-        }
-        let samples = indices
-            .iter()
-            .map(|&i| self.dataset.load(i, self.settings.resolution, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        let pixels = Tensor::stack(&samples.iter().map(|s| &s.pixel_values).collect::<Vec<_>>(), 0)?;
-        let conds = Tensor::stack(&samples.iter().map(|s| &s.condition).collect::<Vec<_>>(), 0)?;
-        let posterior = encode_targets(&self.sd.vae, &pixels)?;
-        let text = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, captions, &self.device)?;
-        Ok((posterior, text, conds))
+        self.feed.fill_cache(&self.sd, on_progress)
     }
 
     /// One optimizer update (`gradient_accumulation_steps` micro-batches).
@@ -470,19 +285,22 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut samples = 0usize;
         for _ in 0..accum {
-            let indices = self.next_indices(&mut data_rng);
-            let captions = self.captions(&indices, &mut data_rng);
-            let (posterior, text, cond) = self.inputs(&indices, &captions)?;
+            let indices = self.feed.next_indices(&mut self.state, &mut data_rng);
+            let captions = self.feed.captions(&indices, &mut data_rng);
+            let (posterior, text, cond) = self.feed.inputs(&self.sd, &indices, &captions)?;
             let draws =
                 Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
             let out =
                 self.objective.loss(&self.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
             let loss: f32 = out.loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "the loss is {loss} at update {}: training diverged (lower --learning-rate?)",
-                    self.state.step + 1
-                )));
+                return Err(Error::setting(
+                    "learning_rate",
+                    format!(
+                        "the loss is {loss} at update {}: training diverged (try a lower one)",
+                        self.state.step + 1
+                    ),
+                ));
             }
             let store = (out.loss / accum as f64)?.backward()?;
             grads.accumulate(&self.params, &store, 1.0)?;
@@ -514,6 +332,7 @@ impl Trainer {
         // Log lines after the restored step belong to the abandoned continuation.
         validation::truncate_log(&self.run_dir.join(LOSS_LOG), self.state.step)?;
         validation::truncate_log(&self.run_dir.join(VALIDATION_LOG), self.state.step)?;
+        remove_later_grids(&self.run_dir.join(VALIDATION_DIR), self.state.step)?;
         while self.state.step < self.settings.max_steps {
             if stop.load(Ordering::SeqCst) {
                 let checkpoint = self.save_checkpoint()?;
@@ -562,7 +381,7 @@ impl Trainer {
             state: self.state.clone(),
             optimizer: steps,
             settings: self.settings.clone(),
-            dataset_len: self.dataset.len(),
+            dataset_len: self.feed.dataset.len(),
         };
         let saved = serde_json::to_value(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
@@ -656,7 +475,7 @@ impl Trainer {
         let mut records = Vec::new();
         for (cond_path, prompt) in &v.pairs {
             let cond_img = resize_center_crop(&crate::io::images::load_rgb(cond_path)?, r);
-            let image = condition_tensor(&cond_img, &self.device)?.unsqueeze(0)?;
+            let image = condition_tensor(&cond_img, self.feed.condition_channels, &self.device)?.unsqueeze(0)?;
             let control = Control { net, image, scale: 1.0, start: 0.0, end: 1.0 };
             let params = GenerateParams {
                 prompt: prompt.clone(),
@@ -691,6 +510,20 @@ impl Trainer {
     }
 }
 
+/// Removes `step-<N>.png` grids made after `step` (by a continuation that was abandoned for an earlier
+/// checkpoint), so the folder and `validation.jsonl` tell the same history.
+fn remove_later_grids(dir: &Path, step: u64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let later = name.strip_prefix("step-").and_then(|n| n.strip_suffix(".png")).and_then(|n| n.parse::<u64>().ok());
+        if later.is_some_and(|n| n > step) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::path::Path;
@@ -698,6 +531,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::io::weights::read_json;
     use crate::train::init::{controlnet_from_unet, InitOptions};
+    use crate::train::optimizer::AdamWConfig;
 
     const TINY_SD15: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15");
 
@@ -843,8 +677,8 @@ pub(crate) mod tests {
         t.fill_cache(&mut |_, _| {}).unwrap();
         let eval = |t: &Trainer| -> f32 {
             let idx: Vec<usize> = (0..4).collect();
-            let captions: Vec<String> = idx.iter().map(|&i| t.dataset.examples[i].captions[0].clone()).collect();
-            let (posterior, text, cond) = t.inputs(&idx, &captions).unwrap();
+            let captions: Vec<String> = idx.iter().map(|&i| t.feed.dataset.examples[i].captions[0].clone()).collect();
+            let (posterior, text, cond) = t.feed.inputs(&t.sd, &idx, &captions).unwrap();
             let mut total = 0.0;
             for seed in 0..4 {
                 let mut rng = TorchGenerator::new(100 + seed);

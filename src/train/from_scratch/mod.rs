@@ -95,7 +95,7 @@ impl Run<'_> {
         if self.targets.is_none() {
             let mut v = Vec::with_capacity(self.dataset.len());
             for i in 0..self.dataset.len() {
-                v.push(self.dataset.load(i, self.settings.resolution, self.device)?.pixel_values);
+                v.push(self.dataset.load(i, self.settings.resolution, 3, self.device)?.pixel_values);
             }
             self.targets = Some(v);
         }
