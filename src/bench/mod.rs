@@ -326,8 +326,10 @@ pub(crate) fn random_input(seed: u64, shape: &[usize], name: &str) -> Result<Ten
 
 /// Builds the preset's models with random weights and measures them. `progress` hears one line per phase.
 pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
-    if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
-        return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
+    let zero =
+        [("latent", opts.latent), ("batch", opts.batch), ("iters", opts.iters)].into_iter().find(|(_, v)| *v == 0);
+    if let Some((setting, _)) = zero {
+        return Err(Error::setting(setting, "must be at least 1"));
     }
     let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;

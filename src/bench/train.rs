@@ -70,8 +70,10 @@ pub struct TrainBenchReport {
 
 /// Builds the preset's UNet (locked) and ControlNet (trainable) with random weights and times training updates.
 pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
-    if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
-        return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
+    let zero =
+        [("latent", opts.latent), ("batch", opts.batch), ("iters", opts.iters)].into_iter().find(|(_, v)| *v == 0);
+    if let Some((setting, _)) = zero {
+        return Err(Error::setting(setting, "must be at least 1"));
     }
     let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;

@@ -68,10 +68,13 @@ impl Dataset {
             } else if path.join(METADATA_FILE).is_file() {
                 (path.join(METADATA_FILE), Layout::ImageFolder)
             } else {
-                return Err(Error::Invalid(format!(
-                    "--dataset {}: no {FILL50K_FILE} (fill50k layout) or {METADATA_FILE} (image folder) in it",
-                    path.display()
-                )));
+                return Err(Error::setting(
+                    "dataset",
+                    format!(
+                        "{}: no {FILL50K_FILE} (fill50k layout) or {METADATA_FILE} (image folder) in it",
+                        path.display()
+                    ),
+                ));
             }
         } else if path.is_file() {
             let layout = if path.file_name().is_some_and(|n| n == METADATA_FILE) {
@@ -81,7 +84,7 @@ impl Dataset {
             };
             (path.to_path_buf(), layout)
         } else {
-            return Err(Error::Invalid(format!("--dataset {}: no such file or folder", path.display())));
+            return Err(Error::setting("dataset", format!("{}: no such file or folder", path.display())));
         };
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
