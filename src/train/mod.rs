@@ -13,6 +13,7 @@
 //! - [`settings`]: what shapes a ControlNet run (defaults, checks, what a resumed run may change) and its
 //!   validation.
 //! - [`feed`]: which examples and captions each micro-batch takes, and their latents and conditions.
+//! - [`trainable`]: what a run trains (the ControlNet, with `unlock_decoder` the UNet decoder too).
 //! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
 //! - [`from_scratch`]: a small Stable Diffusion base trained from scratch (VAE, decoder, then UNet with the text
@@ -33,5 +34,6 @@ pub mod params;
 pub mod random_weights;
 pub mod resume;
 pub mod settings;
+pub mod trainable;
 pub mod trainer;
 pub mod validation;

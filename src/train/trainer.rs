@@ -31,12 +31,12 @@ use super::feed::{randperm, Feed};
 use super::files::{self, Entry};
 use super::objective::{Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWSteps, Grads};
-use super::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap, DECODER_PREFIXES};
+use super::params::{Params, TensorMap};
 use super::resume;
 pub use super::settings::{TrainSettings, ValidationSettings};
+use super::trainable::{Trainable, UNET_PREFIX};
 use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
-use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
 use crate::rng::{GeneratorState, TorchGenerator};
 use crate::schedulers::SchedulerKind;
@@ -57,8 +57,6 @@ const CK_STATE: &str = "state.json";
 /// Added to `--seed` for the data generator (shuffling, caption dropping): the golden-ratio constant's high
 /// word, so the two generators' low 32-bit seeds always differ.
 pub const DATA_SEED_OFFSET: u64 = 0x9E37_79B9;
-/// Prefix of the UNet's trainable tensors among the run's parameters.
-const UNET_PREFIX: &str = "unet.";
 
 /// Where the run is: saved in each checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,13 +115,8 @@ pub struct RunInputs {
 
 pub struct Trainer {
     sd: StableDiffusion,
-    unet_config: Value,
-    /// The UNet's locked tensors (only with an unlocked decoder: to rebuild inference copies and the result).
-    unet_locked: Option<TensorMap>,
-    controlnet: ControlNetModel,
-    controlnet_config: Value,
-    /// ControlNet tensors by name, the UNet's decoder as `unet.<name>`.
-    params: Params,
+    /// The ControlNet (and the UNet's decoder) being trained.
+    nets: Trainable,
     optimizer: AdamW,
     objective: Objective,
     /// The examples each micro-batch takes, and their latents, embeddings and conditions.
@@ -155,31 +148,7 @@ impl Trainer {
                 ),
             ));
         }
-        let (controlnet, mut params) = trainable_controlnet(&cn_config, controlnet, &device)?;
-        controlnet.check_compatible(sd.unet.config())?;
-        let mut unet_locked = None;
-        let unet_config = match unet {
-            Some((config_json, tensors)) => {
-                let config: UNet2DConditionConfig = serde_json::from_value(config_json.clone())
-                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
-                if settings.unlock_decoder {
-                    let locked: TensorMap = tensors
-                        .iter()
-                        .filter(|(k, _)| !DECODER_PREFIXES.iter().any(|p| k.starts_with(p)))
-                        .map(|(k, t)| (k.clone(), t.clone()))
-                        .collect();
-                    let (unet, decoder) = unet_with_decoder(&config, tensors, true, &device)?;
-                    sd.unet = unet;
-                    params = params.merged(decoder, UNET_PREFIX);
-                    unet_locked = Some(locked);
-                }
-                config_json
-            }
-            None if settings.unlock_decoder => {
-                return Err(Error::setting("unlock_decoder", "needs the base UNet's tensors (RunInputs::unet)"))
-            }
-            None => Value::Null,
-        };
+        let nets = Trainable::new(controlnet_config, controlnet, unet, settings.unlock_decoder, &mut sd)?;
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
         let mut data_rng = TorchGenerator::new(settings.seed.wrapping_add(DATA_SEED_OFFSET));
@@ -194,11 +163,7 @@ impl Trainer {
         };
         Ok(Self {
             sd,
-            unet_config,
-            unet_locked,
-            controlnet,
-            controlnet_config,
-            params,
+            nets,
             optimizer: AdamW::new(settings.adamw),
             objective,
             feed: Feed::new(dataset, &settings, condition_channels, &device),
@@ -248,7 +213,7 @@ impl Trainer {
                 tensors.insert(format!("{UNET_PREFIX}{k}"), t);
             }
         }
-        self.params.load(&tensors, dir)?;
+        self.nets.params.load(&tensors, dir)?;
         let moments = files::read_tensors(dir, CK_OPTIMIZER)?;
         let moments =
             moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&self.device)?))).collect::<Result<TensorMap>>()?;
@@ -266,7 +231,7 @@ impl Trainer {
     }
 
     pub fn params(&self) -> &Params {
-        &self.params
+        &self.nets.params
     }
 
     /// Encodes every example's target and condition, and every caption, once (`--cache`).
@@ -291,7 +256,7 @@ impl Trainer {
             let draws =
                 Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
             let out =
-                self.objective.loss(&self.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
+                self.objective.loss(&self.nets.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
             let loss: f32 = out.loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss.is_finite() {
                 return Err(Error::setting(
@@ -303,13 +268,13 @@ impl Trainer {
                 ));
             }
             let store = (out.loss / accum as f64)?.backward()?;
-            grads.accumulate(&self.params, &store, 1.0)?;
+            grads.accumulate(&self.nets.params, &store, 1.0)?;
             loss_sum += f64::from(loss);
             samples += indices.len();
         }
         let grad_norm = grads.clip_norm(self.settings.max_grad_norm)?;
         let lr = warmup_lr(self.settings.adamw.lr, self.settings.lr_warmup_steps, self.state.step as usize);
-        self.optimizer.step(&self.params, &grads, lr)?;
+        self.optimizer.step(&self.nets.params, &grads, lr)?;
         self.state.step += 1;
         self.state.data_rng = data_rng.state();
         self.state.noise_rng = noise_rng.state();
@@ -369,13 +334,8 @@ impl Trainer {
                 return Ok(dir);
             }
         }
-        let snapshot = self.params.snapshot()?;
-        let controlnet: TensorMap =
-            snapshot.iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).map(|(k, t)| (k.clone(), t.clone())).collect();
-        let decoder: TensorMap = snapshot
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix(UNET_PREFIX).map(|k| (k.to_string(), t.clone())))
-            .collect();
+        let controlnet = self.nets.controlnet_tensors()?;
+        let decoder = self.nets.decoder_tensors()?;
         let (moments, steps) = self.optimizer.state();
         let saved = SavedState {
             state: self.state.clone(),
@@ -388,7 +348,7 @@ impl Trainer {
         let cn_config_file = format!("{CK_CONTROLNET}/config.json");
         let mut entries = vec![
             Entry::Tensors(&cn_file, &controlnet),
-            Entry::Json(&cn_config_file, &self.controlnet_config),
+            Entry::Json(&cn_config_file, &self.nets.controlnet_config),
             Entry::Tensors(CK_OPTIMIZER, &moments),
             Entry::Json(CK_STATE, &saved),
         ];
@@ -403,19 +363,11 @@ impl Trainer {
     /// `RUN_DIR/controlnet` (and `RUN_DIR/unet` with an unlocked decoder): diffusers folders.
     pub fn save_result(&self) -> Result<PathBuf> {
         let out = self.run_dir.join(RESULT_DIR);
-        files::write_diffusers_folder(&out, &self.controlnet_config, &self.controlnet_tensors()?)?;
-        if let Some(locked) = &self.unet_locked {
-            let mut all = locked.clone();
-            for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
-                all.insert(k, t);
-            }
-            files::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.unet_config, &all)?;
+        files::write_diffusers_folder(&out, &self.nets.controlnet_config, &self.nets.controlnet_tensors()?)?;
+        if let Some(all) = self.nets.unet_tensors()? {
+            files::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.nets.unet_config, &all)?;
         }
         Ok(out)
-    }
-
-    fn controlnet_tensors(&self) -> Result<TensorMap> {
-        Ok(self.params.snapshot()?.into_iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).collect())
     }
 
     /// Redraws `loss.png` from `loss.jsonl`.
@@ -428,27 +380,7 @@ impl Trainer {
     /// the condition, then the images) and a line per pair in `validation.jsonl`. Returns the grid's path.
     pub fn validate(&mut self) -> Result<Option<PathBuf>> {
         let Some(v) = self.validation.clone() else { return Ok(None) };
-        // Inference copies, detached from the graph (generation must not record 20 steps of activations).
-        let cn_config: ControlNetConfig = serde_json::from_value(self.controlnet_config.clone())
-            .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
-        let tensors = self.controlnet_tensors()?;
-        let net =
-            ControlNetModel::new(&cn_config, candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &self.device))?;
-        let trained_unet = match &self.unet_locked {
-            Some(locked) => {
-                let mut all = locked.clone();
-                for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
-                    all.insert(k, t);
-                }
-                let config: UNet2DConditionConfig = serde_json::from_value(self.unet_config.clone())
-                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
-                Some(UNet2DConditionModel::new(
-                    &config,
-                    candle_nn::VarBuilder::from_tensors(all, DType::F32, &self.device),
-                )?)
-            }
-            None => None,
-        };
+        let (net, trained_unet) = self.nets.inference_copies(&self.device)?;
         let training_unet = trained_unet.map(|u| std::mem::replace(&mut self.sd.unet, u));
         let result = self.generate_validation(&v, &net);
         if let Some(u) = training_unet {
@@ -530,6 +462,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::io::weights::read_json;
+    use crate::model::unet::UNet2DConditionModel;
     use crate::train::init::{controlnet_from_unet, InitOptions};
     use crate::train::optimizer::AdamWConfig;
 
@@ -684,8 +617,10 @@ pub(crate) mod tests {
                 let mut rng = TorchGenerator::new(100 + seed);
                 let draws = Draws::draw(&mut rng, posterior.mean.dims(), 1000, &Device::Cpu).unwrap();
                 let scaling = t.sd.vae.config().scaling_factor;
-                let out =
-                    t.objective.loss(&t.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws).unwrap();
+                let out = t
+                    .objective
+                    .loss(&t.nets.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws)
+                    .unwrap();
                 total += out.loss.to_scalar::<f32>().unwrap();
             }
             total / 4.0
