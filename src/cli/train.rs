@@ -376,7 +376,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             Ok(())
         }
         RunEnd::Interrupted { step, checkpoint } => {
-            println!("interrupted at update {step}; saved {}; to continue:", checkpoint.display());
+            println!(
+                "interrupted at update {step}; saved {} (its controlnet/ loads in generate); to continue:",
+                checkpoint.display()
+            );
             println!("  {}", resume_command(&run_dir));
             exit_interrupted()
         }
