@@ -146,14 +146,11 @@ fn write_folder(
     result.with_context(|| format!("writing {}", out.display()))
 }
 
-/// Refuses an input that is some other kind of model, saying what it is (a pipeline folder has no config.json
-/// of its own, so loading it would only say that file is missing).
+/// Refuses a folder without a config.json that is some other kind of model, saying what it is (a pipeline folder
+/// has no config.json of its own, so loading it would only say that file is missing).
 fn check_is_controlnet(input: &Path) -> anyhow::Result<()> {
-    if input.is_dir() && input.join("config.json").is_file() {
-        return Ok(()); // the loader checks the class and says what the folder holds
-    }
-    if !input.exists() {
-        return Ok(()); // the loader names the missing path
+    if !input.is_dir() || input.join("config.json").is_file() {
+        return Ok(()); // the loaders say what a file or a folder's class is, or that the path is missing
     }
     match crate::io::inspect::inspect(input) {
         Ok(i) if matches!(i.kind, ModelKind::ControlNet | ModelKind::Unknown) => Ok(()),
