@@ -157,3 +157,204 @@ fn missing_images_are_listed_together() {
     }
     assert!(err.contains("2 of 2 examples"), "{err}");
 }
+
+/// Runs `controlnet ARGS` in the background, its output piped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the controlnet binary starts")
+}
+
+/// Waits (at most `secs`) until `path` holds a line: the run has taken a step.
+fn wait_for_a_line(child: &mut std::process::Child, path: &std::path::Path, secs: u64) {
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(path).is_ok_and(|t| t.lines().count() > 0) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut err);
+            }
+            panic!("exited early ({status}): {err}");
+        }
+        if start.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            panic!("no step within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Sends Ctrl-C's signal and waits (at most `secs`) for the process to end; its status and output.
+fn interrupt(mut child: std::process::Child, secs: u64) -> (Option<i32>, String, String) {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success(), "kill -INT failed");
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            panic!("still running {secs} s after SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), stdout(&out), stderr(&out))
+}
+
+/// Ctrl-C during `train` saves a checkpoint, exits 130 (as an interrupted process) and prints the command that
+/// continues; that command needs no model, data or settings flags: the run folder has them.
+#[test]
+fn ctrl_c_stops_train_with_130_and_the_resume_command_continues() {
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let args = [
+        "train",
+        "--model",
+        MODEL,
+        "--init",
+        "--dataset",
+        DATA,
+        "--output",
+        run_s,
+        "--resolution",
+        "32",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "100000",
+        "--checkpointing-steps",
+        "0",
+        "--learning-rate",
+        "1e-4",
+        "--quiet",
+    ];
+    let mut child = spawn(&args);
+    wait_for_a_line(&mut child, &run.join("loss.jsonl"), 300);
+    let (code, out, err) = interrupt(child, 300);
+    assert_eq!(code, Some(130), "stdout: {out}\nstderr: {err}");
+    assert!(!run.join("controlnet").exists());
+    let step: u64 = out
+        .split("interrupted at update ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no step in {out}"));
+    assert!(run.join(format!("checkpoint-{step}")).is_dir(), "{out}");
+    let command = out.lines().find(|l| l.contains("--resume")).unwrap_or_else(|| panic!("no command in {out}"));
+    let mut words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[..2], ["controlnet", "train"], "{command}");
+    assert!(!words.contains(&"--model") && words.contains(&run_s), "{command}");
+    // The printed command, one update further.
+    let more = (step + 1).to_string();
+    words.extend(["--max-steps", &more]);
+    let out = controlnet(&words[1..]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("resuming with --max-steps") && err.contains("resuming from"), "{err}");
+    assert!(run.join("controlnet").is_dir());
+    // A resumed run keeps what shapes the trajectory.
+    let out = controlnet(&["train", "--output", run_s, "--resume", "--max-steps", "9", "--batch-size", "2"]);
+    assert!(!out.status.success() && stderr(&out).contains("--batch-size"), "{}", stderr(&out));
+}
+
+/// Ctrl-C during `train-base`: a checkpoint, status 130, and how to continue.
+#[test]
+fn ctrl_c_stops_train_base_with_130() {
+    let dir = temp_dir();
+    let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+    let out = controlnet(&["dataset", "circles", "--count", "2", "--size", "32", "-o", data.to_str().unwrap(), "-q"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = spawn(&[
+        "train-base",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--vae-crop",
+        "16",
+        "--vae-batch-size",
+        "1",
+        "--vae-steps",
+        "100000",
+        "--checkpointing-steps",
+        "0",
+        "-q",
+    ]);
+    wait_for_a_line(&mut child, &run.join("vae").join("loss.jsonl"), 300);
+    let (code, out, err) = interrupt(child, 300);
+    assert_eq!(code, Some(130), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("run the same command again") && out.contains("train-base"), "{out}");
+    assert!(std::fs::read_dir(run.join("vae"))
+        .unwrap()
+        .any(|e| { e.unwrap().file_name().to_string_lossy().starts_with("checkpoint-") }));
+}
+
+/// `init` refuses a hint encoder that does not reach the latent size and a model that is not a base model,
+/// naming the flag and what was expected; its weights are written 0644 under umask 022, as other outputs.
+#[test]
+fn init_checks_its_inputs_and_writes_ordinary_files() {
+    let dir = temp_dir();
+    let out_dir = dir.path().join("cn");
+    let out =
+        controlnet(&["init", "--model", MODEL, "--output", out_dir.to_str().unwrap(), "--hint-channels", "16,32"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("--hint-channels") && err.contains("4 entries"), "{err}");
+    assert!(!out_dir.exists());
+    let cn = "tests/fixtures/models/tiny-controlnet-a";
+    let out = controlnet(&["init", "--model", cn, "--output", out_dir.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("--model") && err.contains("is a ControlNet"), "{err}");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = env!("CARGO_BIN_EXE_controlnet");
+        let script = format!("umask 022; exec '{bin}' init --model {MODEL} --output '{}'", out_dir.display());
+        let out = std::process::Command::new("sh").args(["-c", &script]).current_dir(repo()).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            let mode = std::fs::metadata(out_dir.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{f}");
+        }
+    }
+}
+
+/// A ControlNet made for 1-channel conditions trains: the dataset's condition images are read as grey.
+#[test]
+fn a_one_channel_controlnet_trains_on_grey_conditions() {
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    let out = controlnet(&[
+        "train",
+        "--model",
+        MODEL,
+        "--init",
+        "--conditioning-channels",
+        "1",
+        "--dataset",
+        DATA,
+        "--output",
+        run.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("controlnet/config.json")).unwrap()).unwrap();
+    assert_eq!(config["conditioning_channels"], 1);
+}

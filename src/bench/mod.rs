@@ -316,14 +316,20 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 /// Seeded uniform [-1, 1) input of a shape (inputs need no particular distribution either).
 pub(crate) fn random_input(seed: u64, shape: &[usize], name: &str) -> Result<Tensor> {
     let shape = candle_core::Shape::from(shape);
-    let values = random::uniform(seed ^ INPUT_SEED_OFFSET ^ random::hash_name(name), shape.elem_count(), 1.0);
+    let values = crate::train::random_weights::uniform(
+        seed ^ INPUT_SEED_OFFSET ^ crate::train::random_weights::hash_name(name),
+        shape.elem_count(),
+        1.0,
+    );
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 
 /// Builds the preset's models with random weights and measures them. `progress` hears one line per phase.
 pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
-    if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
-        return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
+    let zero =
+        [("latent", opts.latent), ("batch", opts.batch), ("iters", opts.iters)].into_iter().find(|(_, v)| *v == 0);
+    if let Some((setting, _)) = zero {
+        return Err(Error::setting(setting, "must be at least 1"));
     }
     let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;

@@ -3,67 +3,13 @@
 //!
 //! Values only need the right scale (so activations stay finite, like a real checkpoint's), not a particular
 //! distribution: uniform numbers cost a multiply-add each, a Gaussian per element would dominate building a
-//! 1.3-billion-parameter UNet + ControlNet + VAE.
+//! 1.3-billion-parameter UNet + ControlNet + VAE. The numbers come from [`crate::train::random_weights`], which
+//! the from-scratch training draws its starting weights from too (bench uses train, never the other way).
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-/// Elements generated per work item; each chunk has its own stream, so the values do not depend on the
-/// number of threads.
-const CHUNK: usize = 1 << 20;
-
-/// SplitMix64 (Steele, Lea, Flood 2014): one add, two multiplies per 64 random bits.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// FNV-1a: a stable per-name seed, so a tensor's values do not depend on the order models ask for them.
-pub(crate) fn hash_name(name: &str) -> u64 {
-    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3))
-}
-
-/// `n` values uniform in [-bound, bound), two per 64-bit draw, filled in parallel chunks.
-pub fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    // 24 random bits per value: the f32 mantissa width, so every value is exactly representable.
-    let scale = 2.0 * bound / (1u32 << 24) as f32;
-    let fill = |(index, chunk): (usize, &mut [f32])| {
-        let mut rng = SplitMix64(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        for pair in chunk.chunks_mut(2) {
-            let bits = rng.next();
-            for (k, v) in pair.iter_mut().enumerate() {
-                let r = ((bits >> (32 * k + 8)) & 0xFF_FFFF) as f32;
-                *v = r * scale - bound;
-            }
-        }
-    };
-    let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
-    let threads = candle_core::utils::get_num_threads().clamp(1, chunks.len().max(1));
-    if threads == 1 {
-        chunks.into_iter().for_each(fill);
-    } else {
-        // Deal the chunks round-robin to the threads.
-        let mut lanes: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-        for (i, c) in chunks.into_iter().enumerate() {
-            lanes[i % threads].push(c);
-        }
-        std::thread::scope(|s| {
-            for lane in lanes {
-                s.spawn(move || lane.into_iter().for_each(fill));
-            }
-        });
-    }
-    out
-}
+use crate::train::random_weights::{hash_name, uniform};
 
 /// A `VarBuilder` backend of seeded random weights, scaled like a trained network's: matrices and kernels
 /// uniform with variance 1/fan_in (fan_in = all dims but the first), one-dimensional `weight`s (norm scales)
@@ -114,19 +60,6 @@ impl SimpleBackend for RandomWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seeded_scaled_and_independent_of_threads() {
-        let a = uniform(7, 3 * CHUNK + 5, 0.5);
-        assert_eq!(a, uniform(7, 3 * CHUNK + 5, 0.5), "same seed, same values");
-        assert_ne!(a[..100], uniform(8, 100, 0.5)[..], "another seed, other values");
-        assert!(a.iter().all(|v| (-0.5..0.5).contains(v)));
-        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
-        let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 1e-3 && (var - 0.25 / 3.0).abs() < 1e-3, "mean {mean}, var {var}");
-        // The first chunk does not depend on how long the tensor is (per-chunk streams).
-        assert_eq!(a[..10], uniform(7, 10, 0.5)[..]);
-    }
 
     #[test]
     fn shapes_get_their_scale() {

@@ -20,7 +20,7 @@ use super::{
 use crate::model::unet::UNet2DConditionModel;
 use crate::train::optimizer::{AdamW, AdamWConfig, Grads};
 use crate::train::params::trainable_controlnet;
-use crate::train::scratch;
+use crate::train::random_weights;
 use crate::{Error, Result};
 
 /// `--max-grad-norm`'s default in `controlnet train` and diffusers' script.
@@ -70,8 +70,10 @@ pub struct TrainBenchReport {
 
 /// Builds the preset's UNet (locked) and ControlNet (trainable) with random weights and times training updates.
 pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<TrainBenchReport> {
-    if opts.latent == 0 || opts.batch == 0 || opts.iters == 0 {
-        return Err(Error::Invalid("--latent, --batch and --iters must be at least 1".into()));
+    let zero =
+        [("latent", opts.latent), ("batch", opts.batch), ("iters", opts.iters)].into_iter().find(|(_, v)| *v == 0);
+    if let Some((setting, _)) = zero {
+        return Err(Error::setting(setting, "must be at least 1"));
     }
     let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
@@ -89,7 +91,7 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     reset_peak_rss();
     let start = Instant::now();
     let unet = UNet2DConditionModel::new(&unet_cfg, RandomWeights::new(opts.seed).var_builder(DType::F32, &dev))?;
-    let tensors = scratch::draw(opts.seed, |vb| crate::model::controlnet::ControlNetModel::new(&cn_cfg, vb))?;
+    let tensors = random_weights::draw(opts.seed, |vb| crate::model::controlnet::ControlNetModel::new(&cn_cfg, vb))?;
     let (controlnet, params) = trainable_controlnet(&cn_cfg, tensors, &dev)?;
     let build_s = start.elapsed().as_secs_f64();
     let mut optimizer = AdamW::new(AdamWConfig::default());

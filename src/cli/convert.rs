@@ -10,8 +10,10 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
+use serde_json::Value;
+
 use crate::io::checkpoint::{save_safetensors_atomic, Checkpoint};
-use crate::io::detect::{detect, Format};
+use crate::io::detect::{detect, Format, ModelKind};
 use crate::io::single_file::{cast_floats, controlnet_to_original, load_controlnet, load_controlnet_file_with};
 use crate::io::weights::DIFFUSERS_STEM;
 
@@ -47,10 +49,17 @@ pub struct ConvertArgs {
     pub force: bool,
 }
 
+/// The safetensors metadata key an original-layout file keeps its diffusers `config.json` under, so converting
+/// back gives every field again (the original layout has no config; one inferred from the tensors cannot know
+/// `attention_head_dim`, the diffusers version, ...).
+const CONFIG_METADATA: &str = "diffusers_config";
+
 pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     // 1. Read: any layout into diffusers names + config.
     let input = crate::io::hub::resolve(&args.input.to_string_lossy(), None)?;
     let args = &ConvertArgs { input, ..args.clone() };
+    crate::io::atomic::check_output_is_not_input("output", &args.output, &[&args.input])?;
+    check_is_controlnet(&args.input)?;
     let input_format = if args.input.is_dir() {
         Format::Diffusers
     } else {
@@ -62,6 +71,11 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     } else {
         load_controlnet_file_with(&args.input, args.config.as_deref())?
     };
+    if args.config.is_none() && !args.input.is_dir() {
+        if let Some(config) = embedded_config(&args.input)? {
+            c.config = config;
+        }
+    }
     let target = args.to.unwrap_or(match input_format {
         Format::Original => Target::Diffusers,
         Format::Diffusers => Target::Original,
@@ -88,7 +102,7 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
                     args.output.display()
                 );
             }
-            save_safetensors_atomic(&controlnet_to_original(&c.tensors)?, &args.output)?;
+            write_original(&args.output, &controlnet_to_original(&c.tensors)?, &c.config)?;
         }
     }
     let size: u64 = walk_size(&args.output);
@@ -130,6 +144,87 @@ fn write_folder(
         std::fs::remove_dir_all(&tmp).ok();
     }
     result.with_context(|| format!("writing {}", out.display()))
+}
+
+/// Refuses a folder without a config.json that is some other kind of model, saying what it is (a pipeline folder
+/// has no config.json of its own, so loading it would only say that file is missing).
+fn check_is_controlnet(input: &Path) -> anyhow::Result<()> {
+    if !input.is_dir() || input.join("config.json").is_file() {
+        return Ok(()); // the loaders say what a file or a folder's class is, or that the path is missing
+    }
+    match crate::io::inspect::inspect(input) {
+        Ok(i) if matches!(i.kind, ModelKind::ControlNet | ModelKind::Unknown) => Ok(()),
+        Ok(i) => bail!(
+            "{} is a {} ({}); expected a ControlNet: a diffusers folder with config.json, or a single weights file",
+            input.display(),
+            i.kind,
+            i.description
+        ),
+        Err(_) => Ok(()), // the loader says why it cannot be read
+    }
+}
+
+/// An original-layout `.safetensors` with the diffusers config in its metadata ([`CONFIG_METADATA`]), written
+/// atomically.
+fn write_original(out: &Path, tensors: &crate::io::checkpoint::TensorMap, config: &Value) -> anyhow::Result<()> {
+    let config = serde_json::to_string(config)?;
+    crate::io::atomic::write_atomic(out, |tmp| {
+        let plain = tmp.with_extension("plain");
+        let result = candle_core::safetensors::save(tensors, &plain)
+            .map_err(|e| crate::Error::weights(out, format!("writing: {e}")))
+            .and_then(|()| with_metadata(&plain, tmp, CONFIG_METADATA, &config));
+        let _ = std::fs::remove_file(&plain);
+        result
+    })?;
+    Ok(())
+}
+
+/// Copies the safetensors file `from` to `to` with `key: value` added to its header's `__metadata__` (the data
+/// offsets are relative to the end of the header, so the data is copied as is).
+fn with_metadata(from: &Path, to: &Path, key: &str, value: &str) -> crate::Result<()> {
+    use std::io::{Read, Write};
+    let io = |e| crate::Error::io(from, e);
+    let mut input = std::io::BufReader::new(std::fs::File::open(from).map_err(io)?);
+    let mut header = read_header(&mut input, from)?;
+    let meta = header.as_object_mut().ok_or_else(|| crate::Error::weights(from, "header is not an object"))?;
+    let entry = meta.entry("__metadata__").or_insert_with(|| Value::Object(Default::default()));
+    if let Some(m) = entry.as_object_mut() {
+        m.insert(key.to_string(), Value::String(value.to_string()));
+    }
+    let mut text = serde_json::to_string(&header).map_err(|e| crate::Error::weights(from, e))?;
+    while text.len() % 8 != 0 {
+        text.push(' '); // the format pads its header to 8 bytes with spaces
+    }
+    let mut output = std::io::BufWriter::new(std::fs::File::create(to).map_err(|e| crate::Error::io(to, e))?);
+    let out_io = |e| crate::Error::io(to, e);
+    output.write_all(&(text.len() as u64).to_le_bytes()).map_err(out_io)?;
+    output.write_all(text.as_bytes()).map_err(out_io)?;
+    let mut data = Vec::new();
+    input.read_to_end(&mut data).map_err(io)?;
+    output.write_all(&data).map_err(out_io)?;
+    output.into_inner().map_err(|e| out_io(e.into_error()))?.sync_all().map_err(out_io)
+}
+
+/// The JSON header of a safetensors stream (the reader is left at the data).
+fn read_header(input: &mut impl std::io::Read, path: &Path) -> crate::Result<Value> {
+    let mut len = [0u8; 8];
+    input.read_exact(&mut len).map_err(|e| crate::Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(crate::Error::weights(path, format!("a {len}-byte header is not a safetensors header")));
+    }
+    let mut text = vec![0u8; len as usize];
+    input.read_exact(&mut text).map_err(|e| crate::Error::io(path, e))?;
+    serde_json::from_slice(&text).map_err(|e| crate::Error::weights(path, format!("header: {e}")))
+}
+
+/// The diffusers config a file written by [`write_original`] carries (None for other files).
+fn embedded_config(path: &Path) -> anyhow::Result<Option<Value>> {
+    let Ok(file) = std::fs::File::open(path) else { return Ok(None) };
+    let Ok(header) = read_header(&mut std::io::BufReader::new(file), path) else { return Ok(None) };
+    let Some(text) = header["__metadata__"][CONFIG_METADATA].as_str() else { return Ok(None) };
+    let config = serde_json::from_str(text).with_context(|| format!("{}: {CONFIG_METADATA}", path.display()))?;
+    Ok(Some(config))
 }
 
 fn walk_size(p: &Path) -> u64 {
@@ -211,5 +306,56 @@ mod tests {
         let err =
             convert(&fixture("models/tiny-sd15/unet"), &dir.path().join("y"), None, None).unwrap_err().to_string();
         assert!(err.contains("expected a ControlNet"), "{err}");
+        // A pipeline folder: said what it is (it has no config.json of its own).
+        let err = convert(&fixture("models/tiny-sd15"), &dir.path().join("z"), None, None).unwrap_err().to_string();
+        assert!(err.contains("pipeline") && err.contains("expected a ControlNet"), "{err}");
+        // The output is one of the inputs.
+        let orig = dir.path().join("o.safetensors");
+        convert(&twin, &orig, None, None).unwrap();
+        let err = run(&ConvertArgs {
+            input: orig.clone(),
+            output: orig.clone(),
+            to: None,
+            dtype: None,
+            config: None,
+            force: true,
+        })
+        .unwrap_err();
+        assert!(crate::cli::describe(&err).contains("--output"), "{err}");
+    }
+
+    /// diffusers → original → diffusers gives the same config.json, every field (attention_head_dim, the
+    /// version, ...), not one inferred from the tensors.
+    #[test]
+    fn round_trips_keep_every_config_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let twin = fixture("models/tiny-controlnet-a");
+        let orig = dir.path().join("o.safetensors");
+        convert(&twin, &orig, None, None).unwrap();
+        let back = dir.path().join("back");
+        convert(&orig, &back, None, None).unwrap();
+        let read = |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+        assert_eq!(read(&back.join("config.json")), read(&twin.join("config.json")));
+        // The original file still loads as one.
+        crate::io::single_file::load_controlnet_file(&orig).unwrap();
+    }
+
+    /// Weight files get the permissions other outputs get (File::create's, 0644 under umask 022), not the
+    /// safetensors writer's private 0600.
+    #[cfg(unix)]
+    #[test]
+    fn weight_files_are_not_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let usual = dir.path().join("usual");
+        std::fs::File::create(&usual).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let twin = fixture("models/tiny-controlnet-a");
+        let orig = dir.path().join("o.safetensors");
+        convert(&twin, &orig, None, None).unwrap();
+        let back = dir.path().join("back");
+        convert(&orig, &back, None, None).unwrap();
+        assert_eq!(mode(&orig), mode(&usual));
+        assert_eq!(mode(&back.join("diffusion_pytorch_model.safetensors")), mode(&usual));
     }
 }

@@ -7,8 +7,10 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::pipeline::sd::LoadOptions;
-use crate::train::checkpoint::write_diffusers_folder;
-use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, InitReport, DEFAULT_HINT_CHANNELS};
+use crate::train::files::write_diffusers_folder;
+use crate::train::init::{
+    controlnet_from_unet, load_base_unet, vae_scale_factor, InitOptions, InitReport, DEFAULT_HINT_CHANNELS,
+};
 use crate::train::params::TensorMap;
 
 #[derive(Args, Debug)]
@@ -19,7 +21,7 @@ pub struct InitArgs {
     /// Where to write the ControlNet folder (config.json + diffusion_pytorch_model.safetensors).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    /// Channels of the condition images it will read.
+    /// Channels of the condition images it will read (3: RGB; 1: grey, which `train` makes from the images).
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub conditioning_channels: usize,
     /// Channels of the hint encoder's convolutions (diffusers' conditioning_embedding_out_channels); one stride-2
@@ -45,11 +47,14 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         prediction_type: None,
         config_dir: None,
     };
-    let (unet_config, unet) = load_base_unet(&args.model, &opts)?;
+    let path = crate::io::hub::resolve(&args.model, None)?;
+    crate::io::atomic::check_output_is_not_input("output", &args.output, &[&path])?;
+    let (unet_config, unet) = load_base_unet(&path.to_string_lossy(), &opts)?;
     let init = InitOptions {
         conditioning_channels: args.conditioning_channels,
         hint_channels: args.hint_channels.clone(),
         seed: args.seed,
+        vae_scale_factor: vae_scale_factor(&path)?,
     };
     let new = controlnet_from_unet(&unet_config, &unet, &init)?;
     write_diffusers_folder(&args.output, &new.config, &new.tensors)?;

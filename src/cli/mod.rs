@@ -40,7 +40,7 @@ pub enum Command {
     Init(init::InitArgs),
     /// Train a ControlNet on your own (target image, condition, caption) data.
     Train(train::TrainArgs),
-    /// Train a small Stable Diffusion base from scratch (VAE, UNet; frozen text encoder): the demo model's recipe.
+    /// Train a small Stable Diffusion base from scratch (VAE, then UNet and text encoder): the demo model's recipe.
     TrainBase(train_base::TrainBaseArgs),
     /// Measure speed and memory of the full-size UNet, ControlNet and VAE (random weights, no downloads).
     Bench(bench::BenchArgs),

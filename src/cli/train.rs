@@ -3,82 +3,101 @@
 //!
 //! RUN_DIR receives `checkpoint-<step>/` folders, `loss.jsonl` + `loss.png`, `validation/step-<N>.png` +
 //! `validation.jsonl`, `train_config.json`, and at the end `controlnet/` (a diffusers ControlNet folder that
-//! `generate` and diffusers load; plus `unet/` with `--unlock-decoder`). Ctrl-C saves a checkpoint and stops;
-//! `--resume` continues exactly where the newest valid checkpoint left off.
-use std::path::PathBuf;
+//! `generate` and diffusers load; plus `unet/` with `--unlock-decoder`). Ctrl-C saves a checkpoint and exits with
+//! status 130, printing the command that continues; `--resume` continues exactly where the newest valid checkpoint
+//! left off, with the run's saved settings: only the flags that change something need typing again.
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::DType;
 use clap::Args;
 
+use super::progress::Progress;
 use crate::io::single_file::load_controlnet;
 use crate::pipeline::sd::LoadOptions;
 use crate::pipeline::StableDiffusion;
-use crate::train::checkpoint;
 use crate::train::dataset::Dataset;
 use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, DEFAULT_HINT_CHANNELS};
-use crate::train::optimizer::AdamWConfig;
-use crate::train::trainer::{RunEnd, RunInputs, TrainSettings, Trainer, ValidationSettings, RESULT_DIR};
+use crate::train::resume;
+use crate::train::settings::{fidelity_by_name, TrainSettings, ValidationSettings};
+use crate::train::trainer::{RunEnd, RunInputs, Trainer, RESULT_DIR, RESULT_UNET_DIR};
 
+/// The run's own record of how it was started (`RUN_DIR/train_config.json`); `--resume` reads it back.
+const RUN_CONFIG: &str = "train_config.json";
+
+/// Settings flags are optional: a new run takes the library's defaults (shown in each help line), a resumed
+/// run the values its checkpoint was trained with.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// The base Stable Diffusion 1.x/2.x (locked): a diffusers pipeline folder, a single-file checkpoint or a hub id.
+    /// The base Stable Diffusion 1.x/2.x (locked): a diffusers pipeline folder, a single-file checkpoint or a hub id
+    /// [with --resume: the run's].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
-    pub model: String,
+    pub model: Option<String>,
     /// The ControlNet to train further (diffusers folder, original file or hub id).
     #[arg(long, value_name = "DIR_FILE_OR_ID", conflicts_with = "init")]
     pub controlnet: Option<String>,
     /// Start from a new ControlNet made from the base UNet (as `controlnet init`).
     #[arg(long)]
     pub init: bool,
-    /// Condition channels of the new ControlNet (with --init).
+    /// Condition channels of the new ControlNet (with --init): 3 reads the condition images as RGB, 1 as grey.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub conditioning_channels: usize,
-    /// Channels of the hint encoder's convolutions (diffusers' conditioning_embedding_out_channels); one stride-2
-    /// step between consecutive entries, so 4 entries take the condition to the latent size of an 8x VAE.
+    /// Channels of the hint encoder's convolutions (with --init; diffusers' conditioning_embedding_out_channels);
+    /// one stride-2 step between consecutive entries, so 4 entries take the condition to the latent size of an
+    /// 8x VAE.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_HINT_CHANNELS, value_name = "C,C,..")]
     pub hint_channels: Vec<usize>,
-    /// The data: a fill50k-style prompt.json (or its folder), or a folder with metadata.jsonl.
+    /// The data: a fill50k-style prompt.json (or its folder), or a folder with metadata.jsonl [with --resume: the
+    /// run's].
     #[arg(long, value_name = "PATH")]
-    pub dataset: PathBuf,
+    pub dataset: Option<PathBuf>,
     /// The run folder (checkpoints, logs, validation images, the result).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    /// Continue from the newest valid checkpoint in OUTPUT (`--resume`) or from a checkpoint folder.
+    /// Continue from the newest valid checkpoint in OUTPUT (`--resume`) or from a checkpoint folder, with the
+    /// run's saved settings (flags given override those that may change).
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "latest|CHECKPOINT")]
     pub resume: Option<String>,
-    /// Training images are resized (shorter side) and centre-cropped to this square size.
-    #[arg(long, default_value_t = 512, value_name = "PX")]
-    pub resolution: u32,
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer update.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub gradient_accumulation_steps: usize,
-    /// Optimizer updates of the whole run.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
-    pub max_steps: u64,
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub seed: u64,
-    #[arg(long, default_value_t = 1e-5, value_name = "F")]
-    pub learning_rate: f64,
-    /// Linear warm-up of the learning rate from 0 over this many updates (diffusers' constant_with_warmup).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub lr_warmup_steps: usize,
-    #[arg(long, default_value_t = 0.9, value_name = "F")]
-    pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999, value_name = "F")]
-    pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-2, value_name = "F")]
-    pub adam_weight_decay: f64,
-    #[arg(long, default_value_t = 1e-8, value_name = "F")]
-    pub adam_epsilon: f64,
-    /// Gradients are clipped to this global 2-norm.
-    #[arg(long, default_value_t = 1.0, value_name = "F")]
-    pub max_grad_norm: f64,
-    /// Share of captions replaced by "" so the ControlNet learns to read the condition alone.
-    #[arg(long, default_value_t = 0.5, value_name = "F")]
-    pub proportion_empty_prompts: f64,
+    /// Training images are resized (shorter side) and centre-cropped to this square size [default: 512].
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<u32>,
+    /// Examples per micro-batch [default: 4].
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer update [default: 1].
+    #[arg(long, value_name = "N")]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Optimizer updates of the whole run [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Seed of the noise generator (the data generator's is derived from it) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// AdamW's learning rate [default: 1e-5].
+    #[arg(long, value_name = "F")]
+    pub learning_rate: Option<f64>,
+    /// Linear warm-up of the learning rate from 0 over this many updates (diffusers' constant_with_warmup)
+    /// [default: 0].
+    #[arg(long, value_name = "N")]
+    pub lr_warmup_steps: Option<usize>,
+    /// AdamW's β1 [default: 0.9].
+    #[arg(long, value_name = "F")]
+    pub adam_beta1: Option<f64>,
+    /// AdamW's β2 [default: 0.999].
+    #[arg(long, value_name = "F")]
+    pub adam_beta2: Option<f64>,
+    /// AdamW's decoupled weight decay [default: 0.01].
+    #[arg(long, value_name = "F")]
+    pub adam_weight_decay: Option<f64>,
+    /// AdamW's ε [default: 1e-8].
+    #[arg(long, value_name = "F")]
+    pub adam_epsilon: Option<f64>,
+    /// Gradients are clipped to this global 2-norm [default: 1].
+    #[arg(long, value_name = "F")]
+    pub max_grad_norm: Option<f64>,
+    /// Share of captions replaced by "" so the ControlNet learns to read the condition alone [default: 0.5].
+    #[arg(long, value_name = "F")]
+    pub proportion_empty_prompts: Option<f64>,
     /// Train the UNet's decoder too (the original `sd_locked = False`); the result adds `unet/`.
     #[arg(long)]
     pub unlock_decoder: bool,
@@ -88,137 +107,169 @@ pub struct TrainArgs {
     /// Keep VAE latents, conditions and text embeddings in memory (small datasets).
     #[arg(long)]
     pub cache: bool,
-    /// Save a checkpoint every N updates (0: only at the end and on Ctrl-C).
-    #[arg(long, default_value_t = 500, value_name = "N")]
-    pub checkpointing_steps: u64,
-    /// Keep only the newest K checkpoints.
+    /// Save a checkpoint every N updates (0: only at the end and on Ctrl-C) [default: 500].
+    #[arg(long, value_name = "N")]
+    pub checkpointing_steps: Option<u64>,
+    /// Keep only the newest K checkpoints [default: all].
     #[arg(long, value_name = "K")]
     pub checkpoints_total_limit: Option<usize>,
     /// Condition image(s) for validation; pair with --validation-prompt (one of either may serve all).
     #[arg(long = "validation-image", value_name = "IMAGE")]
     pub validation_images: Vec<PathBuf>,
+    /// Prompt(s) for validation.
     #[arg(long = "validation-prompt", value_name = "TEXT")]
     pub validation_prompts: Vec<String>,
-    /// Validate every N updates.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    pub validation_steps: u64,
-    /// Images per validation pair.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub num_validation_images: usize,
-    /// Denoising steps of a validation image (UniPC).
-    #[arg(long, default_value_t = 20, value_name = "N")]
-    pub validation_inference_steps: usize,
-    #[arg(long, default_value_t = 7.5, value_name = "F")]
-    pub validation_guidance: f64,
+    /// Validate every N updates [default: 100].
+    #[arg(long, value_name = "N")]
+    pub validation_steps: Option<u64>,
+    /// Images per validation pair [default: 1].
+    #[arg(long, value_name = "N")]
+    pub num_validation_images: Option<usize>,
+    /// Denoising steps of a validation image (UniPC) [default: 20].
+    #[arg(long, value_name = "N")]
+    pub validation_inference_steps: Option<usize>,
+    /// Classifier-free guidance of the validation images [default: 7.5].
+    #[arg(long, value_name = "F")]
+    pub validation_guidance: Option<f64>,
     /// Score validation images against their condition: `canny` (edge F1 of the re-annotated image).
     #[arg(long, value_name = "KIND")]
     pub fidelity: Option<String>,
-    /// No progress bar.
+    /// No progress display (without it: a bar on a terminal, a line every 10 s in a log).
     #[arg(long, short)]
     pub quiet: bool,
 }
 
+/// What `train_config.json` records: where the run's model and data are, and its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RunConfig {
+    model: String,
+    controlnet: Option<String>,
+    init: bool,
+    dataset: PathBuf,
+    settings: TrainSettings,
+    #[serde(default)]
+    validation: Option<ValidationSettings>,
+    #[serde(default)]
+    trainable_parameters: usize,
+}
+
 impl TrainArgs {
-    fn settings(&self) -> TrainSettings {
+    /// The settings: these flags over `base` (the library's defaults, or a resumed run's).
+    fn settings(&self, base: &TrainSettings) -> TrainSettings {
+        let b = base.clone();
         TrainSettings {
-            resolution: self.resolution,
-            batch_size: self.batch_size,
-            gradient_accumulation_steps: self.gradient_accumulation_steps,
-            max_steps: self.max_steps,
-            seed: self.seed,
-            adamw: AdamWConfig {
-                lr: self.learning_rate,
-                beta1: self.adam_beta1,
-                beta2: self.adam_beta2,
-                eps: self.adam_epsilon,
-                weight_decay: self.adam_weight_decay,
+            resolution: self.resolution.unwrap_or(b.resolution),
+            batch_size: self.batch_size.unwrap_or(b.batch_size),
+            gradient_accumulation_steps: self.gradient_accumulation_steps.unwrap_or(b.gradient_accumulation_steps),
+            max_steps: self.max_steps.unwrap_or(b.max_steps),
+            seed: self.seed.unwrap_or(b.seed),
+            adamw: crate::train::optimizer::AdamWConfig {
+                lr: self.learning_rate.unwrap_or(b.adamw.lr),
+                beta1: self.adam_beta1.unwrap_or(b.adamw.beta1),
+                beta2: self.adam_beta2.unwrap_or(b.adamw.beta2),
+                eps: self.adam_epsilon.unwrap_or(b.adamw.eps),
+                weight_decay: self.adam_weight_decay.unwrap_or(b.adamw.weight_decay),
             },
-            max_grad_norm: self.max_grad_norm,
-            lr_warmup_steps: self.lr_warmup_steps,
-            proportion_empty_prompts: self.proportion_empty_prompts,
-            unlock_decoder: self.unlock_decoder,
-            only_mid_control: self.only_mid_control,
-            cache: self.cache,
-            checkpointing_steps: self.checkpointing_steps,
-            checkpoints_total_limit: self.checkpoints_total_limit,
+            max_grad_norm: self.max_grad_norm.unwrap_or(b.max_grad_norm),
+            lr_warmup_steps: self.lr_warmup_steps.unwrap_or(b.lr_warmup_steps),
+            proportion_empty_prompts: self.proportion_empty_prompts.unwrap_or(b.proportion_empty_prompts),
+            unlock_decoder: self.unlock_decoder || b.unlock_decoder,
+            only_mid_control: self.only_mid_control || b.only_mid_control,
+            cache: self.cache || b.cache,
+            checkpointing_steps: self.checkpointing_steps.unwrap_or(b.checkpointing_steps),
+            checkpoints_total_limit: self.checkpoints_total_limit.or(b.checkpoints_total_limit),
         }
     }
 
-    /// diffusers' pairing: as many images as prompts, or one of either for all of the other.
-    fn validation(&self) -> anyhow::Result<Option<ValidationSettings>> {
-        let (imgs, prompts) = (&self.validation_images, &self.validation_prompts);
-        if imgs.is_empty() && prompts.is_empty() {
+    /// Validation: the pairs given, else `saved`'s (a resumed run's); the numbers given over the pairs'.
+    fn validation(&self, saved: Option<&ValidationSettings>) -> anyhow::Result<Option<ValidationSettings>> {
+        let given = ValidationSettings::pair(&self.validation_images, &self.validation_prompts)?;
+        let Some(mut v) = given.or_else(|| saved.cloned()) else {
             return Ok(None);
-        }
-        if imgs.is_empty() || prompts.is_empty() {
-            bail!("--validation-image and --validation-prompt go together");
-        }
-        let pairs: Vec<(PathBuf, String)> = if imgs.len() == prompts.len() {
-            imgs.iter().cloned().zip(prompts.iter().cloned()).collect()
-        } else if imgs.len() == 1 {
-            prompts.iter().map(|p| (imgs[0].clone(), p.clone())).collect()
-        } else if prompts.len() == 1 {
-            imgs.iter().map(|i| (i.clone(), prompts[0].clone())).collect()
-        } else {
-            bail!(
-                "{} --validation-image and {} --validation-prompt: give as many of each, or one of either",
-                imgs.len(),
-                prompts.len()
-            );
         };
-        for (img, _) in &pairs {
-            crate::io::images::load_rgb(img).with_context(|| "--validation-image")?;
+        v.every = self.validation_steps.unwrap_or(v.every);
+        v.num_images = self.num_validation_images.unwrap_or(v.num_images);
+        v.inference_steps = self.validation_inference_steps.unwrap_or(v.inference_steps);
+        v.guidance = self.validation_guidance.unwrap_or(v.guidance);
+        if let Some(name) = &self.fidelity {
+            v.canny_fidelity = fidelity_by_name(name)?;
         }
-        let canny_fidelity = match self.fidelity.as_deref() {
-            None => false,
-            Some("canny") => true,
-            Some(other) => bail!("--fidelity {other}: only canny is implemented"),
-        };
-        Ok(Some(ValidationSettings {
-            pairs,
-            every: self.validation_steps,
-            num_images: self.num_validation_images.max(1),
-            inference_steps: self.validation_inference_steps,
-            guidance: self.validation_guidance,
-            canny_fidelity,
-        }))
+        v.validate()?;
+        Ok(Some(v))
     }
 }
 
-pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
-    // 1. Settings and data, checked before any model loads.
-    let settings = args.settings();
-    settings.validate()?;
-    let validation = args.validation()?;
-    let dataset = Dataset::open(&args.dataset)?;
-    dataset.check()?;
-    let run_dir = args.output.clone();
-    let resume_from = match args.resume.as_deref() {
+/// Which checkpoint `--resume` names (None: a new run), refusing a new run over an old one.
+fn resume_point(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
+    let run_dir = &args.output;
+    match args.resume.as_deref() {
         None => {
-            if !checkpoint::list(&run_dir)?.is_empty() {
+            if !resume::list(run_dir)?.is_empty() {
                 bail!(
                     "{} already holds checkpoints: pass --resume to continue that run, or choose another --output",
                     run_dir.display()
                 );
             }
-            None
+            Ok(None)
         }
         Some("latest") => {
-            let (found, skipped) = checkpoint::latest_valid(&run_dir)?;
+            let (found, skipped) = resume::latest_valid(run_dir)?;
             for line in skipped {
                 eprintln!("warning: {line}");
             }
             if found.is_none() {
                 eprintln!("no valid checkpoint in {}: starting a new run", run_dir.display());
             }
-            found.map(|(_, dir)| dir)
+            Ok(found.map(|(_, dir)| dir))
         }
         Some(path) => {
             let dir = PathBuf::from(path);
-            checkpoint::verify(&dir).with_context(|| format!("--resume {path}"))?;
-            Some(dir)
+            resume::verify(&dir).with_context(|| format!("--resume {path}"))?;
+            Ok(Some(dir))
         }
+    }
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    // 1. Where to start: a new run, or a checkpoint with the run's saved settings under the flags given.
+    let run_dir = args.output.clone();
+    let resume_from = resume_point(args)?;
+    let saved_config: Option<RunConfig> = match &resume_from {
+        Some(_) if run_dir.join(RUN_CONFIG).is_file() => {
+            let path = run_dir.join(RUN_CONFIG);
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("{}: not a train_config.json", path.display()))?)
+        }
+        _ => None,
     };
+    let base = match &resume_from {
+        Some(dir) => Trainer::saved_settings(dir)?,
+        None => TrainSettings::default(),
+    };
+    let settings = args.settings(&base);
+    settings.validate()?;
+    let validation = args.validation(saved_config.as_ref().and_then(|c| c.validation.as_ref()))?;
+    let model = match (&args.model, &saved_config) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.model.clone(),
+        (None, None) => bail!("say which base model to train on: --model DIR_FILE_OR_ID"),
+    };
+    let dataset_path = match (&args.dataset, &saved_config) {
+        (Some(d), _) => d.clone(),
+        (None, Some(c)) => c.dataset.clone(),
+        (None, None) => bail!("say which data to train on: --dataset PATH"),
+    };
+    if let Some(dir) = &resume_from {
+        for (name, now, then) in settings.changes(&base) {
+            eprintln!("resuming with {} {now} (the checkpoint had {then})", super::flag_for(name));
+        }
+        if let Some(e) = settings.trajectory_mismatch(&base) {
+            return Err(anyhow::Error::from(e).context(format!("cannot resume from {}", dir.display())));
+        }
+    }
+    let dataset = Dataset::open(&dataset_path)?;
+    dataset.check()?;
+    crate::io::atomic::check_output_is_not_input("output", &run_dir, &[&dataset_path, Path::new(&model)])?;
     if resume_from.is_none() && args.controlnet.is_none() && !args.init {
         bail!("say which ControlNet to train: --controlnet DIR, or --init for a new one from the base UNet");
     }
@@ -232,9 +283,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         prediction_type: None,
         config_dir: None,
     };
-    let sd = StableDiffusion::open(&args.model, &opts)?;
-    let need_unet = args.unlock_decoder || (resume_from.is_none() && args.init);
-    let unet = if need_unet { Some(load_base_unet(&args.model, &opts)?) } else { None };
+    let sd = StableDiffusion::open(&model, &opts)?;
+    let need_unet = settings.unlock_decoder || (resume_from.is_none() && args.init);
+    let unet = if need_unet { Some(load_base_unet(&model, &opts)?) } else { None };
     let (controlnet_config, controlnet) = match (&resume_from, &args.controlnet) {
         (Some(dir), _) => {
             let c = load_controlnet(&dir.join("controlnet"))?;
@@ -246,17 +297,18 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             (c.config, c.tensors)
         }
         (None, None) => {
-            let (config, tensors) = unet.as_ref().expect("loaded for --init");
+            let Some((config, tensors)) = unet.as_ref() else { bail!("--init needs the base model's UNet") };
             let init = InitOptions {
                 conditioning_channels: args.conditioning_channels,
                 hint_channels: args.hint_channels.clone(),
-                seed: args.seed,
+                seed: settings.seed,
+                vae_scale_factor: sd.vae_scale_factor(),
             };
             let new = controlnet_from_unet(config, tensors, &init)?;
             (new.config, new.tensors)
         }
     };
-    let unet = if args.unlock_decoder { unet } else { None };
+    let unet = if settings.unlock_decoder { unet } else { None };
     let mut trainer = Trainer::new(RunInputs {
         sd,
         unet,
@@ -264,63 +316,175 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         controlnet,
         dataset,
         settings: settings.clone(),
-        validation,
+        validation: validation.clone(),
         run_dir: run_dir.clone(),
     })?;
     if let Some(dir) = &resume_from {
         trainer.restore(dir)?;
         eprintln!("resuming from {} (update {})", dir.display(), trainer.step());
     }
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let config = serde_json::json!({
-        "model": args.model, "controlnet": args.controlnet, "init": args.init, "dataset": args.dataset,
-        "settings": settings, "trainable_parameters": trainer.params().num_elements(),
-    });
-    std::fs::write(run_dir.join("train_config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    if args.cache {
-        let bar = bar(args.quiet, 0, "caching latents");
-        trainer.fill_cache(&mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })?;
-        bar.finish_and_clear();
+    let (controlnet, init) = match &saved_config {
+        Some(c) if args.controlnet.is_none() && !args.init => (c.controlnet.clone(), c.init),
+        _ => (args.controlnet.clone(), args.init),
+    };
+    let config = RunConfig {
+        model,
+        controlnet,
+        init,
+        dataset: dataset_path,
+        settings: settings.clone(),
+        validation,
+        trainable_parameters: trainer.params().num_elements(),
+    };
+    let text = serde_json::to_string_pretty(&config)? + "\n";
+    let config_path = run_dir.join(RUN_CONFIG);
+    crate::io::atomic::write_atomic(&config_path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| crate::Error::io(tmp, e))
+    })?;
+    if settings.cache {
+        let mut progress = Progress::new(args.quiet, "caching example", 0);
+        trainer.fill_cache(&mut |done, total| progress.set(done as u64, total as u64))?;
+        progress.finish();
     }
 
     // 3. Train, stopping cleanly on Ctrl-C.
     let stop = super::stop_on_ctrl_c();
-    let progress = bar(args.quiet, settings.max_steps, "");
-    progress.set_position(trainer.step());
-    progress.reset_eta();
+    let mut progress = Progress::new(args.quiet, "update", settings.max_steps);
     let end = trainer.run(&stop, &mut |r| {
-        progress.set_position(r.step);
-        progress.set_message(format!("loss {:.4}  lr {:.2e}  {:.2} samples/s", r.loss, r.lr, r.samples_per_second));
+        progress.set_message(format!("loss {:.4}, lr {:.2e}, {:.2} samples/s", r.loss, r.lr, r.samples_per_second));
+        progress.set(r.step, settings.max_steps);
     })?;
-    progress.finish_and_clear();
+    progress.finish();
     match end {
         RunEnd::Finished => {
+            let result = run_dir.join(RESULT_DIR);
             println!(
                 "trained {} updates; wrote {} (use it with controlnet generate --controlnet {})",
                 trainer.step(),
-                run_dir.join(RESULT_DIR).display(),
-                run_dir.join(RESULT_DIR).display()
+                result.display(),
+                result.display()
             );
+            if settings.unlock_decoder {
+                println!(
+                    "the UNet's decoder trained too: {} holds the trained UNet, to use in place of the base model's",
+                    run_dir.join(RESULT_UNET_DIR).display()
+                );
+            }
+            if settings.only_mid_control {
+                println!("trained with --only-mid-control: the UNet should get only the middle-block residual");
+            }
             Ok(())
         }
         RunEnd::Interrupted { step, checkpoint } => {
-            println!("interrupted at update {step}; saved {}; continue with --resume", checkpoint.display());
-            Ok(())
+            println!(
+                "interrupted at update {step}; saved {} (its controlnet/ loads in generate); to continue:",
+                checkpoint.display()
+            );
+            println!("  {}", resume_command(&run_dir));
+            exit_interrupted()
         }
     }
 }
 
-fn bar(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
+/// The command that continues the run in `run_dir` (its settings, model and data are read back from it).
+fn resume_command(run_dir: &Path) -> String {
+    let program = std::env::args().next().unwrap_or_else(|| "controlnet".into());
+    let program = Path::new(&program).file_name().map(|n| n.to_string_lossy().into_owned());
+    let args = [program.unwrap_or_else(|| "controlnet".into()), "train".into(), "--output".into()];
+    let mut line: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+    line.push(shell_quote(&run_dir.to_string_lossy()));
+    line.push("--resume".into());
+    line.join(" ")
+}
+
+/// This command line as a shell would take it back, with `extra` appended when it is not there yet.
+pub(crate) fn command_line(extra: Option<&str>) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(program) = args.first_mut() {
+        // The name the user typed when it is on PATH, else the path it ran from.
+        if let Some(name) = std::path::Path::new(program).file_name() {
+            *program = name.to_string_lossy().into_owned();
+        }
     }
-    let bar = indicatif::ProgressBar::new(len);
-    let template = format!("{prefix}{{spinner}} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (ETA {{eta}})");
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-        bar.set_style(style.progress_chars("=> "));
+    if let Some(extra) = extra {
+        if !args.iter().any(|a| a == extra || a.starts_with(&format!("{extra}="))) {
+            args.push(extra.to_string());
+        }
     }
-    bar
+    args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+/// `a` quoted for a POSIX shell when it needs it.
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+/// A run stopped by Ctrl-C ends as an interrupted process does (status 130, as `generate` does), after its
+/// checkpoint and the message saying how to continue.
+pub(crate) fn exit_interrupted() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(130)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The defaults a help line shows are the library's (a flag without a value takes them).
+    #[test]
+    fn help_defaults_are_the_librarys() {
+        let d = TrainSettings::default();
+        let v = ValidationSettings::default();
+        let want: Vec<(&str, String)> = vec![
+            ("resolution", d.resolution.to_string()),
+            ("batch_size", d.batch_size.to_string()),
+            ("gradient_accumulation_steps", d.gradient_accumulation_steps.to_string()),
+            ("max_steps", d.max_steps.to_string()),
+            ("seed", d.seed.to_string()),
+            ("learning_rate", format!("{:e}", d.adamw.lr)),
+            ("lr_warmup_steps", d.lr_warmup_steps.to_string()),
+            ("adam_beta1", d.adamw.beta1.to_string()),
+            ("adam_beta2", d.adamw.beta2.to_string()),
+            ("adam_weight_decay", d.adamw.weight_decay.to_string()),
+            ("adam_epsilon", format!("{:e}", d.adamw.eps)),
+            ("max_grad_norm", d.max_grad_norm.to_string()),
+            ("proportion_empty_prompts", d.proportion_empty_prompts.to_string()),
+            ("checkpointing_steps", d.checkpointing_steps.to_string()),
+            ("validation_steps", v.every.to_string()),
+            ("num_validation_images", v.num_images.to_string()),
+            ("validation_inference_steps", v.inference_steps.to_string()),
+            ("validation_guidance", v.guidance.to_string()),
+        ];
+        let cmd = crate::cli::Cli::command();
+        let train = cmd.find_subcommand("train").unwrap();
+        for (id, value) in want {
+            let arg = train.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("no {id}"));
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                help.ends_with(&format!("[default: {value}].")) || help.ends_with(&format!("[default: {value}]")),
+                "--{id}: help says {help:?}, the library's default is {value}"
+            );
+        }
+        let a = TrainArgs::try_parse_from_for_test(&["--output", "run"]);
+        assert_eq!(a.settings(&d), d, "no flags: the library's defaults");
+    }
+
+    impl TrainArgs {
+        fn try_parse_from_for_test(args: &[&str]) -> TrainArgs {
+            #[derive(clap::Parser)]
+            struct Wrap {
+                #[command(flatten)]
+                args: TrainArgs,
+            }
+            use clap::Parser;
+            Wrap::parse_from(std::iter::once("train").chain(args.iter().copied())).args
+        }
+    }
 }

@@ -1,18 +1,20 @@
 //! `controlnet train-base --dataset PATH --output RUN_DIR [options]`: train a small Stable Diffusion base
-//! from scratch (the bundled demo model's recipe, see `docs/demo.md` and `train::base`).
+//! from scratch (the bundled demo model's recipe, see `docs/demo.md` and `train::from_scratch`).
 //!
-//! RUN_DIR receives `model/` (a diffusers pipeline folder `generate`, `init` and `train` load), `vae/` and
-//! `unet/` (checkpoints, `loss.jsonl`, `loss.png`), `base_config.json`, and `samples.png`: images the finished
-//! base makes for a few prompts. Run the same command again to continue a stopped run.
+//! RUN_DIR receives `model/` (a diffusers pipeline folder `generate`, `init` and `train` load), `vae/`,
+//! `vae-decoder/` and `unet/` (checkpoints, `loss.jsonl`, `loss.png`), `base_config.json`, and `samples.png`:
+//! images the finished base makes for a few prompts. Run the same command again to continue a stopped run, or
+//! with more `--unet-steps` to train further; Ctrl-C saves a checkpoint and exits with status 130.
 use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 
+use super::progress::Progress;
 use crate::pipeline::{generate, GenerateParams, StableDiffusion};
-use crate::train::base::{train_base, Architecture, BaseEnd, BaseSettings, StageSettings, MODEL_DIR};
 use crate::train::dataset::Dataset;
+use crate::train::from_scratch::{self, Architecture, End, Settings as BaseSettings, StageSettings, MODEL_DIR};
 use crate::train::validation::image_grid;
 
 /// Prompts of the sample grid written at the end.
@@ -32,9 +34,11 @@ pub struct TrainBaseArgs {
     /// The run folder; the model is written to OUTPUT/model. Run again with the same OUTPUT to continue.
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 128, value_name = "PX")]
+    /// Training images are resized and centre-cropped to this square size.
+    #[arg(long, default_value_t = BaseSettings::default().resolution, value_name = "PX")]
     pub resolution: u32,
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// Seed of every stage's generator (weights, batches, crops, noise).
+    #[arg(long, default_value_t = BaseSettings::default().seed, value_name = "N")]
     pub seed: u64,
     #[arg(long, default_value_t = BaseSettings::default().vae.steps, value_name = "N")]
     pub vae_steps: u64,
@@ -69,17 +73,18 @@ pub struct TrainBaseArgs {
     pub proportion_empty_prompts: f64,
     #[arg(long, default_value_t = BaseSettings::default().checkpointing_steps, value_name = "N")]
     pub checkpointing_steps: u64,
-    /// Keep the text encoder at its random initialisation instead of training it with the UNet.
+    /// Keep the text encoder at its random initialisation instead of training it with the UNet (by default it
+    /// trains).
     #[arg(long)]
     pub freeze_text_encoder: bool,
     /// Min-SNR weighting γ of the UNet loss (diffusers' --snr_gamma); 0 for the plain MSE.
-    #[arg(long, default_value_t = 5.0, value_name = "F")]
+    #[arg(long, default_value_t = BaseSettings::default().snr_gamma.unwrap_or(0.0), value_name = "F")]
     pub snr_gamma: f64,
     /// Offset noise of the UNet stage (diffusers' --noise_offset): lets the prompt, not the seed, set the
     /// background colour; 0 for none.
     #[arg(long, default_value_t = BaseSettings::default().noise_offset, value_name = "F")]
     pub noise_offset: f64,
-    /// No progress bar: a log line every 50 steps instead (for runs in the background).
+    /// No progress display (without it: a bar on a terminal, a line every 10 s in a log).
     #[arg(long, short)]
     pub quiet: bool,
 }
@@ -122,63 +127,52 @@ impl TrainBaseArgs {
 }
 
 pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
+    // 1. Settings and data, checked before anything is written.
     let settings = args.settings();
     settings.validate()?;
     let dataset = Dataset::open(&args.dataset)?;
     dataset.check()?;
     let device = super::device()?;
 
+    // 2. Train, stopping cleanly on Ctrl-C; one progress display per stage.
     let stop = super::stop_on_ctrl_c();
     let started = std::time::Instant::now();
-    let mut bar: Option<(&'static str, indicatif::ProgressBar)> = None;
-    let end = train_base(&dataset, &args.output, &Architecture::demo(), &settings, &device, &stop, &mut |r| {
-        if args.quiet {
-            if r.step.is_multiple_of(50) || r.step == r.steps {
-                eprintln!(
-                    "{} step {}/{}  loss {:.4}  {:.1} samples/s  {:.0} s",
-                    r.stage,
-                    r.step,
-                    r.steps,
-                    r.loss,
-                    r.samples_per_second,
-                    started.elapsed().as_secs_f64()
-                );
+    let mut progress: Option<(&'static str, Progress)> = None;
+    let end =
+        from_scratch::train(&dataset, &args.output, &Architecture::demo(), &settings, &device, &stop, &mut |r| {
+            if progress.as_ref().is_none_or(|(stage, _)| *stage != r.stage) {
+                if let Some((_, p)) = progress.take() {
+                    p.finish();
+                }
+                progress = Some((r.stage, Progress::new(args.quiet, &format!("{} step", r.stage), r.steps)));
             }
-            return;
-        }
-        if bar.as_ref().is_none_or(|(stage, _)| *stage != r.stage) {
-            if let Some((_, b)) = bar.take() {
-                b.finish_and_clear();
+            if let Some((_, p)) = progress.as_mut() {
+                p.set_message(format!("loss {:.4}, {:.1} samples/s", r.loss, r.samples_per_second));
+                p.set(r.step, r.steps);
             }
-            let b = indicatif::ProgressBar::new(r.steps);
-            let template = format!("{} {{spinner}} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (ETA {{eta}})", r.stage);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-                b.set_style(style.progress_chars("=> "));
-            }
-            b.set_position(r.step.saturating_sub(1));
-            b.reset_eta();
-            bar = Some((r.stage, b));
-        }
-        if let Some((_, b)) = &bar {
-            b.set_position(r.step);
-            b.set_message(format!("loss {:.4}  {:.1} samples/s", r.loss, r.samples_per_second));
-        }
-    })?;
-    if let Some((_, b)) = bar.take() {
-        b.finish_and_clear();
+        })?;
+    if let Some((_, p)) = progress.take() {
+        p.finish();
     }
+
+    // 3. Samples of the finished model, or how to continue.
     let model_dir = args.output.join(MODEL_DIR);
     match end {
-        BaseEnd::Interrupted { stage, step } => {
-            println!("interrupted in the {stage} stage at step {step}; run the same command again to continue");
-            Ok(())
+        End::Interrupted { stage, step } => {
+            println!("interrupted in the {stage} stage at step {step}; to continue, run the same command again:");
+            println!("  {}", super::train::command_line(None));
+            super::train::exit_interrupted()
         }
-        BaseEnd::Finished => {
+        End::Finished { steps } => {
             let samples = args.output.join("samples.png");
+            if steps == 0 && samples.is_file() {
+                println!("{} is already trained to these settings: nothing to train", model_dir.display());
+                return Ok(());
+            }
             write_samples(&model_dir, &samples, args.resolution as usize, &device)
                 .with_context(|| format!("writing {}", samples.display()))?;
             println!(
-                "wrote {} in {:.0} s (samples: {}); try: controlnet generate --model {} --prompt \"{}\"",
+                "trained {steps} steps; wrote {} in {:.0} s (samples: {}); try: controlnet generate --model {} --prompt \"{}\"",
                 model_dir.display(),
                 started.elapsed().as_secs_f64(),
                 samples.display(),

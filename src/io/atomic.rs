@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Write through `write` into a temporary file next to `path`, then rename it over `path`; on failure the
-/// temporary file is removed and `path` is untouched. The folder is created if missing.
+/// temporary file is removed and `path` is untouched. The folder is created if missing. The file gets the
+/// permissions `File::create` gives (0666 less the umask), also when `write` made it some other way: the
+/// safetensors writer renames its own private (0600) temporary file into place.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -13,7 +15,13 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    // Created here first, so its permissions are File::create's whatever `write` does.
+    let permissions =
+        std::fs::File::create(&tmp).and_then(|f| f.metadata()).map(|m| m.permissions()).map_err(|e| Error::io(&tmp, e));
+    let result = permissions
+        .and_then(|permissions| write(&tmp).map(|()| permissions))
+        .and_then(|permissions| std::fs::set_permissions(&tmp, permissions).map_err(|e| Error::io(&tmp, e)))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -66,5 +74,26 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         // no temporary file is left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A writer that makes a private file (as the safetensors writer's temporary file is) still gives a file
+    /// with File::create's permissions.
+    #[cfg(unix)]
+    #[test]
+    fn atomic_write_gives_the_usual_permissions() {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let usual = dir.path().join("usual");
+        std::fs::File::create(&usual).unwrap();
+        let want = std::fs::metadata(&usual).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("w.safetensors");
+        write_atomic(&path, |tmp| {
+            let private = dir.path().join("private");
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&private).unwrap();
+            std::fs::rename(&private, tmp).map_err(|e| Error::io(tmp, e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, want);
+        assert_ne!(want, 0o600, "the test needs a umask that File::create does not turn into 0600");
     }
 }

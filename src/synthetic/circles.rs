@@ -161,15 +161,41 @@ pub struct PromptLine {
     pub prompt: String,
 }
 
-/// Writes `count` samples of `size` px into `out` (created): `source/N.png`, `target/N.png`, `prompt.json`.
-/// `on_sample` is called after each one (progress).
+/// Writes `count` samples of `size` px into `out`: `source/N.png`, `target/N.png`, `prompt.json`. `on_sample`
+/// is called after each one (progress). The folder is made beside `out` and put in its place when complete: a
+/// failed run leaves an earlier dataset as it was, a rerun with fewer samples leaves none of the old ones. A
+/// folder that is not a dataset (no `prompt.json`, not empty) is not replaced.
 pub fn write_dataset(out: &Path, count: usize, size: u32, seed: u64, on_sample: &mut dyn FnMut()) -> Result<()> {
     if count == 0 {
-        return Err(Error::Invalid("--count must be at least 1".into()));
+        return Err(Error::setting("count", "must be at least 1"));
     }
     if !(16..=4096).contains(&size) {
-        return Err(Error::Invalid(format!("--size {size} must be between 16 and 4096 px")));
+        return Err(Error::setting("size", format!("{size} must be between 16 and 4096 px")));
     }
+    let empty = |d: &Path| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+    if out.exists() && !(out.join("prompt.json").is_file() || empty(out)) {
+        return Err(Error::setting(
+            "output",
+            format!("{} exists and is not a dataset (no prompt.json): choose another folder", out.display()),
+        ));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+    let tmp = parent.join(format!(".{name}.{}.partial", std::process::id()));
+    let result = write_samples(&tmp, count, size, seed, on_sample).and_then(|()| {
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// The samples and `prompt.json` into `out` (created).
+fn write_samples(out: &Path, count: usize, size: u32, seed: u64, on_sample: &mut dyn FnMut()) -> Result<()> {
     for sub in ["source", "target"] {
         std::fs::create_dir_all(out.join(sub)).map_err(|e| Error::io(out.join(sub), e))?;
     }
@@ -185,7 +211,6 @@ pub fn write_dataset(out: &Path, count: usize, size: u32, seed: u64, on_sample: 
         lines.push('\n');
         on_sample();
     }
-    // prompt.json last and atomically: a dataset with a prompt.json is complete.
     let path = out.join("prompt.json");
     write_atomic(&path, |tmp| {
         let write = || -> std::io::Result<()> {
@@ -279,7 +304,26 @@ mod tests {
     #[test]
     fn bad_settings_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(write_dataset(dir.path(), 0, 64, 1, &mut || {}).unwrap_err().to_string().contains("--count"));
-        assert!(write_dataset(dir.path(), 1, 8, 1, &mut || {}).unwrap_err().to_string().contains("--size 8"));
+        assert!(write_dataset(dir.path(), 0, 64, 1, &mut || {}).unwrap_err().to_string().starts_with("count: "));
+        assert!(write_dataset(dir.path(), 1, 8, 1, &mut || {}).unwrap_err().to_string().starts_with("size: 8"));
+    }
+
+    /// A rerun with fewer samples leaves no files of the earlier one; a folder that is not a dataset is kept.
+    #[test]
+    fn a_rerun_replaces_the_whole_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("data");
+        write_dataset(&out, 5, 16, 0, &mut || {}).unwrap();
+        write_dataset(&out, 3, 16, 0, &mut || {}).unwrap();
+        for sub in ["source", "target"] {
+            assert_eq!(std::fs::read_dir(out.join(sub)).unwrap().count(), 3, "{sub}");
+        }
+        assert_eq!(std::fs::read_to_string(out.join("prompt.json")).unwrap().lines().count(), 3);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary folder was left");
+        let other = dir.path().join("photos");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("me.jpg"), b"jpg").unwrap();
+        let err = write_dataset(&other, 1, 16, 0, &mut || {}).unwrap_err().to_string();
+        assert!(err.starts_with("output: ") && other.join("me.jpg").is_file(), "{err}");
     }
 }

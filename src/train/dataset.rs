@@ -55,7 +55,7 @@ pub struct Dataset {
 pub struct Sample {
     /// (3, r, r) in [−1, 1].
     pub pixel_values: Tensor,
-    /// (3, r, r) in [0, 1].
+    /// (C, r, r) in [0, 1]: RGB (C = 3) or grey (C = 1).
     pub condition: Tensor,
 }
 
@@ -68,10 +68,13 @@ impl Dataset {
             } else if path.join(METADATA_FILE).is_file() {
                 (path.join(METADATA_FILE), Layout::ImageFolder)
             } else {
-                return Err(Error::Invalid(format!(
-                    "--dataset {}: no {FILL50K_FILE} (fill50k layout) or {METADATA_FILE} (image folder) in it",
-                    path.display()
-                )));
+                return Err(Error::setting(
+                    "dataset",
+                    format!(
+                        "{}: no {FILL50K_FILE} (fill50k layout) or {METADATA_FILE} (image folder) in it",
+                        path.display()
+                    ),
+                ));
             }
         } else if path.is_file() {
             let layout = if path.file_name().is_some_and(|n| n == METADATA_FILE) {
@@ -81,7 +84,7 @@ impl Dataset {
             };
             (path.to_path_buf(), layout)
         } else {
-            return Err(Error::Invalid(format!("--dataset {}: no such file or folder", path.display())));
+            return Err(Error::setting("dataset", format!("{}: no such file or folder", path.display())));
         };
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -139,12 +142,16 @@ impl Dataset {
         )))
     }
 
-    /// Example `i` at `resolution`, on `device`.
-    pub fn load(&self, i: usize, resolution: u32, device: &Device) -> Result<Sample> {
+    /// Example `i` at `resolution`, on `device`, its condition with `condition_channels` channels (3: RGB,
+    /// 1: grey).
+    pub fn load(&self, i: usize, resolution: u32, condition_channels: usize, device: &Device) -> Result<Sample> {
         let ex = &self.examples[i];
         let target = resize_center_crop(&load_rgb(&ex.target)?, resolution);
         let condition = resize_center_crop(&load_rgb(&ex.condition)?, resolution);
-        Ok(Sample { pixel_values: target_tensor(&target, device)?, condition: condition_tensor(&condition, device)? })
+        Ok(Sample {
+            pixel_values: target_tensor(&target, device)?,
+            condition: condition_tensor(&condition, condition_channels, device)?,
+        })
     }
 }
 
@@ -214,9 +221,24 @@ pub fn target_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Ten
     planar(img, device, |v| (f32::from(v) / 255.0 - 0.5) / 0.5)
 }
 
-/// A condition image as the ControlNet reads it: x/255.
-pub fn condition_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
-    planar(img, device, |v| f32::from(v) / 255.0)
+/// A condition image as the ControlNet reads it: x/255, RGB for `channels` = 3, grey for 1 (PIL's `convert("L")`:
+/// ITU-R 601-2 luma, L = (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16, as a 1-channel diffusers pipeline gets it).
+/// Other channel counts are refused.
+pub fn condition_tensor(img: &RgbImage, channels: usize, device: &Device) -> candle_core::Result<Tensor> {
+    match channels {
+        3 => planar(img, device, |v| f32::from(v) / 255.0),
+        1 => {
+            let (w, h) = img.dimensions();
+            let grey: Vec<f32> = img.pixels().map(|p| f32::from(luma(p.0)) / 255.0).collect();
+            Tensor::from_vec(grey, (1, h as usize, w as usize), device)
+        }
+        n => candle_core::bail!("conditions are made with 1 (grey) or 3 (RGB) channels, not {n}"),
+    }
+}
+
+/// PIL's `L` of an RGB pixel.
+fn luma([r, g, b]: [u8; 3]) -> u8 {
+    ((19595 * u32::from(r) + 38470 * u32::from(g) + 7471 * u32::from(b) + 0x8000) >> 16) as u8
 }
 
 #[cfg(test)]
@@ -237,7 +259,7 @@ mod tests {
         ds.check().unwrap();
         let fx = candle_core::safetensors::load(fixture("step.safetensors"), &Device::Cpu).unwrap();
         for i in 0..2 {
-            let s = ds.load(i, 64, &Device::Cpu).unwrap();
+            let s = ds.load(i, 64, 3, &Device::Cpu).unwrap();
             for (ours, key) in [(&s.pixel_values, "pixel_values"), (&s.condition, "cond")] {
                 let reference = fx[key].get(i).unwrap();
                 let d: f32 = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
@@ -284,5 +306,17 @@ mod tests {
         let out = resize_center_crop(&img, 4);
         assert_eq!(out.dimensions(), (4, 4));
         assert_eq!(out.get_pixel(0, 0).0[0], 20);
+    }
+
+    /// A 1-channel net gets grey conditions, as PIL's convert("L") makes them (values from PIL 10).
+    #[test]
+    fn grey_conditions_are_pils_luma() {
+        let img = RgbImage::from_fn(3, 1, |x, _| image::Rgb([[255, 0, 0], [0, 255, 0], [10, 200, 30]][x as usize]));
+        let grey = condition_tensor(&img, 1, &Device::Cpu).unwrap();
+        assert_eq!(grey.dims(), [1, 1, 3]);
+        let v: Vec<f32> = grey.flatten_all().unwrap().to_vec1().unwrap();
+        let want = [76.0f32, 150.0, 124.0].map(|x| x / 255.0);
+        assert_eq!(v, want);
+        assert!(condition_tensor(&img, 2, &Device::Cpu).is_err());
     }
 }

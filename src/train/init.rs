@@ -16,7 +16,10 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::params::TensorMap;
+use std::path::Path;
+
 use crate::io::checkpoint::Checkpoint;
+use crate::io::detect::ModelKind;
 use crate::io::single_file::{load_sd_checkpoint_with, SdOptions};
 use crate::io::weights::{find_safetensors, read_json, DIFFUSERS_STEM};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
@@ -73,11 +76,14 @@ pub struct InitOptions {
     pub hint_channels: Vec<usize>,
     /// Seed of the hint encoder's random initialisation (as `torch.manual_seed`).
     pub seed: u64,
+    /// How much smaller than the image the base model's latents are (8 for every Stable Diffusion VAE): the
+    /// hint encoder must take the condition down as much, one stride-2 step per pair of stages.
+    pub vae_scale_factor: usize,
 }
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self { conditioning_channels: 3, hint_channels: DEFAULT_HINT_CHANNELS.to_vec(), seed: 0 }
+        Self { conditioning_channels: 3, hint_channels: DEFAULT_HINT_CHANNELS.to_vec(), seed: 0, vae_scale_factor: 8 }
     }
 }
 
@@ -102,8 +108,8 @@ pub struct NewControlNet {
 /// The base model's UNet: its `config.json` value and tensors (as stored), from `--model` given as a diffusers
 /// pipeline folder, a single-file SD checkpoint, or a hub id.
 pub fn load_base_unet(spec: &str, opts: &LoadOptions) -> Result<(Value, TensorMap)> {
-    let path = crate::io::hub::resolve(spec, opts.variant.as_deref())
-        .map_err(|e| Error::Invalid(format!("--model {spec}: {e}")))?;
+    let path = crate::io::hub::resolve(spec, opts.variant.as_deref()).map_err(|e| Error::setting("model", e))?;
+    check_is_base_model(&path)?;
     if path.is_dir() {
         let dir = path.join("unet");
         let config: Value = read_json(&dir.join("config.json"))?;
@@ -114,11 +120,47 @@ pub fn load_base_unet(spec: &str, opts: &LoadOptions) -> Result<(Value, TensorMa
         return Ok((config, tensors));
     }
     if !path.is_file() {
-        return Err(Error::Invalid(format!("--model {spec}: no such file or folder")));
+        return Err(Error::setting("model", format!("{spec}: no such file or folder")));
     }
     let sd_opts = SdOptions { prediction_type: opts.prediction_type, config_dir: opts.config_dir.clone() };
     let c = load_sd_checkpoint_with(&path, &sd_opts)?;
     Ok((c.unet.config, c.unet.tensors))
+}
+
+/// How much smaller than the image the latents of the base model at `path` are: from its `vae/config.json`
+/// (2 per level after the first), 8 for a single-file checkpoint (every Stable Diffusion VAE).
+pub fn vae_scale_factor(path: &Path) -> Result<usize> {
+    let config = path.join("vae").join("config.json");
+    if !config.is_file() {
+        return Ok(8);
+    }
+    let value: Value = read_json(&config)?;
+    let levels = value["block_out_channels"].as_array().map(Vec::len).unwrap_or(4);
+    Ok(1 << levels.saturating_sub(1))
+}
+
+/// Refuses a `--model` that is some other kind of weights (a ControlNet, a lone UNet), saying what it is.
+fn check_is_base_model(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(()); // said below, with the path
+    }
+    let base = path.is_dir() && path.join("unet").join("config.json").is_file();
+    if base {
+        return Ok(());
+    }
+    let found = match crate::io::inspect::inspect(path) {
+        Ok(i) if matches!(i.kind, ModelKind::SdCheckpoint | ModelKind::Pipeline) => return Ok(()),
+        Ok(i) => format!("{} ({})", i.kind, i.description),
+        Err(e) => format!("not readable as model weights ({e})"),
+    };
+    Err(Error::setting(
+        "model",
+        format!(
+            "{} is a {found}; expected a Stable Diffusion base model: a diffusers pipeline folder (with unet/) or a \
+             single-file checkpoint",
+            path.display()
+        ),
+    ))
 }
 
 /// Builds the ControlNet of `unet_config` / `unet` (a UNet's config.json value and its tensors by diffusers
@@ -208,11 +250,9 @@ pub fn controlnet_config(unet_config: &Value, opts: &InitOptions) -> Result<Valu
         return Err(Error::Invalid("the base UNet config is not a JSON object".into()));
     };
     if opts.conditioning_channels == 0 {
-        return Err(Error::Invalid("--conditioning-channels must be at least 1".into()));
+        return Err(Error::setting("conditioning_channels", "must be at least 1"));
     }
-    if opts.hint_channels.is_empty() {
-        return Err(Error::Invalid("the hint encoder needs at least one stage".into()));
-    }
+    check_hint_channels(&opts.hint_channels, opts.vae_scale_factor)?;
     let mut out = Map::new();
     out.insert("_class_name".into(), "ControlNetModel".into());
     out.insert("_diffusers_version".into(), DIFFUSERS_VERSION.into());
@@ -230,6 +270,36 @@ pub fn controlnet_config(unet_config: &Value, opts: &InitOptions) -> Result<Valu
         serde_json::from_value(unet_config.clone()).map_err(|e| Error::Invalid(format!("base UNet config: {e}")))?;
     parsed.validate().map_err(|m| Error::Invalid(format!("base UNet config: {m}")))?;
     Ok(Value::Object(out))
+}
+
+/// The hint encoder's stages must take the condition to the latent size: one stride-2 step between consecutive
+/// entries, so `log2(vae_scale_factor) + 1` entries (4 for Stable Diffusion's 8x VAE), each at least 1 channel.
+fn check_hint_channels(hint: &[usize], vae_scale_factor: usize) -> Result<()> {
+    let steps = vae_scale_factor.max(1).trailing_zeros() as usize;
+    let want = steps + 1;
+    if !vae_scale_factor.is_power_of_two() {
+        return Err(Error::setting(
+            "hint_channels",
+            format!("the VAE scale factor {vae_scale_factor} is not a power of 2"),
+        ));
+    }
+    if hint.len() != want {
+        let list = hint.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        return Err(Error::setting(
+            "hint_channels",
+            format!(
+                "{list} has {} entries, which take the condition {}x down, but the base model's latents are \
+                 {vae_scale_factor}x smaller than the image: give {want} entries (e.g. {})",
+                hint.len(),
+                1usize << hint.len().saturating_sub(1).min(63),
+                DEFAULT_HINT_CHANNELS.map(|c| c.to_string()).join(",")
+            ),
+        ));
+    }
+    if hint.contains(&0) {
+        return Err(Error::setting("hint_channels", "every stage needs at least 1 channel"));
+    }
+    Ok(())
 }
 
 /// torch's `reset_parameters` of `nn.Conv2d` / `nn.Linear`: `kaiming_uniform_(weight, a=√5)`, then the bias
@@ -357,6 +427,36 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("--conditioning-channels"), "{err}");
+        assert!(err.starts_with("conditioning_channels: "), "{err}");
+    }
+
+    /// A hint encoder that does not reach the latent size is refused at init (generate would fail on the
+    /// embedding's shape), naming the setting and what it needs.
+    #[test]
+    fn hint_channels_must_reach_the_latent_size() {
+        let (config, unet) = tiny_unet();
+        let opts = InitOptions { hint_channels: vec![16, 32], ..Default::default() };
+        let err = controlnet_from_unet(&config, &unet, &opts).err().unwrap().to_string();
+        assert!(err.starts_with("hint_channels: ") && err.contains("give 4 entries"), "{err}");
+        let opts = InitOptions { hint_channels: vec![8, 0, 16, 16], ..Default::default() };
+        assert!(controlnet_from_unet(&config, &unet, &opts).is_err());
+        let ok = InitOptions { hint_channels: vec![8, 8, 16, 16], ..Default::default() };
+        controlnet_from_unet(&config, &unet, &ok).unwrap();
+    }
+
+    /// `--model` given a ControlNet: said what it is, and what was expected.
+    #[test]
+    fn a_controlnet_is_not_a_base_model() {
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            prediction_type: None,
+            config_dir: None,
+        };
+        let cn = repo("tests/fixtures/models/tiny-controlnet-a");
+        let err = load_base_unet(&cn.to_string_lossy(), &opts).err().unwrap().to_string();
+        assert!(err.starts_with("model: ") && err.contains("ControlNet") && err.contains("expected"), "{err}");
+        assert_eq!(vae_scale_factor(&repo("tests/fixtures/models/tiny-sd15")).unwrap(), 8);
     }
 }

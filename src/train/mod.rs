@@ -8,22 +8,32 @@
 //! - [`params`]: which tensors train (Vars) and which stay plain tensors (no gradient is ever computed for them).
 //! - [`objective`]: one step's loss (VAE latents, noise, timesteps, ControlNet → locked UNet → MSE).
 //! - [`optimizer`]: torch's AdamW and `clip_grad_norm_`, with state that checkpoints round-trip.
-//! - [`checkpoint`]: atomic checkpoints with a checksummed manifest; resume continues bit for bit.
+//! - [`files`]: model folders and checkpoint files written atomically.
+//! - [`resume`]: `checkpoint-<N>` folders with a checksummed manifest; resume continues bit for bit.
+//! - [`settings`]: what shapes a ControlNet run (defaults, checks, what a resumed run may change) and its
+//!   validation.
+//! - [`feed`]: which examples and captions each micro-batch takes, and their latents and conditions.
+//! - [`trainable`]: what a run trains (the ControlNet, with `unlock_decoder` the UNet decoder too).
 //! - [`trainer`]: the loop (batches, accumulation, warm-up, checkpoints, logs, validation, Ctrl-C).
 //! - [`validation`]: sample grids, the loss log and curve, and the canny control-fidelity score.
-//! - [`base`]: a small Stable Diffusion base trained from scratch (VAE, then UNet with the text encoder): the demo.
-//! - [`ema`]: the moving average of the weights a base stage writes out.
-//! - [`scratch`]: seeded starting weights for networks trained from scratch.
-pub mod base;
-pub mod checkpoint;
+//! - [`from_scratch`]: a small Stable Diffusion base trained from scratch (VAE, decoder, then UNet with the text
+//!   encoder): the demo.
+//! - [`ema`]: the moving average of the weights a from-scratch stage writes out.
+//! - [`random_weights`]: seeded starting weights for networks trained from scratch (and `bench`'s).
 pub mod dataset;
 pub mod ema;
+pub mod feed;
+pub mod files;
+pub mod from_scratch;
 #[cfg(test)]
 mod gradcheck;
 pub mod init;
 pub mod objective;
 pub mod optimizer;
 pub mod params;
-pub mod scratch;
+pub mod random_weights;
+pub mod resume;
+pub mod settings;
+pub mod trainable;
 pub mod trainer;
 pub mod validation;

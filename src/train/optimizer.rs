@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn in_place_update_equals_the_tensor_formulas() {
         let dev = Device::Cpu;
-        let values = |seed: u64, n: usize| crate::bench::random::uniform(seed, n, 1.5);
+        let values = |seed: u64, n: usize| crate::train::random_weights::uniform(seed, n, 1.5);
         let init = || -> TensorMap {
             (0..2)
                 .map(|i| {

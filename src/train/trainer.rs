@@ -18,24 +18,25 @@
 //! Differences from diffusers' script, on purpose: an update always takes `gradient_accumulation_steps`
 //! micro-batches (continuing into the next epoch; `accelerate` also closes an update at an epoch's end),
 //! and the logged loss is the mean over the update's micro-batches (the script logs the last one's).
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::checkpoint::{self, Entry};
 use super::dataset::{condition_tensor, resize_center_crop, Dataset};
-use super::objective::{encode_prompts, encode_targets, Draws, Objective};
-use super::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
-use super::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap, DECODER_PREFIXES};
+use super::feed::{randperm, Feed};
+use super::files::{self, Entry};
+use super::objective::{Draws, Objective};
+use super::optimizer::{warmup_lr, AdamW, AdamWSteps, Grads};
+use super::params::{Params, TensorMap};
+use super::resume;
+pub use super::settings::{TrainSettings, ValidationSettings};
+use super::trainable::{Trainable, UNET_PREFIX};
 use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
-use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::model::vae::DiagonalGaussian;
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
 use crate::rng::{GeneratorState, TorchGenerator};
 use crate::schedulers::SchedulerKind;
@@ -56,118 +57,6 @@ const CK_STATE: &str = "state.json";
 /// Added to `--seed` for the data generator (shuffling, caption dropping): the golden-ratio constant's high
 /// word, so the two generators' low 32-bit seeds always differ.
 pub const DATA_SEED_OFFSET: u64 = 0x9E37_79B9;
-/// Prefix of the UNet's trainable tensors among the run's parameters.
-const UNET_PREFIX: &str = "unet.";
-
-/// Everything that shapes the training trajectory, plus bookkeeping. Saved with each checkpoint; a resumed run
-/// must agree on the fields [`TrainSettings::trajectory_mismatch`] compares.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainSettings {
-    /// Images are resized and centre-cropped to this square size (a multiple of 8).
-    pub resolution: u32,
-    pub batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    /// Optimizer updates of the whole run.
-    pub max_steps: u64,
-    pub seed: u64,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub lr_warmup_steps: usize,
-    /// Share of captions replaced by "" (so the ControlNet learns to read the condition alone).
-    pub proportion_empty_prompts: f64,
-    pub unlock_decoder: bool,
-    pub only_mid_control: bool,
-    /// Keep VAE posteriors, conditions and text embeddings in memory.
-    pub cache: bool,
-    /// Save a checkpoint every this many updates (0: only at the end and on Ctrl-C).
-    pub checkpointing_steps: u64,
-    /// Keep only the newest checkpoints.
-    pub checkpoints_total_limit: Option<usize>,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            resolution: 512,
-            batch_size: 4,
-            gradient_accumulation_steps: 1,
-            max_steps: 1000,
-            seed: 0,
-            adamw: AdamWConfig::default(),
-            max_grad_norm: 1.0,
-            lr_warmup_steps: 0,
-            proportion_empty_prompts: 0.5,
-            unlock_decoder: false,
-            only_mid_control: false,
-            cache: false,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
-        }
-    }
-}
-
-impl TrainSettings {
-    /// Checks ranges; messages name the flag.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
-            return bad(format!("--resolution {} must be a positive multiple of 8", self.resolution));
-        }
-        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("--batch-size and --gradient-accumulation-steps must be at least 1".into());
-        }
-        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
-            return bad(format!("--proportion-empty-prompts {} must lie in [0, 1]", self.proportion_empty_prompts));
-        }
-        if !(self.adamw.lr.is_finite() && self.adamw.lr >= 0.0) {
-            return bad(format!("--learning-rate {} must be a finite number >= 0", self.adamw.lr));
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
-            return bad(format!("--max-grad-norm {} must be positive", self.max_grad_norm));
-        }
-        Ok(())
-    }
-
-    /// The first setting a resumed run changed that would change the trajectory, if any.
-    pub fn trajectory_mismatch(&self, saved: &TrainSettings) -> Option<String> {
-        let fields: [(&str, String, String); 10] = [
-            ("resolution", self.resolution.to_string(), saved.resolution.to_string()),
-            ("batch-size", self.batch_size.to_string(), saved.batch_size.to_string()),
-            (
-                "gradient-accumulation-steps",
-                self.gradient_accumulation_steps.to_string(),
-                saved.gradient_accumulation_steps.to_string(),
-            ),
-            ("seed", self.seed.to_string(), saved.seed.to_string()),
-            ("AdamW settings", format!("{:?}", self.adamw), format!("{:?}", saved.adamw)),
-            ("max-grad-norm", self.max_grad_norm.to_string(), saved.max_grad_norm.to_string()),
-            ("lr-warmup-steps", self.lr_warmup_steps.to_string(), saved.lr_warmup_steps.to_string()),
-            (
-                "proportion-empty-prompts",
-                self.proportion_empty_prompts.to_string(),
-                saved.proportion_empty_prompts.to_string(),
-            ),
-            ("unlock-decoder", self.unlock_decoder.to_string(), saved.unlock_decoder.to_string()),
-            ("only-mid-control", self.only_mid_control.to_string(), saved.only_mid_control.to_string()),
-        ];
-        fields
-            .into_iter()
-            .find(|(_, a, b)| a != b)
-            .map(|(name, now, then)| format!("--{name} is {now} but the checkpoint was trained with {then}"))
-    }
-}
-
-/// Validation: (condition image, prompt) pairs generated every `every` updates.
-#[derive(Debug, Clone)]
-pub struct ValidationSettings {
-    pub pairs: Vec<(PathBuf, String)>,
-    pub every: u64,
-    pub num_images: usize,
-    pub inference_steps: usize,
-    pub guidance: f64,
-    /// Score each image with the canny fidelity (for edge conditions).
-    pub canny_fidelity: bool,
-}
 
 /// Where the run is: saved in each checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,44 +113,20 @@ pub struct RunInputs {
     pub run_dir: PathBuf,
 }
 
-/// In-memory copies for `--cache`.
-#[derive(Default)]
-struct Cache {
-    /// Per example: VAE posterior mean and log-variance (1, 4, h, w), condition (3, r, r).
-    examples: Vec<(Tensor, Tensor, Tensor)>,
-    /// Text embeddings (1, 77, D) by caption.
-    text: HashMap<String, Tensor>,
-}
-
 pub struct Trainer {
     sd: StableDiffusion,
-    unet_config: Value,
-    /// The UNet's locked tensors (only with an unlocked decoder: to rebuild inference copies and the result).
-    unet_locked: Option<TensorMap>,
-    controlnet: ControlNetModel,
-    controlnet_config: Value,
-    /// ControlNet tensors by name, the UNet's decoder as `unet.<name>`.
-    params: Params,
+    /// The ControlNet (and the UNet's decoder) being trained.
+    nets: Trainable,
     optimizer: AdamW,
     objective: Objective,
-    dataset: Dataset,
+    /// The examples each micro-batch takes, and their latents, embeddings and conditions.
+    feed: Feed,
     settings: TrainSettings,
     validation: Option<ValidationSettings>,
     state: TrainState,
-    cache: Option<Cache>,
     run_dir: PathBuf,
     device: Device,
     last_checkpoint: Option<u64>,
-}
-
-/// torch's CPU `randperm(n, generator)`: from the identity, swap element i with one drawn from [i, n).
-pub fn randperm(n: usize, rng: &mut TorchGenerator) -> Vec<usize> {
-    let mut r: Vec<usize> = (0..n).collect();
-    for i in 0..n.saturating_sub(1) {
-        let z = rng.random() as usize % (n - i);
-        r.swap(i, z + i);
-    }
-    r
 }
 
 impl Trainer {
@@ -272,37 +137,18 @@ impl Trainer {
         let device = sd.unet.device().clone();
         let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
             .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
-        if cn_config.conditioning_channels != 3 {
-            return Err(Error::Invalid(format!(
-                "this ControlNet reads {}-channel conditions; training reads RGB condition images (3 channels)",
-                cn_config.conditioning_channels
-            )));
+        // Condition images are read as RGB, or as grey for a 1-channel net (PIL's "L" conversion).
+        let condition_channels = cn_config.conditioning_channels;
+        if condition_channels != 3 && condition_channels != 1 {
+            return Err(Error::setting(
+                "conditioning_channels",
+                format!(
+                    "this ControlNet reads {condition_channels}-channel conditions; training makes RGB (3) or grey \
+                     (1) conditions from the dataset's images"
+                ),
+            ));
         }
-        let (controlnet, mut params) = trainable_controlnet(&cn_config, controlnet, &device)?;
-        controlnet.check_compatible(sd.unet.config())?;
-        let mut unet_locked = None;
-        let unet_config = match unet {
-            Some((config_json, tensors)) => {
-                let config: UNet2DConditionConfig = serde_json::from_value(config_json.clone())
-                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
-                if settings.unlock_decoder {
-                    let locked: TensorMap = tensors
-                        .iter()
-                        .filter(|(k, _)| !DECODER_PREFIXES.iter().any(|p| k.starts_with(p)))
-                        .map(|(k, t)| (k.clone(), t.clone()))
-                        .collect();
-                    let (unet, decoder) = unet_with_decoder(&config, tensors, true, &device)?;
-                    sd.unet = unet;
-                    params = params.merged(decoder, UNET_PREFIX);
-                    unet_locked = Some(locked);
-                }
-                config_json
-            }
-            None if settings.unlock_decoder => {
-                return Err(Error::Invalid("internal: --unlock-decoder needs the UNet's tensors".into()))
-            }
-            None => Value::Null,
-        };
+        let nets = Trainable::new(controlnet_config, controlnet, unet, settings.unlock_decoder, &mut sd)?;
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
         let mut data_rng = TorchGenerator::new(settings.seed.wrapping_add(DATA_SEED_OFFSET));
@@ -317,50 +163,58 @@ impl Trainer {
         };
         Ok(Self {
             sd,
-            unet_config,
-            unet_locked,
-            controlnet,
-            controlnet_config,
-            params,
+            nets,
             optimizer: AdamW::new(settings.adamw),
             objective,
-            dataset,
+            feed: Feed::new(dataset, &settings, condition_channels, &device),
             settings,
             validation,
             state,
-            cache: None,
             run_dir,
             device,
             last_checkpoint: None,
         })
     }
 
+    /// The settings a checkpoint was trained with (what a resumed run starts from).
+    pub fn saved_settings(dir: &Path) -> Result<TrainSettings> {
+        let saved: SavedState = serde_json::from_value(files::read_json(dir, CK_STATE)?)
+            .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
+        Ok(saved.settings)
+    }
+
     /// Continues from a checkpoint folder: weights, optimizer moments and steps, data order and position, both
     /// generators. Settings that change the trajectory must match the checkpoint's.
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::verify(dir)?;
-        let saved: SavedState = serde_json::from_value(checkpoint::read_json(dir, CK_STATE)?)
+        resume::verify(dir)?;
+        let saved: SavedState = serde_json::from_value(files::read_json(dir, CK_STATE)?)
             .map_err(|e| Error::config(dir.join(CK_STATE), e))?;
-        if let Some(msg) = self.settings.trajectory_mismatch(&saved.settings) {
-            return Err(Error::Invalid(format!("cannot resume from {}: {msg}", dir.display())));
+        if let Some(e) = self.settings.trajectory_mismatch(&saved.settings) {
+            return Err(match e {
+                Error::Setting { setting, msg } => Error::setting(setting, format!("{msg} ({})", dir.display())),
+                other => other,
+            });
         }
-        if saved.dataset_len != self.dataset.len() {
-            return Err(Error::Invalid(format!(
-                "cannot resume from {}: the dataset had {} examples, now {}",
-                dir.display(),
-                saved.dataset_len,
-                self.dataset.len()
-            )));
+        if saved.dataset_len != self.feed.dataset.len() {
+            return Err(Error::setting(
+                "dataset",
+                format!(
+                    "had {} examples when {} was saved, now {}: a resumed run reads the same data",
+                    saved.dataset_len,
+                    dir.display(),
+                    self.feed.dataset.len()
+                ),
+            ));
         }
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
-        let mut tensors = checkpoint::read_tensors(dir, &cn_file)?;
+        let mut tensors = files::read_tensors(dir, &cn_file)?;
         if self.settings.unlock_decoder {
-            for (k, t) in checkpoint::read_tensors(dir, CK_UNET_DECODER)? {
+            for (k, t) in files::read_tensors(dir, CK_UNET_DECODER)? {
                 tensors.insert(format!("{UNET_PREFIX}{k}"), t);
             }
         }
-        self.params.load(&tensors, dir)?;
-        let moments = checkpoint::read_tensors(dir, CK_OPTIMIZER)?;
+        self.nets.params.load(&tensors, dir)?;
+        let moments = files::read_tensors(dir, CK_OPTIMIZER)?;
         let moments =
             moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&self.device)?))).collect::<Result<TensorMap>>()?;
         self.optimizer = AdamW::from_state(&moments, &saved.optimizer, dir)?;
@@ -377,85 +231,12 @@ impl Trainer {
     }
 
     pub fn params(&self) -> &Params {
-        &self.params
+        &self.nets.params
     }
 
     /// Encodes every example's target and condition, and every caption, once (`--cache`).
     pub fn fill_cache(&mut self, on_progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
-        let mut cache = Cache::default();
-        let n = self.dataset.len();
-        for i in 0..n {
-            let s = self.dataset.load(i, self.settings.resolution, &self.device)?;
-            let p = encode_targets(&self.sd.vae, &s.pixel_values.unsqueeze(0)?)?;
-            cache.examples.push((p.mean, p.logvar, s.condition));
-            on_progress(i + 1, n);
-        }
-        let mut captions: Vec<String> = vec![String::new()];
-        captions.extend(self.dataset.examples.iter().flat_map(|e| e.captions.iter().cloned()));
-        for c in captions {
-            if let std::collections::hash_map::Entry::Vacant(slot) = cache.text.entry(c) {
-                let prompt = [slot.key().clone()];
-                let t = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, &prompt, &self.device)?;
-                slot.insert(t);
-            }
-        }
-        self.cache = Some(cache);
-        Ok(())
-    }
-
-    /// The next micro-batch's example indices, starting a new shuffled epoch when one is used up.
-    fn next_indices(&mut self, data_rng: &mut TorchGenerator) -> Vec<usize> {
-        if self.state.cursor >= self.state.order.len() {
-            self.state.epoch += 1;
-            self.state.order = randperm(self.dataset.len(), data_rng);
-            self.state.cursor = 0;
-        }
-        let end = (self.state.cursor + self.settings.batch_size).min(self.state.order.len());
-        let idx = self.state.order[self.state.cursor..end].to_vec();
-        self.state.cursor = end;
-        idx
-    }
-
-    /// Captions for a micro-batch: "" with probability `proportion_empty_prompts`, else one of the example's.
-    fn captions(&self, indices: &[usize], data_rng: &mut TorchGenerator) -> Vec<String> {
-        let p = self.settings.proportion_empty_prompts;
-        indices
-            .iter()
-            .map(|&i| {
-                let caps = &self.dataset.examples[i].captions;
-                if f64::from(data_rng.rand(1)[0]) < p {
-                    String::new()
-                } else if caps.len() == 1 {
-                    caps[0].clone()
-                } else {
-                    caps[data_rng.randint(0, caps.len() as i64, 1)[0] as usize].clone()
-                }
-            })
-            .collect()
-    }
-
-    /// Posterior, text embeddings and conditions of a micro-batch (from the cache, or computed now).
-    fn inputs(&self, indices: &[usize], captions: &[String]) -> Result<(DiagonalGaussian, Tensor, Tensor)> {
-        if let Some(cache) = &self.cache {
-            let pick = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
-                let parts: Vec<&Tensor> = indices.iter().map(|&i| f(&cache.examples[i])).collect();
-                Ok(Tensor::cat(&parts, 0)?)
-            };
-            let posterior = DiagonalGaussian { mean: pick(|e| &e.0)?, logvar: pick(|e| &e.1)? };
-            let conds: Vec<Tensor> =
-                indices.iter().map(|&i| cache.examples[i].2.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
-            let texts: Vec<&Tensor> = captions.iter().map(|c| &cache.text[c]).collect();
-            return Ok((posterior, Tensor::cat(&texts, 0)?, Tensor::cat(&conds, 0)?));
-        }
-        let samples = indices
-            .iter()
-            .map(|&i| self.dataset.load(i, self.settings.resolution, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        let pixels = Tensor::stack(&samples.iter().map(|s| &s.pixel_values).collect::<Vec<_>>(), 0)?;
-        let conds = Tensor::stack(&samples.iter().map(|s| &s.condition).collect::<Vec<_>>(), 0)?;
-        let posterior = encode_targets(&self.sd.vae, &pixels)?;
-        let text = encode_prompts(&self.sd.tokenizer, &self.sd.text_encoder, captions, &self.device)?;
-        Ok((posterior, text, conds))
+        self.feed.fill_cache(&self.sd, on_progress)
     }
 
     /// One optimizer update (`gradient_accumulation_steps` micro-batches).
@@ -469,28 +250,31 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut samples = 0usize;
         for _ in 0..accum {
-            let indices = self.next_indices(&mut data_rng);
-            let captions = self.captions(&indices, &mut data_rng);
-            let (posterior, text, cond) = self.inputs(&indices, &captions)?;
+            let indices = self.feed.next_indices(&mut self.state, &mut data_rng);
+            let captions = self.feed.captions(&indices, &mut data_rng);
+            let (posterior, text, cond) = self.feed.inputs(&self.sd, &indices, &captions)?;
             let draws =
                 Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
             let out =
-                self.objective.loss(&self.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
+                self.objective.loss(&self.nets.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
             let loss: f32 = out.loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "the loss is {loss} at update {}: training diverged (lower --learning-rate?)",
-                    self.state.step + 1
-                )));
+                return Err(Error::setting(
+                    "learning_rate",
+                    format!(
+                        "the loss is {loss} at update {}: training diverged (try a lower one)",
+                        self.state.step + 1
+                    ),
+                ));
             }
             let store = (out.loss / accum as f64)?.backward()?;
-            grads.accumulate(&self.params, &store, 1.0)?;
+            grads.accumulate(&self.nets.params, &store, 1.0)?;
             loss_sum += f64::from(loss);
             samples += indices.len();
         }
         let grad_norm = grads.clip_norm(self.settings.max_grad_norm)?;
         let lr = warmup_lr(self.settings.adamw.lr, self.settings.lr_warmup_steps, self.state.step as usize);
-        self.optimizer.step(&self.params, &grads, lr)?;
+        self.optimizer.step(&self.nets.params, &grads, lr)?;
         self.state.step += 1;
         self.state.data_rng = data_rng.state();
         self.state.noise_rng = noise_rng.state();
@@ -513,6 +297,7 @@ impl Trainer {
         // Log lines after the restored step belong to the abandoned continuation.
         validation::truncate_log(&self.run_dir.join(LOSS_LOG), self.state.step)?;
         validation::truncate_log(&self.run_dir.join(VALIDATION_LOG), self.state.step)?;
+        remove_later_grids(&self.run_dir.join(VALIDATION_DIR), self.state.step)?;
         while self.state.step < self.settings.max_steps {
             if stop.load(Ordering::SeqCst) {
                 let checkpoint = self.save_checkpoint()?;
@@ -544,38 +329,33 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let step = self.state.step;
         if self.last_checkpoint == Some(step) {
-            let dir = checkpoint::checkpoint_dir(&self.run_dir, step);
-            if checkpoint::verify(&dir).is_ok() {
+            let dir = resume::checkpoint_dir(&self.run_dir, step);
+            if resume::verify(&dir).is_ok() {
                 return Ok(dir);
             }
         }
-        let snapshot = self.params.snapshot()?;
-        let controlnet: TensorMap =
-            snapshot.iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).map(|(k, t)| (k.clone(), t.clone())).collect();
-        let decoder: TensorMap = snapshot
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix(UNET_PREFIX).map(|k| (k.to_string(), t.clone())))
-            .collect();
+        let controlnet = self.nets.controlnet_tensors()?;
+        let decoder = self.nets.decoder_tensors()?;
         let (moments, steps) = self.optimizer.state();
         let saved = SavedState {
             state: self.state.clone(),
             optimizer: steps,
             settings: self.settings.clone(),
-            dataset_len: self.dataset.len(),
+            dataset_len: self.feed.dataset.len(),
         };
         let saved = serde_json::to_value(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
         let cn_config_file = format!("{CK_CONTROLNET}/config.json");
         let mut entries = vec![
             Entry::Tensors(&cn_file, &controlnet),
-            Entry::Json(&cn_config_file, &self.controlnet_config),
+            Entry::Json(&cn_config_file, &self.nets.controlnet_config),
             Entry::Tensors(CK_OPTIMIZER, &moments),
             Entry::Json(CK_STATE, &saved),
         ];
         if self.settings.unlock_decoder {
             entries.push(Entry::Tensors(CK_UNET_DECODER, &decoder));
         }
-        let dir = checkpoint::save(&self.run_dir, step, &entries, self.settings.checkpoints_total_limit)?;
+        let dir = resume::save(&self.run_dir, step, &entries, self.settings.checkpoints_total_limit)?;
         self.last_checkpoint = Some(step);
         Ok(dir)
     }
@@ -583,19 +363,11 @@ impl Trainer {
     /// `RUN_DIR/controlnet` (and `RUN_DIR/unet` with an unlocked decoder): diffusers folders.
     pub fn save_result(&self) -> Result<PathBuf> {
         let out = self.run_dir.join(RESULT_DIR);
-        checkpoint::write_diffusers_folder(&out, &self.controlnet_config, &self.controlnet_tensors()?)?;
-        if let Some(locked) = &self.unet_locked {
-            let mut all = locked.clone();
-            for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
-                all.insert(k, t);
-            }
-            checkpoint::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.unet_config, &all)?;
+        files::write_diffusers_folder(&out, &self.nets.controlnet_config, &self.nets.controlnet_tensors()?)?;
+        if let Some(all) = self.nets.unet_tensors()? {
+            files::write_diffusers_folder(&self.run_dir.join(RESULT_UNET_DIR), &self.nets.unet_config, &all)?;
         }
         Ok(out)
-    }
-
-    fn controlnet_tensors(&self) -> Result<TensorMap> {
-        Ok(self.params.snapshot()?.into_iter().filter(|(k, _)| !k.starts_with(UNET_PREFIX)).collect())
     }
 
     /// Redraws `loss.png` from `loss.jsonl`.
@@ -608,27 +380,7 @@ impl Trainer {
     /// the condition, then the images) and a line per pair in `validation.jsonl`. Returns the grid's path.
     pub fn validate(&mut self) -> Result<Option<PathBuf>> {
         let Some(v) = self.validation.clone() else { return Ok(None) };
-        // Inference copies, detached from the graph (generation must not record 20 steps of activations).
-        let cn_config: ControlNetConfig = serde_json::from_value(self.controlnet_config.clone())
-            .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
-        let tensors = self.controlnet_tensors()?;
-        let net =
-            ControlNetModel::new(&cn_config, candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &self.device))?;
-        let trained_unet = match &self.unet_locked {
-            Some(locked) => {
-                let mut all = locked.clone();
-                for (k, t) in self.params.with_prefix(UNET_PREFIX).snapshot()? {
-                    all.insert(k, t);
-                }
-                let config: UNet2DConditionConfig = serde_json::from_value(self.unet_config.clone())
-                    .map_err(|e| Error::Invalid(format!("UNet config: {e}")))?;
-                Some(UNet2DConditionModel::new(
-                    &config,
-                    candle_nn::VarBuilder::from_tensors(all, DType::F32, &self.device),
-                )?)
-            }
-            None => None,
-        };
+        let (net, trained_unet) = self.nets.inference_copies(&self.device)?;
         let training_unet = trained_unet.map(|u| std::mem::replace(&mut self.sd.unet, u));
         let result = self.generate_validation(&v, &net);
         if let Some(u) = training_unet {
@@ -655,7 +407,7 @@ impl Trainer {
         let mut records = Vec::new();
         for (cond_path, prompt) in &v.pairs {
             let cond_img = resize_center_crop(&crate::io::images::load_rgb(cond_path)?, r);
-            let image = condition_tensor(&cond_img, &self.device)?.unsqueeze(0)?;
+            let image = condition_tensor(&cond_img, self.feed.condition_channels, &self.device)?.unsqueeze(0)?;
             let control = Control { net, image, scale: 1.0, start: 0.0, end: 1.0 };
             let params = GenerateParams {
                 prompt: prompt.clone(),
@@ -690,13 +442,29 @@ impl Trainer {
     }
 }
 
+/// Removes `step-<N>.png` grids made after `step` (by a continuation that was abandoned for an earlier
+/// checkpoint), so the folder and `validation.jsonl` tell the same history.
+fn remove_later_grids(dir: &Path, step: u64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let later = name.strip_prefix("step-").and_then(|n| n.strip_suffix(".png")).and_then(|n| n.parse::<u64>().ok());
+        if later.is_some_and(|n| n > step) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::path::Path;
 
     use super::*;
     use crate::io::weights::read_json;
+    use crate::model::unet::UNet2DConditionModel;
     use crate::train::init::{controlnet_from_unet, InitOptions};
+    use crate::train::optimizer::AdamWConfig;
 
     const TINY_SD15: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15");
 
@@ -811,12 +579,12 @@ pub(crate) mod tests {
         let c_dir = tmp.path().join("c");
         let mut c = trainer(&data, &c_dir, TrainSettings { max_steps: 3, checkpointing_steps: 1, ..settings() });
         run(&mut c, None);
-        let bad = checkpoint::checkpoint_dir(&c_dir, 3).join(CK_OPTIMIZER);
+        let bad = resume::checkpoint_dir(&c_dir, 3).join(CK_OPTIMIZER);
         let mut bytes = std::fs::read(&bad).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;
         std::fs::write(&bad, bytes).unwrap();
-        let (found, skipped) = checkpoint::latest_valid(&c_dir).unwrap();
+        let (found, skipped) = resume::latest_valid(&c_dir).unwrap();
         let (step, dir) = found.unwrap();
         assert_eq!((step, skipped.len()), (2, 1));
         let mut c = trainer(&data, &c_dir, settings());
@@ -842,15 +610,17 @@ pub(crate) mod tests {
         t.fill_cache(&mut |_, _| {}).unwrap();
         let eval = |t: &Trainer| -> f32 {
             let idx: Vec<usize> = (0..4).collect();
-            let captions: Vec<String> = idx.iter().map(|&i| t.dataset.examples[i].captions[0].clone()).collect();
-            let (posterior, text, cond) = t.inputs(&idx, &captions).unwrap();
+            let captions: Vec<String> = idx.iter().map(|&i| t.feed.dataset.examples[i].captions[0].clone()).collect();
+            let (posterior, text, cond) = t.feed.inputs(&t.sd, &idx, &captions).unwrap();
             let mut total = 0.0;
             for seed in 0..4 {
                 let mut rng = TorchGenerator::new(100 + seed);
                 let draws = Draws::draw(&mut rng, posterior.mean.dims(), 1000, &Device::Cpu).unwrap();
                 let scaling = t.sd.vae.config().scaling_factor;
-                let out =
-                    t.objective.loss(&t.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws).unwrap();
+                let out = t
+                    .objective
+                    .loss(&t.nets.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws)
+                    .unwrap();
                 total += out.loss.to_scalar::<f32>().unwrap();
             }
             total / 4.0

@@ -52,10 +52,7 @@ fi
 
 # 4. The base, second pass: the decoder stage, then the UNet stage on from step 3000 to 5000, averaging its
 #    weights from there.
-if [ ! -f base/pass2.started ]; then
-    rm -rf base/model/unet
-    touch base/pass2.started
-fi
+#    (train-base continues a finished stage asked for more steps from its last checkpoint.)
 "$BIN" train-base --dataset circles --output base --vae-steps 1500 --vae-decoder-steps 1000 \
     --unet-steps 5000 --unet-ema-decay 0.999 -q
 
