@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 
+pub use super::base::PredictionType;
 use super::base::{self, facts, Base, BaseFacts};
 use super::checkpoint::{Checkpoint, TensorMap};
 use super::detect::{
@@ -61,33 +62,6 @@ pub struct SdComponents {
     pub scheduler_config: Value,
     /// What was guessed and why (printed by the CLI).
     pub notes: Vec<String>,
-}
-
-/// What the model was trained to predict (SD2.x 768 models: v; SD1.x and SD2.x-base: epsilon).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-}
-
-impl PredictionType {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-        }
-    }
-}
-
-impl std::str::FromStr for PredictionType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "epsilon" | "eps" => Ok(Self::Epsilon),
-            "v_prediction" | "v" | "v-prediction" => Ok(Self::VPrediction),
-            _ => Err(Error::Invalid(format!("--prediction-type: expected epsilon or v_prediction, got {s:?}"))),
-        }
-    }
 }
 
 /// Options of [`load_sd_checkpoint_with`].

@@ -8,30 +8,9 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// What the denoising model predicts (`prediction_type` in `scheduler_config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum PredictionType {
-    /// The noise that was added (SD1.x, SD2-base).
-    #[default]
-    #[serde(rename = "epsilon")]
-    Epsilon,
-    /// The velocity `alpha_t * noise - sigma_t * x0` (SD2.x 768).
-    #[serde(rename = "v_prediction")]
-    VPrediction,
-    /// The clean sample x0 itself.
-    #[serde(rename = "sample")]
-    Sample,
-}
-
-impl std::fmt::Display for PredictionType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-            PredictionType::Sample => "sample",
-        })
-    }
-}
+/// What the model predicts: one type for the schedulers, the loaders and training, defined with the base-model
+/// facts (io sits below the schedulers).
+pub use crate::io::base::PredictionType;
 
 /// How betas grow over the training timesteps (`beta_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
