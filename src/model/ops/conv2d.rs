@@ -571,20 +571,7 @@ mod tests {
         y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap()).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::test_support::max_abs_diff as max_diff;
 
     /// (in channels, out channels, kernel, stride, padding, height, width): every kernel size, stride and
     /// padding SD uses, odd sizes, and bands that do not divide the rows.
