@@ -16,13 +16,16 @@ fn pil_luma(p: &image::Rgb<u8>) -> u8 {
 /// (`mask / 255 > 0.5`, i.e. grey >= 128).
 pub fn condition(image: &RgbImage, mask: &RgbImage) -> Result<Tensor> {
     if image.dimensions() != mask.dimensions() {
-        return Err(Error::Invalid(format!(
-            "--mask is {}x{} but the image is {}x{}: they must have the same size",
-            mask.width(),
-            mask.height(),
-            image.width(),
-            image.height()
-        )));
+        return Err(Error::setting(
+            "mask",
+            format!(
+                "is {}x{} but the image is {}x{}: they must have the same size",
+                mask.width(),
+                mask.height(),
+                image.width(),
+                image.height()
+            ),
+        ));
     }
     let (w, h) = (image.width() as usize, image.height() as usize);
     let mut data = vec![0f32; 3 * w * h];
@@ -57,6 +60,6 @@ mod tests {
     #[test]
     fn size_mismatch_names_the_mask() {
         let err = condition(&RgbImage::new(4, 4), &RgbImage::new(4, 5)).err().unwrap().to_string();
-        assert!(err.contains("--mask"), "{err}");
+        assert!(err.starts_with("mask: is "), "{err}");
     }
 }

@@ -216,7 +216,7 @@ impl PoseFile {
         let mut files = Self::list_from_json_str(json)?;
         match files.len() {
             1 => Ok(files.remove(0)),
-            n => Err(invalid(format!("the file holds a list of {n} poses; expected one (read it as a list)"))),
+            n => Err(invalid(format!("the file holds a list of {n} poses; expected one"))),
         }
     }
 

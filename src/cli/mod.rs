@@ -123,31 +123,17 @@ pub fn describe(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only), coloured only on a terminal (a log file
+/// or a pipe gets plain text, no escape codes).
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_are_named_by_their_flags() {
-        assert_eq!(flag_for("num_images"), "--num-images");
-        assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
-        let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
-        assert_eq!(describe(&e), "generate: --width: 100000 is too large");
-    }
-
-    #[test]
-    fn io_errors_are_told_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        let e = anyhow::Error::from(crate::Error::io("nope.png", io));
-        assert_eq!(describe(&e), "nope.png: No such file or directory");
-    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a
@@ -175,5 +161,25 @@ pub fn device() -> anyhow::Result<candle_core::Device> {
     #[cfg(not(feature = "cuda"))]
     {
         Ok(candle_core::Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_named_by_their_flags() {
+        assert_eq!(flag_for("num_images"), "--num-images");
+        assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
+        let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
+        assert_eq!(describe(&e), "generate: --width: 100000 is too large");
+    }
+
+    #[test]
+    fn io_errors_are_told_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::from(crate::Error::io("nope.png", io));
+        assert_eq!(describe(&e), "nope.png: No such file or directory");
     }
 }
