@@ -65,10 +65,43 @@ impl Upsample {
     }
 }
 
+/// `num_layers` resnets in a row, the first taking `in_channels` (keys `resnets.N`): the body that the encoder's
+/// down blocks and the decoder's up blocks share; they differ only in the resampler after it.
+#[derive(Debug, Clone)]
+pub struct ResnetStack {
+    resnets: Vec<ResnetBlock2D>,
+}
+
+impl ResnetStack {
+    pub fn new(
+        cfg: VaeBlockConfig,
+        in_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let resnets = (0..num_layers)
+            .map(|i| {
+                let i_c = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { resnets })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for resnet in &self.resnets {
+            h = resnet.forward(&h, None)?;
+        }
+        Ok(h)
+    }
+}
+
 /// `num_layers` resnets, then (except in the last block) a downsample.
 #[derive(Debug, Clone)]
 pub struct DownEncoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: ResnetStack,
     downsampler: Option<Downsample>,
 }
 
@@ -81,22 +114,14 @@ impl DownEncoderBlock2D {
         add_downsample: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let i_c = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = ResnetStack::new(cfg, in_channels, out_channels, num_layers, vb.pp("resnets"))?;
         let downsampler =
             if add_downsample { Some(Downsample::new(out_channels, vb.pp("downsamplers").pp("0"))?) } else { None };
         Ok(Self { resnets, downsampler })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
+        let h = self.resnets.forward(x)?;
         match &self.downsampler {
             Some(d) => d.forward(&h),
             None => Ok(h),
@@ -107,7 +132,7 @@ impl DownEncoderBlock2D {
 /// `num_layers` resnets, then (except in the last block) an upsample.
 #[derive(Debug, Clone)]
 pub struct UpDecoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: ResnetStack,
     upsampler: Option<Upsample>,
 }
 
@@ -120,22 +145,14 @@ impl UpDecoderBlock2D {
         add_upsample: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let i_c = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = ResnetStack::new(cfg, in_channels, out_channels, num_layers, vb.pp("resnets"))?;
         let upsampler =
             if add_upsample { Some(Upsample::new(out_channels, vb.pp("upsamplers").pp("0"))?) } else { None };
         Ok(Self { resnets, upsampler })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
+        let h = self.resnets.forward(x)?;
         match &self.upsampler {
             Some(u) => u.forward(&h),
             None => Ok(h),
