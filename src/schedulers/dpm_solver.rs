@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Deserializer};
 
-use super::schedule::{div, f32_of, mul, sigma_of, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType};
+use super::schedule::{div, mul, sigma_of, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType};
 use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
@@ -311,15 +311,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         let n = self.timesteps.len();
         at(&self.timesteps, step_index, "timesteps")?;
         // 1. Which order this step may use.
@@ -343,7 +341,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             self.third_order_update(&sample, step_index)?
         };
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
-        prev_sample.to_dtype(dtype)
+        Ok(prev_sample)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

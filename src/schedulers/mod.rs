@@ -48,6 +48,7 @@ pub use timesteps::TimestepSpacing;
 pub use unipc::UniPcScheduler;
 
 use crate::rng::TorchGenerator;
+use schedule::f32_of;
 
 /// One denoising sampler with its timesteps fixed (diffusers' scheduler after `set_timesteps`).
 ///
@@ -72,11 +73,26 @@ pub trait Scheduler: Send {
 
     /// One step: the model's output at `timesteps()[step_index]` for `sample` → the previous (less noisy)
     /// sample. Schedulers that add noise draw it from `rng`, as diffusers does from the pipeline's generator.
+    /// Stepped in float32 whatever the model's dtype (diffusers upcasts too); the result comes back in the
+    /// model output's dtype.
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = model_output.dtype();
+        let prev_sample = self.step_f32(f32_of(model_output)?, step_index, f32_of(sample)?, rng)?;
+        prev_sample.to_dtype(dtype)
+    }
+
+    /// [`Scheduler::step`] on float32 tensors: what each scheduler implements.
+    fn step_f32(
+        &mut self,
+        model_output: Tensor,
+        step_index: usize,
+        sample: Tensor,
         rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor>;
 
@@ -103,7 +119,7 @@ pub fn build(
         None => config.own_kind()?,
     };
     if num_inference_steps == 0 {
-        return Err(crate::Error::Invalid("the number of inference steps must be at least 1".into()));
+        return Err(crate::Error::setting("steps", "must be at least 1, got 0"));
     }
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),

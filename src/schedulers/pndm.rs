@@ -12,7 +12,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, f32_of, mul, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{div, mul, BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{check_steps, single_step_timesteps, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
@@ -230,15 +230,13 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         let t = at(&self.timesteps, step_index, "timesteps")? as i64;
         let prev_sample = if self.counter < self.prk_steps {
             self.step_prk(model_output, t, sample)?
@@ -246,7 +244,7 @@ impl Scheduler for PndmScheduler {
             self.step_plms(model_output, t, sample)?
         };
         self.counter += 1;
-        prev_sample.to_dtype(dtype)
+        Ok(prev_sample)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, f32_of, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{div, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
@@ -348,15 +348,13 @@ impl Scheduler for UniPcScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        mut sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, mut sample) = (f32_of(model_output)?, f32_of(sample)?);
         let n = at(&self.timesteps, step_index, "timesteps").map(|_| self.timesteps.len())?;
         let converted = self.convert_model_output(&model_output, &sample, step_index)?;
 
@@ -377,7 +375,7 @@ impl Scheduler for UniPcScheduler {
         let prev_sample = self.predict(&sample, step_index, self.this_order)?;
         self.last_sample = Some(sample);
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
-        prev_sample.to_dtype(dtype)
+        Ok(prev_sample)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
