@@ -337,3 +337,32 @@ fn a_pose_list_makes_one_image_per_pose() {
     assert_clean_failure(&run, &["--output", "list of 2 poses", "must be a folder"]);
     assert_untouched(&file, b"previous");
 }
+
+/// Issue 14.8: error text was doubled ("nope.png: No such file or directory (os error 2): No such file or
+/// directory (os error 2)", "stream did not contain valid UTF-8: stream did not contain valid UTF-8"): each
+/// cause is told once.
+#[test]
+fn error_causes_are_told_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = controlnet(&["annotate", "canny", "nope.png", "--output", s(&dir.path().join("o.png"))]);
+    assert_clean_failure(&run, &["nope.png: No such file or directory"]);
+    assert_eq!(stderr(&run).matches("No such file or directory").count(), 1, "{}", stderr(&run));
+    let binary = dir.path().join("binary.json");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let run = controlnet(&["annotate", "pose", s(&binary), "--output", s(&dir.path().join("o.png"))]);
+    assert_clean_failure(&run, &["binary.json: stream did not contain valid UTF-8"]);
+    assert_eq!(stderr(&run).matches("stream did not contain valid UTF-8").count(), 1, "{}", stderr(&run));
+}
+
+/// Friction: logs carry no ANSI colour codes when stderr is not a terminal (a log file, a pipe).
+#[test]
+fn logs_are_plain_text_off_a_terminal() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(["annotate", "invert", "nope.png", "--output", "/tmp/never.png"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("DEBUG"), "a debug line is logged: {err}");
+    assert!(!err.contains('\x1b'), "ANSI escape codes in a non-terminal log: {err:?}");
+}

@@ -203,9 +203,15 @@ fn inspect_folder(dir: &Path) -> Result<Inspection> {
             notes,
         });
     }
-    let config: Value = read_json(&dir.join("config.json")).map_err(|_| {
-        Error::weights(dir, "neither a diffusers model folder (config.json) nor a pipeline (model_index.json)")
-    })?;
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::weights(
+            dir,
+            "neither a diffusers model folder (config.json) nor a pipeline (model_index.json)",
+        ));
+    }
+    // A config that is there but broken is reported as such, not as a missing one.
+    let config: Value = read_json(&config_path)?;
     let (headers, dtype) = folder_headers(dir)?;
     let mut i = summarize(dir, &headers, "");
     i.container = "diffusers folder".into();
@@ -367,5 +373,16 @@ mod tests {
         }
         let missing = expect_kind(&models.join("no-such-model"), Expected::ControlNet).unwrap_err().to_string();
         assert!(missing.contains("no-such-model"), "{missing}");
+    }
+
+    #[test]
+    fn a_broken_config_is_reported_as_broken_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{bad").unwrap();
+        let err = inspect(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("config.json: invalid config"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = inspect(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("neither a diffusers model folder"), "{err}");
     }
 }

@@ -203,7 +203,7 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
             let step = ck.scalars.get("global_step").map(String::as_str);
             let p = if step == Some("875000") { PredictionType::Epsilon } else { PredictionType::VPrediction };
             notes.push(format!(
-                "SD2.x: assumed {} prediction (global_step {}); pass --prediction-type if images look wrong",
+                "SD2.x: assumed {} prediction (global_step {}); set prediction_type (epsilon or v_prediction) if images look wrong",
                 p.as_str(),
                 step.unwrap_or("absent")
             ));
