@@ -177,6 +177,24 @@ pub fn sigma_of(alpha_cumprod: f32) -> f32 {
     ((1.0 - alpha_cumprod) / alpha_cumprod).sqrt()
 }
 
+/// (alpha_t, sigma_t) of the variance-preserving process at sampler sigma: 1/sqrt(sigma² + 1), sigma · alpha_t
+/// (the multistep solvers work with these).
+pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha_t, sigma * alpha_t)
+}
+
+/// Half log-SNR: log(alpha_t) - log(sigma_t); +inf at sigma = 0.
+pub(crate) fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
+    alpha_t.ln() - sigma_t.ln()
+}
+
+/// `alpha_t · original + sigma_t · noise` at sampler sigma: add_noise of the multistep solvers.
+pub(crate) fn add_noise_at_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    mul(original, alpha_t)? + mul(noise, sigma_t)?
+}
+
 /// `torch.linspace(start, end, steps, dtype=float32)` exactly: torch's CPU kernel computes each value with a
 /// fused multiply-add, from the start for the first half and from the end for the second.
 pub fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {

@@ -7,7 +7,9 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{
+    add_noise_at_sigma, alpha_sigma, div, lambda, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType,
+};
 use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
@@ -293,17 +295,6 @@ fn validate(config: &SchedulerConfig, parsed: &UniPcConfig) -> crate::Result<Sol
     }
 }
 
-/// (alpha_t, sigma_t) of the variance-preserving process at sampler sigma.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha_t, sigma * alpha_t)
-}
-
-/// Half log-SNR log(alpha_t) - log(sigma_t).
-fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
-    alpha_t.ln() - sigma_t.ln()
-}
-
 /// sum_k weights[k] · tensors[k].
 fn weighted_sum(weights: &[f32], tensors: &[Tensor]) -> candle_core::Result<Tensor> {
     let mut sum = mul(&tensors[0], weights[0])?;
@@ -379,8 +370,7 @@ impl Scheduler for UniPcScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?);
-        mul(original, alpha_t)? + mul(noise, sigma_t)?
+        add_noise_at_sigma(original, noise, at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?)
     }
 
     fn prediction_type(&self) -> PredictionType {
