@@ -23,6 +23,7 @@ use crate::{Error, Result};
 
 mod edit;
 mod render;
+pub use edit::PoseEdits;
 pub use render::DrawOptions;
 
 /// Points in a COCO-18 body, the layout ControlNet's skeleton is drawn from.

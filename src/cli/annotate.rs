@@ -22,10 +22,8 @@ use clap::Args;
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::annotate::pose::{DrawOptions, PoseFile};
+use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
 use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode};
-// Stand-in for `crate::io::images::check_image_size` (added on another branch): import that one at merge.
-use crate::annotate::resize::check_image_size;
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
 use crate::{Error, Result};
 
@@ -255,22 +253,12 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
     Ok(ExitCode::FAILURE)
 }
 
-/// The keypoint edits of `annotate pose`, in the order they apply: merge, flip, scale, translate.
-pub fn edit_pose(pose: PoseFile, args: &AnnotateArgs) -> Result<PoseFile> {
-    let mut pose = pose;
-    for other in &args.merge {
-        pose = pose.merge(&PoseFile::from_json_file(other)?)?;
-    }
-    if args.flip {
-        pose = pose.flip_horizontal()?;
-    }
-    if let Some(f) = args.scale {
-        pose = pose.scale(f, f)?;
-    }
-    if args.translate_x.is_some() || args.translate_y.is_some() {
-        pose = pose.translate(args.translate_x.unwrap_or(0.0), args.translate_y.unwrap_or(0.0))?;
-    }
-    Ok(pose)
+/// The keypoint edits of `annotate pose`, the merged files read.
+fn pose_edits(args: &AnnotateArgs) -> Result<PoseEdits> {
+    let merge = args.merge.iter().map(|p| PoseFile::from_json_file(p)).collect::<Result<Vec<_>>>()?;
+    let translate = (args.translate_x.is_some() || args.translate_y.is_some())
+        .then(|| (args.translate_x.unwrap_or(0.0), args.translate_y.unwrap_or(0.0)));
+    Ok(PoseEdits { merge, flip: args.flip, scale: args.scale, translate })
 }
 
 /// `pose`: OpenPose JSON (keypoints) → the skeleton image ControlNet's openpose models were trained on.
@@ -293,8 +281,18 @@ fn run_pose(args: &AnnotateArgs) -> Result<ExitCode> {
             ),
         ));
     }
-    let edited = frames.into_iter().map(|p| edit_pose(p, args)).collect::<Result<Vec<_>>>()?;
-    let images = edited.iter().map(|p| render_pose(p, args)).collect::<Result<Vec<_>>>()?;
+    let edits = pose_edits(args)?;
+    let edited = frames.into_iter().map(|p| edits.apply(p)).collect::<Result<Vec<_>>>()?;
+    let opts = DrawOptions { body: !args.no_body, hands: !args.no_hands, face: !args.no_face };
+    let images = edited
+        .iter()
+        .map(|p| {
+            p.render_at(args.width, args.height, opts).map_err(|e| match e {
+                Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", args.input.display())),
+                e => e,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     if let Some(json) = &args.save_json {
         let text = if list { PoseFile::list_to_json_string(&edited) } else { edited[0].to_json_string() };
         write_atomic(json, |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))?;
@@ -311,31 +309,6 @@ fn run_pose(args: &AnnotateArgs) -> Result<ExitCode> {
     }
     eprintln!("wrote {} poses into {}", images.len(), args.output.display());
     Ok(ExitCode::SUCCESS)
-}
-
-/// One pose drawn at its canvas size, or at --width/--height.
-fn render_pose(pose: &PoseFile, args: &AnnotateArgs) -> Result<RgbImage> {
-    for (name, v) in [("width", args.width), ("height", args.height)] {
-        if v == Some(0) {
-            return Err(Error::setting(name, "must be at least 1, got 0"));
-        }
-    }
-    let no_canvas = || {
-        Error::Invalid(format!(
-            "{}: the pose has no canvas_width/canvas_height; give both --width and --height",
-            args.input.display()
-        ))
-    };
-    let pose = match (args.width, args.height, pose.canvas_size()) {
-        (None, None, _) => pose.clone(),
-        (w, h, Some((cw, ch))) => pose.resize_canvas(w.unwrap_or(cw), h.unwrap_or(ch))?,
-        (Some(w), Some(h), None) => pose.with_canvas(w, h)?,
-        _ => return Err(no_canvas()),
-    };
-    let (w, h) = pose.canvas_size().ok_or_else(no_canvas)?;
-    check_image_size(if args.height.is_some() && args.width.is_none() { "height" } else { "width" }, w, h)?;
-    let opts = DrawOptions { body: !args.no_body, hands: !args.no_hands, face: !args.no_face };
-    pose.render_canvas(opts)
 }
 
 /// `inpaint`: image + mask → the float condition tensor in a safetensors file.
@@ -369,12 +342,7 @@ fn run_inpaint(args: &AnnotateArgs) -> Result<ExitCode> {
             image.height()
         )));
     }
-    // bring both to the output size the same way (A1111's resize modes)
-    let (w, h) = args.settings().output_size(image.width(), image.height())?;
-    let resize = args.resize.unwrap_or_default();
-    let image = annotate::resize::fit_to_output(&image, w, h, resize);
-    let mask = annotate::resize::fit_to_output(&mask, w, h, resize);
-    let control = annotate::inpaint::condition(&image, &mask)?;
+    let control = annotate::inpaint::condition_at_size(&image, &mask, &args.settings())?;
     let tensors = HashMap::from([("control".to_string(), control)]);
     write_atomic(&args.output, |tmp| {
         candle_core::safetensors::save(&tensors, tmp)
