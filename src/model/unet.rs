@@ -360,8 +360,8 @@ mod tests {
         assert_eq!(out.dtype(), DType::F16);
         let out = out.to_dtype(DType::F32).unwrap();
         let reference = &fx["unet.with_c"];
-        let max_abs = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-        let diff = max_abs(&(out - reference).unwrap());
+        let max_abs = crate::test_support::max_abs;
+        let diff = crate::test_support::max_abs_diff(&out, reference);
         let tol = 2e-2 * max_abs(reference).max(1.0);
         assert!(diff <= tol, "f16 vs f32 reference: {diff} > {tol}");
     }

@@ -412,7 +412,7 @@ mod tests {
             let eps = x.affine(0.5, 0.1).unwrap();
             let x0 = s.convert_model_output(&eps, &x, i).unwrap();
             x = s.step(&eps, i, &x, &mut rng).unwrap();
-            let diff = (&x - &x0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = crate::test_support::max_abs_diff(&x, &x0);
             if i == 2 {
                 assert!(diff < 1e-6, "last step {diff}");
             }

@@ -597,7 +597,7 @@ mod tests {
             let ours = conv2d(&x, &kernel, &bias, p).unwrap();
             let want = reference(&x, &kernel, &bias, p);
             assert_eq!(ours.dims(), want.dims());
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let scale = crate::test_support::max_abs(&want);
             let diff = max_diff(&ours, &want);
             assert!(diff <= 1e-5 * scale.max(1.0), "{c}->{o} k{k} s{stride} p{padding} {h}x{w}: {diff}");
         }
