@@ -1,4 +1,5 @@
-//! The library's error type: every variant names the file, flag or tensor it is about.
+//! The library's error type: every variant names the file, setting or tensor it is about (settings by their
+//! library name; the CLI shows its flag, see `cli::describe`).
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,7 +16,8 @@ pub enum Error {
     /// An image that cannot be read or written.
     #[error("{path}: {msg}")]
     Image { path: PathBuf, msg: String },
-    /// A user-facing setting that is out of range or inconsistent (message names the flag).
+    /// A problem told in a sentence that names what it is about (a kind, a file, a combination); a single
+    /// out-of-range setting is [`Error::Setting`] instead, so front ends can name it their way.
     #[error("{0}")]
     Invalid(String),
     /// One setting of a request that is out of range or inconsistent with another. `setting` is the library's

@@ -24,6 +24,8 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod synthetic;
+#[cfg(test)]
+pub mod test_support;
 pub mod tokenizer;
 pub mod train;
 

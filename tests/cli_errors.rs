@@ -147,3 +147,20 @@ fn corrupt_controlnet_weights() {
         &["diffusion_pytorch_model.safetensors", "truncated"],
     );
 }
+
+/// Issue 14.10: the kinds offered after an unknown `--preprocess` include pose and say what each is made from;
+/// inpaint is refused for what it needs, not with a pointer to a Rust function.
+#[test]
+fn preprocess_kinds_are_listed_with_what_they_need() {
+    let base = ["--model", MODEL, "--controlnet", CN, "--control", CONTROL, "--prompt", "x"];
+    let mut args = base.to_vec();
+    args.extend(["--preprocess", "depth"]);
+    fails_with(&args, &["unknown annotator kind 'depth'", "pose (from OpenPose JSON keypoints)", "canny"]);
+    let mut args = base.to_vec();
+    args.extend(["--preprocess", "inpaint"]);
+    fails_with(&args, &["--preprocess inpaint", "inpaint is made from an image and a mask"]);
+    let dir = temp_dir();
+    let out = dir.path().join("x.png");
+    let res = controlnet(&[&args[..], &["--output", out.to_str().unwrap(), "--quiet"]].concat());
+    assert!(!stderr(&res).contains("::"), "no Rust paths in messages: {}", stderr(&res));
+}

@@ -50,7 +50,7 @@ fn bad_files_fail_clearly_without_panicking() {
                 fixture("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors").display().to_string(),
                 out_dir.display().to_string(),
             ],
-            "expected a ControlNet, but this file is a UNet (diffusers names)",
+            "this is a UNet (diffusers names), but a ControlNet was expected",
         ),
         (vec!["inspect".into(), "/nonexistent/file.safetensors".into()], "/nonexistent/file.safetensors"),
     ];

@@ -5,6 +5,8 @@
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
+use super::resize::fit_to_output;
+use super::AnnotateSettings;
 use crate::{Error, Result};
 
 /// PIL's `convert("L")`: `(19595 R + 38470 G + 7471 B + 2^15) >> 16`.
@@ -16,13 +18,16 @@ fn pil_luma(p: &image::Rgb<u8>) -> u8 {
 /// (`mask / 255 > 0.5`, i.e. grey >= 128).
 pub fn condition(image: &RgbImage, mask: &RgbImage) -> Result<Tensor> {
     if image.dimensions() != mask.dimensions() {
-        return Err(Error::Invalid(format!(
-            "--mask is {}x{} but the image is {}x{}: they must have the same size",
-            mask.width(),
-            mask.height(),
-            image.width(),
-            image.height()
-        )));
+        return Err(Error::setting(
+            "mask",
+            format!(
+                "is {}x{} but the image is {}x{}: they must have the same size",
+                mask.width(),
+                mask.height(),
+                image.width(),
+                image.height()
+            ),
+        ));
     }
     let (w, h) = (image.width() as usize, image.height() as usize);
     let mut data = vec![0f32; 3 * w * h];
@@ -33,6 +38,18 @@ pub fn condition(image: &RgbImage, mask: &RgbImage) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
+}
+
+/// The condition at the output size of `settings` (width, height, resize mode; no annotator resolution): image
+/// and mask fitted the same way (A1111's resize modes), then [`condition`].
+pub fn condition_at_size(image: &RgbImage, mask: &RgbImage, settings: &AnnotateSettings) -> Result<Tensor> {
+    if image.dimensions() != mask.dimensions() {
+        return condition(image, mask); // the size error, before any resizing
+    }
+    let (w, h) = settings.output_size(image.width(), image.height())?;
+    let image = fit_to_output(image, w, h, settings.resize);
+    let mask = fit_to_output(mask, w, h, settings.resize);
+    condition(&image, &mask)
 }
 
 #[cfg(test)]
@@ -57,6 +74,24 @@ mod tests {
     #[test]
     fn size_mismatch_names_the_mask() {
         let err = condition(&RgbImage::new(4, 4), &RgbImage::new(4, 5)).err().unwrap().to_string();
-        assert!(err.contains("--mask"), "{err}");
+        assert!(err.starts_with("mask: is "), "{err}");
+    }
+
+    /// At an output size image and mask are fitted alike: the masked area stays where the mask says.
+    #[test]
+    fn condition_at_size_fits_image_and_mask_alike() {
+        let image = RgbImage::from_pixel(4, 2, image::Rgb([255, 0, 0]));
+        let mut mask = RgbImage::new(4, 2);
+        for y in 0..2 {
+            mask.put_pixel(0, y, image::Rgb([255, 255, 255]));
+            mask.put_pixel(1, y, image::Rgb([255, 255, 255]));
+        }
+        let settings = AnnotateSettings { width: Some(8), height: Some(4), ..Default::default() };
+        let c = condition_at_size(&image, &mask, &settings).unwrap();
+        assert_eq!(c.dims(), &[1, 3, 4, 8]);
+        let red: Vec<f32> = c.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+        assert_eq!(red, [-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]);
+        let err = condition_at_size(&image, &RgbImage::new(3, 2), &settings).unwrap_err().to_string();
+        assert!(err.starts_with("mask: is 3x2"), "{err}");
     }
 }

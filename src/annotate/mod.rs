@@ -10,10 +10,8 @@
 //! 3. detect;
 //! 4. fit the map to the output size with the [`ResizeMode`].
 //!
-//! Model-based detectors (HED, depth, OpenPose, M-LSD, lineart models) implement the same [`Detector`] trait
-//! and are added to [`detector`]'s table; they read their weights from [`DetectorOptions::model`].
-use std::path::PathBuf;
-
+//! Model-based detectors (HED, depth, OpenPose, M-LSD, lineart models) will implement the same [`Detector`]
+//! trait and join [`KINDS`] and [`detector`]'s table (with a setting for their weights).
 use image::{DynamicImage, RgbImage};
 
 use crate::{Error, Result};
@@ -34,6 +32,8 @@ pub mod scribble;
 pub mod shuffle;
 pub mod tile;
 
+// Stand-in for `crate::io::images::check_image_size` (added on another branch): import that one at merge.
+pub(crate) use resize::check_image_size;
 pub use resize::ResizeMode;
 
 /// How the input is brought to the annotator resolution before [`Detector::detect`] (A1111's preprocessors
@@ -67,15 +67,16 @@ pub trait Detector: Send + Sync {
     fn detect(&self, image: &RgbImage) -> Result<RgbImage>;
 }
 
-/// Settings of all detectors; each reads the ones it knows and falls back to its reference default.
+/// Settings of all detectors; each reads the ones it takes (see [`Kind::settings`]) and falls back to its reference
+/// default. A setting given to a detector that does not take it is refused by [`detector`], not ignored.
 #[derive(Clone, Debug, Default)]
 pub struct DetectorOptions {
     /// Canny's low threshold (default 100).
     pub low: Option<f64>,
     /// Canny's high threshold (default 200).
     pub high: Option<f64>,
-    /// Seed of the random content shuffle (numpy's `np.random.seed`, so < 2^32).
-    pub seed: u32,
+    /// Seed of the random content shuffle (numpy's `np.random.seed`, so < 2^32; default 0).
+    pub seed: Option<u32>,
     /// binary: grey threshold, 0 = Otsu (default 0); scribble: XDoG threshold (default 32).
     pub threshold: Option<f64>,
     /// blur: Gaussian sigma (default 9).
@@ -84,45 +85,191 @@ pub struct DetectorOptions {
     pub rate: Option<f64>,
     /// normal: depth (0..1 after min-max normalisation) below which a pixel is flat background (default 0.4).
     pub bg_threshold: Option<f64>,
-    /// Weights file or folder of a model-based detector (unused by the classical ones).
-    pub model: Option<PathBuf>,
 }
 
-/// A detector kind: its name and what it makes.
+impl DetectorOptions {
+    /// The names of the settings that were given (set to `Some`).
+    pub fn given(&self) -> Vec<&'static str> {
+        let all = [
+            ("low", self.low.is_some()),
+            ("high", self.high.is_some()),
+            ("seed", self.seed.is_some()),
+            ("threshold", self.threshold.is_some()),
+            ("sigma", self.sigma.is_some()),
+            ("rate", self.rate.is_some()),
+            ("bg_threshold", self.bg_threshold.is_some()),
+        ];
+        all.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
+    }
+}
+
+/// What a kind makes its map from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A picture: the kinds [`detector`] builds.
+    Image,
+    /// A picture and a mask of the same size ([`inpaint::condition`]); the result is a float tensor.
+    ImageAndMask,
+    /// OpenPose JSON keypoints, drawn as a skeleton ([`pose::PoseFile`]).
+    PoseJson,
+}
+
+impl Input {
+    /// The size settings every kind with this input takes, besides its own [`Kind::settings`].
+    pub fn common_settings(self) -> &'static [&'static str] {
+        match self {
+            Input::Image => &["width", "height", "resolution", "resize"],
+            Input::ImageAndMask => &["width", "height", "resize"],
+            Input::PoseJson => &["width", "height"],
+        }
+    }
+
+    fn phrase(self) -> &'static str {
+        match self {
+            Input::Image => "from an image",
+            Input::ImageAndMask => "from an image and a mask",
+            Input::PoseJson => "from OpenPose JSON keypoints",
+        }
+    }
+}
+
+/// An annotator kind: its name, what it is made from, the settings it takes and what it makes.
 pub struct Kind {
     pub name: &'static str,
+    pub input: Input,
+    /// The settings of this kind, by their library names ([`DetectorOptions`] fields, the mask, the pose edits),
+    /// besides [`Input::common_settings`].
+    pub settings: &'static [&'static str],
     pub summary: &'static str,
 }
 
-/// Every kind [`detector`] can build, plus `inpaint` (see [`inpaint::condition`]: it needs a mask and makes a
-/// float map, so it is not a [`Detector`]).
-pub const KINDS: &[Kind] = &[
-    Kind { name: "canny", summary: "Canny edges (cv2.Canny on the RGB image)" },
-    Kind { name: "shuffle", summary: "content shuffle: the image warped by a seeded random flow" },
-    Kind { name: "lineart", summary: "standard lineart: difference of Gaussians" },
-    Kind { name: "color", summary: "colour palette: 64x smaller cubic, then nearest up" },
-    Kind { name: "binary", summary: "black/white threshold (Otsu when --threshold 0)" },
-    Kind { name: "invert", summary: "255 - image (white lines on black from black lines on white)" },
-    Kind { name: "scribble", summary: "scribble from XDoG (A1111 scribble_xdog)" },
-    Kind { name: "tile", summary: "tile resample: area down-sampling by --rate" },
-    Kind { name: "blur", summary: "Gaussian blur (A1111 blur_gaussian)" },
-    Kind { name: "normal", summary: "normal map from a depth image (ControlNet's MiDaS normal)" },
-    Kind { name: "inpaint", summary: "inpaint condition: image with masked pixels at -1 (needs --mask)" },
-];
-
-/// The comma-separated kind names, for error messages and help.
-pub fn kind_names() -> String {
-    KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+impl Kind {
+    /// Whether this kind takes the setting `name`.
+    pub fn takes(&self, name: &str) -> bool {
+        self.settings.contains(&name) || self.input.common_settings().contains(&name)
+    }
 }
 
-/// Build the detector called `kind` with `options`.
+/// The settings of `annotate pose`'s keypoint edits and drawing.
+const POSE_SETTINGS: &[&str] =
+    &["flip", "scale", "translate_x", "translate_y", "merge", "no_body", "no_hands", "no_face", "save_json"];
+
+/// Every annotator kind, the one list that help texts and errors are made from.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        name: "canny",
+        input: Input::Image,
+        settings: &["low", "high"],
+        summary: "Canny edges (cv2.Canny on the RGB image)",
+    },
+    Kind {
+        name: "shuffle",
+        input: Input::Image,
+        settings: &["seed"],
+        summary: "content shuffle: the image warped by a seeded random flow",
+    },
+    Kind { name: "lineart", input: Input::Image, settings: &[], summary: "standard lineart: difference of Gaussians" },
+    Kind {
+        name: "color",
+        input: Input::Image,
+        settings: &[],
+        summary: "colour palette: 64x smaller cubic, then nearest up",
+    },
+    Kind {
+        name: "binary",
+        input: Input::Image,
+        settings: &["threshold"],
+        summary: "black/white threshold (Otsu when the threshold is 0)",
+    },
+    Kind {
+        name: "invert",
+        input: Input::Image,
+        settings: &[],
+        summary: "255 - image (white lines on black from black lines on white)",
+    },
+    Kind {
+        name: "scribble",
+        input: Input::Image,
+        settings: &["threshold"],
+        summary: "scribble from XDoG (A1111 scribble_xdog)",
+    },
+    Kind {
+        name: "tile",
+        input: Input::Image,
+        settings: &["rate"],
+        summary: "tile resample: area down-sampling by the rate",
+    },
+    Kind { name: "blur", input: Input::Image, settings: &["sigma"], summary: "Gaussian blur (A1111 blur_gaussian)" },
+    Kind {
+        name: "normal",
+        input: Input::Image,
+        settings: &["bg_threshold"],
+        summary: "normal map from a depth image (ControlNet's MiDaS normal)",
+    },
+    Kind {
+        name: "inpaint",
+        input: Input::ImageAndMask,
+        settings: &["mask"],
+        summary: "inpaint condition: the image with masked pixels at -1, a float tensor",
+    },
+    Kind {
+        name: "pose",
+        input: Input::PoseJson,
+        settings: POSE_SETTINGS,
+        summary: "OpenPose skeleton drawn from keypoints (controlnet_aux's drawing)",
+    },
+];
+
+/// The kind names grouped by what each is made from: "canny, shuffle, … (from an image); inpaint (from an image
+/// and a mask); pose (from OpenPose JSON keypoints)", for help and error messages.
+pub fn kind_names() -> String {
+    [Input::Image, Input::ImageAndMask, Input::PoseJson]
+        .iter()
+        .map(|&input| {
+            let names: Vec<&str> = KINDS.iter().filter(|k| k.input == input).map(|k| k.name).collect();
+            format!("{} ({})", names.join(", "), input.phrase())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The kind called `name`, or an error listing every kind with what it is made from.
+pub fn kind(name: &str) -> Result<&'static Kind> {
+    KINDS
+        .iter()
+        .find(|k| k.name == name)
+        .ok_or_else(|| Error::Invalid(format!("unknown annotator kind '{name}'; the kinds are {}", kind_names())))
+}
+
+/// Refuses a setting that `kind` does not take (`annotate canny` with a blur sigma), naming the kinds that do.
+pub fn check_settings(kind: &Kind, given: &[&str]) -> Result<()> {
+    for &name in given {
+        if !kind.takes(name) {
+            let users: Vec<&str> = KINDS.iter().filter(|k| k.takes(name)).map(|k| k.name).collect();
+            let used_by = if users.is_empty() { String::new() } else { format!(" (used by {})", users.join(", ")) };
+            return Err(Error::setting(name, format!("does not apply to {}{used_by}", kind.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Build the detector called `kind` with `options`; the kinds made from an image only (see [`Kind::input`]).
 pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detector>> {
+    let k = self::kind(kind)?;
+    if k.input != Input::Image {
+        return Err(Error::Invalid(format!(
+            "{kind} is made {}, not detected in an image; the image kinds are {}",
+            k.input.phrase(),
+            image_kind_names()
+        )));
+    }
+    check_settings(k, &options.given())?;
     let positive = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
         let v = v.unwrap_or(default);
         if v.is_finite() && v > 0.0 {
             Ok(v)
         } else {
-            Err(Error::Invalid(format!("--{name} must be a positive number, got {v}")))
+            Err(Error::setting(name, format!("must be a positive number, got {v}")))
         }
     };
     Ok(match kind {
@@ -130,7 +277,7 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
             low: options.low.unwrap_or(canny::DEFAULT_LOW),
             high: options.high.unwrap_or(canny::DEFAULT_HIGH),
         }),
-        "shuffle" => Box::new(shuffle::Shuffle { seed: options.seed }),
+        "shuffle" => Box::new(shuffle::Shuffle { seed: options.seed.unwrap_or(0) }),
         "lineart" => Box::new(lineart::LineartStandard),
         "color" => Box::new(color::Color),
         "binary" => Box::new(binary::Binary { threshold: options.threshold.unwrap_or(binary::DEFAULT_THRESHOLD) }),
@@ -144,17 +291,13 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
             bg_threshold: options.bg_threshold.unwrap_or(normal::DEFAULT_BG_THRESHOLD),
             z: normal::DEFAULT_Z,
         }),
-        "inpaint" => {
-            return Err(Error::Invalid(
-                "inpaint needs a mask and makes a float map: use annotate::inpaint::condition \
-                 (CLI: `annotate inpaint IMAGE --mask MASK --output OUT.safetensors`)"
-                    .into(),
-            ))
-        }
-        other => {
-            return Err(Error::Invalid(format!("unknown annotator kind '{other}'; valid kinds: {}", kind_names())))
-        }
+        other => return Err(Error::Invalid(format!("annotator kind '{other}' has no detector yet"))),
     })
+}
+
+/// The names of the kinds [`detector`] builds.
+fn image_kind_names() -> String {
+    KINDS.iter().filter(|k| k.input == Input::Image).map(|k| k.name).collect::<Vec<_>>().join(", ")
 }
 
 /// Output size, annotator resolution and resize mode of one [`annotate`] call.
@@ -170,8 +313,14 @@ pub struct AnnotateSettings {
 }
 
 impl AnnotateSettings {
-    /// The output `(width, height)` for an input of `(w, h)`.
+    /// The output `(width, height)` for an input of `(w, h)`, refused before anything is allocated when a side
+    /// is 0 or the image would not fit in memory.
     pub fn output_size(&self, w: u32, h: u32) -> Result<(u32, u32)> {
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == Some(0) {
+                return Err(Error::setting(name, "must be at least 1, got 0"));
+            }
+        }
         let keep = |other: u32, num: u32, den: u32| ((other as f64 * num as f64 / den as f64).round() as u32).max(1);
         let size = match (self.width, self.height) {
             (Some(tw), Some(th)) => (tw, th),
@@ -179,10 +328,17 @@ impl AnnotateSettings {
             (None, Some(th)) => (keep(th, w, h), th),
             (None, None) => (w, h),
         };
-        if size.0 == 0 || size.1 == 0 {
-            return Err(Error::Invalid(format!("--width/--height must be positive, got {}x{}", size.0, size.1)));
-        }
+        check_image_size(self.size_setting(), size.0, size.1)?;
         Ok(size)
+    }
+
+    /// The setting an output size error is about: the side that was given.
+    fn size_setting(&self) -> &'static str {
+        if self.width.is_none() && self.height.is_some() {
+            "height"
+        } else {
+            "width"
+        }
     }
 }
 
@@ -195,10 +351,15 @@ pub fn annotate(detector: &dyn Detector, image: &RgbImage, settings: &AnnotateSe
     // 1. annotator resolution
     let (out_w, out_h) = settings.output_size(w, h)?;
     let resolution = match settings.resolution {
-        Some(0) => return Err(Error::Invalid("--resolution must be positive".into())),
+        Some(0) => return Err(Error::setting("resolution", "must be at least 1, got 0")),
         Some(r) => r,
         None => resize::pixel_perfect_resolution(w, h, out_w, out_h, settings.resize),
     };
+    if detector.preprocess() != Preprocess::AsIs {
+        let (dw, dh) = resize::short_side_size(w, h, resolution);
+        let setting = if settings.resolution.is_some() { "resolution" } else { settings.size_setting() };
+        check_image_size(setting, dw, dh)?;
+    }
     // 2. preprocess
     let src = cv::Mat::from_rgb(image);
     let (prepared, crop) = match detector.preprocess() {
@@ -310,28 +471,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_kind_lists_the_valid_ones() {
-        let err = detector("sobel", &DetectorOptions::default()).err().unwrap().to_string();
-        assert!(err.contains("'sobel'") && err.contains("canny") && err.contains("normal"), "{err}");
+    fn unknown_kind_lists_every_kind_with_its_input() {
+        let err = detector("depth", &DetectorOptions::default()).err().unwrap().to_string();
+        assert!(err.starts_with("unknown annotator kind 'depth'; the kinds are canny,"), "{err}");
+        for k in KINDS {
+            assert!(err.contains(k.name), "{} missing from {err}", k.name);
+        }
+        assert!(err.contains("pose (from OpenPose JSON keypoints)"), "{err}");
+        assert!(err.contains("inpaint (from an image and a mask)"), "{err}");
     }
 
     #[test]
-    fn every_listed_kind_builds_except_inpaint() {
+    fn image_kinds_build_and_the_others_say_what_they_need() {
         for k in KINDS {
             let d = detector(k.name, &DetectorOptions::default());
-            if k.name == "inpaint" {
-                assert!(d.is_err());
-            } else {
-                assert_eq!(d.unwrap().name(), k.name);
+            match k.input {
+                Input::Image => assert_eq!(d.unwrap().name(), k.name),
+                _ => {
+                    let err = d.err().unwrap().to_string();
+                    assert!(err.contains(k.input.phrase()) && !err.contains("::"), "{err}");
+                    assert!(!err.contains("inpaint,") && !err.contains("pose,"), "only image kinds offered: {err}");
+                }
             }
         }
     }
 
     #[test]
-    fn bad_numbers_name_their_flag() {
+    fn bad_numbers_name_their_setting() {
         let o = DetectorOptions { sigma: Some(-1.0), ..Default::default() };
         let err = detector("blur", &o).err().unwrap().to_string();
-        assert!(err.contains("--sigma"), "{err}");
+        assert!(err.starts_with("sigma: must be a positive number"), "{err}");
+    }
+
+    #[test]
+    fn settings_of_other_kinds_are_refused() {
+        let o = DetectorOptions { sigma: Some(3.0), ..Default::default() };
+        let err = detector("canny", &o).err().unwrap().to_string();
+        assert_eq!(err, "sigma: does not apply to canny (used by blur)");
+        let err = check_settings(kind("canny").unwrap(), &["flip"]).unwrap_err().to_string();
+        assert!(err.starts_with("flip: does not apply to canny (used by pose)"), "{err}");
+        assert!(check_settings(kind("pose").unwrap(), &["width", "flip"]).is_ok());
+        assert!(check_settings(kind("pose").unwrap(), &["resolution"]).is_err());
+        assert!(check_settings(kind("inpaint").unwrap(), &["mask", "resize"]).is_ok());
     }
 
     #[test]
@@ -362,8 +543,36 @@ mod tests {
     fn output_size_keeps_aspect_when_one_side_is_given() {
         let s = AnnotateSettings { width: Some(200), ..Default::default() };
         assert_eq!(s.output_size(100, 50).unwrap(), (200, 100));
-        let s = AnnotateSettings { height: Some(0), ..Default::default() };
-        assert!(s.output_size(100, 50).is_err());
+    }
+
+    /// A zero side is reported as given ("height: … got 0"), not as the size it led to ("0x1").
+    #[test]
+    fn zero_sizes_name_the_setting_and_the_value_given() {
+        for (s, name) in [
+            (AnnotateSettings { width: Some(0), ..Default::default() }, "width"),
+            (AnnotateSettings { height: Some(0), ..Default::default() }, "height"),
+            (AnnotateSettings { width: Some(64), height: Some(0), ..Default::default() }, "height"),
+        ] {
+            let err = s.output_size(100, 50).unwrap_err().to_string();
+            assert_eq!(err, format!("{name}: must be at least 1, got 0"));
+        }
+        let d = detector("canny", &DetectorOptions::default()).unwrap();
+        let s = AnnotateSettings { resolution: Some(0), ..Default::default() };
+        let err = annotate(d.as_ref(), &RgbImage::new(8, 8), &s).unwrap_err().to_string();
+        assert_eq!(err, "resolution: must be at least 1, got 0");
+    }
+
+    /// Sizes that cannot be allocated are refused with the figure before anything is allocated (they aborted
+    /// the process before).
+    #[test]
+    fn huge_sizes_are_refused_before_allocating() {
+        let s = AnnotateSettings { width: Some(100_000), height: Some(100_000), ..Default::default() };
+        let err = s.output_size(64, 64).unwrap_err().to_string();
+        assert!(err.starts_with("width: a 100000x100000 image needs about"), "{err}");
+        let d = detector("canny", &DetectorOptions::default()).unwrap();
+        let s = AnnotateSettings { resolution: Some(100_000), ..Default::default() };
+        let err = annotate(d.as_ref(), &RgbImage::new(64, 64), &s).unwrap_err().to_string();
+        assert!(err.starts_with("resolution: a 100000x100000 image needs about"), "{err}");
     }
 
     #[test]

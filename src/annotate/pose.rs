@@ -23,6 +23,7 @@ use crate::{Error, Result};
 
 mod edit;
 mod render;
+pub use edit::PoseEdits;
 pub use render::DrawOptions;
 
 /// Points in a COCO-18 body, the layout ControlNet's skeleton is drawn from.
@@ -216,7 +217,7 @@ impl PoseFile {
         let mut files = Self::list_from_json_str(json)?;
         match files.len() {
             1 => Ok(files.remove(0)),
-            n => Err(invalid(format!("the file holds a list of {n} poses; expected one (read it as a list)"))),
+            n => Err(invalid(format!("the file holds a list of {n} poses; expected one"))),
         }
     }
 

@@ -7,9 +7,13 @@
 //!   exit status is then 1, after all other maps are written.
 //! - `inpaint` takes `--mask` and writes the float condition tensor (`control`, shape (1, 3, H, W)) to a
 //!   `.safetensors` OUT.
+//! - `pose` reads OpenPose JSON; a JSON list of poses (frames) makes one image per element,
+//!   `OUT/<stem>_<i>.png` (OUT is then a folder).
 //!
-//! Every output is written to a temporary file in the same folder and renamed into place, so an existing
-//! file is never left half-written.
+//! Flags that the kind does not take are refused (`canny --sigma`), not ignored. Outputs follow every
+//! subcommand's rule: folders are created, every output is written to a temporary file in the same folder and
+//! renamed into place (an existing file is replaced only by a complete new one), and an output that is one of
+//! the inputs is refused before anything runs.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,21 +22,20 @@ use clap::Args;
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::annotate::pose::{DrawOptions, PoseFile};
-use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, ResizeMode};
-use crate::io::atomic::write_atomic;
+use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
+use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode};
+use crate::io::atomic::{check_output_is_not_input, write_atomic};
 use crate::{Error, Result};
 
 #[derive(Args, Debug, Clone)]
-#[command(after_help = "Kinds: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, \
-                        inpaint, pose (INPUT = OpenPose JSON; see docs/annotators.md, docs/pose.md).\nExit status: 0 when every input was annotated, 1 on \
-                        an error or when a folder had unreadable files (listed on stderr).")]
+#[command(after_help = after_help())]
 pub struct AnnotateArgs {
-    /// Annotator kind (canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal, inpaint, pose).
+    /// Annotator kind: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal (from an
+    /// image); inpaint (from an image and a mask); pose (from OpenPose JSON keypoints).
     pub kind: String,
-    /// Image file, or a folder of images.
+    /// Image file, or a folder of images (pose: an OpenPose JSON file).
     pub input: PathBuf,
-    /// Output file (or folder when INPUT is a folder; created if missing).
+    /// Output file (a folder when INPUT is a folder or a pose list; created if missing).
     #[arg(short, long)]
     pub output: PathBuf,
     /// canny: low threshold [default: 100].
@@ -41,9 +44,9 @@ pub struct AnnotateArgs {
     /// canny: high threshold [default: 200].
     #[arg(long, allow_negative_numbers = true)]
     pub high: Option<f64>,
-    /// shuffle: random seed (numpy's np.random.seed).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u32,
+    /// shuffle: random seed (numpy's np.random.seed) [default: 0].
+    #[arg(long)]
+    pub seed: Option<u32>,
     /// binary: grey threshold, 0 = Otsu [default: 0]; scribble: XDoG threshold [default: 32].
     #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
@@ -56,12 +59,13 @@ pub struct AnnotateArgs {
     /// normal: normalised depth below which pixels are flat background [default: 0.4].
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
-    /// Annotator resolution (short side the detector sees) [default: pixel perfect for the output size].
+    /// Image kinds: annotator resolution (short side the detector sees) [default: pixel perfect for the output
+    /// size].
     #[arg(long)]
     pub resolution: Option<u32>,
-    /// How the map is fitted to --width/--height.
-    #[arg(long, value_enum, default_value_t = ResizeMode::CropAndResize)]
-    pub resize: ResizeMode,
+    /// Image kinds and inpaint: how the map is fitted to --width/--height [default: crop-and-resize].
+    #[arg(long, value_enum)]
+    pub resize: Option<ResizeMode>,
     /// Output width [default: the input's; the input's aspect if only --height is given].
     #[arg(long)]
     pub width: Option<u32>,
@@ -71,34 +75,43 @@ pub struct AnnotateArgs {
     /// inpaint: mask image (white = to be inpainted), the size of the input.
     #[arg(long)]
     pub mask: Option<PathBuf>,
-    /// Weights of a model-based annotator (not used by the classical kinds).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
     /// pose: mirror the keypoints left-right (left and right limbs swap, as a detector would see it).
     #[arg(long)]
     pub flip: bool,
     /// pose: scale the keypoints by F about the canvas origin.
     #[arg(long, value_name = "F")]
     pub scale: Option<f64>,
-    /// pose: move the keypoints right by F pixels.
-    #[arg(long, value_name = "F", allow_negative_numbers = true, default_value_t = 0.0)]
-    pub translate_x: f64,
-    /// pose: move the keypoints down by F pixels.
-    #[arg(long, value_name = "F", allow_negative_numbers = true, default_value_t = 0.0)]
-    pub translate_y: f64,
+    /// pose: move the keypoints right by F pixels [default: 0].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub translate_x: Option<f64>,
+    /// pose: move the keypoints down by F pixels [default: 0].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub translate_y: Option<f64>,
     /// pose: add the people of another OpenPose JSON file (same canvas). Repeatable.
     #[arg(long, value_name = "JSON")]
     pub merge: Vec<PathBuf>,
-    /// pose: do not draw the body / the hands / the face.
+    /// pose: do not draw the body.
     #[arg(long)]
     pub no_body: bool,
+    /// pose: do not draw the hands.
     #[arg(long)]
     pub no_hands: bool,
+    /// pose: do not draw the face.
     #[arg(long)]
     pub no_face: bool,
     /// pose: also write the edited keypoints as OpenPose JSON.
     #[arg(long, value_name = "JSON")]
     pub save_json: Option<PathBuf>,
+}
+
+/// The help's epilogue, made from the library's one list of kinds.
+fn after_help() -> String {
+    format!(
+        "Kinds: {} (see docs/annotators.md, docs/pose.md).\nFlags that the kind does not take are refused.\n\
+         Exit status: 0 when every input was annotated, 1 on an error or when a folder had unreadable files \
+         (listed on stderr).",
+        annotate::kind_names()
+    )
 }
 
 impl AnnotateArgs {
@@ -111,25 +124,63 @@ impl AnnotateArgs {
             sigma: self.sigma,
             rate: self.rate,
             bg_threshold: self.bg_threshold,
-            model: self.model.clone(),
         }
     }
 
     fn settings(&self) -> AnnotateSettings {
-        AnnotateSettings { width: self.width, height: self.height, resolution: self.resolution, resize: self.resize }
+        AnnotateSettings {
+            width: self.width,
+            height: self.height,
+            resolution: self.resolution,
+            resize: self.resize.unwrap_or_default(),
+        }
+    }
+
+    /// The settings given on the command line, by their library names.
+    fn given(&self) -> Vec<&'static str> {
+        let mut given = self.detector_options().given();
+        let others = [
+            ("width", self.width.is_some()),
+            ("height", self.height.is_some()),
+            ("resolution", self.resolution.is_some()),
+            ("resize", self.resize.is_some()),
+            ("mask", self.mask.is_some()),
+            ("flip", self.flip),
+            ("scale", self.scale.is_some()),
+            ("translate_x", self.translate_x.is_some()),
+            ("translate_y", self.translate_y.is_some()),
+            ("merge", !self.merge.is_empty()),
+            ("no_body", self.no_body),
+            ("no_hands", self.no_hands),
+            ("no_face", self.no_face),
+            ("save_json", self.save_json.is_some()),
+        ];
+        given.extend(others.into_iter().filter(|(_, on)| *on).map(|(name, _)| name));
+        given
+    }
+
+    /// Every input file of the run (the output may be none of them).
+    fn inputs(&self) -> Vec<&Path> {
+        let mut inputs = vec![self.input.as_path()];
+        inputs.extend(self.mask.as_deref());
+        inputs.extend(self.merge.iter().map(PathBuf::as_path));
+        inputs
     }
 }
 
 /// Run `controlnet annotate`.
 pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
-    if args.kind == "inpaint" {
-        return run_inpaint(args);
+    let kind = annotate::kind(&args.kind)?;
+    annotate::check_settings(kind, &args.given())?;
+    let inputs = args.inputs();
+    check_output_is_not_input("output", &args.output, &inputs)?;
+    if let Some(json) = &args.save_json {
+        check_output_is_not_input("save_json", json, &inputs)?;
     }
-    if args.kind == "pose" {
-        return run_pose(args);
-    }
-    if args.mask.is_some() {
-        return Err(Error::Invalid(format!("--mask is only used by the inpaint kind, not {}", args.kind)));
+    match kind.input {
+        Input::ImageAndMask => return run_inpaint(args),
+        Input::PoseJson => return run_pose(args),
+        Input::Image => {}
     }
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
@@ -140,6 +191,7 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     let image = read_image(&args.input)?;
     let map = annotate::annotate(detector.as_ref(), &image, &settings)?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
+    check_output_is_not_input("output", &out, &inputs)?;
     write_image(&map, &out)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -201,54 +253,61 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
     Ok(ExitCode::FAILURE)
 }
 
-/// The keypoint edits of `annotate pose`, in the order they apply: merge, flip, scale, translate.
-pub fn edit_pose(pose: PoseFile, args: &AnnotateArgs) -> Result<PoseFile> {
-    let mut pose = pose;
-    for other in &args.merge {
-        pose = pose.merge(&PoseFile::from_json_file(other)?)?;
-    }
-    if args.flip {
-        pose = pose.flip_horizontal()?;
-    }
-    if let Some(f) = args.scale {
-        pose = pose.scale(f, f)?;
-    }
-    if args.translate_x != 0.0 || args.translate_y != 0.0 {
-        pose = pose.translate(args.translate_x, args.translate_y)?;
-    }
-    Ok(pose)
+/// The keypoint edits of `annotate pose`, the merged files read.
+fn pose_edits(args: &AnnotateArgs) -> Result<PoseEdits> {
+    let merge = args.merge.iter().map(|p| PoseFile::from_json_file(p)).collect::<Result<Vec<_>>>()?;
+    let translate = (args.translate_x.is_some() || args.translate_y.is_some())
+        .then(|| (args.translate_x.unwrap_or(0.0), args.translate_y.unwrap_or(0.0)));
+    Ok(PoseEdits { merge, flip: args.flip, scale: args.scale, translate })
 }
 
 /// `pose`: OpenPose JSON (keypoints) → the skeleton image ControlNet's openpose models were trained on.
-/// `--width/--height` rescale the canvas (and the keypoints with it).
+/// `--width/--height` rescale the canvas (and the keypoints with it). A JSON list of poses (frames, as A1111
+/// writes for several images) makes one image per element, `OUT/<stem>_<i>.png`.
 fn run_pose(args: &AnnotateArgs) -> Result<ExitCode> {
-    let pose = edit_pose(PoseFile::from_json_file(&args.input)?, args)?;
-    let pose = match (args.width, args.height, pose.canvas_size()) {
-        (None, None, _) => pose,
-        (w, h, Some((cw, ch))) => pose.resize_canvas(w.unwrap_or(cw), h.unwrap_or(ch))?,
-        (Some(w), Some(h), None) => pose.with_canvas(w, h)?,
-        _ => {
-            return Err(Error::Invalid(format!(
-                "{}: the file has no canvas size; give both --width and --height",
-                args.input.display()
-            )))
-        }
-    };
-    let opts = DrawOptions { body: !args.no_body, hands: !args.no_hands, face: !args.no_face };
-    let image = match pose.canvas_size() {
-        Some(_) => pose.render_canvas(opts)?,
-        None => {
-            return Err(Error::Invalid(format!(
-                "{}: the file has no canvas_width/canvas_height; give --width and --height",
-                args.input.display()
-            )))
-        }
-    };
-    if let Some(json) = &args.save_json {
-        write_atomic(json, |tmp| std::fs::write(tmp, pose.to_json_string()).map_err(|e| Error::io(tmp, e)))?;
+    let frames = PoseFile::list_from_json_file(&args.input)?;
+    if frames.is_empty() {
+        return Err(Error::Invalid(format!("{}: the list holds no poses", args.input.display())));
     }
-    let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
-    write_image(&image, &out)?;
+    let list = frames.len() > 1;
+    if list && args.output.exists() && !args.output.is_dir() {
+        return Err(Error::setting(
+            "output",
+            format!(
+                "{}: {} holds a list of {} poses, so the output must be a folder, but this is a file",
+                args.output.display(),
+                args.input.display(),
+                frames.len()
+            ),
+        ));
+    }
+    let edits = pose_edits(args)?;
+    let edited = frames.into_iter().map(|p| edits.apply(p)).collect::<Result<Vec<_>>>()?;
+    let opts = DrawOptions { body: !args.no_body, hands: !args.no_hands, face: !args.no_face };
+    let images = edited
+        .iter()
+        .map(|p| {
+            p.render_at(args.width, args.height, opts).map_err(|e| match e {
+                Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", args.input.display())),
+                e => e,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(json) = &args.save_json {
+        let text = if list { PoseFile::list_to_json_string(&edited) } else { edited[0].to_json_string() };
+        write_atomic(json, |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))?;
+    }
+    if !list {
+        let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
+        write_image(&images[0], &out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stem = args.input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pose".into());
+    let digits = (images.len() - 1).to_string().len();
+    for (i, image) in images.iter().enumerate() {
+        write_image(image, &args.output.join(format!("{stem}_{i:0digits$}.png")))?;
+    }
+    eprintln!("wrote {} poses into {}", images.len(), args.output.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -257,7 +316,7 @@ fn run_inpaint(args: &AnnotateArgs) -> Result<ExitCode> {
     let mask_path = args
         .mask
         .as_ref()
-        .ok_or_else(|| Error::Invalid("inpaint needs --mask IMAGE (white where to inpaint)".into()))?;
+        .ok_or_else(|| Error::setting("mask", "inpaint needs a mask image (white where to inpaint)"))?;
     if args.input.is_dir() {
         return Err(Error::Invalid(format!(
             "{}: inpaint takes one image and its --mask, not a folder",
@@ -283,11 +342,7 @@ fn run_inpaint(args: &AnnotateArgs) -> Result<ExitCode> {
             image.height()
         )));
     }
-    // bring both to the output size the same way (A1111's resize modes)
-    let (w, h) = args.settings().output_size(image.width(), image.height())?;
-    let image = annotate::resize::fit_to_output(&image, w, h, args.resize);
-    let mask = annotate::resize::fit_to_output(&mask, w, h, args.resize);
-    let control = annotate::inpaint::condition(&image, &mask)?;
+    let control = annotate::inpaint::condition_at_size(&image, &mask, &args.settings())?;
     let tensors = HashMap::from([("control".to_string(), control)]);
     write_atomic(&args.output, |tmp| {
         candle_core::safetensors::save(&tensors, tmp)

@@ -123,11 +123,17 @@ pub fn describe(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only).
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only), coloured only on a terminal (a log file
+/// or a pipe gets plain text, no escape codes).
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a

@@ -6,6 +6,52 @@
 //! on them. Weights tell the base apart by the cross-attention width (the text encoder's hidden size).
 use serde_json::{json, Value};
 
+/// What the denoising model predicts (`prediction_type` in `scheduler_config.json`): the noise (SD1.x, SD2.x-base),
+/// the velocity (SD2.x 768 models) or the clean sample. One type for the loaders, the schedulers and training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum PredictionType {
+    /// The noise that was added (SD1.x, SD2-base).
+    #[default]
+    #[serde(rename = "epsilon")]
+    Epsilon,
+    /// The velocity `alpha_t * noise - sigma_t * x0` (SD2.x 768).
+    #[serde(rename = "v_prediction")]
+    VPrediction,
+    /// The clean sample x0 itself.
+    #[serde(rename = "sample")]
+    Sample,
+}
+
+impl PredictionType {
+    /// The name diffusers writes in `scheduler_config.json`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+    }
+}
+
+impl std::fmt::Display for PredictionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A user's override of a checkpoint's prediction type: the two that Stable Diffusion models are trained with
+/// (`sample` is for configs, not an override).
+impl std::str::FromStr for PredictionType {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "epsilon" | "eps" => Ok(Self::Epsilon),
+            "v_prediction" | "v" | "v-prediction" => Ok(Self::VPrediction),
+            _ => Err(crate::Error::setting("prediction_type", format!("expected epsilon or v_prediction, got {s:?}"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Base {

@@ -225,9 +225,7 @@ pub fn save_safetensors_atomic(tensors: &TensorMap, path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-    }
+    use crate::test_support::fixture_path as fixture;
 
     #[test]
     fn sniffs_formats_by_content() {

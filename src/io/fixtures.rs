@@ -9,9 +9,7 @@ use serde_json::Value;
 
 use super::checkpoint::{save_safetensors_atomic, TensorMap};
 
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+pub use crate::test_support::fixtures;
 
 fn recipe(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("load/recipes.json")).unwrap();

@@ -56,6 +56,63 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     Ok(i)
 }
 
+/// What a command takes where it asks for a model path; [`expect_kind`] compares it with what the path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// A ControlNet: a diffusers folder or one weights file (either naming).
+    ControlNet,
+    /// A base model: a diffusers pipeline folder or a single-file SD checkpoint.
+    BaseModel,
+}
+
+impl Expected {
+    /// Whether a path of this kind is what was expected.
+    pub fn accepts(self, kind: ModelKind) -> bool {
+        match self {
+            Expected::ControlNet => kind == ModelKind::ControlNet,
+            Expected::BaseModel => matches!(kind, ModelKind::Pipeline | ModelKind::SdCheckpoint),
+        }
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expected::ControlNet => "a ControlNet",
+            Expected::BaseModel => "a base model (a pipeline folder or a single-file checkpoint)",
+        })
+    }
+}
+
+/// Checks that `path` (a weights file or a diffusers folder) is what a command expects, before loading it, so the
+/// wrong kind of model is named ("…: this is an SD1.5 UNet (diffusers names), but a ControlNet was expected")
+/// instead of failing later on a missing tensor or config file. Reads headers and configs only. Returns the
+/// inspection for callers that want the base or the channels. Errors: the path cannot be inspected (missing, not
+/// a model), or it is another kind of model.
+pub fn expect_kind(path: &Path, expected: Expected) -> Result<Inspection> {
+    let i = inspect(path)?;
+    if expected.accepts(i.kind) {
+        return Ok(i);
+    }
+    Err(Error::weights(path, wrong_kind(&i.description, i.kind, expected)))
+}
+
+/// "this is <what it is>, but <expected> was expected", with a pointer where the mix-up is a common one.
+pub(crate) fn wrong_kind(description: &str, kind: ModelKind, expected: Expected) -> String {
+    let hint = match (expected, kind) {
+        (Expected::ControlNet, ModelKind::SdCheckpoint | ModelKind::Pipeline) => {
+            " (it is a base model: pass it as the model, not as a ControlNet)"
+        }
+        (Expected::ControlNet, ModelKind::Unet) => " (a base model's UNet, not a ControlNet)",
+        (Expected::BaseModel, ModelKind::ControlNet) => " (pass it as a ControlNet, with a base model beside it)",
+        (Expected::BaseModel, ModelKind::Unet | ModelKind::Vae | ModelKind::TextEncoder) => {
+            " (one part of a model: pass the pipeline folder that holds it)"
+        }
+        _ => "",
+    };
+    format!("this is {description}, but {expected} was expected{hint}")
+}
+
 fn summarize(path: &Path, tensors: &[TensorInfo], file_name: &str) -> Inspection {
     let d = detect(tensors, file_name);
     let r = roles(&d, tensors);
@@ -146,9 +203,15 @@ fn inspect_folder(dir: &Path) -> Result<Inspection> {
             notes,
         });
     }
-    let config: Value = read_json(&dir.join("config.json")).map_err(|_| {
-        Error::weights(dir, "neither a diffusers model folder (config.json) nor a pipeline (model_index.json)")
-    })?;
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::weights(
+            dir,
+            "neither a diffusers model folder (config.json) nor a pipeline (model_index.json)",
+        ));
+    }
+    // A config that is there but broken is reported as such, not as a missing one.
+    let config: Value = read_json(&config_path)?;
     let (headers, dtype) = folder_headers(dir)?;
     let mut i = summarize(dir, &headers, "");
     i.container = "diffusers folder".into();
@@ -281,5 +344,45 @@ mod tests {
         t.insert("control_model.extra_head.weight".into(), x);
         let i = inspect(&write(dir.path(), "cn.safetensors", &t)).unwrap();
         assert_eq!(i.unrecognised, vec!["control_model.extra_head.weight".to_string()]);
+    }
+
+    #[test]
+    fn expect_kind_names_what_the_path_is_and_what_was_wanted() {
+        let models = fixtures().join("models");
+        let pth = fixtures().join("load/control_tiny_sd15_fp16.pth");
+        for ok in [models.join("tiny-controlnet-a"), pth.clone()] {
+            assert_eq!(expect_kind(&ok, Expected::ControlNet).unwrap().kind, ModelKind::ControlNet);
+        }
+        expect_kind(&models.join("tiny-sd15"), Expected::BaseModel).unwrap();
+        let cases = [
+            (
+                models.join("tiny-sd15/unet"),
+                Expected::ControlNet,
+                "UNet (diffusers names), but a ControlNet was expected",
+            ),
+            (
+                models.join("tiny-sd15"),
+                Expected::ControlNet,
+                "pipeline folder (StableDiffusionPipeline), but a ControlNet",
+            ),
+            (pth, Expected::BaseModel, "this is a ControlNet (original names), but a base model"),
+        ];
+        for (path, expected, want) in cases {
+            let err = expect_kind(&path, expected).unwrap_err().to_string();
+            assert!(err.starts_with(&path.display().to_string()) && err.contains(want), "{err}");
+        }
+        let missing = expect_kind(&models.join("no-such-model"), Expected::ControlNet).unwrap_err().to_string();
+        assert!(missing.contains("no-such-model"), "{missing}");
+    }
+
+    #[test]
+    fn a_broken_config_is_reported_as_broken_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{bad").unwrap();
+        let err = inspect(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("config.json: invalid config"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = inspect(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("neither a diffusers model folder"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //! key maps between the namings, and images.
 pub mod atomic;
 pub mod base;
+mod bytes;
 pub mod checkpoint;
 pub mod detect;
 #[cfg(test)]

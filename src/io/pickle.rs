@@ -13,8 +13,21 @@ use std::rc::Rc;
 
 use candle_core::DType;
 
-use super::torch_file::{u16_at, u32_at, u64_at, TorchTensor};
+use super::bytes::{u16_at, u32_at, u64_at};
 use crate::{Error, Result};
+
+/// One tensor found in a torch file: where its elements live, not yet read (what the pickle's
+/// `_rebuild_tensor_v2` calls describe; [`super::torch_file`] reads the elements).
+#[derive(Debug, Clone)]
+pub struct TorchTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub(crate) storage: String,
+    pub(crate) offset: usize,
+    pub(crate) stride: Vec<usize>,
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // The restricted unpickler.
 // ------------------------------------------------------------------------------------------------------------

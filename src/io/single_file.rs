@@ -16,11 +16,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 
+pub use super::base::PredictionType;
 use super::base::{self, facts, Base, BaseFacts};
 use super::checkpoint::{Checkpoint, TensorMap};
 use super::detect::{
-    detect, Detection, Format, ModelKind, CLIP_PREFIX, CONTROL_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    detect, Detection, Format, CLIP_PREFIX, CONTROL_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
+use super::inspect::{wrong_kind, Expected};
 use super::keymap::{self, OpenClipTarget, Reshape, UnetLayout};
 use super::weights::{find_safetensors, read_json, DIFFUSERS_STEM};
 use crate::{Error, Result};
@@ -62,33 +64,6 @@ pub struct SdComponents {
     pub notes: Vec<String>,
 }
 
-/// What the model was trained to predict (SD2.x 768 models: v; SD1.x and SD2.x-base: epsilon).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-}
-
-impl PredictionType {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-        }
-    }
-}
-
-impl std::str::FromStr for PredictionType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "epsilon" | "eps" => Ok(Self::Epsilon),
-            "v_prediction" | "v" | "v-prediction" => Ok(Self::VPrediction),
-            _ => Err(Error::Invalid(format!("--prediction-type: expected epsilon or v_prediction, got {s:?}"))),
-        }
-    }
-}
-
 /// Options of [`load_sd_checkpoint_with`].
 #[derive(Debug, Clone, Default)]
 pub struct SdOptions {
@@ -106,7 +81,7 @@ pub fn load_controlnet_file(path: &Path) -> Result<Component> {
 /// As [`load_controlnet_file`], with an explicit diffusers config (a `config.json` or a folder holding one).
 pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<Component> {
     let ck = Checkpoint::open(path)?;
-    let det = expect_kind(&ck, ModelKind::ControlNet)?;
+    let det = expect_kind(&ck, Expected::ControlNet)?;
     if det.base == Base::Sdxl {
         return Err(Error::weights(path, "an SDXL ControlNet: SDXL is not supported yet (SD1.x and SD2.x are)"));
     }
@@ -174,7 +149,7 @@ pub fn load_sd_checkpoint(path: &Path, prediction_type: Option<PredictionType>) 
 
 pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdComponents> {
     let ck = Checkpoint::open(path)?;
-    let det = expect_kind(&ck, ModelKind::SdCheckpoint)?;
+    let det = expect_kind(&ck, Expected::BaseModel)?;
     if det.base == Base::Sdxl {
         return Err(Error::weights(path, "an SDXL single-file checkpoint: only SD1.x and SD2.x are supported"));
     }
@@ -228,7 +203,7 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
             let step = ck.scalars.get("global_step").map(String::as_str);
             let p = if step == Some("875000") { PredictionType::Epsilon } else { PredictionType::VPrediction };
             notes.push(format!(
-                "SD2.x: assumed {} prediction (global_step {}); pass --prediction-type if images look wrong",
+                "SD2.x: assumed {} prediction (global_step {}); set prediction_type (epsilon or v_prediction) if images look wrong",
                 p.as_str(),
                 step.unwrap_or("absent")
             ));
@@ -285,23 +260,13 @@ pub fn bundled_tokenizer(pad_token: &str) -> Result<BundledTokenizer> {
 // ------------------------------------------------------------------------------------------------------------
 
 /// Fails with what the file IS when it is not what was asked for.
-fn expect_kind(ck: &Checkpoint, want: ModelKind) -> Result<Detection> {
+fn expect_kind(ck: &Checkpoint, want: Expected) -> Result<Detection> {
     let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let det = detect(&ck.tensors, &name);
-    if det.kind == want {
+    if want.accepts(det.kind) {
         return Ok(det);
     }
-    let hint = match (want, det.kind) {
-        (ModelKind::ControlNet, ModelKind::SdCheckpoint) => " (pass it as the base model, not as a ControlNet)",
-        (ModelKind::ControlNet, ModelKind::Unet) => " (a base model's UNet, not a ControlNet)",
-        (ModelKind::SdCheckpoint, ModelKind::ControlNet) => " (pass it with --controlnet)",
-        _ => "",
-    };
-    let want = match want {
-        ModelKind::SdCheckpoint => "a Stable Diffusion single-file checkpoint".to_string(),
-        w => format!("a {w}"),
-    };
-    Err(Error::weights(&ck.path, format!("expected {want}, but this file is {}{hint}", det.description)))
+    Err(Error::weights(&ck.path, wrong_kind(&det.description, det.kind, want)))
 }
 
 fn original_layout(ck: &Checkpoint, prefix: &str) -> Result<UnetLayout> {
@@ -663,7 +628,7 @@ mod tests {
         let full = write(dir.path(), "model.safetensors", &sd);
         let err = load_controlnet_file(&full).unwrap_err().to_string();
         assert!(
-            err.contains("expected a ControlNet") && err.contains("Stable Diffusion single-file checkpoint"),
+            err.contains("but a ControlNet was expected") && err.contains("Stable Diffusion single-file checkpoint"),
             "{err}"
         );
         let unet: TensorMap = sd.into_iter().filter(|(k, _)| k.starts_with(UNET_PREFIX)).collect();
@@ -671,7 +636,7 @@ mod tests {
         assert!(err.contains("is a UNet (original names)") && err.contains("unet.safetensors"), "{err}");
         let cn = fixtures().join("load/control_tiny_sd15_fp16.pth");
         let err = load_sd_checkpoint(&cn, None).unwrap_err().to_string();
-        assert!(err.contains("this file is a ControlNet (original names)"), "{err}");
+        assert!(err.contains("this is a ControlNet (original names), but a base model"), "{err}");
     }
 
     #[test]

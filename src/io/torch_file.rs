@@ -12,8 +12,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
+use super::bytes::{u16_at, u32_at, u64_at};
+pub use super::pickle::TorchTensor;
 use super::pickle::{Unpickler, Value};
 use crate::{Error, Result};
 
@@ -29,17 +31,6 @@ const ZIP64_LOCATOR: u32 = 0x0706_4b50;
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
 /// How much of a legacy file is read to find its pickles (they precede the storages).
 const LEGACY_PICKLE_WINDOW: u64 = 64 << 20;
-
-/// One tensor found in a torch file: where its elements live, not yet read.
-#[derive(Debug, Clone)]
-pub struct TorchTensor {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub(crate) storage: String,
-    pub(crate) offset: usize,
-    pub(crate) stride: Vec<usize>,
-}
 
 /// A parsed torch file: its tensors (flattened names) and its top-level scalars (e.g. `global_step`).
 #[derive(Debug)]
@@ -371,22 +362,14 @@ fn zip_entries(path: &Path, f: &mut File) -> Result<HashMap<String, (u64, u64)>>
     Ok(entries)
 }
 
-pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
-}
-pub(crate) fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use candle_core::DType;
+
     fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/load").join(rel)
+        crate::test_support::fixture_path("load").join(rel)
     }
 
     /// Every tensor of a torch.save'd file equals the one torch itself saved beside it (exact, as stored).

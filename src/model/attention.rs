@@ -143,6 +143,7 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -165,14 +166,7 @@ mod tests {
         let batch = attn.forward_spatial(&x).unwrap();
         for i in 0..2 {
             let item = attn.forward_spatial(&x.narrow(0, i, 1).unwrap()).unwrap();
-            let diff = (batch.narrow(0, i, 1).unwrap() - item)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &item);
             assert!(diff < 1e-5, "item {i}: {diff}");
         }
     }
@@ -197,7 +191,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (4, 6, 4), &dev).unwrap();
         let whole = attn.attend(&q, &k, &v).unwrap();
         let blocks = attn.attend_in_blocks(&q, &k, &v, 3 * 4 * 6).unwrap();
-        let diff: f32 = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff = max_abs_diff(&whole, &blocks);
         assert!(diff < 1e-6, "{diff}");
     }
 

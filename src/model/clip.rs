@@ -254,19 +254,7 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    fn repo(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
-
-    /// max |ours - ref| <= 1e-4 * max(1, max |ref|).
-    fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
-        assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
-        assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff} (ref scale {scale})");
-    }
+    use crate::test_support::{assert_close, repo_path as repo};
 
     /// Runs both id batches of a fixture through the model loaded from `model_dir`.
     fn check_fixture(model_dir: &str, fixture: &str) -> ClipTextModel {

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::layers::{conv2d, Conv2d};
 use super::unet::UNet2DConditionConfig;
+pub use super::unet_encoder::ControlNetOutput;
 use super::unet_encoder::{check_context, config_error, weights_origin, EncoderConfig, UNetEncoder};
 use crate::io::weights::{find_safetensors, read_json, var_builder, DIFFUSERS_STEM};
 use crate::Error;
@@ -47,34 +48,6 @@ pub struct ControlNetConfig {
     pub global_pool_conditions: bool,
     #[serde(default)]
     pub controlnet_conditioning_channel_order: ChannelOrder,
-}
-
-/// The residuals a ControlNet adds to the UNet: one per skip connection (in the order the UNet's down path
-/// produces them) and one for the mid block output.
-#[derive(Debug, Clone)]
-pub struct ControlNetOutput {
-    pub down_block_res_samples: Vec<Tensor>,
-    pub mid_block_res_sample: Tensor,
-}
-
-impl ControlNetOutput {
-    /// The sum of two ControlNets' residuals (how several ControlNets condition one UNet), as new tensors.
-    pub fn add(&self, other: &ControlNetOutput) -> crate::Result<Self> {
-        let (a, b) = (&self.down_block_res_samples, &other.down_block_res_samples);
-        if a.len() != b.len() {
-            return Err(Error::Invalid(format!(
-                "cannot sum ControlNet outputs with {} and {} down-block residuals: the ControlNets have \
-                 different layouts",
-                a.len(),
-                b.len()
-            )));
-        }
-        let down = a.iter().zip(b).map(|(x, y)| x.broadcast_add(y)).collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            down_block_res_samples: down,
-            mid_block_res_sample: self.mid_block_res_sample.broadcast_add(&other.mid_block_res_sample)?,
-        })
-    }
 }
 
 /// The hint encoder: 3x3 convolutions with SiLU, stride 2 between stages (8x down for 4 stages), then a zero

@@ -8,10 +8,9 @@ use std::path::Path;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::controlnet::ControlNetOutput;
 use super::layers::{conv2d, group_norm, Activation, Conv2d, GroupNorm};
 use super::unet_blocks::{BlockKind, UpBlock2D};
-use super::unet_encoder::{check_context, config_error, weights_origin};
+use super::unet_encoder::{check_context, config_error, weights_origin, ControlNetOutput};
 pub use super::unet_encoder::{EncoderConfig, Level, PerBlock, UNetEncoder};
 use crate::io::weights::{find_safetensors, read_json, var_builder, DIFFUSERS_STEM};
 use crate::Error;
@@ -227,16 +226,13 @@ impl UNet2DConditionModel {
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::collections::{BTreeMap, HashMap};
-    use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
 
     use candle_core::{DType, Device, Result, Shape, Tensor};
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::VarBuilder;
 
-    pub fn repo_path(rel: &str) -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/")).join(rel)
-    }
+    pub use crate::test_support::{assert_close, repo_path};
 
     /// `tests/fixtures/unet/{name}.safetensors`, written by tools/fixtures/gen_unet.py.
     pub fn fixture(name: &str) -> HashMap<String, Tensor> {
@@ -248,16 +244,6 @@ pub(crate) mod test_support {
     pub fn condition_image() -> Tensor {
         let u8s = fixture("cond").remove("cond_u8").unwrap();
         (u8s.to_dtype(DType::F32).unwrap() / 255.0).unwrap()
-    }
-
-    /// Parity metric: max |actual - expected| <= 1e-4 * max(1, max |expected|).
-    pub fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-        assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
-        let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap();
-        let diff: f32 = diff.to_scalar().unwrap();
-        let scale: f32 = expected.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let tol = 1e-4 * scale.max(1.0);
-        assert!(diff <= tol, "{what}: max abs diff {diff:e} > {tol:e} (max |ref| {scale})");
     }
 
     /// A `VarBuilder` backend that hands out zero-stride zero tensors (no memory per tensor) and records each
@@ -374,8 +360,8 @@ mod tests {
         assert_eq!(out.dtype(), DType::F16);
         let out = out.to_dtype(DType::F32).unwrap();
         let reference = &fx["unet.with_c"];
-        let max_abs = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-        let diff = max_abs(&(out - reference).unwrap());
+        let max_abs = crate::test_support::max_abs;
+        let diff = crate::test_support::max_abs_diff(&out, reference);
         let tol = 2e-2 * max_abs(reference).max(1.0);
         assert!(diff <= tol, "f16 vs f32 reference: {diff} > {tol}");
     }

@@ -413,3 +413,32 @@ pub(crate) fn check_context(sample: &Tensor, context: &Tensor, cross_attention_d
         ),
     }
 }
+
+/// The residuals a ControlNet adds to the UNet: one per skip connection of this encoder (in the order its down
+/// path produces them) and one for the mid block output. Defined beside the encoder both networks share, so the
+/// UNet (which adds them) and the ControlNet (which makes them) need not import each other.
+#[derive(Debug, Clone)]
+pub struct ControlNetOutput {
+    pub down_block_res_samples: Vec<Tensor>,
+    pub mid_block_res_sample: Tensor,
+}
+
+impl ControlNetOutput {
+    /// The sum of two ControlNets' residuals (how several ControlNets condition one UNet), as new tensors.
+    pub fn add(&self, other: &ControlNetOutput) -> crate::Result<Self> {
+        let (a, b) = (&self.down_block_res_samples, &other.down_block_res_samples);
+        if a.len() != b.len() {
+            return Err(crate::Error::Invalid(format!(
+                "cannot sum ControlNet outputs with {} and {} down-block residuals: the ControlNets have \
+                 different layouts",
+                a.len(),
+                b.len()
+            )));
+        }
+        let down = a.iter().zip(b).map(|(x, y)| x.broadcast_add(y)).collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            down_block_res_samples: down,
+            mid_block_res_sample: self.mid_block_res_sample.broadcast_add(&other.mid_block_res_sample)?,
+        })
+    }
+}

@@ -312,14 +312,10 @@ pub fn image_to_input(images: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{assert_close, repo_path as repo};
     use std::collections::HashMap;
-    use std::path::PathBuf;
 
     const TINY_VAE: &str = "tests/fixtures/models/tiny-sd15/vae";
-
-    fn repo(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
 
     fn fixture(name: &str) -> HashMap<String, Tensor> {
         candle_core::safetensors::load(repo(&format!("tests/fixtures/vae/{name}")), &Device::Cpu).unwrap()
@@ -327,18 +323,6 @@ mod tests {
 
     fn tiny_vae() -> AutoencoderKL {
         AutoencoderKL::load(&repo(TINY_VAE), DType::F32, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
-    /// max |ours - ref| <= 1e-4 * max(1, max |ref|).
-    fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
-        assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-        let diff = max_abs(&(ours - reference).unwrap());
-        let scale = max_abs(reference).max(1.0);
-        assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff} (ref scale {scale})");
     }
 
     fn u8_values(t: &Tensor) -> Vec<u8> {

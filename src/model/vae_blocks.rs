@@ -30,14 +30,24 @@ impl VaeBlockConfig {
     }
 }
 
+/// The layer after a block's resnets that changes the resolution (keys `{KEY}.0.conv`).
+pub trait Resampler: Sized {
+    /// The weight-key prefix: `downsamplers` or `upsamplers`.
+    const KEY: &'static str;
+    fn new(channels: usize, vb: VarBuilder) -> Result<Self>;
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
 /// Halves height and width: zero-pad right and bottom by one, then a 3x3 conv with stride 2 and no padding
 /// (diffusers' `Downsample2D` with `padding=0`; the asymmetric pad keeps the original LDM weights valid).
 #[derive(Debug, Clone)]
-struct Downsample {
+pub struct Downsample {
     conv: Conv2d,
 }
 
-impl Downsample {
+impl Resampler for Downsample {
+    const KEY: &'static str = "downsamplers";
+
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self { conv: conv2d(channels, channels, 3, 2, 0, vb.pp("conv"))? })
     }
@@ -50,11 +60,13 @@ impl Downsample {
 
 /// Doubles height and width: nearest-neighbour upsampling, then a 3x3 conv.
 #[derive(Debug, Clone)]
-struct Upsample {
+pub struct Upsample {
     conv: Conv2d,
 }
 
-impl Upsample {
+impl Resampler for Upsample {
+    const KEY: &'static str = "upsamplers";
+
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
     }
@@ -65,79 +77,70 @@ impl Upsample {
     }
 }
 
+/// `num_layers` resnets in a row, the first taking `in_channels` (keys `resnets.N`): the body that the encoder's
+/// down blocks and the decoder's up blocks share; they differ only in the resampler after it.
+#[derive(Debug, Clone)]
+pub struct ResnetStack {
+    resnets: Vec<ResnetBlock2D>,
+}
+
+impl ResnetStack {
+    pub fn new(
+        cfg: VaeBlockConfig,
+        in_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let resnets = (0..num_layers)
+            .map(|i| {
+                let i_c = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { resnets })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for resnet in &self.resnets {
+            h = resnet.forward(&h, None)?;
+        }
+        Ok(h)
+    }
+}
+
+/// `num_layers` resnets, then (except in the last block) a resampler: the encoder's down blocks and the
+/// decoder's up blocks are this one shape (diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D`).
+#[derive(Debug, Clone)]
+pub struct ResnetsThenResample<R> {
+    resnets: ResnetStack,
+    resampler: Option<R>,
+}
+
 /// `num_layers` resnets, then (except in the last block) a downsample.
-#[derive(Debug, Clone)]
-pub struct DownEncoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    downsampler: Option<Downsample>,
-}
-
-impl DownEncoderBlock2D {
-    pub fn new(
-        cfg: VaeBlockConfig,
-        in_channels: usize,
-        out_channels: usize,
-        num_layers: usize,
-        add_downsample: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let i_c = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let downsampler =
-            if add_downsample { Some(Downsample::new(out_channels, vb.pp("downsamplers").pp("0"))?) } else { None };
-        Ok(Self { resnets, downsampler })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
-        match &self.downsampler {
-            Some(d) => d.forward(&h),
-            None => Ok(h),
-        }
-    }
-}
-
+pub type DownEncoderBlock2D = ResnetsThenResample<Downsample>;
 /// `num_layers` resnets, then (except in the last block) an upsample.
-#[derive(Debug, Clone)]
-pub struct UpDecoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    upsampler: Option<Upsample>,
-}
+pub type UpDecoderBlock2D = ResnetsThenResample<Upsample>;
 
-impl UpDecoderBlock2D {
+impl<R: Resampler> ResnetsThenResample<R> {
     pub fn new(
         cfg: VaeBlockConfig,
         in_channels: usize,
         out_channels: usize,
         num_layers: usize,
-        add_upsample: bool,
+        add_resampler: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let i_c = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(cfg.resnet(i_c, out_channels), vb.pp("resnets").pp(i))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let upsampler =
-            if add_upsample { Some(Upsample::new(out_channels, vb.pp("upsamplers").pp("0"))?) } else { None };
-        Ok(Self { resnets, upsampler })
+        let resnets = ResnetStack::new(cfg, in_channels, out_channels, num_layers, vb.pp("resnets"))?;
+        let resampler = if add_resampler { Some(R::new(out_channels, vb.pp(R::KEY).pp("0"))?) } else { None };
+        Ok(Self { resnets, resampler })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
-        match &self.upsampler {
-            Some(u) => u.forward(&h),
+        let h = self.resnets.forward(x)?;
+        match &self.resampler {
+            Some(r) => r.forward(&h),
             None => Ok(h),
         }
     }

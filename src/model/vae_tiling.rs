@@ -116,24 +116,19 @@ impl AutoencoderKL {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{fixture_path, max_abs};
     use candle_core::{DType, Device};
-    use std::path::Path;
 
     fn tiny_vae() -> AutoencoderKL {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd15/vae");
+        let dir = fixture_path("models/tiny-sd15/vae");
         AutoencoderKL::load(&dir, DType::F32, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// diffusers' tiled_decode with 64-px tiles on a 14x11 latent (tools/fixtures/gen_vae_tiling.py): partial
     /// edge tiles, blends in both directions. Metric: max |ours - ref| <= 1e-4 * max(1, max |ref|).
     #[test]
     fn matches_diffusers_tiled_decode() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae/tiled_decode.safetensors");
-        let fx = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let fx = crate::test_support::fixture_tensors("vae/tiled_decode.safetensors");
         let vae = tiny_vae();
         let ours = vae.decode_tiled(&fx["latents"], VaeTiling { tile_sample_size: 64, overlap: 0.25 }).unwrap();
         let reference = &fx["decoded"];

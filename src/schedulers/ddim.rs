@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, f32_of, mul, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{div, mul, BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{check_steps, single_step_timesteps, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
@@ -100,15 +100,13 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         // 1. The timestep and the previous one (DDIM eq. 12).
         let t = at(&self.timesteps, step_index, "timesteps")? as i64;
         let prev_t = t - self.step_ratio as i64;
@@ -143,7 +141,7 @@ impl Scheduler for DdimScheduler {
 
         // 4. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps  (eta = 0: no fresh noise).
         let direction = mul(&pred_epsilon, (1.0 - alpha_prod_t_prev).sqrt())?;
-        (mul(&pred_original_sample, alpha_prod_t_prev.sqrt())? + direction)?.to_dtype(dtype)
+        mul(&pred_original_sample, alpha_prod_t_prev.sqrt())? + direction
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

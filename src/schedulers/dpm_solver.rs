@@ -7,7 +7,10 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Deserializer};
 
-use super::schedule::{div, f32_of, mul, sigma_of, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType};
+use super::schedule::{
+    add_noise_at_sigma, alpha_sigma, div, lambda, mul, sigma_of, BetaConfig, BetaSchedule, NoiseSchedule,
+    PredictionType,
+};
 use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
@@ -295,31 +298,18 @@ fn clipped_timesteps(schedule: &NoiseSchedule, lambda_min_clipped: f64) -> usize
         .count()
 }
 
-/// (alpha_t, sigma_t) of the variance-preserving process at sampler sigma: 1/sqrt(sigma² + 1), sigma · alpha_t.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha_t, sigma * alpha_t)
-}
-
-/// Half log-SNR: log(alpha_t) - log(sigma_t); +inf at sigma = 0.
-fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
-    alpha_t.ln() - sigma_t.ln()
-}
-
 impl Scheduler for DpmSolverMultistepScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         let n = self.timesteps.len();
         at(&self.timesteps, step_index, "timesteps")?;
         // 1. Which order this step may use.
@@ -343,12 +333,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
             self.third_order_update(&sample, step_index)?
         };
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
-        prev_sample.to_dtype(dtype)
+        Ok(prev_sample)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?);
-        mul(original, alpha_t)? + mul(noise, sigma_t)?
+        add_noise_at_sigma(original, noise, at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?)
     }
 
     fn prediction_type(&self) -> PredictionType {

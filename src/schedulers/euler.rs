@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, f32_of, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{div, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{
     check_steps, interp, karras_sigmas, log_sigmas, sigma_to_t, single_step_timesteps, FinalSigmas, TimestepSpacing,
 };
@@ -127,15 +127,13 @@ impl Scheduler for EulerScheduler {
         scale_model_input(sample, at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?)
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         let sigma = at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?;
         let sigma_next = self.sigmas[step_index + 1];
         // 1. Denoised estimate x0 at this sigma (no churn: sigma_hat = sigma).
@@ -146,7 +144,7 @@ impl Scheduler for EulerScheduler {
         };
         // 2. Euler step along dx/dsigma = (x - x0) / sigma.
         let derivative = div(&(&sample - &pred_original_sample)?, sigma)?;
-        (&sample + mul(&derivative, sigma_next - sigma)?)?.to_dtype(dtype)
+        &sample + mul(&derivative, sigma_next - sigma)?
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

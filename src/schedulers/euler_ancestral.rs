@@ -101,17 +101,17 @@ impl Scheduler for EulerAncestralScheduler {
         scale_model_input(sample, at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?)
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        sample: Tensor,
         rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
         at(&self.timesteps, step_index, "timesteps")?;
         // diffusers: randn_tensor(model_output.shape, generator) — torch's CPU randn, float32.
         let noise = rng.randn_tensor(model_output.dims(), model_output.device())?;
-        self.step_with_noise(model_output, step_index, sample, &noise)
+        self.step_with_noise(&model_output, step_index, &sample, &noise)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

@@ -6,7 +6,7 @@
 //! | kind | diffusers class | steps taken |
 //! | --- | --- | --- |
 //! | `ddim` | DDIMScheduler | deterministic DDIM (eta = 0) |
-//! | `pndm` | PNDMScheduler | PLMS (`skip_prk_steps`), SD1.5's default |
+//! | `pndm` | PNDMScheduler | PLMS (after a Runge–Kutta warm-up unless `skip_prk_steps`), SD1.5's default |
 //! | `euler` | EulerDiscreteScheduler | Euler in sigma space |
 //! | `euler-a` | EulerAncestralDiscreteScheduler | Euler + fresh noise each step |
 //! | `dpm++2m` | DPMSolverMultistepScheduler | DPM-Solver++ multistep (order 2 by default) |
@@ -48,6 +48,7 @@ pub use timesteps::TimestepSpacing;
 pub use unipc::UniPcScheduler;
 
 use crate::rng::TorchGenerator;
+use schedule::f32_of;
 
 /// One denoising sampler with its timesteps fixed (diffusers' scheduler after `set_timesteps`).
 ///
@@ -72,11 +73,26 @@ pub trait Scheduler: Send {
 
     /// One step: the model's output at `timesteps()[step_index]` for `sample` → the previous (less noisy)
     /// sample. Schedulers that add noise draw it from `rng`, as diffusers does from the pipeline's generator.
+    /// Stepped in float32 whatever the model's dtype (diffusers upcasts too); the result comes back in the
+    /// model output's dtype.
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = model_output.dtype();
+        let prev_sample = self.step_f32(f32_of(model_output)?, step_index, f32_of(sample)?, rng)?;
+        prev_sample.to_dtype(dtype)
+    }
+
+    /// [`Scheduler::step`] on float32 tensors: what each scheduler implements.
+    fn step_f32(
+        &mut self,
+        model_output: Tensor,
+        step_index: usize,
+        sample: Tensor,
         rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor>;
 
@@ -103,7 +119,7 @@ pub fn build(
         None => config.own_kind()?,
     };
     if num_inference_steps == 0 {
-        return Err(crate::Error::Invalid("the number of inference steps must be at least 1".into()));
+        return Err(crate::Error::setting("steps", "must be at least 1, got 0"));
     }
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
@@ -188,7 +204,7 @@ mod tests {
     #[test]
     fn every_kind_builds_from_both_tiny_configs() {
         for dir in [SD15, SD2] {
-            let cfg = SchedulerConfig::from_file(dir).unwrap().with("skip_prk_steps", true);
+            let cfg = SchedulerConfig::from_file(dir).unwrap();
             for kind in SchedulerKind::ALL {
                 let s = build(Some(kind), &cfg, 10).unwrap();
                 assert_eq!(s.kind(), kind);
@@ -208,6 +224,31 @@ mod tests {
             assert!(s.step(&sample, past, &sample, &mut rng).is_err(), "{kind}");
             assert!(s.scale_model_input(&sample, past).is_err(), "{kind}");
             assert!(s.add_noise(&sample, &sample, past).is_err(), "{kind}");
+        }
+    }
+
+    /// Every scheduler the README lists runs on every bundled model's scheduler config (the demo base and the
+    /// tiny fixtures), for the default step count and a short run: timesteps set, every step taken, the result
+    /// finite. (PNDM on a config without `skip_prk_steps` takes the Runge–Kutta warm-up.)
+    #[test]
+    fn every_kind_runs_on_every_bundled_model() {
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/base/scheduler");
+        let sample = Tensor::ones((1, 4, 2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        for dir in [demo, SD15, SD2] {
+            let cfg = SchedulerConfig::from_file(dir).unwrap();
+            for kind in SchedulerKind::ALL {
+                for steps in [4, 20] {
+                    let mut s = build(Some(kind), &cfg, steps).unwrap_or_else(|e| panic!("{dir} {kind}: {e}"));
+                    let mut rng = TorchGenerator::new(0);
+                    let mut x = (&sample * s.init_noise_sigma()).unwrap();
+                    for i in 0..s.timesteps().len() {
+                        let out = (s.scale_model_input(&x, i).unwrap() * 0.5).unwrap();
+                        x = s.step(&out, i, &x, &mut rng).unwrap_or_else(|e| panic!("{dir} {kind} step {i}: {e}"));
+                    }
+                    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert!(v.iter().all(|x| x.is_finite()), "{dir} {kind} {steps}: {v:?}");
+                }
+            }
         }
     }
 }

@@ -181,8 +181,9 @@ fn unstack(t: &Tensor) -> Vec<Tensor> {
     (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect()
 }
 
+/// max |t| as the f32 the tolerances are written in.
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    crate::test_support::max_abs(t) as f32
 }
 
 fn assert_close(ours: &Tensor, theirs: &Tensor, input_scale: f32, tolerance: f32, what: &str) {

@@ -8,30 +8,9 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// What the denoising model predicts (`prediction_type` in `scheduler_config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum PredictionType {
-    /// The noise that was added (SD1.x, SD2-base).
-    #[default]
-    #[serde(rename = "epsilon")]
-    Epsilon,
-    /// The velocity `alpha_t * noise - sigma_t * x0` (SD2.x 768).
-    #[serde(rename = "v_prediction")]
-    VPrediction,
-    /// The clean sample x0 itself.
-    #[serde(rename = "sample")]
-    Sample,
-}
-
-impl std::fmt::Display for PredictionType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-            PredictionType::Sample => "sample",
-        })
-    }
-}
+/// What the model predicts: one type for the schedulers, the loaders and training, defined with the base-model
+/// facts (io sits below the schedulers).
+pub use crate::io::base::PredictionType;
 
 /// How betas grow over the training timesteps (`beta_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -196,6 +175,24 @@ impl NoiseSchedule {
 /// `sqrt((1 - a) / a)` in float32, the operation order of diffusers.
 pub fn sigma_of(alpha_cumprod: f32) -> f32 {
     ((1.0 - alpha_cumprod) / alpha_cumprod).sqrt()
+}
+
+/// (alpha_t, sigma_t) of the variance-preserving process at sampler sigma: 1/sqrt(sigma² + 1), sigma · alpha_t
+/// (the multistep solvers work with these).
+pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha_t, sigma * alpha_t)
+}
+
+/// Half log-SNR: log(alpha_t) - log(sigma_t); +inf at sigma = 0.
+pub(crate) fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
+    alpha_t.ln() - sigma_t.ln()
+}
+
+/// `alpha_t · original + sigma_t · noise` at sampler sigma: add_noise of the multistep solvers.
+pub(crate) fn add_noise_at_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    mul(original, alpha_t)? + mul(noise, sigma_t)?
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` exactly: torch's CPU kernel computes each value with a

@@ -32,12 +32,13 @@ impl TimestepSpacing {
 /// The largest usable timestep count: more steps than training timesteps would repeat timesteps.
 pub(crate) fn check_steps(num_inference_steps: usize, num_train_timesteps: usize) -> crate::Result<()> {
     if num_inference_steps == 0 {
-        return Err(crate::Error::Invalid("the number of inference steps must be at least 1".into()));
+        return Err(crate::Error::setting("steps", "must be at least 1, got 0"));
     }
     if num_inference_steps > num_train_timesteps {
-        return Err(crate::Error::Invalid(format!(
-            "{num_inference_steps} inference steps is more than the scheduler's {num_train_timesteps} training timesteps"
-        )));
+        return Err(crate::Error::setting(
+            "steps",
+            format!("{num_inference_steps} is more than the scheduler's {num_train_timesteps} training timesteps"),
+        ));
     }
     Ok(())
 }

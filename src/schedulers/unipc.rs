@@ -7,7 +7,9 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::schedule::{div, f32_of, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
+use super::schedule::{
+    add_noise_at_sigma, alpha_sigma, div, lambda, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType,
+};
 use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
@@ -293,17 +295,6 @@ fn validate(config: &SchedulerConfig, parsed: &UniPcConfig) -> crate::Result<Sol
     }
 }
 
-/// (alpha_t, sigma_t) of the variance-preserving process at sampler sigma.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha_t, sigma * alpha_t)
-}
-
-/// Half log-SNR log(alpha_t) - log(sigma_t).
-fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
-    alpha_t.ln() - sigma_t.ln()
-}
-
 /// sum_k weights[k] · tensors[k].
 fn weighted_sum(weights: &[f32], tensors: &[Tensor]) -> candle_core::Result<Tensor> {
     let mut sum = mul(&tensors[0], weights[0])?;
@@ -348,15 +339,13 @@ impl Scheduler for UniPcScheduler {
         &self.timesteps
     }
 
-    fn step(
+    fn step_f32(
         &mut self,
-        model_output: &Tensor,
+        model_output: Tensor,
         step_index: usize,
-        sample: &Tensor,
+        mut sample: Tensor,
         _rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (model_output, mut sample) = (f32_of(model_output)?, f32_of(sample)?);
         let n = at(&self.timesteps, step_index, "timesteps").map(|_| self.timesteps.len())?;
         let converted = self.convert_model_output(&model_output, &sample, step_index)?;
 
@@ -377,12 +366,11 @@ impl Scheduler for UniPcScheduler {
         let prev_sample = self.predict(&sample, step_index, self.this_order)?;
         self.last_sample = Some(sample);
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
-        prev_sample.to_dtype(dtype)
+        Ok(prev_sample)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?);
-        mul(original, alpha_t)? + mul(noise, sigma_t)?
+        add_noise_at_sigma(original, noise, at(&self.sigmas[..self.timesteps.len()], step_index, "steps")?)
     }
 
     fn prediction_type(&self) -> PredictionType {
@@ -424,7 +412,7 @@ mod tests {
             let eps = x.affine(0.5, 0.1).unwrap();
             let x0 = s.convert_model_output(&eps, &x, i).unwrap();
             x = s.step(&eps, i, &x, &mut rng).unwrap();
-            let diff = (&x - &x0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = crate::test_support::max_abs_diff(&x, &x0);
             if i == 2 {
                 assert!(diff < 1e-6, "last step {diff}");
             }

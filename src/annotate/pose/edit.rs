@@ -25,6 +25,39 @@ fn finite(values: &[f64], what: &str) -> Result<()> {
     }
 }
 
+/// Keypoint edits, applied in this order: merge, flip, scale, translate (what `annotate pose` offers).
+#[derive(Debug, Clone, Default)]
+pub struct PoseEdits {
+    /// Poses whose people are added (same canvas).
+    pub merge: Vec<PoseFile>,
+    /// Mirror left-right.
+    pub flip: bool,
+    /// Scale about the canvas origin.
+    pub scale: Option<f64>,
+    /// Move right and down, in pixels.
+    pub translate: Option<(f64, f64)>,
+}
+
+impl PoseEdits {
+    /// `pose` with the edits applied.
+    pub fn apply(&self, pose: PoseFile) -> Result<PoseFile> {
+        let mut pose = pose;
+        for other in &self.merge {
+            pose = pose.merge(other)?;
+        }
+        if self.flip {
+            pose = pose.flip_horizontal()?;
+        }
+        if let Some(f) = self.scale {
+            pose = pose.scale(f, f)?;
+        }
+        if let Some((dx, dy)) = self.translate {
+            pose = pose.translate(dx, dy)?;
+        }
+        Ok(pose)
+    }
+}
+
 impl PoseFile {
     /// The same poses on a canvas of the given size; coordinates are left as they are.
     pub fn with_canvas(&self, width: u32, height: u32) -> Result<Self> {

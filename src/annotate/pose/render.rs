@@ -213,6 +213,29 @@ impl PoseFile {
         Ok(img)
     }
 
+    /// The image at an output size: the file's canvas, or `width`/`height` with the keypoints rescaled with the
+    /// canvas (one side given: the other keeps the canvas's). A file without a canvas needs both. Sizes are
+    /// checked before anything is allocated.
+    pub fn render_at(&self, width: Option<u32>, height: Option<u32>, opts: DrawOptions) -> Result<RgbImage> {
+        for (name, v) in [("width", width), ("height", height)] {
+            if v == Some(0) {
+                return Err(Error::setting(name, "must be at least 1, got 0"));
+            }
+        }
+        let no_canvas =
+            || Error::Invalid("the pose has no canvas_width/canvas_height; give both the width and the height".into());
+        let pose = match (width, height, self.canvas_size()) {
+            (None, None, _) => self.clone(),
+            (w, h, Some((cw, ch))) => self.resize_canvas(w.unwrap_or(cw), h.unwrap_or(ch))?,
+            (Some(w), Some(h), None) => self.with_canvas(w, h)?,
+            _ => return Err(no_canvas()),
+        };
+        let (w, h) = pose.canvas_size().ok_or_else(no_canvas)?;
+        let setting = if height.is_some() && width.is_none() { "height" } else { "width" };
+        crate::annotate::check_image_size(setting, w, h)?;
+        pose.render_canvas(opts)
+    }
+
     /// [`PoseFile::render`] at the file's own `canvas_width × canvas_height`.
     pub fn render_canvas(&self, opts: DrawOptions) -> Result<RgbImage> {
         let (w, h) = self.require_canvas("rendering at the file's size")?;
@@ -353,5 +376,20 @@ mod tests {
         let json = r#"{"people": [{"face_keypoints_2d": [5, 5, 1, 3e9, 5, 1]}]}"#;
         let e = PoseFile::from_json_str(json).unwrap().render(8, 8, DrawOptions::default()).unwrap_err();
         assert!(e.to_string().contains("face_keypoints_2d point 1"), "{e}");
+    }
+
+    /// Output sizes: the canvas, one side kept to the canvas's aspect, refusals named by setting.
+    #[test]
+    fn render_at_sizes() {
+        let pose = PoseFile::from_json_str(r#"{"people": [], "canvas_width": 64, "canvas_height": 32}"#).unwrap();
+        let opts = DrawOptions::default();
+        assert_eq!(pose.render_at(None, None, opts).unwrap().dimensions(), (64, 32));
+        assert_eq!(pose.render_at(Some(128), None, opts).unwrap().dimensions(), (128, 32));
+        assert_eq!(pose.render_at(None, Some(0), opts).unwrap_err().to_string(), "height: must be at least 1, got 0");
+        let err = pose.render_at(Some(100_000), Some(100_000), opts).unwrap_err().to_string();
+        assert!(err.starts_with("width: ") && err.contains("100000x100000"), "{err}");
+        let bare = PoseFile::from_json_str(r#"{"people": []}"#).unwrap();
+        assert!(bare.render_at(Some(8), None, opts).unwrap_err().to_string().contains("no canvas_width"));
+        assert_eq!(bare.render_at(Some(8), Some(4), opts).unwrap().dimensions(), (8, 4));
     }
 }

@@ -571,20 +571,7 @@ mod tests {
         y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap()).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::test_support::max_abs_diff as max_diff;
 
     /// (in channels, out channels, kernel, stride, padding, height, width): every kernel size, stride and
     /// padding SD uses, odd sizes, and bands that do not divide the rows.
@@ -610,7 +597,7 @@ mod tests {
             let ours = conv2d(&x, &kernel, &bias, p).unwrap();
             let want = reference(&x, &kernel, &bias, p);
             assert_eq!(ours.dims(), want.dims());
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let scale = crate::test_support::max_abs(&want);
             let diff = max_diff(&ours, &want);
             assert!(diff <= 1e-5 * scale.max(1.0), "{c}->{o} k{k} s{stride} p{padding} {h}x{w}: {diff}");
         }

@@ -11,13 +11,9 @@ pub mod softmax;
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use candle_core::{DType, Device, Result, Tensor, Var};
+    use candle_core::{Device, Result, Tensor, Var};
 
-    /// max |a - b| / max(1, max |b|).
-    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let f = |t: Tensor| -> f64 { t.to_dtype(DType::F64).unwrap().max_all().unwrap().to_scalar().unwrap() };
-        f((a - b).unwrap().abs().unwrap()) / f(b.abs().unwrap()).max(1.0)
-    }
+    pub use crate::test_support::max_rel_diff;
 
     /// Checks the gradients `f`'s backward pass gives its inputs (random f64 tensors of `shapes`) against
     /// central finite differences of `sum(f(inputs) · r)` for a random `r`, at every input element.
