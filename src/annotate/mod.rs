@@ -32,8 +32,7 @@ pub mod scribble;
 pub mod shuffle;
 pub mod tile;
 
-// Stand-in for `crate::io::images::check_image_size` (added on another branch): import that one at merge.
-pub(crate) use resize::check_image_size;
+pub(crate) use crate::io::images::check_image_size;
 pub use resize::ResizeMode;
 
 /// How the input is brought to the annotator resolution before [`Detector::detect`] (A1111's preprocessors

@@ -38,36 +38,6 @@ pub fn pixel_perfect_resolution(raw_w: u32, raw_h: u32, target_w: u32, target_h:
     safeint(k * raw_w.min(raw_h) as f64).max(1)
 }
 
-/// Buffers of an image's size that annotating holds at once (input, working copies, padded copy, output).
-const IMAGE_WORKING_COPIES: u64 = 8;
-/// The most memory an annotate image may need (a stand-in cap; see [`check_image_size`]).
-const MAX_IMAGE_MEMORY: u64 = 16 << 30;
-
-/// Stand-in for `crate::io::images::check_image_size` (another branch adds it, with the cap taken from the memory
-/// available): refuses an empty image size, or one whose buffers would not fit, before anything is allocated (a
-/// 100000x100000 map aborted the process in the allocator). Delete at merge and import that one.
-pub(crate) fn check_image_size(setting: &str, width: u32, height: u32) -> crate::Result<()> {
-    if width == 0 || height == 0 {
-        return Err(crate::Error::setting(
-            setting,
-            format!("{width}x{height} is empty: width and height must be at least 1"),
-        ));
-    }
-    let need = 3 * u64::from(width) * u64::from(height) * IMAGE_WORKING_COPIES;
-    if need > MAX_IMAGE_MEMORY {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        return Err(crate::Error::setting(
-            setting,
-            format!(
-                "a {width}x{height} image needs about {:.1} GiB of memory, more than the {:.1} GiB allowed",
-                gib(need),
-                gib(MAX_IMAGE_MEMORY)
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// The size [`resize_short_side`] makes of a `width × height` image, without making it.
 pub fn short_side_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
     let k = resolution as f64 / width.min(height) as f64;
