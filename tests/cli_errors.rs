@@ -158,7 +158,7 @@ fn preprocess_kinds_are_listed_with_what_they_need() {
     fails_with(&args, &["unknown annotator kind 'depth'", "pose (from OpenPose JSON keypoints)", "canny"]);
     let mut args = base.to_vec();
     args.extend(["--preprocess", "inpaint"]);
-    fails_with(&args, &["--preprocess inpaint", "inpaint is made from an image and a mask"]);
+    fails_with(&args, &["--preprocess (ControlNet 1): inpaint", "inpaint is made from an image and a mask"]);
     let dir = temp_dir();
     let out = dir.path().join("x.png");
     let res = controlnet(&[&args[..], &["--output", out.to_str().unwrap(), "--quiet"]].concat());
