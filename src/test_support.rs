@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 
 /// The repository root.
 pub fn repo_path(rel: &str) -> PathBuf {
@@ -49,4 +50,10 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
     let scale = max_abs(expected);
     let tol = 1e-4 * scale.max(1.0);
     assert!(diff <= tol, "{what}: max abs diff {diff:e} > {tol:e} (max |ref| {scale})");
+}
+
+/// Largest per-channel difference between two images of the same size.
+pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }

@@ -451,3 +451,75 @@ fn a_picture_feeds_a_one_channel_controlnet() {
     let cond = image::open(&saved).unwrap().to_rgb8();
     assert!(cond.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]), "the saved condition is not grey");
 }
+
+/// `--only-mid-control` belongs to the --controlnet before it (like the other per-net flags) and is recorded;
+/// `--unet` takes a UNet folder and is recorded; before any --controlnet the flag is refused.
+#[test]
+fn only_mid_control_and_unet_flags() {
+    let dir = temp_dir();
+    let out = dir.path().join("m.png");
+    let out_s = out.to_str().unwrap();
+    let args = |mid_first: bool| {
+        let mut a = vec!["generate", "--model", "tests/fixtures/models/tiny-sd15"];
+        if !mid_first {
+            a.extend(["--controlnet", "tests/fixtures/models/tiny-controlnet-a", "--only-mid-control"]);
+        } else {
+            a.extend(["--only-mid-control", "--controlnet", "tests/fixtures/models/tiny-controlnet-a"]);
+        }
+        a.extend([
+            "--control",
+            "tests/fixtures/pipeline/control_circle.png",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-b",
+            "--control",
+            "tests/fixtures/pipeline/control_circle.png",
+            "--unet",
+            "tests/fixtures/models/tiny-sd15/unet",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--output",
+            out_s,
+            "--quiet",
+        ]);
+        a
+    };
+    let res = controlnet(&args(false));
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let recipe = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    assert!(recipe.controls[0].only_mid_control && !recipe.controls[1].only_mid_control);
+    assert!(recipe.unet.expect("--unet is recorded").path.ends_with("tiny-sd15/unet"));
+
+    let res = controlnet(&args(true));
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--only-mid-control"), "{}", stderr(&res));
+
+    let res = controlnet(&["generate", "--unet", "tests/fixtures/models/tiny-sd15", "--output", out_s, "-q"]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--unet"), "{}", stderr(&res));
+}
+
+/// Ctrl-C during generate stops after the current step: status 130, a message, and no output file.
+#[test]
+fn ctrl_c_stops_generate_without_writing() {
+    let dir = temp_dir();
+    let out = dir.path().join("never.png");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(["generate", "--control", "examples/circle.png", "--prompt", "a red circle", "--steps", "999"])
+        .args(["--num-images", "8"])
+        .args(["--seed", "1", "--output", out.to_str().unwrap()])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(res.status.code(), Some(130), "{}", stderr(&res));
+    assert!(stderr(&res).contains("stopped by Ctrl-C: nothing was written"), "{}", stderr(&res));
+    assert!(!out.exists());
+}

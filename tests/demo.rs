@@ -46,6 +46,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                     scale: 1.0,
                     start: 0.0,
                     end: 1.0,
+                    only_mid: false,
                 })
                 .into_iter()
                 .collect();

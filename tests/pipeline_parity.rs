@@ -40,7 +40,14 @@ fn check(case: &str, model: &str, nets: &[Net], params: GenerateParams) {
         .map(|(n, net)| {
             let img = images::load_rgb(&fixture(&format!("pipeline/{}", n.image))).unwrap();
             let img = images::resize(&img, params.width as u32, params.height as u32, ResampleFilter::Lanczos);
-            Control { net, image: images::to_tensor01(&img, &dev).unwrap(), scale: n.scale, start: n.start, end: n.end }
+            Control {
+                net,
+                image: images::to_tensor01(&img, &dev).unwrap(),
+                scale: n.scale,
+                start: n.start,
+                end: n.end,
+                only_mid: false,
+            }
         })
         .collect();
     let out = generate(&sd, &controls, &params, &mut |_, _| {}).unwrap();

@@ -115,3 +115,85 @@ fn errors_name_request_settings() {
     let err = pipeline::run(&r, &Device::Cpu, &|_| {}, pipeline::never_cancelled()).err().unwrap();
     assert_eq!(err.to_string(), "controls[0].control_end: 2 must lie in [0, 1]");
 }
+
+fn images(r: &GenerateRequest) -> Vec<image::RgbImage> {
+    let generated = pipeline::run(r, &Device::Cpu, &|_| {}, pipeline::never_cancelled()).expect("run");
+    generated.images.into_iter().map(|g| g.image).collect()
+}
+
+/// `unet`: a UNet folder (as `train --unlock-decoder` writes) replaces the model's own, giving the image of a
+/// pipeline folder that holds that UNet; the metadata records it and the request read back names it.
+#[test]
+fn a_unet_folder_replaces_the_models_unet() {
+    let dir = temp_dir();
+    let pipe = dir.path().join("pipe");
+    copy_dir(&fixture("models/tiny-sd15"), &pipe);
+    edit_tensors(&pipe.join("unet/diffusion_pytorch_model.safetensors"), |name, t| {
+        if name.starts_with("up_blocks.") && name.ends_with(".weight") {
+            (t * 1.1).unwrap()
+        } else {
+            t
+        }
+    });
+    let unet = dir.path().join("trained-unet");
+    copy_dir(&pipe.join("unet"), &unet);
+
+    let base = request();
+    let replaced = GenerateRequest { unet: Some(unet.clone()), ..request() };
+    let in_pipeline = GenerateRequest { model: Some(pipe.display().to_string()), ..request() };
+    let with_unet = images(&replaced);
+    assert_eq!(with_unet, images(&in_pipeline), "--unet gives the image of a pipeline holding that UNet");
+    assert_ne!(with_unet, images(&base), "the replacement UNet changed nothing");
+
+    let generated = pipeline::run(&replaced, &Device::Cpu, &|_| {}, pipeline::never_cancelled()).unwrap();
+    let m = &generated.images[0].metadata;
+    let recorded = m.unet.as_ref().expect("the metadata records the UNet");
+    assert_eq!(std::path::Path::new(&recorded.path), std::path::absolute(&unet).unwrap());
+    assert_eq!(m.to_request(dir.path()).unwrap().unet, Some(std::path::absolute(&unet).unwrap()));
+    assert!(!pipeline::run(&base, &Device::Cpu, &|_| {}, pipeline::never_cancelled()).unwrap().images[0]
+        .metadata
+        .text_chunks()[1]
+        .1
+        .contains("\"unet\""));
+
+    // A UNet for other text embeddings is refused before its weights load, naming the setting.
+    let other = dir.path().join("other-unet");
+    copy_dir(&unet, &other);
+    let cfg = other.join("config.json");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48");
+    std::fs::write(&cfg, text).unwrap();
+    let err = pipeline::run(
+        &GenerateRequest { unet: Some(other), ..request() },
+        &Device::Cpu,
+        &|_| {},
+        pipeline::never_cancelled(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.starts_with("unet: ") && err.contains("cross_attention_dim is 48"), "{err}");
+}
+
+/// `only_mid_control` gives exactly the image of the same net with its down-block zero convolutions zeroed
+/// (their residuals are then zero and only the middle one acts), and differs from the plain net.
+#[test]
+fn only_mid_control_drops_the_down_residuals() {
+    let dir = temp_dir();
+    let net = dir.path().join("mid-only-net");
+    copy_dir(&fixture("models/tiny-controlnet-a"), &net);
+    edit_tensors(&net.join("diffusion_pytorch_model.safetensors"), |name, t| {
+        if name.starts_with("controlnet_down_blocks.") {
+            t.zeros_like().unwrap()
+        } else {
+            t
+        }
+    });
+    let mut mid_only = request();
+    mid_only.controls[0].only_mid_control = true;
+    let mut zeroed = request();
+    zeroed.controls[0].controlnet = Some(net.display().to_string());
+    let ours = images(&mid_only);
+    assert_eq!(ours, images(&zeroed));
+    assert_ne!(ours, images(&request()));
+}

@@ -239,10 +239,7 @@ fn walk_size(p: &Path) -> u64 {
 mod tests {
     use super::*;
     use crate::io::single_file::load_controlnet_file;
-
-    fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-    }
+    use crate::test_support::fixture_path as fixture;
 
     fn convert(input: &Path, output: &Path, to: Option<Target>, dtype: Option<DTypeArg>) -> anyhow::Result<()> {
         run(&ConvertArgs { input: input.into(), output: output.into(), to, dtype, config: None, force: false })

@@ -27,6 +27,14 @@ pub struct GenerateArgs {
     /// describe it (as diffusers' from_single_file(config=...)).
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
+    /// A diffusers UNet folder to use in place of the model's own UNet (e.g. `train --unlock-decoder`'s
+    /// RUN/unet/); it must fit the model's latents and text encoder.
+    #[arg(long, value_name = "DIR")]
+    pub unet: Option<PathBuf>,
+    /// The matching ControlNet conditions only the UNet's middle block (for nets trained with
+    /// `train --only-mid-control`, the original repo's only_mid_control).
+    #[arg(long = "only-mid-control", action = clap::ArgAction::Count)]
+    pub only_mid_control: u8,
     /// For a single-file --controlnet the weights cannot fully describe: its diffusers config.json.
     #[arg(long = "controlnet-config", value_name = "JSON")]
     pub controlnet_configs: Vec<PathBuf>,
@@ -127,6 +135,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let request = GenerateRequest {
         model: args.model.clone(),
         config: args.config.clone(),
+        unet: args.unet.clone(),
         variant: args.variant.clone(),
         prediction_type,
         prompt: args.prompt.clone(),
@@ -176,9 +185,16 @@ pub(crate) fn generate(request: &GenerateRequest, quiet: bool) -> anyhow::Result
         Progress::Started { .. } => {}
         Progress::Step { done, total } => bar.borrow_mut().set(done as u64, total as u64),
     };
-    let generated = pipeline::run(request, &device, &on_progress, pipeline::never_cancelled());
+    let cancel = super::stop_on_ctrl_c("; nothing is written");
+    let generated = pipeline::run(request, &device, &on_progress, &cancel);
     bar.borrow().finish();
-    Ok(generated?)
+    match generated {
+        Err(crate::Error::Cancelled) => {
+            eprintln!("stopped by Ctrl-C: nothing was written");
+            super::exit_interrupted()
+        }
+        other => Ok(other?),
+    }
 }
 
 /// A library message that starts with a setting's name (`prompt: ...`), with the flag instead (`--prompt: ...`).
@@ -198,6 +214,7 @@ pub(crate) fn check_outputs<'a>(
     let mut inputs: Vec<&Path> = Vec::new();
     inputs.extend(request.model.as_deref().map(Path::new));
     inputs.extend(request.config.as_deref());
+    inputs.extend(request.unet.as_deref());
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));
@@ -226,6 +243,7 @@ fn demo_net_flags(args: &GenerateArgs) -> anyhow::Result<Vec<NetFlags>> {
     control.conditioning_scale = once("--conditioning-scale", &args.scales)?.unwrap_or(1.0);
     control.control_start = once("--control-start", &args.starts)?.unwrap_or(0.0);
     control.control_end = once("--control-end", &args.ends)?.unwrap_or(1.0);
+    control.only_mid_control = once("--only-mid-control", &mid_only_flags(args))?.unwrap_or(false);
     let save_control = once("--save-control", &args.save_controls)?;
     check_save_control(&control, save_control.as_deref())?;
     Ok(vec![NetFlags { control, save_control }])
@@ -245,6 +263,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
     let preprocess = per_net(m, &net_pos, args, "preprocess", "--preprocess", &args.preprocess)?;
     let save = per_net(m, &net_pos, args, "save_controls", "--save-control", &args.save_controls)?;
     let configs = per_net(m, &net_pos, args, "controlnet_configs", "--controlnet-config", &args.controlnet_configs)?;
+    let mid_only = per_net(m, &net_pos, args, "only_mid_control", "--only-mid-control", &mid_only_flags(args))?;
     (0..n)
         .map(|i| {
             let control = ControlRequest {
@@ -255,11 +274,17 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
                 conditioning_scale: scales[i].unwrap_or(1.0),
                 control_start: starts[i].unwrap_or(0.0),
                 control_end: ends[i].unwrap_or(1.0),
+                only_mid_control: mid_only[i].unwrap_or(false),
             };
             check_save_control(&control, save[i].as_deref())?;
             Ok(NetFlags { control, save_control: save[i].clone() })
         })
         .collect()
+}
+
+/// One `true` per --only-mid-control on the command line (a flag without a value, paired like the others).
+fn mid_only_flags(args: &GenerateArgs) -> Vec<bool> {
+    vec![true; usize::from(args.only_mid_control)]
 }
 
 /// A condition given as a tensor is used as it is: there is no picture to save.

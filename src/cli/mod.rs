@@ -136,20 +136,27 @@ fn init_tracing() {
         .try_init();
 }
 
-/// A flag the first Ctrl-C raises, so a training loop stops after its current step and saves a checkpoint; a
-/// second Ctrl-C quits at once.
-pub fn stop_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+/// A flag the first Ctrl-C raises, so a loop stops after its current step (training saves a checkpoint then);
+/// a second Ctrl-C quits at once. `what` says what happens after the step.
+pub fn stop_on_ctrl_c(what: &'static str) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now (no checkpoint)");
+            eprintln!("\nstopping now");
             std::process::exit(130);
         }
-        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)");
+        eprintln!("\nstopping after this step{what} (Ctrl-C again to quit at once)");
     });
     stop
+}
+
+/// A run stopped by Ctrl-C ends as an interrupted process does: status 130 (after its message).
+pub(crate) fn exit_interrupted() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(130)
 }
 
 /// The compute device: CUDA device 0 when built with `--features cuda`, else the CPU.

@@ -348,7 +348,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     }
 
     // 3. Train, stopping cleanly on Ctrl-C.
-    let stop = super::stop_on_ctrl_c();
+    let stop = super::stop_on_ctrl_c(" and saving a checkpoint");
     let mut progress = Progress::new(args.quiet, "update", settings.max_steps);
     let end = trainer.run(&stop, &mut |r| {
         progress.set_message(format!("loss {:.4}, lr {:.2e}, {:.2} samples/s", r.loss, r.lr, r.samples_per_second));
@@ -381,7 +381,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 checkpoint.display()
             );
             println!("  {}", resume_command(&run_dir));
-            exit_interrupted()
+            super::exit_interrupted()
         }
     }
 }
@@ -422,14 +422,6 @@ fn shell_quote(a: &str) -> String {
     } else {
         format!("'{}'", a.replace('\'', "'\\''"))
     }
-}
-
-/// A run stopped by Ctrl-C ends as an interrupted process does (status 130, as `generate` does), after its
-/// checkpoint and the message saying how to continue.
-pub(crate) fn exit_interrupted() -> ! {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    std::process::exit(130)
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
     let device = super::device()?;
 
     // 2. Train, stopping cleanly on Ctrl-C; one progress display per stage.
-    let stop = super::stop_on_ctrl_c();
+    let stop = super::stop_on_ctrl_c(" and saving a checkpoint");
     let started = std::time::Instant::now();
     let mut progress: Option<(&'static str, Progress)> = None;
     let end =
@@ -161,7 +161,7 @@ pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
         End::Interrupted { stage, step } => {
             println!("interrupted in the {stage} stage at step {step}; to continue, run the same command again:");
             println!("  {}", super::train::command_line(None));
-            super::train::exit_interrupted()
+            super::exit_interrupted()
         }
         End::Finished { steps } => {
             let samples = args.output.join("samples.png");

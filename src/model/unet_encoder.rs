@@ -424,6 +424,13 @@ pub struct ControlNetOutput {
 }
 
 impl ControlNetOutput {
+    /// The same output with zero down-block residuals: only the middle block conditions the UNet (the
+    /// original repo's `only_mid_control`).
+    pub fn mid_only(self) -> candle_core::Result<Self> {
+        let down = self.down_block_res_samples.iter().map(|r| r.zeros_like()).collect::<Result<_>>()?;
+        Ok(Self { down_block_res_samples: down, mid_block_res_sample: self.mid_block_res_sample })
+    }
+
     /// The sum of two ControlNets' residuals (how several ControlNets condition one UNet), as new tensors.
     pub fn add(&self, other: &ControlNetOutput) -> crate::Result<Self> {
         let (a, b) = (&self.down_block_res_samples, &other.down_block_res_samples);

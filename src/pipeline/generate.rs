@@ -23,6 +23,8 @@ pub struct Control<'a> {
     /// The fraction of the steps where this net starts / stops acting (`control_guidance_start/end`).
     pub start: f64,
     pub end: f64,
+    /// Only the middle-block residual reaches the UNet (the original `only_mid_control`).
+    pub only_mid: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +201,7 @@ pub fn generate_cancellable(
             } else {
                 c.net.forward(&latent_input, &t_batch, &embeds, hint, c.scale, guess_mode)?
             };
+            let out = if c.only_mid { out.mid_only()? } else { out };
             residuals = Some(match residuals {
                 Some(sum) => sum.add(&out)?,
                 None => out,

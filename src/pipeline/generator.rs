@@ -70,7 +70,10 @@ pub fn run(
         config_dir: request.config.clone(),
     };
     let model = request.model.as_deref().unwrap_or_default();
-    let sd = StableDiffusion::open(model, &opts)?;
+    let mut sd = StableDiffusion::open(model, &opts)?;
+    if let Some(unet) = &request.unet {
+        sd.replace_unet("unet", unet)?;
+    }
     let nets = request
         .controls
         .iter()
@@ -92,13 +95,14 @@ pub struct Generator<'a> {
     controlnets: Vec<&'a ControlNetModel>,
     /// Weight hashes for the metadata, worked out once (multi-GB files).
     model_hash: OnceLock<String>,
+    unet_hash: OnceLock<String>,
     controlnet_hashes: Vec<OnceLock<String>>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(sd: &'a StableDiffusion, controlnets: Vec<&'a ControlNetModel>) -> Self {
         let controlnet_hashes = controlnets.iter().map(|_| OnceLock::new()).collect();
-        Self { sd, controlnets, model_hash: OnceLock::new(), controlnet_hashes }
+        Self { sd, controlnets, model_hash: OnceLock::new(), unet_hash: OnceLock::new(), controlnet_hashes }
     }
 
     /// Runs `request` on these models (its `model` and `controlnet` names are recorded in the metadata; they
@@ -208,6 +212,7 @@ impl<'a> Generator<'a> {
                 scale: c.conditioning_scale,
                 start: c.control_start,
                 end: c.control_end,
+                only_mid: c.only_mid_control,
             })
             .collect();
         let seed = request.seed.unwrap_or_else(random_seed);
@@ -271,9 +276,17 @@ impl<'a> Generator<'a> {
                     conditioning_scale: c.conditioning_scale,
                     control_start: c.control_start,
                     control_end: c.control_end,
+                    only_mid_control: c.only_mid_control,
                 })
             })
             .collect::<Result<_>>()?;
+        let unet = match &request.unet {
+            Some(dir) => Some(FileRef {
+                path: recorded_path(&dir.display().to_string()),
+                sha256: get_or_try(&self.unet_hash, || weights_hash(dir, false))?,
+            }),
+            None => None,
+        };
         let scheduler = match params.scheduler {
             Some(k) => k,
             None => sd.scheduler_config.own_kind()?,
@@ -281,6 +294,7 @@ impl<'a> Generator<'a> {
         Ok(ImageMetadata {
             software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
             model: FileRef { path: recorded_path(model), sha256: model_hash },
+            unet,
             controls,
             prompt: params.prompt.clone(),
             negative_prompt: params.negative_prompt.clone(),

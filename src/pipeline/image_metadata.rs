@@ -35,6 +35,9 @@ pub struct ControlMetadata {
     pub conditioning_scale: f64,
     pub control_start: f64,
     pub control_end: f64,
+    /// Only the middle-block residual was used (recorded only when on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_mid_control: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,6 +45,9 @@ pub struct ImageMetadata {
     /// "controlnet-rs <version>"
     pub software: String,
     pub model: FileRef,
+    /// The UNet folder used in place of the model's own (`--unet`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet: Option<FileRef>,
     pub controls: Vec<ControlMetadata>,
     pub prompt: String,
     pub negative_prompt: String,
@@ -150,6 +156,7 @@ impl ImageMetadata {
         Ok(GenerateRequest {
             model: Some(find(&self.model.path)),
             config: self.model_config.as_deref().map(|c| PathBuf::from(find(c))),
+            unet: self.unet.as_ref().map(|u| PathBuf::from(find(&u.path))),
             variant: None,
             prediction_type,
             prompt: self.prompt.clone(),
@@ -165,6 +172,7 @@ impl ImageMetadata {
                     conditioning_scale: c.conditioning_scale,
                     control_start: c.control_start,
                     control_end: c.control_end,
+                    only_mid_control: c.only_mid_control,
                 })
                 .collect(),
             width: Some(self.width),
@@ -255,6 +263,7 @@ mod tests {
         ImageMetadata {
             software: "controlnet-rs 0.1.0".into(),
             model: FileRef { path: "models/sd15".into(), sha256: "0123456789abcdef".into() },
+            unet: None,
             controls: vec![ControlMetadata {
                 controlnet: FileRef { path: "cn/canny".into(), sha256: "fedcba9876543210".into() },
                 preprocess: None,
@@ -263,6 +272,7 @@ mod tests {
                 conditioning_scale: 0.8,
                 control_start: 0.0,
                 control_end: 0.5,
+                only_mid_control: false,
             }],
             prompt: "a cat".into(),
             negative_prompt: "".into(),

@@ -35,6 +35,9 @@ pub struct ControlRequest {
     /// The fraction of the steps where this net starts / stops acting (`control_guidance_start/end`).
     pub control_start: f64,
     pub control_end: f64,
+    /// The UNet gets only this net's middle-block residual, not its down-block ones (the original repo's
+    /// `only_mid_control`, for nets trained that way: `train --only-mid-control`).
+    pub only_mid_control: bool,
 }
 
 impl ControlRequest {
@@ -48,6 +51,7 @@ impl ControlRequest {
             conditioning_scale: 1.0,
             control_start: 0.0,
             control_end: 1.0,
+            only_mid_control: false,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct GenerateRequest {
     pub model: Option<String>,
     /// For a single-file `model`: a pipeline folder whose `config.json` files describe it.
     pub config: Option<PathBuf>,
+    /// A diffusers UNet folder used in place of the model's own (e.g. `train --unlock-decoder`'s `RUN/unet/`).
+    pub unet: Option<PathBuf>,
     /// Prefer this weight variant when downloading from the hub (only `fp16`).
     pub variant: Option<String>,
     /// What the model predicts: for a single file, overrides the guess; for a folder, overrides its scheduler
@@ -94,6 +100,7 @@ impl Default for GenerateRequest {
         Self {
             model: None,
             config: None,
+            unet: None,
             variant: None,
             prediction_type: None,
             prompt: String::new(),

@@ -11,7 +11,7 @@ use crate::io::single_file::{self, PredictionType};
 use crate::io::{hub, inspect, weights::read_json};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
@@ -186,6 +186,38 @@ impl StableDiffusion {
             scheduler_config: SchedulerConfig::from_file(&scheduler_config_path)?,
             scheduler_config_path,
         })
+    }
+
+    /// Uses the diffusers UNet folder `dir` in place of this model's UNet (`setting` names it in errors). It
+    /// must take and give the same latents and text embeddings as the UNet it replaces.
+    pub fn replace_unet(&mut self, setting: &str, dir: &Path) -> Result<()> {
+        if !dir.join("config.json").is_file() {
+            return Err(Error::setting(
+                setting,
+                format!("{}: expected a diffusers UNet folder (config.json and weights)", dir.display()),
+            ));
+        }
+        let new: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
+        let old = self.unet.config();
+        let checks = [
+            ("in_channels", new.encoder.in_channels, old.encoder.in_channels),
+            ("out_channels", new.out_channels, old.out_channels),
+            ("cross_attention_dim", new.encoder.cross_attention_dim, old.encoder.cross_attention_dim),
+        ];
+        for (field, theirs, ours) in checks {
+            if theirs != ours {
+                return Err(Error::setting(
+                    setting,
+                    format!(
+                        "{}: {field} is {theirs} but the model's own UNet has {ours}: this UNet was made for another \
+                         base model",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        self.unet = UNet2DConditionModel::load(dir, self.unet.dtype(), self.unet.device())?;
+        Ok(())
     }
 
     /// How much the VAE shrinks an image per side: 2^(number of VAE levels - 1), 8 for SD.

@@ -66,9 +66,16 @@ impl DdimScheduler {
         let timesteps =
             single_step_timesteps(parsed.timestep_spacing, num_train, num_inference_steps, parsed.steps_offset, true);
         if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= num_train as f64) {
-            return Err(crate::Error::config(
-                &config.path,
-                format!("timestep {t} (steps_offset {}) is outside the training range", parsed.steps_offset),
+            // With "leading" spacing and `steps_offset` 1 (SD's config), 1000 steps would reach timestep 1000:
+            // diffusers fails there too. It is the step count that is too high for this config.
+            return Err(crate::Error::setting(
+                "steps",
+                format!(
+                    "{num_inference_steps} steps reach timestep {t}, outside the {num_train} training timesteps, with \
+                     this scheduler config (steps_offset {}, {}); use fewer steps",
+                    parsed.steps_offset,
+                    config.path.display()
+                ),
             ));
         }
         let final_alpha_cumprod = if parsed.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod[0] };
@@ -173,5 +180,17 @@ mod tests {
         let cfg = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#, "t.json").unwrap();
         let err = DdimScheduler::new(&cfg, 4).err().unwrap().to_string();
         assert!(err.contains("t.json") && err.contains("thresholding"), "{err}");
+    }
+
+    /// SD's config ("leading", steps_offset 1) cannot take 1000 steps (timestep 1000 is out of range, as in
+    /// diffusers): the error is about the step count, not a broken config; 999 steps work.
+    #[test]
+    fn too_many_steps_for_the_offset_name_the_steps() {
+        let cfg =
+            SchedulerConfig::from_json_str(r#"{"timestep_spacing": "leading", "steps_offset": 1}"#, "s.json").unwrap();
+        let err = DdimScheduler::new(&cfg, 1000).err().unwrap();
+        assert!(matches!(&err, crate::Error::Setting { setting, .. } if setting == "steps"), "{err}");
+        assert!(err.to_string().contains("timestep 1000"), "{err}");
+        assert!(DdimScheduler::new(&cfg, 999).is_ok());
     }
 }

@@ -246,7 +246,7 @@ mod tests {
     use super::*;
 
     fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train").join(rel)
+        crate::test_support::fixture_path("train").join(rel)
     }
 
     /// The fill50k fixture through our transforms gives exactly the tensors the reference transforms gave

@@ -328,11 +328,7 @@ fn uniform(rng: &mut TorchGenerator, n: usize, from: f64, to: f64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    fn repo(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
+    use crate::test_support::{max_abs_diff, repo_path as repo};
 
     fn tiny_unet() -> (Value, TensorMap) {
         let dir = repo("tests/fixtures/models/tiny-sd15/unet");
@@ -340,10 +336,6 @@ mod tests {
         let tensors =
             candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
         (config, tensors)
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 
     /// `torch.manual_seed(7); ControlNetModel.from_unet(unet)` (tools/fixtures/gen_train.py): the hint encoder's

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::clip::ClipTextModel;
-use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
+use crate::model::controlnet::ControlNetModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{AutoencoderKL, DiagonalGaussian};
 use crate::rng::TorchGenerator;
@@ -130,14 +130,7 @@ impl Objective {
         let hint = controlnet.embed_condition(condition)?;
         let mut residuals = controlnet.forward(&noisy, &t, text, &hint, 1.0, false)?;
         if self.only_mid_control {
-            residuals = ControlNetOutput {
-                down_block_res_samples: residuals
-                    .down_block_res_samples
-                    .iter()
-                    .map(|r| r.zeros_like())
-                    .collect::<candle_core::Result<_>>()?,
-                mid_block_res_sample: residuals.mid_block_res_sample,
-            };
+            residuals = residuals.mid_only()?;
         }
         let model_pred = unet.forward(&noisy, &t, text, Some(&residuals))?;
         let target = match self.prediction_type {
@@ -178,24 +171,15 @@ pub fn token_ids(tokenizer: &ClipTokenizer, prompts: &[String], device: &Device)
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
     use crate::io::weights::read_json;
     use crate::pipeline::StableDiffusion;
+    use crate::test_support::{max_abs, repo_path as repo};
     use crate::train::optimizer::{AdamW, AdamWConfig, Grads};
     use crate::train::params::{trainable_controlnet, unet_with_decoder, Params, TensorMap};
 
-    fn repo(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
-
     fn load(rel: &str) -> TensorMap {
         candle_core::safetensors::load(repo(rel), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 
     /// Every k-th element (k = ceil(n / 4096)) of the flattened tensor, as the fixture samples large ones.
@@ -279,7 +263,7 @@ mod tests {
         grads.accumulate(&params, &store, 1.0).unwrap();
         assert_eq!(grads.len(), params.len());
         assert_eq!(params.len(), 170);
-        let mut worst = (0f32, String::new());
+        let mut worst = (0f64, String::new());
         for name in params.names() {
             let g = grads.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
             let reference = &s.fx[&format!("grad.{name}")];

@@ -362,8 +362,7 @@ mod tests {
     use candle_core::Device;
 
     fn fixture() -> TensorMap {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/train/adamw.safetensors");
-        candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+        crate::test_support::fixture_tensors("train/adamw.safetensors")
     }
 
     /// torch.optim.AdamW over 4 steps (tools/fixtures/gen_train.py): LRs 0 (warm-up start), 5e-4, 1e-3, 1e-3;

@@ -40,3 +40,25 @@ pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
+
+/// Copies the folder `from` (recursively) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dest = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).unwrap();
+        }
+    }
+}
+
+/// Rewrites a safetensors file, passing each tensor (by name) through `edit`.
+pub fn edit_tensors(file: &Path, edit: impl Fn(&str, candle_core::Tensor) -> candle_core::Tensor) {
+    let tensors = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+    let edited: std::collections::HashMap<String, candle_core::Tensor> =
+        tensors.into_iter().map(|(name, t)| (name.clone(), edit(&name, t))).collect();
+    candle_core::safetensors::save(&edited, file).unwrap();
+}

@@ -1,13 +1,12 @@
 //! Parity with PIL/diffusers on the fixtures of `tools/fixtures/gen_images.py` (see its header), plus error cases.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Deserialize;
 
 use super::*;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images");
+use crate::test_support::max_pixel_diff as max_abs_diff;
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -54,7 +53,7 @@ fn manifest() -> Manifest {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(FIXTURES).join(rel)
+    crate::test_support::fixture_path("images").join(rel)
 }
 
 /// The expected images are plain 8-bit RGB PNGs written by PIL; decode them without our conversion logic.
@@ -62,12 +61,6 @@ fn read_expected(rel: &str) -> RgbImage {
     let img = image::open(fixture(rel)).unwrap();
     assert!(matches!(img, image::DynamicImage::ImageRgb8(_)), "{rel}");
     img.into_rgb8()
-}
-
-/// Largest per-channel difference between two same-sized images.
-fn max_abs_diff(a: &RgbImage, b: &RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
 #[test]

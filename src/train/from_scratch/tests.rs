@@ -12,6 +12,7 @@ use super::text_encoder::TEXT_WEIGHTS;
 use super::*;
 use crate::io::weights::DIFFUSERS_STEM;
 use crate::synthetic::circles;
+use crate::test_support::max_abs_diff as max_diff;
 use crate::train::files::{read_json, read_tensors};
 use crate::train::resume::checkpoint_dir;
 use crate::train::trainer::LOSS_LOG;
@@ -45,10 +46,6 @@ fn three_circles() -> (tempfile::TempDir, Dataset) {
     circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
     let dataset = Dataset::open(&data).unwrap();
     (tmp, dataset)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
 }
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
