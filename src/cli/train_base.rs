@@ -40,25 +40,32 @@ pub struct TrainBaseArgs {
     /// Seed of every stage's generator (weights, batches, crops, noise).
     #[arg(long, default_value_t = BaseSettings::default().seed, value_name = "N")]
     pub seed: u64,
+    /// Optimizer steps of the VAE stage (encoder and decoder, reconstruction + KL loss); 0 skips it.
     #[arg(long, default_value_t = BaseSettings::default().vae.steps, value_name = "N")]
     pub vae_steps: u64,
+    /// Images per VAE step (also the decoder stage's).
     #[arg(long, default_value_t = BaseSettings::default().vae.batch_size, value_name = "N")]
     pub vae_batch_size: usize,
+    /// AdamW learning rate of the VAE stage (also the decoder stage's).
     #[arg(long, default_value_t = BaseSettings::default().vae.learning_rate, value_name = "F")]
     pub vae_learning_rate: f64,
     /// The VAE trains on random crops of this size.
     #[arg(long, default_value_t = BaseSettings::default().vae_crop, value_name = "PX")]
     pub vae_crop: u32,
+    /// Weight of the KL term that keeps the VAE's latents near a unit Gaussian.
     #[arg(long, default_value_t = BaseSettings::default().kl_weight, value_name = "F")]
     pub kl_weight: f64,
     /// Steps of the decoder-only stage after the VAE (the encoder and its latents stay fixed; the decoder
     /// learns exact colours). Batch size and learning rate are the VAE's; 0 skips it.
     #[arg(long, default_value_t = BaseSettings::default().vae_decoder.steps, value_name = "N")]
     pub vae_decoder_steps: u64,
+    /// Optimizer steps of the UNet + text encoder stage; a rerun with more continues to the new count.
     #[arg(long, default_value_t = BaseSettings::default().unet.steps, value_name = "N")]
     pub unet_steps: u64,
+    /// Images per UNet step.
     #[arg(long, default_value_t = BaseSettings::default().unet.batch_size, value_name = "N")]
     pub unet_batch_size: usize,
+    /// AdamW learning rate of the UNet stage.
     #[arg(long, default_value_t = BaseSettings::default().unet.learning_rate, value_name = "F")]
     pub unet_learning_rate: f64,
     /// Decay of the UNet stage's moving average of the weights (diffusers' --use_ema), which is what the run
@@ -71,6 +78,7 @@ pub struct TrainBaseArgs {
     /// Share of captions replaced by "" (so classifier-free guidance has an unconditional model).
     #[arg(long, default_value_t = BaseSettings::default().proportion_empty_prompts, value_name = "F")]
     pub proportion_empty_prompts: f64,
+    /// Save a resumable checkpoint of the running stage every N steps (and at its last step).
     #[arg(long, default_value_t = BaseSettings::default().checkpointing_steps, value_name = "N")]
     pub checkpointing_steps: u64,
     /// Keep the text encoder at its random initialisation instead of training it with the UNet (by default it
