@@ -62,6 +62,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                 num_images: 1,
                 guess_mode: false,
                 vae_tiling: false,
+                sdxl: Default::default(),
             };
             let image = &generate(sd, &controls, &params, &mut |_, _| {}).unwrap().images[0];
             let found = score::segment(image, c);

@@ -71,6 +71,7 @@ fn params(seed: u64, steps: usize, scheduler: Option<&str>) -> GenerateParams {
         num_images: 1,
         guess_mode: false,
         vae_tiling: false,
+        sdxl: Default::default(),
     }
 }
 

@@ -9,12 +9,12 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
-use crate::pipeline::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Stable Diffusion 1.x/2.x: a diffusers pipeline folder, a single-file checkpoint (.safetensors/.ckpt as
+    /// Stable Diffusion 1.x/2.x or SDXL: a diffusers pipeline folder (SDXL: folders only so far), a single-file checkpoint (.safetensors/.ckpt as
     /// A1111 uses), or a hub id (owner/name[@revision]) [default: the bundled demo model, 128 px circles].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub model: Option<String>,
@@ -78,9 +78,26 @@ pub struct GenerateArgs {
     /// What to draw.
     #[arg(long, default_value = "")]
     pub prompt: String,
-    /// What to steer away from.
+    /// What to steer away from. With an SDXL model whose config says force_zeros_for_empty_prompt, an empty
+    /// negative prompt is zero embeddings, as diffusers does when none is given.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
+    /// SDXL: the prompt of the second text encoder [default: --prompt].
+    #[arg(long = "prompt-2", value_name = "TEXT")]
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt of the second text encoder [default: --negative-prompt].
+    #[arg(long = "negative-prompt-2", value_name = "TEXT")]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL: the size the model is told the picture had before cropping (original_size) [default: the output
+    /// size]. Small values make SDXL imitate upscaled small pictures.
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: the crop's top and left offset in pixels (crops_coords_top_left) [default: 0,0, a centred look].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub crop_top_left: Option<(usize, usize)>,
+    /// SDXL: target_size [default: the output size].
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub target_size: Option<(usize, usize)>,
     /// Output width [default: the first control image's width rounded down to a multiple of 8, else the model's
     /// native size].
     #[arg(long, value_name = "N")]
@@ -151,6 +168,13 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         guess_mode: args.guess_mode,
         vae_tiling: args.vae_tiling,
         resize: args.resize,
+        sdxl: SdxlConditioning {
+            prompt_2: args.prompt_2.clone(),
+            negative_prompt_2: args.negative_prompt_2.clone(),
+            original_size: args.original_size,
+            crop_top_left: args.crop_top_left.unwrap_or((0, 0)),
+            target_size: args.target_size,
+        },
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -280,6 +304,20 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
             Ok(NetFlags { control, save_control: save[i].clone() })
         })
         .collect()
+}
+
+/// `WIDTHxHEIGHT` (`1024x768`).
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1024x768"))?;
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("{s:?}: {v:?} is not a whole number"));
+    Ok((num(w)?, num(h)?))
+}
+
+/// `A,B` (`0,0`).
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s.split_once(',').ok_or_else(|| format!("{s:?}: expected two numbers, e.g. 0,0"))?;
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("{s:?}: {v:?} is not a whole number"));
+    Ok((num(a)?, num(b)?))
 }
 
 /// One `true` per --only-mid-control on the command line (a flag without a value, paired like the others).

@@ -214,6 +214,7 @@ fn write_samples(
             num_images: SAMPLES_PER_PROMPT,
             guess_mode: false,
             vae_tiling: false,
+            sdxl: Default::default(),
         };
         rows.push(generate(&sd, &[], &params, &mut |_, _| {})?.images);
     }

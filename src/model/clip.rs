@@ -1,6 +1,8 @@
 //! CLIP text encoder as transformers' `CLIPTextModel`; its `last_hidden_state` is the text conditioning of the
 //! UNet. Keys: `embeddings.{token,position}_embedding`, `encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj,
-//! layer_norm2, mlp.fc1, mlp.fc2}`, `final_layer_norm`, with or without a leading `text_model.`.
+//! layer_norm2, mlp.fc1, mlp.fc2}`, `final_layer_norm`, with or without a leading `text_model.`. With a
+//! top-level `text_projection` it is `CLIPTextModelWithProjection` (SDXL's second encoder), whose projected
+//! pooled output ([`ClipOutput::text_embeds`]) SDXL uses too.
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -33,6 +35,24 @@ pub struct ClipTextConfig {
     pub hidden_act: Activation,
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// The token whose final state is the pooled output. 2 is transformers' legacy value (old configs, SDXL's):
+    /// the pooled token is then the one with the highest id (CLIP's end-of-text).
+    #[serde(default = "default_eos_token_id")]
+    pub eos_token_id: u32,
+    /// Width of `text_projection`'s output (`CLIPTextModelWithProjection`; default: `hidden_size`).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+}
+
+/// What [`ClipTextModel::encode`] gives.
+pub struct ClipOutput {
+    /// After the final layer norm (batch, seq, hidden_size): SD 1.x/2.x's conditioning.
+    pub last_hidden_state: Tensor,
+    /// The input of the last layer (transformers' `hidden_states[-2]`): SDXL's conditioning.
+    pub penultimate: Tensor,
+    /// `text_projection` of the end-of-text token's final state (batch, projection_dim), for a model with a
+    /// projection.
+    pub text_embeds: Option<Tensor>,
 }
 
 fn default_vocab_size() -> usize {
@@ -58,6 +78,9 @@ fn default_hidden_act() -> Activation {
 }
 fn default_layer_norm_eps() -> f64 {
     1e-5
+}
+fn default_eos_token_id() -> u32 {
+    2
 }
 
 impl ClipTextConfig {
@@ -175,6 +198,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection` only: (projection_dim, hidden_size), no bias.
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
     span: tracing::Span,
 }
@@ -185,6 +210,13 @@ impl ClipTextModel {
         if let Err(msg) = cfg.validate() {
             candle_core::bail!("text encoder config: {msg}");
         }
+        let text_projection = match vb.contains_tensor("text_projection.weight") {
+            true => {
+                let projection_dim = cfg.projection_dim.unwrap_or(cfg.hidden_size);
+                Some(linear(cfg.hidden_size, projection_dim, false, vb.pp("text_projection"))?)
+            }
+            false => None,
+        };
         let prefixed = format!("{TEXT_MODEL_PREFIX}.embeddings.token_embedding.weight");
         let vb = if vb.contains_tensor(&prefixed) { vb.pp(TEXT_MODEL_PREFIX) } else { vb };
         let emb = vb.pp("embeddings");
@@ -199,6 +231,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            text_projection,
             config: cfg,
             span: tracing::span!(tracing::Level::TRACE, "clip-text"),
         })
@@ -223,6 +256,17 @@ impl ClipTextModel {
     /// `input_ids` (batch, seq) of token ids (u32) → `last_hidden_state` (batch, seq, hidden_size).
     /// No padding mask: diffusers passes none for CLIP, so padding tokens are attended to (causally).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.encode(input_ids)?.last_hidden_state)
+    }
+
+    /// Whether this is `CLIPTextModelWithProjection` (it has a `text_projection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// `input_ids` (batch, seq) → the final states, the last layer's input and (with a projection) the
+    /// projected pooled output.
+    pub fn encode(&self, input_ids: &Tensor) -> Result<ClipOutput> {
         let _enter = self.span.enter();
         let (_b, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
@@ -236,11 +280,41 @@ impl ClipTextModel {
         let mut x = self.token_embedding.forward(input_ids)?.broadcast_add(&positions)?;
         // 2. causal transformer layers: each token sees itself and earlier tokens only
         let mask = causal_mask(seq, x.dtype(), x.device())?;
+        let mut penultimate = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            penultimate = x;
+            x = layer.forward(&penultimate, &mask)?;
         }
         // 3. final layer norm
-        self.final_layer_norm.forward(&x)
+        let last_hidden_state = self.final_layer_norm.forward(&x)?;
+        // 4. pooled: the end-of-text token's final state, projected
+        let text_embeds = match &self.text_projection {
+            Some(projection) => {
+                let rows = input_ids
+                    .to_vec2::<u32>()?
+                    .iter()
+                    .enumerate()
+                    .map(|(b, ids)| {
+                        let pos = pooled_position(ids, self.config.eos_token_id);
+                        last_hidden_state.get(b)?.narrow(0, pos, 1)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(projection.forward(&Tensor::cat(&rows, 0)?)?)
+            }
+            None => None,
+        };
+        Ok(ClipOutput { last_hidden_state, penultimate, text_embeds })
+    }
+}
+
+/// transformers' pooled-token rule: with the legacy `eos_token_id` 2, the first position of the highest id;
+/// else the first position of `eos_token_id` (the last position when it is missing).
+fn pooled_position(ids: &[u32], eos_token_id: u32) -> usize {
+    if eos_token_id == 2 {
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&id| id == max).unwrap_or(0)
+    } else {
+        ids.iter().position(|&id| id == eos_token_id).unwrap_or(ids.len().saturating_sub(1))
     }
 }
 

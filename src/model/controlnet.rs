@@ -11,8 +11,8 @@ use candle_nn::VarBuilder;
 
 use super::layers::{conv2d, Conv2d};
 use super::unet::UNet2DConditionConfig;
-pub use super::unet_encoder::ControlNetOutput;
 use super::unet_encoder::{check_context, config_error, weights_origin, EncoderConfig, UNetEncoder};
+pub use super::unet_encoder::{AddedConditions, ControlNetOutput};
 use crate::io::weights::{find_safetensors, read_json, var_builder, DIFFUSERS_STEM};
 use crate::Error;
 
@@ -210,11 +210,27 @@ impl ControlNetModel {
         conditioning_scale: f64,
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
+        self.forward_with(sample, timestep, encoder_hidden_states, None, cond_embedding, conditioning_scale, guess_mode)
+    }
+
+    /// [`Self::forward`] with SDXL's extra conditioning (required by SDXL ControlNets, refused by the others).
+    /// The arguments are diffusers' `ControlNetModel.forward`'s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        cond_embedding: &Tensor,
+        conditioning_scale: f64,
+        guess_mode: bool,
+    ) -> Result<ControlNetOutput> {
         let _enter = self.span.enter();
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
-        // 1. time
-        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype())?;
+        // 1. time (and SDXL's pooled text + size/crop conditioning)
+        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype(), added)?;
         // 2. pre-process: the hint joins the latent right after conv_in (one hint may serve the whole batch)
         let h = self.encoder.conv_in(sample)?;
         let (e, hd) = (cond_embedding.dims(), h.dims());
@@ -261,6 +277,20 @@ impl ControlNetModel {
         let lists = |c: &EncoderConfig| {
             c.layers_per_block.expand(c.down_block_types.len(), "layers_per_block").unwrap_or_default()
         };
+        let err = |msg: String| match &self.source {
+            Some(path) => Error::config(path, msg),
+            None => Error::Invalid(msg),
+        };
+        // SDXL vs SD 1.x/2.x first: the plainest way to say the two do not go together.
+        let family = |c: &EncoderConfig| if c.pooled_text_dim().is_some() { "SDXL" } else { "SD 1.x/2.x" };
+        if family(cn) != family(base) {
+            return Err(err(format!(
+                "this ControlNet is for {} base models but the model is {}: use a ControlNet made for {}",
+                family(cn),
+                family(base),
+                family(base)
+            )));
+        }
         let checks: [(&str, String, String); 5] = [
             ("in_channels", cn.in_channels.to_string(), base.in_channels.to_string()),
             ("number of down blocks", cn.down_block_types.len().to_string(), n.to_string()),
@@ -274,10 +304,7 @@ impl ControlNetModel {
                     "this ControlNet does not fit the base UNet: {field} is {ours} in the ControlNet but {theirs} \
                      in the UNet (they were made for different Stable Diffusion versions)"
                 );
-                return Err(match &self.source {
-                    Some(path) => Error::config(path, msg),
-                    None => Error::Invalid(msg),
-                });
+                return Err(err(msg));
             }
         }
         Ok(())

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::layers::{conv2d, group_norm, Activation, Conv2d, GroupNorm};
 use super::unet_blocks::{BlockKind, UpBlock2D};
-use super::unet_encoder::{check_context, config_error, weights_origin, ControlNetOutput};
+use super::unet_encoder::{check_context, config_error, weights_origin, AddedConditions, ControlNetOutput};
 pub use super::unet_encoder::{EncoderConfig, Level, PerBlock, UNetEncoder};
 use crate::io::weights::{find_safetensors, read_json, var_builder, DIFFUSERS_STEM};
 use crate::Error;
@@ -175,11 +175,23 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         residuals: Option<&ControlNetOutput>,
     ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, encoder_hidden_states, None, residuals)
+    }
+
+    /// [`Self::forward`] with SDXL's extra conditioning (required by SDXL UNets, refused by the others).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        residuals: Option<&ControlNetOutput>,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
-        // 1. time
-        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype())?;
+        // 1. time (and SDXL's pooled text + size/crop conditioning)
+        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype(), added)?;
         // 2. pre-process
         let h = self.encoder.conv_in(sample)?;
         // 3. down, then ControlNet residuals onto the skip connections
@@ -407,7 +419,9 @@ mod tests {
     fn unsupported_configs_are_named() {
         let parse = |json: &str| serde_json::from_str::<UNet2DConditionConfig>(json).unwrap().validate();
         let sdxl = parse(r#"{"addition_embed_type": "text_time"}"#).unwrap_err();
-        assert!(sdxl.contains("SDXL is not supported yet"), "{sdxl}");
+        assert!(sdxl.contains("addition_time_embed_dim"), "{sdxl}");
+        let other = parse(r#"{"addition_embed_type": "image"}"#).unwrap_err();
+        assert!(other.contains("only \"text_time\""), "{other}");
         let block = parse(r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#)
             .unwrap_err();
         assert!(block.contains("down_block_types[0]") && block.contains("AttnDownBlock2D"), "{block}");
@@ -427,6 +441,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), r#"{"addition_embed_type": "text_time"}"#).unwrap();
         let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("SDXL"), "{err}");
+        assert!(err.contains("config.json") && err.contains("addition_time_embed_dim"), "{err}");
     }
 }

@@ -95,6 +95,17 @@ fn default_kernel() -> usize {
 const MID_BLOCK_TYPE: &str = "UNetMidBlock2DCrossAttn";
 /// The time embedding is this many times wider than the first block (`time_embed_dim` in diffusers).
 const TIME_EMBED_MULT: usize = 4;
+/// SDXL's micro-conditioning numbers per image: original height and width, crop top and left, target height
+/// and width (`add_time_ids`).
+pub const TIME_IDS: usize = 6;
+
+/// SDXL's extra conditioning (diffusers' `added_cond_kwargs`), one row per sample: `text_embeds` (batch,
+/// pooled text width) from the second text encoder's projection, `time_ids` (batch, 6).
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
 
 /// The config fields that shape the encoder half, shared by `unet/config.json` and a ControlNet's
 /// `config.json` (both parse them with diffusers' defaults).
@@ -157,9 +168,15 @@ pub struct EncoderConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    /// `"text_time"` is SDXL's size/crop conditioning.
+    /// `"text_time"`: SDXL's conditioning on the pooled text embedding and the image's size and crop
+    /// ([`AddedConditions`]), through `add_time_proj` (sinusoids of `addition_time_embed_dim` per number) and
+    /// `add_embedding` (an MLP from `projection_class_embeddings_input_dim` to the time embedding's width).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     #[serde(default)]
@@ -234,11 +251,13 @@ impl EncoderConfig {
     }
 
     fn check_supported(&self) -> std::result::Result<(), String> {
-        if self.addition_embed_type.as_deref() == Some("text_time") {
-            return Err("SDXL is not supported yet (addition_embed_type \"text_time\")".into());
+        if self.text_time_dims()?.is_none() && self.addition_embed_type.is_some() {
+            return Err(format!(
+                "addition_embed_type is {:?}; only \"text_time\" (SDXL) is supported",
+                self.addition_embed_type.as_deref().unwrap_or_default()
+            ));
         }
         let unsupported = [
-            ("addition_embed_type", self.addition_embed_type.is_some()),
             ("class_embed_type", self.class_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
@@ -281,6 +300,27 @@ impl EncoderConfig {
         Ok(widths)
     }
 
+    /// SDXL's `text_time` conditioning: (sinusoid width per number, MLP input width), or `None` for a model
+    /// without it (SD1.x/2.x).
+    pub fn text_time_dims(&self) -> std::result::Result<Option<(usize, usize)>, String> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        match (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+            (Some(t), Some(p)) if t > 0 && p > TIME_IDS * t => Ok(Some((t, p))),
+            (t, p) => Err(format!(
+                "addition_embed_type \"text_time\" needs addition_time_embed_dim and a larger \
+                 projection_class_embeddings_input_dim (pooled text width + {TIME_IDS} × the time width); got {t:?} \
+                 and {p:?}"
+            )),
+        }
+    }
+
+    /// Width of the pooled text embedding an SDXL model takes (`text_embeds`).
+    pub fn pooled_text_dim(&self) -> Option<usize> {
+        self.text_time_dims().ok().flatten().map(|(t, p)| p - TIME_IDS * t)
+    }
+
     /// Width of the time embedding.
     pub fn time_embed_dim(&self) -> usize {
         self.block_out_channels[0] * TIME_EMBED_MULT
@@ -315,6 +355,8 @@ pub struct UNetEncoder {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    /// SDXL: `add_time_proj` (no weights) and `add_embedding`.
+    add_embedding: Option<(Timesteps, TimestepEmbedding)>,
     down_blocks: Vec<DownBlock2D>,
     mid_block: UNetMidBlock2DCrossAttn,
 }
@@ -342,6 +384,13 @@ impl UNetEncoder {
             conv_in: conv2d(cfg.in_channels, c0, cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2, vb.pp("conv_in"))?,
             time_proj: Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift),
             time_embedding: TimestepEmbedding::new(c0, temb, cfg.act_fn, vb.pp("time_embedding"))?,
+            add_embedding: match cfg.text_time_dims().map_err(config_error)? {
+                Some((time_dim, input_dim)) => Some((
+                    Timesteps::new(time_dim, cfg.flip_sin_to_cos, cfg.freq_shift),
+                    TimestepEmbedding::new(input_dim, temb, cfg.act_fn, vb.pp("add_embedding"))?,
+                )),
+                None => None,
+            },
             down_blocks,
             mid_block: UNetMidBlock2DCrossAttn::new(
                 &mid,
@@ -353,8 +402,15 @@ impl UNetEncoder {
     }
 
     /// The time embedding of one timestep per sample: `timestep` holds `batch` values (or one for all, or a
-    /// scalar). Sinusoids are computed in f32, then the MLP runs in `dtype`.
-    pub fn embed_time(&self, timestep: &Tensor, batch: usize, dtype: DType) -> Result<Tensor> {
+    /// scalar). Sinusoids are computed in f32, then the MLP runs in `dtype`. An SDXL encoder adds the
+    /// embedding of `added` (which it requires; other encoders refuse it).
+    pub fn embed_time(
+        &self,
+        timestep: &Tensor,
+        batch: usize,
+        dtype: DType,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
         let t = timestep.to_dtype(DType::F32)?.flatten_all()?;
         let t = match t.dim(0)? {
             n if n == batch => t,
@@ -362,7 +418,31 @@ impl UNetEncoder {
             n => bail!("timestep has {n} values for a batch of {batch}: give one per sample or one for all"),
         };
         let sinusoids = self.time_proj.forward(&t)?.to_dtype(dtype)?;
-        self.time_embedding.forward(&sinusoids)
+        let temb = self.time_embedding.forward(&sinusoids)?;
+        match (&self.add_embedding, added) {
+            (None, None) => Ok(temb),
+            (Some((time_proj, embedding)), Some(added)) => {
+                // 1. sinusoids of each of the 6 numbers, flattened per sample; 2. after the pooled text; 3. MLP.
+                let ids = added.time_ids.to_dtype(DType::F32)?;
+                let (b, k) = ids.dims2()?;
+                if b != batch || k != TIME_IDS {
+                    bail!("time_ids has shape {:?}; expected ({batch}, {TIME_IDS})", ids.dims());
+                }
+                let time_embeds = time_proj.forward(&ids.flatten_all()?)?.reshape((batch, ()))?;
+                let text = added.text_embeds.to_dtype(DType::F32)?;
+                if text.dims2()?.0 != batch {
+                    bail!("text_embeds has shape {:?} for a batch of {batch}", text.dims());
+                }
+                let add = Tensor::cat(&[&text, &time_embeds], 1)?.to_dtype(dtype)?;
+                temb + embedding.forward(&add)?
+            }
+            (Some(_), None) => {
+                bail!("this is an SDXL model: it needs the pooled text embedding and the size/crop time ids")
+            }
+            (None, Some(_)) => {
+                bail!("pooled text embeddings and time ids were given to a model that has no use for them")
+            }
+        }
     }
 
     pub fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {

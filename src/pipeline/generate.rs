@@ -7,6 +7,7 @@ use image::RgbImage;
 
 use super::request::control_setting;
 use super::sd::StableDiffusion;
+use super::text_conditioning::{self, SdxlConditioning};
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
 use crate::model::vae_tiling::VaeTiling;
 use crate::rng::TorchGenerator;
@@ -45,6 +46,8 @@ pub struct GenerateParams {
     /// Decode in overlapping tiles of the VAE's `sample_size` (diffusers' `enable_vae_tiling`): the decoder's
     /// memory stays that of one tile for large images; seams are cross-faded.
     pub vae_tiling: bool,
+    /// SDXL's second prompts and size/crop conditioning (ignored by SD 1.x/2.x).
+    pub sdxl: SdxlConditioning,
 }
 
 pub struct GenerateOutput {
@@ -150,11 +153,10 @@ pub fn generate_cancellable(
     // A shuffle-style net (global pooling) only works in guess mode; diffusers decides from the first net.
     let guess_mode = p.guess_mode || controls.first().is_some_and(|c| c.net.config().global_pool_conditions);
 
-    // 1. Encode the prompt (and the negative prompt for classifier-free guidance): [uncond × n, cond × n].
-    let cond = encode_prompt(sd, &p.prompt, n)?;
-    let embeds =
-        if cfg { Tensor::cat(&[encode_prompt(sd, &p.negative_prompt, n)?, cond.clone()], 0)? } else { cond.clone() };
-    let cond_embeds = cond;
+    // 1. Encode the prompt (and the negative prompt for classifier-free guidance): [uncond × n, cond × n]; for
+    //    SDXL also the pooled text and the size/crop numbers.
+    let text = text_conditioning::encode(sd, &p.prompt, &p.negative_prompt, &p.sdxl, (p.width, p.height), n, cfg)?;
+    let (embeds, cond_embeds) = (&text.embeds, &text.cond_embeds);
 
     // 2. The scheduler and its timesteps.
     let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config, p.steps)?;
@@ -196,10 +198,11 @@ pub fn generate_cancellable(
                 // Guess mode: the net sees only the conditional half; the unconditional half gets zeros.
                 let control_input = scheduler.scale_model_input(&latents, i)?;
                 let t_cond = Tensor::full(t as f32, n, &device)?;
-                let out = c.net.forward(&control_input, &t_cond, &cond_embeds, hint, c.scale, true)?;
+                let added = text.cond_added.as_ref();
+                let out = c.net.forward_with(&control_input, &t_cond, cond_embeds, added, hint, c.scale, true)?;
                 pad_unconditional_half(&out)?
             } else {
-                c.net.forward(&latent_input, &t_batch, &embeds, hint, c.scale, guess_mode)?
+                c.net.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), hint, c.scale, guess_mode)?
             };
             let out = if c.only_mid { out.mid_only()? } else { out };
             residuals = Some(match residuals {
@@ -209,7 +212,7 @@ pub fn generate_cancellable(
         }
 
         // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle.
-        let pred = sd.unet.forward(&latent_input, &t_batch, &embeds, residuals.as_ref())?;
+        let pred = sd.unet.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), residuals.as_ref())?;
 
         // 5c. Classifier-free guidance: move away from the unconditional prediction.
         let pred = if cfg {
@@ -248,16 +251,6 @@ fn check_cancel(cancel: &AtomicBool) -> Result<()> {
         return Err(Error::Cancelled);
     }
     Ok(())
-}
-
-/// Text embeddings of one prompt, repeated for `n` images: (n, 77, hidden).
-fn encode_prompt(sd: &StableDiffusion, prompt: &str, n: usize) -> Result<Tensor> {
-    let ids = sd.tokenizer.encode(prompt)?;
-    let len = ids.len();
-    let ids = Tensor::from_vec(ids, (1, len), sd.unet.device())?;
-    let emb = sd.text_encoder.forward(&ids)?;
-    let (_, seq, hidden) = emb.dims3()?;
-    Ok(emb.broadcast_as((n, seq, hidden))?.contiguous()?)
 }
 
 /// Guess mode with guidance: zeros for the unconditional half, the net's residuals for the conditional half.

@@ -136,6 +136,13 @@ impl<'a> Generator<'a> {
         for note in request.unused_settings() {
             progress(Progress::Warning(note));
         }
+        if sd.sdxl.is_none() && request.sdxl != Default::default() {
+            progress(Progress::Warning(
+                "sdxl: prompt_2, negative_prompt_2, original_size, crop_top_left and target_size are SDXL's; this \
+                 SD 1.x/2.x model ignores them"
+                    .into(),
+            ));
+        }
 
         // 1. Size: given, else the first condition's rounded down to a multiple of the VAE's factor, else the
         //    model's native size.
@@ -228,6 +235,7 @@ impl<'a> Generator<'a> {
             num_images: request.num_images,
             guess_mode: request.guess_mode,
             vae_tiling: request.vae_tiling,
+            sdxl: request.sdxl.clone(),
         };
         validate(sd, &controls, &params)?;
 
@@ -309,6 +317,7 @@ impl<'a> Generator<'a> {
             seed: params.seed,
             guess_mode: params.guess_mode,
             vae_tiling: params.vae_tiling,
+            sdxl: params.sdxl.clone(),
             num_images: params.num_images,
             image_index: 1,
         })

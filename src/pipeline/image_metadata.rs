@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::request::{parse_resize, ControlRequest, GenerateRequest};
+use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::{Error, Result};
@@ -70,9 +71,16 @@ pub struct ImageMetadata {
     /// Tiled VAE decoding (recorded only when on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vae_tiling: bool,
+    /// SDXL's second prompts and size/crop conditioning (recorded only when set).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sdxl: SdxlConditioning,
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_resize() -> String {
@@ -185,6 +193,7 @@ impl ImageMetadata {
             guess_mode: self.guess_mode,
             vae_tiling: self.vae_tiling,
             resize: parse_resize(&self.resize)?,
+            sdxl: self.sdxl.clone(),
         })
     }
 
@@ -287,6 +296,7 @@ mod tests {
             seed: 42,
             guess_mode: false,
             vae_tiling: false,
+            sdxl: SdxlConditioning::default(),
             num_images: 1,
             image_index: 1,
         }

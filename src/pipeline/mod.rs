@@ -18,6 +18,7 @@ pub mod image_metadata;
 pub mod memory_estimate;
 pub mod request;
 pub mod sd;
+pub mod text_conditioning;
 
 pub use generate::{generate, never_cancelled, Control, GenerateOutput, GenerateParams};
 pub use generator::{run, Generated, GeneratedImage, Generator, Progress};

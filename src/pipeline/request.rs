@@ -9,6 +9,7 @@ use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
 
 use super::demo;
+pub use super::text_conditioning::SdxlConditioning;
 
 /// Denoising steps when none are asked for.
 pub const DEFAULT_STEPS: usize = 20;
@@ -93,6 +94,8 @@ pub struct GenerateRequest {
     pub vae_tiling: bool,
     /// How a condition of another size is fitted to the output.
     pub resize: ResizeMode,
+    /// SDXL's second prompts and size/crop conditioning (an SD 1.x/2.x model warns and ignores them).
+    pub sdxl: SdxlConditioning,
 }
 
 impl Default for GenerateRequest {
@@ -116,6 +119,7 @@ impl Default for GenerateRequest {
             guess_mode: false,
             vae_tiling: false,
             resize: ResizeMode::JustResize,
+            sdxl: SdxlConditioning::default(),
         }
     }
 }

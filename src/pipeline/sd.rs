@@ -22,7 +22,14 @@ use crate::{Error, Result};
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// SDXL: an empty negative prompt is zero embeddings, not the encoding of "".
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
 }
+
+/// The SDXL pipeline classes this loader reads (diffusers' `_class_name`); any other `StableDiffusion*` class
+/// is read as SD 1.x/2.x.
+const SDXL_PIPELINES: &[&str] = &["StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline"];
 
 pub struct StableDiffusion {
     pub dir: PathBuf,
@@ -32,6 +39,15 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
     pub scheduler_config_path: PathBuf,
+    /// What an SDXL model has besides: its second text encoder.
+    pub sdxl: Option<SdxlParts>,
+}
+
+/// SDXL's second tokenizer and text encoder (OpenCLIP bigG with projection), and its empty-prompt rule.
+pub struct SdxlParts {
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder_2: ClipTextModel,
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// How to load what the user named: compute dtype and device, the hub variant, and what a single file
@@ -158,6 +174,7 @@ impl StableDiffusion {
             vae,
             scheduler_config,
             scheduler_config_path: path.to_path_buf(),
+            sdxl: None,
         })
     }
 
@@ -167,17 +184,36 @@ impl StableDiffusion {
         }
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
-        if index.class_name.contains("XL") {
+        let name = index.class_name.as_str();
+        let is_sdxl = name.contains("XL");
+        if is_sdxl && !SDXL_PIPELINES.contains(&name) {
             return Err(Error::config(
                 &index_path,
-                format!("{} is an SDXL pipeline; SDXL is not supported yet (SD 1.x and 2.x are)", index.class_name),
+                format!("{name} is not supported; the SDXL pipelines read are {}", SDXL_PIPELINES.join(", ")),
             ));
         }
-        if !index.class_name.starts_with("StableDiffusion") {
-            return Err(Error::config(&index_path, format!("{} is not a Stable Diffusion pipeline", index.class_name)));
+        if !name.starts_with("StableDiffusion") {
+            return Err(Error::config(&index_path, format!("{name} is not a Stable Diffusion pipeline")));
         }
         let scheduler_config_path = dir.join("scheduler").join("scheduler_config.json");
+        let sdxl = match is_sdxl {
+            true => Some(SdxlParts {
+                tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+                text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device)?,
+                force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            }),
+            false => None,
+        };
+        if let Some(parts) = &sdxl {
+            if !parts.text_encoder_2.has_projection() {
+                return Err(Error::config(
+                    dir.join("text_encoder_2"),
+                    "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection weight)",
+                ));
+            }
+        }
         Ok(Self {
+            sdxl,
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::load(&dir.join("text_encoder"), dtype, device)?,
@@ -263,6 +299,7 @@ mod tests {
             num_images: 1,
             guess_mode: false,
             vae_tiling: false,
+            sdxl: Default::default(),
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(
@@ -303,6 +340,7 @@ mod tests {
             num_images: 1,
             guess_mode: false,
             vae_tiling: false,
+            sdxl: Default::default(),
         };
         let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();
@@ -329,10 +367,12 @@ mod tests {
     }
 
     #[test]
-    fn sdxl_pipeline_folder_is_refused_plainly() {
+    fn other_sdxl_pipelines_are_refused_plainly() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
+        let index = r#"{"_class_name": "StableDiffusionXLImg2ImgPipeline"}"#;
+        std::fs::write(dir.path().join("model_index.json"), index).unwrap();
         let err = StableDiffusion::load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-        assert!(err.contains("SDXL is not supported yet"), "{err}");
+        assert!(err.contains("StableDiffusionXLImg2ImgPipeline is not supported"), "{err}");
+        assert!(err.contains("StableDiffusionXLControlNetPipeline"), "{err}");
     }
 }

@@ -421,6 +421,7 @@ impl Trainer {
                 num_images: v.num_images,
                 guess_mode: false,
                 vae_tiling: false,
+                sdxl: Default::default(),
             };
             let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
             let fidelity: Vec<Fidelity> = if v.canny_fidelity {
