@@ -163,3 +163,40 @@ fn controlnets_of_the_other_family_are_refused_plainly() {
     assert!(err.contains("for SDXL base models but the model is SD 1.x/2.x"), "{err}");
     assert!(!out.exists());
 }
+
+/// An SDXL ControlNet as one `.safetensors` file with diffusers names (as lllyasviel's sd_control_collection
+/// ships them): its layout is read from the weights (the tiny net's head counts need its config.json) and it
+/// gives the folder's image.
+#[test]
+fn single_file_sdxl_controlnet_gives_the_folders_image() {
+    let dir = temp_dir();
+    let file = dir.path().join("controlnet-sdxl.safetensors");
+    std::fs::copy(fixture("models/tiny-controlnet-sdxl/diffusion_pytorch_model.safetensors"), &file).unwrap();
+    let run = |net: &str, extra: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sdxl",
+            "--controlnet",
+            net,
+            "--control",
+            "tests/fixtures/pipeline/control_circle.png",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ];
+        args.extend(extra);
+        let res = controlnet(&args);
+        assert!(res.status.success(), "{}", stderr(&res));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let folder = run("tests/fixtures/models/tiny-controlnet-sdxl", &[], "folder.png");
+    let config = fixture("models/tiny-controlnet-sdxl/config.json");
+    let single = run(file.to_str().unwrap(), &["--controlnet-config", config.to_str().unwrap()], "file.png");
+    assert_eq!(folder, single);
+}

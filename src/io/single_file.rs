@@ -82,9 +82,6 @@ pub fn load_controlnet_file(path: &Path) -> Result<Component> {
 pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<Component> {
     let ck = Checkpoint::open(path)?;
     let det = expect_kind(&ck, Expected::ControlNet)?;
-    if det.base == Base::Sdxl {
-        return Err(Error::weights(path, "an SDXL ControlNet: SDXL is not supported yet (SD1.x and SD2.x are)"));
-    }
     let tensors = match det.format {
         Format::Original => {
             let l = original_layout(&ck, &det.prefix)?;

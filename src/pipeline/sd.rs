@@ -350,23 +350,6 @@ mod tests {
     }
 
     #[test]
-    fn sdxl_controlnet_file_is_refused_plainly() {
-        let dir = tempfile::tempdir().unwrap();
-        let (file, _) =
-            fixtures::sparse_file(dir.path(), "controlnet_sdxl_diffusers", "diffusion_pytorch_model.safetensors");
-        let opts = LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            variant: None,
-            prediction_type: None,
-            config_dir: None,
-        };
-        let err =
-            open_controlnet("controls[0].controlnet", file.to_str().unwrap(), None, &opts).err().unwrap().to_string();
-        assert!(err.contains("SDXL") && err.contains("not supported yet"), "{err}");
-    }
-
-    #[test]
     fn other_sdxl_pipelines_are_refused_plainly() {
         let dir = tempfile::tempdir().unwrap();
         let index = r#"{"_class_name": "StableDiffusionXLImg2ImgPipeline"}"#;
