@@ -518,15 +518,12 @@ pub fn annotate_with(
 /// Refuse a resolution that rounds a side to 0 or makes an image too large to allocate.
 fn check_upstream_size(setting: &str, resolution: u32, from: (u32, u32), to: (u32, u32)) -> Result<()> {
     if to.0 == 0 || to.1 == 0 {
+        // the short side becomes the resolution itself, which rounds to 0 below 33
         return Err(Error::setting(
             setting,
             format!(
-                "{resolution} makes a {}x{} image {}x{} (sides round to multiples of 64): use at least {}",
-                from.0,
-                from.1,
-                to.0,
-                to.1,
-                (32.0 * from.0.min(from.1) as f64 / from.0.max(from.1) as f64).ceil() as u32 + 1
+                "{resolution} makes a {}x{} image {}x{} (sides round to multiples of 64): use at least 33",
+                from.0, from.1, to.0, to.1
             ),
         ));
     }

@@ -254,7 +254,9 @@ mod tests {
         assert_eq!(controlnet_aux_size(96, 64, 64), (128, 64));
         assert_eq!(controlnet_aux_size(72, 104, 128), (128, 192));
         assert_eq!(controlnet_aux_size(512, 768, 512), (512, 768));
-        assert_eq!(controlnet_aux_size(100, 100, 20), (0, 0));
+        // the short side is the resolution itself: 32 rounds (half to even) to 0, 33 to 64
+        assert_eq!(controlnet_aux_size(100, 150, 32), (0, 64));
+        assert_eq!(controlnet_aux_size(100, 150, 33), (64, 64));
     }
 
     #[test]
