@@ -41,14 +41,29 @@ fn off_by_more_than_2(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 fn upstream_sizes_reproduce_controlnet_aux() {
     let dir = temp_dir();
     let w = weights();
-    for (kind, input, detect, image, flag, reference) in [
-        ("hed", "a", "128", "96", "--safe", "hed_a_detect_resolution128_image_resolution96_safe.png"),
-        ("pidinet", "b", "96", "128", "--scribble", "pidinet_b_detect_resolution96_image_resolution128_scribble.png"),
-        ("lineart", "a", "96", "128", "--coarse", "lineart_a_detect_resolution96_image_resolution128_coarse.png"),
+    for (kind, input, detect, image, flags, reference) in [
+        ("hed", "a", "128", "96", &["--safe"][..], "hed_a_detect_resolution128_image_resolution96_safe.png"),
+        (
+            "pidinet",
+            "b",
+            "96",
+            "128",
+            &["--scribble"],
+            "pidinet_b_detect_resolution96_image_resolution128_scribble.png",
+        ),
+        ("lineart", "a", "96", "128", &["--coarse"], "lineart_a_detect_resolution96_image_resolution128_coarse.png"),
+        (
+            "mlsd",
+            "a",
+            "128",
+            "96",
+            &["--score-threshold", "0.2", "--distance-threshold", "4"],
+            "mlsd_a_detect_resolution128_image_resolution96_thr_v0.2_thr_d4.0.png",
+        ),
     ] {
         let out = dir.path().join(format!("{kind}.png"));
         let input = fixture(&format!("input_{input}.png"));
-        let run = controlnet(&[
+        let mut args = vec![
             "annotate",
             kind,
             s(&input),
@@ -60,8 +75,9 @@ fn upstream_sizes_reproduce_controlnet_aux() {
             detect,
             "--image-resolution",
             image,
-            flag,
-        ]);
+        ];
+        args.extend(flags);
+        let run = controlnet(&args);
         assert!(run.status.success(), "{kind}: {}", stderr(&run));
         let ours = image::open(&out).unwrap().to_rgb8();
         let theirs = image::open(fixture(reference)).unwrap().to_rgb8();

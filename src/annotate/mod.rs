@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -105,6 +105,10 @@ pub struct DetectorOptions {
     pub apply_filter: bool,
     /// lineart: the coarse net (`sk_model2.pth`).
     pub coarse: bool,
+    /// mlsd: minimum line-centre score (controlnet_aux's `thr_v`, default 0.1).
+    pub score_threshold: Option<f64>,
+    /// mlsd: minimum segment length in net pixels (controlnet_aux's `thr_d`, default 0.1).
+    pub distance_threshold: Option<f64>,
 }
 
 impl DetectorOptions {
@@ -123,6 +127,8 @@ impl DetectorOptions {
             ("scribble", self.scribble),
             ("apply_filter", self.apply_filter),
             ("coarse", self.coarse),
+            ("score_threshold", self.score_threshold.is_some()),
+            ("distance_threshold", self.distance_threshold.is_some()),
         ];
         all.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
     }
@@ -266,6 +272,12 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!(),
         summary: "anime line art (netG.pth)",
+    },
+    Kind {
+        name: "mlsd",
+        input: Input::Image,
+        settings: neural_settings!("score_threshold", "distance_threshold"),
+        summary: "M-LSD straight lines (mlsd_large_512_fp32.pth)",
     },
     Kind {
         name: "inpaint",

@@ -31,7 +31,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -75,6 +75,12 @@ pub struct AnnotateArgs {
     /// lineart: the coarse net (sk_model2.pth).
     #[arg(long)]
     pub coarse: bool,
+    /// mlsd: minimum line-centre score (controlnet_aux's thr_v) [default: 0.1].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub score_threshold: Option<f64>,
+    /// mlsd: minimum segment length in net pixels, half the input's (controlnet_aux's thr_d) [default: 0.1].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub distance_threshold: Option<f64>,
     /// Neural kinds: size as controlnet_aux does, the net at this short side (sides rounded to multiples of
     /// 64) [default: 512 when --image-resolution is given, else our pixel-perfect sizing].
     #[arg(long, value_name = "N")]
@@ -153,6 +159,8 @@ impl AnnotateArgs {
             scribble: self.scribble,
             apply_filter: self.apply_filter,
             coarse: self.coarse,
+            score_threshold: self.score_threshold,
+            distance_threshold: self.distance_threshold,
         }
     }
 

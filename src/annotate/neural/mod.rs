@@ -13,9 +13,11 @@
 //! | `pidinet` | [`pidinet::PidiNet`] | `table5_pidinet.pth` |
 //! | `lineart` | [`lineart::LineartNet`] | `sk_model.pth` (`sk_model2.pth` with `coarse`) |
 //! | `lineart-anime` | [`lineart_anime::AnimeNet`] | `netG.pth` |
+//! | `mlsd` | [`mlsd::MlsdNet`] | `mlsd_large_512_fp32.pth` |
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod mlsd;
 pub mod nn;
 pub mod pidinet;
 pub mod post;
@@ -34,6 +36,7 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
         "lineart" if options.coarse => "sk_model2.pth",
         "lineart" => "sk_model.pth",
         "lineart-anime" => "netG.pth",
+        "mlsd" => "mlsd_large_512_fp32.pth",
         _ => return None,
     })
 }
@@ -51,6 +54,11 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn 
             apply_filter: options.apply_filter,
         }),
         "lineart" => Box::new(lineart::Lineart { net: lineart::LineartNet::load(&sd)? }),
+        "mlsd" => Box::new(mlsd::Mlsd {
+            net: mlsd::MlsdNet::load(&sd)?,
+            score_threshold: options.score_threshold.unwrap_or(mlsd::DEFAULT_SCORE_THRESHOLD),
+            distance_threshold: options.distance_threshold.unwrap_or(mlsd::DEFAULT_DISTANCE_THRESHOLD),
+        }),
         _ => Box::new(lineart_anime::LineartAnime { net: lineart_anime::AnimeNet::load(&sd)? }),
     }))
 }

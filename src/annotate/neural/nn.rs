@@ -45,6 +45,21 @@ impl Conv {
         Ok(Self { weight, bias, stride, padding, dilation: 1, groups: 1 })
     }
 
+    /// `{conv}` followed by the eval-mode `nn.BatchNorm2d` `{bn}` (eps 1e-5), folded into one convolution:
+    /// `w * g / sqrt(var + eps)`, `(b - mean) * g / sqrt(var + eps) + beta`.
+    pub fn load_bn(sd: &StateDict, conv: &str, bn: &str, stride: usize, padding: usize) -> Result<Self> {
+        let c = Self::load(sd, conv, stride, padding)?;
+        let get = |field: &str| sd.get_rank(&format!("{bn}.{field}"), 1);
+        let (gamma, beta, mean, var) = (get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?);
+        if gamma.dim(0)? != c.out_channels() {
+            return Err(sd.error(format!("{bn}: {} channels after {conv}'s {}", gamma.dim(0)?, c.out_channels())));
+        }
+        let scale = (gamma / (var + 1e-5)?.sqrt()?)?;
+        let weight = c.weight.broadcast_mul(&scale.reshape((c.out_channels(), 1, 1, 1))?)?;
+        let bias = ((&c.bias - mean)? * &scale)?.add(&beta)?;
+        Ok(Self { weight, bias, ..c })
+    }
+
     pub fn with_dilation(self, dilation: usize) -> Self {
         Self { dilation, ..self }
     }
@@ -197,6 +212,39 @@ pub fn resize_bilinear(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: u
         }
     }
     out
+}
+
+/// `F.interpolate(mode="bilinear", align_corners=True)` of one plane: the corner samples line up.
+pub fn resize_bilinear_corners(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+    let taps = |src: usize, dst: usize| -> Vec<(usize, usize, f32)> {
+        let scale = if dst > 1 { (src - 1) as f32 / (dst - 1) as f32 } else { 0.0 };
+        (0..dst)
+            .map(|d| {
+                let f = scale * d as f32;
+                let i0 = (f.floor() as usize).min(src - 1);
+                let i1 = (i0 + 1).min(src - 1);
+                (i0, i1, f - i0 as f32)
+            })
+            .collect()
+    };
+    let (xt, yt) = (taps(w, out_w), taps(h, out_h));
+    let mut out = Vec::with_capacity(out_w * out_h);
+    for &(y0, y1, fy) in &yt {
+        for &(x0, x1, fx) in &xt {
+            let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
+            let bottom = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// `(1, C, H, W)` → `(1, C, 2H, 2W)` with [`resize_bilinear_corners`] per channel.
+pub fn upsample2_corners(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let out: Vec<f32> = data.chunks(h * w).flat_map(|p| resize_bilinear_corners(p, w, h, 2 * w, 2 * h)).collect();
+    Ok(Tensor::from_vec(out, (n, c, 2 * h, 2 * w), x.device())?)
 }
 
 /// `(1, C, H, W)` → `(1, C, out_h, out_w)` with [`resize_bilinear`] per channel.
