@@ -165,3 +165,84 @@ fn weights_that_are_missing_or_of_another_net_are_named() {
     assert_clean_failure(&run, &["--weights: the default lllyasviel/Annotators/table5_pidinet.pth", "HF_HUB_OFFLINE"]);
     assert!(!out.exists(), "nothing written on failure");
 }
+
+/// A Hugging Face cache holding `lllyasviel/Annotators` with the fixture's files (the layout huggingface_hub
+/// writes: refs/main → a snapshot folder).
+fn fake_hub_cache(root: &Path, files: &[&str]) {
+    let repo = root.join("models--lllyasviel--Annotators");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in files {
+        std::fs::copy(weights().join(f), snapshot.join(f)).unwrap();
+    }
+}
+
+fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(common::repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+/// Without --weights the default repo's file comes from the cache (offline once cached), for `annotate` and for
+/// `generate --preprocess`, which makes the same map at the output size.
+#[test]
+fn default_weights_come_from_the_hub_cache_for_annotate_and_generate() {
+    let dir = temp_dir();
+    let cache = dir.path().join("hub");
+    fake_hub_cache(&cache, &["ControlNetHED.pth"]);
+    let input = fixture("input_a.png");
+    let annotated = dir.path().join("a.png");
+    let run = run_with_cache(
+        &cache,
+        &[
+            "annotate",
+            "hed",
+            s(&input),
+            "-o",
+            s(&annotated),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--resize",
+            "just-resize",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (saved, out) = (dir.path().join("cond.png"), dir.path().join("o.png"));
+    let run = run_with_cache(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sd15",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-a",
+            "--control",
+            s(&input),
+            "--preprocess",
+            "hed",
+            "--save-control",
+            s(&saved),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            s(&out),
+            "--quiet",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
+    assert_eq!(a, b, "generate's HED condition differs from annotate's map");
+}
