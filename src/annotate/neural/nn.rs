@@ -90,54 +90,95 @@ impl Conv {
     }
 }
 
-/// `nn.ConvTranspose2d(in, out, k, stride, padding, output_padding)`, as a stride-1 convolution of the input
-/// with zeros inserted between its pixels (so it runs on the same kernel as [`Conv`]).
+/// `nn.ConvTranspose2d(in, out, k, stride, padding, output_padding)` as `stride²` ordinary convolutions, one per
+/// output phase (sub-pixel decomposition): output row `s·q + r` only sees the kernel rows `k ≡ r + padding (mod
+/// s)`, at input rows `q + (r + padding - k) / s`. They run on the same kernel as [`Conv`] and do a quarter of the
+/// work of convolving an input with zeros inserted between its pixels (stride 2).
 #[derive(Debug, Clone)]
 pub struct ConvTranspose {
-    /// The equivalent convolution: torch's (in, out, k, k) weight flipped and transposed.
-    conv: Conv,
+    /// Per phase `(ry, rx)`, row-major: the convolution and its zero padding (top, left) of the input, or `None`
+    /// when no kernel tap reaches that phase (bias only).
+    phases: Vec<Option<(Conv, (usize, usize), (usize, usize))>>,
+    bias: Tensor,
     stride: usize,
-    /// Zeros before (top/left) and after (bottom/right) the dilated input.
-    pad: (usize, usize),
+    /// The output size is `(in - 1) * stride + extra` along each side.
+    extra: usize,
+}
+
+/// The kernel taps of one output phase, ordered by the input offset they read (ascending), and the first offset.
+fn phase_taps(k: usize, stride: usize, padding: usize, phase: usize) -> (Vec<u32>, isize) {
+    let mut taps: Vec<(isize, u32)> = (0..k)
+        .filter(|&t| ((phase + padding) as isize - t as isize).rem_euclid(stride as isize) == 0)
+        .map(|t| (((phase + padding) as isize - t as isize) / stride as isize, t as u32))
+        .collect();
+    taps.sort();
+    let first = taps.first().map(|t| t.0).unwrap_or(0);
+    (taps.into_iter().map(|t| t.1).collect(), first)
 }
 
 impl ConvTranspose {
     pub fn load(sd: &StateDict, name: &str, stride: usize, padding: usize, output_padding: usize) -> Result<Self> {
         let w = sd.get_rank(&format!("{name}.weight"), 4)?;
         let k = w.dim(2)?;
-        if k < padding + 1 || w.dim(3)? != k {
+        if k + output_padding < 2 * padding + 1 || w.dim(3)? != k || stride == 0 {
             return Err(sd.error(format!("{name}.weight: kernel {:?} does not fit padding {padding}", w.dims())));
         }
-        let reverse = Tensor::new((0..k as u32).rev().collect::<Vec<u32>>(), &Device::Cpu)?;
-        let flipped = w.index_select(&reverse, 2)?.index_select(&reverse, 3)?;
-        let weight = flipped.transpose(0, 1)?.contiguous()?;
-        let conv = Conv::new(sd, name, weight, 1, 0)?;
-        let before = k - 1 - padding;
-        Ok(Self { conv, stride, pad: (before, before + output_padding) })
+        let bias = Conv::new(sd, name, w.transpose(0, 1)?.contiguous()?, 1, 0)?.bias;
+        let mut phases = Vec::with_capacity(stride * stride);
+        for ry in 0..stride {
+            for rx in 0..stride {
+                let (ty, dy) = phase_taps(k, stride, padding, ry);
+                let (tx, dx) = phase_taps(k, stride, padding, rx);
+                if ty.is_empty() || tx.is_empty() {
+                    phases.push(None);
+                    continue;
+                }
+                let sub = w
+                    .index_select(&Tensor::new(ty, &Device::Cpu)?, 2)?
+                    .index_select(&Tensor::new(tx, &Device::Cpu)?, 3)?
+                    .transpose(0, 1)?
+                    .contiguous()?;
+                let conv = Conv { bias: bias.clone(), ..Conv::new(sd, name, sub, 1, 0)? };
+                // a negative first offset reads zeros before the input: pad; a positive one skips input rows
+                let pad = ((-dy).max(0) as usize, (-dx).max(0) as usize);
+                let skip = (dy.max(0) as usize, dx.max(0) as usize);
+                phases.push(Some((conv, pad, skip)));
+            }
+        }
+        Ok(Self { phases, bias, stride, extra: k + output_padding - 2 * padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (n, _, h, w) = x.dims4()?;
         let s = self.stride;
-        let mut z = x.clone();
-        if s > 1 {
-            // interleave s-1 zero columns, then rows, and drop the trailing ones
-            let zeros = Tensor::zeros((n, c, h, w, s - 1), x.dtype(), x.device())?;
-            z = Tensor::cat(&[&z.unsqueeze(4)?, &zeros], 4)?.reshape((n, c, h, w * s))?.narrow(
-                3,
-                0,
-                (w - 1) * s + 1,
-            )?;
-            let wd = (w - 1) * s + 1;
-            let zeros = Tensor::zeros((n, c, h, s - 1, wd), x.dtype(), x.device())?;
-            z = Tensor::cat(&[&z.unsqueeze(3)?, &zeros], 3)?.reshape((n, c, h * s, wd))?.narrow(
-                2,
-                0,
-                (h - 1) * s + 1,
-            )?;
+        let (out_h, out_w) = ((h - 1) * s + self.extra, (w - 1) * s + self.extra);
+        // every phase is computed on the same (qh, qw) grid; rows past the output are cut at the end
+        let (qh, qw) = (out_h.div_ceil(s), out_w.div_ceil(s));
+        let out_c = self.bias.dim(0)?;
+        let mut rows = Vec::with_capacity(s);
+        for ry in 0..s {
+            let mut cols = Vec::with_capacity(s);
+            for rx in 0..s {
+                let y = match &self.phases[ry * s + rx] {
+                    None => self.bias.reshape((1, out_c, 1, 1))?.broadcast_as((n, out_c, qh, qw))?.contiguous()?,
+                    Some((conv, (pt, pl), (st, sl))) => {
+                        let (ky, kx) = (conv.weight.dim(2)?, conv.weight.dim(3)?);
+                        let z =
+                            x.narrow(2, (*st).min(h), h - (*st).min(h))?.narrow(3, (*sl).min(w), w - (*sl).min(w))?;
+                        let (zh, zw) = (z.dim(2)?, z.dim(3)?);
+                        // enough zeros after the input for qh x qw outputs
+                        let pb = (qh + ky - 1).saturating_sub(zh + pt);
+                        let pr = (qw + kx - 1).saturating_sub(zw + pl);
+                        let z = z.pad_with_zeros(2, *pt, pb)?.pad_with_zeros(3, *pl, pr)?;
+                        conv.forward(&z)?.narrow(2, 0, qh)?.narrow(3, 0, qw)?
+                    }
+                };
+                cols.push(y.unsqueeze(4)?);
+            }
+            rows.push(Tensor::cat(&cols, 4)?.reshape((n, out_c, qh, qw * s))?.unsqueeze(3)?);
         }
-        let z = z.pad_with_zeros(2, self.pad.0, self.pad.1)?.pad_with_zeros(3, self.pad.0, self.pad.1)?;
-        self.conv.forward(&z)
+        let out = Tensor::cat(&rows, 3)?.reshape((n, out_c, qh * s, qw * s))?;
+        Ok(out.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?)
     }
 }
 
@@ -303,7 +344,9 @@ mod tests {
     fn conv_transpose_matches_candles() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (1, 3, 5, 7), &dev).unwrap();
-        for (k, stride, padding, output_padding) in [(3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0)] {
+        for (k, stride, padding, output_padding) in
+            [(3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (5, 3, 2, 1), (2, 3, 0, 0)]
+        {
             let w = Tensor::randn(0f32, 1., (3, 4, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
             let sd = StateDict::from_tensors("t.pth", [("up.weight", w.clone()), ("up.bias", b.clone())]);
