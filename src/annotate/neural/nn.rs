@@ -77,6 +77,9 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.groups > 1 && self.groups == self.out_channels() && self.weight.dim(1)? == 1 {
+            return self.depthwise(x);
+        }
         if self.groups == 1 && self.dilation == 1 {
             return Ok(conv2d(
                 x,
@@ -90,19 +93,73 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// A depthwise convolution (one input channel per output channel: PiDiNet's and MobileNet's), one channel
+    /// per task; candle would run one convolution per group.
+    fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (n, c, h, w) = x.dims4()?;
+        let (kh, kw) = (self.weight.dim(2)?, self.weight.dim(3)?);
+        let (s, p, d) = (self.stride, self.padding as isize, self.dilation);
+        let span = |len: usize, k: usize| (len + 2 * self.padding).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
+        let (Some(oh), Some(ow)) = (span(h, kh), span(w, kw)) else {
+            return Err(
+                candle_core::Error::Msg(format!("depthwise conv: {h}x{w} input smaller than the kernel")).into()
+            );
+        };
+        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
+        let bias = self.bias.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(nc, plane)| {
+            let ch = nc % c;
+            let src = &input[nc * h * w..(nc + 1) * h * w];
+            let k = &weight[ch * kh * kw..(ch + 1) * kh * kw];
+            for (oy, row) in plane.chunks_mut(ow).enumerate() {
+                row.fill(bias[ch]);
+                for ky in 0..kh {
+                    let y = (oy * s) as isize + (ky * d) as isize - p;
+                    if y < 0 || y >= h as isize {
+                        continue;
+                    }
+                    let line = &src[y as usize * w..(y as usize + 1) * w];
+                    for kx in 0..kw {
+                        let kv = k[ky * kw + kx];
+                        for (ox, o) in row.iter_mut().enumerate() {
+                            let xx = (ox * s) as isize + (kx * d) as isize - p;
+                            if xx >= 0 && xx < w as isize {
+                                *o += kv * line[xx as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
+    }
+}
+
 /// `nn.ConvTranspose2d(in, out, k, stride, padding, output_padding)` as `stride²` ordinary convolutions, one per
 /// output phase (sub-pixel decomposition): output row `s·q + r` only sees the kernel rows `k ≡ r + padding (mod
 /// s)`, at input rows `q + (r + padding - k) / s`. They run on the same kernel as [`Conv`] and do a quarter of the
 /// work of convolving an input with zeros inserted between its pixels (stride 2).
 #[derive(Debug, Clone)]
 pub struct ConvTranspose {
-    /// Per phase `(ry, rx)`, row-major: the convolution and its zero padding (top, left) of the input, or `None`
-    /// when no kernel tap reaches that phase (bias only).
-    phases: Vec<Option<(Conv, (usize, usize), (usize, usize))>>,
+    /// Per phase `(ry, rx)`, row-major; `None` when no kernel tap reaches that phase (bias only).
+    phases: Vec<Option<Phase>>,
     bias: Tensor,
     stride: usize,
     /// The output size is `(in - 1) * stride + extra` along each side.
     extra: usize,
+}
+
+/// One output phase of a [`ConvTranspose`]: its convolution, the zero rows/columns (top, left) added before the
+/// input, and the input rows/columns (top, left) it skips.
+#[derive(Debug, Clone)]
+struct Phase {
+    conv: Conv,
+    pad: (usize, usize),
+    skip: (usize, usize),
 }
 
 /// The kernel taps of one output phase, ordered by the input offset they read (ascending), and the first offset.
@@ -142,7 +199,7 @@ impl ConvTranspose {
                 // a negative first offset reads zeros before the input: pad; a positive one skips input rows
                 let pad = ((-dy).max(0) as usize, (-dx).max(0) as usize);
                 let skip = (dy.max(0) as usize, dx.max(0) as usize);
-                phases.push(Some((conv, pad, skip)));
+                phases.push(Some(Phase { conv, pad, skip }));
             }
         }
         Ok(Self { phases, bias, stride, extra: k + output_padding - 2 * padding })
@@ -161,7 +218,7 @@ impl ConvTranspose {
             for rx in 0..s {
                 let y = match &self.phases[ry * s + rx] {
                     None => self.bias.reshape((1, out_c, 1, 1))?.broadcast_as((n, out_c, qh, qw))?.contiguous()?,
-                    Some((conv, (pt, pl), (st, sl))) => {
+                    Some(Phase { conv, pad: (pt, pl), skip: (st, sl) }) => {
                         let (ky, kx) = (conv.weight.dim(2)?, conv.weight.dim(3)?);
                         let z =
                             x.narrow(2, (*st).min(h), h - (*st).min(h))?.narrow(3, (*sl).min(w), w - (*sl).min(w))?;
@@ -356,6 +413,23 @@ mod tests {
             assert_eq!(ours.dims(), theirs.dims());
             let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "k {k} stride {stride}: {d}");
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_candles_grouped_convolution() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 4, 9, 7), &dev).unwrap();
+        for (k, stride, padding, dilation) in [(3, 1, 1, 1), (5, 1, 2, 1), (3, 2, 0, 1), (3, 1, 2, 2)] {
+            let w = Tensor::randn(0f32, 1., (4, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+            let conv = Conv { weight: w.clone(), bias: b.clone(), stride, padding, dilation, groups: 4 };
+            let ours = conv.forward(&x).unwrap();
+            let theirs = x.conv2d(&w, padding, stride, dilation, 4).unwrap();
+            let theirs = theirs.broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "k {k} stride {stride} dilation {dilation}: {d}");
         }
     }
 
