@@ -77,7 +77,7 @@ fn output_size_and_resize_mode() {
     let out = dir.path().join("lines.jpg");
     let run = controlnet(&[
         "annotate",
-        "lineart",
+        "lineart-standard",
         s(&fixture("input_wide.png")),
         "--output",
         s(&out),

@@ -11,7 +11,9 @@ const LAYERS: &[&[&str]] = &[
     &["bench"],
     &["train"],
     &["pipeline"],
-    &["model", "schedulers", "annotate", "tokenizer", "synthetic"],
+    // the neural detectors are networks: they run on the model layer's kernels
+    &["annotate"],
+    &["model", "schedulers", "tokenizer", "synthetic"],
     &["io"],
     &["error", "rng", "memory", "test_support"],
 ];

@@ -265,6 +265,8 @@ pub enum Interpolation {
     Cubic,
     /// Pixel-area averaging when shrinking; a linear variant when enlarging.
     Area,
+    /// 8-tap Lanczos (`INTER_LANCZOS4`, controlnet_aux's enlarging filter).
+    Lanczos4,
 }
 
 /// Fixed-point scale of OpenCV's 8-bit resize coefficients (`INTER_RESIZE_COEF_BITS = 11`).
@@ -286,13 +288,41 @@ fn cubic_coeffs(x: f32) -> [f32; 4] {
     [c0, c1, c2, 1.0 - c0 - c1 - c2]
 }
 
+/// `interpolateLanczos4`: a windowed sinc over 8 taps, normalised to sum 1.
+fn lanczos4_coeffs(x: f32) -> [f32; 8] {
+    const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
+    const CS: [[f64; 2]; 8] =
+        [[1.0, 0.0], [-S45, -S45], [0.0, 1.0], [S45, -S45], [-1.0, 0.0], [S45, S45], [0.0, -1.0], [-S45, S45]];
+    let mut coeffs = [0f32; 8];
+    let y0 = -(x as f64 + 3.0) * std::f64::consts::PI * 0.25;
+    let (s0, c0) = (y0.sin(), y0.cos());
+    let mut sum = 0f32;
+    for (i, c) in coeffs.iter_mut().enumerate() {
+        let y0_ = x + 3.0 - i as f32;
+        *c = if y0_.abs() >= 1e-6 {
+            let y = -(y0_ as f64) * std::f64::consts::PI * 0.25;
+            ((CS[i][0] * s0 + CS[i][1] * c0) / (y * y)) as f32
+        } else {
+            1e30
+        };
+        sum += *c;
+    }
+    let inv = 1.0 / sum;
+    coeffs.iter_mut().for_each(|c| *c *= inv);
+    coeffs
+}
+
 /// Taps of `resize`'s interpolating path (`resizeGeneric`) along one axis: the source coordinate of output
 /// sample `d` is `(d + 0.5) * scale - 0.5` (or the area-upscale variant); out-of-range taps are clamped.
 fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Taps> {
     // OpenCV stores the inverse scale and inverts it again; keep the same double rounding
     let inv_scale = dst_len as f64 / src_len as f64;
     let scale = 1.0 / inv_scale;
-    let ksize: isize = if interp == Interpolation::Cubic { 4 } else { 2 };
+    let ksize: isize = match interp {
+        Interpolation::Cubic => 4,
+        Interpolation::Lanczos4 => 8,
+        _ => 2,
+    };
     (0..dst_len)
         .map(|d| {
             let (mut sx, mut fx);
@@ -316,7 +346,11 @@ fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Tap
                     fx = 0.0;
                 }
             }
-            let weight = if ksize == 4 { cubic_coeffs(fx).to_vec() } else { vec![1.0 - fx, fx] };
+            let weight = match ksize {
+                4 => cubic_coeffs(fx).to_vec(),
+                8 => lanczos4_coeffs(fx).to_vec(),
+                _ => vec![1.0 - fx, fx],
+            };
             let first = sx - (ksize / 2 - 1);
             let index = (0..ksize).map(|k| (first + k).clamp(0, src_len as isize - 1) as usize).collect();
             Taps { index, weight }
@@ -329,7 +363,8 @@ fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Tap
 /// Cubic follows the reference build (OpenCV 5 with Intel IPP): float coefficients, sums rounded once; ties
 /// at exactly .5 may land on the other side (< 0.1% of samples). Linear and area-enlarging use OpenCV's
 /// generic 11-bit fixed point; the reference build's own path for those differs by one grey level on
-/// ~10% of samples (see `resize_matches_cv2`). Area shrinking is OpenCV's algorithm exactly.
+/// ~10% of samples (see `resize_matches_cv2`). Lanczos4 is the same fixed point, which the reference build
+/// matches exactly. Area shrinking is OpenCV's algorithm exactly.
 pub fn resize_u8(src: &Mat<u8>, width: usize, height: usize, interp: Interpolation) -> Mat<u8> {
     if (width, height) == (src.width, src.height) {
         return src.clone();

@@ -19,7 +19,7 @@ pub struct LineartStandard;
 
 impl Detector for LineartStandard {
     fn name(&self) -> &str {
-        "lineart"
+        "lineart-standard"
     }
 
     fn preprocess(&self) -> Preprocess {

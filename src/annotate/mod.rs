@@ -8,10 +8,14 @@
 //!    output size and never stretched);
 //! 2. bring the image to that resolution as the detector asks ([`Preprocess`]);
 //! 3. detect;
-//! 4. fit the map to the output size with the [`ResizeMode`].
+//! 4. fit the map to the output size with the [`ResizeMode`];
+//! 5. finish at the output size ([`Detector::finish`]: scribble thinning, lineart's inversion).
 //!
-//! Model-based detectors (HED, depth, OpenPose, M-LSD, lineart models) will implement the same [`Detector`]
-//! trait and join [`KINDS`] and [`detector`]'s table (with a setting for their weights).
+//! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
+//! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
+//!
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD) are loaded once by [`detector`]
+//! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
 use crate::{Error, Result};
@@ -25,6 +29,7 @@ pub mod draw;
 pub mod inpaint;
 pub mod invert;
 pub mod lineart;
+pub mod neural;
 pub mod normal;
 pub mod pose;
 pub mod resize;
@@ -64,6 +69,12 @@ pub trait Detector: Send + Sync {
     /// The control map of `image`, at the size of `image` unless the detector changes it on purpose
     /// (tile's down-sampling, a model's output stride).
     fn detect(&self, image: &RgbImage) -> Result<RgbImage>;
+
+    /// What the detector does to its map once it is at the output size (controlnet_aux's steps after its final
+    /// resize: HED's and PiDiNet's scribble thinning, lineart's inversion); by default nothing.
+    fn finish(&self, map: RgbImage) -> Result<RgbImage> {
+        Ok(map)
+    }
 }
 
 /// Settings of all detectors; each reads the ones it takes (see [`Kind::settings`]) and falls back to its reference
@@ -84,6 +95,20 @@ pub struct DetectorOptions {
     pub rate: Option<f64>,
     /// normal: depth (0..1 after min-max normalisation) below which a pixel is flat background (default 0.4).
     pub bg_threshold: Option<f64>,
+    /// Neural kinds: a weights folder (upstream file names), file or hub id (default [`neural::DEFAULT_REPO`]).
+    pub weights: Option<String>,
+    /// hed, pidinet: quantise the soft edges to a few levels (`safe_step`).
+    pub safe: bool,
+    /// hed, pidinet: thin the edges to scribble strokes.
+    pub scribble: bool,
+    /// pidinet: threshold the edges at 0.5.
+    pub apply_filter: bool,
+    /// lineart: the coarse net (`sk_model2.pth`).
+    pub coarse: bool,
+    /// mlsd: minimum line-centre score (controlnet_aux's `thr_v`, default 0.1).
+    pub score_threshold: Option<f64>,
+    /// mlsd: minimum segment length in net pixels (controlnet_aux's `thr_d`, default 0.1).
+    pub distance_threshold: Option<f64>,
 }
 
 impl DetectorOptions {
@@ -97,6 +122,13 @@ impl DetectorOptions {
             ("sigma", self.sigma.is_some()),
             ("rate", self.rate.is_some()),
             ("bg_threshold", self.bg_threshold.is_some()),
+            ("weights", self.weights.is_some()),
+            ("safe", self.safe),
+            ("scribble", self.scribble),
+            ("apply_filter", self.apply_filter),
+            ("coarse", self.coarse),
+            ("score_threshold", self.score_threshold.is_some()),
+            ("distance_threshold", self.distance_threshold.is_some()),
         ];
         all.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
     }
@@ -149,6 +181,13 @@ impl Kind {
     }
 }
 
+/// The settings every neural kind takes: its weights and controlnet_aux's two resolutions.
+macro_rules! neural_settings {
+    ($($extra:literal),*) => {
+        &["weights", "detect_resolution", "image_resolution" $(, $extra)*]
+    };
+}
+
 /// The settings of `annotate pose`'s keypoint edits and drawing.
 const POSE_SETTINGS: &[&str] =
     &["flip", "scale", "translate_x", "translate_y", "merge", "no_body", "no_hands", "no_face", "save_json"];
@@ -167,7 +206,12 @@ pub const KINDS: &[Kind] = &[
         settings: &["seed"],
         summary: "content shuffle: the image warped by a seeded random flow",
     },
-    Kind { name: "lineart", input: Input::Image, settings: &[], summary: "standard lineart: difference of Gaussians" },
+    Kind {
+        name: "lineart-standard",
+        input: Input::Image,
+        settings: &[],
+        summary: "standard lineart: difference of Gaussians (A1111 lineart_standard)",
+    },
     Kind {
         name: "color",
         input: Input::Image,
@@ -204,6 +248,36 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: &["bg_threshold"],
         summary: "normal map from a depth image (ControlNet's MiDaS normal)",
+    },
+    Kind {
+        name: "hed",
+        input: Input::Image,
+        settings: neural_settings!("safe", "scribble"),
+        summary: "HED soft edges (ControlNetHED.pth)",
+    },
+    Kind {
+        name: "pidinet",
+        input: Input::Image,
+        settings: neural_settings!("safe", "scribble", "apply_filter"),
+        summary: "PiDiNet soft edges (table5_pidinet.pth)",
+    },
+    Kind {
+        name: "lineart",
+        input: Input::Image,
+        settings: neural_settings!("coarse"),
+        summary: "line art from photos (sk_model.pth; sk_model2.pth when coarse)",
+    },
+    Kind {
+        name: "lineart-anime",
+        input: Input::Image,
+        settings: neural_settings!(),
+        summary: "anime line art (netG.pth)",
+    },
+    Kind {
+        name: "mlsd",
+        input: Input::Image,
+        settings: neural_settings!("score_threshold", "distance_threshold"),
+        summary: "M-LSD straight lines (mlsd_large_512_fp32.pth)",
     },
     Kind {
         name: "inpaint",
@@ -271,13 +345,16 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Box<dyn Detecto
             Err(Error::setting(name, format!("must be a positive number, got {v}")))
         }
     };
+    if let Some(neural) = neural::detector(kind, options)? {
+        return Ok(neural);
+    }
     Ok(match kind {
         "canny" => Box::new(canny::Canny {
             low: options.low.unwrap_or(canny::DEFAULT_LOW),
             high: options.high.unwrap_or(canny::DEFAULT_HIGH),
         }),
         "shuffle" => Box::new(shuffle::Shuffle { seed: options.seed.unwrap_or(0) }),
-        "lineart" => Box::new(lineart::LineartStandard),
+        "lineart-standard" => Box::new(lineart::LineartStandard),
         "color" => Box::new(color::Color),
         "binary" => Box::new(binary::Binary { threshold: options.threshold.unwrap_or(binary::DEFAULT_THRESHOLD) }),
         "invert" => Box::new(invert::Invert),
@@ -378,8 +455,91 @@ pub fn annotate(detector: &dyn Detector, image: &RgbImage, settings: &AnnotateSe
             map = image::imageops::crop_imm(&map, 0, 0, cw.min(map.width()), ch.min(map.height())).to_image();
         }
     }
-    // 4. fit to the output
-    Ok(resize::fit_to_output(&map, out_w, out_h, settings.resize))
+    // 4. fit to the output, 5. finish there
+    detector.finish(resize::fit_to_output(&map, out_w, out_h, settings.resize))
+}
+
+/// controlnet_aux's two sizes: the short side the net runs at and the output's short side, each rounded to
+/// multiples of 64 on both sides (upstream's default for both is 512).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpstreamSizes {
+    pub detect_resolution: Option<u32>,
+    pub image_resolution: Option<u32>,
+}
+
+/// controlnet_aux's default `detect_resolution` and `image_resolution`.
+pub const UPSTREAM_RESOLUTION: u32 = 512;
+
+impl UpstreamSizes {
+    /// Whether either size is given (then [`annotate_upstream`] is the recipe).
+    pub fn given(&self) -> bool {
+        self.detect_resolution.is_some() || self.image_resolution.is_some()
+    }
+}
+
+/// Make the control map of `image` as controlnet_aux's detectors do: the input to `detect_resolution`
+/// (`resize_image`: short side, then both sides to multiples of 64; Lanczos up, area down), the detector, the map
+/// resized (linear) to that image brought to `image_resolution` the same way, then [`Detector::finish`].
+pub fn annotate_upstream(detector: &dyn Detector, image: &RgbImage, sizes: &UpstreamSizes) -> Result<RgbImage> {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::Invalid(format!("{}: the image is empty ({w}x{h})", detector.name())));
+    }
+    let detect = sizes.detect_resolution.unwrap_or(UPSTREAM_RESOLUTION);
+    let output = sizes.image_resolution.unwrap_or(UPSTREAM_RESOLUTION);
+    // 1. the net's input
+    let (dw, dh) = resize::controlnet_aux_size(w, h, detect);
+    check_upstream_size("detect_resolution", detect, (w, h), (dw, dh))?;
+    let input = resize::controlnet_aux_resize(&cv::Mat::from_rgb(image), detect);
+    // 2. detect
+    let map = detector.detect(&input.to_rgb())?;
+    // 3. to the output size, 4. finish
+    let (ow, oh) = resize::controlnet_aux_size(dw, dh, output);
+    check_upstream_size("image_resolution", output, (dw, dh), (ow, oh))?;
+    let map = cv::resize_u8(&cv::Mat::from_rgb(&map), ow as usize, oh as usize, cv::Interpolation::Linear);
+    detector.finish(map.to_rgb())
+}
+
+/// controlnet_aux's sizes replace ours: refuse a run given both (`given`: the setting names given).
+pub fn check_sizes_exclusive(given: &[&str]) -> Result<()> {
+    let upstream = given.iter().find(|g| ["detect_resolution", "image_resolution"].contains(g));
+    let ours = given.iter().find(|g| ["width", "height", "resolution", "resize"].contains(g));
+    match (upstream, ours) {
+        (Some(u), Some(o)) => Err(Error::setting(
+            *u,
+            format!("sizes the map as controlnet_aux does, which does not combine with the {o} setting"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The map of `image` by controlnet_aux's recipe when `upstream` gives a size, else by ours.
+pub fn annotate_with(
+    detector: &dyn Detector,
+    image: &RgbImage,
+    settings: &AnnotateSettings,
+    upstream: &UpstreamSizes,
+) -> Result<RgbImage> {
+    if upstream.given() {
+        annotate_upstream(detector, image, upstream)
+    } else {
+        annotate(detector, image, settings)
+    }
+}
+
+/// Refuse a resolution that rounds a side to 0 or makes an image too large to allocate.
+fn check_upstream_size(setting: &str, resolution: u32, from: (u32, u32), to: (u32, u32)) -> Result<()> {
+    if to.0 == 0 || to.1 == 0 {
+        // the short side becomes the resolution itself, which rounds to 0 below 33
+        return Err(Error::setting(
+            setting,
+            format!(
+                "{resolution} makes a {}x{} image {}x{} (sides round to multiples of 64): use at least 33",
+                from.0, from.1, to.0, to.1
+            ),
+        ));
+    }
+    check_image_size(setting, to.0, to.1)
 }
 
 /// ControlNet's `HWC3`: grey to three equal channels, transparent pixels composited onto white.
@@ -483,7 +643,9 @@ mod tests {
     #[test]
     fn image_kinds_build_and_the_others_say_what_they_need() {
         for k in KINDS {
-            let d = detector(k.name, &DetectorOptions::default());
+            // neural kinds read the fixture's weights (tests never download)
+            let weights = k.takes("weights").then(|| format!("{}/weights", neural::test_support::DIR));
+            let d = detector(k.name, &DetectorOptions { weights, ..Default::default() });
             match k.input {
                 Input::Image => assert_eq!(d.unwrap().name(), k.name),
                 _ => {

@@ -80,6 +80,23 @@ pub fn pad_to_64(img: &Mat<u8>) -> Mat<u8> {
     out
 }
 
+/// The size controlnet_aux's `resize_image` makes of a `width × height` image: short side to `resolution`, then
+/// each side rounded to a multiple of 64 (numpy's round half to even; 0 for images too small to round up).
+pub fn controlnet_aux_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
+    let k = resolution as f64 / width.min(height) as f64;
+    let round64 = |v: f64| ((v * k / 64.0).round_ties_even() * 64.0).max(0.0) as u32;
+    (round64(width as f64), round64(height as f64))
+}
+
+/// controlnet_aux's `resize_image`: to [`controlnet_aux_size`], Lanczos-4 when enlarging, area otherwise (the
+/// net input of every controlnet_aux detector, and the size of its output).
+pub fn controlnet_aux_resize(img: &Mat<u8>, resolution: u32) -> Mat<u8> {
+    let (w, h) = controlnet_aux_size(img.width as u32, img.height as u32, resolution);
+    let k = resolution as f64 / img.width.min(img.height) as f64;
+    let interp = if k > 1.0 { Interpolation::Lanczos4 } else { Interpolation::Area };
+    cv::resize_u8(img, w as usize, h as usize, interp)
+}
+
 /// Fit a control map to `width × height` in `mode` (A1111's `detectmap_proc`).
 pub fn fit_to_output(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
     let m = Mat::from_rgb(map);
@@ -229,6 +246,17 @@ mod tests {
         // 512x768 (w x h) image for a 768x512 output: crop needs 768 on the short side
         assert_eq!(pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::CropAndResize), 768);
         assert_eq!(pixel_perfect_resolution(512, 768, 768, 512, ResizeMode::ResizeAndFill), 341);
+    }
+
+    #[test]
+    fn controlnet_aux_sizes_round_to_64() {
+        // resize_image(96x64, 64): k = 1, 96 -> 1.5 * 64 rounds half to even -> 128
+        assert_eq!(controlnet_aux_size(96, 64, 64), (128, 64));
+        assert_eq!(controlnet_aux_size(72, 104, 128), (128, 192));
+        assert_eq!(controlnet_aux_size(512, 768, 512), (512, 768));
+        // the short side is the resolution itself: 32 rounds (half to even) to 0, 33 to 64
+        assert_eq!(controlnet_aux_size(100, 150, 32), (0, 64));
+        assert_eq!(controlnet_aux_size(100, 150, 33), (64, 64));
     }
 
     #[test]

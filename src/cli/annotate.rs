@@ -23,15 +23,16 @@ use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
-use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode};
+use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode, UpstreamSizes};
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
 use crate::{Error, Result};
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
-    /// Annotator kind: canny, shuffle, lineart, color, binary, invert, scribble, tile, blur, normal (from an
-    /// image); inpaint (from an image and a mask); pose (from OpenPose JSON keypoints).
+    /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
+    /// hed, pidinet, lineart, lineart-anime, mlsd (from an image); inpaint (from an image and a mask); pose (from
+    /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
     pub input: PathBuf,
@@ -59,6 +60,35 @@ pub struct AnnotateArgs {
     /// normal: normalised depth below which pixels are flat background [default: 0.4].
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
+    /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators].
+    #[arg(long, value_name = "DIR_FILE_OR_ID")]
+    pub weights: Option<String>,
+    /// hed, pidinet: quantise the soft edges to a few levels.
+    #[arg(long)]
+    pub safe: bool,
+    /// hed, pidinet: thin the edges to scribble strokes.
+    #[arg(long)]
+    pub scribble: bool,
+    /// pidinet: threshold the edges at 0.5.
+    #[arg(long)]
+    pub apply_filter: bool,
+    /// lineart: the coarse net (sk_model2.pth).
+    #[arg(long)]
+    pub coarse: bool,
+    /// mlsd: minimum line-centre score (controlnet_aux's thr_v) [default: 0.1].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub score_threshold: Option<f64>,
+    /// mlsd: minimum segment length in net pixels, half the input's (controlnet_aux's thr_d) [default: 0.1].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub distance_threshold: Option<f64>,
+    /// Neural kinds: size as controlnet_aux does, the net at this short side (sides rounded to multiples of
+    /// 64) [default: 512 when --image-resolution is given, else our pixel-perfect sizing].
+    #[arg(long, value_name = "N")]
+    pub detect_resolution: Option<u32>,
+    /// Neural kinds: size as controlnet_aux does, the output at this short side (sides rounded to multiples of
+    /// 64) [default: 512 when --detect-resolution is given, else the input's size].
+    #[arg(long, value_name = "N")]
+    pub image_resolution: Option<u32>,
     /// Image kinds: annotator resolution (short side the detector sees) [default: pixel perfect for the output
     /// size].
     #[arg(long)]
@@ -124,7 +154,18 @@ impl AnnotateArgs {
             sigma: self.sigma,
             rate: self.rate,
             bg_threshold: self.bg_threshold,
+            weights: self.weights.clone(),
+            safe: self.safe,
+            scribble: self.scribble,
+            apply_filter: self.apply_filter,
+            coarse: self.coarse,
+            score_threshold: self.score_threshold,
+            distance_threshold: self.distance_threshold,
         }
+    }
+
+    fn upstream_sizes(&self) -> UpstreamSizes {
+        UpstreamSizes { detect_resolution: self.detect_resolution, image_resolution: self.image_resolution }
     }
 
     fn settings(&self) -> AnnotateSettings {
@@ -143,6 +184,8 @@ impl AnnotateArgs {
             ("width", self.width.is_some()),
             ("height", self.height.is_some()),
             ("resolution", self.resolution.is_some()),
+            ("detect_resolution", self.detect_resolution.is_some()),
+            ("image_resolution", self.image_resolution.is_some()),
             ("resize", self.resize.is_some()),
             ("mask", self.mask.is_some()),
             ("flip", self.flip),
@@ -172,6 +215,7 @@ impl AnnotateArgs {
 pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     let kind = annotate::kind(&args.kind)?;
     annotate::check_settings(kind, &args.given())?;
+    annotate::check_sizes_exclusive(&args.given())?;
     let inputs = args.inputs();
     check_output_is_not_input("output", &args.output, &inputs)?;
     if let Some(json) = &args.save_json {
@@ -182,21 +226,22 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
         Input::PoseJson => return run_pose(args),
         Input::Image => {}
     }
+    // the input is checked before a detector's weights are loaded (or downloaded)
+    let meta = std::fs::metadata(&args.input).map_err(|e| Error::io(&args.input, e))?;
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
-    let meta = std::fs::metadata(&args.input).map_err(|e| Error::io(&args.input, e))?;
     if meta.is_dir() {
         return run_folder(detector.as_ref(), args, &settings);
     }
     let image = read_image(&args.input)?;
-    let map = annotate::annotate(detector.as_ref(), &image, &settings)?;
+    let map = annotate::annotate_with(detector.as_ref(), &image, &settings, &args.upstream_sizes())?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
     check_output_is_not_input("output", &out, &inputs)?;
     write_image(&map, &out)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Annotate every file of the input folder into the output folder.
+/// Annotate every file of the input folder into the output folder, all with the one loaded detector.
 fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateSettings) -> Result<ExitCode> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.input)
         .map_err(|e| Error::io(&args.input, e))?
@@ -231,7 +276,7 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
         } else {
             taken.insert(out.clone(), file.clone());
             let result = read_image(file)
-                .and_then(|img| annotate::annotate(detector, &img, settings))
+                .and_then(|img| annotate::annotate_with(detector, &img, settings, &args.upstream_sizes()))
                 .and_then(|map| write_image(&map, &out));
             if let Err(e) = result {
                 skipped.push((file.clone(), e.to_string()));

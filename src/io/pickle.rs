@@ -358,11 +358,13 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(v)
                 }
                 b'b' => {
-                    // BUILD: set an object's state. Only empty states are accepted (nothing to set).
+                    // BUILD: set an object's state. Only empty states are accepted (nothing to set), and the
+                    // `_metadata` (per-module version numbers) that `nn.Module.state_dict()` attaches to its
+                    // OrderedDict: every `torch.save(model.state_dict())` file carries it.
                     let state = self.pop()?;
                     let empty = match &state {
                         Value::None => true,
-                        Value::Dict(d) => d.borrow().is_empty(),
+                        Value::Dict(d) => d.borrow().iter().all(|(k, _)| k.as_str() == Some("_metadata")),
                         Value::Tuple(t) => t.iter().all(|v| matches!(v, Value::None)),
                         _ => false,
                     };
@@ -477,6 +479,21 @@ mod tests {
 
     fn run(program: &[u8]) -> Result<Value> {
         Unpickler::new(Path::new("test.pkl"), program).run().map(|(v, _)| v)
+    }
+
+    /// `torch.save(model.state_dict())`: the OrderedDict's BUILD state is its `_metadata`; other state is refused.
+    #[test]
+    fn state_dict_metadata_is_ignored_other_state_refused() {
+        let with = |key: &[u8]| {
+            let mut p = b"\x80\x02ccollections\nOrderedDict\n)R}X".to_vec();
+            p.extend((key.len() as u32).to_le_bytes());
+            p.extend(key);
+            p.extend(b"}sb.");
+            p
+        };
+        assert!(matches!(run(&with(b"_metadata")), Ok(Value::Dict(_))));
+        let err = run(&with(b"weight")).unwrap_err().to_string();
+        assert!(err.contains("BUILD with a non-empty state"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! Neural annotators: the detector nets of controlnet_aux 0.0.10 (the code A1111's and ComfyUI's
+//! preprocessors run, and the maps the published ControlNets were trained on), on the model layer's CPU
+//! kernels.
+//!
+//! Each is built once from its weights ([`weights::locate`], [`weights::StateDict`]) into a
+//! [`crate::annotate::Detector`] and then runs on any number of images: `detect` is the net and what
+//! controlnet_aux does at the net's resolution, `finish` what it does after resizing to the output (scribble
+//! thinning, lineart's inversion). The upstream resizing is [`crate::annotate::annotate_upstream`].
+//!
+//! | kind | net | file (hub `lllyasviel/Annotators`) |
+//! | --- | --- | --- |
+//! | `hed` | [`hed::HedNet`] | `ControlNetHED.pth` |
+//! | `pidinet` | [`pidinet::PidiNet`] | `table5_pidinet.pth` |
+//! | `lineart` | [`lineart::LineartNet`] | `sk_model.pth` (`sk_model2.pth` with `coarse`) |
+//! | `lineart-anime` | [`lineart_anime::AnimeNet`] | `netG.pth` |
+//! | `mlsd` | [`mlsd::MlsdNet`] | `mlsd_large_512_fp32.pth` |
+pub mod hed;
+pub mod lineart;
+pub mod lineart_anime;
+pub mod mlsd;
+pub mod nn;
+pub mod pidinet;
+pub mod post;
+pub mod weights;
+
+pub use weights::{locate, StateDict, DEFAULT_REPO};
+
+use super::{Detector, DetectorOptions};
+use crate::Result;
+
+/// The weights file of `kind` with these options (its upstream name).
+pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static str> {
+    Some(match kind {
+        "hed" => "ControlNetHED.pth",
+        "pidinet" => "table5_pidinet.pth",
+        "lineart" if options.coarse => "sk_model2.pth",
+        "lineart" => "sk_model.pth",
+        "lineart-anime" => "netG.pth",
+        "mlsd" => "mlsd_large_512_fp32.pth",
+        _ => return None,
+    })
+}
+
+/// Load the neural detector `kind` (None for a kind that is not one).
+pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn Detector>>> {
+    let Some(file) = weights_file(kind, options) else { return Ok(None) };
+    let sd = StateDict::open(&locate(options.weights.as_deref(), file)?)?;
+    Ok(Some(match kind {
+        "hed" => Box::new(hed::Hed { net: hed::HedNet::load(&sd)?, safe: options.safe, scribble: options.scribble }),
+        "pidinet" => Box::new(pidinet::Pidi {
+            net: pidinet::PidiNet::load(&sd)?,
+            safe: options.safe,
+            scribble: options.scribble,
+            apply_filter: options.apply_filter,
+        }),
+        "lineart" => Box::new(lineart::Lineart { net: lineart::LineartNet::load(&sd)? }),
+        "mlsd" => Box::new(mlsd::Mlsd {
+            net: mlsd::MlsdNet::load(&sd)?,
+            score_threshold: options.score_threshold.unwrap_or(mlsd::DEFAULT_SCORE_THRESHOLD),
+            distance_threshold: options.distance_threshold.unwrap_or(mlsd::DEFAULT_DISTANCE_THRESHOLD),
+        }),
+        _ => Box::new(lineart_anime::LineartAnime { net: lineart_anime::AnimeNet::load(&sd)? }),
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Reading the fixtures of `tools/fixtures/gen_neural_annotators.py`.
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use candle_core::{Device, Tensor};
+    use image::RgbImage;
+    use serde::Deserialize;
+
+    use crate::annotate::{annotate_upstream, Detector, UpstreamSizes};
+
+    pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_neural");
+
+    pub fn weights(name: &str) -> PathBuf {
+        PathBuf::from(DIR).join("weights").join(name)
+    }
+
+    pub fn variant(which: &str, name: &str) -> PathBuf {
+        PathBuf::from(DIR).join("variants").join(which).join(name)
+    }
+
+    #[derive(Deserialize, Debug, Clone)]
+    pub struct Case {
+        pub kind: String,
+        pub input: String,
+        pub output: String,
+        #[serde(default)]
+        pub net_input: Option<String>,
+        #[serde(default)]
+        pub net: Option<String>,
+        pub params: serde_json::Map<String, serde_json::Value>,
+    }
+
+    impl Case {
+        pub fn flag(&self, key: &str) -> bool {
+            self.params.get(key).and_then(|v| v.as_bool()).unwrap_or(false)
+        }
+        pub fn u32(&self, key: &str) -> u32 {
+            self.params[key].as_u64().unwrap_or_else(|| panic!("{}: no {key}", self.output)) as u32
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Manifest {
+        cases: Vec<Case>,
+    }
+
+    pub fn cases(kind: &str) -> Vec<Case> {
+        let text = std::fs::read_to_string(format!("{DIR}/manifest.json")).unwrap();
+        let m: Manifest = serde_json::from_str(&text).unwrap();
+        let cases: Vec<Case> = m.cases.into_iter().filter(|c| c.kind == kind).collect();
+        assert!(!cases.is_empty(), "no fixture cases for {kind}");
+        cases
+    }
+
+    pub fn load(name: &str) -> RgbImage {
+        image::open(format!("{DIR}/{name}")).unwrap().to_rgb8()
+    }
+
+    pub fn load_net_input(c: &Case) -> RgbImage {
+        load(c.net_input.as_deref().expect("a case with net outputs"))
+    }
+
+    pub fn net_outputs(c: &Case) -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(format!("{DIR}/{}", c.net.as_deref().unwrap()), &Device::Cpu).unwrap()
+    }
+
+    /// Net outputs within 1e-4 of the reference's largest magnitude (f32 parity).
+    pub fn assert_net_close(ours: &Tensor, reference: &Tensor, what: &str) {
+        assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{what}: max |diff| {d:.3e} (scale {scale:.3e})");
+        assert!(d <= 1e-4 * scale, "{what}: max |diff| {d} > 1e-4 x {scale}");
+    }
+
+    /// The detector's map made with controlnet_aux's resizing against the reference: at most 1% of the
+    /// samples more than 2 levels off.
+    pub fn assert_upstream_map(d: &dyn Detector, c: &Case) {
+        let sizes = UpstreamSizes {
+            detect_resolution: Some(c.u32("detect_resolution")),
+            image_resolution: Some(c.u32("image_resolution")),
+        };
+        let ours = annotate_upstream(d, &load(&format!("input_{}.png", c.input)), &sizes).unwrap();
+        let reference = load(&c.output);
+        assert_eq!(ours.dimensions(), reference.dimensions(), "{}: size", c.output);
+        let diffs: Vec<u8> = ours.as_raw().iter().zip(reference.as_raw()).map(|(&a, &b)| a.abs_diff(b)).collect();
+        let off = diffs.iter().filter(|&&v| v > 2).count() as f64 / diffs.len() as f64;
+        let mean = diffs.iter().map(|&v| v as f64).sum::<f64>() / diffs.len() as f64;
+        eprintln!("{}: {:.3}% off by > 2, mean |diff| {mean:.3}", c.output, off * 100.0);
+        assert!(off <= 0.01, "{}: {:.3}% of samples off by more than 2 levels", c.output, off * 100.0);
+    }
+}
