@@ -177,6 +177,7 @@ impl ImageMetadata {
             guess_mode: self.guess_mode,
             vae_tiling: self.vae_tiling,
             resize: parse_resize(&self.resize)?,
+            dtype: Default::default(),
         })
     }
 
