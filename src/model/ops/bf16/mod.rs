@@ -29,6 +29,9 @@ pub const TILE_K: usize = 32;
 const TILE_ELEMS: usize = TILE * TILE_K;
 /// Rows (and columns) of the f32 block one microkernel call computes: 2x2 tiles.
 pub const BLOCK: usize = 2 * TILE;
+/// Bytes of packed operands one task works on (within a core's L2 cache: 2 MiB on Sapphire Rapids, 1 MiB
+/// on Zen 4/5).
+const L2_BUDGET: usize = 512 * 1024;
 
 /// Which bf16 matrix-product kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,35 +279,46 @@ pub fn matmul_with(
     let packed_b = pack_b(b, k, n, vector);
     let (m_tiles, n_tiles, k_tiles) = (tiles(m, TILE), tiles(n, TILE), k.div_ceil(TILE_K));
     let (m_blocks, n_blocks) = (m_tiles / 2, n_tiles / 2);
-    // Tasks: a column block (its packed panel stays in cache) by a run of row blocks; enough runs that every
-    // thread gets several tasks.
-    let threads = rayon::current_num_threads().max(1);
-    let runs = (4 * threads).div_ceil(n_blocks).clamp(1, m_blocks);
-    let run_len = m_blocks.div_ceil(runs);
-    let tasks: Vec<(usize, usize)> =
-        (0..n_blocks).flat_map(|nb| (0..m_blocks).step_by(run_len).map(move |mb| (nb, mb))).collect();
+    // Tasks: `side` x `side` blocks, whose packed panels (2 * side panels of k_tiles KiB) stay in the core's
+    // L2 cache while every block of the task reads them; each block sums over the whole of k.
+    let side = (L2_BUDGET / (2 * k_tiles * TILE_ELEMS * 2)).clamp(1, 8);
+    let (m_groups, n_groups) = (m_blocks.div_ceil(side), n_blocks.div_ceil(side));
     let out = OutPtr(c.as_mut_ptr());
     let panel = TILE_ELEMS * k_tiles;
-    tasks.into_par_iter().for_each_init(
+    (0..m_groups * n_groups).into_par_iter().for_each_init(
         || kernel.start(),
-        |_, (nb, mb0)| {
-            let b_block = &packed_b[2 * nb * panel..(2 * nb + 2) * panel];
+        |_, task| {
+            let (mg, ng) = (task / n_groups, task % n_groups);
             let mut sums = [0f32; BLOCK * BLOCK];
-            for mb in mb0..(mb0 + run_len).min(m_blocks) {
-                let a_block = &packed_a[2 * mb * panel..(2 * mb + 2) * panel];
-                // SAFETY: both blocks hold two panels of `k_tiles` packed tiles, `sums` 32x32 f32, and
-                // `start` ran on this thread (tile configuration).
-                unsafe { kernel.block(a_block, b_block, k_tiles, &mut sums) };
-                let (i0, j0) = (mb * BLOCK, nb * BLOCK);
-                let (rows, cols) = (BLOCK.min(m - i0.min(m)), BLOCK.min(n - j0.min(n)));
-                for r in 0..rows {
-                    for col in 0..cols {
-                        let at = (i0 + r) * c_rs + (j0 + col) * c_cs;
-                        // SAFETY: (i0 + r, j0 + col) is inside the checked (m, n) matrix, and each task writes
-                        // its own blocks only.
-                        unsafe {
-                            let p = out.at(at);
-                            *p = if accumulate { *p + sums[r * BLOCK + col] } else { sums[r * BLOCK + col] };
+            for nb in ng * side..((ng + 1) * side).min(n_blocks) {
+                let b_block = &packed_b[2 * nb * panel..(2 * nb + 2) * panel];
+                for mb in mg * side..((mg + 1) * side).min(m_blocks) {
+                    let a_block = &packed_a[2 * mb * panel..(2 * mb + 2) * panel];
+                    // SAFETY: both blocks hold two panels of `k_tiles` packed tiles, `sums` 32x32 f32, and
+                    // `start` ran on this thread (tile configuration).
+                    unsafe { kernel.block(a_block, b_block, k_tiles, &mut sums) };
+                    let (i0, j0) = (mb * BLOCK, nb * BLOCK);
+                    let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+                    for (r, row_sums) in sums.chunks_exact(BLOCK).take(rows).enumerate() {
+                        let row_sums = &row_sums[..cols];
+                        let start = (i0 + r) * c_rs + j0 * c_cs;
+                        if c_cs == 1 {
+                            // SAFETY: the row's `cols` elements lie inside the checked (m, n) matrix, and no
+                            // other task writes this block.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
+                            if accumulate {
+                                dst.iter_mut().zip(row_sums).for_each(|(d, s)| *d += s);
+                            } else {
+                                dst.copy_from_slice(row_sums);
+                            }
+                            continue;
+                        }
+                        for (col, &v) in row_sums.iter().enumerate() {
+                            // SAFETY: as above, one element at a time.
+                            unsafe {
+                                let p = out.at(start + col * c_cs);
+                                *p = if accumulate { *p + v } else { v };
+                            }
                         }
                     }
                 }
