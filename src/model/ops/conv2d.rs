@@ -629,6 +629,30 @@ mod tests {
         }
     }
 
+    /// bf16 weights with f32 activations (the bf16 kernels): exactly the f32 convolution of the same values
+    /// when they are small integers (exact in bf16, exact sums), over [`SHAPES`] and a 32-channel 3x3 one
+    /// (whole tiles: the weights are read in place); a tracked input takes the f32 path and its backward.
+    #[test]
+    fn bf16_weights_match_f32() {
+        let dev = Device::Cpu;
+        let ints = |shape: &[usize]| {
+            let t = Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap();
+            t.clamp(-4f32, 4f32).unwrap()
+        };
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]) {
+            let (x, kernel, bias) = (ints(&[2, c, h, w]), ints(&[o, c, k, k]), ints(&[o]));
+            let p = Conv2dParams { padding, stride };
+            let ours = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
+            assert_eq!(ours.dtype(), DType::F32);
+            let diff = max_diff(&ours, &conv2d(&x, &kernel, &bias, p).unwrap());
+            assert_eq!(diff, 0.0, "{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+        }
+        let x = candle_core::Var::from_tensor(&ints(&[1, 2, 5, 5])).unwrap();
+        let kernel = ints(&[3, 2, 3, 3]).to_dtype(DType::BF16).unwrap();
+        let y = conv2d(x.as_tensor(), &kernel, &ints(&[3]), Conv2dParams { padding: 1, stride: 1 }).unwrap();
+        assert!(y.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).is_some());
+    }
+
     /// Band boundaries: a tall input whose patch matrix needs several bands.
     #[test]
     fn several_bands_match() {

@@ -1,7 +1,7 @@
 //! The Intel AMX kernel: eight 1 KiB tile registers, `tdpbf16ps` multiplies a 16x32 bf16 tile by a 32x16
 //! one (VNNI pairs) into a 16x16 f32 tile. Stable Rust has no AMX intrinsics yet, so the instructions are
 //! written in `asm!`, and the CPU check reads CPUID itself (`is_x86_feature_detected!("amx-tile")` is unstable).
-use super::{BLOCK, TILE_ELEMS};
+use super::{Tiles, BLOCK, TILE_ELEMS};
 
 /// Whether AMX-BF16 runs here: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and
 /// Linux granted this process the tile-data state (without that grant the first tile load faults).
@@ -75,50 +75,54 @@ pub fn configure_thread() {
 /// One 32x32 block of sums: tiles 0-3 accumulate the 2x2 products, 4-5 hold the left tiles, 6-7 the right.
 ///
 /// # Safety
-/// AMX is available and [`configure_thread`] ran on this thread; `a` and `b` hold 2 * `k_tiles` tiles each.
+/// AMX is available and [`configure_thread`] ran on this thread; `at` addresses 2 x `k_tiles` tiles inside
+/// `a` (checked by the caller), `b` holds 2 * `k_tiles` packed tiles.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn block(a: &[u16], b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+pub unsafe fn block(a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
     let panel = k_tiles * TILE_ELEMS;
-    assert!(k_tiles > 0 && a.len() >= 2 * panel && b.len() >= 2 * panel);
+    assert!(k_tiles > 0 && b.len() >= 2 * panel);
     let out = sums.as_mut_ptr();
+    let a0 = a.as_ptr().add(at.offset);
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
         "tilezero tmm2",
         "tilezero tmm3",
         "2:",
-        "tileloadd tmm4, [{a0} + {s}]",
-        "tileloadd tmm6, [{b0} + {s}]",
-        "tileloadd tmm5, [{a1} + {s}]",
+        "tileloadd tmm4, [{a0} + {sa}]",
+        "tileloadd tmm6, [{b0} + {sb}]",
+        "tileloadd tmm5, [{a1} + {sa}]",
         "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {s}]",
+        "tileloadd tmm7, [{b1} + {sb}]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm1, tmm4, tmm7",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 1024",
-        "add {a1}, 1024",
+        "add {a0}, {ka}",
+        "add {a1}, {ka}",
         "add {b0}, 1024",
         "add {b1}, 1024",
         "dec {n}",
         "jnz 2b",
         // The f32 block is 32 floats (128 bytes) per row.
-        "mov {s}, 128",
-        "tilestored [{o} + {s}], tmm0",
-        "tilestored [{o} + {s} + 64], tmm1",
-        "tilestored [{o} + {s} + 2048], tmm2",
-        "tilestored [{o} + {s} + 2112], tmm3",
-        a0 = inout(reg) a.as_ptr() => _,
-        a1 = inout(reg) a.as_ptr().add(panel) => _,
+        "mov {sb}, 128",
+        "tilestored [{o} + {sb}], tmm0",
+        "tilestored [{o} + {sb} + 64], tmm1",
+        "tilestored [{o} + {sb} + 2048], tmm2",
+        "tilestored [{o} + {sb} + 2112], tmm3",
+        a0 = inout(reg) a0 => _,
+        a1 = inout(reg) a0.add(at.second) => _,
         b0 = inout(reg) b.as_ptr() => _,
         b1 = inout(reg) b.as_ptr().add(panel) => _,
         n = inout(reg) k_tiles => _,
-        s = inout(reg) 64usize => _,
+        sa = in(reg) at.row * 2,
+        ka = in(reg) at.step * 2,
+        sb = inout(reg) 64usize => _,
         o = in(reg) out,
         options(nostack),
     );
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
+pub unsafe fn block(_: &[u16], _: Tiles, _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
     unreachable!("no AMX off x86-64")
 }

@@ -3,7 +3,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{BLOCK, TILE, TILE_ELEMS, TILE_K};
+use super::{Tiles, BLOCK, TILE, TILE_ELEMS};
 
 /// Whether the CPU has AVX512-BF16 (Zen 4/5, Intel since Cooper Lake).
 pub fn available() -> bool {
@@ -64,21 +64,23 @@ pub unsafe fn round_interleave_16(_: &[f32], _: &[f32], _: &mut [u16]) {
 /// Rows of the output each pass keeps in registers: 8 rows x 2 column tiles = 16 accumulators of 32.
 const ROWS: usize = 8;
 
-/// One 32x32 block of sums from two packed left panels and two packed right panels of `k_tiles` tiles.
+/// One 32x32 block of sums from two rows of left tiles (where `at` says) and two packed right panels of
+/// `k_tiles` tiles.
 ///
 /// # Safety
-/// The CPU has AVX512-BF16; `a` and `b` hold 2 * `k_tiles` tiles each.
+/// The CPU has AVX512-BF16; `at` addresses 2 x `k_tiles` tiles inside `a` (checked by the caller), `b` holds
+/// 2 * `k_tiles` packed tiles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
-pub unsafe fn block(a: &[u16], b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+pub unsafe fn block(a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
     let panel = k_tiles * TILE_ELEMS;
-    assert!(a.len() >= 2 * panel && b.len() >= 2 * panel);
+    assert!(b.len() >= 2 * panel);
     for half in 0..2 {
-        let a_panel = a.as_ptr().add(half * panel);
+        let a_panel = a.as_ptr().add(at.offset + half * at.second);
         for r0 in (0..TILE).step_by(ROWS) {
             let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
             for kt in 0..k_tiles {
-                let a_tile = a_panel.add(kt * TILE_ELEMS);
+                let a_tile = a_panel.add(kt * at.step);
                 let (b0, b1) = (b.as_ptr().add(kt * TILE_ELEMS), b.as_ptr().add(panel + kt * TILE_ELEMS));
                 for p in 0..TILE {
                     // Row p of a right tile: 16 columns' (k, k+1) pairs.
@@ -86,7 +88,7 @@ pub unsafe fn block(a: &[u16], b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK
                     let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 2 * TILE).cast()));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         // Row r0 + r's pair p of the left tile, in every lane.
-                        let pair = a_tile.add((r0 + r) * TILE_K + 2 * p).cast::<i32>().read_unaligned();
+                        let pair = a_tile.add((r0 + r) * at.row + 2 * p).cast::<i32>().read_unaligned();
                         let u: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                         acc[0] = _mm512_dpbf16_ps(acc[0], u, v0);
                         acc[1] = _mm512_dpbf16_ps(acc[1], u, v1);
@@ -103,6 +105,6 @@ pub unsafe fn block(a: &[u16], b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
+pub unsafe fn block(_: &[u16], _: Tiles, _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
     unreachable!("no AVX512-BF16 off x86-64")
 }

@@ -160,10 +160,11 @@ impl candle_core::CustomOp2 for LinearOp {
             candle_core::bail!("bf16 linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
         }
         let mut out = vec![0f32; rows * out_d];
-        // y (rows, out) = x (rows, in) · Wᵀ: Wᵀ's element (i, o) is W[o * in + i].
+        // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y: the weights are then the
+        // left operand, read where they lie (no per-call packing of a matrix as large as the layer).
         let (lhs, rhs) =
-            (Operand::new(Values::F32(&x[x0..x1]), in_d, 1), Operand::new(Values::Bf16(&w[w0..w1]), 1, in_d));
-        matmul(rows, out_d, in_d, lhs, rhs, &mut out, (out_d, 1), false)?;
+            (Operand::new(Values::Bf16(&w[w0..w1]), in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
+        matmul(out_d, rows, in_d, lhs, rhs, &mut out, (1, out_d), false)?;
         Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
     }
 }
@@ -275,7 +276,18 @@ pub fn matmul_with(
         return widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate);
     }
     let vector = avx512::available();
-    let packed_a = pack_a(a, m, k, vector);
+    // A bf16 left operand with whole tiles (the weights of most layers) is read where it lies, with its row
+    // stride: packing it again at every call cost more than the product for small images.
+    let direct = match a.values {
+        Values::Bf16(v) if a.cs == 1 && m % BLOCK == 0 && k % TILE_K == 0 => Some(v),
+        _ => None,
+    };
+    let packed_a = if direct.is_some() { Vec::new() } else { pack_a(a, m, k, vector) };
+    let a_bits: &[u16] = match direct {
+        // SAFETY: bf16 is a transparent 16-bit value; the slice is reinterpreted, not copied.
+        Some(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) },
+        None => &packed_a,
+    };
     let packed_b = pack_b(b, k, n, vector);
     let (m_tiles, n_tiles, k_tiles) = (tiles(m, TILE), tiles(n, TILE), k.div_ceil(TILE_K));
     let (m_blocks, n_blocks) = (m_tiles / 2, n_tiles / 2);
@@ -293,12 +305,30 @@ pub fn matmul_with(
             for nb in ng * side..((ng + 1) * side).min(n_blocks) {
                 let b_block = &packed_b[2 * nb * panel..(2 * nb + 2) * panel];
                 for mb in mg * side..((mg + 1) * side).min(m_blocks) {
-                    let a_block = &packed_a[2 * mb * panel..(2 * mb + 2) * panel];
-                    // SAFETY: both blocks hold two panels of `k_tiles` packed tiles, `sums` 32x32 f32, and
-                    // `start` ran on this thread (tile configuration).
-                    unsafe { kernel.block(a_block, b_block, k_tiles, &mut sums) };
+                    let a_tiles = match direct {
+                        Some(_) => Tiles { offset: mb * BLOCK * a.rs, row: a.rs, step: TILE_K, second: TILE * a.rs },
+                        None => Tiles { offset: 2 * mb * panel, row: TILE_K, step: TILE_ELEMS, second: panel },
+                    };
+                    // SAFETY: `a_tiles` addresses two rows of `k_tiles` tiles inside `a_bits` (a checked bf16
+                    // matrix of whole tiles, or the packed panels), `b_block` two packed panels, `sums` 32x32
+                    // f32, and `start` ran on this thread (tile configuration).
+                    unsafe { kernel.block(a_bits, a_tiles, b_block, k_tiles, &mut sums) };
                     let (i0, j0) = (mb * BLOCK, nb * BLOCK);
                     let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+                    if c_rs == 1 && c_cs != 1 {
+                        // Column-major output (a transposed product): write each column's run of rows.
+                        for col in 0..cols {
+                            let start = i0 + (j0 + col) * c_cs;
+                            // SAFETY: the column's `rows` elements lie inside the checked (m, n) matrix, and
+                            // no other task writes this block.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), rows) };
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                let v = sums[r * BLOCK + col];
+                                *d = if accumulate { *d + v } else { v };
+                            }
+                        }
+                        continue;
+                    }
                     for (r, row_sums) in sums.chunks_exact(BLOCK).take(rows).enumerate() {
                         let row_sums = &row_sums[..cols];
                         let start = (i0 + r) * c_rs + j0 * c_cs;
@@ -361,13 +391,27 @@ impl Kernel {
     ///
     /// # Safety
     /// `a` and `b` hold 2 * `k_tiles` packed tiles each, the kernel is available and started on this thread.
-    unsafe fn block(self, a: &[u16], b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+    unsafe fn block(self, a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+        let last = at.offset + at.second + (TILE - 1) * at.row + (k_tiles - 1) * at.step + TILE_K;
+        assert!(last <= a.len(), "bf16 matmul: left tiles outside their operand");
         match self {
-            Kernel::Amx => amx::block(a, b, k_tiles, sums),
-            Kernel::Avx512Bf16 => avx512::block(a, b, k_tiles, sums),
+            Kernel::Amx => amx::block(a, at, b, k_tiles, sums),
+            Kernel::Avx512Bf16 => avx512::block(a, at, b, k_tiles, sums),
             Kernel::Widen => unreachable!("widened products do not pack"),
         }
     }
+}
+
+/// Where the two left tiles of a block lie in their slice (in bf16 elements): the first tile row of the
+/// block starts at `offset`, rows of a tile are `row` apart, the next k tile `step` further, the second tile
+/// row `second` further. Packed panels: 32, 512, one panel; a row-major bf16 matrix: its row stride, 32, 16
+/// rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Tiles {
+    pub offset: usize,
+    pub row: usize,
+    pub step: usize,
+    pub second: usize,
 }
 
 /// Marks a thread that ran [`Kernel::start`] (the tile state stays configured; the OS saves it on switches).
@@ -420,6 +464,24 @@ fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
         }
         for kt in 0..k_tiles {
             let tile = &mut panel[kt * TILE_ELEMS..(kt + 1) * TILE_ELEMS];
+            let k0 = kt * TILE_K;
+            if let Values::F32(v) = b.values {
+                if b.rs == 1 && vector && k0 + TILE_K <= k {
+                    // k runs along memory (a transposed operand): each column's 32 values round in one go,
+                    // then spread over the tile's 16 pair rows.
+                    let mut rounded = [0u16; TILE_K];
+                    for j in 0..cols {
+                        let at = k0 + (j0 + j) * b.cs;
+                        // SAFETY: 32 f32 from `at` lie inside `v` (spans checked), AVX512-BF16 is present.
+                        unsafe { avx512::round_32(&v[at..at + TILE_K], &mut rounded) };
+                        for p in 0..TILE {
+                            tile[p * 2 * TILE + 2 * j..p * 2 * TILE + 2 * j + 2]
+                                .copy_from_slice(&rounded[2 * p..2 * p + 2]);
+                        }
+                    }
+                    continue;
+                }
+            }
             for p in 0..TILE {
                 let kk = kt * TILE_K + 2 * p;
                 if kk >= k {
@@ -535,7 +597,9 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_reference_exactly() {
         for kernel in Kernel::available() {
-            for (m, n, k) in [(1, 1, 1), (17, 33, 31), (5, 70, 100), (40, 3, 65), (33, 47, 257)] {
+            for (m, n, k) in
+                [(1, 1, 1), (17, 33, 31), (5, 70, 100), (40, 3, 65), (33, 47, 257), (64, 40, 96), (96, 17, 64)]
+            {
                 for transposed in [false, true] {
                     let a = integers(m * k, 1);
                     let b = integers(k * n, 2);
@@ -581,6 +645,23 @@ mod tests {
             matmul_with(kernel, m, n, k, a_op, b_op, &mut c, (n, 1), false).unwrap();
             let worst = c.iter().zip(&want).map(|(x, y)| ((x - y) / y.abs().max(1.)).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-5, "{kernel:?}: {worst}");
+        }
+    }
+
+    /// The bf16 linear layer (weights read in place, output written transposed) against candle's f32 product
+    /// of the same bf16-rounded values: integer values, so exactly.
+    #[test]
+    fn linear_matches_the_f32_layer() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        for (rows, in_d, out_d) in [(3, 64, 32), (7, 96, 40), (2, 5, 3)] {
+            let x = Tensor::from_vec(integers(rows * in_d, 3), (1, rows, in_d), &dev).unwrap();
+            let w = Tensor::from_vec(integers(out_d * in_d, 4), (out_d, in_d), &dev).unwrap();
+            let b = Tensor::from_vec(integers(out_d, 5), out_d, &dev).unwrap();
+            let ours = linear(&x, &w.to_dtype(DType::BF16).unwrap(), Some(&b)).unwrap();
+            let want = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            assert_eq!(ours.dims(), &[1, rows, out_d]);
+            assert_eq!(ours.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap(), "{rows}x{in_d}x{out_d}");
         }
     }
 
