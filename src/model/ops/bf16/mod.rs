@@ -279,7 +279,7 @@ pub fn matmul_with(
     // A bf16 left operand with whole tiles (the weights of most layers) is read where it lies, with its row
     // stride: packing it again at every call cost more than the product for small images.
     let direct = match a.values {
-        Values::Bf16(v) if a.cs == 1 && m % BLOCK == 0 && k % TILE_K == 0 => Some(v),
+        Values::Bf16(v) if a.cs == 1 && m.is_multiple_of(BLOCK) && k.is_multiple_of(TILE_K) => Some(v),
         _ => None,
     };
     let packed_a = if direct.is_some() { Vec::new() } else { pack_a(a, m, k, vector) };
