@@ -491,6 +491,16 @@ mod tests {
         assert_eq!(Preset::Sd15.vae_config().block_out_channels, vec![128, 256, 512, 512]);
     }
 
+    /// The machine line names the kernels a dtype runs on.
+    #[test]
+    fn kernels_follow_the_dtype() {
+        assert!(kernels_used(DType::F32).starts_with("f32 gemm"));
+        let bf16 = kernels_used(DType::BF16);
+        assert!(bf16.starts_with(&format!("bf16 {}", Kernel::detect().name())), "{bf16}");
+        let run = RunInfo::start(Preset::Sd15, 4, 2, 1).with_dtype(DType::BF16);
+        assert_eq!((run.dtype.as_str(), run.kernels.as_str()), ("bf16", bf16.as_str()));
+    }
+
     #[test]
     fn median_of_odd_and_even_counts() {
         assert_eq!(Timing::new(vec![3.0, 1.0, 2.0]).median_s, 2.0);
