@@ -8,7 +8,13 @@ With --train the two time a ControlNet training update instead (`controlnet benc
 `bench_torch.py --train`); those reports are `{rust,torch}_train_{preset}_{latent}_b{batch}.json` and get their own
 table.
 
+--rust-dtypes / --torch-dtypes run each implementation in several modes (ours: f32 bf16 auto; torch: f32 bf16
+autocast), in one go: the f32 table as before, then per configuration one row per measurement with every
+mode's seconds and the ratio of our fastest mode to torch's fastest (reports of other modes than f32 are
+`{rust,torch}_{preset}_{latent}_b{batch}_{dtype}.json`).
+
 Usage: python3 tools/bench_compare.py --latent 32 64 [--preset sd15] [--batch 2] [--iters 3] [--skip-vae]
+       python3 tools/bench_compare.py --latent 32 64 --rust-dtypes f32 bf16 --torch-dtypes f32 bf16 autocast
        python3 tools/bench_compare.py --train --latent 32 --batch 1
        python3 tools/bench_compare.py --table-only [--train]
 """
@@ -122,6 +128,45 @@ def table(pairs):
     return "\n".join(lines)
 
 
+def load_modes(out, tag, dtypes, who):
+    """The reports of `who` (rust/torch) for one configuration, by mode."""
+    reports = {}
+    for d in dtypes:
+        path = os.path.join(out, f"{who}_{tag}.json" if d == "f32" else f"{who}_{tag}_{d}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                reports[d] = json.load(f)
+    return reports
+
+
+def modes_table(out, configs, rust_dtypes, torch_dtypes):
+    """Per configuration and measurement: every mode's seconds, then our fastest over torch's fastest."""
+    cols = [f"rs {d}" for d in rust_dtypes] + [f"torch {d}" for d in torch_dtypes]
+    lines = ["| config | measurement | " + " | ".join(f"{c} (s)" for c in cols) + " | best rs / best torch |",
+             "| --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"]
+    machine = None
+    for preset, latent, batch in configs:
+        tag = f"{preset}_{latent}_b{batch}"
+        rs, th = load_modes(out, tag, rust_dtypes, "rust"), load_modes(out, tag, torch_dtypes, "torch")
+        machine = machine or next(iter(rs.values()), {}).get("machine")
+        name = f"{preset} {8 * latent}px b{batch}"
+        for label, key in ROWS + [("peak RSS (UNet+ControlNet)", "peak_rss_unet_controlnet_bytes")]:
+            vals = [r.get(d, {}).get(key) for r, ds in ((rs, rust_dtypes), (th, torch_dtypes)) for d in ds]
+            if all(v is None for v in vals):
+                continue
+            cell = (lambda v: gib(v)) if key.endswith("bytes") else (lambda v: f"{v:.2f}" if v else "–")
+            best = lambda r: min((v.get(key) for v in r.values() if v.get(key)), default=None)
+            a, b = best(rs), best(th)
+            ratio = f"{a / b:.2f}" if a and b else "–"
+            lines.append(f"| {name} | {label} | " + " | ".join(cell(v) for v in vals) + f" | {ratio} |")
+        for who, r in (("rs", rs), ("torch", th)):
+            for d, rep in r.items():
+                if rep.get("kernels"):
+                    lines.append(f"| {name} | kernels {who} {d} | {rep['kernels']} |" + " |" * len(cols))
+    lines += ["", f"Machine: {machine}; {datetime.date.today().isoformat()}."]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", nargs="+", default=["sd15"], choices=["sd15", "sd21"])
@@ -134,6 +179,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "target", "bench"))
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--train", action="store_true", help="time a ControlNet training update instead")
+    ap.add_argument("--rust-dtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "f16", "auto"])
+    ap.add_argument("--torch-dtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "autocast"])
     args = ap.parse_args()
     mode = ["--train"] if args.train else []
     prefix = "train_" if args.train else ""
@@ -146,14 +193,25 @@ def main():
                 if args.skip_vae and not args.train:
                     common.append("--skip-vae")
                 tag = f"{prefix}{preset}_{latent}_b{args.batch}"
-                run([args.binary, "bench", "--json"] + common, os.path.join(args.out, f"rust_{tag}.json"))
-                run([args.python, os.path.join(REPO, "tools", "bench_torch.py")] + common,
-                    os.path.join(args.out, f"torch_{tag}.json"))
+                for d in args.rust_dtypes:
+                    name = f"rust_{tag}.json" if d == "f32" else f"rust_{tag}_{d}.json"
+                    run([args.binary, "bench", "--json", "--dtype", d] + common, os.path.join(args.out, name))
+                for d in args.torch_dtypes:
+                    name = f"torch_{tag}.json" if d == "f32" else f"torch_{tag}_{d}.json"
+                    run([args.python, os.path.join(REPO, "tools", "bench_torch.py"), "--dtype", d] + common,
+                        os.path.join(args.out, name))
     pairs = {}
     pattern = "rust_train_*.json" if args.train else "rust_*.json"
+    modes = not args.train and (args.rust_dtypes != ["f32"] or args.torch_dtypes != ["f32"])
+    if modes:
+        configs = [(p, l, args.batch) for p in args.preset for l in args.latent]
+        print(modes_table(args.out, configs, args.rust_dtypes, args.torch_dtypes))
+        return
     for path in glob.glob(os.path.join(args.out, pattern)):
         if not args.train and os.path.basename(path).startswith("rust_train_"):
             continue
+        if os.path.basename(path).count("_") > 3:
+            continue  # another mode's report (`..._b2_bf16.json`)
         twin = path.replace("rust_", "torch_")
         if os.path.exists(twin):
             with open(path) as f, open(twin) as g:

@@ -14,7 +14,12 @@ train_controlnet.py runs it once latents and text embeddings are at hand: Contro
 (requires_grad False), MSE, backward, clip_grad_norm_(1.0), AdamW (torch defaults but lr 1e-5, weight decay 1e-2),
 zero_grad(set_to_none=True); the same keys as `controlnet bench --train --json`.
 
+--dtype picks PyTorch's mode: f32 (default), bf16 (the models cast to bfloat16: bf16 weights and activations,
+oneDNN's AMX / AVX512-BF16 kernels where the CPU has them) or autocast (f32 weights, torch.autocast("cpu",
+bfloat16) around every pass). Inputs are made in f32 and cast to the models' dtype.
+
 Usage: .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --batch 2 --iters 3 [--skip-vae]
+       .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --dtype bf16
        .venv-ref/bin/python tools/bench_torch.py --train --preset sd15 --latent 32 --batch 1 --iters 3
 """
 import argparse
@@ -110,7 +115,7 @@ def run_info(args, latent, batch):
         "latent": latent,
         "batch": batch,
         "iters": args.iters,
-        "dtype": "f32",
+        "dtype": getattr(args, "dtype", "f32"),
         "machine": cpu_model(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -150,6 +155,7 @@ def main():
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "autocast"], default="f32")
     args = ap.parse_args()
     if args.train:
         return train(args)
@@ -163,15 +169,18 @@ def main():
     log("building the UNet and the ControlNet with random weights")
     reset_peak()
     start = time.perf_counter()
-    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen)
-    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen).to(dtype)
+    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen).to(dtype)
     build_s = time.perf_counter() - start
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "autocast")
+    autocast.__enter__()
 
     width = unet.config.cross_attention_dim
-    sample = torch.rand(b, 4, s, s, generator=gen) * 2 - 1
+    sample = (torch.rand(b, 4, s, s, generator=gen) * 2 - 1).to(dtype)
     t = torch.tensor([TIMESTEP])
-    text = torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1
-    cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1)
+    text = (torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1).to(dtype)
+    cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1).to(dtype)
 
     log("hint embedding")
     embed_t, _ = timed(args.iters, lambda: cn.controlnet_cond_embedding(cond[:1]))
@@ -189,7 +198,7 @@ def main():
             unet_s.append(done - cn_done)
             step_s.append(done - start)
             step_cpu.append(time.process_time() - cpu_start)
-        finite &= bool(torch.isfinite(out).all())
+        finite &= bool(torch.isfinite(out.float()).all())
     peak_unet_cn = vm("VmHWM:")
     del unet, cn, down, mid, out
 
@@ -197,10 +206,10 @@ def main():
     if not args.skip_vae:
         log("building the VAE and decoding")
         reset = reset_peak()
-        vae = build(AutoencoderKL, SD_VAE, gen)
-        latents = torch.rand(1, 4, s, s, generator=gen) * 2 - 1
+        vae = build(AutoencoderKL, SD_VAE, gen).to(dtype)
+        latents = (torch.rand(1, 4, s, s, generator=gen) * 2 - 1).to(dtype)
         vae_t, image = timed(args.iters, lambda: vae.decode(latents).sample)
-        finite &= bool(torch.isfinite(image).all())
+        finite &= bool(torch.isfinite(image.float()).all())
         peak_vae = vm("VmHWM:") if reset else None
 
     step_t, unet_t, cn_t = timing(step_s), timing(unet_s), timing(cn_s)

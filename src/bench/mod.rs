@@ -11,10 +11,13 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::model::ops::bf16::Kernel;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::pipeline::request::ComputeDtype;
 use crate::{Error, Result};
 
+pub mod floor;
 pub mod flops;
 pub mod random;
 pub mod train;
@@ -104,6 +107,8 @@ pub struct BenchOptions {
     pub iters: usize,
     pub skip_vae: bool,
     pub seed: u64,
+    /// The dtype the models compute in.
+    pub dtype: ComputeDtype,
 }
 
 /// Seconds of each timed repetition and their median.
@@ -149,6 +154,8 @@ pub struct RunInfo {
     pub batch: usize,
     pub iters: usize,
     pub dtype: String,
+    /// The matrix-product kernels that ran (`f32 gemm AVX-512`, `bf16 amx`, ...).
+    pub kernels: String,
     pub machine: String,
     pub cpus: usize,
     pub threads: usize,
@@ -169,12 +176,20 @@ impl RunInfo {
             batch,
             iters,
             dtype: "f32".into(),
+            kernels: kernels_used(DType::F32),
             machine: cpu_model(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: candle_core::utils::get_num_threads(),
             load_before: load_average(),
             load_after: f64::NAN,
         }
+    }
+
+    /// The same run computing in `dtype` (as loaded).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype.as_str().into();
+        self.kernels = kernels_used(dtype);
+        self
     }
 
     pub fn finish(mut self) -> Self {
@@ -233,6 +248,18 @@ pub fn cpu_model() -> String {
         _ => String::new(),
     };
     format!("{name}{ids}, {}", vector_unit())
+}
+
+/// Which matrix-product kernels models loaded in `dtype` run on this CPU: gemm's f32 kernels, or the bf16
+/// kernel [`Kernel::detect`] picked (bf16 weights, f32 activations).
+pub fn kernels_used(dtype: DType) -> String {
+    match dtype {
+        DType::BF16 => {
+            format!("bf16 {} (f32 sums, attention and f32 ops on gemm {})", Kernel::detect().name(), vector_unit())
+        }
+        DType::F16 => "f16 candle ops".into(),
+        _ => format!("f32 gemm {}", vector_unit()),
+    }
 }
 
 /// The widest SIMD extension this CPU offers of those gemm and the fused kernels dispatch to.
@@ -331,9 +358,9 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     if let Some((setting, _)) = zero {
         return Err(Error::setting(setting, "must be at least 1"));
     }
-    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
-    let dtype = DType::F32;
+    let dtype = opts.dtype.resolve(&dev);
+    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters).with_dtype(dtype);
     let (s, b) = (opts.latent, opts.batch);
     let (unet_cfg, cn_cfg, vae_cfg) =
         (opts.preset.unet_config(), opts.preset.controlnet_config(), opts.preset.vae_config());
@@ -354,9 +381,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
 
     // 2. inputs: a latent batch, one timestep for all, text embeddings, one condition image for the batch
     let width = unet_cfg.encoder.cross_attention_dim;
-    let sample = random_input(opts.seed, &[b, unet_cfg.encoder.in_channels, s, s], "sample")?;
+    let act = unet.dtype();
+    let sample = random_input(opts.seed, &[b, unet_cfg.encoder.in_channels, s, s], "sample")?.to_dtype(act)?;
     let timestep = Tensor::new(&[TIMESTEP as f32], &dev)?;
-    let text = random_input(opts.seed, &[b, TEXT_TOKENS, width], "text")?;
+    let text = random_input(opts.seed, &[b, TEXT_TOKENS, width], "text")?.to_dtype(act)?;
     let cond = ((random_input(opts.seed, &[1, cn_cfg.conditioning_channels, 8 * s, 8 * s], "cond")? + 1.0)? * 0.5)?;
 
     // 3. hint embedding, ControlNet and UNet, and both as one step
@@ -399,7 +427,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         progress("building the VAE and decoding");
         let reset = reset_peak_rss();
         let vae = AutoencoderKL::new(vae_cfg.clone(), RandomWeights::new(opts.seed).var_builder(dtype, &dev))?;
-        let latents = random_input(opts.seed, &[1, vae_cfg.latent_channels, s, s], "latents")?;
+        let latents = random_input(opts.seed, &[1, vae_cfg.latent_channels, s, s], "latents")?.to_dtype(act)?;
         let (t, cpu, image) = timed(opts.iters, || Ok(vae.decode(&latents)?))?;
         finite &= all_finite(&image)?;
         (Some(t), Some(cpu), reset.then(peak_rss_bytes))
@@ -461,6 +489,16 @@ mod tests {
         assert_eq!(Preset::Sd21.unet_config().encoder.cross_attention_dim, 1024);
         assert!(Preset::Sd21.unet_config().encoder.use_linear_projection);
         assert_eq!(Preset::Sd15.vae_config().block_out_channels, vec![128, 256, 512, 512]);
+    }
+
+    /// The machine line names the kernels a dtype runs on.
+    #[test]
+    fn kernels_follow_the_dtype() {
+        assert!(kernels_used(DType::F32).starts_with("f32 gemm"));
+        let bf16 = kernels_used(DType::BF16);
+        assert!(bf16.starts_with(&format!("bf16 {}", Kernel::detect().name())), "{bf16}");
+        let run = RunInfo::start(Preset::Sd15, 4, 2, 1).with_dtype(DType::BF16);
+        assert_eq!((run.dtype.as_str(), run.kernels.as_str()), ("bf16", bf16.as_str()));
     }
 
     #[test]

@@ -36,11 +36,34 @@ pub struct BenchArgs {
     /// training batch (use e.g. --latent 32 --batch 1 for 256 px).
     #[arg(long)]
     pub train: bool,
+    /// Compute dtype: f32, bf16 (bf16 weights, f32 activations: the bf16 kernels), f16, or auto (bf16 where
+    /// the CPU multiplies bf16 natively). The machine line names the kernels that ran.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "auto"])]
+    pub dtype: String,
+    /// Print the floor instead: GFLOP/s of the f32 and of each bf16 matrix-product kernel this CPU runs, on
+    /// one --floor-size cubed product.
+    #[arg(long)]
+    pub floor: bool,
+    /// Matrix size of --floor.
+    #[arg(long, default_value_t = 4096)]
+    pub floor_size: usize,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let preset = Preset::parse(&args.preset).ok_or_else(|| anyhow::anyhow!("unknown --preset {}", args.preset))?;
+    if args.floor {
+        let rows = crate::bench::floor::run(args.floor_size, args.iters)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&rows)?);
+        } else {
+            print!("{}", render_floor(&rows));
+        }
+        return Ok(());
+    }
     if args.train {
+        if args.dtype != "f32" {
+            anyhow::bail!("--dtype: the training bench runs in f32 only (mixed-precision training is not built yet)");
+        }
         let opts =
             TrainBenchOptions { preset, latent: args.latent, batch: args.batch, iters: args.iters, seed: args.seed };
         let report = run_train_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
@@ -58,6 +81,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         iters: args.iters,
         skip_vae: args.skip_vae,
         seed: args.seed,
+        dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
     };
     let report = run_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
     if args.json {
@@ -77,7 +101,7 @@ fn header(r: &RunInfo, what: &str) -> String {
     let px = 8 * r.latent;
     format!(
         "{} {}: {what}latent {}x{} ({px}x{px} px), batch {}, {}, median of {} after 1 warm-up\n\
-         machine: {} ({} CPUs), {} threads; load average {:.1} before, {:.1} after\n",
+         machine: {} ({} CPUs), {} threads, kernels: {}; load average {:.1} before, {:.1} after\n",
         r.implementation,
         r.preset.name(),
         r.latent,
@@ -88,6 +112,7 @@ fn header(r: &RunInfo, what: &str) -> String {
         r.machine,
         r.cpus,
         r.threads,
+        r.kernels,
         r.load_before,
         r.load_after
     )
@@ -126,6 +151,21 @@ pub fn render(r: &BenchReport) -> String {
     let _ = writeln!(s, "); build {:.1} s", r.build_s);
     if !r.outputs_finite {
         let _ = writeln!(s, "warning: some outputs were not finite");
+    }
+    s
+}
+
+/// The text report of `--floor`.
+pub fn render_floor(rows: &[crate::bench::floor::FloorRow]) -> String {
+    let mut s = format!(
+        "matrix-product floor: {0}x{0} · {0}x{0}, {1} threads\nmachine: {2}\n",
+        rows.first().map_or(0, |r| r.size),
+        candle_core::utils::get_num_threads(),
+        crate::bench::cpu_model()
+    );
+    let _ = writeln!(s, "{:<24}{:>10}{:>10}", "kernel", "seconds", "GFLOP/s");
+    for r in rows {
+        let _ = writeln!(s, "{:<24}{:>10.3}{:>10.0}", r.kernel, r.median_s, r.gflops_per_s);
     }
     s
 }

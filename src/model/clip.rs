@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::layers::{linear, softmax_last_dim, Activation, LayerNorm, Linear};
+use super::layers::{linear, small_param, softmax_last_dim, Activation, LayerNorm, Linear};
 use crate::io::weights::{find_safetensors, read_json, var_builder, TRANSFORMERS_STEM};
 use crate::Error;
 
@@ -220,9 +220,13 @@ impl ClipTextModel {
         let prefixed = format!("{TEXT_MODEL_PREFIX}.embeddings.token_embedding.weight");
         let vb = if vb.contains_tensor(&prefixed) { vb.pp(TEXT_MODEL_PREFIX) } else { vb };
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding =
-            emb.pp("position_embedding").get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
+        // Lookups, not products: in the activations' dtype (f32 when the weights are bf16 on the CPU).
+        let tokens = emb.pp("token_embedding").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let token_embedding = candle_nn::Embedding::new(small_param(tokens, &vb)?, cfg.hidden_size);
+        let position_embedding = small_param(
+            emb.pp("position_embedding").get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?,
+            &vb,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(&cfg, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;

@@ -194,7 +194,9 @@ impl ControlNetModel {
                 cond.index_select(&Tensor::new(reversed, cond.device())?, 1)?
             }
         };
-        let dtype = self.controlnet_mid_block.weight().dtype();
+        // The activations' dtype (a bf16-weight model on the CPU computes in f32; its biases say so).
+        let mid = &self.controlnet_mid_block;
+        let dtype = mid.bias().unwrap_or(mid.weight()).dtype();
         self.controlnet_cond_embedding.forward(&cond.to_dtype(dtype)?)
     }
 

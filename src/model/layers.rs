@@ -3,11 +3,33 @@
 //! candle 0.11's fused `LayerNorm` fast path and `softmax_last_dim` record no gradient (see
 //! shared/notes/reference-stack.md). The convolution, norms and softmax here run fused CPU kernels
 //! ([`super::ops`]) that carry their own backward passes, and fall back to candle's ops elsewhere.
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::ops::conv2d::{conv2d as conv2d_op, Conv2dParams};
 use super::ops::norm;
+
+/// Whether a model loaded through `vb` keeps bf16 weights for f32 activations: bf16 on the CPU. The matrix
+/// products (linear layers, convolutions) then run on the bf16 kernels ([`super::ops::bf16`]) with f32 sums,
+/// and everything else (norms, biases, embeddings, activations) stays f32. Other devices run bf16 throughout.
+pub fn bf16_weights(vb: &VarBuilder) -> bool {
+    vb.dtype() == DType::BF16 && vb.device().is_cpu()
+}
+
+/// The dtype of a model's activations (and of its small parameters): f32 when its weights are bf16 on the
+/// CPU ([`bf16_weights`]), else the dtype it was loaded in.
+pub fn activation_dtype(vb: &VarBuilder) -> DType {
+    if bf16_weights(vb) {
+        DType::F32
+    } else {
+        vb.dtype()
+    }
+}
+
+/// A parameter that is not a matrix-product weight, in the activations' dtype.
+pub fn small_param(t: Tensor, vb: &VarBuilder) -> Result<Tensor> {
+    t.to_dtype(activation_dtype(vb))
+}
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias, keys `weight` / `bias`.
 pub fn conv2d(
@@ -19,7 +41,9 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    let inner = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
+    let inner = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb.clone())?;
+    let bias = inner.bias().map(|b| small_param(b.clone(), &vb)).transpose()?;
+    let inner = candle_nn::Conv2d::new(inner.weight().clone(), bias, cfg);
     Ok(Conv2d { inner, params: Conv2dParams { padding, stride } })
 }
 
@@ -43,6 +67,10 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.inner.bias() {
             Some(bias) => conv2d_op(x, self.inner.weight(), bias, self.params),
+            None if super::ops::bf16::mixed(x, self.inner.weight()) => {
+                let zero = Tensor::zeros(self.inner.weight().dim(0)?, DType::F32, x.device())?;
+                conv2d_op(x, self.inner.weight(), &zero, self.params)
+            }
             None => self.inner.forward(x),
         }
     }
@@ -50,8 +78,13 @@ impl Module for Conv2d {
 
 /// `nn.Linear(in, out, bias)`.
 pub fn linear(in_d: usize, out_d: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let inner = if bias { candle_nn::linear(in_d, out_d, vb)? } else { candle_nn::linear_no_bias(in_d, out_d, vb)? };
-    Ok(Linear { inner })
+    let inner = if bias {
+        candle_nn::linear(in_d, out_d, vb.clone())?
+    } else {
+        candle_nn::linear_no_bias(in_d, out_d, vb.clone())?
+    };
+    let bias = inner.bias().map(|b| small_param(b.clone(), &vb)).transpose()?;
+    Ok(Linear { inner: candle_nn::Linear::new(inner.weight().clone(), bias) })
 }
 
 /// `nn.Linear`, with its input made contiguous first: candle 0.11.1's CPU matmul of a transposed batched view
@@ -77,6 +110,14 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let weight = self.inner.weight();
+        if super::ops::bf16::mixed(&x, weight) {
+            if !x.track_op() {
+                return super::ops::bf16::linear(&x, weight, self.inner.bias());
+            }
+            // Training through bf16 weights: the f32 layer on the widened weight.
+            let widened = candle_nn::Linear::new(weight.to_dtype(DType::F32)?, self.inner.bias().cloned());
+            return Linear { inner: widened }.forward(&x);
+        }
         let locked = x.track_op() && !weight.track_op() && !self.inner.bias().is_some_and(|b| b.track_op());
         if locked {
             return super::ops::frozen::locked(
@@ -91,8 +132,8 @@ impl Module for Linear {
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weights, keys `weight` / `bias`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
-    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let weight = small_param(vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?, &vb)?;
+    let bias = small_param(vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?, &vb)?;
     Ok(GroupNorm { weight, bias, groups, eps })
 }
 
@@ -136,7 +177,8 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        let (weight, bias) = (small_param(vb.get(dim, "weight")?, &vb)?, small_param(vb.get(dim, "bias")?, &vb)?);
+        Ok(Self { weight, bias, eps })
     }
 }
 

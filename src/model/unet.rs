@@ -137,7 +137,7 @@ impl UNet2DConditionModel {
             )?,
             config: config.clone(),
             device: vb.device().clone(),
-            dtype: vb.dtype(),
+            dtype: super::layers::activation_dtype(&vb),
             span: tracing::span!(tracing::Level::TRACE, "unet"),
         })
     }
@@ -376,6 +376,30 @@ mod tests {
         let diff = crate::test_support::max_abs_diff(&out, reference);
         let tol = 2e-2 * max_abs(reference).max(1.0);
         assert!(diff <= tol, "f16 vs f32 reference: {diff} > {tol}");
+    }
+
+    /// bf16 weights on the CPU: the model computes in f32 (its dtype, and the output's, is f32), its linear
+    /// layers and convolutions keep bf16 weights, and the result stays near diffusers' f32 one (bf16 has 8
+    /// significant bits: max diff <= 3e-2 * max(1, max |ref|)).
+    #[test]
+    fn sd15_unet_runs_with_bf16_weights() {
+        let dir = repo_path("tests/fixtures/models/tiny-sd15/unet");
+        let unet = UNet2DConditionModel::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(unet.dtype(), DType::F32);
+        let inp = fixture("inputs");
+        let fx = fixture("sd15");
+        let a = residuals(&fx, "a.scale1");
+        let out = unet.forward(&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"], Some(&a)).unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        let reference = &fx["unet.with_a"];
+        let diff = crate::test_support::max_abs_diff(&out, reference);
+        let tol = 3e-2 * crate::test_support::max_abs(reference).max(1.0);
+        assert!(diff <= tol, "bf16 weights vs f32 reference: {diff} > {tol}");
+        // Not the f32 result: the products did run in bf16.
+        let f32_out = tiny_unet("tiny-sd15")
+            .forward(&inp["sample"], &inp["timesteps"], &inp["encoder_hidden_states"], Some(&a))
+            .unwrap();
+        assert!(crate::test_support::max_abs_diff(&out, &f32_out) > 0.0);
     }
 
     /// Building the full-size UNets from the hub configs asks for exactly the tensors (names and shapes) of

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use image::RgbImage;
 
 use super::conditions::ControlSource;
@@ -63,7 +63,7 @@ pub fn run(
 
     // 2. Models.
     let opts = LoadOptions {
-        dtype: DType::F32,
+        dtype: request.dtype.resolve(device),
         device: device.clone(),
         variant: request.variant.clone(),
         prediction_type: request.prediction_type,

@@ -194,6 +194,7 @@ impl ImageMetadata {
             vae_tiling: self.vae_tiling,
             resize: parse_resize(&self.resize)?,
             sdxl: self.sdxl.clone(),
+            dtype: Default::default(),
         })
     }
 

@@ -18,6 +18,51 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 /// The only weight variant the hub download knows.
 pub const VARIANTS: &[&str] = &["fp16"];
 
+/// The dtype the models compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// f32 throughout (the reference: images match diffusers' f32 ones).
+    #[default]
+    F32,
+    /// bf16 weights (half the memory). On the CPU the activations, norms and sums stay f32 and the matrix
+    /// products run on the CPU's bf16 units (AMX or AVX512-BF16) where it has them; elsewhere bf16 throughout.
+    Bf16,
+    /// f16 throughout (candle's ops; slow on CPUs).
+    F16,
+    /// bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else f32.
+    Auto,
+}
+
+impl ComputeDtype {
+    pub const NAMES: &'static [&'static str] = &["f32", "bf16", "f16", "auto"];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "auto" => Ok(Self::Auto),
+            other => Err(Error::setting("dtype", format!("unknown dtype '{other}' (expected f32, bf16, f16 or auto)"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The dtype models are loaded in on `device`.
+    pub fn resolve(self, device: &candle_core::Device) -> candle_core::DType {
+        use candle_core::DType;
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::Auto if device.is_cpu() && crate::model::ops::bf16::Kernel::detect().native() => DType::BF16,
+            Self::Auto => DType::F32,
+        }
+    }
+}
+
 /// One ControlNet, its condition, and when and how strongly it acts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlRequest {
@@ -96,6 +141,8 @@ pub struct GenerateRequest {
     pub resize: ResizeMode,
     /// SDXL's second prompts and size/crop conditioning (an SD 1.x/2.x model warns and ignores them).
     pub sdxl: SdxlConditioning,
+    /// The dtype the models compute in (f32 by default).
+    pub dtype: ComputeDtype,
 }
 
 impl Default for GenerateRequest {
@@ -120,6 +167,7 @@ impl Default for GenerateRequest {
             vae_tiling: false,
             resize: ResizeMode::JustResize,
             sdxl: SdxlConditioning::default(),
+            dtype: ComputeDtype::F32,
         }
     }
 }
@@ -246,6 +294,21 @@ pub fn parse_resize(name: &str) -> Result<ResizeMode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtypes_parse_their_names() {
+        for &name in ComputeDtype::NAMES {
+            assert_eq!(ComputeDtype::parse(name).unwrap().name(), name);
+        }
+        let err = ComputeDtype::parse("fp8").unwrap_err().to_string();
+        assert!(err.contains("dtype") && err.contains("fp8"), "{err}");
+        assert_eq!(GenerateRequest::default().dtype, ComputeDtype::F32);
+        let cpu = candle_core::Device::Cpu;
+        assert_eq!(ComputeDtype::Bf16.resolve(&cpu), candle_core::DType::BF16);
+        let native = crate::model::ops::bf16::Kernel::detect().native();
+        let auto = if native { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+        assert_eq!(ComputeDtype::Auto.resolve(&cpu), auto);
+    }
 
     #[test]
     fn defaults_are_the_documented_ones() {

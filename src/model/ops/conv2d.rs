@@ -134,6 +134,14 @@ impl Conv2dParams {
 
 /// `conv2d(x, weight) + bias` as one op: `x` (B, C, H, W), `weight` (O, C, KH, KW), `bias` (O).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: Conv2dParams) -> Result<Tensor> {
+    if super::bf16::mixed(x, weight) {
+        let bias = bias.to_dtype(DType::F32)?;
+        if x.track_op() || weight.track_op() || bias.track_op() || params.stride == 0 {
+            // Training through bf16 weights: the f32 op (and its backward) on the widened weights.
+            return conv2d(x, &weight.to_dtype(DType::F32)?, &bias, params);
+        }
+        return x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp(params));
+    }
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && params.stride > 0;
     if !fast {
         let y = x.conv2d(weight, params.padding, params.stride, 1, 1)?;
@@ -269,7 +277,13 @@ fn matmul<T: WithDType>(
 }
 
 impl Conv2dOp {
-    fn forward<T: WithDType>(&self, x: &[T], k: &[T], bias: &[T], d: &Dims) -> Result<Vec<T>> {
+    /// The forward pass with `product(n, dst, rhs)` computing `dst (O, n; rows hw apart) += weights (O, patch)
+    /// x rhs (patch, n)`: gemm for f32/f64 weights, the bf16 kernels for bf16 ones.
+    fn forward<T, P>(&self, x: &[T], bias: &[T], d: &Dims, product: P) -> Result<Vec<T>>
+    where
+        T: WithDType,
+        P: Fn(usize, &mut [T], &[T]) -> Result<()>,
+    {
         let p = self.0;
         let hw = d.oh * d.ow;
         let patch = d.patch();
@@ -286,7 +300,7 @@ impl Conv2dOp {
             let output = &mut out[item * d.o * hw..(item + 1) * d.o * hw];
             if pointwise {
                 // A 1x1 convolution is the product itself: (O, C) x (C, H*W).
-                matmul(d.o, hw, d.c, output, (hw, 1), true, Mat::rows(k, d.c), Mat::rows(input, hw))?;
+                product(hw, output, input)?;
                 continue;
             }
             for row0 in (0..d.oh).step_by(band_rows) {
@@ -294,19 +308,28 @@ impl Conv2dOp {
                 let n = rows * d.ow;
                 let cols = &mut cols[..patch * n];
                 p.gather(input, cols, d, row0, rows);
-                matmul(
-                    d.o,
-                    n,
-                    patch,
-                    &mut output[row0 * d.ow..],
-                    (hw, 1),
-                    true,
-                    Mat::rows(k, patch),
-                    Mat::rows(cols, n),
-                )?;
+                product(n, &mut output[row0 * d.ow..], cols)?;
             }
         }
         Ok(out)
+    }
+
+    /// f32/f64 weights: gemm.
+    fn forward_gemm<T: WithDType>(&self, x: &[T], k: &[T], bias: &[T], d: &Dims) -> Result<Vec<T>> {
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.forward(x, bias, d, |n, dst, rhs| {
+            matmul(d.o, n, patch, dst, (hw, 1), true, Mat::rows(k, patch), Mat::rows(rhs, n))
+        })
+    }
+
+    /// bf16 weights, f32 activations (rounded to bf16 as the products read them), f32 sums.
+    fn forward_bf16(&self, x: &[f32], k: &[half::bf16], bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
+        use super::bf16::{matmul as bf16_matmul, Operand, Values};
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.forward(x, bias, d, |n, dst, rhs| {
+            let (lhs, rhs) = (Operand::new(Values::Bf16(k), patch, 1), Operand::new(Values::F32(rhs), n, 1));
+            bf16_matmul(d.o, n, patch, lhs, rhs, dst, (hw, 1), true)
+        })
     }
 }
 
@@ -342,13 +365,16 @@ impl CustomOp3 for Conv2dOp {
         let ((x0, x1), (k0, k1), (b0, b1)) = (contiguous(l1, name)?, contiguous(l2, name)?, contiguous(l3, name)?);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
+                CpuStorage::F32(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(k), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
+                CpuStorage::F64(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
+            }
+            (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.forward_bf16(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             _ => candle_core::bail!(
-                "{name}: f32 or f64 operands of one dtype expected, got {:?}",
+                "{name}: f32 or f64 operands of one dtype (or bf16 weights) expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
             ),
         };
@@ -601,6 +627,30 @@ mod tests {
             let diff = max_diff(&ours, &want);
             assert!(diff <= 1e-5 * scale.max(1.0), "{c}->{o} k{k} s{stride} p{padding} {h}x{w}: {diff}");
         }
+    }
+
+    /// bf16 weights with f32 activations (the bf16 kernels): exactly the f32 convolution of the same values
+    /// when they are small integers (exact in bf16, exact sums), over [`SHAPES`] and a 32-channel 3x3 one
+    /// (whole tiles: the weights are read in place); a tracked input takes the f32 path and its backward.
+    #[test]
+    fn bf16_weights_match_f32() {
+        let dev = Device::Cpu;
+        let ints = |shape: &[usize]| {
+            let t = Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap();
+            t.clamp(-4f32, 4f32).unwrap()
+        };
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]) {
+            let (x, kernel, bias) = (ints(&[2, c, h, w]), ints(&[o, c, k, k]), ints(&[o]));
+            let p = Conv2dParams { padding, stride };
+            let ours = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
+            assert_eq!(ours.dtype(), DType::F32);
+            let diff = max_diff(&ours, &conv2d(&x, &kernel, &bias, p).unwrap());
+            assert_eq!(diff, 0.0, "{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+        }
+        let x = candle_core::Var::from_tensor(&ints(&[1, 2, 5, 5])).unwrap();
+        let kernel = ints(&[3, 2, 3, 3]).to_dtype(DType::BF16).unwrap();
+        let y = conv2d(x.as_tensor(), &kernel, &ints(&[3]), Conv2dParams { padding: 1, stride: 1 }).unwrap();
+        assert!(y.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).is_some());
     }
 
     /// Band boundaries: a tall input whose patch matrix needs several bands.

@@ -2,6 +2,7 @@
 //! reuses the layers, a finite-difference test checks each) and a fallback to candle's ops on other devices
 //! and for half precision.
 pub mod attention;
+pub mod bf16;
 pub mod conv2d;
 pub mod frozen;
 pub mod geglu;

@@ -1,0 +1,110 @@
+//! The AVX512-BF16 kernel (`vdpbf16ps`: each f32 lane adds the products of one pair of bf16 values), and the
+//! vector f32 → bf16 rounding the packers use.
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{Tiles, BLOCK, TILE, TILE_ELEMS};
+
+/// Whether the CPU has AVX512-BF16 (Zen 4/5, Intel since Cooper Lake).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// 32 f32 rounded to nearest-even bf16 bits.
+///
+/// # Safety
+/// The CPU has AVX512-BF16 ([`available`]); `src` and `dst` hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn round_32(src: &[f32], dst: &mut [u16]) {
+    debug_assert!(src.len() >= 32 && dst.len() >= 32);
+    let lo = _mm512_loadu_ps(src.as_ptr());
+    let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+    // The second operand fills the low half.
+    let v = _mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512(dst.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+}
+
+/// Rows `k` and `k + 1` (16 f32 each) rounded to bf16 and interleaved, `k0 k1 k0 k1 ...` per column: one row
+/// of a packed right-hand tile.
+///
+/// # Safety
+/// The CPU has AVX512-BF16 ([`available`]); `r0`, `r1` hold 16 values, `dst` 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn round_interleave_16(r0: &[f32], r1: &[f32], dst: &mut [u16]) {
+    debug_assert!(r0.len() >= 16 && r1.len() >= 16 && dst.len() >= 32);
+    let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1.as_ptr()), _mm512_loadu_ps(r0.as_ptr()));
+    // Lane 2j takes row 0's column j (index j), lane 2j+1 row 1's (index 16 + j).
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v));
+    _mm512_storeu_si512(dst.as_mut_ptr().cast(), v);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn round_32(_: &[f32], _: &mut [u16]) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn round_interleave_16(_: &[f32], _: &[f32], _: &mut [u16]) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
+/// Rows of the output each pass keeps in registers: 8 rows x 2 column tiles = 16 accumulators of 32.
+const ROWS: usize = 8;
+
+/// One 32x32 block of sums from two rows of left tiles (where `at` says) and two packed right panels of
+/// `k_tiles` tiles.
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `at` addresses 2 x `k_tiles` tiles inside `a` (checked by the caller), `b` holds
+/// 2 * `k_tiles` packed tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn block(a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+    let panel = k_tiles * TILE_ELEMS;
+    assert!(b.len() >= 2 * panel);
+    for half in 0..2 {
+        let a_panel = a.as_ptr().add(at.offset + half * at.second);
+        for r0 in (0..TILE).step_by(ROWS) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+            for kt in 0..k_tiles {
+                let a_tile = a_panel.add(kt * at.step);
+                let (b0, b1) = (b.as_ptr().add(kt * TILE_ELEMS), b.as_ptr().add(panel + kt * TILE_ELEMS));
+                for p in 0..TILE {
+                    // Row p of a right tile: 16 columns' (k, k+1) pairs.
+                    let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(p * 2 * TILE).cast()));
+                    let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 2 * TILE).cast()));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        // Row r0 + r's pair p of the left tile, in every lane.
+                        let pair = a_tile.add((r0 + r) * at.row + 2 * p).cast::<i32>().read_unaligned();
+                        let u: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], u, v0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], u, v1);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let row = &mut sums[(half * TILE + r0 + r) * BLOCK..];
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(TILE), acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn block(_: &[u16], _: Tiles, _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}

@@ -1,0 +1,685 @@
+//! Matrix products of bf16 operands with f32 accumulation, on the CPU's own bf16 dot-product units.
+//!
+//! candle 0.11.1 and the `gemm` crate have no bf16 kernel (candle converts), so bf16 weights would only save
+//! memory. Intel Xeons since Sapphire Rapids multiply bf16 tiles in their AMX unit (`tdpbf16ps`, 16x16x32 per
+//! instruction: about 6x the f32 AVX-512 rate PyTorch reaches there), and Zen 4/5 and Intel have AVX512-BF16's
+//! `vdpbf16ps` (pairs of bf16 products summed into f32 lanes: 2x the f32 rate). Which one runs is decided at run
+//! time from the CPU ([`Kernel::detect`]); without either, the bf16 operands are widened to f32 and `gemm`
+//! multiplies them (same results as f32 weights rounded to bf16, no speed-up).
+//!
+//! Both native kernels share one packed layout, built per call from f32 or bf16 operands with any strides:
+//! - left operand (m, k): tiles of 16 rows x 32 bf16 (1 KiB, one AMX tile), `[m tile][k tile]`;
+//! - right operand (k, n): tiles of 16 pairs of k x 16 columns x 2 bf16 (the "VNNI" layout `tdpbf16ps` and
+//!   `vdpbf16ps` read: the two k values a lane sums are adjacent), `[n tile][k tile]`;
+//!
+//! zero-padded to even tile counts, so that every microkernel call computes a full 32x32 block of f32 sums
+//! with k in 32-wide steps (zeros add nothing). f32 inputs are rounded to nearest-even bf16 while packing.
+pub mod amx;
+pub mod avx512;
+
+use candle_core::Result;
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows and columns of one tile; bf16 values along k per tile.
+pub const TILE: usize = 16;
+pub const TILE_K: usize = 32;
+/// bf16 values in one packed tile.
+const TILE_ELEMS: usize = TILE * TILE_K;
+/// Rows (and columns) of the f32 block one microkernel call computes: 2x2 tiles.
+pub const BLOCK: usize = 2 * TILE;
+/// Bytes of packed operands one task works on (within a core's L2 cache: 2 MiB on Sapphire Rapids, 1 MiB
+/// on Zen 4/5).
+const L2_BUDGET: usize = 512 * 1024;
+
+/// Which bf16 matrix-product kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// No bf16 dot products: operands rounded to bf16 and widened back to f32, multiplied by `gemm`.
+    Widen,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU (and OS) runs, found once. `CONTROLNET_BF16_KERNEL=amx|avx512bf16|widen`
+    /// picks a slower one (for comparisons); a faster one than the CPU has is ignored.
+    pub fn detect() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let best = if amx::available() {
+                Kernel::Amx
+            } else if avx512::available() {
+                Kernel::Avx512Bf16
+            } else {
+                Kernel::Widen
+            };
+            match std::env::var("CONTROLNET_BF16_KERNEL").ok().and_then(|v| Kernel::from_name(&v)) {
+                Some(wanted) if wanted.rank() <= best.rank() => wanted,
+                _ => best,
+            }
+        })
+    }
+
+    /// Whether the CPU multiplies bf16 natively (what `dtype: auto` asks).
+    pub fn native(self) -> bool {
+        self != Kernel::Widen
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512bf16",
+            Kernel::Widen => "widen",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Kernel> {
+        [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Widen].into_iter().find(|k| k.name() == name.trim())
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Kernel::Widen => 0,
+            Kernel::Avx512Bf16 => 1,
+            Kernel::Amx => 2,
+        }
+    }
+
+    /// Every kernel this CPU can run, fastest first (the bench's floor table, the tests).
+    pub fn available() -> Vec<Kernel> {
+        let best = Kernel::detect().rank().max(if amx::available() {
+            2
+        } else if avx512::available() {
+            1
+        } else {
+            0
+        });
+        [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Widen].into_iter().filter(|k| k.rank() <= best).collect()
+    }
+}
+
+/// Whether a layer runs on the bf16 kernels: f32 activations `x` on the CPU, bf16 `weight`.
+pub fn mixed(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && weight.dtype() == candle_core::DType::BF16
+}
+
+/// `x (..., in) · weightᵀ + bias` for f32 `x` and a bf16 `weight` (out, in) on the CPU: `nn.Linear` with bf16
+/// weights. The output is f32. (Callers keep tracked inputs on the f32 path: this records no backward.)
+pub fn linear(
+    x: &candle_core::Tensor,
+    weight: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    let (out_d, in_d) = weight.dims2()?;
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&in_d) {
+        candle_core::bail!("bf16 linear: input {:?} does not end in the weight's {in_d} inputs", x.shape())
+    }
+    let rows = x.elem_count() / in_d.max(1);
+    let x2 = x.contiguous()?.reshape((rows, in_d))?;
+    let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &LinearOp)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(candle_core::DType::F32)?)?,
+        None => y,
+    };
+    let mut shape = dims;
+    if let Some(last) = shape.last_mut() {
+        *last = out_d;
+    }
+    y.reshape(shape)
+}
+
+/// x (rows, in) f32 · W (out, in) bf16 transposed.
+struct LinearOp;
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let ((rows, in_d), (out_d, w_in)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("bf16 linear: operands must be contiguous")
+        };
+        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (s1, s2) else {
+            candle_core::bail!("bf16 linear: f32 input and bf16 weight expected")
+        };
+        if w_in != in_d {
+            candle_core::bail!("bf16 linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
+        }
+        let mut out = vec![0f32; rows * out_d];
+        // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y: the weights are then the
+        // left operand, read where they lie (no per-call packing of a matrix as large as the layer).
+        let (lhs, rhs) =
+            (Operand::new(Values::Bf16(&w[w0..w1]), in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
+        matmul(out_d, rows, in_d, lhs, rhs, &mut out, (1, out_d), false)?;
+        Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
+    }
+}
+
+/// The values of a matrix operand: f32 (rounded to bf16 when packed) or bf16.
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Element `i` as bf16 bits (f32 rounded to nearest even).
+    #[inline(always)]
+    fn bits(&self, i: usize) -> u16 {
+        match self {
+            Values::F32(v) => bf16::from_f32(v[i]).to_bits(),
+            Values::Bf16(v) => v[i].to_bits(),
+        }
+    }
+
+    /// The values as f32, f32 ones rounded through bf16 (what the native kernels multiply).
+    fn to_f32(self) -> Vec<f32> {
+        match self {
+            Values::F32(v) => v.par_iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+            Values::Bf16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// A read-only matrix: element (i, j) is `values[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub values: Values<'a>,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(values: Values<'a>, rs: usize, cs: usize) -> Self {
+        Operand { values, rs, cs }
+    }
+}
+
+/// Whether `len` elements hold an (m, n) matrix with strides `rs` and `cs`.
+fn spans(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
+    m == 0 || n == 0 || (m - 1).saturating_mul(rs).saturating_add((n - 1).saturating_mul(cs)) < len
+}
+
+/// `c (m, n; element (i, j) at i * c_rs + j * c_cs) = [c +] a (m, k) x b (k, n)`, the products of bf16 values
+/// summed in f32, on all threads with the [`Kernel::detect`]ed kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    c_strides: (usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    matmul_with(Kernel::detect(), m, n, k, a, b, c, c_strides, accumulate)
+}
+
+/// [`matmul`] with a chosen kernel (one the CPU runs: see [`Kernel::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    if !(spans(c.len(), m, n, c_rs, c_cs)
+        && spans(a.values.len(), m, k, a.rs, a.cs)
+        && spans(b.values.len(), k, n, b.rs, b.cs))
+    {
+        candle_core::bail!("bf16 matmul: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * c_rs + j * c_cs] = 0.;
+                }
+            }
+        }
+        return Ok(());
+    }
+    if !Kernel::available().contains(&kernel) {
+        candle_core::bail!("bf16 matmul: this CPU cannot run the {} kernel", kernel.name())
+    }
+    if kernel == Kernel::Widen {
+        return widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate);
+    }
+    let vector = avx512::available();
+    // A bf16 left operand with whole tiles (the weights of most layers) is read where it lies, with its row
+    // stride: packing it again at every call cost more than the product for small images.
+    let direct = match a.values {
+        Values::Bf16(v) if a.cs == 1 && m.is_multiple_of(BLOCK) && k.is_multiple_of(TILE_K) => Some(v),
+        _ => None,
+    };
+    let packed_a = if direct.is_some() { Vec::new() } else { pack_a(a, m, k, vector) };
+    let a_bits: &[u16] = match direct {
+        // SAFETY: bf16 is a transparent 16-bit value; the slice is reinterpreted, not copied.
+        Some(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) },
+        None => &packed_a,
+    };
+    let packed_b = pack_b(b, k, n, vector);
+    let (m_tiles, n_tiles, k_tiles) = (tiles(m, TILE), tiles(n, TILE), k.div_ceil(TILE_K));
+    let (m_blocks, n_blocks) = (m_tiles / 2, n_tiles / 2);
+    // Tasks: `side` x `side` blocks, whose packed panels (2 * side panels of k_tiles KiB) stay in the core's
+    // L2 cache while every block of the task reads them; each block sums over the whole of k.
+    let side = (L2_BUDGET / (2 * k_tiles * TILE_ELEMS * 2)).clamp(1, 8);
+    let (m_groups, n_groups) = (m_blocks.div_ceil(side), n_blocks.div_ceil(side));
+    let out = OutPtr(c.as_mut_ptr());
+    let panel = TILE_ELEMS * k_tiles;
+    (0..m_groups * n_groups).into_par_iter().for_each_init(
+        || kernel.start(),
+        |_, task| {
+            let (mg, ng) = (task / n_groups, task % n_groups);
+            let mut sums = [0f32; BLOCK * BLOCK];
+            for nb in ng * side..((ng + 1) * side).min(n_blocks) {
+                let b_block = &packed_b[2 * nb * panel..(2 * nb + 2) * panel];
+                for mb in mg * side..((mg + 1) * side).min(m_blocks) {
+                    let a_tiles = match direct {
+                        Some(_) => Tiles { offset: mb * BLOCK * a.rs, row: a.rs, step: TILE_K, second: TILE * a.rs },
+                        None => Tiles { offset: 2 * mb * panel, row: TILE_K, step: TILE_ELEMS, second: panel },
+                    };
+                    // SAFETY: `a_tiles` addresses two rows of `k_tiles` tiles inside `a_bits` (a checked bf16
+                    // matrix of whole tiles, or the packed panels), `b_block` two packed panels, `sums` 32x32
+                    // f32, and `start` ran on this thread (tile configuration).
+                    unsafe { kernel.block(a_bits, a_tiles, b_block, k_tiles, &mut sums) };
+                    let (i0, j0) = (mb * BLOCK, nb * BLOCK);
+                    let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+                    if c_rs == 1 && c_cs != 1 {
+                        // Column-major output (a transposed product): write each column's run of rows.
+                        for col in 0..cols {
+                            let start = i0 + (j0 + col) * c_cs;
+                            // SAFETY: the column's `rows` elements lie inside the checked (m, n) matrix, and
+                            // no other task writes this block.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), rows) };
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                let v = sums[r * BLOCK + col];
+                                *d = if accumulate { *d + v } else { v };
+                            }
+                        }
+                        continue;
+                    }
+                    for (r, row_sums) in sums.chunks_exact(BLOCK).take(rows).enumerate() {
+                        let row_sums = &row_sums[..cols];
+                        let start = (i0 + r) * c_rs + j0 * c_cs;
+                        if c_cs == 1 {
+                            // SAFETY: the row's `cols` elements lie inside the checked (m, n) matrix, and no
+                            // other task writes this block.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
+                            if accumulate {
+                                dst.iter_mut().zip(row_sums).for_each(|(d, s)| *d += s);
+                            } else {
+                                dst.copy_from_slice(row_sums);
+                            }
+                            continue;
+                        }
+                        for (col, &v) in row_sums.iter().enumerate() {
+                            // SAFETY: as above, one element at a time.
+                            unsafe {
+                                let p = out.at(start + col * c_cs);
+                                *p = if accumulate { *p + v } else { v };
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// The output's base pointer, shared by tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (one block each), and the borrow of `c` outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `offset` lies inside the output slice.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+/// Tiles of `size` covering `len`, rounded up to an even count (2x2-tile blocks).
+fn tiles(len: usize, size: usize) -> usize {
+    len.div_ceil(size).div_ceil(2) * 2
+}
+
+impl Kernel {
+    /// Per-thread set-up before [`Self::block`] (the AMX tile configuration).
+    fn start(self) -> ThreadGuard {
+        if self == Kernel::Amx {
+            amx::configure_thread();
+        }
+        ThreadGuard
+    }
+
+    /// One 32x32 block of sums over `k_tiles` packed tiles.
+    ///
+    /// # Safety
+    /// `a` and `b` hold 2 * `k_tiles` packed tiles each, the kernel is available and started on this thread.
+    unsafe fn block(self, a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+        let last = at.offset + at.second + (TILE - 1) * at.row + (k_tiles - 1) * at.step + TILE_K;
+        assert!(last <= a.len(), "bf16 matmul: left tiles outside their operand");
+        match self {
+            Kernel::Amx => amx::block(a, at, b, k_tiles, sums),
+            Kernel::Avx512Bf16 => avx512::block(a, at, b, k_tiles, sums),
+            Kernel::Widen => unreachable!("widened products do not pack"),
+        }
+    }
+}
+
+/// Where the two left tiles of a block lie in their slice (in bf16 elements): the first tile row of the
+/// block starts at `offset`, rows of a tile are `row` apart, the next k tile `step` further, the second tile
+/// row `second` further. Packed panels: 32, 512, one panel; a row-major bf16 matrix: its row stride, 32, 16
+/// rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Tiles {
+    pub offset: usize,
+    pub row: usize,
+    pub step: usize,
+    pub second: usize,
+}
+
+/// Marks a thread that ran [`Kernel::start`] (the tile state stays configured; the OS saves it on switches).
+struct ThreadGuard;
+
+/// `a` (m, k) packed as `[m tile][k tile][16 rows][32 bf16]`, tiles padded to an even count.
+fn pack_a(a: Operand, m: usize, k: usize, vector: bool) -> Vec<u16> {
+    let (m_tiles, k_tiles) = (tiles(m, TILE), k.div_ceil(TILE_K));
+    let mut packed = vec![0u16; m_tiles * k_tiles * TILE_ELEMS];
+    packed.par_chunks_mut(k_tiles * TILE_ELEMS).enumerate().for_each(|(mt, panel)| {
+        for r in 0..TILE.min(m.saturating_sub(mt * TILE)) {
+            let i = mt * TILE + r;
+            for kt in 0..k_tiles {
+                let dst = &mut panel[kt * TILE_ELEMS + r * TILE_K..kt * TILE_ELEMS + (r + 1) * TILE_K];
+                let k0 = kt * TILE_K;
+                let len = TILE_K.min(k - k0);
+                let start = i * a.rs + k0 * a.cs;
+                match a.values {
+                    Values::F32(v) if a.cs == 1 && vector && len == TILE_K => {
+                        // SAFETY: 32 f32 from `start` lie inside `v` (spans checked), dst holds 32 u16, and
+                        // AVX512-BF16 is present (`vector`).
+                        unsafe { avx512::round_32(&v[start..start + TILE_K], dst) }
+                    }
+                    Values::Bf16(v) if a.cs == 1 => {
+                        for (d, s) in dst[..len].iter_mut().zip(&v[start..start + len]) {
+                            *d = s.to_bits();
+                        }
+                    }
+                    values => {
+                        for (j, d) in dst[..len].iter_mut().enumerate() {
+                            *d = values.bits(start + j * a.cs);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    packed
+}
+
+/// `b` (k, n) packed as `[n tile][k tile][16 pairs of k][16 columns][2 bf16]`, tiles padded to an even count.
+fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
+    let (n_tiles, k_tiles) = (tiles(n, TILE), k.div_ceil(TILE_K));
+    let mut packed = vec![0u16; n_tiles * k_tiles * TILE_ELEMS];
+    packed.par_chunks_mut(k_tiles * TILE_ELEMS).enumerate().for_each(|(nt, panel)| {
+        let j0 = nt * TILE;
+        let cols = TILE.min(n.saturating_sub(j0));
+        if cols == 0 {
+            return;
+        }
+        for kt in 0..k_tiles {
+            let tile = &mut panel[kt * TILE_ELEMS..(kt + 1) * TILE_ELEMS];
+            let k0 = kt * TILE_K;
+            if let Values::F32(v) = b.values {
+                if b.rs == 1 && vector && k0 + TILE_K <= k {
+                    // k runs along memory (a transposed operand): each column's 32 values round in one go,
+                    // then spread over the tile's 16 pair rows.
+                    let mut rounded = [0u16; TILE_K];
+                    for j in 0..cols {
+                        let at = k0 + (j0 + j) * b.cs;
+                        // SAFETY: 32 f32 from `at` lie inside `v` (spans checked), AVX512-BF16 is present.
+                        unsafe { avx512::round_32(&v[at..at + TILE_K], &mut rounded) };
+                        for p in 0..TILE {
+                            tile[p * 2 * TILE + 2 * j..p * 2 * TILE + 2 * j + 2]
+                                .copy_from_slice(&rounded[2 * p..2 * p + 2]);
+                        }
+                    }
+                    continue;
+                }
+            }
+            for p in 0..TILE {
+                let kk = kt * TILE_K + 2 * p;
+                if kk >= k {
+                    break;
+                }
+                let dst = &mut tile[p * 2 * TILE..(p + 1) * 2 * TILE];
+                let both = kk + 1 < k;
+                match b.values {
+                    Values::F32(v) if b.cs == 1 && vector && both && cols == TILE => {
+                        let (r0, r1) = (kk * b.rs + j0, (kk + 1) * b.rs + j0);
+                        // SAFETY: 16 f32 from each row start lie inside `v` (spans checked), dst holds 32 u16,
+                        // AVX512-BF16 is present.
+                        unsafe { avx512::round_interleave_16(&v[r0..r0 + TILE], &v[r1..r1 + TILE], dst) }
+                    }
+                    values => {
+                        for j in 0..cols {
+                            let at = kk * b.rs + (j0 + j) * b.cs;
+                            dst[2 * j] = values.bits(at);
+                            if both {
+                                dst[2 * j + 1] = values.bits(at + b.rs);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    packed
+}
+
+/// The [`Kernel::Widen`] product: both operands as f32, one `gemm` call.
+#[allow(clippy::too_many_arguments)]
+fn widened(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    let (a32, b32) = (a.values.to_f32(), b.values.to_f32());
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: `matmul_with` checked that every strided element lies inside the slices; c is a unique borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a32.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b32.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small integers: exact in bf16, and their products and sums exact in f32, so every kernel must give the
+    /// reference bit for bit whatever its order of summation.
+    fn integers(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) % 9) as f32 - 4.
+            })
+            .collect()
+    }
+
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_s: (usize, usize),
+        b: &[f32],
+        b_s: (usize, usize),
+    ) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for l in 0..k {
+                    s += a[i * a_s.0 + l * a_s.1] as f64 * b[l * b_s.0 + j * b_s.1] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    /// Odd shapes (partial tiles in every dimension, k below one tile and across several), f32 and bf16
+    /// operands, row- and column-major strides, overwrite and accumulate: exactly the f32 reference.
+    #[test]
+    fn every_kernel_matches_the_reference_exactly() {
+        for kernel in Kernel::available() {
+            for (m, n, k) in
+                [(1, 1, 1), (17, 33, 31), (5, 70, 100), (40, 3, 65), (33, 47, 257), (64, 40, 96), (96, 17, 64)]
+            {
+                for transposed in [false, true] {
+                    let a = integers(m * k, 1);
+                    let b = integers(k * n, 2);
+                    let a_s = if transposed { (1, m) } else { (k, 1) };
+                    let b_s = if transposed { (1, k) } else { (n, 1) };
+                    let want = reference(m, n, k, &a, a_s, &b, b_s);
+                    let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+                    let mut c = vec![0f32; m * n];
+                    let a_op = Operand::new(Values::Bf16(&a16), a_s.0, a_s.1);
+                    let b_op = Operand::new(Values::F32(&b), b_s.0, b_s.1);
+                    matmul_with(kernel, m, n, k, a_op, b_op, &mut c, (n, 1), false).unwrap();
+                    assert_eq!(c, want, "{kernel:?} {m}x{n}x{k} transposed {transposed}");
+                    // Accumulating onto a column-major output that already holds the product: twice it.
+                    let mut c_t = vec![0f32; m * n];
+                    for i in 0..m {
+                        for j in 0..n {
+                            c_t[j * m + i] = want[i * n + j];
+                        }
+                    }
+                    let a_op = Operand::new(Values::F32(&a), a_s.0, a_s.1);
+                    matmul_with(kernel, m, n, k, a_op, b_op, &mut c_t, (1, m), true).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            assert_eq!(c_t[j * m + i], 2. * want[i * n + j], "{kernel:?} {m}x{n}x{k} accumulate");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// f32 inputs are rounded to nearest-even bf16 (what `bf16::from_f32` does), by the vector packers too.
+    #[test]
+    fn f32_inputs_round_to_nearest_even() {
+        let (m, n, k) = (16, 16, 32);
+        let a: Vec<f32> = (0..m * k).map(|i| 1. + (i as f32) * 1.37e-3).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| -0.5 + (i as f32) * 7.1e-4).collect();
+        let round = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let want = reference(m, n, k, &round(&a), (k, 1), &round(&b), (n, 1));
+        for kernel in Kernel::available() {
+            let mut c = vec![0f32; m * n];
+            let (a_op, b_op) = (Operand::new(Values::F32(&a), k, 1), Operand::new(Values::F32(&b), n, 1));
+            matmul_with(kernel, m, n, k, a_op, b_op, &mut c, (n, 1), false).unwrap();
+            let worst = c.iter().zip(&want).map(|(x, y)| ((x - y) / y.abs().max(1.)).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{kernel:?}: {worst}");
+        }
+    }
+
+    /// The bf16 linear layer (weights read in place, output written transposed) against candle's f32 product
+    /// of the same bf16-rounded values: integer values, so exactly.
+    #[test]
+    fn linear_matches_the_f32_layer() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        for (rows, in_d, out_d) in [(3, 64, 32), (7, 96, 40), (2, 5, 3)] {
+            let x = Tensor::from_vec(integers(rows * in_d, 3), (1, rows, in_d), &dev).unwrap();
+            let w = Tensor::from_vec(integers(out_d * in_d, 4), (out_d, in_d), &dev).unwrap();
+            let b = Tensor::from_vec(integers(out_d, 5), out_d, &dev).unwrap();
+            let ours = linear(&x, &w.to_dtype(DType::BF16).unwrap(), Some(&b)).unwrap();
+            let want = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            assert_eq!(ours.dims(), &[1, rows, out_d]);
+            assert_eq!(ours.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap(), "{rows}x{in_d}x{out_d}");
+        }
+    }
+
+    #[test]
+    fn rejects_buffers_too_small() {
+        let a = vec![0f32; 5];
+        let mut c = vec![0f32; 4];
+        let op = Operand::new(Values::F32(&a), 3, 1);
+        let err = matmul(2, 2, 3, op, op, &mut c, (2, 1), false).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn kernel_names_round_trip() {
+        for k in [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Widen] {
+            assert_eq!(Kernel::from_name(k.name()), Some(k));
+        }
+        assert!(Kernel::available().contains(&Kernel::Widen));
+        assert_eq!(Kernel::available()[0], Kernel::detect());
+    }
+}

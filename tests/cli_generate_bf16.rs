@@ -1,0 +1,65 @@
+//! bf16 quality end to end: `controlnet generate --dtype bf16` on every pipeline parity case
+//! (tests/fixtures/pipeline/cases.json) against diffusers' f32 image, beside PyTorch's own bf16 figure for the
+//! same case (tests/fixtures/pipeline/bf16_psnr.json, made by tools/fixtures/gen_bf16_psnr.py).
+//!
+//! The bar is 35 dB PSNR. A few cases are chaotic on the tiny random models (5 DDIM steps, strong guidance):
+//! there PyTorch's own bf16 modes stay far below it too (27-33 dB), so the bar for a case is the lower of 35 dB
+//! and PyTorch's better bf16 mode less 3 dB.
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    args: Vec<String>,
+    images: Vec<String>,
+}
+
+const MIN_PSNR_DB: f64 = 35.0;
+/// How far below PyTorch's own bf16 figure a case may fall where that figure is under the bar.
+const TORCH_MARGIN_DB: f64 = 3.0;
+
+#[test]
+fn bf16_images_stay_near_the_f32_reference() {
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("pipeline/cases.json")).unwrap()).unwrap();
+    let torch: BTreeMap<String, BTreeMap<String, f64>> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("pipeline/bf16_psnr.json")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for c in &cases {
+        let dir = temp_dir();
+        let out = dir.path().join("out.png");
+        let mut args: Vec<&str> = vec!["generate"];
+        args.extend(c.args.iter().map(String::as_str));
+        args.extend(["--dtype", "bf16", "--output", out.to_str().unwrap(), "--quiet"]);
+        let res = controlnet(&args);
+        assert!(res.status.success(), "{}: {}", c.name, stderr(&res));
+        let worst = c
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, reference)| {
+                let ours =
+                    if c.images.len() == 1 { out.clone() } else { dir.path().join(format!("out-{}.png", i + 1)) };
+                let ours = image::open(&ours).unwrap().to_rgb8();
+                let theirs = image::open(fixture(&format!("pipeline/{reference}"))).unwrap().to_rgb8();
+                psnr(&ours, &theirs)
+            })
+            .fold(f64::INFINITY, f64::min);
+        let theirs = &torch[&c.name];
+        let torch_best = theirs.values().copied().fold(f64::NEG_INFINITY, f64::max);
+        let bar = MIN_PSNR_DB.min(torch_best - TORCH_MARGIN_DB);
+        eprintln!(
+            "{}: ours {worst:.1} dB, torch bf16 weights {:.1} dB, autocast {:.1} dB (bar {bar:.1})",
+            c.name, theirs["bf16_weights"], theirs["bf16_autocast"]
+        );
+        if worst < bar {
+            failures.push(format!("{}: {worst:.1} dB < {bar:.1} dB", c.name));
+        }
+    }
+    assert!(failures.is_empty(), "bf16 images too far from f32: {failures:?}");
+}
