@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["main", "lib", "cli"],
     &["bench"],
-    &["train"],
+    &["train", "serve"],
     &["pipeline"],
     &["model", "schedulers", "annotate", "tokenizer", "synthetic"],
     &["io"],

@@ -83,7 +83,10 @@ fn module_kind(field: &str, name: &str) -> Result<Option<&'static str>, ApiError
     let ours = MODULE_ALIASES.iter().find(|(a, _)| *a == wanted).map(|(_, k)| *k).unwrap_or(wanted.as_str());
     match annotate::KINDS.iter().find(|k| k.name == ours) {
         Some(k) if k.input == Input::Image => Ok(Some(k.name)),
-        _ => Err(ApiError::field(field, format!("{name:?} is not a module this server has; see /controlnet/module_list"))),
+        _ => Err(ApiError::field(
+            field,
+            format!("{name:?} is not a module this server has; see /controlnet/module_list"),
+        )),
     }
 }
 
@@ -112,11 +115,17 @@ fn resize_mode(field: &str, v: &Value) -> Result<ResizeMode, ApiError> {
         (ResizeMode::ResizeAndFill, &["resize and fill", "envelope (outer fit)"][..]),
     ];
     if let Some(i) = v.as_u64() {
-        return modes.get(i as usize).map(|m| m.0).ok_or_else(|| ApiError::field(field, format!("{i}: expected 0, 1 or 2")));
+        return modes
+            .get(i as usize)
+            .map(|m| m.0)
+            .ok_or_else(|| ApiError::field(field, format!("{i}: expected 0, 1 or 2")));
     }
     let name = v.as_str().ok_or_else(|| ApiError::field(field, "expected a resize mode name"))?.to_ascii_lowercase();
     modes.iter().find(|(_, names)| names.contains(&name.as_str())).map(|m| m.0).ok_or_else(|| {
-        ApiError::field(field, format!("{name:?}: expected \"Just Resize\", \"Crop and Resize\" or \"Resize and Fill\""))
+        ApiError::field(
+            field,
+            format!("{name:?}: expected \"Just Resize\", \"Crop and Resize\" or \"Resize and Fill\""),
+        )
     })
 }
 
@@ -141,11 +150,15 @@ impl<'a> Fields<'a> {
     }
 
     fn str(&self, key: &str) -> Result<Option<&'a str>, ApiError> {
-        self.get(key).map(|v| v.as_str().ok_or_else(|| ApiError::malformed(self.name(key), "expected a string"))).transpose()
+        self.get(key)
+            .map(|v| v.as_str().ok_or_else(|| ApiError::malformed(self.name(key), "expected a string")))
+            .transpose()
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>, ApiError> {
-        self.get(key).map(|v| v.as_f64().ok_or_else(|| ApiError::malformed(self.name(key), "expected a number"))).transpose()
+        self.get(key)
+            .map(|v| v.as_f64().ok_or_else(|| ApiError::malformed(self.name(key), "expected a number")))
+            .transpose()
     }
 
     fn i64(&self, key: &str) -> Result<Option<i64>, ApiError> {
@@ -165,7 +178,9 @@ impl<'a> Fields<'a> {
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
-        self.get(key).map(|v| v.as_bool().ok_or_else(|| ApiError::malformed(self.name(key), "expected true or false"))).transpose()
+        self.get(key)
+            .map(|v| v.as_bool().ok_or_else(|| ApiError::malformed(self.name(key), "expected true or false")))
+            .transpose()
     }
 
     /// Refuses a field that would change the picture unless it has its default (or is absent).
@@ -256,7 +271,11 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
             "batch_size" => r.num_images = f.usize(k)?.unwrap_or(1),
             "n_iter" => n_iter = f.usize(k)?.unwrap_or(1),
             "sampler_name" | "sampler_index" | "alwayson_scripts" | "eta" => {}
-            "scheduler" => f.only_default(k, |v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("automatic")), "only the sampler's own schedule (\"Automatic\")")?,
+            "scheduler" => f.only_default(
+                k,
+                |v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("automatic")),
+                "only the sampler's own schedule (\"Automatic\")",
+            )?,
             "enable_hr" => f.only_default(k, is_false, "hires fix")?,
             "restore_faces" => f.only_default(k, is_false, "face restoration")?,
             "tiling" => f.only_default(k, is_false, "tiling")?,
@@ -265,9 +284,15 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
                 f.only_default(k, |v| v.as_f64().is_some_and(|x| x <= 0.0), "resizing the seed")?
             }
             "s_churn" | "s_tmin" | "s_min_uncond" => f.only_default(k, is_num(0.0), "sampler noise settings")?,
-            "s_tmax" => f.only_default(k, |v| v.as_f64().is_some_and(|x| x == 0.0 || x.is_infinite()), "sampler noise settings")?,
+            "s_tmax" => f.only_default(
+                k,
+                |v| v.as_f64().is_some_and(|x| x == 0.0 || x.is_infinite()),
+                "sampler noise settings",
+            )?,
             "s_noise" => f.only_default(k, is_num(1.0), "sampler noise settings")?,
-            "styles" | "script_name" | "refiner_checkpoint" => f.only_default(k, is_empty, "styles, scripts and refiners")?,
+            "styles" | "script_name" | "refiner_checkpoint" => {
+                f.only_default(k, is_empty, "styles, scripts and refiners")?
+            }
             "override_settings" => check_overrides(app, &f)?,
             k if HARMLESS.contains(&k) => {}
             k => return Err(f.unknown(k)),
@@ -316,7 +341,12 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
 /// For each enabled unit, its index in `alwayson_scripts.controlnet.args` (for error names).
 fn nets_arg_index(obj: &Map<String, Value>) -> Vec<usize> {
     let Some(scripts) = obj.get("alwayson_scripts").and_then(Value::as_object) else { return Vec::new() };
-    let Some(args) = scripts.iter().find(|(k, _)| k.eq_ignore_ascii_case("controlnet")).and_then(|(_, v)| v.get("args")).and_then(Value::as_array) else {
+    let Some(args) = scripts
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("controlnet"))
+        .and_then(|(_, v)| v.get("args"))
+        .and_then(Value::as_array)
+    else {
         return Vec::new();
     };
     args.iter().enumerate().filter(|(_, u)| unit_enabled(u)).map(|(i, _)| i).collect()
@@ -370,7 +400,10 @@ fn check_overrides(app: &App, f: &Fields) -> Result<(), ApiError> {
             _ => false,
         };
         if !ok {
-            return Err(ApiError::field(field, format!("{value} is not supported (this server runs {})", model_title(&app.catalog))));
+            return Err(ApiError::field(
+                field,
+                format!("{value} is not supported (this server runs {})", model_title(&app.catalog)),
+            ));
         }
     }
     Ok(())
@@ -400,7 +433,17 @@ fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value) -> Result<
 }
 
 /// Unit fields that do not change the picture.
-const UNIT_HARMLESS: &[&str] = &["low_vram", "lowvram", "hr_option", "is_ui", "input_mode", "save_detected_map", "batch_images", "output_dir", "loopback"];
+const UNIT_HARMLESS: &[&str] = &[
+    "low_vram",
+    "lowvram",
+    "hr_option",
+    "is_ui",
+    "input_mode",
+    "save_detected_map",
+    "batch_images",
+    "output_dir",
+    "loopback",
+];
 
 fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Units, ApiError> {
     let mut controls = Vec::new();
@@ -422,8 +465,8 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
         for key in obj.keys() {
             let k = key.as_str();
             match k {
-                "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res" | "threshold_a"
-                | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled" => {}
+                "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res"
+                | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled" => {}
                 "mask" => f.only_default(k, is_empty, "masks (inpainting) are not supported")?,
                 "control_mode" => f.only_default(
                     k,
@@ -437,7 +480,10 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
         }
         let model = f.str("model")?.unwrap_or("None");
         let net = app.catalog.find_net(model).ok_or_else(|| {
-            ApiError::field(f.name("model"), format!("{model:?} is not loaded; this server has {}", app.catalog.net_names()))
+            ApiError::field(
+                f.name("model"),
+                format!("{model:?} is not loaded; this server has {}", app.catalog.net_names()),
+            )
         })?;
         let image_field = if f.get("image").is_some() { "image" } else { "input_image" };
         let picture = match f.get(image_field) {
@@ -447,13 +493,21 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
                 if o.get("mask").is_some_and(|m| !m.is_null() && !is_empty(m)) {
                     return Err(ApiError::field(f.name("image.mask"), "masks (inpainting) are not supported"));
                 }
-                o.get("image").and_then(Value::as_str).ok_or_else(|| ApiError::malformed(f.name("image.image"), "expected base64"))?
+                o.get("image")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::malformed(f.name("image.image"), "expected base64"))?
             }
-            _ => return Err(ApiError::field(f.name("image"), "a ControlNet unit needs a picture (txt2img has no init image)")),
+            _ => {
+                return Err(ApiError::field(
+                    f.name("image"),
+                    "a ControlNet unit needs a picture (txt2img has no init image)",
+                ))
+            }
         };
         let bytes = decode_base64(&f.name(image_field), picture)?;
         decode_image(&f.name(image_field), &bytes)?;
-        let file = app.work.save_input(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let file =
+            app.work.save_input(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let mode = match f.get("resize_mode") {
             Some(v) => resize_mode(&f.name("resize_mode"), v)?,
             None => ResizeMode::CropAndResize,
@@ -472,7 +526,8 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
                 } else {
                     Some(match f.i64("processor_res")? {
                         None | Some(-1) => DEFAULT_PROCESSOR_RES,
-                        Some(r) => u32::try_from(r).map_err(|_| ApiError::field(f.name("processor_res"), format!("{r}: -1 or >= 1")))?,
+                        Some(r) => u32::try_from(r)
+                            .map_err(|_| ApiError::field(f.name("processor_res"), format!("{r}: -1 or >= 1")))?,
                     })
                 };
                 Some(Annotation { kind: kind.to_string(), options, resolution })
@@ -635,7 +690,8 @@ async fn module_list() -> Json<Value> {
 /// processor_res [thresholds]` makes it (at the picture's size).
 async fn detect(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = read_json(body)?;
-    let _turn = app.detect_gate.acquire().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let _turn =
+        app.detect_gate.acquire().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let work = app.work.clone();
     let maps = tokio::task::spawn_blocking(move || detect_maps(&work, &body))
         .await
@@ -648,14 +704,20 @@ fn detect_maps(work: &super::files::WorkDir, body: &Value) -> Result<Vec<String>
     let f = Fields { path: String::new(), obj };
     for key in obj.keys() {
         match key.as_str() {
-            "controlnet_module" | "controlnet_input_images" | "controlnet_images" | "controlnet_processor_res"
-            | "controlnet_threshold_a" | "controlnet_threshold_b" | "low_vram" => {}
+            "controlnet_module"
+            | "controlnet_input_images"
+            | "controlnet_images"
+            | "controlnet_processor_res"
+            | "controlnet_threshold_a"
+            | "controlnet_threshold_b"
+            | "low_vram" => {}
             "controlnet_masks" => f.only_default(key, is_empty, "masks are not supported")?,
             k => return Err(f.unknown(k)),
         }
     }
     // The extension reads `controlnet_input_images`; webuiapi 0.9.17 sends `controlnet_images`.
-    let field = if f.get("controlnet_input_images").is_some() { "controlnet_input_images" } else { "controlnet_images" };
+    let field =
+        if f.get("controlnet_input_images").is_some() { "controlnet_input_images" } else { "controlnet_images" };
     let pictures = f
         .get(field)
         .and_then(Value::as_array)
@@ -663,7 +725,12 @@ fn detect_maps(work: &super::files::WorkDir, body: &Value) -> Result<Vec<String>
     let kind = module_kind("controlnet_module", f.str("controlnet_module")?.unwrap_or("none"))?;
     let resolution = match f.i64("controlnet_processor_res")? {
         None | Some(-1) => None,
-        Some(r) => Some(u32::try_from(r).ok().filter(|r| *r > 0).ok_or_else(|| ApiError::field("controlnet_processor_res", format!("{r}: -1 or >= 1")))?),
+        Some(r) => Some(
+            u32::try_from(r)
+                .ok()
+                .filter(|r| *r > 0)
+                .ok_or_else(|| ApiError::field("controlnet_processor_res", format!("{r}: -1 or >= 1")))?,
+        ),
     };
     let (a, b) = (f.f64("controlnet_threshold_a")?, f.f64("controlnet_threshold_b")?);
     let options = kind.map(|k| slider_options(k, a, b)).unwrap_or_default();

@@ -91,9 +91,8 @@ pub fn decode_image(field: &str, bytes: &[u8]) -> std::result::Result<RgbImage, 
     if reader.format().is_none() {
         return Err(ApiError::field(field, "not a picture (PNG, JPEG, WebP or BMP)"));
     }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| ApiError::field(field, format!("not a readable picture: {e}")))?;
+    let (w, h) =
+        reader.into_dimensions().map_err(|e| ApiError::field(field, format!("not a readable picture: {e}")))?;
     if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
         return Err(ApiError::too_large(
             field,
@@ -101,8 +100,8 @@ pub fn decode_image(field: &str, bytes: &[u8]) -> std::result::Result<RgbImage, 
         ));
     }
     images::check_image_size(field, w, h).map_err(|e| ApiError::too_large(field, e.to_string()))?;
-    let decoded = image::load_from_memory(bytes)
-        .map_err(|e| ApiError::field(field, format!("not a readable picture: {e}")))?;
+    let decoded =
+        image::load_from_memory(bytes).map_err(|e| ApiError::field(field, format!("not a readable picture: {e}")))?;
     Ok(decoded.to_rgb8())
 }
 

@@ -151,7 +151,10 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
         let field = |f: &str| format!("controls[{i}].{f}");
         let net = match &c.controlnet {
             Some(name) => app.catalog.find_net(name).ok_or_else(|| {
-                ApiError::field(field("controlnet"), format!("{name:?} is not loaded; this server has {}", app.catalog.net_names()))
+                ApiError::field(
+                    field("controlnet"),
+                    format!("{name:?} is not loaded; this server has {}", app.catalog.net_names()),
+                )
             })?,
             None if app.catalog.nets.len() == 1 => 0,
             None => {
@@ -289,9 +292,13 @@ async fn image(State(app): State<Arc<App>>, Path((id, n)): Path<(String, String)
         Some(outcome) => outcome?,
     };
     let n: usize = n.trim_end_matches(".png").parse().map_err(|_| ApiError::not_found("no such image"))?;
-    let img = n.checked_sub(1).and_then(|i| output.images.get(i)).ok_or_else(|| ApiError::not_found("no such image"))?;
+    let img =
+        n.checked_sub(1).and_then(|i| output.images.get(i)).ok_or_else(|| ApiError::not_found("no such image"))?;
     let disposition = format!("inline; filename=\"controlnet-{id}-{n}.png\"");
-    Ok(([(header::CONTENT_TYPE, "image/png".to_string()), (header::CONTENT_DISPOSITION, disposition)], Body::from(img.png.clone()))
+    Ok((
+        [(header::CONTENT_TYPE, "image/png".to_string()), (header::CONTENT_DISPOSITION, disposition)],
+        Body::from(img.png.clone()),
+    )
         .into_response())
 }
 
@@ -323,7 +330,15 @@ mod tests {
     fn the_openapi_document_lists_every_job_route() {
         let doc: Value = serde_json::from_str(OPENAPI).unwrap();
         let paths = doc["paths"].as_object().unwrap();
-        for p in ["/jobs", "/jobs/{id}", "/jobs/{id}/cancel", "/jobs/{id}/events", "/jobs/{id}/result", "/jobs/{id}/images/{n}", "/info"] {
+        for p in [
+            "/jobs",
+            "/jobs/{id}",
+            "/jobs/{id}/cancel",
+            "/jobs/{id}/events",
+            "/jobs/{id}/result",
+            "/jobs/{id}/images/{n}",
+            "/info",
+        ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }
     }

@@ -193,12 +193,42 @@ async fn check_key(State(app): State<Arc<App>>, request: Request, next: Next) ->
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.split_once(':').map(|(_, password)| password.to_string()));
     let header_key = given("x-api-key").map(str::to_string);
-    if [bearer, basic, header_key].iter().flatten().any(|k| k == key) {
+    // EventSource cannot send headers: the page passes the key in the query.
+    let query_key =
+        request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key="))).map(percent_decode);
+    if [bearer, basic, header_key, query_key].iter().flatten().any(|k| k == key) {
         return next.run(request).await;
     }
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "this server needs its API key").into_response();
-    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"controlnet\""));
     response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"controlnet\""));
+    response
+}
+
+/// `%XX` escapes and `+` of a query value decoded.
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', h, l]) => hex(*h).zip(hex(*l)).map(|(h, l)| h * 16 + l),
+            _ => None,
+        };
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A JSON body, with the body limit's 413 and a 400 for text that is not JSON.
@@ -243,5 +273,11 @@ mod tests {
         assert!(bind_address(&ServeOptions { host: "localhost".into(), port: 0, ..Default::default() }).is_ok());
         let e = bind_address(&ServeOptions { max_queue: 0, port: 0, ..Default::default() }).unwrap_err();
         assert!(e.to_string().starts_with("max_queue:"), "{e}");
+    }
+
+    #[test]
+    fn query_keys_are_percent_decoded() {
+        assert_eq!(percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
+        assert_eq!(percent_decode("%C3%A9"), "é");
     }
 }

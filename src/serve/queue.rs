@@ -116,6 +116,12 @@ pub struct Job {
     started: Mutex<Option<Instant>>,
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("id", &self.id).field("status", &self.snapshot()).finish()
+    }
+}
+
 impl Job {
     fn new(spec: JobSpec) -> Self {
         let id = new_id();
@@ -243,7 +249,10 @@ impl Queue {
             let secs = lock(&self.last_duration).as_secs().max(1) * waiting;
             return Err(ApiError {
                 retry_after: Some(secs),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is full ({waiting} jobs); try again later"))
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the queue is full ({waiting} jobs); try again later"),
+                )
             });
         }
         Ok(job)
@@ -298,7 +307,11 @@ impl Queue {
     }
 
     /// The worker's loop: takes jobs in order and runs each with `run` until the queue is shut down and empty.
-    pub fn work(&self, mut rx: mpsc::Receiver<Arc<Job>>, mut run: impl FnMut(&Job, JobSpec) -> Result<Output, ApiError>) {
+    pub fn work(
+        &self,
+        mut rx: mpsc::Receiver<Arc<Job>>,
+        mut run: impl FnMut(&Job, JobSpec) -> Result<Output, ApiError>,
+    ) {
         while let Some(job) = rx.blocking_recv() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             let spec = lock(&job.spec).take();

@@ -109,8 +109,12 @@ fn prepare(models: &Models, work: &WorkDir, run: &Run) -> Result<GenerateRequest
             Some(a) => {
                 let named = |e: Error| Error::setting(control_setting(i, "preprocess"), e);
                 let detector = annotate::detector(&a.kind, &a.options).map_err(named)?;
-                let settings =
-                    AnnotateSettings { width: Some(w), height: Some(h), resolution: a.resolution, resize: request.resize };
+                let settings = AnnotateSettings {
+                    width: Some(w),
+                    height: Some(h),
+                    resolution: a.resolution,
+                    resize: request.resize,
+                };
                 annotate::annotate(detector.as_ref(), picture, &settings).map_err(named)?
             }
             None if request.resize == ResizeMode::JustResize => continue,
