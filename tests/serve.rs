@@ -381,3 +381,52 @@ fn a_public_address_needs_a_key_and_the_key_is_checked() {
     // The page itself is public (it asks for the key).
     assert_eq!(server.get("/").status, 200);
 }
+
+#[test]
+fn two_units_from_a_models_dir_make_the_cli_image() {
+    let dir = temp_dir();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for net in [CN_A, CN_B] {
+        let name = std::path::Path::new(net).file_name().unwrap();
+        std::os::unix::fs::symlink(repo.join(net), dir.path().join(name)).unwrap();
+    }
+    let server = Server::start(&["--model", SD15, "--models-dir", dir.path().to_str().unwrap()]);
+    let titles = server.get("/controlnet/model_list").json()["model_list"].clone();
+    assert_eq!(titles.as_array().unwrap().len(), 2, "{titles}");
+    let box_png = "tests/fixtures/pipeline/control_box.png";
+    let units = vec![
+        unit(&picture_base64(CONTROL), json!({"weight": 0.8})),
+        // By A1111 title, as clients copy it from model_list; a disabled unit in between is skipped.
+        json!({"enabled": false, "model": "nope"}),
+        unit(&picture_base64(box_png), json!({"model": titles[1], "weight": 0.5, "guidance_end": 0.5})),
+    ];
+    let png = first_image(&server.post_json("/sdapi/v1/txt2img", &txt2img(units, json!({}))));
+    let want = cli_image(&[
+        "--controlnet",
+        CN_A,
+        "--control",
+        CONTROL,
+        "--conditioning-scale",
+        "0.8",
+        "--controlnet",
+        CN_B,
+        "--control",
+        box_png,
+        "--conditioning-scale",
+        "0.5",
+        "--control-end",
+        "0.5",
+    ]);
+    assert_eq!(pixels(&png), want);
+    // An error about the third unit names it by its place in the request.
+    let units = vec![
+        unit(&picture_base64(CONTROL), json!({})),
+        json!({"enabled": false}),
+        unit(
+            &picture_base64(box_png),
+            json!({"model": "tiny-controlnet-b", "guidance_start": 0.9, "guidance_end": 0.5}),
+        ),
+    ];
+    let reply = server.post_json("/sdapi/v1/txt2img", &txt2img(units, json!({})));
+    assert_eq!(reply.json()["field"], "alwayson_scripts.controlnet.args[2].guidance_start", "{}", reply.text());
+}

@@ -325,7 +325,8 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
         None => Default::default(),
     };
     r.controls = controls;
-    r.validate().map_err(|e| ApiError::from_library(e, &*namer(&[])))?;
+    let name_of = namer(&nets_arg_index(obj));
+    r.validate().map_err(|e| ApiError::from_library(e, &*name_of))?;
     let seed = r.seed.unwrap_or_else(random_seed);
     let runs = (0..n_iter)
         .map(|i| Run {
@@ -334,8 +335,7 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
             annotations: annotations.clone(),
         })
         .collect();
-    let arg_index: Vec<usize> = nets_arg_index(obj);
-    Ok(Txt2Img { spec: JobSpec { runs, name_of: namer(&arg_index) }, sampler, seed })
+    Ok(Txt2Img { spec: JobSpec { runs, name_of }, sampler, seed })
 }
 
 /// For each enabled unit, its index in `alwayson_scripts.controlnet.args` (for error names).

@@ -142,10 +142,12 @@ impl<'a> Generators<'a> {
     }
 }
 
-/// A model's name as clients see it: the file or folder stem.
+/// A model's name as clients see it: a file's stem, a folder's or hub id's last part (`sd-v1.5` keeps its dot).
 fn stem(spec: &str) -> String {
     let p = Path::new(spec.trim_end_matches('/'));
-    p.file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_string()
+    let is_file = p.is_file();
+    let name = if is_file { p.file_stem() } else { p.file_name() };
+    name.and_then(|s| s.to_str()).unwrap_or(spec).to_string()
 }
 
 /// The ControlNets in `dir`, sorted by name: folders with a `config.json`, `.safetensors` and `.pth` files.
@@ -196,5 +198,17 @@ mod tests {
         assert_eq!(c.find_net("depth [ffffffff]"), Some(1));
         assert_eq!(c.find_net("/m/canny"), Some(0));
         assert_eq!(c.find_net("pose"), None);
+    }
+
+    #[test]
+    fn names_are_file_stems_or_folder_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("canny.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(stem(file.to_str().unwrap()), "canny");
+        let folder = dir.path().join("sd-v1.5");
+        std::fs::create_dir(&folder).unwrap();
+        assert_eq!(stem(&format!("{}/", folder.display())), "sd-v1.5");
+        assert_eq!(stem("lllyasviel/control_v11p_sd15_canny"), "control_v11p_sd15_canny");
     }
 }
