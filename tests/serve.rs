@@ -359,10 +359,21 @@ fn reply_text(r: Result<ureq::Response, ureq::Error>) -> String {
 #[test]
 fn sigterm_cancels_the_running_job_and_exits_cleanly() {
     let mut server = Server::tiny(&[]);
-    let id = submit(&server, 1000).unwrap();
-    assert!(wait_until(Duration::from_secs(30), || state(&server, &id) == "running"));
+    let url = server.url("/sdapi/v1/txt2img");
+    // An A1111 call waiting on a job: it is answered (409, cancelled), not cut off.
+    let call = std::thread::spawn(move || {
+        let body = json!({"prompt": "x", "steps": 900, "sampler_name": "Euler", "width": 128, "height": 128});
+        server::reply(ureq::post(&url).set("Content-Type", "application/json").send_string(&body.to_string()))
+    });
+    assert!(wait_until(Duration::from_secs(30), || server.get("/sdapi/v1/progress").json()["state"]["sampling_step"]
+        .as_u64()
+        .is_some_and(|s| s > 0)));
+    let queued = submit(&server, 900).unwrap();
     let status = server.terminate(Duration::from_secs(30)).expect("the server stops within 30 s");
     assert!(status.success(), "{status}");
+    let reply = call.join().expect("the waiting call got an answer");
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert!(!queued.is_empty());
 }
 
 #[test]
