@@ -241,8 +241,10 @@ fn bad_input_is_refused_naming_the_field() {
 
 /// Submits a job of `steps` steps through the job API; its id.
 fn submit(server: &Server, steps: usize) -> Result<String, Reply> {
-    let reply =
-        server.post_json("/jobs", &json!({"prompt": "x", "steps": steps, "seed": 1, "width": 128, "height": 128}));
+    let reply = server.post_json(
+        "/jobs",
+        &json!({"prompt": "x", "steps": steps, "seed": 1, "width": 128, "height": 128, "scheduler": "euler"}),
+    );
     match reply.status {
         202 => Ok(reply.json()["id"].as_str().unwrap().to_string()),
         _ => Err(reply),
@@ -256,9 +258,9 @@ fn state(server: &Server, id: &str) -> String {
 #[test]
 fn a_full_queue_answers_503_and_jobs_can_be_cancelled() {
     let server = Server::tiny(&["--max-queue", "1"]);
-    let running = submit(&server, 1000).unwrap();
+    let running = submit(&server, 900).unwrap();
     assert!(wait_until(Duration::from_secs(30), || state(&server, &running) == "running"));
-    let queued = submit(&server, 1000).unwrap();
+    let queued = submit(&server, 900).unwrap();
     let refused = submit(&server, 2).unwrap_err();
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert!(refused.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().unwrap() >= 1), "{refused:?}");
@@ -268,7 +270,7 @@ fn a_full_queue_answers_503_and_jobs_can_be_cancelled() {
     assert!(t0.elapsed() < Duration::from_secs(2));
     let progress = server.get("/sdapi/v1/progress").json();
     assert_eq!(progress["state"]["job"], json!(running));
-    assert_eq!(progress["state"]["sampling_steps"], json!(1000));
+    assert_eq!(progress["state"]["sampling_steps"], json!(900));
 
     assert_eq!(server.delete(&format!("/jobs/{queued}")).status, 200);
     assert_eq!(server.post(&format!("/jobs/{running}/cancel"), "").status, 200);
