@@ -384,6 +384,18 @@ fn a_public_address_needs_a_key_and_the_key_is_checked() {
     assert!(!res.status.success());
     assert!(stderr(&res).contains("--api-key: serving on 0.0.0.0"), "{}", stderr(&res));
 
+    // Models that cannot load are named by their flag, before anything listens.
+    let res = controlnet(&["serve", "--port", "0", "--model", SD15, "--controlnet", "tests/fixtures/models/nope"]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--controlnet: tests/fixtures/models/nope"), "{}", stderr(&res));
+    let empty = temp_dir();
+    let res = controlnet(&["serve", "--port", "0", "--model", SD15, "--models-dir", empty.path().to_str().unwrap()]);
+    assert!(
+        stderr(&res).contains("--models-dir: ") && stderr(&res).contains("holds no ControlNet"),
+        "{}",
+        stderr(&res)
+    );
+
     let server = Server::tiny(&["--api-key", "s3cret"]);
     assert_eq!(server.get("/controlnet/model_list").status, 401);
     let ok = reply(ureq::get(&server.url("/controlnet/model_list")).set("Authorization", "Bearer s3cret").call());

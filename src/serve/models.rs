@@ -86,6 +86,7 @@ impl Models {
         if specs.model.is_none() && net_specs.is_empty() && specs.models_dir.is_none() {
             net_specs.push(demo::controlnet()?.display().to_string());
         }
+        let named = net_specs.len();
         if let Some(dir) = &specs.models_dir {
             net_specs.extend(controlnets_in(dir)?);
         }
@@ -93,8 +94,9 @@ impl Models {
         let mut nets = Vec::new();
         let mut infos: Vec<NetInfo> = Vec::new();
         for (i, spec) in net_specs.iter().enumerate() {
-            let setting = format!("controlnet[{i}]");
-            let net = open_controlnet(&setting, spec, None, &opts)?;
+            // The ones found in `models_dir` come after those named one by one.
+            let setting = if i < named { "controlnet" } else { "models_dir" };
+            let net = open_controlnet(setting, spec, None, &opts)?;
             let weights = net.source().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(spec));
             let sha256 = weights_hash(&weights, false)?;
             let name = stem(spec);
