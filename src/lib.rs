@@ -12,6 +12,7 @@
 //! - [`synthetic`]: made-up datasets (the demo's circles).
 //! - [`train`]: training ControlNets on your own data.
 //! - [`bench`]: speed and memory of the full-size networks with random weights.
+//! - [`serve`]: the HTTP server (A1111 API, job API, web page) over the pipeline.
 //! - [`cli`]: the `controlnet` command.
 pub mod annotate;
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod serve;
 pub mod synthetic;
 #[cfg(test)]
 pub mod test_support;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["main", "lib", "cli"],
     &["bench"],
-    &["train"],
+    &["train", "serve"],
     &["pipeline"],
     // the neural detectors are networks: they run on the model layer's kernels
     &["annotate"],

@@ -12,6 +12,7 @@ pub mod init;
 pub mod inspect;
 pub mod progress;
 pub mod reproduce;
+pub mod serve;
 pub mod train;
 pub mod train_base;
 
@@ -44,6 +45,8 @@ pub enum Command {
     TrainBase(train_base::TrainBaseArgs),
     /// Measure speed and memory of the full-size UNet, ControlNet and VAE (random weights, no downloads).
     Bench(bench::BenchArgs),
+    /// Serve the models over HTTP: AUTOMATIC1111's API (with ControlNet units), a job API and a web page.
+    Serve(serve::ServeArgs),
 }
 
 /// candle looks up its thread count on every parallel op and, unless `RAYON_NUM_THREADS` is set, works it out
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::TrainBase(args) => train_base::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Annotate(args) => match annotate::run(args) {
             Ok(code) => return code,
             Err(e) => Err(e.into()),

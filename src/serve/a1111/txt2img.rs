@@ -1,0 +1,444 @@
+//! `POST /sdapi/v1/txt2img`: the request's fields and the ControlNet extension's units → a job; the answer
+//! in A1111's shape.
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::fields::{is_empty, is_false, is_num, Fields};
+use super::{
+    model_title, module_kind, resize_mode, sampler, sampler_name, slider_options, DEFAULT_PROCESSOR_RES, SAMPLERS,
+};
+use crate::annotate::ResizeMode;
+use crate::pipeline::request::random_seed;
+use crate::pipeline::{ControlRequest, GenerateRequest};
+use crate::schedulers::SchedulerKind;
+use crate::serve::error::ApiError;
+use crate::serve::files::{decode_base64, decode_image, encode_base64};
+use crate::serve::queue::{Annotation, Job, JobSpec, Namer, Run};
+use crate::serve::{read_json, App};
+
+/// txt2img fields that do not change the picture (saving options; hires-fix settings, which only act with
+/// `enable_hr`; the subseed, which only acts with a subseed strength).
+const HARMLESS: &[&str] = &[
+    "send_images",
+    "save_images",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings_restore_afterwards",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_checkpoint_name",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "denoising_strength",
+    "firstphase_width",
+    "firstphase_height",
+    "subseed",
+    "script_args",
+    "comments",
+    "force_task_id",
+    "infotext",
+    "disable_extra_networks",
+    "refiner_switch_at",
+];
+
+/// A parsed txt2img body: the job and what the answer echoes.
+struct Txt2Img {
+    spec: JobSpec,
+    sampler: Option<SchedulerKind>,
+    seed: u64,
+}
+
+fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
+    let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    let f = Fields { path: String::new(), obj };
+    let mut r = GenerateRequest { model: Some(app.catalog.model_spec.clone()), ..Default::default() };
+    let mut n_iter = 1;
+    for key in obj.keys() {
+        let k = key.as_str();
+        match k {
+            "prompt" => r.prompt = f.str(k)?.unwrap_or_default().to_string(),
+            "negative_prompt" => r.negative_prompt = f.str(k)?.unwrap_or_default().to_string(),
+            "seed" => {
+                r.seed = match f.i64(k)? {
+                    None | Some(-1) => None,
+                    Some(s) => Some(u64::try_from(s).map_err(|_| ApiError::field(k, format!("{s}: -1 or >= 0")))?),
+                }
+            }
+            "steps" => r.steps = f.usize(k)?.unwrap_or(r.steps),
+            "cfg_scale" => r.guidance = f.f64(k)?.unwrap_or(r.guidance),
+            "width" => r.width = f.usize(k)?,
+            "height" => r.height = f.usize(k)?,
+            "batch_size" => r.num_images = f.usize(k)?.unwrap_or(1),
+            "n_iter" => n_iter = f.usize(k)?.unwrap_or(1),
+            "sampler_name" | "sampler_index" | "alwayson_scripts" | "eta" => {}
+            "scheduler" => f.only_default(
+                k,
+                |v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("automatic")),
+                "only the sampler's own schedule (\"Automatic\")",
+            )?,
+            "enable_hr" => f.only_default(k, is_false, "hires fix")?,
+            "restore_faces" => f.only_default(k, is_false, "face restoration")?,
+            "tiling" => f.only_default(k, is_false, "tiling")?,
+            "subseed_strength" => f.only_default(k, is_num(0.0), "variation seeds")?,
+            "seed_resize_from_h" | "seed_resize_from_w" => {
+                f.only_default(k, |v| v.as_f64().is_some_and(|x| x <= 0.0), "resizing the seed")?
+            }
+            "s_churn" | "s_tmin" | "s_min_uncond" => f.only_default(k, is_num(0.0), "sampler noise settings")?,
+            "s_tmax" => f.only_default(
+                k,
+                |v| v.as_f64().is_some_and(|x| x == 0.0 || x.is_infinite()),
+                "sampler noise settings",
+            )?,
+            "s_noise" => f.only_default(k, is_num(1.0), "sampler noise settings")?,
+            "styles" | "script_name" | "refiner_checkpoint" => {
+                f.only_default(k, is_empty, "styles, scripts and refiners")?
+            }
+            "override_settings" => check_overrides(app, &f)?,
+            k if HARMLESS.contains(&k) => {}
+            k => return Err(f.unknown(k)),
+        }
+    }
+    if n_iter == 0 {
+        return Err(ApiError::field("n_iter", "must be at least 1"));
+    }
+    let sampler = match (f.str("sampler_name")?, f.str("sampler_index")?) {
+        (Some(name), _) | (None, Some(name)) => Some(sampler(name).ok_or_else(|| {
+            let names: Vec<&str> = SAMPLERS.iter().map(|s| s.0).collect();
+            ApiError::field("sampler_name", format!("{name:?}: this server has {}", names.join(", ")))
+        })?),
+        (None, None) => None,
+    };
+    r.scheduler = sampler;
+    // eta: A1111's ancestral samplers use 1, DDIM 0 (as ours); other samplers do not read it.
+    let eta_default = match sampler {
+        Some(SchedulerKind::EulerAncestral) => Some(1.0),
+        Some(SchedulerKind::Ddim) => Some(0.0),
+        _ => None,
+    };
+    if let (Some(eta), Some(want)) = (f.f64("eta")?, eta_default) {
+        if eta != want {
+            return Err(ApiError::field("eta", format!("{eta} is not supported: this sampler runs with eta {want}")));
+        }
+    }
+    let (controls, nets, annotations) = match f.get("alwayson_scripts") {
+        Some(scripts) => parse_scripts(app, &mut r, scripts)?,
+        None => Default::default(),
+    };
+    r.controls = controls;
+    let name_of = namer(&nets_arg_index(obj));
+    r.validate().map_err(|e| ApiError::from_library(e, &*name_of))?;
+    let seed = r.seed.unwrap_or_else(random_seed);
+    let runs = (0..n_iter)
+        .map(|i| Run {
+            request: GenerateRequest { seed: Some(seed + (i * r.num_images) as u64), ..r.clone() },
+            nets: nets.clone(),
+            annotations: annotations.clone(),
+        })
+        .collect();
+    Ok(Txt2Img { spec: JobSpec { runs, name_of }, sampler, seed })
+}
+
+/// For each enabled unit, its index in `alwayson_scripts.controlnet.args` (for error names).
+fn nets_arg_index(obj: &Map<String, Value>) -> Vec<usize> {
+    let Some(scripts) = obj.get("alwayson_scripts").and_then(Value::as_object) else { return Vec::new() };
+    let Some(args) = scripts
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("controlnet"))
+        .and_then(|(_, v)| v.get("args"))
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
+    args.iter().enumerate().filter(|(_, u)| unit_enabled(u)).map(|(i, _)| i).collect()
+}
+
+fn unit_enabled(u: &Value) -> bool {
+    u.is_object() && u.get("enabled").and_then(Value::as_bool) != Some(false)
+}
+
+/// How this API spells the library's settings: `guidance` → `cfg_scale`, `controls[i].control_end` →
+/// `alwayson_scripts.controlnet.args[j].guidance_end`.
+fn namer(arg_index: &[usize]) -> Namer {
+    let arg_index = arg_index.to_vec();
+    Arc::new(move |setting: &str| {
+        let top = |s: &str| {
+            match s {
+                "guidance" => "cfg_scale",
+                "num_images" => "batch_size",
+                "scheduler" => "sampler_name",
+                other => other,
+            }
+            .to_string()
+        };
+        let Some(rest) = setting.strip_prefix("controls[") else { return top(setting) };
+        let Some((i, field)) = rest.split_once("].") else { return top(setting) };
+        let Ok(i) = i.parse::<usize>() else { return top(setting) };
+        let field = match field {
+            "controlnet" => "model",
+            "control" => "image",
+            "conditioning_scale" => "weight",
+            "control_start" => "guidance_start",
+            "control_end" => "guidance_end",
+            "preprocess" => "module",
+            other => other,
+        };
+        format!("alwayson_scripts.controlnet.args[{}].{field}", arg_index.get(i).copied().unwrap_or(i))
+    })
+}
+
+/// `override_settings`: only the loaded model (by name or title) and CLIP skip 1 are accepted.
+fn check_overrides(app: &App, f: &Fields) -> Result<(), ApiError> {
+    let Some(v) = f.get("override_settings") else { return Ok(()) };
+    let obj = v.as_object().ok_or_else(|| ApiError::malformed("override_settings", "expected an object"))?;
+    for (key, value) in obj {
+        let field = format!("override_settings.{key}");
+        let ok = match key.as_str() {
+            "sd_model_checkpoint" => value.as_str().is_some_and(|m| {
+                m == app.catalog.model_name || m == model_title(&app.catalog) || m == app.catalog.model_spec
+            }),
+            "CLIP_stop_at_last_layers" => value.as_f64() == Some(1.0),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::field(
+                field,
+                format!("{value} is not supported (this server runs {})", model_title(&app.catalog)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+type Units = (Vec<ControlRequest>, Vec<usize>, Option<Vec<Option<Annotation>>>);
+
+/// `alwayson_scripts`: the ControlNet units (script names match case-insensitively, as A1111's); any other
+/// script is refused unless it is switched off (`{"args": []}` or `{"args": [false]}`).
+fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value) -> Result<Units, ApiError> {
+    let obj = scripts.as_object().ok_or_else(|| ApiError::malformed("alwayson_scripts", "expected an object"))?;
+    let mut units = Default::default();
+    for (name, script) in obj {
+        let field = format!("alwayson_scripts.{name}");
+        let args = match script.get("args") {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err(ApiError::malformed(format!("{field}.args"), "expected a list")),
+        };
+        if name.eq_ignore_ascii_case("controlnet") {
+            units = parse_units(app, r, args)?;
+        } else if !args.iter().all(|a| is_false(a) || a.is_null()) {
+            return Err(ApiError::field(field, "this script is not supported (only ControlNet)"));
+        }
+    }
+    Ok(units)
+}
+
+/// Unit fields that do not change the picture.
+const UNIT_HARMLESS: &[&str] = &[
+    "low_vram",
+    "lowvram",
+    "hr_option",
+    "is_ui",
+    "input_mode",
+    "save_detected_map",
+    "batch_images",
+    "output_dir",
+    "loopback",
+];
+
+fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Units, ApiError> {
+    let mut controls = Vec::new();
+    let mut nets = Vec::new();
+    let mut annotations = Vec::new();
+    let mut resize: Option<ResizeMode> = None;
+    for (i, unit) in args.iter().enumerate() {
+        let path = format!("alwayson_scripts.controlnet.args[{i}]");
+        let Some(obj) = unit.as_object() else {
+            if unit.is_null() || is_false(unit) {
+                continue;
+            }
+            return Err(ApiError::malformed(path, "expected a ControlNet unit (an object)"));
+        };
+        let f = Fields { path, obj };
+        if f.bool("enabled")? == Some(false) {
+            continue;
+        }
+        for key in obj.keys() {
+            let k = key.as_str();
+            match k {
+                "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res"
+                | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled" => {}
+                "mask" => f.only_default(k, is_empty, "masks (inpainting) are not supported")?,
+                "control_mode" => f.only_default(
+                    k,
+                    |v| v.as_u64() == Some(0) || v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("balanced")),
+                    "only \"Balanced\"",
+                )?,
+                "guessmode" | "guess_mode" => f.only_default(k, is_false, "use control_mode")?,
+                k if UNIT_HARMLESS.contains(&k) => {}
+                k => return Err(f.unknown(k)),
+            }
+        }
+        let model = f.str("model")?.unwrap_or("None");
+        let net = app.catalog.find_net(model).ok_or_else(|| {
+            ApiError::field(
+                f.name("model"),
+                format!("{model:?} is not loaded; this server has {}", app.catalog.net_names()),
+            )
+        })?;
+        let image_field = if f.get("image").is_some() { "image" } else { "input_image" };
+        let picture = match f.get(image_field) {
+            Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+            // The extension's {"image": ..., "mask": ...} form.
+            Some(Value::Object(o)) => {
+                if o.get("mask").is_some_and(|m| !m.is_null() && !is_empty(m)) {
+                    return Err(ApiError::field(f.name("image.mask"), "masks (inpainting) are not supported"));
+                }
+                o.get("image")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::malformed(f.name("image.image"), "expected base64"))?
+            }
+            _ => {
+                return Err(ApiError::field(
+                    f.name("image"),
+                    "a ControlNet unit needs a picture (txt2img has no init image)",
+                ))
+            }
+        };
+        let bytes = decode_base64(&f.name(image_field), picture)?;
+        decode_image(&f.name(image_field), &bytes)?;
+        let file =
+            app.work.save_input(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let mode = match f.get("resize_mode") {
+            Some(v) => resize_mode(&f.name("resize_mode"), v)?,
+            None => ResizeMode::CropAndResize,
+        };
+        if resize.is_some_and(|m| m != mode) {
+            return Err(ApiError::field(f.name("resize_mode"), "every unit must use the same resize mode here"));
+        }
+        resize = Some(mode);
+        let kind = module_kind(&f.name("module"), f.str("module")?.unwrap_or("none"))?;
+        let annotation = match kind {
+            None => None,
+            Some(kind) => {
+                let options = slider_options(kind, f.f64("threshold_a")?, f.f64("threshold_b")?);
+                let resolution = if f.bool("pixel_perfect")? == Some(true) {
+                    None
+                } else {
+                    Some(match f.i64("processor_res")? {
+                        None | Some(-1) => DEFAULT_PROCESSOR_RES,
+                        Some(r) => u32::try_from(r)
+                            .map_err(|_| ApiError::field(f.name("processor_res"), format!("{r}: -1 or >= 1")))?,
+                    })
+                };
+                Some(Annotation { kind: kind.to_string(), options, resolution })
+            }
+        };
+        let mut control = ControlRequest::new(Some(app.catalog.nets[net].spec.clone()), file);
+        control.conditioning_scale = f.f64("weight")?.unwrap_or(1.0);
+        control.control_start = f.f64("guidance_start")?.unwrap_or(0.0);
+        control.control_end = f.f64("guidance_end")?.unwrap_or(1.0);
+        match &annotation {
+            // The pipeline's own preprocess: the same run as `generate --preprocess KIND`.
+            Some(a) if a.options.given().is_empty() && a.resolution.is_none() => {
+                control.preprocess = Some(a.kind.clone());
+                annotations.push(None);
+            }
+            other => annotations.push(other.clone()),
+        }
+        controls.push(control);
+        nets.push(net);
+    }
+    r.resize = resize.unwrap_or(ResizeMode::JustResize);
+    let annotations = annotations.iter().any(Option::is_some).then_some(annotations);
+    Ok((controls, nets, annotations))
+}
+
+/// Cancels a job whose client went away before it finished.
+struct CancelOnDrop(Arc<Job>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.0.snapshot().state.is_finished() {
+            self.0.request_cancel();
+        }
+    }
+}
+
+pub async fn txt2img(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = read_json(body)?;
+    let parsed = {
+        let (app, body) = (app.clone(), body.clone());
+        tokio::task::spawn_blocking(move || parse_txt2img(&app, &body))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+    };
+    let job = app.queue.submit(parsed.spec.clone())?;
+    let guard = CancelOnDrop(job.clone());
+    let output = match job.finished().await {
+        Err(e) if e.status == StatusCode::CONFLICT => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "interrupted (/sdapi/v1/interrupt) before it finished"))
+        }
+        other => other?,
+    };
+    drop(guard);
+    let images: Vec<Value> = output.images.iter().map(|i| Value::String(encode_base64(&i.png))).collect();
+    let first = parsed.spec.runs.first().map(|r| &r.request);
+    let metas: Vec<_> = output.images.iter().map(|i| &i.metadata).collect();
+    let info = json!({
+        "prompt": first.map(|r| r.prompt.clone()),
+        "all_prompts": metas.iter().map(|m| m.prompt.clone()).collect::<Vec<_>>(),
+        "negative_prompt": first.map(|r| r.negative_prompt.clone()),
+        "all_negative_prompts": metas.iter().map(|m| m.negative_prompt.clone()).collect::<Vec<_>>(),
+        "seed": parsed.seed,
+        "all_seeds": metas.iter().map(|m| m.seed).collect::<Vec<_>>(),
+        "subseed": -1,
+        "all_subseeds": metas.iter().map(|_| -1).collect::<Vec<_>>(),
+        "subseed_strength": 0,
+        "width": metas.first().map(|m| m.width),
+        "height": metas.first().map(|m| m.height),
+        "sampler_name": parsed.sampler.map(sampler_name),
+        "cfg_scale": first.map(|r| r.guidance),
+        "steps": first.map(|r| r.steps),
+        "batch_size": first.map(|r| r.num_images),
+        "restore_faces": false,
+        "sd_model_name": app.catalog.model_name,
+        "sd_model_hash": &app.catalog.model_sha256[..10.min(app.catalog.model_sha256.len())],
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": 0,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": metas.iter().map(|m| m.a1111_parameters()).collect::<Vec<_>>(),
+        "styles": [],
+        "clip_skip": 1,
+        "version": format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
+    });
+    Ok(Json(json!({ "images": images, "parameters": body, "info": info.to_string() })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_a1111_field() {
+        let n = namer(&[2]);
+        assert_eq!(n("guidance"), "cfg_scale");
+        assert_eq!(n("num_images"), "batch_size");
+        assert_eq!(n("controls[0].control_end"), "alwayson_scripts.controlnet.args[2].guidance_end");
+    }
+}
