@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::schedule::{div, mul, BetaConfig, NoiseSchedule, PredictionType};
-use super::timesteps::{check_steps, single_step_timesteps, TimestepSpacing};
+use super::timesteps::{check_in_range, check_steps, single_step_timesteps, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
 
@@ -65,19 +65,7 @@ impl DdimScheduler {
         check_steps(num_inference_steps, num_train)?;
         let timesteps =
             single_step_timesteps(parsed.timestep_spacing, num_train, num_inference_steps, parsed.steps_offset, true);
-        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= num_train as f64) {
-            // With "leading" spacing and `steps_offset` 1 (SD's config), 1000 steps would reach timestep 1000:
-            // diffusers fails there too. It is the step count that is too high for this config.
-            return Err(crate::Error::setting(
-                "steps",
-                format!(
-                    "{num_inference_steps} steps reach timestep {t}, outside the {num_train} training timesteps, with \
-                     this scheduler config (steps_offset {}, {}); use fewer steps",
-                    parsed.steps_offset,
-                    config.path.display()
-                ),
-            ));
-        }
+        check_in_range(&timesteps, num_train, parsed.steps_offset, &config.path)?;
         let final_alpha_cumprod = if parsed.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod[0] };
         Ok(Self {
             step_ratio: num_train / num_inference_steps,

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::schedule::{div, mul, BetaConfig, NoiseSchedule, PredictionType};
-use super::timesteps::{check_steps, single_step_timesteps, TimestepSpacing};
+use super::timesteps::{check_in_range, check_steps, single_step_timesteps, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
 
@@ -83,6 +83,7 @@ impl PndmScheduler {
         // Ascending inference timesteps (diffusers' `_timesteps`).
         let mut ascending =
             single_step_timesteps(parsed.timestep_spacing, num_train, num_inference_steps, parsed.steps_offset, true);
+        check_in_range(&ascending, num_train, parsed.steps_offset, &config.path)?;
         ascending.reverse();
         let n = ascending.len();
         let (prk, plms) = if parsed.skip_prk_steps {
@@ -293,5 +294,19 @@ mod tests {
         let cfg = SchedulerConfig::from_file(dir).unwrap();
         assert_eq!(PndmScheduler::new(&cfg, 1).unwrap().timesteps(), [1.0]);
         assert_eq!(PndmScheduler::new(&cfg, 2).unwrap().timesteps(), [501.0, 1.0, 1.0]);
+    }
+
+    /// SD's PNDM config ("leading", steps_offset 1) cannot take 1000 steps either: the error names the steps.
+    #[test]
+    fn too_many_steps_for_the_offset_name_the_steps() {
+        let cfg = SchedulerConfig::from_json_str(
+            r#"{"timestep_spacing": "leading", "steps_offset": 1, "skip_prk_steps": true}"#,
+            "s.json",
+        )
+        .unwrap();
+        let err = PndmScheduler::new(&cfg, 1000).err().unwrap();
+        assert!(matches!(&err, crate::Error::Setting { setting, .. } if setting == "steps"), "{err}");
+        assert!(err.to_string().contains("timestep 1000"), "{err}");
+        assert!(PndmScheduler::new(&cfg, 999).is_ok());
     }
 }

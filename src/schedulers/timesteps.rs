@@ -43,6 +43,29 @@ pub(crate) fn check_steps(num_inference_steps: usize, num_train_timesteps: usize
     Ok(())
 }
 
+/// Timesteps past the training range: with "leading" spacing and `steps_offset` 1 (SD's config), 1000 steps
+/// reach timestep 1000, where diffusers fails too. It is the step count that is too high for this config, so
+/// the error names `steps`.
+pub(crate) fn check_in_range(
+    timesteps: &[f64],
+    num_train: usize,
+    steps_offset: usize,
+    config_path: &std::path::Path,
+) -> crate::Result<()> {
+    let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= num_train as f64) else {
+        return Ok(());
+    };
+    Err(crate::Error::setting(
+        "steps",
+        format!(
+            "{} steps reach timestep {t}, outside the {num_train} training timesteps, with this scheduler config \
+             (steps_offset {steps_offset}, {}); use fewer steps",
+            timesteps.len(),
+            config_path.display()
+        ),
+    ))
+}
+
 /// Descending timesteps of the single-step schedulers (DDIM, PNDM, Euler): `n` of them over `num_train`.
 /// `round_linspace` is false for Euler, which keeps the fractional linspace values.
 pub(crate) fn single_step_timesteps(
