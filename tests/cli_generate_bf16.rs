@@ -63,3 +63,48 @@ fn bf16_images_stay_near_the_f32_reference() {
     }
     assert!(failures.is_empty(), "bf16 images too far from f32: {failures:?}");
 }
+
+/// A bf16 image records its dtype, and `reproduce` makes it again in bf16: the same pixels, where an f32 rerun
+/// of the same recipe would differ.
+#[test]
+fn reproduce_keeps_the_dtype() {
+    let dir = temp_dir();
+    let out = dir.path().join("bf16.png");
+    let f32_out = dir.path().join("f32.png");
+    let base = [
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-a",
+        "--control",
+        "tests/fixtures/pipeline/control_odd.png",
+        "--prompt",
+        "two circles",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+    ];
+    let res = controlnet(&[&base[..], &["--dtype", "bf16", "--output", out.to_str().unwrap()]].concat());
+    assert!(res.status.success(), "{}", stderr(&res));
+    let res = controlnet(&[&base[..], &["--output", f32_out.to_str().unwrap()]].concat());
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let recipe = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    assert_eq!(recipe.dtype.as_deref(), Some("bf16"));
+    let f32_chunks = controlnet::io::images::read_png_text(&f32_out).unwrap();
+    assert_eq!(controlnet::pipeline::ImageMetadata::from_text_chunks(&f32_chunks).unwrap().dtype, None);
+
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let bf16 = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(bf16, image::open(&again).unwrap().to_rgb8(), "reproduced bf16 image differs");
+    assert_ne!(bf16, image::open(&f32_out).unwrap().to_rgb8(), "bf16 and f32 made the same pixels");
+}

@@ -165,6 +165,11 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// The dtype the weights are kept in: bf16 with f32 activations on the CPU (`dtype` says f32 there).
+    pub fn weights_dtype(&self) -> DType {
+        self.conv_out.weight().dtype()
+    }
+
     /// Predicts the noise (or v) of `sample` (batch, in_channels, h, w) at one `timestep` per sample (batch,)
     /// given the text embeddings (batch, tokens, cross_attention_dim). `residuals`: ControlNet outputs added to
     /// the skip connections and the mid block output.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use image::RgbImage;
 
 use super::conditions::ControlSource;
@@ -318,6 +318,10 @@ impl<'a> Generator<'a> {
             guess_mode: params.guess_mode,
             vae_tiling: params.vae_tiling,
             sdxl: params.sdxl.clone(),
+            dtype: match sd.unet.weights_dtype() {
+                DType::F32 => None,
+                dtype => Some(dtype.as_str().to_string()),
+            },
             num_images: params.num_images,
             image_index: 1,
         })

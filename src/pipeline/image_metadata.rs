@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{parse_resize, ControlRequest, GenerateRequest};
+use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -74,6 +74,9 @@ pub struct ImageMetadata {
     /// SDXL's second prompts and size/crop conditioning (recorded only when set).
     #[serde(default, skip_serializing_if = "is_default")]
     pub sdxl: SdxlConditioning,
+    /// The dtype the models computed in, when not f32 (`auto` is recorded as what it chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
@@ -194,7 +197,10 @@ impl ImageMetadata {
             vae_tiling: self.vae_tiling,
             resize: parse_resize(&self.resize)?,
             sdxl: self.sdxl.clone(),
-            dtype: Default::default(),
+            dtype: match &self.dtype {
+                Some(name) => ComputeDtype::parse(name)?,
+                None => ComputeDtype::F32,
+            },
         })
     }
 
@@ -298,9 +304,23 @@ mod tests {
             guess_mode: false,
             vae_tiling: false,
             sdxl: SdxlConditioning::default(),
+            dtype: None,
             num_images: 1,
             image_index: 1,
         }
+    }
+
+    /// An image made in bf16 says so and is reproduced in bf16; an f32 one's metadata has no dtype key.
+    #[test]
+    fn dtype_is_recorded_when_not_f32() {
+        let f32_json = serde_json::to_string(&sample()).unwrap();
+        assert!(!f32_json.contains("dtype"), "{f32_json}");
+        assert_eq!(sample().to_request(Path::new(".")).unwrap().dtype, ComputeDtype::F32);
+        let bf16 = ImageMetadata { dtype: Some("bf16".into()), ..sample() };
+        let back: ImageMetadata = serde_json::from_str(&serde_json::to_string(&bf16).unwrap()).unwrap();
+        assert_eq!(back.to_request(Path::new(".")).unwrap().dtype, ComputeDtype::Bf16);
+        let bad = ImageMetadata { dtype: Some("fp8".into()), ..sample() };
+        assert!(bad.to_request(Path::new(".")).unwrap_err().to_string().contains("fp8"));
     }
 
     #[test]
