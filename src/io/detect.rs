@@ -72,6 +72,9 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 pub const CONTROL_PREFIX: &str = "control_model.";
+/// SDXL single files: CLIP ViT-L (transformers names) and OpenCLIP bigG (OpenCLIP names), sgm's conditioner.
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 /// LDM's DDPM wrapper stores its noise schedule; diffusers' scheduler recomputes it.
 const DDPM_BUFFERS: [&str; 13] = [
     "betas",
@@ -192,9 +195,6 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     };
     if kind == ControlNet {
         controlnet_details(tensors, file_name, &mut d);
-    }
-    if kind == SdCheckpoint && base == Base::Sdxl {
-        d.notes.push("SDXL single files can be inspected, not loaded (only SD1.x and SD2.x)".into());
     }
     if kind == SdCheckpoint && has_prefix(tensors, "model_ema.") {
         d.notes.push("holds EMA weights too (not pruned); the non-EMA weights are used".into());
@@ -362,7 +362,7 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
                         known(keymap::unet_to_diffusers(k, &unet))
                     } else if let Some(k) = n.strip_prefix(VAE_PREFIX) {
                         known(keymap::vae_to_diffusers(k, levels).map(|x| x.0))
-                    } else if let Some(k) = n.strip_prefix(CLIP_PREFIX) {
+                    } else if let Some(k) = n.strip_prefix(CLIP_PREFIX).or_else(|| n.strip_prefix(SDXL_CLIP_PREFIX)) {
                         if n.ends_with("position_ids") {
                             Role::Ignored
                         } else {
@@ -370,6 +370,12 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
                         }
                     } else if let Some(k) = n.strip_prefix(OPEN_CLIP_PREFIX) {
                         match keymap::open_clip_to_diffusers(k, open_clip_layers) {
+                            Some(OpenClipTarget::Dropped(_)) => Role::Ignored,
+                            Some(_) => Role::Used,
+                            None => Role::Unrecognised,
+                        }
+                    } else if let Some(k) = n.strip_prefix(SDXL_OPEN_CLIP_PREFIX) {
+                        match keymap::open_clip_g_to_diffusers(k) {
                             Some(OpenClipTarget::Dropped(_)) => Role::Ignored,
                             Some(_) => Role::Used,
                             None => Role::Unrecognised,
