@@ -207,7 +207,7 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
             let pooled = text_2.as_ref().and_then(|t| dim(t, "text_projection.weight", 0));
             if let (Some(n), Some(p)) = (c.get("projection_class_embeddings_input_dim").and_then(Value::as_u64), pooled)
             {
-                if n > p as u64 && (n - p as u64) % 6 == 0 {
+                if n > p as u64 && (n - p as u64).is_multiple_of(6) {
                     c["addition_time_embed_dim"] = json!((n - p as u64) / 6);
                 }
             }
