@@ -424,8 +424,13 @@ fn encoder_config(t: &TensorMap, f: &BaseFacts) -> Map<String, Value> {
     let has_attn = |b: usize| t.keys().any(|k| k.starts_with(&format!("down_blocks.{b}.attentions.")));
     let down: Vec<&str> =
         (0..levels).map(|b| if has_attn(b) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
-    let depth: Vec<usize> =
-        (0..levels).map(|b| count(t, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")).max(1)).collect();
+    // A level with attentions but no transformer blocks has depth 0 (the -mid SDXL ControlNets).
+    let depth: Vec<usize> = (0..levels)
+        .map(|b| match has_attn(b) {
+            true => count(t, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")),
+            false => 1,
+        })
+        .collect();
     let depth = if depth.iter().all(|&d| d == depth[0]) { json!(depth[0]) } else { json!(depth) };
     let cross = t.iter().find(|(k, _)| k.ends_with("attn2.to_k.weight")).and_then(|(_, x)| x.dims().get(1).copied());
     let linear = t.iter().find(|(k, _)| k.ends_with("proj_in.weight")).is_some_and(|(_, x)| x.rank() == 2);
@@ -440,6 +445,9 @@ fn encoder_config(t: &TensorMap, f: &BaseFacts) -> Map<String, Value> {
     c.insert("upcast_attention".into(), json!(f.upcast_attention));
     c.insert("transformer_layers_per_block".into(), depth);
     c.insert("norm_num_groups".into(), json!(f.norm_num_groups));
+    if !t.keys().any(|k| k.starts_with("mid_block.attentions.")) {
+        c.insert("mid_block_type".into(), json!("UNetMidBlock2D"));
+    }
     if let Some(n) = dim(t, "add_embedding.linear_1.weight", 1) {
         c.insert("addition_embed_type".into(), json!("text_time"));
         c.insert("addition_time_embed_dim".into(), json!(f.addition_time_embed_dim.unwrap_or(256)));
@@ -532,8 +540,14 @@ fn read_given_config(path: &Path, file: &str) -> Result<Value> {
 /// A given config must fit the weights: the fields weights determine are compared.
 fn check_config(path: &Path, config: &Value, t: &TensorMap) -> Result<()> {
     let derived = encoder_config(t, facts(Base::Unknown));
+    // Without transformer blocks (the small SDXL ControlNets) the weights say nothing of the text width or
+    // the projections.
+    let attends = t.keys().any(|k| k.ends_with("attn2.to_k.weight"));
     for key in ["block_out_channels", "layers_per_block", "cross_attention_dim", "use_linear_projection", "in_channels"]
     {
+        if !attends && matches!(key, "cross_attention_dim" | "use_linear_projection") {
+            continue;
+        }
         let (Some(want), Some(have)) = (derived.get(key), config.get(key)) else { continue };
         if want != have {
             return Err(Error::weights(path, format!("the config says {key} = {have}, the weights say {want}")));
@@ -749,6 +763,26 @@ mod tests {
         broken.remove("conditioner.embedders.1.model.text_projection");
         let err = load_sd_checkpoint(&write(dir.path(), "broken.safetensors", &broken), None).unwrap_err().to_string();
         assert!(err.contains("conditioner.embedders.1.model.text_projection"), "{err}");
+    }
+
+    /// The -mid/-small SDXL ControlNet layouts from their weights alone: attention levels without transformer
+    /// blocks have depth 0; without any mid-block attention the mid block is diffusers' plain `UNetMidBlock2D`.
+    #[test]
+    fn sdxl_mid_and_small_layouts_from_the_weights() {
+        for (net, depth, mid) in [
+            ("tiny-controlnet-sdxl-mid", Some(json!([1, 0])), None),
+            ("tiny-controlnet-sdxl-small", None, Some("UNetMidBlock2D")),
+        ] {
+            let file = fixtures().join("models").join(net).join("diffusion_pytorch_model.safetensors");
+            let c = load_controlnet_file(&file).unwrap();
+            let want = twin_config(net);
+            assert_eq!(c.config["down_block_types"], want["down_block_types"], "{net}");
+            assert_eq!(c.config.get("mid_block_type").and_then(Value::as_str), mid, "{net}");
+            if let Some(d) = depth {
+                assert_eq!(c.config["transformer_layers_per_block"], d, "{net}");
+                assert_eq!(want["transformer_layers_per_block"], d, "{net}");
+            }
+        }
     }
 
     #[test]
