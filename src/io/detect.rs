@@ -92,6 +92,23 @@ const DDPM_BUFFERS: [&str; 13] = [
     "logvar",
 ];
 
+/// Key of the marker tensor Stability's control-LoRAs carry (ComfyUI's `ControlLora` is chosen by it).
+pub const CONTROL_LORA_MARKER: &str = "lora_controlnet";
+/// Top-level tensors only diffusers' `ControlNetUnionModel` has (xinsir's union nets).
+pub const UNION_PARTS: [&str; 4] =
+    ["task_embedding", "control_add_embedding.", "spatial_ch_projs.", "transformer_layes."];
+
+/// A ControlNet kind that is recognised but cannot be loaded yet: what it is, for messages.
+pub fn unsupported_controlnet(tensors: &[TensorInfo]) -> Option<&'static str> {
+    if tensors.iter().any(|t| t.name == CONTROL_LORA_MARKER) {
+        Some("a control-LoRA (low-rank deltas on the base UNet's encoder, as Stability's control-lora-*.safetensors)")
+    } else if UNION_PARTS.iter().any(|p| has_prefix(tensors, p)) {
+        Some("a ControlNet union net (diffusers' ControlNetUnionModel, several condition types in one net)")
+    } else {
+        None
+    }
+}
+
 /// What a file is, and what was learned from its weights.
 #[derive(Debug, Clone, Serialize)]
 pub struct Detection {
@@ -195,6 +212,9 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     };
     if kind == ControlNet {
         controlnet_details(tensors, file_name, &mut d);
+        if let Some(what) = unsupported_controlnet(tensors) {
+            d.notes.push(format!("{what}: recognised, not loadable yet"));
+        }
     }
     if kind == SdCheckpoint && has_prefix(tensors, "model_ema.") {
         d.notes.push("holds EMA weights too (not pruned); the non-EMA weights are used".into());
@@ -327,7 +347,13 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
         }
         (ModelKind::ControlNet | ModelKind::Unet, Format::Diffusers) => {
             let l = UnetLayout::from_diffusers(names()).unwrap_or(UNKNOWN_LAYOUT);
-            tensors.iter().map(|t| known(keymap::unet_to_original(&t.name, &l))).collect()
+            tensors
+                .iter()
+                .map(|t| match UNION_PARTS.iter().any(|p| t.name.starts_with(p)) {
+                    true => Role::Used,
+                    false => known(keymap::unet_to_original(&t.name, &l)),
+                })
+                .collect()
         }
         (ModelKind::Vae, Format::Original) => {
             let n = vae_levels(&d.prefix);
@@ -410,6 +436,18 @@ mod tests {
         assert!(d.description.contains("LoRA"), "{}", d.description);
         let ti = [t("emb_params", &[2, 768])];
         assert!(detect(&ti, "x.pt").description.contains("textual-inversion"));
+    }
+
+    #[test]
+    fn union_nets_and_control_loras_are_named() {
+        let hint = t("controlnet_cond_embedding.conv_in.weight", &[16, 3, 3, 3]);
+        let union = [hint.clone(), t("task_embedding", &[8, 320]), t("add_embedding.linear_1.weight", &[1280, 2816])];
+        let d = detect(&union, "diffusion_pytorch_model.safetensors");
+        assert_eq!((d.kind, d.base), (ModelKind::ControlNet, Base::Sdxl));
+        assert!(d.notes.iter().any(|n| n.contains("union net")), "{:?}", d.notes);
+        let lora = [t("input_hint_block.0.weight", &[16, 3, 3, 3]), t("lora_controlnet", &[])];
+        assert!(unsupported_controlnet(&lora).unwrap().contains("control-LoRA"));
+        assert_eq!(unsupported_controlnet(&[hint]), None);
     }
 
     #[test]

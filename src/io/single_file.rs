@@ -93,6 +93,9 @@ pub fn load_controlnet_file(path: &Path) -> Result<Component> {
 pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<Component> {
     let ck = Checkpoint::open(path)?;
     let det = expect_kind(&ck, Expected::ControlNet)?;
+    if let Some(what) = super::detect::unsupported_controlnet(&ck.tensors) {
+        return Err(Error::weights(path, format!("this is {what}, which cannot be loaded yet")));
+    }
     let tensors = match det.format {
         Format::Original => {
             let l = original_layout(&ck, &det.prefix)?;
@@ -125,6 +128,12 @@ pub fn load_controlnet(path: &Path) -> Result<Component> {
     }
     let config: Value = read_json(&path.join("config.json"))?;
     let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("");
+    if class == "ControlNetUnionModel" {
+        return Err(Error::weights(
+            path,
+            "this is a ControlNet union net (diffusers' ControlNetUnionModel), which cannot be loaded yet",
+        ));
+    }
     if class != "ControlNetModel" {
         let what = if class.is_empty() { "a folder without a model class" } else { class };
         return Err(Error::weights(path, format!("expected a ControlNet, but this folder holds {what}")));
@@ -783,6 +792,25 @@ mod tests {
                 assert_eq!(want["transformer_layers_per_block"], d, "{net}");
             }
         }
+    }
+
+    /// Union nets and control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
+    #[test]
+    fn union_nets_and_control_loras_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut union = twin("controlnet_sd15");
+        union.insert("task_embedding".into(), Tensor::zeros((6, 32), DType::F32, &candle_core::Device::Cpu).unwrap());
+        let err = load_controlnet_file(&write(dir.path(), "union.safetensors", &union)).unwrap_err().to_string();
+        assert!(err.contains("union net") && err.contains("union.safetensors"), "{err}");
+        let folder = dir.path().join("union");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), r#"{"_class_name": "ControlNetUnionModel"}"#).unwrap();
+        let err = load_controlnet(&folder).unwrap_err().to_string();
+        assert!(err.contains("ControlNetUnionModel") && err.contains("cannot be loaded yet"), "{err}");
+        let mut lora = original("controlnet_sd15", None);
+        lora.insert("lora_controlnet".into(), Tensor::zeros((), DType::F32, &candle_core::Device::Cpu).unwrap());
+        let err = load_controlnet_file(&write(dir.path(), "control-lora.safetensors", &lora)).unwrap_err().to_string();
+        assert!(err.contains("control-LoRA"), "{err}");
     }
 
     #[test]
