@@ -98,7 +98,11 @@ struct Case {
 const MIN_PSNR_DB: f64 = 40.0;
 
 fn run_case(name: &str) {
-    let text = std::fs::read_to_string(fixture("sdxl/cases.json")).unwrap();
+    run_case_from("sdxl/cases.json", name);
+}
+
+fn run_case_from(cases_file: &str, name: &str) {
+    let text = std::fs::read_to_string(fixture(cases_file)).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
     let c = cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
     let dir = temp_dir();
@@ -132,6 +136,60 @@ cases! {
     two_nets_with_window => "sdxl_two_nets_window",
     pndm_odd_size_with_micro_conditioning => "sdxl_cn_odd_micro",
     two_images_non_square => "sdxl_cn_two_images",
+}
+
+/// The `-mid`/`-small` SDXL ControlNet layouts (tools/fixtures/gen_sdxl2.py): attention levels with zero
+/// transformer blocks; no attention at all with diffusers' plain `UNetMidBlock2D` (one resnet).
+macro_rules! layout_cases {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(#[test] fn $test() { run_case_from("sdxl/cases_layouts.json", $name); })*
+    };
+}
+
+layout_cases! {
+    mid_controlnet_zero_depth_attention => "sdxl_cn_mid",
+    small_controlnet_plain_mid_block_ddim => "sdxl_cn_small_ddim",
+    mid_and_small_together_with_window => "sdxl_mid_and_small",
+}
+
+/// Their layouts are read from the weights alone as single files: zero-depth attentions and the plain mid
+/// block give the folder's image.
+#[test]
+fn mid_and_small_single_files_give_the_folders_image() {
+    let dir = temp_dir();
+    for net in ["tiny-controlnet-sdxl-mid", "tiny-controlnet-sdxl-small"] {
+        let file = dir.path().join(format!("{net}.safetensors"));
+        std::fs::copy(fixture(&format!("models/{net}/diffusion_pytorch_model.safetensors")), &file).unwrap();
+        let config = fixture(&format!("models/{net}/config.json"));
+        let run = |spec: &str, extra: &[&str], out: &str| {
+            let out = dir.path().join(out);
+            let mut args = vec![
+                "generate",
+                "--model",
+                "tests/fixtures/models/tiny-sdxl",
+                "--controlnet",
+                spec,
+                "--control",
+                "tests/fixtures/pipeline/control_circle.png",
+                "--steps",
+                "2",
+                "--seed",
+                "5",
+                "-o",
+                out.to_str().unwrap(),
+                "-q",
+            ];
+            args.extend(extra);
+            let res = controlnet(&args);
+            assert!(res.status.success(), "{net}: {}", stderr(&res));
+            image::open(&out).unwrap().to_rgb8()
+        };
+        let folder = run(&format!("tests/fixtures/models/{net}"), &[], "folder.png");
+        // The tiny nets' head counts are not SDXL's: the config gives them, the layout comes from the weights
+        // (the config is checked against them).
+        let single = run(file.to_str().unwrap(), &["--controlnet-config", config.to_str().unwrap()], "file.png");
+        assert!(folder == single, "{net}: the single file's image differs from the folder's");
+    }
 }
 
 /// An SD1.5 ControlNet with the SDXL model (and the reverse) is refused, naming which base each is for.

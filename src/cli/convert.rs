@@ -1,5 +1,7 @@
 //! `controlnet convert IN OUT [--to diffusers|original] [--dtype f16|f32]`: a ControlNet between the original
-//! single-file layout (lllyasviel's `control_model.*` names) and a diffusers folder, losslessly.
+//! single-file layout (lllyasviel's `control_model.*` names) and a diffusers folder, losslessly; or a single-file
+//! base model (SD1.x/2.x/SDXL, A1111/civitai layout) into a diffusers pipeline folder (`--config DIR` as for
+//! `generate`: a pipeline folder whose configs describe it).
 //!
 //! IN: an original `.pth`/`.ckpt`/`.safetensors`, a diffusers `.safetensors`, or a diffusers folder.
 //! OUT: a folder (`config.json` + `diffusion_pytorch_model.safetensors`) or one original `.safetensors`;
@@ -31,7 +33,8 @@ pub enum DTypeArg {
 
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// The ControlNet to convert (file, diffusers folder, or hub id owner/name[@revision][/file]).
+    /// The ControlNet to convert (file, diffusers folder, or hub id owner/name[@revision][/file]), or a
+    /// single-file base model (SD1.x/2.x/SDXL checkpoint) to write as a diffusers pipeline folder.
     pub input: PathBuf,
     /// Where to write (a folder for --to diffusers, a .safetensors file for --to original).
     pub output: PathBuf,
@@ -41,7 +44,8 @@ pub struct ConvertArgs {
     /// Store floating-point weights in this precision [default: as stored].
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// A diffusers config.json (or folder) to use instead of the one read from the weights.
+    /// A diffusers config.json (or folder) to use instead of the one read from the weights (for a base model:
+    /// a pipeline folder whose unet/, vae/, text_encoder*/ and scheduler/ configs describe it).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Replace OUT if it exists.
@@ -59,6 +63,12 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     let input = crate::io::hub::resolve(&args.input.to_string_lossy(), None)?;
     let args = &ConvertArgs { input, ..args.clone() };
     crate::io::atomic::check_output_is_not_input("output", &args.output, &[&args.input])?;
+    if !args.input.is_dir() {
+        let ck = Checkpoint::open(&args.input)?;
+        if detect(&ck.tensors, "").kind == ModelKind::SdCheckpoint {
+            return convert_base_model(args);
+        }
+    }
     check_is_controlnet(&args.input)?;
     let input_format = if args.input.is_dir() {
         Format::Diffusers
@@ -116,20 +126,99 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// config.json + weights into a temporary sibling folder, then renamed to `out`.
-fn write_folder(
-    out: &Path,
-    config: &serde_json::Value,
-    tensors: &crate::io::checkpoint::TensorMap,
-) -> anyhow::Result<()> {
+/// A single-file SD checkpoint → a diffusers pipeline folder: each component's config.json and weights, the
+/// bundled CLIP tokenizer(s), the scheduler config and `model_index.json`.
+fn convert_base_model(args: &ConvertArgs) -> anyhow::Result<()> {
+    use crate::io::single_file::{load_sd_checkpoint_with, BundledTokenizer, SdOptions};
+    if args.to == Some(Target::Original) {
+        bail!("{}: already a single file; only --to diffusers applies to a base model", args.input.display());
+    }
+    if args.output.exists() && !args.force {
+        bail!("{} exists; pass --force to replace it", args.output.display());
+    }
+    let opts = SdOptions { prediction_type: None, config_dir: args.config.clone() };
+    let mut c = load_sd_checkpoint_with(&args.input, &opts)?;
+    for note in &c.notes {
+        eprintln!("note: {note}");
+    }
+    if let Some(d) = args.dtype {
+        let dtype = if d == DTypeArg::F16 { DType::F16 } else { DType::F32 };
+        for t in [&mut c.unet.tensors, &mut c.vae.tensors, &mut c.text_encoder.tensors] {
+            *t = cast_floats(t, dtype)?;
+        }
+        if let Some(x) = c.sdxl.as_mut() {
+            x.text_encoder_2.tensors = cast_floats(&x.text_encoder_2.tensors, dtype)?;
+        }
+    }
+    let class = if c.sdxl.is_some() { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" };
+    let scheduler = c.scheduler_config["_class_name"].as_str().unwrap_or("PNDMScheduler").to_string();
+    let mut index = serde_json::json!({
+        "_class_name": class,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler],
+    });
+    if c.sdxl.is_some() {
+        index["text_encoder_2"] = serde_json::json!(["transformers", "CLIPTextModelWithProjection"]);
+        index["tokenizer_2"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+        index["force_zeros_for_empty_prompt"] = serde_json::json!(true);
+    } else {
+        index["safety_checker"] = serde_json::json!([null, null]);
+        index["feature_extractor"] = serde_json::json!([null, null]);
+        index["requires_safety_checker"] = serde_json::json!(false);
+    }
+    let tokenizer = |dir: &Path, t: &BundledTokenizer| -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("vocab.json"), &t.vocab_json)?;
+        std::fs::write(dir.join("merges.txt"), &t.merges_txt)?;
+        let cfg = serde_json::json!({"model_max_length": 77, "pad_token": t.pad_token,
+            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"});
+        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
+        Ok(())
+    };
+    let json = |path: PathBuf, v: &Value| -> anyhow::Result<()> {
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")?;
+        Ok(())
+    };
+    let mut count = c.unet.tensors.len() + c.vae.tensors.len() + c.text_encoder.tensors.len();
+    write_atomic_folder(&args.output, |tmp| {
+        json(tmp.join("model_index.json"), &index)?;
+        json(tmp.join("scheduler/scheduler_config.json"), &c.scheduler_config)?;
+        for (sub, comp, stem) in [("unet", &c.unet, DIFFUSERS_STEM), ("vae", &c.vae, DIFFUSERS_STEM)] {
+            json(tmp.join(sub).join("config.json"), &comp.config)?;
+            save_safetensors_atomic(&comp.tensors, &tmp.join(sub).join(format!("{stem}.safetensors")))?;
+        }
+        json(tmp.join("text_encoder/config.json"), &c.text_encoder.config)?;
+        save_safetensors_atomic(&c.text_encoder.tensors, &tmp.join("text_encoder/model.safetensors"))?;
+        tokenizer(&tmp.join("tokenizer"), &c.tokenizer)?;
+        if let Some(x) = &c.sdxl {
+            json(tmp.join("text_encoder_2/config.json"), &x.text_encoder_2.config)?;
+            save_safetensors_atomic(&x.text_encoder_2.tensors, &tmp.join("text_encoder_2/model.safetensors"))?;
+            tokenizer(&tmp.join("tokenizer_2"), &x.tokenizer_2)?;
+        }
+        Ok(())
+    })?;
+    count += c.sdxl.as_ref().map_or(0, |x| x.text_encoder_2.tensors.len());
+    eprintln!(
+        "wrote {} ({class}, diffusers layout, {count} tensors, {:.1} MB)",
+        args.output.display(),
+        walk_size(&args.output) as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Fills a temporary sibling folder with `fill`, then renames it to `out` (replacing what is there).
+fn write_atomic_folder(out: &Path, fill: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "controlnet".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.{}.partial", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
         std::fs::create_dir_all(&tmp)?;
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
-        save_safetensors_atomic(tensors, &tmp.join(format!("{DIFFUSERS_STEM}.safetensors")))?;
+        fill(&tmp)?;
         if out.exists() {
             if out.is_dir() {
                 std::fs::remove_dir_all(out)?;
@@ -144,6 +233,19 @@ fn write_folder(
         std::fs::remove_dir_all(&tmp).ok();
     }
     result.with_context(|| format!("writing {}", out.display()))
+}
+
+/// config.json + weights into a temporary sibling folder, then renamed to `out`.
+fn write_folder(
+    out: &Path,
+    config: &serde_json::Value,
+    tensors: &crate::io::checkpoint::TensorMap,
+) -> anyhow::Result<()> {
+    write_atomic_folder(out, |tmp| {
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+        save_safetensors_atomic(tensors, &tmp.join(format!("{DIFFUSERS_STEM}.safetensors")))?;
+        Ok(())
+    })
 }
 
 /// Refuses a folder without a config.json that is some other kind of model, saying what it is (a pipeline folder
@@ -254,6 +356,65 @@ mod tests {
             let y = y.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             assert!(x == y, "{} differs", t.name);
         }
+    }
+
+    /// A single-file SDXL checkpoint becomes a pipeline folder that loads and gives the single file's image.
+    #[test]
+    fn sdxl_single_file_to_a_pipeline_folder() {
+        use crate::io::fixtures;
+        use crate::pipeline::{generate, GenerateParams, StableDiffusion};
+        let dir = tempfile::tempdir().unwrap();
+        let file = fixtures::write(dir.path(), "tiny-sdxl.safetensors", &fixtures::original("sdxl_single_file", None));
+        let out = dir.path().join("tiny-sdxl");
+        let config = Some(fixture("models/tiny-sdxl"));
+        let args = |to| ConvertArgs {
+            input: file.clone(),
+            output: out.clone(),
+            to,
+            dtype: None,
+            config: config.clone(),
+            force: false,
+        };
+        run(&args(None)).unwrap();
+        let err = run(&args(None)).unwrap_err().to_string();
+        assert!(err.contains("exists"), "{err}");
+        let err = run(&args(Some(Target::Original))).unwrap_err().to_string();
+        assert!(err.contains("already a single file"), "{err}");
+        let folder = StableDiffusion::load(&out, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(folder.sdxl.is_some());
+        let opts = crate::pipeline::sd::LoadOptions {
+            dtype: DType::F32,
+            device: candle_core::Device::Cpu,
+            variant: None,
+            prediction_type: None,
+            config_dir: config.clone(),
+        };
+        let single = StableDiffusion::open(file.to_str().unwrap(), &opts).unwrap();
+        let params = GenerateParams {
+            prompt: "a red circle".into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance: 5.0,
+            scheduler: None,
+            seed: 4,
+            num_images: 1,
+            guess_mode: false,
+            vae_tiling: false,
+            sdxl: Default::default(),
+        };
+        let a = generate(&folder, &[], &params, &mut |_, _| {}).unwrap();
+        let b = generate(&single, &[], &params, &mut |_, _| {}).unwrap();
+        assert_eq!(a.images[0], b.images[0]);
+
+        // SD1.x files take the same road (one text encoder, StableDiffusionPipeline).
+        let sd15 = fixtures::write(dir.path(), "tiny-sd15.safetensors", &fixtures::original("sd15_single_file", None));
+        let out15 = dir.path().join("tiny-sd15");
+        let config = Some(fixture("models/tiny-sd15"));
+        run(&ConvertArgs { input: sd15, output: out15.clone(), to: None, dtype: None, config, force: false }).unwrap();
+        let sd = StableDiffusion::load(&out15, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(sd.sdxl.is_none());
     }
 
     #[test]

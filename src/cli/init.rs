@@ -15,7 +15,7 @@ use crate::train::params::TensorMap;
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// The base Stable Diffusion 1.x/2.x: a diffusers pipeline folder, a single-file checkpoint, or a hub id.
+    /// The base Stable Diffusion 1.x/2.x or SDXL: a diffusers pipeline folder, a single-file checkpoint, or a hub id.
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub model: String,
     /// Where to write the ControlNet folder (config.json + diffusion_pytorch_model.safetensors).

@@ -105,6 +105,17 @@ pub struct BaseFacts {
     pub pad_token: &'static str,
     /// SDXL's size/crop conditioning: `addition_time_embed_dim`.
     pub addition_time_embed_dim: Option<usize>,
+    /// SDXL's second text encoder (OpenCLIP bigG with projection).
+    pub text_encoder_2: Option<SecondTextEncoder>,
+}
+
+/// What SDXL's second text encoder's weights do not say.
+#[derive(Debug, Clone, Copy)]
+pub struct SecondTextEncoder {
+    /// OpenCLIP: gelu.
+    pub hidden_act: &'static str,
+    /// `tokenizer_2` pads with "!" (OpenCLIP's tokenizer), the first one with end-of-text.
+    pub pad_token: &'static str,
 }
 
 /// The table. Index it with [`facts`].
@@ -121,6 +132,7 @@ pub const BASES: [BaseFacts; 3] = [
         text_head_dim: 64,
         pad_token: "<|endoftext|>",
         addition_time_embed_dim: None,
+        text_encoder_2: None,
     },
     BaseFacts {
         base: Base::Sd21,
@@ -134,6 +146,7 @@ pub const BASES: [BaseFacts; 3] = [
         text_head_dim: 64,
         pad_token: "!",
         addition_time_embed_dim: None,
+        text_encoder_2: None,
     },
     BaseFacts {
         base: Base::Sdxl,
@@ -143,10 +156,12 @@ pub const BASES: [BaseFacts; 3] = [
         image_size: 1024,
         norm_num_groups: 32,
         vae_scaling_factor: 0.13025,
-        text_hidden_act: "gelu",
+        // The first text encoder is OpenAI's CLIP ViT-L, as SD1.5's.
+        text_hidden_act: "quick_gelu",
         text_head_dim: 64,
-        pad_token: "!",
+        pad_token: "<|endoftext|>",
         addition_time_embed_dim: Some(256),
+        text_encoder_2: Some(SecondTextEncoder { hidden_act: "gelu", pad_token: "!" }),
     },
 ];
 
@@ -178,6 +193,16 @@ pub fn scheduler_config(base: Base, prediction_type: &str) -> Value {
     });
     let mut c = common.as_object().cloned().unwrap_or_default();
     match base {
+        // stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json.
+        Base::Sdxl => {
+            c.insert("_class_name".into(), json!("EulerDiscreteScheduler"));
+            c.insert("interpolation_type".into(), json!("linear"));
+            c.insert("use_karras_sigmas".into(), json!(false));
+            c.insert("sample_max_value".into(), json!(1.0));
+            c.insert("skip_prk_steps".into(), json!(true));
+            c.insert("clip_sample".into(), json!(false));
+            c.remove("trained_betas");
+        }
         Base::Sd21 => {
             c.insert("_class_name".into(), json!("DDIMScheduler"));
             c.insert("clip_sample".into(), json!(false));
@@ -212,7 +237,12 @@ mod tests {
     #[test]
     fn scheduler_matches_the_tiny_pipelines() {
         // The tiny pipelines' schedulers were written by diffusers with SD1.5's and SD2.1's hub configs.
-        for (dir, base, pred) in [("tiny-sd15", Base::Sd15, "epsilon"), ("tiny-sd2", Base::Sd21, "v_prediction")] {
+        // tiny-sdxl's is SDXL base 1.0's file as the hub has it.
+        for (dir, base, pred) in [
+            ("tiny-sd15", Base::Sd15, "epsilon"),
+            ("tiny-sd2", Base::Sd21, "v_prediction"),
+            ("tiny-sdxl", Base::Sdxl, "epsilon"),
+        ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/models")
                 .join(dir)

@@ -72,6 +72,9 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 pub const CONTROL_PREFIX: &str = "control_model.";
+/// SDXL single files: CLIP ViT-L (transformers names) and OpenCLIP bigG (OpenCLIP names), sgm's conditioner.
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 /// LDM's DDPM wrapper stores its noise schedule; diffusers' scheduler recomputes it.
 const DDPM_BUFFERS: [&str; 13] = [
     "betas",
@@ -88,6 +91,23 @@ const DDPM_BUFFERS: [&str; 13] = [
     "posterior_mean_coef2",
     "logvar",
 ];
+
+/// Key of the marker tensor Stability's control-LoRAs carry (ComfyUI's `ControlLora` is chosen by it).
+pub const CONTROL_LORA_MARKER: &str = "lora_controlnet";
+/// Top-level tensors only diffusers' `ControlNetUnionModel` has (xinsir's union nets).
+pub const UNION_PARTS: [&str; 4] =
+    ["task_embedding", "control_add_embedding.", "spatial_ch_projs.", "transformer_layes."];
+
+/// A ControlNet kind that is recognised but cannot be loaded yet: what it is, for messages.
+pub fn unsupported_controlnet(tensors: &[TensorInfo]) -> Option<&'static str> {
+    if tensors.iter().any(|t| t.name == CONTROL_LORA_MARKER) {
+        Some("a control-LoRA (low-rank deltas on the base UNet's encoder, as Stability's control-lora-*.safetensors)")
+    } else if UNION_PARTS.iter().any(|p| has_prefix(tensors, p)) {
+        Some("a ControlNet union net (diffusers' ControlNetUnionModel, several condition types in one net)")
+    } else {
+        None
+    }
+}
 
 /// What a file is, and what was learned from its weights.
 #[derive(Debug, Clone, Serialize)]
@@ -192,9 +212,9 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     };
     if kind == ControlNet {
         controlnet_details(tensors, file_name, &mut d);
-    }
-    if kind == SdCheckpoint && base == Base::Sdxl {
-        d.notes.push("SDXL single files can be inspected, not loaded (only SD1.x and SD2.x)".into());
+        if let Some(what) = unsupported_controlnet(tensors) {
+            d.notes.push(format!("{what}: recognised, not loadable yet"));
+        }
     }
     if kind == SdCheckpoint && has_prefix(tensors, "model_ema.") {
         d.notes.push("holds EMA weights too (not pruned); the non-EMA weights are used".into());
@@ -327,7 +347,13 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
         }
         (ModelKind::ControlNet | ModelKind::Unet, Format::Diffusers) => {
             let l = UnetLayout::from_diffusers(names()).unwrap_or(UNKNOWN_LAYOUT);
-            tensors.iter().map(|t| known(keymap::unet_to_original(&t.name, &l))).collect()
+            tensors
+                .iter()
+                .map(|t| match UNION_PARTS.iter().any(|p| t.name.starts_with(p)) {
+                    true => Role::Used,
+                    false => known(keymap::unet_to_original(&t.name, &l)),
+                })
+                .collect()
         }
         (ModelKind::Vae, Format::Original) => {
             let n = vae_levels(&d.prefix);
@@ -362,7 +388,7 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
                         known(keymap::unet_to_diffusers(k, &unet))
                     } else if let Some(k) = n.strip_prefix(VAE_PREFIX) {
                         known(keymap::vae_to_diffusers(k, levels).map(|x| x.0))
-                    } else if let Some(k) = n.strip_prefix(CLIP_PREFIX) {
+                    } else if let Some(k) = n.strip_prefix(CLIP_PREFIX).or_else(|| n.strip_prefix(SDXL_CLIP_PREFIX)) {
                         if n.ends_with("position_ids") {
                             Role::Ignored
                         } else {
@@ -370,6 +396,12 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
                         }
                     } else if let Some(k) = n.strip_prefix(OPEN_CLIP_PREFIX) {
                         match keymap::open_clip_to_diffusers(k, open_clip_layers) {
+                            Some(OpenClipTarget::Dropped(_)) => Role::Ignored,
+                            Some(_) => Role::Used,
+                            None => Role::Unrecognised,
+                        }
+                    } else if let Some(k) = n.strip_prefix(SDXL_OPEN_CLIP_PREFIX) {
+                        match keymap::open_clip_g_to_diffusers(k) {
                             Some(OpenClipTarget::Dropped(_)) => Role::Ignored,
                             Some(_) => Role::Used,
                             None => Role::Unrecognised,
@@ -404,6 +436,18 @@ mod tests {
         assert!(d.description.contains("LoRA"), "{}", d.description);
         let ti = [t("emb_params", &[2, 768])];
         assert!(detect(&ti, "x.pt").description.contains("textual-inversion"));
+    }
+
+    #[test]
+    fn union_nets_and_control_loras_are_named() {
+        let hint = t("controlnet_cond_embedding.conv_in.weight", &[16, 3, 3, 3]);
+        let union = [hint.clone(), t("task_embedding", &[8, 320]), t("add_embedding.linear_1.weight", &[1280, 2816])];
+        let d = detect(&union, "diffusion_pytorch_model.safetensors");
+        assert_eq!((d.kind, d.base), (ModelKind::ControlNet, Base::Sdxl));
+        assert!(d.notes.iter().any(|n| n.contains("union net")), "{:?}", d.notes);
+        let lora = [t("input_hint_block.0.weight", &[16, 3, 3, 3]), t("lora_controlnet", &[])];
+        assert!(unsupported_controlnet(&lora).unwrap().contains("control-LoRA"));
+        assert_eq!(unsupported_controlnet(&[hint]), None);
     }
 
     #[test]

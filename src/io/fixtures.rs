@@ -1,5 +1,6 @@
 //! Test support: original-layout files rebuilt from the committed tiny diffusers models by the recipes that
-//! `tools/fixtures/gen_load.py` wrote and checked against diffusers' own conversion (see that script).
+//! `tools/fixtures/gen_load.py` (SD1/SD2, `load/recipes.json`) and `gen_sdxl2.py` (SDXL, `sdxl/recipes.json`)
+//! wrote and checked against diffusers' own conversion (see those scripts).
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,10 +12,18 @@ use super::checkpoint::{save_safetensors_atomic, TensorMap};
 
 pub use crate::test_support::fixtures;
 
+/// The folders holding `recipes.json` and `layouts/`.
+const RECIPE_DIRS: [&str; 2] = ["load", "sdxl"];
+
 fn recipe(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("load/recipes.json")).unwrap();
-    let all: Value = serde_json::from_str(&text).unwrap();
-    all[name].clone()
+    for dir in RECIPE_DIRS {
+        let text = std::fs::read_to_string(fixtures().join(dir).join("recipes.json")).unwrap();
+        let all: Value = serde_json::from_str(&text).unwrap();
+        if !all[name].is_null() {
+            return all[name].clone();
+        }
+    }
+    panic!("no recipe {name}")
 }
 
 /// The diffusers tensors a recipe reads, keyed as the recipe names them. Text encoders are widened to f32 and
@@ -32,17 +41,22 @@ pub fn twin(name: &str) -> TensorMap {
             out.insert(format!("{sub}/{k}"), v);
         }
     }
-    let te_dir = root.join("text_encoder");
-    let te_file = std::fs::read_dir(&te_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .unwrap();
-    for (k, v) in load(te_file) {
-        let v = v.to_dtype(DType::F32).unwrap();
-        let bare = k.strip_prefix("text_model.").unwrap_or(&k).to_string();
-        out.insert(format!("text_encoder/{bare}"), v.clone());
-        out.insert(format!("text_encoder/text_model.{bare}"), v);
+    for sub in ["text_encoder", "text_encoder_2"] {
+        let te_dir = root.join(sub);
+        if !te_dir.is_dir() {
+            continue;
+        }
+        let te_file = std::fs::read_dir(&te_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .unwrap();
+        for (k, v) in load(te_file) {
+            let v = v.to_dtype(DType::F32).unwrap();
+            let bare = k.strip_prefix("text_model.").unwrap_or(&k).to_string();
+            out.insert(format!("{sub}/{bare}"), v.clone());
+            out.insert(format!("{sub}/text_model.{bare}"), v);
+        }
     }
     out
 }
@@ -58,6 +72,7 @@ pub fn original(name: &str, dtype: Option<DType>) -> TensorMap {
         let get = |i: usize| src[args[i].as_str().unwrap()].clone();
         let t = match e[1].as_str().unwrap() {
             "copy" => get(0),
+            "t" => get(0).t().unwrap().contiguous().unwrap(),
             "cat0" => Tensor::cat(&[get(0), get(1), get(2)], 0).unwrap(),
             "conv1x1" => get(0).unsqueeze(2).unwrap().unsqueeze(3).unwrap(),
             "extra" => {
@@ -106,7 +121,12 @@ pub fn assert_same(got: &TensorMap, want: &TensorMap, what: &str) {
 
 /// A safetensors file with the layout's header and a sparse hole as data (takes no disk space).
 pub fn sparse_file(dir: &Path, layout: &str, file_name: &str) -> (PathBuf, u64) {
-    let text = std::fs::read_to_string(fixtures().join(format!("load/layouts/{layout}.json"))).unwrap();
+    let path = RECIPE_DIRS
+        .iter()
+        .map(|d| fixtures().join(d).join("layouts").join(format!("{layout}.json")))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no layout {layout}"));
+    let text = std::fs::read_to_string(path).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let mut header = serde_json::Map::new();
     let mut offset = 0u64;

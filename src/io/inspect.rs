@@ -288,6 +288,15 @@ mod tests {
                 1_066_235_307,
                 "f16",
             ),
+            (
+                "sdxl_single_file",
+                "sd_xl_base_1.0.safetensors",
+                SdCheckpoint,
+                Sdxl,
+                Format::Original,
+                3_468_837_867,
+                "f16",
+            ),
         ];
         for (layout, file, kind, base, format, params, dtype) in cases {
             let sub = dir.path().join(layout);
@@ -316,6 +325,10 @@ mod tests {
         let (p, _) = sparse_file(dir.path(), "sd15_single_file", "model.safetensors");
         let i = inspect(&p).unwrap();
         assert_eq!(i.ignored_tensors, 13, "12 DDPM buffers + position_ids");
+        let (p, _) = sparse_file(dir.path(), "sdxl_single_file", "sd_xl_base_1.0.safetensors");
+        let i = inspect(&p).unwrap();
+        assert_eq!(i.ignored_tensors, 2, "position_ids + logit_scale");
+        assert!(i.notes.is_empty(), "{:?}", i.notes);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! | VAE | `first_stage_model.` + LDM `autoencoder.py` names | `AutoencoderKL` |
 //! | SD1 text | `cond_stage_model.transformer.` + HF CLIP names | `CLIPTextModel` (`text_model.`) |
 //! | SD2 text | `cond_stage_model.model.` + OpenCLIP names | `CLIPTextModel` (`text_model.`) |
+//! | SDXL text | `conditioner.embedders.0.transformer.` + HF CLIP names | `CLIPTextModel` (`text_model.`) |
+//! | SDXL text 2 | `conditioner.embedders.1.model.` + OpenCLIP names | `CLIPTextModelWithProjection` |
 //!
 //! LDM numbers blocks flatly: `input_blocks.{i}` runs over `conv_in` (0), then per level `layers_per_block`
 //! (resnet `.0`, attention `.1`) pairs and one downsampler (`.0.op`), except after the last level.
@@ -304,6 +306,9 @@ pub enum OpenClipTarget {
     Qkv([String; 3]),
     /// Present in the file, unused by the diffusers model (the reason is the message).
     Dropped(&'static str),
+    /// Stored transposed: OpenCLIP's `text_projection` is multiplied from the right (`x @ P`, [width, proj]),
+    /// transformers' is a `Linear` weight ([proj, width]).
+    Transposed(String),
 }
 
 /// OpenCLIP leaves inside `transformer.resblocks.{i}.`, original → transformers.
@@ -320,6 +325,29 @@ const OPENCLIP_LEAVES: [(&str, &str); 5] = [
 /// diffusers' text encoder has `layers - 1` layers and the last resblock is dropped, as is `text_projection`
 /// (only `CLIPTextModelWithProjection`, i.e. SDXL, uses it).
 pub fn open_clip_to_diffusers(key: &str, layers: usize) -> Option<OpenClipTarget> {
+    match key {
+        "text_projection" => Some(OpenClipTarget::Dropped("text projection (used by SDXL only)")),
+        _ => match index_after(key, "transformer.resblocks") {
+            Some((i, _)) if i + 1 == layers => {
+                Some(OpenClipTarget::Dropped("last OpenCLIP layer: SD2 uses the penultimate layer"))
+            }
+            _ => open_clip_common(key),
+        },
+    }
+}
+
+/// SDXL's second text encoder (OpenCLIP bigG): the key after `conditioner.embedders.1.model.` →
+/// `CLIPTextModelWithProjection`. Every layer is kept (SDXL takes the penultimate hidden state from the full
+/// model, and the pooled output from the last), and `text_projection` is transposed into a `Linear` weight.
+pub fn open_clip_g_to_diffusers(key: &str) -> Option<OpenClipTarget> {
+    match key {
+        "text_projection" => Some(OpenClipTarget::Transposed("text_projection.weight".into())),
+        _ => open_clip_common(key),
+    }
+}
+
+/// The OpenCLIP names SD2's and SDXL's encoders share.
+fn open_clip_common(key: &str) -> Option<OpenClipTarget> {
     let one = |s: String| Some(OpenClipTarget::One(s));
     match key {
         "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight".into()),
@@ -327,14 +355,10 @@ pub fn open_clip_to_diffusers(key: &str, layers: usize) -> Option<OpenClipTarget
         "ln_final.weight" | "ln_final.bias" => {
             return one(format!("text_model.final_layer_norm.{}", key.rsplit('.').next()?));
         }
-        "text_projection" => return Some(OpenClipTarget::Dropped("text projection (used by SDXL only)")),
         "logit_scale" => return Some(OpenClipTarget::Dropped("CLIP's contrastive temperature")),
         _ => {}
     }
     let (i, rest) = index_after(key, "transformer.resblocks")?;
-    if i + 1 == layers {
-        return Some(OpenClipTarget::Dropped("last OpenCLIP layer: SD2 uses the penultimate layer"));
-    }
     let layer = format!("text_model.encoder.layers.{i}");
     if let Some(leaf) = rest.strip_prefix("attn.in_proj_") {
         return Some(OpenClipTarget::Qkv(["q", "k", "v"].map(|p| format!("{layer}.self_attn.{p}_proj.{leaf}"))));
@@ -469,6 +493,16 @@ mod tests {
             Some(OpenClipTarget::One("text_model.embeddings.position_embedding.weight".into()))
         );
         assert_eq!(clip_to_diffusers("text_model.embeddings.position_ids"), None);
+        // SDXL's bigG keeps its last layer and its projection (transposed).
+        assert_eq!(
+            open_clip_g_to_diffusers("transformer.resblocks.31.ln_1.weight"),
+            Some(OpenClipTarget::One("text_model.encoder.layers.31.layer_norm1.weight".into()))
+        );
+        assert_eq!(
+            open_clip_g_to_diffusers("text_projection"),
+            Some(OpenClipTarget::Transposed("text_projection.weight".into()))
+        );
+        assert!(matches!(open_clip_g_to_diffusers("logit_scale"), Some(OpenClipTarget::Dropped(_))));
         assert_eq!(
             clip_to_diffusers("encoder.layers.0.mlp.fc1.bias").as_deref(),
             Some("text_model.encoder.layers.0.mlp.fc1.bias")

@@ -20,7 +20,8 @@ pub use super::base::PredictionType;
 use super::base::{self, facts, Base, BaseFacts};
 use super::checkpoint::{Checkpoint, TensorMap};
 use super::detect::{
-    detect, Detection, Format, CLIP_PREFIX, CONTROL_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    detect, Detection, Format, CLIP_PREFIX, CONTROL_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX,
+    UNET_PREFIX, VAE_PREFIX,
 };
 use super::inspect::{wrong_kind, Expected};
 use super::keymap::{self, OpenClipTarget, Reshape, UnetLayout};
@@ -57,6 +58,8 @@ pub struct SdComponents {
     pub vae: Component,
     pub text_encoder: Component,
     pub tokenizer: BundledTokenizer,
+    /// SDXL's second text encoder and tokenizer.
+    pub sdxl: Option<SdxlComponents>,
     pub base: Base,
     /// `scheduler_config.json` of the base model's diffusers folder.
     pub scheduler_config: Value,
@@ -64,12 +67,20 @@ pub struct SdComponents {
     pub notes: Vec<String>,
 }
 
+/// What an SDXL single file holds besides: OpenCLIP bigG with its projection (`text_encoder_2`, as
+/// transformers' `CLIPTextModelWithProjection`) and the tokenizer that pads with "!".
+#[derive(Debug)]
+pub struct SdxlComponents {
+    pub text_encoder_2: Component,
+    pub tokenizer_2: BundledTokenizer,
+}
+
 /// Options of [`load_sd_checkpoint_with`].
 #[derive(Debug, Clone, Default)]
 pub struct SdOptions {
     pub prediction_type: Option<PredictionType>,
-    /// A diffusers pipeline folder whose `unet/`, `vae/`, `text_encoder/` and `scheduler/` configs are used
-    /// instead of the ones read from the weights.
+    /// A diffusers pipeline folder whose `unet/`, `vae/`, `text_encoder/` (`text_encoder_2/`) and `scheduler/`
+    /// configs are used instead of the ones read from the weights.
     pub config_dir: Option<PathBuf>,
 }
 
@@ -82,6 +93,9 @@ pub fn load_controlnet_file(path: &Path) -> Result<Component> {
 pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<Component> {
     let ck = Checkpoint::open(path)?;
     let det = expect_kind(&ck, Expected::ControlNet)?;
+    if let Some(what) = super::detect::unsupported_controlnet(&ck.tensors) {
+        return Err(Error::weights(path, format!("this is {what}, which cannot be loaded yet")));
+    }
     let tensors = match det.format {
         Format::Original => {
             let l = original_layout(&ck, &det.prefix)?;
@@ -114,6 +128,12 @@ pub fn load_controlnet(path: &Path) -> Result<Component> {
     }
     let config: Value = read_json(&path.join("config.json"))?;
     let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("");
+    if class == "ControlNetUnionModel" {
+        return Err(Error::weights(
+            path,
+            "this is a ControlNet union net (diffusers' ControlNetUnionModel), which cannot be loaded yet",
+        ));
+    }
     if class != "ControlNetModel" {
         let what = if class.is_empty() { "a folder without a model class" } else { class };
         return Err(Error::weights(path, format!("expected a ControlNet, but this folder holds {what}")));
@@ -139,7 +159,7 @@ pub fn controlnet_to_original(tensors: &TensorMap) -> Result<TensorMap> {
         .collect()
 }
 
-/// A single-file SD1.x / SD2.x checkpoint; `prediction_type` overrides the guess for SD2.x files.
+/// A single-file SD1.x / SD2.x / SDXL checkpoint; `prediction_type` overrides the guess for SD2.x files.
 pub fn load_sd_checkpoint(path: &Path, prediction_type: Option<PredictionType>) -> Result<SdComponents> {
     load_sd_checkpoint_with(path, &SdOptions { prediction_type, config_dir: None })
 }
@@ -147,9 +167,6 @@ pub fn load_sd_checkpoint(path: &Path, prediction_type: Option<PredictionType>) 
 pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdComponents> {
     let ck = Checkpoint::open(path)?;
     let det = expect_kind(&ck, Expected::BaseModel)?;
-    if det.base == Base::Sdxl {
-        return Err(Error::weights(path, "an SDXL single-file checkpoint: only SD1.x and SD2.x are supported"));
-    }
     let mut notes = det.notes.clone();
 
     // 1. UNet.
@@ -171,9 +188,16 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
         vae.insert(name, x);
     }
 
-    // 3. Text encoder: OpenAI CLIP (SD1) or OpenCLIP (SD2, fused q/k/v, last layer dropped).
+    // 3. Text encoder: OpenAI CLIP (SD1, SDXL's first) or OpenCLIP (SD2, fused q/k/v, last layer dropped);
+    // SDXL's second is OpenCLIP bigG with every layer and its projection.
+    let sdxl = det.base == Base::Sdxl;
     let open_clip = ck.tensors.iter().any(|t| t.name.starts_with(OPEN_CLIP_PREFIX));
-    let text = if open_clip { open_clip_tensors(&ck)? } else { rename_clip(&ck)? };
+    let text = match (sdxl, open_clip) {
+        (true, _) => rename_clip(&ck, SDXL_CLIP_PREFIX)?,
+        (false, true) => open_clip_tensors(&ck)?,
+        (false, false) => rename_clip(&ck, CLIP_PREFIX)?,
+    };
+    let text_2 = if sdxl { Some(open_clip_g_tensors(&ck)?) } else { None };
     let base = match det.base {
         Base::Unknown if open_clip => Base::Sd21,
         b => b,
@@ -186,11 +210,36 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
     };
     let unet_config = match given("unet", "config.json")? {
         Some(c) => c,
-        None => unet_config(&unet, f),
+        None => {
+            let mut c = unet_config(&unet, f);
+            // SDXL's add_embedding takes the pooled text (the projection's width) and 6 sinusoid embeddings.
+            let pooled = text_2.as_ref().and_then(|t| dim(t, "text_projection.weight", 0));
+            if let (Some(n), Some(p)) = (c.get("projection_class_embeddings_input_dim").and_then(Value::as_u64), pooled)
+            {
+                if n > p as u64 && (n - p as u64).is_multiple_of(6) {
+                    c["addition_time_embed_dim"] = json!((n - p as u64) / 6);
+                }
+            }
+            c
+        }
     };
     check_config(path, &unet_config, &unet)?;
     let vae_config = given("vae", "config.json")?.unwrap_or_else(|| vae_config(&vae, f));
     let text_config = given("text_encoder", "config.json")?.unwrap_or_else(|| text_config(&text, f, open_clip));
+    let sdxl_parts = match text_2 {
+        Some(t) => {
+            let second = f.text_encoder_2.unwrap_or(base::SecondTextEncoder { hidden_act: "gelu", pad_token: "!" });
+            let config = match given("text_encoder_2", "config.json")? {
+                Some(c) => c,
+                None => text_2_config(&t, f, second.hidden_act),
+            };
+            Some(SdxlComponents {
+                text_encoder_2: Component { config, tensors: t },
+                tokenizer_2: bundled_tokenizer(second.pad_token)?,
+            })
+        }
+        None => None,
+    };
 
     // 5. Scheduler: SD2.x 768 models predict v, the 512 "base" ones epsilon; diffusers tells them apart by the
     // training step stored in .ckpt files (875000 = 2.x-base). Safetensors files carry no step.
@@ -230,6 +279,7 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
         vae: Component { config: vae_config, tensors: vae },
         text_encoder: Component { config: text_config, tensors: text },
         tokenizer,
+        sdxl: sdxl_parts,
         base,
         scheduler_config,
         notes,
@@ -299,17 +349,56 @@ fn count_indices(ck: &Checkpoint, prefix: &str) -> usize {
         .map_or(0, |m| m + 1)
 }
 
-fn rename_clip(ck: &Checkpoint) -> Result<TensorMap> {
+/// An OpenAI CLIP text encoder under `prefix` (transformers names inside).
+fn rename_clip(ck: &Checkpoint, prefix: &str) -> Result<TensorMap> {
     let mut out = TensorMap::new();
-    for t in ck.tensors.iter().filter(|t| t.name.starts_with(CLIP_PREFIX)) {
-        if let Some(name) = keymap::clip_to_diffusers(&t.name[CLIP_PREFIX.len()..]) {
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(prefix)) {
+        if let Some(name) = keymap::clip_to_diffusers(&t.name[prefix.len()..]) {
             out.insert(name, ck.load(&t.name)?);
         }
     }
     if out.is_empty() {
-        return Err(Error::weights(&ck.path, "no text encoder (cond_stage_model.*) in this checkpoint"));
+        return Err(Error::weights(&ck.path, format!("no text encoder ({prefix}*) in this checkpoint")));
     }
     Ok(out)
+}
+
+/// SDXL's OpenCLIP bigG (`conditioner.embedders.1.model.*`): q/k/v split, projection transposed.
+fn open_clip_g_tensors(ck: &Checkpoint) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
+    for t in ck.tensors.iter().filter(|t| t.name.starts_with(SDXL_OPEN_CLIP_PREFIX)) {
+        match keymap::open_clip_g_to_diffusers(&t.name[SDXL_OPEN_CLIP_PREFIX.len()..]) {
+            Some(target) => insert_open_clip(ck, &t.name, target, &mut out)?,
+            None => return Err(Error::weights(&ck.path, format!("unrecognised OpenCLIP tensor {}", t.name))),
+        }
+    }
+    if !out.contains_key("text_projection.weight") {
+        return Err(Error::weights(
+            &ck.path,
+            format!("SDXL's second text encoder has no {SDXL_OPEN_CLIP_PREFIX}text_projection"),
+        ));
+    }
+    Ok(out)
+}
+
+fn insert_open_clip(ck: &Checkpoint, name: &str, target: OpenClipTarget, out: &mut TensorMap) -> Result<()> {
+    match target {
+        OpenClipTarget::One(to) => {
+            out.insert(to, ck.load(name)?);
+        }
+        OpenClipTarget::Transposed(to) => {
+            out.insert(to, ck.load(name)?.t()?.contiguous()?);
+        }
+        OpenClipTarget::Qkv(names) => {
+            let fused = ck.load(name)?;
+            let d = fused.dim(0)? / 3;
+            for (i, to) in names.into_iter().enumerate() {
+                out.insert(to, fused.narrow(0, i * d, d)?.contiguous()?);
+            }
+        }
+        OpenClipTarget::Dropped(_) => {}
+    }
+    Ok(())
 }
 
 fn open_clip_tensors(ck: &Checkpoint) -> Result<TensorMap> {
@@ -317,17 +406,7 @@ fn open_clip_tensors(ck: &Checkpoint) -> Result<TensorMap> {
     let mut out = TensorMap::new();
     for t in ck.tensors.iter().filter(|t| t.name.starts_with(OPEN_CLIP_PREFIX)) {
         match keymap::open_clip_to_diffusers(&t.name[OPEN_CLIP_PREFIX.len()..], layers) {
-            Some(OpenClipTarget::One(name)) => {
-                out.insert(name, ck.load(&t.name)?);
-            }
-            Some(OpenClipTarget::Qkv(names)) => {
-                let fused = ck.load(&t.name)?;
-                let d = fused.dim(0)? / 3;
-                for (i, name) in names.into_iter().enumerate() {
-                    out.insert(name, fused.narrow(0, i * d, d)?.contiguous()?);
-                }
-            }
-            Some(OpenClipTarget::Dropped(_)) => {}
+            Some(target) => insert_open_clip(ck, &t.name, target, &mut out)?,
             None => return Err(Error::weights(&ck.path, format!("unrecognised OpenCLIP tensor {}", t.name))),
         }
     }
@@ -354,8 +433,13 @@ fn encoder_config(t: &TensorMap, f: &BaseFacts) -> Map<String, Value> {
     let has_attn = |b: usize| t.keys().any(|k| k.starts_with(&format!("down_blocks.{b}.attentions.")));
     let down: Vec<&str> =
         (0..levels).map(|b| if has_attn(b) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
-    let depth: Vec<usize> =
-        (0..levels).map(|b| count(t, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")).max(1)).collect();
+    // A level with attentions but no transformer blocks has depth 0 (the -mid SDXL ControlNets).
+    let depth: Vec<usize> = (0..levels)
+        .map(|b| match has_attn(b) {
+            true => count(t, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")),
+            false => 1,
+        })
+        .collect();
     let depth = if depth.iter().all(|&d| d == depth[0]) { json!(depth[0]) } else { json!(depth) };
     let cross = t.iter().find(|(k, _)| k.ends_with("attn2.to_k.weight")).and_then(|(_, x)| x.dims().get(1).copied());
     let linear = t.iter().find(|(k, _)| k.ends_with("proj_in.weight")).is_some_and(|(_, x)| x.rank() == 2);
@@ -370,6 +454,9 @@ fn encoder_config(t: &TensorMap, f: &BaseFacts) -> Map<String, Value> {
     c.insert("upcast_attention".into(), json!(f.upcast_attention));
     c.insert("transformer_layers_per_block".into(), depth);
     c.insert("norm_num_groups".into(), json!(f.norm_num_groups));
+    if !t.keys().any(|k| k.starts_with("mid_block.attentions.")) {
+        c.insert("mid_block_type".into(), json!("UNetMidBlock2D"));
+    }
     if let Some(n) = dim(t, "add_embedding.linear_1.weight", 1) {
         c.insert("addition_embed_type".into(), json!("text_time"));
         c.insert("addition_time_embed_dim".into(), json!(f.addition_time_embed_dim.unwrap_or(256)));
@@ -445,6 +532,15 @@ fn text_config(t: &TensorMap, f: &BaseFacts, open_clip: bool) -> Value {
     })
 }
 
+/// SDXL's second encoder: transformers' `CLIPTextModelWithProjection` config.
+fn text_2_config(t: &TensorMap, f: &BaseFacts, hidden_act: &str) -> Value {
+    let mut c = text_config(t, f, true);
+    c["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    c["hidden_act"] = json!(hidden_act);
+    c["projection_dim"] = json!(dim(t, "text_projection.weight", 0));
+    c
+}
+
 fn read_given_config(path: &Path, file: &str) -> Result<Value> {
     let p = if path.is_dir() { path.join(file) } else { path.to_path_buf() };
     read_json(&p)
@@ -453,8 +549,14 @@ fn read_given_config(path: &Path, file: &str) -> Result<Value> {
 /// A given config must fit the weights: the fields weights determine are compared.
 fn check_config(path: &Path, config: &Value, t: &TensorMap) -> Result<()> {
     let derived = encoder_config(t, facts(Base::Unknown));
+    // Without transformer blocks (the small SDXL ControlNets) the weights say nothing of the text width or
+    // the projections.
+    let attends = t.keys().any(|k| k.ends_with("attn2.to_k.weight"));
     for key in ["block_out_channels", "layers_per_block", "cross_attention_dim", "use_linear_projection", "in_channels"]
     {
+        if !attends && matches!(key, "cross_attention_dim" | "use_linear_projection") {
+            continue;
+        }
         let (Some(want), Some(have)) = (derived.get(key), config.get(key)) else { continue };
         if want != have {
             return Err(Error::weights(path, format!("the config says {key} = {have}, the weights say {want}")));
@@ -616,6 +718,99 @@ mod tests {
         assert_eq!(sd.tokenizer.pad_token, "!");
         let eps = load_sd_checkpoint(&path, Some(PredictionType::Epsilon)).unwrap();
         assert_eq!(eps.scheduler_config["prediction_type"], "epsilon");
+    }
+
+    /// SDXL (A1111 layout): CLIP ViT-L under `conditioner.embedders.0`, OpenCLIP bigG under
+    /// `conditioner.embedders.1` with fused q/k/v, a transposed projection and every layer kept.
+    #[test]
+    fn sdxl_single_file_equals_its_diffusers_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "tiny-sdxl.safetensors", &original("sdxl_single_file", None));
+        let config_dir = fixtures().join("models/tiny-sdxl");
+        let sd =
+            load_sd_checkpoint_with(&path, &SdOptions { config_dir: Some(config_dir.clone()), ..Default::default() })
+                .unwrap();
+        let t = twin("sdxl_single_file");
+        let part =
+            |p: &str| t.iter().filter_map(|(k, v)| k.strip_prefix(p).map(|k| (k.to_string(), v.clone()))).collect();
+        assert_eq!(sd.base, Base::Sdxl);
+        assert_same(&sd.unet.tensors, &part("unet/"), "unet");
+        assert_same(&sd.vae.tensors, &part("vae/"), "vae");
+        assert_same(
+            &strip_text_model(&sd.text_encoder.tensors, ""),
+            &strip_text_model(&t, "text_encoder/"),
+            "text encoder",
+        );
+        let x = sd.sdxl.as_ref().expect("SDXL parts");
+        assert_same(
+            &strip_text_model(&x.text_encoder_2.tensors, ""),
+            &strip_text_model(&t, "text_encoder_2/"),
+            "text encoder 2",
+        );
+        assert_eq!((sd.tokenizer.pad_token.as_str(), x.tokenizer_2.pad_token.as_str()), ("<|endoftext|>", "!"));
+        assert_eq!(sd.scheduler_config["_class_name"], "EulerDiscreteScheduler");
+
+        // Without the folder: what the weights say, and SDXL's facts for the rest.
+        let guessed = load_sd_checkpoint(&path, None).unwrap();
+        let unet_cfg: Value = read_json(&config_dir.join("unet/config.json")).unwrap();
+        assert_derivable_fields(
+            &guessed.unet.config,
+            &unet_cfg,
+            &["out_channels", "up_block_types", "addition_embed_type", "projection_class_embeddings_input_dim"],
+        );
+        let te2_cfg: Value = read_json(&config_dir.join("text_encoder_2/config.json")).unwrap();
+        let te2 = &guessed.sdxl.as_ref().unwrap().text_encoder_2.config;
+        for k in ["hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim", "hidden_act"] {
+            assert_eq!(te2[k], te2_cfg[k], "text encoder 2 {k}");
+        }
+        assert_eq!(guessed.text_encoder.config["hidden_act"], "quick_gelu");
+        assert_eq!(guessed.unet.config["addition_time_embed_dim"], unet_cfg["addition_time_embed_dim"]);
+        assert_eq!(guessed.scheduler_config, base::scheduler_config(Base::Sdxl, "epsilon"));
+
+        // A file without the projection cannot be SDXL's second encoder.
+        let mut broken = original("sdxl_single_file", None);
+        broken.remove("conditioner.embedders.1.model.text_projection");
+        let err = load_sd_checkpoint(&write(dir.path(), "broken.safetensors", &broken), None).unwrap_err().to_string();
+        assert!(err.contains("conditioner.embedders.1.model.text_projection"), "{err}");
+    }
+
+    /// The -mid/-small SDXL ControlNet layouts from their weights alone: attention levels without transformer
+    /// blocks have depth 0; without any mid-block attention the mid block is diffusers' plain `UNetMidBlock2D`.
+    #[test]
+    fn sdxl_mid_and_small_layouts_from_the_weights() {
+        for (net, depth, mid) in [
+            ("tiny-controlnet-sdxl-mid", Some(json!([1, 0])), None),
+            ("tiny-controlnet-sdxl-small", None, Some("UNetMidBlock2D")),
+        ] {
+            let file = fixtures().join("models").join(net).join("diffusion_pytorch_model.safetensors");
+            let c = load_controlnet_file(&file).unwrap();
+            let want = twin_config(net);
+            assert_eq!(c.config["down_block_types"], want["down_block_types"], "{net}");
+            assert_eq!(c.config.get("mid_block_type").and_then(Value::as_str), mid, "{net}");
+            if let Some(d) = depth {
+                assert_eq!(c.config["transformer_layers_per_block"], d, "{net}");
+                assert_eq!(want["transformer_layers_per_block"], d, "{net}");
+            }
+        }
+    }
+
+    /// Union nets and control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
+    #[test]
+    fn union_nets_and_control_loras_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut union = twin("controlnet_sd15");
+        union.insert("task_embedding".into(), Tensor::zeros((6, 32), DType::F32, &candle_core::Device::Cpu).unwrap());
+        let err = load_controlnet_file(&write(dir.path(), "union.safetensors", &union)).unwrap_err().to_string();
+        assert!(err.contains("union net") && err.contains("union.safetensors"), "{err}");
+        let folder = dir.path().join("union");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), r#"{"_class_name": "ControlNetUnionModel"}"#).unwrap();
+        let err = load_controlnet(&folder).unwrap_err().to_string();
+        assert!(err.contains("ControlNetUnionModel") && err.contains("cannot be loaded yet"), "{err}");
+        let mut lora = original("controlnet_sd15", None);
+        lora.insert("lora_controlnet".into(), Tensor::zeros((), DType::F32, &candle_core::Device::Cpu).unwrap());
+        let err = load_controlnet_file(&write(dir.path(), "control-lora.safetensors", &lora)).unwrap_err().to_string();
+        assert!(err.contains("control-LoRA"), "{err}");
     }
 
     #[test]

@@ -91,8 +91,11 @@ fn default_kernel() -> usize {
     3
 }
 
-/// The only mid block SD uses.
+/// SD's mid block: resnet, transformer, resnet.
 const MID_BLOCK_TYPE: &str = "UNetMidBlock2DCrossAttn";
+/// One resnet and no attention (diffusers' `UNetMidBlock2D` with `num_layers=0, add_attention=False`, as its
+/// ControlNet and UNet build it): the mid block of the small SDXL ControlNets.
+const PLAIN_MID_BLOCK_TYPE: &str = "UNetMidBlock2D";
 /// The time embedding is this many times wider than the first block (`time_embed_dim` in diffusers).
 const TIME_EMBED_MULT: usize = 4;
 /// SDXL's micro-conditioning numbers per image: original height and width, crop top and left, target height
@@ -275,12 +278,17 @@ impl EncoderConfig {
             ("time_embedding_type", self.time_embedding_type.as_str(), "positional"),
             ("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default"),
             ("attention_type", &self.attention_type, "default"),
-            ("mid_block_type", self.mid_block_type.as_deref().unwrap_or("null"), MID_BLOCK_TYPE),
         ];
         for (field, found, supported) in expect {
             if found != supported {
                 return Err(format!("{field} is {found:?}; only {supported:?} is supported"));
             }
+        }
+        let mid = self.mid_block_type.as_deref().unwrap_or("null");
+        if mid != MID_BLOCK_TYPE && mid != PLAIN_MID_BLOCK_TYPE {
+            return Err(format!(
+                "mid_block_type is {mid:?}; only {MID_BLOCK_TYPE:?} and {PLAIN_MID_BLOCK_TYPE:?} are supported"
+            ));
         }
         if self.conv_in_kernel.is_multiple_of(2) {
             return Err(format!("conv_in_kernel must be odd, got {}", self.conv_in_kernel));
@@ -378,8 +386,9 @@ impl UNetEncoder {
             in_channels = level.channels;
         }
         let last = levels[levels.len() - 1];
-        // SD's mid block: one transformer between two resnets.
-        let mid = cfg.block_config(&last, 1, BlockKind::CrossAttn);
+        // SD's mid block: one transformer between two resnets; the plain one is a single resnet.
+        let plain_mid = cfg.mid_block_type.as_deref() == Some(PLAIN_MID_BLOCK_TYPE);
+        let mid = cfg.block_config(&last, usize::from(!plain_mid), BlockKind::CrossAttn);
         Ok(Self {
             conv_in: conv2d(cfg.in_channels, c0, cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2, vb.pp("conv_in"))?,
             time_proj: Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift),
@@ -527,5 +536,22 @@ impl ControlNetOutput {
             down_block_res_samples: down,
             mid_block_res_sample: self.mid_block_res_sample.broadcast_add(&other.mid_block_res_sample)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The small SDXL ControlNets' plain mid block is read; a mid block we cannot build is refused by name.
+    #[test]
+    fn mid_block_types() {
+        let cfg = |mid: &str| -> EncoderConfig {
+            serde_json::from_value(serde_json::json!({"mid_block_type": mid})).unwrap()
+        };
+        assert!(cfg("UNetMidBlock2D").levels().is_ok());
+        assert!(cfg("UNetMidBlock2DCrossAttn").levels().is_ok());
+        let err = cfg("UNetMidBlock2DSimpleCrossAttn").levels().unwrap_err();
+        assert!(err.contains("mid_block_type is \"UNetMidBlock2DSimpleCrossAttn\""), "{err}");
     }
 }

@@ -165,6 +165,22 @@ impl StableDiffusion {
             &c.tokenizer.merges_txt,
             &c.tokenizer.pad_token,
         )?;
+        // SDXL: the second encoder and tokenizer; empty negatives are zeros, as SDXL base's model_index.json says.
+        let sdxl = match c.sdxl {
+            Some(x) => {
+                let cfg = serde_json::from_value(x.text_encoder_2.config).map_err(|e| cfg_err("text encoder 2", e))?;
+                let text_encoder_2 =
+                    ClipTextModel::new(cfg, VarBuilder::from_tensors(x.text_encoder_2.tensors, dtype, dev))
+                        .map_err(|e| Error::weights(path, format!("text encoder 2: {e}")))?;
+                let t = &x.tokenizer_2;
+                Some(SdxlParts {
+                    tokenizer_2: ClipTokenizer::from_vocab_and_merges(&t.vocab_json, &t.merges_txt, &t.pad_token)?,
+                    text_encoder_2,
+                    force_zeros_for_empty_prompt: true,
+                })
+            }
+            None => None,
+        };
         let scheduler_config = SchedulerConfig::from_json_str(&c.scheduler_config.to_string(), path)?;
         Ok(Self {
             dir: path.to_path_buf(),
@@ -174,7 +190,7 @@ impl StableDiffusion {
             vae,
             scheduler_config,
             scheduler_config_path: path.to_path_buf(),
-            sdxl: None,
+            sdxl,
         })
     }
 
@@ -304,6 +320,46 @@ mod tests {
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(
             fixtures::fixtures().join("pipeline/sd_no_controlnet.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let diff: f32 =
+            (&out.latents - &reference["latents"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 2e-4, "latents differ by {diff}");
+    }
+
+    /// A single-file SDXL checkpoint (A1111 layout, built from tiny-sdxl by the recipe checked against diffusers'
+    /// `from_single_file`) gives diffusers' latents for the SDXL folder's `sdxl_no_controlnet` case.
+    #[test]
+    fn sdxl_single_file_matches_diffusers() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = fixtures::write(dir.path(), "tiny-sdxl.safetensors", &fixtures::original("sdxl_single_file", None));
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            prediction_type: None,
+            config_dir: Some(fixtures::fixtures().join("models/tiny-sdxl")),
+        };
+        let sd = StableDiffusion::open(file.to_str().unwrap(), &opts).unwrap();
+        assert!(sd.sdxl.as_ref().is_some_and(|x| x.force_zeros_for_empty_prompt));
+        let params = GenerateParams {
+            prompt: "a red circle on a light blue background".into(),
+            negative_prompt: String::new(),
+            width: 128,
+            height: 128,
+            steps: 4,
+            guidance: 5.0,
+            scheduler: Some("dpm++2m".parse().unwrap()),
+            seed: 22,
+            num_images: 1,
+            guess_mode: false,
+            vae_tiling: false,
+            sdxl: Default::default(),
+        };
+        let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
+        let reference = candle_core::safetensors::load(
+            fixtures::fixtures().join("sdxl/sdxl_no_controlnet.safetensors"),
             &Device::Cpu,
         )
         .unwrap();

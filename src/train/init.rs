@@ -33,7 +33,8 @@ pub const DEFAULT_HINT_CHANNELS: [usize; 4] = [16, 32, 96, 256];
 /// The time embedding is this many times wider than the first block (diffusers' `time_embed_dim`).
 const TIME_EMBED_MULT: usize = 4;
 /// Keys of the UNet encoder that the ControlNet copies (diffusers' `from_unet` loads exactly these modules).
-const COPIED_PREFIXES: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
+/// SDXL's `add_embedding` (size/crop and pooled-text conditioning) is copied too.
+const COPIED_PREFIXES: [&str; 5] = ["conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block."];
 /// UNet config keys `from_unet` passes on to the ControlNet (the encoder's shape).
 const COPIED_CONFIG_KEYS: [&str; 27] = [
     "encoder_hid_dim",
@@ -189,11 +190,17 @@ pub fn controlnet_from_unet(unet_config: &Value, unet: &TensorMap, opts: &InitOp
     let time_dim = TIME_EMBED_MULT * c0;
     let k = enc.conv_in_kernel;
     // Draws made (and discarded) for the layers the UNet's weights then overwrite.
-    for (fan_in, n_weight, n_bias) in [
+    let mut discarded = vec![
         (enc.in_channels * k * k, c0 * enc.in_channels * k * k, c0),
         (c0, time_dim * c0, time_dim),
         (time_dim, time_dim * time_dim, time_dim),
-    ] {
+    ];
+    // SDXL: `add_embedding.linear_1/2` come next in `__init__` (text_time), before the hint encoder.
+    if let Some((_, input_dim)) = enc.text_time_dims().map_err(Error::Invalid)? {
+        discarded.push((input_dim, time_dim * input_dim, time_dim));
+        discarded.push((time_dim, time_dim * time_dim, time_dim));
+    }
+    for (fan_in, n_weight, n_bias) in discarded {
         torch_default_init(&mut rng, fan_in, n_weight, n_bias);
     }
     let hint = &opts.hint_channels;
@@ -365,6 +372,32 @@ mod tests {
             }
         }
         assert!(full >= 10, "only {full} tensors compared in full");
+    }
+
+    /// SDXL: `torch.manual_seed(7); ControlNetModel.from_unet(tiny-sdxl unet)` (tools/fixtures/gen_sdxl2.py):
+    /// add_embedding is copied and the hint encoder is drawn after its (discarded) initialisation.
+    #[test]
+    fn sdxl_init_is_diffusers_from_unet() {
+        let dir = repo("tests/fixtures/models/tiny-sdxl/unet");
+        let config: Value = read_json(&dir.join("config.json")).unwrap();
+        let unet =
+            candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+        let new = controlnet_from_unet(&config, &unet, &InitOptions { seed: 7, ..Default::default() }).unwrap();
+        let fx = candle_core::safetensors::load(repo("tests/fixtures/sdxl/init.safetensors"), &Device::Cpu).unwrap();
+        let mut full = 0;
+        for (name, t) in new.tensors.iter().filter(|(k, _)| k.starts_with("controlnet_cond_embedding.")) {
+            if let Some(reference) = fx.get(name) {
+                assert_eq!(max_abs_diff(t, reference), 0.0, "{name}");
+                full += 1;
+            }
+            let sum: f64 = t.to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let r: Vec<f32> = fx[&format!("{name}.sum")].to_vec1().unwrap();
+            assert!((sum - r[0] as f64).abs() <= 1e-6 * (1.0 + r[0].abs() as f64), "{name}: {sum} vs {}", r[0]);
+        }
+        assert!(full >= 6, "only {full} tensors compared in full");
+        for name in ["add_embedding.linear_1.weight", "add_embedding.linear_2.bias"] {
+            assert_eq!(max_abs_diff(&new.tensors[name], &unet[name]), 0.0, "{name}");
+        }
     }
 
     #[test]

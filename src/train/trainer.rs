@@ -134,6 +134,14 @@ impl Trainer {
     pub fn new(inputs: RunInputs) -> Result<Self> {
         let RunInputs { mut sd, unet, controlnet_config, controlnet, dataset, settings, validation, run_dir } = inputs;
         settings.validate()?;
+        if sd.sdxl.is_some() {
+            // The objective feeds one text encoder's states and no pooled text or size/crop ids.
+            return Err(Error::setting(
+                "model",
+                "training on an SDXL base is not supported yet (init works; train needs SDXL's pooled text and \
+                 size/crop conditioning, issue #15)",
+            ));
+        }
         let device = sd.unet.device().clone();
         let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
             .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
@@ -528,6 +536,34 @@ pub(crate) mod tests {
             run_dir: run_dir.to_path_buf(),
         })
         .unwrap()
+    }
+
+    /// Training on SDXL is refused by name, not with a shape error from deep inside the UNet.
+    #[test]
+    fn an_sdxl_base_is_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&dir.path().join("data"), 2);
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sdxl");
+        let sd = StableDiffusion::load(Path::new(base), DType::F32, &Device::Cpu).unwrap();
+        let unet_dir = Path::new(base).join("unet");
+        let unet_config: Value = read_json(&unet_dir.join("config.json")).unwrap();
+        let unet_tensors =
+            candle_core::safetensors::load(unet_dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+        let new = controlnet_from_unet(&unet_config, &unet_tensors, &InitOptions::default()).unwrap();
+        let err = Trainer::new(RunInputs {
+            sd,
+            unet: None,
+            controlnet_config: new.config,
+            controlnet: new.tensors,
+            dataset: Dataset::open(&data).unwrap(),
+            settings: settings(),
+            validation: None,
+            run_dir: dir.path().join("run"),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("model") && err.contains("SDXL base is not supported yet"), "{err}");
     }
 
     fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
