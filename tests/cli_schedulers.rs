@@ -31,3 +31,81 @@ fn every_listed_scheduler_generates_on_every_bundled_model() {
         }
     }
 }
+
+/// A1111 sampler names with Karras / exponential sigmas (issue 21) against diffusers' image for the same
+/// settings and seed (tools/fixtures/gen_schedulers_pipeline.py → tests/fixtures/schedulers_pipeline/).
+#[test]
+fn sampler_names_match_diffusers_images() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        name: String,
+        args: Vec<String>,
+        image: String,
+    }
+    const MIN_PSNR_DB: f64 = 40.0;
+    let text = std::fs::read_to_string(fixture("schedulers_pipeline/cases.json")).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
+    assert!(!cases.is_empty());
+    let dir = temp_dir();
+    for c in cases {
+        let out = dir.path().join(format!("{}.png", c.name));
+        let mut args: Vec<&str> = vec!["generate"];
+        args.extend(c.args.iter().map(String::as_str));
+        args.extend(["--output", out.to_str().unwrap(), "--quiet"]);
+        let res = controlnet(&args);
+        assert!(res.status.success(), "{}: {}", c.name, stderr(&res));
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let theirs = image::open(fixture(&format!("schedulers_pipeline/{}", c.image))).unwrap().to_rgb8();
+        let db = psnr(&ours, &theirs);
+        assert!(db >= MIN_PSNR_DB, "{}: PSNR {db:.1} dB < {MIN_PSNR_DB} dB", c.name);
+    }
+}
+
+/// The sampler is recorded so the image reproduces: ours in the JSON, A1111's name in `parameters`.
+#[test]
+fn karras_sampler_is_recorded_in_the_metadata() {
+    let dir = temp_dir();
+    let out = dir.path().join("k.png");
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-a",
+        "--control",
+        "tests/fixtures/pipeline/control_circle.png",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--scheduler",
+        "dpm++ 2m karras",
+        "--quiet",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let text = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(text("parameters").contains("Sampler: DPM++ 2M Karras"), "{chunks:?}");
+    assert!(text("controlnet-rs").contains(r#""scheduler":"dpm++2m-karras""#), "{chunks:?}");
+}
+
+/// An unknown name fails before any model loads, listing our names and A1111's.
+#[test]
+fn unknown_scheduler_lists_both_spellings() {
+    let dir = temp_dir();
+    let out = dir.path().join("x.png");
+    let res = controlnet(&["generate", "--prompt", "x", "--scheduler", "DPM fast", "--output", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("--scheduler") && err.contains("DPM fast"), "{err}");
+    assert!(err.contains("dpm++2m") && err.contains("DPM++ 2M") && err.contains("Euler a"), "{err}");
+    assert!(!out.exists());
+    let res =
+        controlnet(&["generate", "--prompt", "x", "--scheduler", "Euler a Karras", "--output", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("no Karras sigmas"), "{}", stderr(&res));
+}

@@ -116,7 +116,8 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (off at 1 or below).
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, value_name = "F")]
     pub guidance: f64,
-    /// ddim, pndm, euler, euler-a, dpm++2m or unipc [default: the model's own scheduler].
+    /// ddim, pndm, euler, euler-a, dpm++2m or unipc (+ -karras / -exponential for euler, dpm++2m, unipc), or an
+    /// A1111 sampler name such as "DPM++ 2M Karras" [default: the model's own scheduler].
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<String>,
     /// Random seed (torch.Generator("cpu").manual_seed); printed when not given (once the settings are checked).
@@ -151,8 +152,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         pair_net_flags(args, matches)?
     };
     let prediction_type = args.prediction_type.as_deref().map(str::parse).transpose()?;
-    let scheduler =
-        args.scheduler.as_deref().map(|s| s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))).transpose()?;
+    let scheduler = args.scheduler.as_deref().map(str::parse).transpose()?;
     let request = GenerateRequest {
         model: args.model.clone(),
         config: args.config.clone(),

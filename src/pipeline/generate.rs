@@ -11,7 +11,7 @@ use super::text_conditioning::{self, SdxlConditioning};
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
 use crate::model::vae_tiling::VaeTiling;
 use crate::rng::TorchGenerator;
-use crate::schedulers::{self, SchedulerKind};
+use crate::schedulers::{self, Sampler};
 use crate::{Error, Result};
 
 /// One ControlNet with its condition and when/how strongly it acts.
@@ -38,7 +38,7 @@ pub struct GenerateParams {
     /// Classifier-free guidance scale; guidance is off at 1.0 or below, as in diffusers.
     pub guidance: f64,
     /// `None`: the model's own scheduler (`scheduler/scheduler_config.json`).
-    pub scheduler: Option<SchedulerKind>,
+    pub scheduler: Option<Sampler>,
     pub seed: u64,
     pub num_images: usize,
     /// Control on the conditional half only, with per-level scales (works without a prompt).
@@ -159,7 +159,7 @@ pub fn generate_cancellable(
     let (embeds, cond_embeds) = (&text.embeds, &text.cond_embeds);
 
     // 2. The scheduler and its timesteps.
-    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config, p.steps)?;
+    let mut scheduler = schedulers::build_sampler(p.scheduler, &sd.scheduler_config, p.steps)?;
     let timesteps = scheduler.timesteps().to_vec();
 
     // 3. Initial noise from the torch-compatible generator: the first draw of diffusers' generator.

@@ -297,7 +297,7 @@ impl<'a> Generator<'a> {
         };
         let scheduler = match params.scheduler {
             Some(k) => k,
-            None => sd.scheduler_config.own_kind()?,
+            None => sd.scheduler_config.own_kind()?.into(),
         };
         Ok(ImageMetadata {
             software: format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),

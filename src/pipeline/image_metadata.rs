@@ -90,17 +90,9 @@ fn default_resize() -> String {
     "just-resize".into()
 }
 
-/// A1111's sampler names for our schedulers.
-fn a1111_sampler(name: &str) -> &str {
-    match name {
-        "ddim" => "DDIM",
-        "pndm" => "PLMS",
-        "euler" => "Euler",
-        "euler-a" => "Euler a",
-        "dpm++2m" => "DPM++ 2M",
-        "unipc" => "UniPC",
-        other => other,
-    }
+/// A1111's sampler name for one of ours ("dpm++2m-karras" → "DPM++ 2M Karras").
+fn a1111_sampler(name: &str) -> String {
+    name.parse::<crate::schedulers::Sampler>().map_or_else(|_| name.to_string(), |s| s.a1111_name())
 }
 
 /// A short hash as A1111 shows it (first 10 hex digits of the SHA-256).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::annotate::ResizeMode;
 use crate::io::single_file::PredictionType;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
 use super::demo;
@@ -127,8 +127,8 @@ pub struct GenerateRequest {
     pub steps: usize,
     /// Classifier-free guidance scale; off at 1 or below.
     pub guidance: f64,
-    /// `None`: the model's own scheduler.
-    pub scheduler: Option<SchedulerKind>,
+    /// `None`: the model's own scheduler. A [`Sampler`] may also force Karras or exponential sigmas.
+    pub scheduler: Option<Sampler>,
     /// `None`: a random seed, reported by [`super::Progress::Started`] and in the output.
     pub seed: Option<u64>,
     /// Images made in one batch (they share one noise draw, so image k depends on the batch size).

@@ -11,7 +11,10 @@ use super::schedule::{
     add_noise_at_sigma, alpha_sigma, div, lambda, mul, sigma_of, BetaConfig, BetaSchedule, NoiseSchedule,
     PredictionType,
 };
-use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
+use super::timesteps::{
+    check_steps, exponential_sigmas, interp, karras_sigmas, log_sigmas, multistep_timesteps, respacing_flags,
+    sigma_to_t,
+};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
@@ -156,6 +159,13 @@ impl DpmSolverMultistepScheduler {
                 timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
             }
             sigmas
+        } else if parsed.use_exponential_sigmas {
+            // Unlike Karras, diffusers does not round these timesteps (the int64 cast below truncates them).
+            let sigmas =
+                exponential_sigmas(train_sigmas[0] as f64, train_sigmas[num_train - 1] as f64, num_inference_steps);
+            let logs = log_sigmas(&train_sigmas);
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs)).collect();
+            sigmas
         } else {
             timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect()
         };
@@ -265,9 +275,9 @@ fn validate(config: &SchedulerConfig, parsed: &DpmSolverConfig) -> crate::Result
     if !(1..=3).contains(&parsed.solver_order) {
         return Err(config.unsupported(kind, format!("solver_order {}", parsed.solver_order)));
     }
+    respacing_flags(config, kind, [parsed.use_karras_sigmas, parsed.use_exponential_sigmas, parsed.use_beta_sigmas])?;
     let flags = [
         (parsed.thresholding, "thresholding"),
-        (parsed.use_exponential_sigmas, "use_exponential_sigmas"),
         (parsed.use_beta_sigmas, "use_beta_sigmas"),
         (parsed.use_lu_lambdas, "use_lu_lambdas"),
         (parsed.use_flow_sigmas, "use_flow_sigmas"),

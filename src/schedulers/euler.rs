@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use super::schedule::{div, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{
-    check_steps, interp, karras_sigmas, log_sigmas, sigma_to_t, single_step_timesteps, FinalSigmas, TimestepSpacing,
+    check_steps, exponential_sigmas, interp, karras_sigmas, log_sigmas, respacing_flags, sigma_to_t,
+    single_step_timesteps, FinalSigmas, TimestepSpacing,
 };
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
@@ -69,8 +70,11 @@ impl EulerScheduler {
         if parsed.interpolation_type != "linear" {
             return Err(config.unsupported(kind, format!("interpolation_type {:?}", parsed.interpolation_type)));
         }
-        if parsed.use_exponential_sigmas == Some(true) || parsed.use_beta_sigmas == Some(true) {
-            return Err(config.unsupported(kind, "use_exponential_sigmas / use_beta_sigmas"));
+        let karras = parsed.use_karras_sigmas == Some(true);
+        let exponential = parsed.use_exponential_sigmas == Some(true);
+        respacing_flags(config, kind, [karras, exponential, parsed.use_beta_sigmas == Some(true)])?;
+        if parsed.use_beta_sigmas == Some(true) {
+            return Err(config.unsupported(kind, "use_beta_sigmas"));
         }
         match parsed.timestep_type.as_str() {
             "discrete" => {}
@@ -85,11 +89,13 @@ impl EulerScheduler {
         let (mut timesteps, mut sigmas) =
             interpolated_sigmas(&train_sigmas, parsed.timestep_spacing, num_inference_steps, parsed.steps_offset);
 
-        // 2. Karras respacing: new sigmas between the ends of the interpolated ones, timesteps read back.
-        if parsed.use_karras_sigmas == Some(true) {
+        // 2. Karras or exponential respacing: new sigmas between the ends of the interpolated ones, timesteps
+        //    read back.
+        if karras || exponential {
             let sigma_min = parsed.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = parsed.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
+            let respace = if karras { karras_sigmas } else { exponential_sigmas };
+            sigmas = respace(sigma_min, sigma_max, num_inference_steps);
             let logs = log_sigmas(&train_sigmas);
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
         }

@@ -12,6 +12,10 @@
 //! | `dpm++2m` | DPMSolverMultistepScheduler | DPM-Solver++ multistep (order 2 by default) |
 //! | `unipc` | UniPCMultistepScheduler | UniPC predictor-corrector |
 //!
+//! Euler, DPM++ 2M and UniPC also take Karras or exponential sigmas (`use_karras_sigmas` /
+//! `use_exponential_sigmas` in the config, or a [`Sampler`] name such as `dpm++2m-karras` or A1111's
+//! "DPM++ 2M Karras").
+//!
 //! The pipeline loop, as in diffusers:
 //! ```ignore
 //! let mut s = schedulers::build(None, &config, steps)?;
@@ -30,6 +34,7 @@ pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod pndm;
+mod sampler;
 pub mod schedule;
 pub mod timesteps;
 pub mod unipc;
@@ -43,6 +48,7 @@ pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use pndm::PndmScheduler;
+pub use sampler::{Sampler, SigmaSpacing, A1111_SAMPLERS};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType};
 pub use timesteps::TimestepSpacing;
 pub use unipc::UniPcScheduler;
@@ -131,6 +137,22 @@ pub fn build(
     })
 }
 
+/// [`build`] for a [`Sampler`] (None: the config's own class): its sigma spacing, if it forces one, is set in
+/// the config first, as `Class.from_config(config, use_karras_sigmas=True)` does.
+pub fn build_sampler(
+    sampler: Option<Sampler>,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> crate::Result<Box<dyn Scheduler>> {
+    match sampler {
+        None => build(None, config, num_inference_steps),
+        Some(s) => {
+            let s = Sampler::new(s.kind, s.sigmas)?;
+            build(Some(s.kind), &s.apply(config), num_inference_steps)
+        }
+    }
+}
+
 /// `values[step_index]`, or an error naming the step if the index is past the end.
 fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Result<T> {
     match values.get(step_index) {
@@ -180,6 +202,22 @@ mod tests {
         assert!(!ddim.config().clip_sample);
         let ddim = DdimScheduler::new(&SchedulerConfig::from_file(SD15).unwrap(), 4).unwrap();
         assert!(ddim.config().clip_sample, "DDIM's own default is clip_sample = true");
+    }
+
+    /// A Karras sampler name changes the sigmas of a config that has none, and an invalid pair is refused.
+    #[test]
+    fn sampler_spacing_reaches_the_scheduler() {
+        let sd15 = SchedulerConfig::from_file(SD15).unwrap();
+        let plain = build_sampler(Some(SchedulerKind::Euler.into()), &sd15, 10).unwrap();
+        let karras: Sampler = "Euler Karras".parse().unwrap();
+        let karras = build_sampler(Some(karras), &sd15, 10).unwrap();
+        let reference = build(Some(SchedulerKind::Euler), &sd15.clone().with("use_karras_sigmas", true), 10).unwrap();
+        assert_ne!(plain.timesteps(), karras.timesteps());
+        assert_eq!(karras.timesteps(), reference.timesteps());
+        let bad = Sampler { kind: SchedulerKind::EulerAncestral, sigmas: Some(SigmaSpacing::Karras) };
+        let err = build_sampler(Some(bad), &sd15, 10).err().unwrap().to_string();
+        assert!(err.contains("euler-a") && err.contains("Karras"), "{err}");
+        assert_eq!(build_sampler(None, &sd15, 4).unwrap().kind(), SchedulerKind::Pndm);
     }
 
     #[test]

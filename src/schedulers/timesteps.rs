@@ -199,6 +199,31 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// `n` sigmas from `sigma_max` down to `sigma_min`, evenly spaced in log-sigma (diffusers'
+/// `_convert_to_exponential`: `exp(linspace(log max, log min, n))` in f64).
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    np_linspace(sigma_max.ln(), sigma_min.ln(), n).into_iter().map(f64::exp).collect()
+}
+
+/// Which of diffusers' respacing flags (`use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas`) are on;
+/// diffusers refuses more than one.
+pub(crate) fn respacing_flags(
+    config: &super::SchedulerConfig,
+    kind: super::SchedulerKind,
+    flags: [bool; 3],
+) -> crate::Result<()> {
+    if flags.iter().filter(|&&on| on).count() > 1 {
+        return Err(crate::Error::config(
+            &config.path,
+            format!(
+                "{}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set",
+                kind.class_name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What the last sigma of the schedule is (`final_sigmas_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum FinalSigmas {
@@ -260,6 +285,14 @@ mod tests {
         let s = karras_sigmas(0.03, 14.6, 5);
         assert!((s[0] - 14.6).abs() < 1e-9 && (s[4] - 0.03).abs() < 1e-9);
         assert!(s.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn exponential_is_even_in_log_sigma() {
+        let s = exponential_sigmas(0.03, 14.6, 5);
+        assert!((s[0] - 14.6).abs() < 1e-9 && (s[4] - 0.03).abs() < 1e-9);
+        let ratios: Vec<f64> = s.windows(2).map(|w| w[0] / w[1]).collect();
+        assert!(ratios.iter().all(|r| (r - ratios[0]).abs() < 1e-9), "{ratios:?}");
     }
 
     #[test]

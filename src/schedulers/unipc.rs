@@ -10,7 +10,10 @@ use serde::Deserialize;
 use super::schedule::{
     add_noise_at_sigma, alpha_sigma, div, lambda, mul, sigma_of, BetaConfig, NoiseSchedule, PredictionType,
 };
-use super::timesteps::{check_steps, interp, karras_sigmas, log_sigmas, multistep_timesteps, sigma_to_t};
+use super::timesteps::{
+    check_steps, exponential_sigmas, interp, karras_sigmas, log_sigmas, multistep_timesteps, respacing_flags,
+    sigma_to_t,
+};
 use super::timesteps::{FinalSigmas, TimestepSpacing};
 use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::rng::TorchGenerator;
@@ -121,6 +124,18 @@ impl UniPcScheduler {
             let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
             let logs = log_sigmas(&train_sigmas);
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs).round_ties_even()).collect();
+            let last = match parsed.final_sigmas_type {
+                FinalSigmas::SigmaMin => sigmas[sigmas.len() - 1] as f32,
+                FinalSigmas::Zero => 0.0,
+            };
+            (sigmas, last)
+        } else if parsed.use_exponential_sigmas {
+            let sigma_min = parsed.sigma_min.unwrap_or(train_sigmas[0] as f64);
+            let sigma_max = parsed.sigma_max.unwrap_or(train_sigmas[num_train - 1] as f64);
+            let sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps);
+            let logs = log_sigmas(&train_sigmas);
+            // Not rounded, unlike Karras: diffusers' int64 cast truncates them.
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs).trunc()).collect();
             let last = match parsed.final_sigmas_type {
                 FinalSigmas::SigmaMin => sigmas[sigmas.len() - 1] as f32,
                 FinalSigmas::Zero => 0.0,
@@ -277,9 +292,9 @@ fn validate(config: &SchedulerConfig, parsed: &UniPcConfig) -> crate::Result<Sol
     if parsed.solver_order == 0 {
         return Err(config.unsupported(kind, "solver_order 0"));
     }
+    respacing_flags(config, kind, [parsed.use_karras_sigmas, parsed.use_exponential_sigmas, parsed.use_beta_sigmas])?;
     let flags = [
         (parsed.thresholding, "thresholding"),
-        (parsed.use_exponential_sigmas, "use_exponential_sigmas"),
         (parsed.use_beta_sigmas, "use_beta_sigmas"),
         (parsed.use_flow_sigmas, "use_flow_sigmas"),
         (parsed.use_dynamic_shifting, "use_dynamic_shifting"),

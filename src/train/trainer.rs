@@ -424,7 +424,7 @@ impl Trainer {
                 height: r as usize,
                 steps: v.inference_steps,
                 guidance: v.guidance,
-                scheduler: Some(SchedulerKind::UniPc),
+                scheduler: Some(SchedulerKind::UniPc.into()),
                 seed: self.settings.seed,
                 num_images: v.num_images,
                 guess_mode: false,

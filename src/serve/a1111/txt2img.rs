@@ -119,7 +119,7 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
         })?),
         (None, None) => None,
     };
-    r.scheduler = sampler;
+    r.scheduler = sampler.map(Into::into);
     // eta: A1111's ancestral samplers use 1, DDIM 0 (as ours); other samplers do not read it.
     let eta_default = match sampler {
         Some(SchedulerKind::EulerAncestral) => Some(1.0),
