@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -74,6 +74,13 @@ pub trait Detector: Send + Sync {
     /// resize: HED's and PiDiNet's scribble thinning, lineart's inversion); by default nothing.
     fn finish(&self, map: RgbImage) -> Result<RgbImage> {
         Ok(map)
+    }
+
+    /// The map with controlnet_aux-style sizes for a detector whose upstream sizes its own input and output
+    /// (Depth Anything: `detect_resolution` is the net's input size, `image_resolution` the output's short side,
+    /// nothing rounded to 64); `None` (the default): [`annotate_upstream`]'s recipe.
+    fn annotate_sized(&self, _image: &RgbImage, _sizes: &UpstreamSizes) -> Option<Result<RgbImage>> {
+        None
     }
 }
 
@@ -278,6 +285,12 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!("score_threshold", "distance_threshold"),
         summary: "M-LSD straight lines (mlsd_large_512_fp32.pth)",
+    },
+    Kind {
+        name: "depth-anything",
+        input: Input::Image,
+        settings: neural_settings!("save_raw"),
+        summary: "Depth Anything V2 relative depth (transformers layout or depth_anything_v2_vit*.pth)",
     },
     Kind {
         name: "inpaint",
@@ -485,6 +498,9 @@ pub fn annotate_upstream(detector: &dyn Detector, image: &RgbImage, sizes: &Upst
     if w == 0 || h == 0 {
         return Err(Error::Invalid(format!("{}: the image is empty ({w}x{h})", detector.name())));
     }
+    if let Some(map) = detector.annotate_sized(image, sizes) {
+        return map;
+    }
     let detect = sizes.detect_resolution.unwrap_or(UPSTREAM_RESOLUTION);
     let output = sizes.image_resolution.unwrap_or(UPSTREAM_RESOLUTION);
     // 1. the net's input
@@ -644,7 +660,10 @@ mod tests {
     fn image_kinds_build_and_the_others_say_what_they_need() {
         for k in KINDS {
             // neural kinds read the fixture's weights (tests never download)
-            let weights = k.takes("weights").then(|| format!("{}/weights", neural::test_support::DIR));
+            let weights = k.takes("weights").then(|| match k.name {
+                "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                _ => format!("{}/weights", neural::test_support::DIR),
+            });
             let d = detector(k.name, &DetectorOptions { weights, ..Default::default() });
             match k.input {
                 Input::Image => assert_eq!(d.unwrap().name(), k.name),

@@ -22,6 +22,7 @@ use clap::Args;
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::annotate::neural::depth_anything::DepthAnything;
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
 use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode, UpstreamSizes};
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
@@ -31,7 +32,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -81,6 +82,9 @@ pub struct AnnotateArgs {
     /// mlsd: minimum segment length in net pixels, half the input's (controlnet_aux's thr_d) [default: 0.1].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub distance_threshold: Option<f64>,
+    /// depth-anything: also write the depth (float32, before normalisation, at the map's size) as a .npy file.
+    #[arg(long, value_name = "FILE.npy")]
+    pub save_raw: Option<PathBuf>,
     /// Neural kinds: size as controlnet_aux does, the net at this short side (sides rounded to multiples of
     /// 64) [default: 512 when --image-resolution is given, else our pixel-perfect sizing].
     #[arg(long, value_name = "N")]
@@ -197,6 +201,7 @@ impl AnnotateArgs {
             ("no_hands", self.no_hands),
             ("no_face", self.no_face),
             ("save_json", self.save_json.is_some()),
+            ("save_raw", self.save_raw.is_some()),
         ];
         given.extend(others.into_iter().filter(|(_, on)| *on).map(|(name, _)| name));
         given
@@ -221,6 +226,9 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     if let Some(json) = &args.save_json {
         check_output_is_not_input("save_json", json, &inputs)?;
     }
+    if let Some(raw) = &args.save_raw {
+        check_output_is_not_input("save_raw", raw, &inputs)?;
+    }
     match kind.input {
         Input::ImageAndMask => return run_inpaint(args),
         Input::PoseJson => return run_pose(args),
@@ -228,6 +236,9 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     }
     // the input is checked before a detector's weights are loaded (or downloaded)
     let meta = std::fs::metadata(&args.input).map_err(|e| Error::io(&args.input, e))?;
+    if let Some(raw) = &args.save_raw {
+        return run_depth_raw(args, raw, meta.is_dir());
+    }
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
     if meta.is_dir() {
@@ -296,6 +307,32 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
         eprintln!("  {}: {why}", file.display());
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// `depth-anything --save-raw`: the map and the float depth it was made from, both at the input's size or with
+/// the short side at --image-resolution (one image: the .npy holds one array).
+fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<ExitCode> {
+    if input_is_dir {
+        return Err(Error::setting("save_raw", "writes one .npy array, so INPUT must be one image, not a folder"));
+    }
+    if let Some(size) = args.given().into_iter().find(|g| ["width", "height", "resolution", "resize"].contains(g)) {
+        return Err(Error::setting(
+            "save_raw",
+            format!("writes the depth at the input's size or --image-resolution, so it does not combine with the {size} setting"),
+        ));
+    }
+    let depth_anything = DepthAnything::load(args.weights.as_deref())?;
+    let image = read_image(&args.input)?;
+    let depth = depth_anything.sized_depth(&image, &args.upstream_sizes())?;
+    let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
+    check_output_is_not_input("output", &out, &args.inputs())?;
+    // the map's format is checked before anything is written
+    if ImageFormat::from_path(&out).is_err() {
+        write_image(&depth.to_map(), &out)?;
+    }
+    write_atomic(raw, |tmp| std::fs::write(tmp, depth.to_npy()).map_err(|e| Error::io(raw, e)))?;
+    write_image(&depth.to_map(), &out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The keypoint edits of `annotate pose`, the merged files read.

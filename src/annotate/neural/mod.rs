@@ -14,6 +14,10 @@
 //! | `lineart` | [`lineart::LineartNet`] | `sk_model.pth` (`sk_model2.pth` with `coarse`) |
 //! | `lineart-anime` | [`lineart_anime::AnimeNet`] | `netG.pth` |
 //! | `mlsd` | [`mlsd::MlsdNet`] | `mlsd_large_512_fp32.pth` |
+//! | `depth-anything` | [`depth_anything::DepthAnythingNet`] | hub `depth-anything/Depth-Anything-V2-Small-hf` (transformers layout) or `depth_anything_v2_vit{s,b,l}.pth` |
+pub mod depth_anything;
+pub mod dinov2;
+pub mod dpt;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
@@ -43,6 +47,9 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
 
 /// Load the neural detector `kind` (None for a kind that is not one).
 pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn Detector>>> {
+    if kind == "depth-anything" {
+        return Ok(Some(Box::new(depth_anything::DepthAnything::load(options.weights.as_deref())?)));
+    }
     let Some(file) = weights_file(kind, options) else { return Ok(None) };
     let sd = StateDict::open(&locate(options.weights.as_deref(), file)?)?;
     Ok(Some(match kind {
@@ -61,6 +68,56 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn 
         }),
         _ => Box::new(lineart_anime::LineartAnime { net: lineart_anime::AnimeNet::load(&sd)? }),
     }))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support2 {
+    //! Reading the fixtures of `tools/fixtures/gen_neural_annotators2.py`.
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use candle_core::{Device, Tensor};
+    use image::RgbImage;
+    use serde::Deserialize;
+
+    pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_neural2");
+
+    /// A file or folder under `depth_anything/`.
+    pub fn da_weights(name: &str) -> PathBuf {
+        PathBuf::from(DIR).join("depth_anything").join(name)
+    }
+
+    #[derive(Deserialize, Debug, Clone)]
+    pub struct Case {
+        pub kind: String,
+        pub layout: String,
+        pub input: String,
+        pub size: Option<u32>,
+        pub output: String,
+        pub net: Option<String>,
+        pub depth: String,
+    }
+
+    #[derive(Deserialize)]
+    struct Manifest {
+        cases: Vec<Case>,
+    }
+
+    pub fn cases(kind: &str) -> Vec<Case> {
+        let text = std::fs::read_to_string(format!("{DIR}/manifest.json")).unwrap();
+        let m: Manifest = serde_json::from_str(&text).unwrap();
+        let cases: Vec<Case> = m.cases.into_iter().filter(|c| c.kind == kind).collect();
+        assert!(!cases.is_empty(), "no fixture cases for {kind}");
+        cases
+    }
+
+    pub fn load(name: &str) -> RgbImage {
+        image::open(format!("{DIR}/{name}")).unwrap().to_rgb8()
+    }
+
+    pub fn tensors(name: &str) -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(format!("{DIR}/{name}"), &Device::Cpu).unwrap()
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,104 @@ impl ConvTranspose {
     }
 }
 
+/// `nn.Linear`: `x · Wᵀ + b` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(sd: &StateDict, name: &str) -> Result<Self> {
+        let weight = sd.get_rank(&format!("{name}.weight"), 2)?;
+        let bias = sd.get_rank(&format!("{name}.bias"), 1)?;
+        if bias.dim(0)? != weight.dim(0)? {
+            return Err(sd.error(format!("{name}: bias of {} for {:?} weights", bias.dim(0)?, weight.dims())));
+        }
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(sd: &StateDict, name: &str, eps: f32) -> Result<Self> {
+        Ok(Self {
+            weight: sd.get_rank(&format!("{name}.weight"), 1)?,
+            bias: sd.get_rank(&format!("{name}.bias"), 1)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// torch's bicubic interpolation of one plane (`F.interpolate(mode="bicubic", align_corners=False)`, A = -0.75,
+/// edge samples clamped, no antialiasing). `scale_x`/`scale_y` map output to input coordinates: `in / out` when a
+/// size is given, `1 / scale_factor` when a scale factor is (DINOv2's position embeddings).
+pub fn resize_bicubic(plane: &[f32], w: usize, h: usize, out: (usize, usize), scale: (f64, f64)) -> Vec<f32> {
+    let (out_w, out_h) = out;
+    let taps = |src: usize, dst: usize, scale: f64| -> Vec<([usize; 4], [f32; 4])> {
+        let scale = scale as f32;
+        (0..dst)
+            .map(|d| {
+                let real = scale * (d as f32 + 0.5) - 0.5;
+                let i = real.floor();
+                let t = real - i;
+                let idx = [-1isize, 0, 1, 2].map(|o| (i as isize + o).clamp(0, src as isize - 1) as usize);
+                (idx, torch_cubic(t))
+            })
+            .collect()
+    };
+    let (xt, yt) = (taps(w, out_w, scale.0), taps(h, out_h, scale.1));
+    let mut result = Vec::with_capacity(out_w * out_h);
+    for (yi, yw) in &yt {
+        for (xi, xw) in &xt {
+            let mut acc = 0f32;
+            for k in 0..4 {
+                let row = &plane[yi[k] * w..(yi[k] + 1) * w];
+                let line: f32 = (0..4).map(|j| xw[j] * row[xi[j]]).sum();
+                acc += yw[k] * line;
+            }
+            result.push(acc);
+        }
+    }
+    result
+}
+
+/// `get_cubic_upsample_coefficients` (A = -0.75) at fractional offset `t`.
+fn torch_cubic(t: f32) -> [f32; 4] {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// `(1, C, H, W)` → `(1, C, out_h, out_w)` with [`resize_bilinear_corners`] per channel
+/// (`F.interpolate(mode="bilinear", align_corners=True)`).
+pub fn interpolate_bilinear_corners(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let out: Vec<f32> = data.chunks(h * w).flat_map(|p| resize_bilinear_corners(p, w, h, out_w, out_h)).collect();
+    Ok(Tensor::from_vec(out, (n, c, out_h, out_w), x.device())?)
+}
+
 /// `nn.InstanceNorm2d` without affine parameters (eps 1e-5): group norm with one group per channel.
 pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
     let c = x.dim(1)?;
@@ -395,6 +493,18 @@ mod tests {
         // torch: F.interpolate([[0, 1]], size=4, mode="bilinear", align_corners=False) along x
         let out = resize_bilinear(&[0.0, 1.0], 2, 1, 4, 1);
         assert_eq!(out, vec![0.0, 0.25, 0.75, 1.0]);
+    }
+
+    #[test]
+    fn bicubic_matches_torch() {
+        // torch: F.interpolate(tensor([[[[0., 1., 4., 9.]]]]), size=(1, 6), mode="bicubic", align_corners=False)
+        let out = resize_bicubic(&[0.0, 1.0, 4.0, 9.0], 4, 1, (6, 1), (4.0 / 6.0, 1.0));
+        let torch = [-0.086_805_58_f32, 0.21875, 1.430_555, 3.152_777_7, 6.78125, 9.434_029];
+        for (o, t) in out.iter().zip(torch) {
+            assert!((o - t).abs() < 1e-5, "{out:?}");
+        }
+        // the identity size leaves the plane unchanged
+        assert_eq!(resize_bicubic(&[0.0, 1.0, 4.0, 9.0], 2, 2, (2, 2), (1.0, 1.0)), vec![0.0, 1.0, 4.0, 9.0]);
     }
 
     #[test]

@@ -53,7 +53,19 @@ pub struct StateDict {
 }
 
 impl StateDict {
+    /// A torch file, or a `.safetensors` file (the transformers layout of Depth Anything and UperNet).
     pub fn open(path: &Path) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| Error::weights(path, e))?
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            if tensors.is_empty() {
+                return Err(Error::weights(path, "the file holds no tensors"));
+            }
+            return Ok(Self { path: path.to_path_buf(), tensors });
+        }
         let file = TorchFile::open(path)?;
         let mut tensors = HashMap::new();
         for t in &file.tensors {

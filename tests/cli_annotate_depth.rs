@@ -1,0 +1,224 @@
+//! End-to-end tests of `controlnet annotate depth-anything` and `generate --preprocess depth-anything`: both
+//! weight layouts through the CLI, `--save-raw`, the default hub repo from the cache, and errors. The weights are
+//! the fixture's tiny Depth Anything V2 (tools/fixtures/gen_neural_annotators2.py); nothing is downloaded.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{controlnet, stderr, temp_dir};
+
+fn fixture(name: &str) -> PathBuf {
+    common::fixture("annotators_neural2").join(name)
+}
+
+fn weights(name: &str) -> PathBuf {
+    fixture("depth_anything").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_clean_failure(out: &Output, must_mention: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for m in must_mention {
+        assert!(err.contains(m), "stderr should mention {m:?}: {err}");
+    }
+}
+
+/// Share of samples more than 4 levels off.
+fn off_by_more_than_4(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > 4).count();
+    off as f64 / a.as_raw().len() as f64
+}
+
+#[test]
+fn both_layouts_reproduce_their_upstream_with_detect_resolution_and_save_raw() {
+    let dir = temp_dir();
+    for (w, reference) in [
+        (weights("depth_anything_v2_vits.pth"), "depth_anything_original_b_size196.png"),
+        (weights("hf"), "depth_anything_hf_b_size140.png"),
+    ] {
+        let size = if reference.contains("196") { "196" } else { "140" };
+        let (out, raw) = (dir.path().join("map.png"), dir.path().join("depth.npy"));
+        let run = controlnet(&[
+            "annotate",
+            "depth-anything",
+            s(&fixture("input_b.png")),
+            "-o",
+            s(&out),
+            "--weights",
+            s(&w),
+            "--detect-resolution",
+            size,
+            "--save-raw",
+            s(&raw),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let theirs = image::open(fixture(reference)).unwrap().to_rgb8();
+        let off = off_by_more_than_4(&ours, &theirs);
+        assert!(off <= 0.02, "{reference}: {:.2}% off", off * 100.0);
+        // the .npy holds the float depth of the map: (72 x 104), its min-max map is the PNG
+        let bytes = std::fs::read(&raw).unwrap();
+        assert_eq!(&bytes[..6], b"\x93NUMPY");
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert!(std::str::from_utf8(&bytes[10..10 + len]).unwrap().contains("'shape': (104, 72)"));
+        let values: Vec<f32> =
+            bytes[10 + len..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(values.len(), 72 * 104);
+        let (lo, hi) = values.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let map: Vec<u8> = values.iter().map(|&v| ((v - lo) / (hi - lo) * 255.0) as u8).collect();
+        assert!(map.iter().zip(ours.pixels()).all(|(&m, p)| m == p[0]), "the map is the raw depth normalised");
+    }
+}
+
+#[test]
+fn image_resolution_sets_the_short_side() {
+    let dir = temp_dir();
+    let out = dir.path().join("map.png");
+    let run = controlnet(&[
+        "annotate",
+        "depth-anything",
+        s(&fixture("input_a.png")),
+        "-o",
+        s(&out),
+        "--weights",
+        s(&weights("hf")),
+        "--detect-resolution",
+        "140",
+        "--image-resolution",
+        "32",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (48, 32));
+}
+
+#[test]
+fn bad_settings_and_weights_fail_cleanly() {
+    let dir = temp_dir();
+    let (input, out) = (fixture("input_a.png"), dir.path().join("map.png"));
+    // a folder without either layout
+    let run = controlnet(&["annotate", "depth-anything", s(&input), "-o", s(&out), "--weights", s(dir.path())]);
+    assert_clean_failure(&run, &["--weights: ", "neither model.safetensors"]);
+    // --save-raw belongs to depth-anything, and does not combine with our sizing
+    let raw = dir.path().join("d.npy");
+    let run = controlnet(&["annotate", "canny", s(&input), "-o", s(&out), "--save-raw", s(&raw)]);
+    assert_clean_failure(&run, &["--save-raw", "does not apply to canny (used by depth-anything)"]);
+    let w = weights("hf");
+    let run = controlnet(&[
+        "annotate",
+        "depth-anything",
+        s(&input),
+        "-o",
+        s(&out),
+        "--weights",
+        s(&w),
+        "--save-raw",
+        s(&raw),
+        "--width",
+        "64",
+    ]);
+    assert_clean_failure(&run, &["--save-raw", "width"]);
+    let run = controlnet(&[
+        "annotate",
+        "depth-anything",
+        s(&input),
+        "-o",
+        s(&out),
+        "--weights",
+        s(&w),
+        "--detect-resolution",
+        "0",
+    ]);
+    assert_clean_failure(&run, &["--detect-resolution: must be at least 1"]);
+    // a bad output extension writes neither file
+    let bad = dir.path().join("map.xyz");
+    let run = controlnet(&[
+        "annotate",
+        "depth-anything",
+        s(&input),
+        "-o",
+        s(&bad),
+        "--weights",
+        s(&w),
+        "--save-raw",
+        s(&raw),
+    ]);
+    assert_clean_failure(&run, &["unknown image extension"]);
+    assert!(!out.exists() && !raw.exists() && !bad.exists(), "nothing written on failure");
+}
+
+/// A Hugging Face cache holding the default repo with the fixture's transformers files.
+fn fake_hub_cache(root: &Path) {
+    let repo = root.join("models--depth-anything--Depth-Anything-V2-Small-hf");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in ["model.safetensors", "config.json", "preprocessor_config.json"] {
+        std::fs::copy(weights("hf").join(f), snapshot.join(f)).unwrap();
+    }
+}
+
+fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(common::repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+/// A picture → `generate --preprocess depth-anything` with a tiny ControlNet: the condition it used is the map
+/// `annotate` makes at the output size, from the default weights in the cache.
+#[test]
+fn generate_preprocess_depth_anything_uses_the_annotate_map() {
+    let dir = temp_dir();
+    let cache = dir.path().join("hub");
+    fake_hub_cache(&cache);
+    let input = fixture("input_b.png");
+    let annotated = dir.path().join("a.png");
+    let size = ["--width", "64", "--height", "64", "--resize", "just-resize"];
+    let mut args = vec!["annotate", "depth-anything", s(&input), "-o", s(&annotated)];
+    args.extend(size);
+    let run = run_with_cache(&cache, &args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (saved, out) = (dir.path().join("cond.png"), dir.path().join("o.png"));
+    let run = run_with_cache(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sd15",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-a",
+            "--control",
+            s(&input),
+            "--preprocess",
+            "depth-anything",
+            "--save-control",
+            s(&saved),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            s(&out),
+            "--quiet",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
+    assert_eq!(a, b, "generate's depth condition differs from annotate's map");
+    assert!(a.pixels().any(|p| p[0] > 200) && a.pixels().any(|p| p[0] < 50), "a depth map with its full range");
+    assert!(image::open(&out).is_ok());
+}
