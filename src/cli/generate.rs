@@ -9,7 +9,7 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
-use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
@@ -79,6 +79,13 @@ pub struct GenerateArgs {
     /// times faster, f32 activations and sums), f16, or auto (bf16 where the CPU multiplies bf16 natively, else f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "auto"])]
     pub dtype: String,
+    /// img2img: start from this picture instead of pure noise (resized to the output size; it gives the default
+    /// size). The conditions still come from --control.
+    #[arg(long, value_name = "IMAGE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img: how much of --init-image is repainted, in (0, 1]: the share of the steps that run (1: all).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
     /// What to draw.
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -180,6 +187,8 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             target_size: args.target_size,
         },
         dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
+        init_image: args.init_image.clone(),
+        strength: args.strength.unwrap_or(DEFAULT_STRENGTH),
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -244,6 +253,7 @@ pub(crate) fn check_outputs<'a>(
     inputs.extend(request.model.as_deref().map(Path::new));
     inputs.extend(request.config.as_deref());
     inputs.extend(request.unet.as_deref());
+    inputs.extend(request.init_image.as_deref());
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));

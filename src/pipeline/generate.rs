@@ -50,6 +50,17 @@ pub struct GenerateParams {
     pub sdxl: SdxlConditioning,
 }
 
+/// Where img2img starts: a picture noised to the level of the step `strength` of the way back from the end
+/// (diffusers' `StableDiffusionControlNetImg2ImgPipeline`).
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// The picture at the output size, (1, 3, height, width) in [-1, 1] (diffusers' `VaeImageProcessor`).
+    pub image: Tensor,
+    /// In (0, 1]: the share of the steps that run; 1 starts from (almost) pure noise, small values keep most of
+    /// the picture.
+    pub strength: f64,
+}
+
 pub struct GenerateOutput {
     /// The final latents, (num_images, 4, height/8, width/8), before the VAE.
     pub latents: Tensor,
@@ -145,7 +156,45 @@ pub fn generate_cancellable(
     on_step: &mut dyn FnMut(usize, usize),
     cancel: &AtomicBool,
 ) -> Result<GenerateOutput> {
+    generate_from(sd, controls, p, None, on_step, cancel)
+}
+
+/// The index of the first timestep img2img runs (diffusers' `get_timesteps`): `floor(steps · strength)` steps
+/// run, the first `steps − that` are skipped (every scheduler here has order 1, as diffusers' do).
+pub fn first_step(steps: usize, strength: f64, timesteps: usize) -> Result<usize> {
+    check_strength(strength)?;
+    let run = ((steps as f64 * strength).floor() as usize).min(steps);
+    if run == 0 {
+        return Err(Error::setting(
+            "strength",
+            format!("{strength} of {steps} steps is less than one step: raise the strength or the steps"),
+        ));
+    }
+    Ok((steps - run).min(timesteps.saturating_sub(1)))
+}
+
+/// img2img's strength lies in (0, 1], as diffusers requires ([0, 1], where 0 would run no step).
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::setting("strength", format!("{strength} must lie in (0, 1]")));
+    }
+    Ok(())
+}
+
+/// [`generate_cancellable`] starting from `init` when given (img2img): the picture is encoded by the VAE, noised
+/// to the first step the strength leaves, and denoised from there.
+pub fn generate_from(
+    sd: &StableDiffusion,
+    controls: &[Control],
+    p: &GenerateParams,
+    init: Option<&InitImage>,
+    on_step: &mut dyn FnMut(usize, usize),
+    cancel: &AtomicBool,
+) -> Result<GenerateOutput> {
     validate(sd, controls, p)?;
+    if let Some(init) = init {
+        validate_init(sd, init, p)?;
+    }
     let device = sd.unet.device().clone();
     let dtype = sd.unet.dtype();
     let n = p.num_images;
@@ -159,14 +208,29 @@ pub fn generate_cancellable(
     let (embeds, cond_embeds) = (&text.embeds, &text.cond_embeds);
 
     // 2. The scheduler and its timesteps.
+    //    img2img runs only the last `strength` of them.
     let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config, p.steps)?;
-    let timesteps = scheduler.timesteps().to_vec();
+    let all_timesteps = scheduler.timesteps().to_vec();
+    let first = match init {
+        Some(init) => first_step(p.steps, init.strength, all_timesteps.len())?,
+        None => 0,
+    };
+    let timesteps = &all_timesteps[first..];
 
-    // 3. Initial noise from the torch-compatible generator: the first draw of diffusers' generator.
+    // 3. Initial latents from the torch-compatible generator, in diffusers' order of draws: txt2img: noise
+    //    times `init_noise_sigma`; img2img: the VAE posterior's sample, then the noise added at the first step.
     let mut rng = TorchGenerator::new(p.seed);
     let factor = sd.vae_scale_factor();
     let shape = [n, sd.unet.config().encoder.in_channels, p.height / factor, p.width / factor];
-    let mut latents = (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?;
+    let mut latents = match init {
+        None => (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?,
+        Some(init) => {
+            let init_latents = encode_init(sd, &init.image, &mut rng)?;
+            let init_latents = Tensor::cat(&vec![&init_latents; n], 0)?;
+            let noise = rng.randn_tensor(init_latents.dims(), &device)?.to_dtype(dtype)?;
+            scheduler.add_noise(&init_latents, &noise, first)?
+        }
+    };
 
     // 4. The hint embedding of each condition, once: the condition never changes between steps.
     let control_batch = if cfg && !guess_mode { 2 * n } else { n };
@@ -181,7 +245,10 @@ pub fn generate_cancellable(
 
     // 5. Denoise.
     let total = timesteps.len();
-    for (i, &t) in timesteps.iter().enumerate() {
+    for (j, &t) in timesteps.iter().enumerate() {
+        // `j` counts the steps that run (the ControlNet window and progress); `i` addresses the scheduler's
+        // timesteps, as diffusers' `set_begin_index` makes it.
+        let i = first + j;
         check_cancel(cancel)?;
         let latent_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let latent_input = scheduler.scale_model_input(&latent_input, i)?;
@@ -190,7 +257,7 @@ pub fn generate_cancellable(
         // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero).
         let mut residuals: Option<ControlNetOutput> = None;
         for (c, hint) in controls.iter().zip(&hints) {
-            let outside = (i as f64) / (total as f64) < c.start || ((i + 1) as f64) / (total as f64) > c.end;
+            let outside = (j as f64) / (total as f64) < c.start || ((j + 1) as f64) / (total as f64) > c.end;
             if outside {
                 continue;
             }
@@ -225,7 +292,7 @@ pub fn generate_cancellable(
 
         // 5d. One scheduler step (ancestral schedulers draw their noise from the same generator).
         latents = scheduler.step(&pred, i, &latents, &mut rng)?;
-        on_step(i + 1, total);
+        on_step(j + 1, total);
     }
 
     // 6. Decode the latents and turn them into 8-bit images.
@@ -237,6 +304,31 @@ pub fn generate_cancellable(
     let pixels = crate::model::vae::latents_to_image(&decoded)?;
     let images = crate::io::images::tensor_to_images(&pixels)?;
     Ok(GenerateOutput { latents, decoded, images })
+}
+
+/// The init picture must have the output size and RGB channels; SDXL's img2img is not implemented yet.
+fn validate_init(sd: &StableDiffusion, init: &InitImage, p: &GenerateParams) -> Result<()> {
+    check_strength(init.strength)?;
+    if sd.sdxl.is_some() {
+        return Err(Error::setting("init_image", "img2img is implemented for SD 1.x/2.x models only, not SDXL yet"));
+    }
+    let (_, ch, h, w) = init.image.dims4()?;
+    if (ch, h, w) != (3, p.height, p.width) {
+        return Err(Error::setting(
+            "init_image",
+            format!("the picture is {ch}×{h}×{w} (channels×height×width), expected 3×{}×{}", p.height, p.width),
+        ));
+    }
+    Ok(())
+}
+
+/// The picture's latents as diffusers' `retrieve_latents(vae.encode(image), generator)`: a sample of the VAE's
+/// posterior (its noise drawn from `rng`) times the VAE's scaling factor.
+fn encode_init(sd: &StableDiffusion, image: &Tensor, rng: &mut TorchGenerator) -> Result<Tensor> {
+    let dtype = sd.unet.dtype();
+    let posterior = sd.vae.encode(&image.to_dtype(dtype)?)?;
+    let noise = rng.randn_tensor(posterior.mean.dims(), image.device())?.to_dtype(dtype)?;
+    Ok((posterior.sample_with_noise(&noise)? * sd.vae.config().scaling_factor)?)
 }
 
 /// A cancel flag that is never raised, for callers without one.

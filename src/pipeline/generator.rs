@@ -11,11 +11,12 @@ use candle_core::Device;
 use image::RgbImage;
 
 use super::conditions::ControlSource;
-use super::generate::{check_size, generate_cancellable, validate, Control, GenerateParams};
+use super::generate::{check_size, generate_from, validate, Control, GenerateParams, InitImage};
 use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
 use super::memory_estimate::{estimate, RequestShape};
 use super::request::{control_setting, random_seed, resize_name, GenerateRequest};
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
+use crate::io::images::{self, ResampleFilter};
 use crate::model::controlnet::ControlNetModel;
 use crate::{Error, Result};
 
@@ -59,7 +60,7 @@ pub fn run(
     if let (Some(w), Some(h)) = (request.width, request.height) {
         crate::io::images::check_image_size("width", size_u32("width", w)?, size_u32("height", h)?)?;
     }
-    let sources = load_sources(&request)?;
+    let inputs = Inputs::load(&request)?;
 
     // 2. Models.
     let opts = LoadOptions {
@@ -85,7 +86,7 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
 
     // 3. Run.
-    Generator::new(&sd, nets.iter().collect()).run_checked(&request, sources, progress, cancel)
+    Generator::new(&sd, nets.iter().collect()).run_checked(&request, inputs, progress, cancel)
 }
 
 /// Loaded models that run requests: the Stable Diffusion model and one ControlNet per condition of the
@@ -115,14 +116,14 @@ impl<'a> Generator<'a> {
     ) -> Result<Generated> {
         let request = request.with_demo_defaults()?;
         request.validate()?;
-        let sources = load_sources(&request)?;
-        self.run_checked(&request, sources, progress, cancel)
+        let inputs = Inputs::load(&request)?;
+        self.run_checked(&request, inputs, progress, cancel)
     }
 
     fn run_checked(
         &self,
         request: &GenerateRequest,
-        sources: Vec<ControlSource>,
+        inputs: Inputs,
         progress: &dyn Fn(Progress),
         cancel: &AtomicBool,
     ) -> Result<Generated> {
@@ -144,14 +145,13 @@ impl<'a> Generator<'a> {
             ));
         }
 
-        // 1. Size: given, else the first condition's rounded down to a multiple of the VAE's factor, else the
-        //    model's native size.
+        // 1. Size: given, else the init picture's (as diffusers' img2img) or the first condition's, rounded down
+        //    to a multiple of the VAE's factor, else the model's native size.
+        let Inputs { sources, init } = inputs;
         let factor = sd.vae_scale_factor();
-        let (default_w, default_h) = match sources.first() {
-            Some(src) => {
-                let (w, h) = src.size();
-                ((w as usize / factor) * factor, (h as usize / factor) * factor)
-            }
+        let given = init.as_ref().map(RgbImage::dimensions).or_else(|| sources.first().map(ControlSource::size));
+        let (default_w, default_h) = match given {
+            Some((w, h)) => ((w as usize / factor) * factor, (h as usize / factor) * factor),
             None => (sd.default_size(), sd.default_size()),
         };
         let width = request.width.unwrap_or(default_w);
@@ -238,13 +238,23 @@ impl<'a> Generator<'a> {
             sdxl: request.sdxl.clone(),
         };
         validate(sd, &controls, &params)?;
+        // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1].
+        let init = match &init {
+            Some(img) => {
+                let img = images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos);
+                let image = ((images::to_tensor01(&img, device)? * 2.0)? - 1.0)?;
+                Some(InitImage { image, strength: request.strength })
+            }
+            None => None,
+        };
 
         // 5. Denoise and decode.
         progress(Progress::Started { seed });
-        let out = generate_cancellable(
+        let out = generate_from(
             sd,
             &controls,
             &params,
+            init.as_ref(),
             &mut |done, total| progress(Progress::Step { done, total }),
             cancel,
         )?;
@@ -320,13 +330,30 @@ impl<'a> Generator<'a> {
             sdxl: params.sdxl.clone(),
             num_images: params.num_images,
             image_index: 1,
+            init_image: request.init_image.as_deref().map(file_ref).transpose()?,
+            strength: request.init_image.as_ref().map(|_| request.strength),
         })
     }
 }
 
-/// The conditions of a request as given, each checked to read.
-fn load_sources(request: &GenerateRequest) -> Result<Vec<ControlSource>> {
-    request.controls.iter().enumerate().map(|(i, c)| ControlSource::load(i, c)).collect()
+/// The pictures a request names, read before any model loads so that a bad file fails at once.
+struct Inputs {
+    /// The conditions as given.
+    sources: Vec<ControlSource>,
+    /// img2img's starting picture.
+    init: Option<RgbImage>,
+}
+
+impl Inputs {
+    fn load(request: &GenerateRequest) -> Result<Self> {
+        let sources: Result<Vec<_>> =
+            request.controls.iter().enumerate().map(|(i, c)| ControlSource::load(i, c)).collect();
+        let init = match &request.init_image {
+            Some(path) => Some(images::load_rgb(path).map_err(|e| Error::setting("init_image", e))?),
+            None => None,
+        };
+        Ok(Self { sources: sources?, init })
+    }
 }
 
 fn size_u32(setting: &str, v: usize) -> Result<u32> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{parse_resize, ControlRequest, GenerateRequest};
+use super::request::{parse_resize, ControlRequest, GenerateRequest, DEFAULT_STRENGTH};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -77,6 +77,11 @@ pub struct ImageMetadata {
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
+    /// img2img's starting picture and strength (recorded only for img2img).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -138,6 +143,9 @@ impl ImageMetadata {
                 if self.guess_mode { "ControlNet is more important" } else { "Balanced" }
             ));
         }
+        if let Some(strength) = self.strength {
+            s.push_str(&format!(", Denoising strength: {strength}"));
+        }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
         }
@@ -195,6 +203,8 @@ impl ImageMetadata {
             resize: parse_resize(&self.resize)?,
             sdxl: self.sdxl.clone(),
             dtype: Default::default(),
+            init_image: self.init_image.as_ref().map(|f| PathBuf::from(find(&f.path))),
+            strength: self.strength.unwrap_or(DEFAULT_STRENGTH),
         })
     }
 
@@ -300,6 +310,8 @@ mod tests {
             sdxl: SdxlConditioning::default(),
             num_images: 1,
             image_index: 1,
+            init_image: None,
+            strength: None,
         }
     }
 

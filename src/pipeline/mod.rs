@@ -20,7 +20,7 @@ pub mod request;
 pub mod sd;
 pub mod text_conditioning;
 
-pub use generate::{generate, never_cancelled, Control, GenerateOutput, GenerateParams};
+pub use generate::{generate, generate_from, never_cancelled, Control, GenerateOutput, GenerateParams, InitImage};
 pub use generator::{run, Generated, GeneratedImage, Generator, Progress};
 pub use image_metadata::ImageMetadata;
 pub use request::{ControlRequest, GenerateRequest};

@@ -15,6 +15,8 @@ pub use super::text_conditioning::SdxlConditioning;
 pub const DEFAULT_STEPS: usize = 20;
 /// Classifier-free guidance scale when none is asked for (diffusers' default).
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// img2img strength when none is asked for (diffusers' default).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
 /// The only weight variant the hub download knows.
 pub const VARIANTS: &[&str] = &["fp16"];
 
@@ -143,6 +145,12 @@ pub struct GenerateRequest {
     pub sdxl: SdxlConditioning,
     /// The dtype the models compute in (f32 by default).
     pub dtype: ComputeDtype,
+    /// img2img: start from this picture (resized to the output size; it gives the default size) instead of
+    /// pure noise; the conditions still come from `controls`.
+    pub init_image: Option<PathBuf>,
+    /// img2img: in (0, 1], the share of the steps that run on the noised picture (diffusers' `strength`; 1
+    /// repaints everything).
+    pub strength: f64,
 }
 
 impl Default for GenerateRequest {
@@ -168,6 +176,8 @@ impl Default for GenerateRequest {
             resize: ResizeMode::JustResize,
             sdxl: SdxlConditioning::default(),
             dtype: ComputeDtype::F32,
+            init_image: None,
+            strength: DEFAULT_STRENGTH,
         }
     }
 }
@@ -226,6 +236,9 @@ impl GenerateRequest {
                 ));
             }
         }
+        if self.init_image.is_some() {
+            super::generate::check_strength(self.strength)?;
+        }
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if v == Some(0) {
                 return Err(Error::setting(name, "0 is not a positive size"));
@@ -259,6 +272,9 @@ impl GenerateRequest {
         let mut notes = Vec::new();
         if self.guess_mode && self.controls.is_empty() {
             notes.push("guess_mode: no ControlNet is used, so guess mode changes nothing".to_string());
+        }
+        if self.init_image.is_none() && self.strength != DEFAULT_STRENGTH {
+            notes.push("strength: no init_image is given, so the strength changes nothing".to_string());
         }
         notes
     }
@@ -331,6 +347,10 @@ mod tests {
         assert!(bad(|r| r.controls[0].control_end = 1.5).starts_with("controls[0].control_end: 1.5"));
         assert!(bad(|r| (r.controls[0].control_start, r.controls[0].control_end) = (0.9, 0.5))
             .starts_with("controls[0].control_start: 0.9 is after"));
+        for strength in [0.0, -0.5, 1.5, f64::NAN] {
+            let r = GenerateRequest { init_image: Some("init.png".into()), strength, ..Default::default() };
+            assert_eq!(r.validate().unwrap_err().to_string(), format!("strength: {strength} must lie in (0, 1]"));
+        }
         let variant = bad(|r| r.variant = Some("fp8".into()));
         assert!(variant.starts_with("variant: \"fp8\"") && variant.contains("the valid value is fp16"), "{variant}");
     }
@@ -340,6 +360,10 @@ mod tests {
         let r = GenerateRequest { guess_mode: true, ..Default::default() };
         assert_eq!(r.unused_settings().len(), 1);
         let r = GenerateRequest { guess_mode: true, controls: vec![ControlRequest::new(None, "a.png")], ..r };
+        assert!(r.unused_settings().is_empty());
+        let r = GenerateRequest { strength: 0.5, ..r };
+        assert_eq!(r.unused_settings(), ["strength: no init_image is given, so the strength changes nothing"]);
+        let r = GenerateRequest { init_image: Some("init.png".into()), ..r };
         assert!(r.unused_settings().is_empty());
     }
 
