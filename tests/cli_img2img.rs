@@ -36,6 +36,7 @@ fn run_case(name: &str) {
         let ours = image::open(&ours).unwrap().to_rgb8();
         let theirs = image::open(fixture(&format!("img2img/{reference}"))).unwrap().to_rgb8();
         let db = psnr(&ours, &theirs);
+        eprintln!("{name} image {}: {db:.1} dB", i + 1);
         assert!(db >= MIN_PSNR_DB, "{name} image {}: PSNR {db:.1} dB < {MIN_PSNR_DB} dB", i + 1);
     }
 }
@@ -55,6 +56,12 @@ cases! {
     img2img_ancestral_two_images => "i2i_euler-a_two_images",
     img2img_init_resized_to_the_output => "i2i_resized",
     img2img_full_strength => "i2i_full_strength",
+    inpaint_full_strength => "inp_full_strength",
+    inpaint_euler_three_quarters => "inp_euler_75",
+    inpaint_ancestral_two_images => "inp_euler-a_two_images",
+    inpaint_nine_channel_unet => "inp_nine_channels",
+    inpaint_nine_channel_unet_ancestral_partial => "inp_nine_channels_euler-a_60",
+    inpaint_controlnet_condition => "inp_inpaint_condition",
 }
 
 /// The arguments of a case with `--init-image`/`--strength` and friends replaced or added.
@@ -138,4 +145,82 @@ fn txt2img_metadata_has_no_img2img_keys() {
     for (_, text) in &chunks {
         assert!(!text.contains("strength") && !text.contains("init_image"), "{text}");
     }
+}
+
+#[test]
+fn a_mask_of_another_size_is_refused() {
+    let dir = temp_dir();
+    let small = dir.path().join("small_mask.png");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([255; 3])).save(&small).unwrap();
+    let out = dir.path().join("out.png");
+    let res = generate(&args_with("inp_full_strength", &[("--mask", small.to_str().unwrap())]), &out);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("--mask: is 64x64 but init_image is 128x128"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_picture_given_as_the_mask_is_refused() {
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    let init = fixture("img2img/init.png");
+    let res = generate(&args_with("inp_full_strength", &[("--mask", init.to_str().unwrap())]), &out);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("--mask: ") && err.contains("of its pixels are mid grey"), "{err}");
+}
+
+#[test]
+fn a_mask_needs_an_init_image_and_an_inpainting_unet_a_mask() {
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    let mut args = case("inp_full_strength").args;
+    let i = args.iter().position(|a| a == "--init-image").unwrap();
+    args.drain(i..i + 2);
+    let res = generate(&args, &out);
+    assert!(!res.status.success());
+    assert!(
+        stderr(&res).contains("--mask: inpainting needs the picture to paint in: set init_image"),
+        "{}",
+        stderr(&res)
+    );
+    // A 9-channel UNet without a mask.
+    let mut args = case("inp_nine_channels").args;
+    let i = args.iter().position(|a| a == "--mask").unwrap();
+    args.drain(i..i + 2);
+    let res = generate(&args, &out);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(
+        err.contains("--mask: the UNet takes 9 input channels") && err.contains("needs init_image and mask"),
+        "{err}"
+    );
+    // The inpaint condition without a mask.
+    let mut args = case("inp_inpaint_condition").args;
+    let i = args.iter().position(|a| a == "--mask").unwrap();
+    args.drain(i..i + 2);
+    let res = generate(&args, &out);
+    assert!(!res.status.success());
+    assert!(
+        stderr(&res).contains("--preprocess (ControlNet 1): inpaint makes its condition from the picture and the mask"),
+        "{}",
+        stderr(&res)
+    );
+}
+
+#[test]
+fn inpainting_is_recorded_and_reproduced() {
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    let res = generate(&case("inp_euler_75").args, &out);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let meta = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    assert_eq!(meta.strength, Some(0.75));
+    assert!(meta.mask.as_ref().unwrap().path.ends_with("tests/fixtures/img2img/mask.png"));
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(image::open(&out).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
 }

@@ -9,7 +9,7 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
-use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH};
+use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
@@ -83,7 +83,12 @@ pub struct GenerateArgs {
     /// size). The conditions still come from --control.
     #[arg(long, value_name = "IMAGE")]
     pub init_image: Option<PathBuf>,
-    /// img2img: how much of --init-image is repainted, in (0, 1]: the share of the steps that run (1: all).
+    /// Inpainting: repaint where this mask (the size of --init-image) is white, keep where black. It is
+    /// binarised at half grey as diffusers does; a mask with many mid-grey pixels is refused.
+    #[arg(long, value_name = "IMAGE")]
+    pub mask: Option<PathBuf>,
+    /// img2img and inpainting: how much of --init-image is repainted, in (0, 1]: the share of the steps that run
+    /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub strength: Option<f64>,
     /// What to draw.
@@ -188,7 +193,8 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         },
         dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
         init_image: args.init_image.clone(),
-        strength: args.strength.unwrap_or(DEFAULT_STRENGTH),
+        mask: args.mask.clone(),
+        strength: args.strength,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -254,6 +260,7 @@ pub(crate) fn check_outputs<'a>(
     inputs.extend(request.config.as_deref());
     inputs.extend(request.unet.as_deref());
     inputs.extend(request.init_image.as_deref());
+    inputs.extend(request.mask.as_deref());
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));

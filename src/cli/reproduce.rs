@@ -33,7 +33,8 @@ pub fn run(args: &ReproduceArgs) -> anyhow::Result<()> {
     let request = metadata.to_request(png_dir)?;
     let recorded_inputs = request.controls.iter().zip(&metadata.controls).map(|(c, m)| (&c.control, &m.control_image));
     let init = request.init_image.as_ref().zip(metadata.init_image.as_ref());
-    for (path, recorded) in recorded_inputs.chain(init) {
+    let mask = request.mask.as_ref().zip(metadata.mask.as_ref());
+    for (path, recorded) in recorded_inputs.chain(init).chain(mask) {
         if let Ok(hash) = images::sha256_file(path) {
             if hash != recorded.sha256 {
                 eprintln!("warning: {} changed since the image was made (SHA-256 differs)", path.display());

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::inpaint::Inpainting;
 use super::request::control_setting;
 use super::sd::StableDiffusion;
 use super::text_conditioning::{self, SdxlConditioning};
@@ -59,6 +60,9 @@ pub struct InitImage {
     /// In (0, 1]: the share of the steps that run; 1 starts from (almost) pure noise, small values keep most of
     /// the picture.
     pub strength: f64,
+    /// Inpainting: (1, 1, height, width), 1 where the picture is repainted, 0 where it is kept
+    /// ([`super::inpaint::mask_tensor`]).
+    pub mask: Option<Tensor>,
 }
 
 pub struct GenerateOutput {
@@ -109,7 +113,10 @@ pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) 
                 ),
             ));
         }
-        c.net.check_compatible(sd.unet.config()).map_err(|e| Error::setting(setting("controlnet"), e))?;
+        // A ControlNet reads the latents alone, also beside an inpainting UNet that reads mask and picture too.
+        let mut unet = sd.unet.config().clone();
+        unet.encoder.in_channels = sd.vae.config().latent_channels;
+        c.net.check_compatible(&unet).map_err(|e| Error::setting(setting("controlnet"), e))?;
     }
     Ok(())
 }
@@ -192,9 +199,7 @@ pub fn generate_from(
     cancel: &AtomicBool,
 ) -> Result<GenerateOutput> {
     validate(sd, controls, p)?;
-    if let Some(init) = init {
-        validate_init(sd, init, p)?;
-    }
+    validate_init(sd, init, p)?;
     let device = sd.unet.device().clone();
     let dtype = sd.unet.dtype();
     let n = p.num_images;
@@ -220,15 +225,41 @@ pub fn generate_from(
     // 3. Initial latents from the torch-compatible generator, in diffusers' order of draws: txt2img: noise
     //    times `init_noise_sigma`; img2img: the VAE posterior's sample, then the noise added at the first step.
     let mut rng = TorchGenerator::new(p.seed);
+    //    Inpainting (diffusers' inpaint pipeline) at full strength starts from pure noise, as txt2img; the
+    //    picture is still encoded first when a 4-channel UNet blends it back, and the masked picture after.
     let factor = sd.vae_scale_factor();
-    let shape = [n, sd.unet.config().encoder.in_channels, p.height / factor, p.width / factor];
+    let nine_channels = is_inpainting_unet(sd);
+    let shape = [n, sd.vae.config().latent_channels, p.height / factor, p.width / factor];
+    let mut inpainting = None;
     let mut latents = match init {
         None => (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?,
         Some(init) => {
-            let init_latents = encode_init(sd, &init.image, &mut rng)?;
-            let init_latents = Tensor::cat(&vec![&init_latents; n], 0)?;
-            let noise = rng.randn_tensor(init_latents.dims(), &device)?.to_dtype(dtype)?;
-            scheduler.add_noise(&init_latents, &noise, first)?
+            let pure_noise = init.mask.is_some() && init.strength == 1.0;
+            let blends = init.mask.is_some() && !nine_channels;
+            let image_latents = if !pure_noise || blends {
+                Some(Tensor::cat(&vec![&encode_init(sd, &init.image, &mut rng)?; n], 0)?)
+            } else {
+                None
+            };
+            let noise = rng.randn_tensor(&shape, &device)?.to_dtype(dtype)?;
+            let latents = match (&image_latents, pure_noise) {
+                (Some(image_latents), false) => scheduler.add_noise(image_latents, &noise, first)?,
+                _ => (&noise * scheduler.init_noise_sigma())?,
+            };
+            if let Some(mask) = &init.mask {
+                let unet_batch = if cfg { 2 } else { 1 } * n;
+                let mut encode = |image: &Tensor| encode_init(sd, image, &mut rng);
+                inpainting = Some(Inpainting::prepare(
+                    &init.image,
+                    mask,
+                    &mut encode,
+                    image_latents,
+                    noise,
+                    nine_channels,
+                    unet_batch,
+                )?);
+            }
+            latents
         }
     };
 
@@ -278,8 +309,13 @@ pub fn generate_from(
             });
         }
 
-        // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle.
-        let pred = sd.unet.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), residuals.as_ref())?;
+        // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle (an
+        //     inpainting UNet also reads the mask and the masked picture).
+        let unet_input = match &inpainting {
+            Some(inp) => inp.unet_input(&latent_input)?,
+            None => latent_input,
+        };
+        let pred = sd.unet.forward_with(&unet_input, &t_batch, embeds, text.added.as_ref(), residuals.as_ref())?;
 
         // 5c. Classifier-free guidance: move away from the unconditional prediction.
         let pred = if cfg {
@@ -292,6 +328,11 @@ pub fn generate_from(
 
         // 5d. One scheduler step (ancestral schedulers draw their noise from the same generator).
         latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+        // 5e. Inpainting with a 4-channel UNet: the kept area goes back to the picture, noised to the next step.
+        if let Some(inp) = &inpainting {
+            let next = (j + 1 < total).then_some(i + 1);
+            latents = inp.blend(&latents, next, &|x, noise, k| scheduler.add_noise(x, noise, k))?;
+        }
         on_step(j + 1, total);
     }
 
@@ -306,11 +347,34 @@ pub fn generate_from(
     Ok(GenerateOutput { latents, decoded, images })
 }
 
-/// The init picture must have the output size and RGB channels; SDXL's img2img is not implemented yet.
-fn validate_init(sd: &StableDiffusion, init: &InitImage, p: &GenerateParams) -> Result<()> {
+/// Whether the UNet is an inpainting UNet: it reads mask and masked-picture latents beside the latents (9 input
+/// channels for SD's 4 latent channels).
+pub fn is_inpainting_unet(sd: &StableDiffusion) -> bool {
+    sd.unet.config().encoder.in_channels != sd.vae.config().latent_channels
+}
+
+/// The init picture and mask must have the output size; an inpainting UNet needs both; SDXL's img2img is not
+/// implemented yet.
+fn validate_init(sd: &StableDiffusion, init: Option<&InitImage>, p: &GenerateParams) -> Result<()> {
+    let latent = sd.vae.config().latent_channels;
+    let unet_in = sd.unet.config().encoder.in_channels;
+    if is_inpainting_unet(sd) && (unet_in != 2 * latent + 1 || init.is_none_or(|i| i.mask.is_none())) {
+        return Err(Error::setting(
+            "mask",
+            format!(
+                "the UNet takes {unet_in} input channels: an inpainting UNet ({} = latents, mask, masked picture) \
+                 needs init_image and mask",
+                2 * latent + 1
+            ),
+        ));
+    }
+    let Some(init) = init else { return Ok(()) };
     check_strength(init.strength)?;
     if sd.sdxl.is_some() {
-        return Err(Error::setting("init_image", "img2img is implemented for SD 1.x/2.x models only, not SDXL yet"));
+        return Err(Error::setting(
+            "init_image",
+            "img2img and inpainting are implemented for SD 1.x/2.x models only, not SDXL yet",
+        ));
     }
     let (_, ch, h, w) = init.image.dims4()?;
     if (ch, h, w) != (3, p.height, p.width) {
@@ -318,6 +382,15 @@ fn validate_init(sd: &StableDiffusion, init: &InitImage, p: &GenerateParams) -> 
             "init_image",
             format!("the picture is {ch}×{h}×{w} (channels×height×width), expected 3×{}×{}", p.height, p.width),
         ));
+    }
+    if let Some(mask) = &init.mask {
+        let (_, ch, h, w) = mask.dims4()?;
+        if (ch, h, w) != (1, p.height, p.width) {
+            return Err(Error::setting(
+                "mask",
+                format!("the mask is {ch}×{h}×{w} (channels×height×width), expected 1×{}×{}", p.height, p.width),
+            ));
+        }
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use image::RgbImage;
 use super::conditions::ControlSource;
 use super::generate::{check_size, generate_from, validate, Control, GenerateParams, InitImage};
 use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
+use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
 use super::request::{control_setting, random_seed, resize_name, GenerateRequest};
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
@@ -147,7 +148,7 @@ impl<'a> Generator<'a> {
 
         // 1. Size: given, else the init picture's (as diffusers' img2img) or the first condition's, rounded down
         //    to a multiple of the VAE's factor, else the model's native size.
-        let Inputs { sources, init } = inputs;
+        let Inputs { sources, init, mask } = inputs;
         let factor = sd.vae_scale_factor();
         let given = init.as_ref().map(RgbImage::dimensions).or_else(|| sources.first().map(ControlSource::size));
         let (default_w, default_h) = match given {
@@ -205,7 +206,8 @@ impl<'a> Generator<'a> {
             .zip(&self.controlnets)
             .enumerate()
             .map(|(i, ((c, src), net))| {
-                src.fit(i, c, (width, height), request.resize, net.config().conditioning_channels, device)
+                let channels = net.config().conditioning_channels;
+                src.fit(i, c, (width, height), request.resize, channels, mask.as_ref(), device)
             })
             .collect::<Result<Vec<_>>>()?;
         let controls: Vec<Control> = request
@@ -238,12 +240,15 @@ impl<'a> Generator<'a> {
             sdxl: request.sdxl.clone(),
         };
         validate(sd, &controls, &params)?;
-        // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1].
+        // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
+        // inpainting: the mask too, binarised.
+        let (w32, h32) = (width as u32, height as u32);
         let init = match &init {
             Some(img) => {
-                let img = images::resize(img, width as u32, height as u32, ResampleFilter::Lanczos);
+                let img = images::resize(img, w32, h32, ResampleFilter::Lanczos);
                 let image = ((images::to_tensor01(&img, device)? * 2.0)? - 1.0)?;
-                Some(InitImage { image, strength: request.strength })
+                let mask = mask.as_ref().map(|m| inpaint::mask_tensor(&inpaint::fit_mask(m, w32, h32), device));
+                Some(InitImage { image, strength: request.effective_strength(), mask: mask.transpose()? })
             }
             None => None,
         };
@@ -331,7 +336,8 @@ impl<'a> Generator<'a> {
             num_images: params.num_images,
             image_index: 1,
             init_image: request.init_image.as_deref().map(file_ref).transpose()?,
-            strength: request.init_image.as_ref().map(|_| request.strength),
+            mask: request.mask.as_deref().map(file_ref).transpose()?,
+            strength: request.init_image.as_ref().map(|_| request.effective_strength()),
         })
     }
 }
@@ -342,6 +348,8 @@ struct Inputs {
     sources: Vec<ControlSource>,
     /// img2img's starting picture.
     init: Option<RgbImage>,
+    /// Inpainting's mask, checked against the picture.
+    mask: Option<RgbImage>,
 }
 
 impl Inputs {
@@ -352,7 +360,16 @@ impl Inputs {
             Some(path) => Some(images::load_rgb(path).map_err(|e| Error::setting("init_image", e))?),
             None => None,
         };
-        Ok(Self { sources: sources?, init })
+        let mask = match (&request.mask, &init) {
+            (Some(path), Some(init)) => {
+                let mask = images::load_rgb(path).map_err(|e| Error::setting("mask", e))?;
+                inpaint::check_mask(&mask, init.dimensions())?;
+                Some(mask)
+            }
+            (Some(_), None) => return Err(Error::setting("mask", "inpainting needs init_image")),
+            (None, _) => None,
+        };
+        Ok(Self { sources: sources?, init, mask })
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{parse_resize, ControlRequest, GenerateRequest, DEFAULT_STRENGTH};
+use super::request::{parse_resize, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -77,9 +77,11 @@ pub struct ImageMetadata {
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
-    /// img2img's starting picture and strength (recorded only for img2img).
+    /// img2img's starting picture, inpainting's mask and their strength (recorded only when used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<FileRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
 }
@@ -204,7 +206,8 @@ impl ImageMetadata {
             sdxl: self.sdxl.clone(),
             dtype: Default::default(),
             init_image: self.init_image.as_ref().map(|f| PathBuf::from(find(&f.path))),
-            strength: self.strength.unwrap_or(DEFAULT_STRENGTH),
+            mask: self.mask.as_ref().map(|f| PathBuf::from(find(&f.path))),
+            strength: self.strength,
         })
     }
 
@@ -311,6 +314,7 @@ mod tests {
             num_images: 1,
             image_index: 1,
             init_image: None,
+            mask: None,
             strength: None,
         }
     }

@@ -15,8 +15,10 @@ pub use super::text_conditioning::SdxlConditioning;
 pub const DEFAULT_STEPS: usize = 20;
 /// Classifier-free guidance scale when none is asked for (diffusers' default).
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
-/// img2img strength when none is asked for (diffusers' default).
+/// img2img strength when none is asked for (diffusers' img2img default).
 pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// Inpainting strength when none is asked for (diffusers' inpaint default: repaint the masked area fully).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 /// The only weight variant the hub download knows.
 pub const VARIANTS: &[&str] = &["fp16"];
 
@@ -148,9 +150,12 @@ pub struct GenerateRequest {
     /// img2img: start from this picture (resized to the output size; it gives the default size) instead of
     /// pure noise; the conditions still come from `controls`.
     pub init_image: Option<PathBuf>,
-    /// img2img: in (0, 1], the share of the steps that run on the noised picture (diffusers' `strength`; 1
-    /// repaints everything).
-    pub strength: f64,
+    /// Inpainting: a mask of `init_image`'s size; white (grey >= 128) is repainted, black kept. Binarised at half
+    /// as diffusers does; a mask with many mid-grey pixels (a picture, not a mask) is refused.
+    pub mask: Option<PathBuf>,
+    /// img2img and inpainting: in (0, 1], the share of the steps that run on the noised picture (diffusers'
+    /// `strength`; 1 repaints everything). `None`: 0.8 for img2img, 1 for inpainting (diffusers' defaults).
+    pub strength: Option<f64>,
 }
 
 impl Default for GenerateRequest {
@@ -177,7 +182,8 @@ impl Default for GenerateRequest {
             sdxl: SdxlConditioning::default(),
             dtype: ComputeDtype::F32,
             init_image: None,
-            strength: DEFAULT_STRENGTH,
+            mask: None,
+            strength: None,
         }
     }
 }
@@ -236,8 +242,11 @@ impl GenerateRequest {
                 ));
             }
         }
-        if self.init_image.is_some() {
-            super::generate::check_strength(self.strength)?;
+        if let Some(strength) = self.strength {
+            super::generate::check_strength(strength)?;
+        }
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(Error::setting("mask", "inpainting needs the picture to paint in: set init_image"));
         }
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if v == Some(0) {
@@ -267,13 +276,19 @@ impl GenerateRequest {
         Ok(())
     }
 
+    /// The strength img2img or inpainting runs with: the one given, else diffusers' default for the kind of run.
+    pub fn effective_strength(&self) -> f64 {
+        let default = if self.mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_STRENGTH };
+        self.strength.unwrap_or(default)
+    }
+
     /// Notes about settings that do nothing for this request (a front end shows them as warnings).
     pub fn unused_settings(&self) -> Vec<String> {
         let mut notes = Vec::new();
         if self.guess_mode && self.controls.is_empty() {
             notes.push("guess_mode: no ControlNet is used, so guess mode changes nothing".to_string());
         }
-        if self.init_image.is_none() && self.strength != DEFAULT_STRENGTH {
+        if self.init_image.is_none() && self.strength.is_some() {
             notes.push("strength: no init_image is given, so the strength changes nothing".to_string());
         }
         notes
@@ -348,11 +363,25 @@ mod tests {
         assert!(bad(|r| (r.controls[0].control_start, r.controls[0].control_end) = (0.9, 0.5))
             .starts_with("controls[0].control_start: 0.9 is after"));
         for strength in [0.0, -0.5, 1.5, f64::NAN] {
-            let r = GenerateRequest { init_image: Some("init.png".into()), strength, ..Default::default() };
+            let r = GenerateRequest { strength: Some(strength), ..Default::default() };
             assert_eq!(r.validate().unwrap_err().to_string(), format!("strength: {strength} must lie in (0, 1]"));
         }
         let variant = bad(|r| r.variant = Some("fp8".into()));
         assert!(variant.starts_with("variant: \"fp8\"") && variant.contains("the valid value is fp16"), "{variant}");
+    }
+
+    #[test]
+    fn strength_defaults_follow_diffusers() {
+        let r = GenerateRequest { init_image: Some("init.png".into()), ..Default::default() };
+        assert_eq!(r.effective_strength(), 0.8);
+        let r = GenerateRequest { mask: Some("mask.png".into()), ..r };
+        assert_eq!(r.effective_strength(), 1.0);
+        assert_eq!(GenerateRequest { strength: Some(0.3), ..r.clone() }.effective_strength(), 0.3);
+        let no_init = GenerateRequest { init_image: None, ..r };
+        assert_eq!(
+            no_init.validate().unwrap_err().to_string(),
+            "mask: inpainting needs the picture to paint in: set init_image"
+        );
     }
 
     #[test]
@@ -361,7 +390,7 @@ mod tests {
         assert_eq!(r.unused_settings().len(), 1);
         let r = GenerateRequest { guess_mode: true, controls: vec![ControlRequest::new(None, "a.png")], ..r };
         assert!(r.unused_settings().is_empty());
-        let r = GenerateRequest { strength: 0.5, ..r };
+        let r = GenerateRequest { strength: Some(0.5), ..r };
         assert_eq!(r.unused_settings(), ["strength: no init_image is given, so the strength changes nothing"]);
         let r = GenerateRequest { init_image: Some("init.png".into()), ..r };
         assert!(r.unused_settings().is_empty());
