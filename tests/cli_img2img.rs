@@ -62,6 +62,7 @@ cases! {
     inpaint_nine_channel_unet => "inp_nine_channels",
     inpaint_nine_channel_unet_ancestral_partial => "inp_nine_channels_euler-a_60",
     inpaint_controlnet_condition => "inp_inpaint_condition",
+    inpaint_blurred_mask => "inp_mask_blur",
 }
 
 /// The arguments of a case with `--init-image`/`--strength` and friends replaced or added.

@@ -87,6 +87,10 @@ pub struct GenerateArgs {
     /// binarised at half grey as diffusers does; a mask with many mid-grey pixels is refused.
     #[arg(long, value_name = "IMAGE")]
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur --mask by this radius in pixels first (diffusers' mask_processor.blur: PIL's
+    /// GaussianBlur); the blurred mask is binarised again, so this rounds the shape [default: 0, none].
+    #[arg(long, default_value_t = 0, value_name = "PX")]
+    pub mask_blur: u32,
     /// img2img and inpainting: how much of --init-image is repainted, in (0, 1]: the share of the steps that run
     /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
@@ -194,6 +198,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
         init_image: args.init_image.clone(),
         mask: args.mask.clone(),
+        mask_blur: args.mask_blur,
         strength: args.strength,
     };
     let outputs = output_paths(&args.output, args.num_images)?;

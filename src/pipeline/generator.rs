@@ -337,6 +337,7 @@ impl<'a> Generator<'a> {
             image_index: 1,
             init_image: request.init_image.as_deref().map(file_ref).transpose()?,
             mask: request.mask.as_deref().map(file_ref).transpose()?,
+            mask_blur: request.mask_blur,
             strength: request.init_image.as_ref().map(|_| request.effective_strength()),
         })
     }
@@ -364,7 +365,7 @@ impl Inputs {
             (Some(path), Some(init)) => {
                 let mask = images::load_rgb(path).map_err(|e| Error::setting("mask", e))?;
                 inpaint::check_mask(&mask, init.dimensions())?;
-                Some(mask)
+                Some(inpaint::gaussian_blur(&mask, request.mask_blur as f32))
             }
             (Some(_), None) => return Err(Error::setting("mask", "inpainting needs init_image")),
             (None, _) => None,

@@ -82,6 +82,8 @@ pub struct ImageMetadata {
     pub init_image: Option<FileRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mask_blur: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
 }
@@ -148,6 +150,9 @@ impl ImageMetadata {
         if let Some(strength) = self.strength {
             s.push_str(&format!(", Denoising strength: {strength}"));
         }
+        if self.mask.is_some() {
+            s.push_str(&format!(", Mask blur: {}", self.mask_blur));
+        }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
         }
@@ -207,6 +212,7 @@ impl ImageMetadata {
             dtype: Default::default(),
             init_image: self.init_image.as_ref().map(|f| PathBuf::from(find(&f.path))),
             mask: self.mask.as_ref().map(|f| PathBuf::from(find(&f.path))),
+            mask_blur: self.mask_blur,
             strength: self.strength,
         })
     }
@@ -315,6 +321,7 @@ mod tests {
             image_index: 1,
             init_image: None,
             mask: None,
+            mask_blur: 0,
             strength: None,
         }
     }

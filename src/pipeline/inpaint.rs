@@ -68,6 +68,76 @@ pub fn fit_mask(mask: &RgbImage, width: u32, height: u32) -> RgbImage {
     images::resize(mask, width, height, images::ResampleFilter::Lanczos)
 }
 
+/// PIL's `ImageFilter.GaussianBlur(radius)` (what diffusers' `mask_processor.blur(mask, blur_factor)` runs):
+/// three box blurs per direction whose fractional radius approximates the Gaussian (Gwosdek et al. 2011), in
+/// PIL's 8-bit fixed point, so blurred masks binarise exactly as diffusers' do.
+pub fn gaussian_blur(img: &RgbImage, radius: f32) -> RgbImage {
+    if radius <= 0.0 {
+        return img.clone();
+    }
+    const PASSES: usize = 3;
+    let box_radius = gaussian_box_radius(radius, PASSES as f32);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut out = img.clone();
+    for c in 0..3 {
+        // One channel, row-major; blurred along rows, then along columns (PIL transposes).
+        let mut plane: Vec<u8> = img.pixels().map(|p| p[c]).collect();
+        for _ in 0..PASSES {
+            for row in plane.chunks_mut(w) {
+                let line = box_blur_line(row, box_radius);
+                row.copy_from_slice(&line);
+            }
+        }
+        let mut col = vec![0u8; h];
+        for x in 0..w {
+            for (y, v) in col.iter_mut().enumerate() {
+                *v = plane[y * w + x];
+            }
+            for _ in 0..PASSES {
+                col = box_blur_line(&col, box_radius);
+            }
+            for (y, v) in col.iter().enumerate() {
+                plane[y * w + x] = *v;
+            }
+        }
+        for (p, v) in out.pixels_mut().zip(plane) {
+            p[c] = v;
+        }
+    }
+    out
+}
+
+/// PIL's `_gaussian_blur_radius`: the (fractional) box radius whose `passes` box blurs make a Gaussian of `radius`.
+fn gaussian_box_radius(radius: f32, passes: f32) -> f32 {
+    let sigma2 = radius * radius / passes;
+    let big_l = (12.0 * f64::from(sigma2) + 1.0).sqrt() as f32;
+    let l = ((f64::from(big_l) - 1.0) / 2.0).floor() as f32;
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    l + a
+}
+
+/// PIL's `ImagingLineBoxBlur8`: a box of `radius` (integer part full weight, the fraction on the two far pixels),
+/// edges extended, in 24-bit fixed point.
+fn box_blur_line(line: &[u8], radius: f32) -> Vec<u8> {
+    let r = radius as usize;
+    let ww = ((1u32 << 24) as f32 / (radius * 2.0 + 1.0)) as u32;
+    let fw = ((1u32 << 24) - (r as u32 * 2 + 1) * ww) / 2;
+    let last = line.len() - 1;
+    // The pixel at `x`, the edge pixels repeated outside the line.
+    let at = |x: isize| u32::from(line[x.clamp(0, last as isize) as usize]);
+    // Sum over [x - r, x + r] for x = -1, then slid one pixel per output.
+    let mut acc: u32 = (-(r as isize) - 1..r as isize).map(at).sum();
+    (0..line.len())
+        .map(|x| {
+            let x = x as isize;
+            let r = r as isize;
+            acc = acc + at(x + r) - at(x - r - 1);
+            let bulk = acc.wrapping_mul(ww).wrapping_add((at(x - r - 1) + at(x + r + 1)).wrapping_mul(fw));
+            (bulk.wrapping_add(1 << 23) >> 24) as u8
+        })
+        .collect()
+}
+
 /// The inpaint ControlNet's condition (`control_v11p_sd15_inpaint`, diffusers' `make_inpaint_condition`): the
 /// picture in [0, 1] with masked pixels at -1; and, to show it, the picture with masked pixels black.
 pub fn condition(picture: &RgbImage, mask: &RgbImage, device: &Device) -> Result<(Tensor, RgbImage)> {
@@ -183,6 +253,20 @@ mod tests {
         check_mask(&grey(16, 8, |x, _| [0, 0, 0, 0, 0, 100, 180, 255][x as usize % 8]), (16, 8)).unwrap();
         let err = check_mask(&grey(16, 8, |x, y| (40 + 10 * x + y) as u8), (16, 8)).unwrap_err().to_string();
         assert!(err.starts_with("mask: 100% of its pixels are mid grey"), "{err}");
+    }
+
+    /// Pillow 12's `ImageFilter.GaussianBlur(2)` of `Image.new("L", (12, 1))` and `(12, 3)` with white at x = 4..8
+    /// (of row 1 for the second); the `inp_mask_blur` CLI case compares a blurred mask with diffusers end to end.
+    #[test]
+    fn gaussian_blur_is_pils() {
+        let line = grey(12, 1, |x, _| if (4..8).contains(&x) { 255 } else { 0 });
+        let blurred: Vec<u8> = gaussian_blur(&line, 2.0).pixels().map(|p| p[0]).collect();
+        assert_eq!(blurred, [11, 28, 59, 101, 142, 168, 168, 142, 101, 59, 28, 11]);
+        assert_eq!(gaussian_blur(&line, 0.0), line);
+        let band = grey(12, 3, |x, y| if y == 1 && (4..8).contains(&x) { 255 } else { 0 });
+        let row = [3, 7, 16, 27, 38, 45, 45, 38, 27, 16, 7, 3];
+        let blurred: Vec<u8> = gaussian_blur(&band, 2.0).pixels().map(|p| p[0]).collect();
+        assert_eq!(blurred, [row, row, row].concat());
     }
 
     #[test]

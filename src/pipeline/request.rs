@@ -153,6 +153,9 @@ pub struct GenerateRequest {
     /// Inpainting: a mask of `init_image`'s size; white (grey >= 128) is repainted, black kept. Binarised at half
     /// as diffusers does; a mask with many mid-grey pixels (a picture, not a mask) is refused.
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask by this Gaussian radius in pixels first (diffusers' `mask_processor.blur`,
+    /// PIL's `GaussianBlur`); 0: none. The blurred mask is still binarised, so this rounds its shape.
+    pub mask_blur: u32,
     /// img2img and inpainting: in (0, 1], the share of the steps that run on the noised picture (diffusers'
     /// `strength`; 1 repaints everything). `None`: 0.8 for img2img, 1 for inpainting (diffusers' defaults).
     pub strength: Option<f64>,
@@ -183,6 +186,7 @@ impl Default for GenerateRequest {
             dtype: ComputeDtype::F32,
             init_image: None,
             mask: None,
+            mask_blur: 0,
             strength: None,
         }
     }
@@ -290,6 +294,9 @@ impl GenerateRequest {
         }
         if self.init_image.is_none() && self.strength.is_some() {
             notes.push("strength: no init_image is given, so the strength changes nothing".to_string());
+        }
+        if self.mask.is_none() && self.mask_blur > 0 {
+            notes.push("mask_blur: no mask is given, so the blur changes nothing".to_string());
         }
         notes
     }
