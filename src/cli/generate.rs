@@ -9,6 +9,7 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
+use crate::pipeline::hires::{HiresFix, Upscaler};
 use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
@@ -95,6 +96,19 @@ pub struct GenerateArgs {
     /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub strength: Option<f64>,
+    /// Hires fix (as A1111): after generating, upscale by this factor (the size rounded down to a multiple of 8)
+    /// and run img2img at the larger size with the same prompt, seed and ControlNets.
+    #[arg(long, value_name = "F")]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass [default: --steps].
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
+    /// Hires fix: how much of the upscaled picture the second pass repaints, in (0, 1] [default: 0.7].
+    #[arg(long, value_name = "F", allow_negative_numbers = true, requires = "hires_scale")]
+    pub hires_strength: Option<f64>,
+    /// Hires fix: upscale the latents (bilinear, A1111's "Latent") or the decoded images (Lanczos).
+    #[arg(long, value_name = "latent|lanczos", requires = "hires_scale")]
+    pub hires_upscaler: Option<String>,
     /// What to draw.
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -200,6 +214,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         mask: args.mask.clone(),
         mask_blur: args.mask_blur,
         strength: args.strength,
+        hires: hires_fix(args)?,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -331,6 +346,18 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
             Ok(NetFlags { control, save_control: save[i].clone() })
         })
         .collect()
+}
+
+/// The hires fix the --hires-* flags ask for.
+fn hires_fix(args: &GenerateArgs) -> anyhow::Result<Option<HiresFix>> {
+    let Some(scale) = args.hires_scale else { return Ok(None) };
+    let mut hires = HiresFix::new(scale);
+    hires.steps = args.hires_steps;
+    hires.strength = args.hires_strength.unwrap_or(hires.strength);
+    if let Some(name) = &args.hires_upscaler {
+        hires.upscaler = Upscaler::parse(name)?;
+    }
+    Ok(Some(hires))
 }
 
 /// `WIDTHxHEIGHT` (`1024x768`).

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Make a synthetic training dataset (the demo's circles).
     Dataset(dataset::DatasetArgs),
     /// Make an image again from the recipe its PNG carries.
@@ -104,7 +104,7 @@ const FLAG_NAMES: &[(&str, &str)] = &[("controlnet", "--controlnet"), ("control"
 pub fn flag_for(setting: &str) -> String {
     let flag = |name: &str| match FLAG_NAMES.iter().find(|(s, _)| *s == name) {
         Some((_, f)) => f.to_string(),
-        None => format!("--{}", name.replace('_', "-")),
+        None => format!("--{}", name.replace(['_', '.'], "-")),
     };
     if let Some(rest) = setting.strip_prefix("controls[") {
         if let Some((index, field)) = rest.split_once("].") {
@@ -182,6 +182,7 @@ mod tests {
     #[test]
     fn settings_are_named_by_their_flags() {
         assert_eq!(flag_for("num_images"), "--num-images");
+        assert_eq!(flag_for("hires.scale"), "--hires-scale");
         assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
         let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
         assert_eq!(describe(&e), "generate: --width: 100000 is too large");

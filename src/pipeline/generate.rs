@@ -55,7 +55,9 @@ pub struct GenerateParams {
 /// (diffusers' `StableDiffusionControlNetImg2ImgPipeline`).
 #[derive(Debug, Clone)]
 pub struct InitImage {
-    /// The picture at the output size, (1, 3, height, width) in [-1, 1] (diffusers' `VaeImageProcessor`).
+    /// The picture at the output size, (1 or num_images, 3, height, width) in [-1, 1] (diffusers'
+    /// `VaeImageProcessor`); or latents already, (1 or num_images, latent channels, height/8, width/8), used as
+    /// they are (diffusers does so with a 4-channel `image`; the hires fix's latent upscaler).
     pub image: Tensor,
     /// In (0, 1]: the share of the steps that run; 1 starts from (almost) pure noise, small values keep most of
     /// the picture.
@@ -237,7 +239,12 @@ pub fn generate_from(
             let pure_noise = init.mask.is_some() && init.strength == 1.0;
             let blends = init.mask.is_some() && !nine_channels;
             let image_latents = if !pure_noise || blends {
-                Some(Tensor::cat(&vec![&encode_init(sd, &init.image, &mut rng)?; n], 0)?)
+                // Latents already (hires fix from latents) are used as they are, as diffusers does with a
+                // 4-channel `image`; one picture serves the whole batch.
+                let latents =
+                    if init.image.dim(1)? == 3 { encode_init(sd, &init.image, &mut rng)? } else { init.image.clone() };
+                let copies = n / latents.dim(0)?;
+                Some(Tensor::cat(&vec![&latents; copies], 0)?.to_dtype(dtype)?)
             } else {
                 None
             };
@@ -376,11 +383,19 @@ fn validate_init(sd: &StableDiffusion, init: Option<&InitImage>, p: &GeneratePar
             "img2img and inpainting are implemented for SD 1.x/2.x models only, not SDXL yet",
         ));
     }
-    let (_, ch, h, w) = init.image.dims4()?;
-    if (ch, h, w) != (3, p.height, p.width) {
+    let (b, ch, h, w) = init.image.dims4()?;
+    let factor = sd.vae_scale_factor();
+    let pixels = (3, p.height, p.width);
+    let latents = (latent, p.height / factor, p.width / factor);
+    let batch_fits = b == 1 || b == p.num_images;
+    if !batch_fits || ((ch, h, w) != pixels && ((ch, h, w) != latents || init.mask.is_some())) {
         return Err(Error::setting(
             "init_image",
-            format!("the picture is {ch}×{h}×{w} (channels×height×width), expected 3×{}×{}", p.height, p.width),
+            format!(
+                "the picture is {b}×{ch}×{h}×{w} (batch×channels×height×width), expected 1 or {}×{}×{}×{} (or \
+                 latents of {}×{}×{} without a mask)",
+                p.num_images, pixels.0, pixels.1, pixels.2, latents.0, latents.1, latents.2
+            ),
         ));
     }
     if let Some(mask) = &init.mask {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
@@ -86,6 +87,9 @@ pub struct ImageMetadata {
     pub mask_blur: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// The hires fix's second pass (recorded only when used); `width`/`height` are the first pass's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresFix>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -153,6 +157,18 @@ impl ImageMetadata {
         if self.mask.is_some() {
             s.push_str(&format!(", Mask blur: {}", self.mask_blur));
         }
+        if let Some(h) = &self.hires {
+            let name = match h.upscaler {
+                Upscaler::Latent => "Latent",
+                Upscaler::Lanczos => "Lanczos",
+            };
+            s.push_str(&format!(
+                ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: {name}",
+                h.strength,
+                h.scale,
+                h.steps.unwrap_or(0)
+            ));
+        }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
         }
@@ -214,6 +230,7 @@ impl ImageMetadata {
             mask: self.mask.as_ref().map(|f| PathBuf::from(find(&f.path))),
             mask_blur: self.mask_blur,
             strength: self.strength,
+            hires: self.hires.clone(),
         })
     }
 
@@ -323,6 +340,7 @@ mod tests {
             mask: None,
             mask_blur: 0,
             strength: None,
+            hires: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`memory_estimate`]: the memory a request needs, checked before anything is allocated;
 //! - [`generate`]: the denoising loop on loaded models and prepared conditions (what training's validation
 //!   images use too);
+//! - [`hires`]: A1111's hires fix (upscale, then img2img at the larger size);
 //! - [`inpaint`]: the mask checked and brought to the latents, latent blending and the 9-channel UNet's input;
 //! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
@@ -15,6 +16,7 @@ pub mod conditions;
 pub mod demo;
 pub mod generate;
 pub mod generator;
+pub mod hires;
 pub mod image_metadata;
 pub mod inpaint;
 pub mod memory_estimate;

@@ -9,6 +9,7 @@ use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
 
 use super::demo;
+use super::hires::HiresFix;
 pub use super::text_conditioning::SdxlConditioning;
 
 /// Denoising steps when none are asked for.
@@ -159,6 +160,8 @@ pub struct GenerateRequest {
     /// img2img and inpainting: in (0, 1], the share of the steps that run on the noised picture (diffusers'
     /// `strength`; 1 repaints everything). `None`: 0.8 for img2img, 1 for inpainting (diffusers' defaults).
     pub strength: Option<f64>,
+    /// A1111's hires fix: a second, img2img pass at a larger size after this one.
+    pub hires: Option<HiresFix>,
 }
 
 impl Default for GenerateRequest {
@@ -188,6 +191,7 @@ impl Default for GenerateRequest {
             mask: None,
             mask_blur: 0,
             strength: None,
+            hires: None,
         }
     }
 }
@@ -248,6 +252,15 @@ impl GenerateRequest {
         }
         if let Some(strength) = self.strength {
             super::generate::check_strength(strength)?;
+        }
+        if let Some(hires) = &self.hires {
+            hires.validate()?;
+            if self.init_image.is_some() {
+                return Err(Error::setting(
+                    "hires.scale",
+                    "the hires fix follows a txt2img pass; with init_image, run img2img at the larger size instead",
+                ));
+            }
         }
         if self.mask.is_some() && self.init_image.is_none() {
             return Err(Error::setting("mask", "inpainting needs the picture to paint in: set init_image"));
