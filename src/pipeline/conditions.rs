@@ -190,7 +190,7 @@ fn inpaint_condition(
     let Some(mask) = mask else {
         return Err(Error::setting(
             control_setting(index, "preprocess"),
-            "inpaint makes its condition from the picture and the mask, and no mask is given",
+            "inpaint is made from an image and a mask, and no mask is given (the inpainting mask)",
         ));
     };
     if channels != 3 {
