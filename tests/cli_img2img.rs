@@ -204,7 +204,8 @@ fn a_mask_needs_an_init_image_and_an_inpainting_unet_a_mask() {
     let res = generate(&args, &out);
     assert!(!res.status.success());
     assert!(
-        stderr(&res).contains("--preprocess (ControlNet 1): inpaint is made from an image and a mask, and no mask is given"),
+        stderr(&res)
+            .contains("--preprocess (ControlNet 1): inpaint is made from an image and a mask, and no mask is given"),
         "{}",
         stderr(&res)
     );

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod annotate;
+pub mod batch;
 pub mod bench;
 pub mod convert;
 pub mod dataset;
@@ -27,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
     Generate(Box<generate::GenerateArgs>),
+    /// Run many generate jobs from a JSONL file (one JSON object of settings per line), models loaded once.
+    Batch(batch::BatchArgs),
     /// Make a synthetic training dataset (the demo's circles).
     Dataset(dataset::DatasetArgs),
     /// Make an image again from the recipe its PNG carries.
@@ -74,6 +77,10 @@ pub fn main() -> ExitCode {
             generate::run(args, sub)
         }
         Command::Reproduce(args) => reproduce::run(args),
+        Command::Batch(args) => match batch::run(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Dataset(args) => dataset::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
