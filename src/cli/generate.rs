@@ -9,6 +9,7 @@ use crate::annotate::ResizeMode;
 use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
+use crate::pipeline::hires::{HiresFix, Upscaler};
 use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
 
@@ -79,6 +80,35 @@ pub struct GenerateArgs {
     /// times faster, f32 activations and sums), f16, or auto (bf16 where the CPU multiplies bf16 natively, else f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "auto"])]
     pub dtype: String,
+    /// img2img: start from this picture instead of pure noise (resized to the output size; it gives the default
+    /// size). The conditions still come from --control.
+    #[arg(long, value_name = "IMAGE")]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting: repaint where this mask (the size of --init-image) is white, keep where black. It is
+    /// binarised at half grey as diffusers does; a mask with many mid-grey pixels is refused.
+    #[arg(long, value_name = "IMAGE")]
+    pub mask: Option<PathBuf>,
+    /// Inpainting: blur --mask by this radius in pixels first (diffusers' mask_processor.blur: PIL's
+    /// GaussianBlur); the blurred mask is binarised again, so this rounds the shape [default: 0, none].
+    #[arg(long, default_value_t = 0, value_name = "PX")]
+    pub mask_blur: u32,
+    /// img2img and inpainting: how much of --init-image is repainted, in (0, 1]: the share of the steps that run
+    /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// Hires fix (as A1111): after generating, upscale by this factor (the size rounded down to a multiple of 8)
+    /// and run img2img at the larger size with the same prompt, seed and ControlNets.
+    #[arg(long, value_name = "F")]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass [default: --steps].
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
+    /// Hires fix: how much of the upscaled picture the second pass repaints, in (0, 1] [default: 0.7].
+    #[arg(long, value_name = "F", allow_negative_numbers = true, requires = "hires_scale")]
+    pub hires_strength: Option<f64>,
+    /// Hires fix: upscale the latents (bilinear, A1111's "Latent") or the decoded images (Lanczos).
+    #[arg(long, value_name = "latent|lanczos", requires = "hires_scale")]
+    pub hires_upscaler: Option<String>,
     /// What to draw.
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -180,6 +210,11 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             target_size: args.target_size,
         },
         dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
+        init_image: args.init_image.clone(),
+        mask: args.mask.clone(),
+        mask_blur: args.mask_blur,
+        strength: args.strength,
+        hires: hires_fix(args)?,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -244,6 +279,8 @@ pub(crate) fn check_outputs<'a>(
     inputs.extend(request.model.as_deref().map(Path::new));
     inputs.extend(request.config.as_deref());
     inputs.extend(request.unet.as_deref());
+    inputs.extend(request.init_image.as_deref());
+    inputs.extend(request.mask.as_deref());
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));
@@ -309,6 +346,18 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
             Ok(NetFlags { control, save_control: save[i].clone() })
         })
         .collect()
+}
+
+/// The hires fix the --hires-* flags ask for.
+fn hires_fix(args: &GenerateArgs) -> anyhow::Result<Option<HiresFix>> {
+    let Some(scale) = args.hires_scale else { return Ok(None) };
+    let mut hires = HiresFix::new(scale);
+    hires.steps = args.hires_steps;
+    hires.strength = args.hires_strength.unwrap_or(hires.strength);
+    if let Some(name) = &args.hires_upscaler {
+        hires.upscaler = Upscaler::parse(name)?;
+    }
+    Ok(Some(hires))
 }
 
 /// `WIDTHxHEIGHT` (`1024x768`).

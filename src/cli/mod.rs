@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod annotate;
+pub mod batch;
 pub mod bench;
 pub mod convert;
 pub mod dataset;
@@ -26,7 +27,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate images from a prompt and (optionally) one or several ControlNet conditions.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
+    /// Run many generate jobs from a JSONL file (one JSON object of settings per line), models loaded once.
+    Batch(batch::BatchArgs),
     /// Make a synthetic training dataset (the demo's circles).
     Dataset(dataset::DatasetArgs),
     /// Make an image again from the recipe its PNG carries.
@@ -74,6 +77,10 @@ pub fn main() -> ExitCode {
             generate::run(args, sub)
         }
         Command::Reproduce(args) => reproduce::run(args),
+        Command::Batch(args) => match batch::run(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Dataset(args) => dataset::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
@@ -104,7 +111,7 @@ const FLAG_NAMES: &[(&str, &str)] = &[("controlnet", "--controlnet"), ("control"
 pub fn flag_for(setting: &str) -> String {
     let flag = |name: &str| match FLAG_NAMES.iter().find(|(s, _)| *s == name) {
         Some((_, f)) => f.to_string(),
-        None => format!("--{}", name.replace('_', "-")),
+        None => format!("--{}", name.replace(['_', '.'], "-")),
     };
     if let Some(rest) = setting.strip_prefix("controls[") {
         if let Some((index, field)) = rest.split_once("].") {
@@ -182,6 +189,7 @@ mod tests {
     #[test]
     fn settings_are_named_by_their_flags() {
         assert_eq!(flag_for("num_images"), "--num-images");
+        assert_eq!(flag_for("hires.scale"), "--hires-scale");
         assert_eq!(flag_for("controls[1].control_end"), "--control-end (ControlNet 2)");
         let e = anyhow::Error::from(crate::Error::setting("width", "100000 is too large")).context("generate");
         assert_eq!(describe(&e), "generate: --width: 100000 is too large");

@@ -31,10 +31,13 @@ pub fn run(args: &ReproduceArgs) -> anyhow::Result<()> {
     };
     let png_dir = args.image.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let request = metadata.to_request(png_dir)?;
-    for (c, recorded) in request.controls.iter().zip(&metadata.controls) {
-        if let Ok(hash) = images::sha256_file(&c.control) {
-            if hash != recorded.control_image.sha256 {
-                eprintln!("warning: {} changed since the image was made (SHA-256 differs)", c.control.display());
+    let recorded_inputs = request.controls.iter().zip(&metadata.controls).map(|(c, m)| (&c.control, &m.control_image));
+    let init = request.init_image.as_ref().zip(metadata.init_image.as_ref());
+    let mask = request.mask.as_ref().zip(metadata.mask.as_ref());
+    for (path, recorded) in recorded_inputs.chain(init).chain(mask) {
+        if let Ok(hash) = images::sha256_file(path) {
+            if hash != recorded.sha256 {
+                eprintln!("warning: {} changed since the image was made (SHA-256 differs)", path.display());
             }
         }
     }

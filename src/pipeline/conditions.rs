@@ -79,7 +79,9 @@ impl ControlSource {
         }
     }
 
-    /// The condition at `width`×`height` for a net taking `channels` conditioning channels.
+    /// The condition at `width`×`height` for a net taking `channels` conditioning channels. `mask` is the
+    /// request's inpainting mask, which `preprocess` = `inpaint` combines with the picture.
+    #[allow(clippy::too_many_arguments)]
     pub fn fit(
         &self,
         index: usize,
@@ -87,9 +89,13 @@ impl ControlSource {
         (width, height): (usize, usize),
         mode: ResizeMode,
         channels: usize,
+        mask: Option<&RgbImage>,
         device: &Device,
     ) -> Result<FittedCondition> {
         let setting = |field: &str| control_setting(index, field);
+        if let (Self::Image(img), Some("inpaint")) = (self, c.preprocess.as_deref()) {
+            return inpaint_condition(index, c, img, mask, (width as u32, height as u32), mode, channels, device);
+        }
         if let Self::Tensor(t) = self {
             let (_, ch, h, w) = t.dims4()?;
             if (w, h) != (width, height) || ch != channels {
@@ -168,6 +174,42 @@ impl ControlSource {
     }
 }
 
+/// The inpaint ControlNet's condition from the picture and the request's mask, both fitted to the output size
+/// the same way (the resize mode, then Lanczos), masked pixels at -1 ([`super::inpaint::condition`]).
+#[allow(clippy::too_many_arguments)]
+fn inpaint_condition(
+    index: usize,
+    c: &ControlRequest,
+    picture: &RgbImage,
+    mask: Option<&RgbImage>,
+    (width, height): (u32, u32),
+    mode: ResizeMode,
+    channels: usize,
+    device: &Device,
+) -> Result<FittedCondition> {
+    let Some(mask) = mask else {
+        return Err(Error::setting(
+            control_setting(index, "preprocess"),
+            "inpaint is made from an image and a mask, and no mask is given (the inpainting mask)",
+        ));
+    };
+    if channels != 3 {
+        return Err(Error::setting(
+            control_setting(index, "preprocess"),
+            format!("inpaint makes a 3-channel condition but {} takes {channels}", c.control.display()),
+        ));
+    }
+    let fit = |img: &RgbImage| {
+        let fitted = match mode {
+            ResizeMode::JustResize => img.clone(),
+            _ => annotate::resize::fit_to_output(img, width, height, mode),
+        };
+        images::resize(&fitted, width, height, ResampleFilter::Lanczos)
+    };
+    let (tensor, image) = super::inpaint::condition(&fit(picture), &fit(mask), device)?;
+    Ok(FittedCondition { tensor, image: Some(image) })
+}
+
 /// PIL's `convert("L")` (ITU-R 601-2 luma, `(19595 R + 38470 G + 7471 B + 2^15) >> 16`), as grey RGB.
 fn grey_rgb(img: &RgbImage) -> RgbImage {
     RgbImage::from_fn(img.width(), img.height(), |x, y| {
@@ -190,16 +232,16 @@ mod tests {
         images::save_png(&path, &img, &[]).unwrap();
         let c = ControlRequest::new(None, &path);
         let src = ControlSource::load(0, &c).unwrap();
-        let fitted = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 1, &Device::Cpu).unwrap();
+        let fitted = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 1, None, &Device::Cpu).unwrap();
         assert_eq!(fitted.tensor.dims(), &[1, 1, 8, 16]);
         let v: Vec<f32> = fitted.tensor.flatten_all().unwrap().to_vec1().unwrap();
         // PIL: L of pure red is 76, of pure blue 29.
         assert_eq!(v[0], 76.0 / 255.0);
         assert_eq!(v[15], 29.0 / 255.0);
         assert_eq!(fitted.image.unwrap().get_pixel(0, 0).0, [76; 3]);
-        let three = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 3, &Device::Cpu).unwrap();
+        let three = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 3, None, &Device::Cpu).unwrap();
         assert_eq!(three.tensor.dims(), &[1, 3, 8, 16]);
-        let err = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 4, &Device::Cpu).err().unwrap().to_string();
+        let err = src.fit(0, &c, (16, 8), ResizeMode::JustResize, 4, None, &Device::Cpu).err().unwrap().to_string();
         assert!(err.starts_with("controls[0].control: ") && err.contains("takes 4 conditioning channels"), "{err}");
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::inpaint::Inpainting;
 use super::request::control_setting;
 use super::sd::StableDiffusion;
 use super::text_conditioning::{self, SdxlConditioning};
@@ -48,6 +49,22 @@ pub struct GenerateParams {
     pub vae_tiling: bool,
     /// SDXL's second prompts and size/crop conditioning (ignored by SD 1.x/2.x).
     pub sdxl: SdxlConditioning,
+}
+
+/// Where img2img starts: a picture noised to the level of the step `strength` of the way back from the end
+/// (diffusers' `StableDiffusionControlNetImg2ImgPipeline`).
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// The picture at the output size, (1 or num_images, 3, height, width) in [-1, 1] (diffusers'
+    /// `VaeImageProcessor`); or latents already, (1 or num_images, latent channels, height/8, width/8), used as
+    /// they are (diffusers does so with a 4-channel `image`; the hires fix's latent upscaler).
+    pub image: Tensor,
+    /// In (0, 1]: the share of the steps that run; 1 starts from (almost) pure noise, small values keep most of
+    /// the picture.
+    pub strength: f64,
+    /// Inpainting: (1, 1, height, width), 1 where the picture is repainted, 0 where it is kept
+    /// ([`super::inpaint::mask_tensor`]).
+    pub mask: Option<Tensor>,
 }
 
 pub struct GenerateOutput {
@@ -98,7 +115,10 @@ pub fn validate(sd: &StableDiffusion, controls: &[Control], p: &GenerateParams) 
                 ),
             ));
         }
-        c.net.check_compatible(sd.unet.config()).map_err(|e| Error::setting(setting("controlnet"), e))?;
+        // A ControlNet reads the latents alone, also beside an inpainting UNet that reads mask and picture too.
+        let mut unet = sd.unet.config().clone();
+        unet.encoder.in_channels = sd.vae.config().latent_channels;
+        c.net.check_compatible(&unet).map_err(|e| Error::setting(setting("controlnet"), e))?;
     }
     Ok(())
 }
@@ -145,7 +165,43 @@ pub fn generate_cancellable(
     on_step: &mut dyn FnMut(usize, usize),
     cancel: &AtomicBool,
 ) -> Result<GenerateOutput> {
+    generate_from(sd, controls, p, None, on_step, cancel)
+}
+
+/// The index of the first timestep img2img runs (diffusers' `get_timesteps`): `floor(steps · strength)` steps
+/// run, the first `steps − that` are skipped (every scheduler here has order 1, as diffusers' do).
+pub fn first_step(steps: usize, strength: f64, timesteps: usize) -> Result<usize> {
+    check_strength(strength)?;
+    let run = ((steps as f64 * strength).floor() as usize).min(steps);
+    if run == 0 {
+        return Err(Error::setting(
+            "strength",
+            format!("{strength} of {steps} steps is less than one step: raise the strength or the steps"),
+        ));
+    }
+    Ok((steps - run).min(timesteps.saturating_sub(1)))
+}
+
+/// img2img's strength lies in (0, 1], as diffusers requires ([0, 1], where 0 would run no step).
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::setting("strength", format!("{strength} must lie in (0, 1]")));
+    }
+    Ok(())
+}
+
+/// [`generate_cancellable`] starting from `init` when given (img2img): the picture is encoded by the VAE, noised
+/// to the first step the strength leaves, and denoised from there.
+pub fn generate_from(
+    sd: &StableDiffusion,
+    controls: &[Control],
+    p: &GenerateParams,
+    init: Option<&InitImage>,
+    on_step: &mut dyn FnMut(usize, usize),
+    cancel: &AtomicBool,
+) -> Result<GenerateOutput> {
     validate(sd, controls, p)?;
+    validate_init(sd, init, p)?;
     let device = sd.unet.device().clone();
     let dtype = sd.unet.dtype();
     let n = p.num_images;
@@ -159,14 +215,60 @@ pub fn generate_cancellable(
     let (embeds, cond_embeds) = (&text.embeds, &text.cond_embeds);
 
     // 2. The scheduler and its timesteps.
+    //    img2img runs only the last `strength` of them.
     let mut scheduler = schedulers::build_sampler(p.scheduler, &sd.scheduler_config, p.steps)?;
-    let timesteps = scheduler.timesteps().to_vec();
+    let all_timesteps = scheduler.timesteps().to_vec();
+    let first = match init {
+        Some(init) => first_step(p.steps, init.strength, all_timesteps.len())?,
+        None => 0,
+    };
+    let timesteps = &all_timesteps[first..];
 
-    // 3. Initial noise from the torch-compatible generator: the first draw of diffusers' generator.
+    // 3. Initial latents from the torch-compatible generator, in diffusers' order of draws: txt2img: noise
+    //    times `init_noise_sigma`; img2img: the VAE posterior's sample, then the noise added at the first step.
     let mut rng = TorchGenerator::new(p.seed);
+    //    Inpainting (diffusers' inpaint pipeline) at full strength starts from pure noise, as txt2img; the
+    //    picture is still encoded first when a 4-channel UNet blends it back, and the masked picture after.
     let factor = sd.vae_scale_factor();
-    let shape = [n, sd.unet.config().encoder.in_channels, p.height / factor, p.width / factor];
-    let mut latents = (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?;
+    let nine_channels = is_inpainting_unet(sd);
+    let shape = [n, sd.vae.config().latent_channels, p.height / factor, p.width / factor];
+    let mut inpainting = None;
+    let mut latents = match init {
+        None => (rng.randn_tensor(&shape, &device)?.to_dtype(dtype)? * scheduler.init_noise_sigma())?,
+        Some(init) => {
+            let pure_noise = init.mask.is_some() && init.strength == 1.0;
+            let blends = init.mask.is_some() && !nine_channels;
+            let image_latents = if !pure_noise || blends {
+                // Latents already (hires fix from latents) are used as they are, as diffusers does with a
+                // 4-channel `image`; one picture serves the whole batch.
+                let latents =
+                    if init.image.dim(1)? == 3 { encode_init(sd, &init.image, &mut rng)? } else { init.image.clone() };
+                let copies = n / latents.dim(0)?;
+                Some(Tensor::cat(&vec![&latents; copies], 0)?.to_dtype(dtype)?)
+            } else {
+                None
+            };
+            let noise = rng.randn_tensor(&shape, &device)?.to_dtype(dtype)?;
+            let latents = match (&image_latents, pure_noise) {
+                (Some(image_latents), false) => scheduler.add_noise(image_latents, &noise, first)?,
+                _ => (&noise * scheduler.init_noise_sigma())?,
+            };
+            if let Some(mask) = &init.mask {
+                let unet_batch = if cfg { 2 } else { 1 } * n;
+                let mut encode = |image: &Tensor| encode_init(sd, image, &mut rng);
+                inpainting = Some(Inpainting::prepare(
+                    &init.image,
+                    mask,
+                    &mut encode,
+                    image_latents,
+                    noise,
+                    nine_channels,
+                    unet_batch,
+                )?);
+            }
+            latents
+        }
+    };
 
     // 4. The hint embedding of each condition, once: the condition never changes between steps.
     let control_batch = if cfg && !guess_mode { 2 * n } else { n };
@@ -181,7 +283,10 @@ pub fn generate_cancellable(
 
     // 5. Denoise.
     let total = timesteps.len();
-    for (i, &t) in timesteps.iter().enumerate() {
+    for (j, &t) in timesteps.iter().enumerate() {
+        // `j` counts the steps that run (the ControlNet window and progress); `i` addresses the scheduler's
+        // timesteps, as diffusers' `set_begin_index` makes it.
+        let i = first + j;
         check_cancel(cancel)?;
         let latent_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let latent_input = scheduler.scale_model_input(&latent_input, i)?;
@@ -190,7 +295,7 @@ pub fn generate_cancellable(
         // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero).
         let mut residuals: Option<ControlNetOutput> = None;
         for (c, hint) in controls.iter().zip(&hints) {
-            let outside = (i as f64) / (total as f64) < c.start || ((i + 1) as f64) / (total as f64) > c.end;
+            let outside = (j as f64) / (total as f64) < c.start || ((j + 1) as f64) / (total as f64) > c.end;
             if outside {
                 continue;
             }
@@ -211,8 +316,13 @@ pub fn generate_cancellable(
             });
         }
 
-        // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle.
-        let pred = sd.unet.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), residuals.as_ref())?;
+        // 5b. The UNet's noise (or v) prediction with the residuals added to its skips and middle (an
+        //     inpainting UNet also reads the mask and the masked picture).
+        let unet_input = match &inpainting {
+            Some(inp) => inp.unet_input(&latent_input)?,
+            None => latent_input,
+        };
+        let pred = sd.unet.forward_with(&unet_input, &t_batch, embeds, text.added.as_ref(), residuals.as_ref())?;
 
         // 5c. Classifier-free guidance: move away from the unconditional prediction.
         let pred = if cfg {
@@ -225,7 +335,12 @@ pub fn generate_cancellable(
 
         // 5d. One scheduler step (ancestral schedulers draw their noise from the same generator).
         latents = scheduler.step(&pred, i, &latents, &mut rng)?;
-        on_step(i + 1, total);
+        // 5e. Inpainting with a 4-channel UNet: the kept area goes back to the picture, noised to the next step.
+        if let Some(inp) = &inpainting {
+            let next = (j + 1 < total).then_some(i + 1);
+            latents = inp.blend(&latents, next, &|x, noise, k| scheduler.add_noise(x, noise, k))?;
+        }
+        on_step(j + 1, total);
     }
 
     // 6. Decode the latents and turn them into 8-bit images.
@@ -237,6 +352,71 @@ pub fn generate_cancellable(
     let pixels = crate::model::vae::latents_to_image(&decoded)?;
     let images = crate::io::images::tensor_to_images(&pixels)?;
     Ok(GenerateOutput { latents, decoded, images })
+}
+
+/// Whether the UNet is an inpainting UNet: it reads mask and masked-picture latents beside the latents (9 input
+/// channels for SD's 4 latent channels).
+pub fn is_inpainting_unet(sd: &StableDiffusion) -> bool {
+    sd.unet.config().encoder.in_channels != sd.vae.config().latent_channels
+}
+
+/// The init picture and mask must have the output size; an inpainting UNet needs both; SDXL's img2img is not
+/// implemented yet.
+fn validate_init(sd: &StableDiffusion, init: Option<&InitImage>, p: &GenerateParams) -> Result<()> {
+    let latent = sd.vae.config().latent_channels;
+    let unet_in = sd.unet.config().encoder.in_channels;
+    if is_inpainting_unet(sd) && (unet_in != 2 * latent + 1 || init.is_none_or(|i| i.mask.is_none())) {
+        return Err(Error::setting(
+            "mask",
+            format!(
+                "the UNet takes {unet_in} input channels: an inpainting UNet ({} = latents, mask, masked picture) \
+                 needs init_image and mask",
+                2 * latent + 1
+            ),
+        ));
+    }
+    let Some(init) = init else { return Ok(()) };
+    check_strength(init.strength)?;
+    if sd.sdxl.is_some() {
+        return Err(Error::setting(
+            "init_image",
+            "img2img and inpainting are implemented for SD 1.x/2.x models only, not SDXL yet",
+        ));
+    }
+    let (b, ch, h, w) = init.image.dims4()?;
+    let factor = sd.vae_scale_factor();
+    let pixels = (3, p.height, p.width);
+    let latents = (latent, p.height / factor, p.width / factor);
+    let batch_fits = b == 1 || b == p.num_images;
+    if !batch_fits || ((ch, h, w) != pixels && ((ch, h, w) != latents || init.mask.is_some())) {
+        return Err(Error::setting(
+            "init_image",
+            format!(
+                "the picture is {b}×{ch}×{h}×{w} (batch×channels×height×width), expected 1 or {}×{}×{}×{} (or \
+                 latents of {}×{}×{} without a mask)",
+                p.num_images, pixels.0, pixels.1, pixels.2, latents.0, latents.1, latents.2
+            ),
+        ));
+    }
+    if let Some(mask) = &init.mask {
+        let (_, ch, h, w) = mask.dims4()?;
+        if (ch, h, w) != (1, p.height, p.width) {
+            return Err(Error::setting(
+                "mask",
+                format!("the mask is {ch}×{h}×{w} (channels×height×width), expected 1×{}×{}", p.height, p.width),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The picture's latents as diffusers' `retrieve_latents(vae.encode(image), generator)`: a sample of the VAE's
+/// posterior (its noise drawn from `rng`) times the VAE's scaling factor.
+fn encode_init(sd: &StableDiffusion, image: &Tensor, rng: &mut TorchGenerator) -> Result<Tensor> {
+    let dtype = sd.unet.dtype();
+    let posterior = sd.vae.encode(&image.to_dtype(dtype)?)?;
+    let noise = rng.randn_tensor(posterior.mean.dims(), image.device())?.to_dtype(dtype)?;
+    Ok((posterior.sample_with_noise(&noise)? * sd.vae.config().scaling_factor)?)
 }
 
 /// A cancel flag that is never raised, for callers without one.

@@ -10,12 +10,15 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use super::conditions::ControlSource;
-use super::generate::{check_size, generate_cancellable, validate, Control, GenerateParams};
+use super::conditions::{ControlSource, FittedCondition};
+use super::generate::{check_size, generate_from, validate, Control, GenerateParams, InitImage};
+use super::hires::{upscale_images, upscale_latents, Upscaler};
 use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
+use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
 use super::request::{control_setting, random_seed, resize_name, GenerateRequest};
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
+use crate::io::images::{self, ResampleFilter};
 use crate::model::controlnet::ControlNetModel;
 use crate::{Error, Result};
 
@@ -59,7 +62,7 @@ pub fn run(
     if let (Some(w), Some(h)) = (request.width, request.height) {
         crate::io::images::check_image_size("width", size_u32("width", w)?, size_u32("height", h)?)?;
     }
-    let sources = load_sources(&request)?;
+    let inputs = Inputs::load(&request)?;
 
     // 2. Models.
     let opts = LoadOptions {
@@ -85,7 +88,7 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
 
     // 3. Run.
-    Generator::new(&sd, nets.iter().collect()).run_checked(&request, sources, progress, cancel)
+    Generator::new(&sd, nets.iter().collect()).run_checked(&request, inputs, progress, cancel)
 }
 
 /// Loaded models that run requests: the Stable Diffusion model and one ControlNet per condition of the
@@ -115,14 +118,14 @@ impl<'a> Generator<'a> {
     ) -> Result<Generated> {
         let request = request.with_demo_defaults()?;
         request.validate()?;
-        let sources = load_sources(&request)?;
-        self.run_checked(&request, sources, progress, cancel)
+        let inputs = Inputs::load(&request)?;
+        self.run_checked(&request, inputs, progress, cancel)
     }
 
     fn run_checked(
         &self,
         request: &GenerateRequest,
-        sources: Vec<ControlSource>,
+        inputs: Inputs,
         progress: &dyn Fn(Progress),
         cancel: &AtomicBool,
     ) -> Result<Generated> {
@@ -144,14 +147,13 @@ impl<'a> Generator<'a> {
             ));
         }
 
-        // 1. Size: given, else the first condition's rounded down to a multiple of the VAE's factor, else the
-        //    model's native size.
+        // 1. Size: given, else the init picture's (as diffusers' img2img) or the first condition's, rounded down
+        //    to a multiple of the VAE's factor, else the model's native size.
+        let Inputs { sources, init, mask } = inputs;
         let factor = sd.vae_scale_factor();
-        let (default_w, default_h) = match sources.first() {
-            Some(src) => {
-                let (w, h) = src.size();
-                ((w as usize / factor) * factor, (h as usize / factor) * factor)
-            }
+        let given = init.as_ref().map(RgbImage::dimensions).or_else(|| sources.first().map(ControlSource::size));
+        let (default_w, default_h) = match given {
+            Some((w, h)) => ((w as usize / factor) * factor, (h as usize / factor) * factor),
             None => (sd.default_size(), sd.default_size()),
         };
         let width = request.width.unwrap_or(default_w);
@@ -167,23 +169,18 @@ impl<'a> Generator<'a> {
         }
         check_size(width, height, factor)?;
 
-        // 2. Refuse what cannot fit before allocating any of it.
+        // 2. Refuse what cannot fit before allocating any of it (the hires pass's size too).
         let size_setting = if request.width.is_none() && request.height.is_some() { "height" } else { "width" };
-        let levels = sd.unet.config().encoder.levels().map_err(|m| Error::config(&sd.dir, m))?;
-        let shape = RequestShape {
-            width,
-            height,
-            num_images: request.num_images,
-            guided: request.guidance > 1.0,
-            controlnets: request.controls.len(),
-            vae_tiling: request.vae_tiling,
+        self.check_memory(request, (width, height), size_setting)?;
+        let hires_size = match &request.hires {
+            Some(h) => {
+                let (w, h) = h.size((width, height), factor);
+                check_size(w, h, factor).map_err(|e| Error::setting("hires.scale", e))?;
+                self.check_memory(request, (w, h), "hires.scale")?;
+                Some((w, h))
+            }
+            None => None,
         };
-        estimate(&levels, sd.unet.config().encoder.in_channels, sd.vae.config(), shape).check(
-            size_setting,
-            width,
-            height,
-            crate::memory::available_bytes(),
-        )?;
 
         // 3. Prompts longer than the text encoder reads are cut (as diffusers does): say which part.
         for (setting, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
@@ -197,31 +194,8 @@ impl<'a> Generator<'a> {
         }
 
         // 4. Conditions at the output size, in the channels each net takes.
-        let device = sd.unet.device();
-        let fitted = request
-            .controls
-            .iter()
-            .zip(&sources)
-            .zip(&self.controlnets)
-            .enumerate()
-            .map(|(i, ((c, src), net))| {
-                src.fit(i, c, (width, height), request.resize, net.config().conditioning_channels, device)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let controls: Vec<Control> = request
-            .controls
-            .iter()
-            .zip(&self.controlnets)
-            .zip(&fitted)
-            .map(|((c, net), f)| Control {
-                net,
-                image: f.tensor.clone(),
-                scale: c.conditioning_scale,
-                start: c.control_start,
-                end: c.control_end,
-                only_mid: c.only_mid_control,
-            })
-            .collect();
+        let fitted = self.fit_conditions(request, &sources, mask.as_ref(), (width, height))?;
+        let controls = self.controls(request, &fitted);
         let seed = request.seed.unwrap_or_else(random_seed);
         let params = GenerateParams {
             prompt: request.prompt.clone(),
@@ -238,16 +212,66 @@ impl<'a> Generator<'a> {
             sdxl: request.sdxl.clone(),
         };
         validate(sd, &controls, &params)?;
+        // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
+        // inpainting: the mask too, binarised.
+        let device = sd.unet.device();
+        let (w32, h32) = (width as u32, height as u32);
+        let init = match &init {
+            Some(img) => {
+                let img = images::resize(img, w32, h32, ResampleFilter::Lanczos);
+                let image = ((images::to_tensor01(&img, device)? * 2.0)? - 1.0)?;
+                let mask = mask.as_ref().map(|m| inpaint::mask_tensor(&inpaint::fit_mask(m, w32, h32), device));
+                Some(InitImage { image, strength: request.effective_strength(), mask: mask.transpose()? })
+            }
+            None => None,
+        };
 
-        // 5. Denoise and decode.
+        // 5. Denoise and decode; the hires fix's second pass counts in the same progress.
         progress(Progress::Started { seed });
-        let out = generate_cancellable(
+        let second_steps = match (&request.hires, hires_size) {
+            (Some(h), Some(_)) => {
+                let steps = h.steps.unwrap_or(request.steps);
+                ((steps as f64 * h.strength).floor() as usize).min(steps)
+            }
+            _ => 0,
+        };
+        let mut first_total = 0;
+        let mut out = generate_from(
             sd,
             &controls,
             &params,
-            &mut |done, total| progress(Progress::Step { done, total }),
+            init.as_ref(),
+            &mut |done, total| {
+                first_total = total;
+                progress(Progress::Step { done, total: total + second_steps })
+            },
             cancel,
         )?;
+        let mut fitted = fitted;
+        if let (Some(hires), Some(size)) = (&request.hires, hires_size) {
+            // 5b. Hires fix: the same request as img2img from the upscaled first pass, conditions fitted anew.
+            fitted = self.fit_conditions(request, &sources, None, size)?;
+            let controls = self.controls(request, &fitted);
+            let image = match hires.upscaler {
+                Upscaler::Latent => upscale_latents(&out.latents, (size.1 / factor, size.0 / factor))?,
+                Upscaler::Lanczos => upscale_images(&out.images, size, device)?,
+            };
+            let init = InitImage { image, strength: hires.strength, mask: None };
+            let second = GenerateParams {
+                width: size.0,
+                height: size.1,
+                steps: hires.steps.unwrap_or(request.steps),
+                ..params.clone()
+            };
+            out = generate_from(
+                sd,
+                &controls,
+                &second,
+                Some(&init),
+                &mut |done, total| progress(Progress::Step { done: first_total + done, total: first_total + total }),
+                cancel,
+            )?;
+        }
 
         // 6. The metadata of each image.
         let base = self.metadata(request, &params)?;
@@ -258,6 +282,66 @@ impl<'a> Generator<'a> {
             .map(|(i, image)| GeneratedImage { image, metadata: ImageMetadata { image_index: i + 1, ..base.clone() } })
             .collect();
         Ok(Generated { seed, images, conditions: fitted.into_iter().map(|f| f.image).collect() })
+    }
+
+    /// Refuses a size whose run cannot fit in the memory available, naming `setting`.
+    fn check_memory(&self, request: &GenerateRequest, (width, height): (usize, usize), setting: &str) -> Result<()> {
+        let sd = self.sd;
+        let levels = sd.unet.config().encoder.levels().map_err(|m| Error::config(&sd.dir, m))?;
+        let shape = RequestShape {
+            width,
+            height,
+            num_images: request.num_images,
+            guided: request.guidance > 1.0,
+            controlnets: request.controls.len(),
+            vae_tiling: request.vae_tiling,
+        };
+        estimate(&levels, sd.unet.config().encoder.in_channels, sd.vae.config(), shape).check(
+            setting,
+            width,
+            height,
+            crate::memory::available_bytes(),
+        )
+    }
+
+    /// Each condition at `size`, in the channels its net takes.
+    fn fit_conditions(
+        &self,
+        request: &GenerateRequest,
+        sources: &[ControlSource],
+        mask: Option<&RgbImage>,
+        (width, height): (usize, usize),
+    ) -> Result<Vec<FittedCondition>> {
+        let device = self.sd.unet.device();
+        request
+            .controls
+            .iter()
+            .zip(sources)
+            .zip(&self.controlnets)
+            .enumerate()
+            .map(|(i, ((c, src), net))| {
+                let channels = net.config().conditioning_channels;
+                src.fit(i, c, (width, height), request.resize, channels, mask, device)
+            })
+            .collect()
+    }
+
+    /// The nets with their fitted conditions and settings, as the denoising loop takes them.
+    fn controls<'c>(&'c self, request: &GenerateRequest, fitted: &[FittedCondition]) -> Vec<Control<'c>> {
+        request
+            .controls
+            .iter()
+            .zip(&self.controlnets)
+            .zip(fitted)
+            .map(|((c, net), f)| Control {
+                net,
+                image: f.tensor.clone(),
+                scale: c.conditioning_scale,
+                start: c.control_start,
+                end: c.control_end,
+                only_mid: c.only_mid_control,
+            })
+            .collect()
     }
 
     /// The metadata shared by the images of one run (`image_index` 1).
@@ -324,13 +408,44 @@ impl<'a> Generator<'a> {
             },
             num_images: params.num_images,
             image_index: 1,
+            init_image: request.init_image.as_deref().map(file_ref).transpose()?,
+            mask: request.mask.as_deref().map(file_ref).transpose()?,
+            mask_blur: request.mask_blur,
+            strength: request.init_image.as_ref().map(|_| request.effective_strength()),
+            hires: request.hires.clone(),
         })
     }
 }
 
-/// The conditions of a request as given, each checked to read.
-fn load_sources(request: &GenerateRequest) -> Result<Vec<ControlSource>> {
-    request.controls.iter().enumerate().map(|(i, c)| ControlSource::load(i, c)).collect()
+/// The pictures a request names, read before any model loads so that a bad file fails at once.
+struct Inputs {
+    /// The conditions as given.
+    sources: Vec<ControlSource>,
+    /// img2img's starting picture.
+    init: Option<RgbImage>,
+    /// Inpainting's mask, checked against the picture.
+    mask: Option<RgbImage>,
+}
+
+impl Inputs {
+    fn load(request: &GenerateRequest) -> Result<Self> {
+        let sources: Result<Vec<_>> =
+            request.controls.iter().enumerate().map(|(i, c)| ControlSource::load(i, c)).collect();
+        let init = match &request.init_image {
+            Some(path) => Some(images::load_rgb(path).map_err(|e| Error::setting("init_image", e))?),
+            None => None,
+        };
+        let mask = match (&request.mask, &init) {
+            (Some(path), Some(init)) => {
+                let mask = images::load_rgb(path).map_err(|e| Error::setting("mask", e))?;
+                inpaint::check_mask(&mask, init.dimensions())?;
+                Some(inpaint::gaussian_blur(&mask, request.mask_blur as f32))
+            }
+            (Some(_), None) => return Err(Error::setting("mask", "inpainting needs init_image")),
+            (None, _) => None,
+        };
+        Ok(Self { sources: sources?, init, mask })
+    }
 }
 
 fn size_u32(setting: &str, v: usize) -> Result<u32> {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
@@ -80,6 +81,18 @@ pub struct ImageMetadata {
     /// How many images the run made and which one this is (1-based): images of one run share a noise batch.
     pub num_images: usize,
     pub image_index: usize,
+    /// img2img's starting picture, inpainting's mask and their strength (recorded only when used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mask_blur: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// The hires fix's second pass (recorded only when used); `width`/`height` are the first pass's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresFix>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -131,6 +144,24 @@ impl ImageMetadata {
                 c.control_start,
                 c.control_end,
                 if self.guess_mode { "ControlNet is more important" } else { "Balanced" }
+            ));
+        }
+        if let Some(strength) = self.strength {
+            s.push_str(&format!(", Denoising strength: {strength}"));
+        }
+        if self.mask.is_some() {
+            s.push_str(&format!(", Mask blur: {}", self.mask_blur));
+        }
+        if let Some(h) = &self.hires {
+            let name = match h.upscaler {
+                Upscaler::Latent => "Latent",
+                Upscaler::Lanczos => "Lanczos",
+            };
+            s.push_str(&format!(
+                ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: {name}",
+                h.strength,
+                h.scale,
+                h.steps.unwrap_or(0)
             ));
         }
         if self.num_images > 1 {
@@ -193,6 +224,11 @@ impl ImageMetadata {
                 Some(name) => ComputeDtype::parse(name)?,
                 None => ComputeDtype::F32,
             },
+            init_image: self.init_image.as_ref().map(|f| PathBuf::from(find(&f.path))),
+            mask: self.mask.as_ref().map(|f| PathBuf::from(find(&f.path))),
+            mask_blur: self.mask_blur,
+            strength: self.strength,
+            hires: self.hires.clone(),
         })
     }
 
@@ -299,6 +335,11 @@ mod tests {
             dtype: None,
             num_images: 1,
             image_index: 1,
+            init_image: None,
+            mask: None,
+            mask_blur: 0,
+            strength: None,
+            hires: None,
         }
     }
 

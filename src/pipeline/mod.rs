@@ -8,19 +8,23 @@
 //! - [`memory_estimate`]: the memory a request needs, checked before anything is allocated;
 //! - [`generate`]: the denoising loop on loaded models and prepared conditions (what training's validation
 //!   images use too);
+//! - [`hires`]: A1111's hires fix (upscale, then img2img at the larger size);
+//! - [`inpaint`]: the mask checked and brought to the latents, latent blending and the 9-channel UNet's input;
 //! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
 pub mod conditions;
 pub mod demo;
 pub mod generate;
 pub mod generator;
+pub mod hires;
 pub mod image_metadata;
+pub mod inpaint;
 pub mod memory_estimate;
 pub mod request;
 pub mod sd;
 pub mod text_conditioning;
 
-pub use generate::{generate, never_cancelled, Control, GenerateOutput, GenerateParams};
+pub use generate::{generate, generate_from, never_cancelled, Control, GenerateOutput, GenerateParams, InitImage};
 pub use generator::{run, Generated, GeneratedImage, Generator, Progress};
 pub use image_metadata::ImageMetadata;
 pub use request::{ControlRequest, GenerateRequest};

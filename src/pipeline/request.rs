@@ -9,12 +9,17 @@ use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
 use super::demo;
+use super::hires::HiresFix;
 pub use super::text_conditioning::SdxlConditioning;
 
 /// Denoising steps when none are asked for.
 pub const DEFAULT_STEPS: usize = 20;
 /// Classifier-free guidance scale when none is asked for (diffusers' default).
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// img2img strength when none is asked for (diffusers' img2img default).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// Inpainting strength when none is asked for (diffusers' inpaint default: repaint the masked area fully).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 /// The only weight variant the hub download knows.
 pub const VARIANTS: &[&str] = &["fp16"];
 
@@ -143,6 +148,20 @@ pub struct GenerateRequest {
     pub sdxl: SdxlConditioning,
     /// The dtype the models compute in (f32 by default).
     pub dtype: ComputeDtype,
+    /// img2img: start from this picture (resized to the output size; it gives the default size) instead of
+    /// pure noise; the conditions still come from `controls`.
+    pub init_image: Option<PathBuf>,
+    /// Inpainting: a mask of `init_image`'s size; white (grey >= 128) is repainted, black kept. Binarised at half
+    /// as diffusers does; a mask with many mid-grey pixels (a picture, not a mask) is refused.
+    pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask by this Gaussian radius in pixels first (diffusers' `mask_processor.blur`,
+    /// PIL's `GaussianBlur`); 0: none. The blurred mask is still binarised, so this rounds its shape.
+    pub mask_blur: u32,
+    /// img2img and inpainting: in (0, 1], the share of the steps that run on the noised picture (diffusers'
+    /// `strength`; 1 repaints everything). `None`: 0.8 for img2img, 1 for inpainting (diffusers' defaults).
+    pub strength: Option<f64>,
+    /// A1111's hires fix: a second, img2img pass at a larger size after this one.
+    pub hires: Option<HiresFix>,
 }
 
 impl Default for GenerateRequest {
@@ -168,6 +187,11 @@ impl Default for GenerateRequest {
             resize: ResizeMode::JustResize,
             sdxl: SdxlConditioning::default(),
             dtype: ComputeDtype::F32,
+            init_image: None,
+            mask: None,
+            mask_blur: 0,
+            strength: None,
+            hires: None,
         }
     }
 }
@@ -226,6 +250,21 @@ impl GenerateRequest {
                 ));
             }
         }
+        if let Some(strength) = self.strength {
+            super::generate::check_strength(strength)?;
+        }
+        if let Some(hires) = &self.hires {
+            hires.validate()?;
+            if self.init_image.is_some() {
+                return Err(Error::setting(
+                    "hires.scale",
+                    "the hires fix follows a txt2img pass; with init_image, run img2img at the larger size instead",
+                ));
+            }
+        }
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(Error::setting("mask", "inpainting needs the picture to paint in: set init_image"));
+        }
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if v == Some(0) {
                 return Err(Error::setting(name, "0 is not a positive size"));
@@ -254,11 +293,23 @@ impl GenerateRequest {
         Ok(())
     }
 
+    /// The strength img2img or inpainting runs with: the one given, else diffusers' default for the kind of run.
+    pub fn effective_strength(&self) -> f64 {
+        let default = if self.mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_STRENGTH };
+        self.strength.unwrap_or(default)
+    }
+
     /// Notes about settings that do nothing for this request (a front end shows them as warnings).
     pub fn unused_settings(&self) -> Vec<String> {
         let mut notes = Vec::new();
         if self.guess_mode && self.controls.is_empty() {
             notes.push("guess_mode: no ControlNet is used, so guess mode changes nothing".to_string());
+        }
+        if self.init_image.is_none() && self.strength.is_some() {
+            notes.push("strength: no init_image is given, so the strength changes nothing".to_string());
+        }
+        if self.mask.is_none() && self.mask_blur > 0 {
+            notes.push("mask_blur: no mask is given, so the blur changes nothing".to_string());
         }
         notes
     }
@@ -331,8 +382,26 @@ mod tests {
         assert!(bad(|r| r.controls[0].control_end = 1.5).starts_with("controls[0].control_end: 1.5"));
         assert!(bad(|r| (r.controls[0].control_start, r.controls[0].control_end) = (0.9, 0.5))
             .starts_with("controls[0].control_start: 0.9 is after"));
+        for strength in [0.0, -0.5, 1.5, f64::NAN] {
+            let r = GenerateRequest { strength: Some(strength), ..Default::default() };
+            assert_eq!(r.validate().unwrap_err().to_string(), format!("strength: {strength} must lie in (0, 1]"));
+        }
         let variant = bad(|r| r.variant = Some("fp8".into()));
         assert!(variant.starts_with("variant: \"fp8\"") && variant.contains("the valid value is fp16"), "{variant}");
+    }
+
+    #[test]
+    fn strength_defaults_follow_diffusers() {
+        let r = GenerateRequest { init_image: Some("init.png".into()), ..Default::default() };
+        assert_eq!(r.effective_strength(), 0.8);
+        let r = GenerateRequest { mask: Some("mask.png".into()), ..r };
+        assert_eq!(r.effective_strength(), 1.0);
+        assert_eq!(GenerateRequest { strength: Some(0.3), ..r.clone() }.effective_strength(), 0.3);
+        let no_init = GenerateRequest { init_image: None, ..r };
+        assert_eq!(
+            no_init.validate().unwrap_err().to_string(),
+            "mask: inpainting needs the picture to paint in: set init_image"
+        );
     }
 
     #[test]
@@ -340,6 +409,10 @@ mod tests {
         let r = GenerateRequest { guess_mode: true, ..Default::default() };
         assert_eq!(r.unused_settings().len(), 1);
         let r = GenerateRequest { guess_mode: true, controls: vec![ControlRequest::new(None, "a.png")], ..r };
+        assert!(r.unused_settings().is_empty());
+        let r = GenerateRequest { strength: Some(0.5), ..r };
+        assert_eq!(r.unused_settings(), ["strength: no init_image is given, so the strength changes nothing"]);
+        let r = GenerateRequest { init_image: Some("init.png".into()), ..r };
         assert!(r.unused_settings().is_empty());
     }
 
