@@ -36,7 +36,7 @@ pub enum Command {
     Reproduce(reproduce::ReproduceArgs),
     /// Tell what a weights file or model folder is: kind, base model, naming, parameters, dtype.
     Inspect(inspect::InspectArgs),
-    /// Convert a ControlNet between the original single-file layout and a diffusers folder.
+    /// Convert a ControlNet between its original single file and a diffusers folder, or a single-file base model into a pipeline folder.
     Convert(convert::ConvertArgs),
     /// Make control maps (canny edges, lineart, shuffle, ...) from an image or a folder of images.
     Annotate(annotate::AnnotateArgs),
