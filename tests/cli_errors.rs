@@ -51,6 +51,8 @@ fn hub_id_offline_and_not_cached() {
     let err = stderr(&res);
     assert!(!res.status.success());
     assert!(err.contains("--model: someone/some-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    // The value might be a mistyped local path: the error says no such local path exists either.
+    assert!(err.contains("no local file or folder someone/some-model"), "{err}");
 }
 
 #[test]

@@ -102,7 +102,9 @@ pub fn resolve(path_or_id: &str, variant: Option<&str>) -> Result<PathBuf> {
         return Ok(PathBuf::from(path_or_id));
     }
     let opts = HubOptions { variant: variant.map(str::to_string), ..HubOptions::from_env() };
+    // A local path mistyped as `dir/name` reads as a hub id too: say both readings failed.
     fetch(&path_or_id.parse()?, &opts)
+        .map_err(|e| Error::Invalid(format!("{e} (read as a hub id: no local file or folder {path_or_id} here)")))
 }
 
 /// Where and how to fetch; [`HubOptions::from_env`] reads the `HF_*` variables.
