@@ -71,6 +71,7 @@ struct Job {
     control_start: Option<OneOrMany<f64>>,
     control_end: Option<OneOrMany<f64>>,
     only_mid_control: Option<OneOrMany<bool>>,
+    control_type: Option<OneOrMany<String>>,
     width: Option<usize>,
     height: Option<usize>,
     steps: Option<usize>,
@@ -352,6 +353,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
     let preprocess = list(&job.preprocess);
     let configs = list(&job.controlnet_config);
     let mid = job.only_mid_control.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
+    let types = list(&job.control_type);
     let controls = conds
         .iter()
         .enumerate()
@@ -364,6 +366,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             control_start: pick(&job.control_start, i, 0.0),
             control_end: pick(&job.control_end, i, 1.0),
             only_mid_control: mid.get(i).copied().unwrap_or(false),
+            control_type: types.get(i).or(if types.len() == 1 { types.first() } else { None }).cloned(),
         })
         .collect();
     let defaults = GenerateRequest::default();

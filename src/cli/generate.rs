@@ -62,6 +62,10 @@ pub struct GenerateArgs {
     /// reads an OpenPose JSON as the --control). See `controlnet annotate --help`.
     #[arg(long = "preprocess", value_name = "KIND")]
     pub preprocess: Vec<String>,
+    /// The condition type for the matching union --controlnet (xinsir's union nets): openpose, depth, softedge,
+    /// canny, normal, segment, tile, repaint (or an annotator's name such as hed or lineart, or an index).
+    #[arg(long = "control-type", value_name = "TYPE")]
+    pub control_types: Vec<String>,
     /// Save the condition the matching ControlNet used (after preprocessing and resizing) as a PNG.
     #[arg(long = "save-control", value_name = "PATH")]
     pub save_controls: Vec<PathBuf>,
@@ -310,6 +314,7 @@ fn demo_net_flags(args: &GenerateArgs) -> anyhow::Result<Vec<NetFlags>> {
     control.control_start = once("--control-start", &args.starts)?.unwrap_or(0.0);
     control.control_end = once("--control-end", &args.ends)?.unwrap_or(1.0);
     control.only_mid_control = once("--only-mid-control", &mid_only_flags(args))?.unwrap_or(false);
+    control.control_type = once("--control-type", &args.control_types)?;
     let save_control = once("--save-control", &args.save_controls)?;
     check_save_control(&control, save_control.as_deref())?;
     Ok(vec![NetFlags { control, save_control }])
@@ -330,6 +335,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
     let save = per_net(m, &net_pos, args, "save_controls", "--save-control", &args.save_controls)?;
     let configs = per_net(m, &net_pos, args, "controlnet_configs", "--controlnet-config", &args.controlnet_configs)?;
     let mid_only = per_net(m, &net_pos, args, "only_mid_control", "--only-mid-control", &mid_only_flags(args))?;
+    let types = per_net(m, &net_pos, args, "control_types", "--control-type", &args.control_types)?;
     (0..n)
         .map(|i| {
             let control = ControlRequest {
@@ -341,6 +347,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
                 control_start: starts[i].unwrap_or(0.0),
                 control_end: ends[i].unwrap_or(1.0),
                 only_mid_control: mid_only[i].unwrap_or(false),
+                control_type: types[i].clone(),
             };
             check_save_control(&control, save[i].as_deref())?;
             Ok(NetFlags { control, save_control: save[i].clone() })

@@ -102,11 +102,14 @@ pub const UNION_PARTS: [&str; 4] =
 pub fn unsupported_controlnet(tensors: &[TensorInfo]) -> Option<&'static str> {
     if tensors.iter().any(|t| t.name == CONTROL_LORA_MARKER) {
         Some("a control-LoRA (low-rank deltas on the base UNet's encoder, as Stability's control-lora-*.safetensors)")
-    } else if UNION_PARTS.iter().any(|p| has_prefix(tensors, p)) {
-        Some("a ControlNet union net (diffusers' ControlNetUnionModel, several condition types in one net)")
     } else {
         None
     }
+}
+
+/// Whether these are a union net's tensors (diffusers' `ControlNetUnionModel`, xinsir's union nets).
+pub fn is_union_net(tensors: &[TensorInfo]) -> bool {
+    UNION_PARTS.iter().any(|p| has_prefix(tensors, p))
 }
 
 /// What a file is, and what was learned from its weights.
@@ -214,6 +217,13 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
         controlnet_details(tensors, file_name, &mut d);
         if let Some(what) = unsupported_controlnet(tensors) {
             d.notes.push(format!("{what}: recognised, not loadable yet"));
+        }
+        if is_union_net(tensors) {
+            d.notes.push(
+                "a ControlNet union net (diffusers' ControlNetUnionModel, several condition types in one net): \
+                 generate needs --control-type for it"
+                    .into(),
+            );
         }
     }
     if kind == SdCheckpoint && has_prefix(tensors, "model_ema.") {
@@ -444,7 +454,8 @@ mod tests {
         let union = [hint.clone(), t("task_embedding", &[8, 320]), t("add_embedding.linear_1.weight", &[1280, 2816])];
         let d = detect(&union, "diffusion_pytorch_model.safetensors");
         assert_eq!((d.kind, d.base), (ModelKind::ControlNet, Base::Sdxl));
-        assert!(d.notes.iter().any(|n| n.contains("union net")), "{:?}", d.notes);
+        assert!(d.notes.iter().any(|n| n.contains("union net") && n.contains("--control-type")), "{:?}", d.notes);
+        assert!(is_union_net(&union) && !is_union_net(std::slice::from_ref(&hint)));
         let lora = [t("input_hint_block.0.weight", &[16, 3, 3, 3]), t("lora_controlnet", &[])];
         assert!(unsupported_controlnet(&lora).unwrap().contains("control-LoRA"));
         assert_eq!(unsupported_controlnet(&[hint]), None);

@@ -131,7 +131,8 @@ pub fn load_controlnet(path: &Path) -> Result<Component> {
     if class == "ControlNetUnionModel" {
         return Err(Error::weights(
             path,
-            "this is a ControlNet union net (diffusers' ControlNetUnionModel), which cannot be loaded yet",
+            "this is a ControlNet union net (diffusers' ControlNetUnionModel): generate loads it, but converting \
+             or training one is not supported yet",
         ));
     }
     if class != "ControlNetModel" {
@@ -476,8 +477,26 @@ fn controlnet_config(t: &TensorMap, det: &Detection) -> Value {
     );
     c.insert("conditioning_embedding_out_channels".into(), json!(hint));
     c.insert("global_pool_conditions".into(), json!(det.global_pool_conditions));
+    if let Some([types, width]) = t.get("task_embedding").map(|e| e.dims()).and_then(|d| <[usize; 2]>::try_from(d).ok())
+    {
+        // A union net: its extra sizes from the weights; the attention heads cannot be read from them and are
+        // xinsir's (diffusers' default) 8.
+        c.insert("_class_name".into(), json!("ControlNetUnionModel"));
+        c.insert("num_control_type".into(), json!(types));
+        c.insert("num_trans_channel".into(), json!(width));
+        c.insert("num_trans_layer".into(), json!(count(t, "transformer_layes.")));
+        c.insert("num_proj_channel".into(), json!(dim(t, "spatial_ch_projs.weight", 0)));
+        c.insert("num_trans_head".into(), json!(UNION_TRANS_HEADS));
+        // The type embedding's input is the sinusoids of each type's 0/1: it tells the time width exactly.
+        if let Some(input) = dim(t, "control_add_embedding.linear_1.weight", 1).filter(|_| types > 0) {
+            c.insert("addition_time_embed_dim".into(), json!(input / types));
+        }
+    }
     Value::Object(c)
 }
+
+/// The attention heads of a union net's token transformer (xinsir's nets; diffusers' default).
+const UNION_TRANS_HEADS: usize = 8;
 
 fn unet_config(t: &TensorMap, f: &BaseFacts) -> Value {
     let mut c = encoder_config(t, f);
@@ -794,19 +813,21 @@ mod tests {
         }
     }
 
-    /// Union nets and control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
+    /// A union net's single file (xinsir ships `diffusion_pytorch_model_promax.safetensors`) gets the union
+    /// fields of its folder's config from the weights; converting or training a union folder is refused by name,
+    /// and control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
     #[test]
-    fn union_nets_and_control_loras_are_refused_by_name() {
+    fn union_nets_load_from_a_single_file_and_control_loras_are_refused_by_name() {
+        let net = fixtures().join("models/tiny-controlnet-sdxl-union");
+        let c = load_controlnet_file(&net.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let want: Value = read_json(&net.join("config.json")).unwrap();
+        for key in ["_class_name", "num_control_type", "num_trans_channel", "num_trans_layer", "num_proj_channel"] {
+            assert_eq!(c.config[key], want[key], "{key}");
+        }
+        assert_eq!(c.config["num_trans_head"], json!(UNION_TRANS_HEADS));
+        let err = load_controlnet(&net).unwrap_err().to_string();
+        assert!(err.contains("ControlNetUnionModel") && err.contains("converting or training"), "{err}");
         let dir = tempfile::tempdir().unwrap();
-        let mut union = twin("controlnet_sd15");
-        union.insert("task_embedding".into(), Tensor::zeros((6, 32), DType::F32, &candle_core::Device::Cpu).unwrap());
-        let err = load_controlnet_file(&write(dir.path(), "union.safetensors", &union)).unwrap_err().to_string();
-        assert!(err.contains("union net") && err.contains("union.safetensors"), "{err}");
-        let folder = dir.path().join("union");
-        std::fs::create_dir(&folder).unwrap();
-        std::fs::write(folder.join("config.json"), r#"{"_class_name": "ControlNetUnionModel"}"#).unwrap();
-        let err = load_controlnet(&folder).unwrap_err().to_string();
-        assert!(err.contains("ControlNetUnionModel") && err.contains("cannot be loaded yet"), "{err}");
         let mut lora = original("controlnet_sd15", None);
         lora.insert("lora_controlnet".into(), Tensor::zeros((), DType::F32, &candle_core::Device::Cpu).unwrap());
         let err = load_controlnet_file(&write(dir.path(), "control-lora.safetensors", &lora)).unwrap_err().to_string();

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::controlnet_union::{UnionConfig, UnionHint, UnionParts};
 use super::layers::{conv2d, Conv2d};
 use super::unet::UNet2DConditionConfig;
 use super::unet_encoder::{check_context, config_error, weights_origin, EncoderConfig, UNetEncoder};
@@ -48,6 +49,9 @@ pub struct ControlNetConfig {
     pub global_pool_conditions: bool,
     #[serde(default)]
     pub controlnet_conditioning_channel_order: ChannelOrder,
+    /// A union net's (`ControlNetUnionModel`) extra fields; `None` for a plain ControlNet.
+    #[serde(flatten)]
+    pub union: Option<UnionConfig>,
 }
 
 /// The hint encoder: 3x3 convolutions with SiLU, stride 2 between stages (8x down for 4 stages), then a zero
@@ -105,6 +109,8 @@ pub struct ControlNetModel {
     controlnet_down_blocks: Vec<Conv2d>,
     /// Zero convolution on the mid block output.
     controlnet_mid_block: Conv2d,
+    /// A union net's control-type machinery (`task_embedding`, `transformer_layes`, ...).
+    union: Option<UnionParts>,
     config: ControlNetConfig,
     /// The folder it was loaded from, for error messages.
     source: Option<PathBuf>,
@@ -134,10 +140,21 @@ impl ControlNetModel {
         if controlnet_down_blocks.len() != encoder.num_skips() {
             bail!("internal: zero convolutions do not match the encoder's skip connections")
         }
+        let union = match &config.union {
+            None => None,
+            Some(u) => {
+                let Some((time_dim, _)) = enc.text_time_dims().map_err(config_error)? else {
+                    bail!("a union net needs SDXL's addition_time_embed_dim in its config")
+                };
+                let temb = enc.time_embed_dim();
+                Some(UnionParts::new(u, time_dim, temb, enc.flip_sin_to_cos, enc.freq_shift, enc.act_fn, vb.clone())?)
+            }
+        };
         Ok(Self {
             encoder,
             controlnet_cond_embedding,
             controlnet_down_blocks,
+            union,
             controlnet_mid_block: conv2d(c_mid, c_mid, 1, 1, 0, vb.pp("controlnet_mid_block"))?,
             config: config.clone(),
             source: None,
@@ -228,11 +245,66 @@ impl ControlNetModel {
         conditioning_scale: f64,
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
+        if self.union.is_some() {
+            bail!("this is a union net: it needs the condition's control type (see `union_hint`)")
+        }
+        let (ctx, scale) = (encoder_hidden_states, conditioning_scale);
+        self.forward_inner(sample, timestep, ctx, added, cond_embedding, None, scale, guess_mode)
+    }
+
+    /// A union net's condition of type `control_type` (see `model::controlnet_union`), from its hint
+    /// embedding; `None` for a plain ControlNet.
+    pub fn union_hint(&self, cond_embedding: &Tensor, control_type: usize) -> Result<Option<UnionHint>> {
+        self.union.as_ref().map(|u| u.hint(cond_embedding, control_type)).transpose()
+    }
+
+    /// How many control types this net knows; `None` for a plain ControlNet.
+    pub fn num_control_type(&self) -> Option<usize> {
+        self.union.as_ref().map(UnionParts::num_control_type)
+    }
+
+    /// A union net's residuals for one condition (diffusers' `ControlNetUnionModel.forward` with one condition,
+    /// as alone or inside `MultiControlNetUnionModel`). Guess mode is not offered: diffusers' union pipeline
+    /// cannot run it either.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_union(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        cond_embedding: &Tensor,
+        hint: &UnionHint,
+        conditioning_scale: f64,
+    ) -> Result<ControlNetOutput> {
+        let ctx = encoder_hidden_states;
+        self.forward_inner(sample, timestep, ctx, added, cond_embedding, Some(hint), conditioning_scale, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        cond_embedding: &Tensor,
+        union_hint: Option<&UnionHint>,
+        conditioning_scale: f64,
+        guess_mode: bool,
+    ) -> Result<ControlNetOutput> {
         let _enter = self.span.enter();
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
-        // 1. time (and SDXL's pooled text + size/crop conditioning)
-        let temb = self.encoder.embed_time(timestep, sample.dim(0)?, sample.dtype(), added)?;
+        let (batch, dtype) = (sample.dim(0)?, sample.dtype());
+        let union = match (&self.union, union_hint) {
+            (Some(parts), Some(hint)) => Some((parts, hint)),
+            (None, None) => None,
+            _ => bail!("a union hint goes with a union net only"),
+        };
+        // 1. time (a union net adds its control type's embedding; SDXL its pooled text + size/crop conditioning)
+        let type_emb = union.map(|(parts, hint)| parts.time_embedding(hint, batch, dtype)).transpose()?;
+        let temb = self.encoder.embed_time_plus(timestep, batch, dtype, type_emb.as_ref(), added)?;
         // 2. pre-process: the hint joins the latent right after conv_in (one hint may serve the whole batch)
         let h = self.encoder.conv_in(sample)?;
         let (e, hd) = (cond_embedding.dims(), h.dims());
@@ -242,7 +314,11 @@ impl ControlNetModel {
                  must be 8x the latent size, with one image per sample or one for all"
             )
         }
-        let h = h.broadcast_add(&cond_embedding.to_dtype(sample.dtype())?)?;
+        let h = match union {
+            // a union net first offsets the hint by what its transformer reads from the hint and the latent
+            Some((parts, hint)) => parts.fuse(&h, &cond_embedding.broadcast_as(h.dims())?.contiguous()?, hint)?,
+            None => h.broadcast_add(&cond_embedding.to_dtype(sample.dtype())?)?,
+        };
         // 3. down, 4. mid: the UNet's encoder
         let (h, skips) = self.encoder.down(&h, &temb, ctx)?;
         let h = self.encoder.mid(&h, &temb, ctx)?;

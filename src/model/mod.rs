@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod clip;
 pub mod controlnet;
+pub mod controlnet_union;
 pub mod embeddings;
 pub mod layers;
 pub mod ops;

@@ -420,6 +420,19 @@ impl UNetEncoder {
         dtype: DType,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        self.embed_time_plus(timestep, batch, dtype, None, added)
+    }
+
+    /// [`Self::embed_time`] with `extra` (batch, time_embed_dim) added to the timestep's embedding before SDXL's
+    /// (a union net's control-type embedding, in diffusers' order of sums).
+    pub fn embed_time_plus(
+        &self,
+        timestep: &Tensor,
+        batch: usize,
+        dtype: DType,
+        extra: Option<&Tensor>,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
         let t = timestep.to_dtype(DType::F32)?.flatten_all()?;
         let t = match t.dim(0)? {
             n if n == batch => t,
@@ -428,6 +441,10 @@ impl UNetEncoder {
         };
         let sinusoids = self.time_proj.forward(&t)?.to_dtype(dtype)?;
         let temb = self.time_embedding.forward(&sinusoids)?;
+        let temb = match extra {
+            Some(extra) => (temb + extra)?,
+            None => temb,
+        };
         match (&self.add_embedding, added) {
             (None, None) => Ok(temb),
             (Some((time_proj, embedding)), Some(added)) => {

@@ -27,6 +27,8 @@ pub struct Control<'a> {
     pub end: f64,
     /// Only the middle-block residual reaches the UNet (the original `only_mid_control`).
     pub only_mid: bool,
+    /// A union net's condition type (an index into `model::controlnet_union::CONTROL_TYPES`).
+    pub control_type: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,12 +274,17 @@ pub fn generate_from(
 
     // 4. The hint embedding of each condition, once: the condition never changes between steps.
     let control_batch = if cfg && !guess_mode { 2 * n } else { n };
+    //    A union net also embeds the condition's type, once.
     let hints = controls
         .iter()
         .map(|c| {
             let emb = c.net.embed_condition(&c.image.to_dtype(dtype)?)?;
+            let union = match c.control_type {
+                Some(kind) => c.net.union_hint(&emb, kind)?,
+                None => None,
+            };
             let (_, ch, h, w) = emb.dims4()?;
-            emb.broadcast_as((control_batch, ch, h, w))?.contiguous()
+            Ok((emb.broadcast_as((control_batch, ch, h, w))?.contiguous()?, union))
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
 
@@ -294,12 +301,16 @@ pub fn generate_from(
 
         // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero).
         let mut residuals: Option<ControlNetOutput> = None;
-        for (c, hint) in controls.iter().zip(&hints) {
+        for (c, (hint, union)) in controls.iter().zip(&hints) {
             let outside = (j as f64) / (total as f64) < c.start || ((j + 1) as f64) / (total as f64) > c.end;
             if outside {
                 continue;
             }
-            let out = if guess_mode && cfg {
+            let out = if let Some(union) = union {
+                // request validation refuses guess mode with union nets
+                let added = text.added.as_ref();
+                c.net.forward_union(&latent_input, &t_batch, embeds, added, hint, union, c.scale)?
+            } else if guess_mode && cfg {
                 // Guess mode: the net sees only the conditional half; the unconditional half gets zeros.
                 let control_input = scheduler.scale_model_input(&latents, i)?;
                 let t_cond = Tensor::full(t as f32, n, &device)?;

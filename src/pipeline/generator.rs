@@ -16,10 +16,11 @@ use super::hires::{upscale_images, upscale_latents, Upscaler};
 use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
 use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
-use super::request::{control_setting, random_seed, resize_name, GenerateRequest};
+use super::request::{control_setting, random_seed, resize_name, ControlRequest, GenerateRequest};
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
 use crate::io::images::{self, ResampleFilter};
 use crate::model::controlnet::ControlNetModel;
+use crate::model::controlnet_union::parse_control_type;
 use crate::{Error, Result};
 
 /// What a running request reports.
@@ -135,6 +136,9 @@ impl<'a> Generator<'a> {
                 "controls",
                 format!("{} conditions for {} loaded ControlNets", request.controls.len(), self.controlnets.len()),
             ));
+        }
+        for (i, (c, net)) in request.controls.iter().zip(&self.controlnets).enumerate() {
+            check_control_type(i, c, net)?;
         }
         for note in request.unused_settings() {
             progress(Progress::Warning(note));
@@ -340,6 +344,8 @@ impl<'a> Generator<'a> {
                 start: c.control_start,
                 end: c.control_end,
                 only_mid: c.only_mid_control,
+                // checked against the net by `check_control_type`
+                control_type: c.control_type.as_deref().and_then(|k| parse_control_type(k).ok()),
             })
             .collect()
     }
@@ -369,6 +375,7 @@ impl<'a> Generator<'a> {
                     control_start: c.control_start,
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
+                    control_type: c.control_type.clone(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -459,4 +466,27 @@ fn get_or_try(cell: &OnceLock<String>, f: impl FnOnce() -> Result<String>) -> Re
     }
     let v = f()?;
     Ok(cell.get_or_init(|| v).clone())
+}
+
+/// A union net needs a control type it knows; a plain ControlNet takes none.
+fn check_control_type(i: usize, c: &ControlRequest, net: &ControlNetModel) -> Result<()> {
+    let setting = control_setting(i, "control_type");
+    match (net.num_control_type(), &c.control_type) {
+        (Some(n), None) => Err(Error::setting(
+            setting,
+            format!("this ControlNet is a union net ({n} condition types): say which type the condition is"),
+        )),
+        (Some(n), Some(kind)) => {
+            let index = parse_control_type(kind).map_err(|m| Error::setting(&setting, m))?;
+            if index >= n {
+                return Err(Error::setting(
+                    setting,
+                    format!("{kind}: type {index} is out of range, this union net knows {n} types (0-{})", n - 1),
+                ));
+            }
+            Ok(())
+        }
+        (None, Some(_)) => Err(Error::setting(setting, "this ControlNet is not a union net: it takes no control type")),
+        (None, None) => Ok(()),
+    }
 }

@@ -40,6 +40,9 @@ pub struct ControlMetadata {
     /// Only the middle-block residual was used (recorded only when on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub only_mid_control: bool,
+    /// A union net's control type, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -207,6 +210,7 @@ impl ImageMetadata {
                     control_start: c.control_start,
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
+                    control_type: c.control_type.clone(),
                 })
                 .collect(),
             width: Some(self.width),
@@ -317,6 +321,7 @@ mod tests {
                 control_start: 0.0,
                 control_end: 0.5,
                 only_mid_control: false,
+                control_type: None,
             }],
             prompt: "a cat".into(),
             negative_prompt: "".into(),

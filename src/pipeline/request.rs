@@ -1,6 +1,7 @@
 //! What to generate: [`GenerateRequest`], with the defaults and the checks every front end shares (the CLI, a
 //! server, a batch file). Errors name the request's own fields (`steps`, `controls[1].control_end`); each front
 //! end shows them in its words.
+use crate::model::controlnet_union::parse_control_type;
 use std::path::PathBuf;
 
 use crate::annotate::ResizeMode;
@@ -89,6 +90,9 @@ pub struct ControlRequest {
     /// The UNet gets only this net's middle-block residual, not its down-block ones (the original repo's
     /// `only_mid_control`, for nets trained that way: `train --only-mid-control`).
     pub only_mid_control: bool,
+    /// A union net's condition type (`canny`, `depth`, an alias such as `hed`, or an index; see
+    /// `model::controlnet_union::CONTROL_TYPES`); required by union nets, refused by the others.
+    pub control_type: Option<String>,
 }
 
 impl ControlRequest {
@@ -103,6 +107,7 @@ impl ControlRequest {
             control_start: 0.0,
             control_end: 1.0,
             only_mid_control: false,
+            control_type: None,
         }
     }
 }
@@ -288,6 +293,15 @@ impl GenerateRequest {
                     setting("conditioning_scale"),
                     format!("{} is not a number", c.conditioning_scale),
                 ));
+            }
+            if let Some(kind) = &c.control_type {
+                parse_control_type(kind).map_err(|m| Error::setting(setting("control_type"), m))?;
+                if self.guess_mode {
+                    return Err(Error::setting(
+                        "guess_mode",
+                        "guess mode is not offered with union nets (diffusers' union pipeline fails on it too)",
+                    ));
+                }
             }
         }
         Ok(())

@@ -1,0 +1,245 @@
+//! The parts a ControlNet union net adds to a ControlNet (xinsir's `controlnet-union-sdxl-1.0`, diffusers'
+//! `ControlNetUnionModel`): one net for several condition types, told which by a control type.
+//!
+//! - The control type, as a one-hot vector, is embedded like SDXL's size numbers (sinusoids of each 0/1 value,
+//!   then an MLP) and added to the time embedding.
+//! - The condition's hint embedding no longer joins the latent as it is: its spatial mean plus the type's learned
+//!   `task_embedding` is one token, the latent's spatial mean another; a small transformer mixes them and its output
+//!   for the condition token becomes a per-channel offset added to the hint before it joins the latent.
+//!
+//! Keys (beside the ControlNet's): `task_embedding`, `transformer_layes.{i}.{ln_1,attn,ln_2,mlp}` (upstream's
+//! spelling), `spatial_ch_projs`, `control_add_embedding.linear_{1,2}`.
+//!
+//! One condition per net call, as diffusers runs a union net alone with one condition or inside
+//! `MultiControlNetUnionModel` (one call per unit): the conditioning scale then multiplies the residuals only.
+use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::layers::{linear, softmax_last_dim, Activation, LayerNorm, Linear};
+
+/// `nn.LayerNorm`'s default epsilon, which the union net's transformer uses.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// The union fields of a `ControlNetUnionModel` `config.json` (diffusers' defaults where absent).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct UnionConfig {
+    /// How many condition types the net knows (6 for xinsir's first net, 8 for ProMax).
+    pub num_control_type: usize,
+    #[serde(default = "default_width")]
+    pub num_trans_channel: usize,
+    #[serde(default = "default_heads")]
+    pub num_trans_head: usize,
+    #[serde(default = "default_layers")]
+    pub num_trans_layer: usize,
+    #[serde(default = "default_width")]
+    pub num_proj_channel: usize,
+}
+
+fn default_width() -> usize {
+    320
+}
+fn default_heads() -> usize {
+    8
+}
+fn default_layers() -> usize {
+    1
+}
+
+/// xinsir's control types (ProMax numbering; the first net knows 0-5): each name with the annotators whose maps it
+/// reads.
+pub const CONTROL_TYPES: [(&str, &[&str]); 8] = [
+    ("openpose", &["pose"]),
+    ("depth", &["depth-anything", "midas", "zoe"]),
+    ("softedge", &["hed", "pidinet", "scribble", "ted"]),
+    ("canny", &["lineart", "lineart-anime", "lineart-standard", "mlsd"]),
+    ("normal", &[]),
+    ("segment", &["seg"]),
+    ("tile", &["blur"]),
+    ("repaint", &["inpaint"]),
+];
+
+/// A control type by name (any listed alias) or index.
+pub fn parse_control_type(s: &str) -> std::result::Result<usize, String> {
+    if let Ok(i) = s.parse::<usize>() {
+        return Ok(i);
+    }
+    let s = s.to_ascii_lowercase();
+    CONTROL_TYPES.iter().position(|(name, aliases)| *name == s || aliases.contains(&s.as_str())).ok_or_else(|| {
+        let names: Vec<_> = CONTROL_TYPES.iter().map(|(n, _)| *n).collect();
+        format!("unknown control type {s:?}: expected one of {} or an index", names.join(", "))
+    })
+}
+
+/// One pre-norm transformer layer over (sequence, batch, width) tokens: `x + attn(ln_1 x)`, then
+/// `x + mlp(ln_2 x)` with a QuickGELU MLP of 4x width (CLIP's block; torch's `nn.MultiheadAttention` keys).
+#[derive(Debug, Clone)]
+struct ResidualAttentionBlock {
+    ln_1: LayerNorm,
+    /// `attn.in_proj_weight` / `in_proj_bias`: q, k and v stacked.
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+    heads: usize,
+}
+
+impl ResidualAttentionBlock {
+    fn new(width: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        if heads == 0 || !width.is_multiple_of(heads) {
+            bail!("num_trans_channel {width} is not a multiple of num_trans_head {heads}")
+        }
+        let attn = vb.pp("attn");
+        Ok(Self {
+            ln_1: LayerNorm::new(width, LAYER_NORM_EPS, vb.pp("ln_1"))?,
+            in_proj_weight: attn.get((3 * width, width), "in_proj_weight")?,
+            in_proj_bias: attn.get(3 * width, "in_proj_bias")?,
+            out_proj: linear(width, width, true, attn.pp("out_proj"))?,
+            ln_2: LayerNorm::new(width, LAYER_NORM_EPS, vb.pp("ln_2"))?,
+            c_fc: linear(width, 4 * width, true, vb.pp("mlp").pp("c_fc"))?,
+            c_proj: linear(4 * width, width, true, vb.pp("mlp").pp("c_proj"))?,
+            heads,
+        })
+    }
+
+    /// Multi-head self-attention along dim 0 of `x` (sequence, batch, width), as `nn.MultiheadAttention`
+    /// without `batch_first`.
+    fn attention(&self, x: &Tensor) -> Result<Tensor> {
+        let (len, batch, width) = x.dims3()?;
+        let head_dim = width / self.heads;
+        // 1. q, k, v = x Wᵀ + b, split; to (batch·heads, sequence, head_dim)
+        let qkv = x.broadcast_matmul(&self.in_proj_weight.t()?)?.broadcast_add(&self.in_proj_bias)?;
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * width, width)?.reshape((len, batch * self.heads, head_dim))?.transpose(0, 1)?.contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        // 2. softmax(q kᵀ / √d) v
+        let probs = softmax_last_dim(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
+        let out = probs.matmul(&v)?.transpose(0, 1)?.reshape((len, batch, width))?;
+        // 3. output projection
+        self.out_proj.forward(&out)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attention(&self.ln_1.forward(x)?)?)?;
+        let h = Activation::QuickGelu.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        &x + self.c_proj.forward(&h)?
+    }
+}
+
+/// What one condition of a given type brings, computed once per generation.
+#[derive(Debug, Clone)]
+pub struct UnionHint {
+    /// The condition token: the hint's spatial mean plus the type's task embedding, (hint batch, width).
+    token: Tensor,
+    /// The control type's embedding, added to the time embedding: (1, time_embed_dim).
+    time: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct UnionParts {
+    /// One learned token offset per control type: (num_control_type, num_trans_channel).
+    task_embedding: Tensor,
+    /// Upstream spells it `transformer_layes`.
+    transformer_layes: Vec<ResidualAttentionBlock>,
+    spatial_ch_projs: Linear,
+    /// Sinusoids of each 0/1 entry of the one-hot control type (no weights).
+    control_type_proj: Timesteps,
+    control_add_embedding: TimestepEmbedding,
+    num_control_type: usize,
+}
+
+impl UnionParts {
+    /// `time_dim`: the config's `addition_time_embed_dim`; `temb`: the time embedding's width.
+    pub fn new(
+        cfg: &UnionConfig,
+        time_dim: usize,
+        temb: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let width = cfg.num_trans_channel;
+        let layers = (0..cfg.num_trans_layer)
+            .map(|i| ResidualAttentionBlock::new(width, cfg.num_trans_head, vb.pp("transformer_layes").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            task_embedding: vb.get((cfg.num_control_type, width), "task_embedding")?,
+            transformer_layes: layers,
+            spatial_ch_projs: linear(width, cfg.num_proj_channel, true, vb.pp("spatial_ch_projs"))?,
+            control_type_proj: Timesteps::new(time_dim, flip_sin_to_cos, freq_shift),
+            control_add_embedding: TimestepEmbedding::new(
+                time_dim * cfg.num_control_type,
+                temb,
+                act,
+                vb.pp("control_add_embedding"),
+            )?,
+            num_control_type: cfg.num_control_type,
+        })
+    }
+
+    pub fn num_control_type(&self) -> usize {
+        self.num_control_type
+    }
+
+    /// The per-generation part of a condition of type `control_type` whose hint embedding is `hint`.
+    pub fn hint(&self, hint: &Tensor, control_type: usize) -> Result<UnionHint> {
+        if control_type >= self.num_control_type {
+            bail!("control type {control_type} is out of range: this union net knows {} types", self.num_control_type)
+        }
+        let dtype = hint.dtype();
+        // 1. the condition token: spatial mean + the type's task embedding
+        let task = self.task_embedding.get(control_type)?.to_dtype(dtype)?.unsqueeze(0)?;
+        let token = hint.mean((2, 3))?.broadcast_add(&task)?;
+        // 2. the one-hot type's sinusoids, flattened, through the MLP
+        let one_hot: Vec<f32> = (0..self.num_control_type).map(|i| f32::from(u8::from(i == control_type))).collect();
+        let one_hot = Tensor::new(one_hot, hint.device())?;
+        let sinusoids = self.control_type_proj.forward(&one_hot)?.reshape((1, ()))?.to_dtype(dtype)?;
+        let time = self.control_add_embedding.forward(&sinusoids)?;
+        Ok(UnionHint { token, time })
+    }
+
+    /// The control type's time embedding for `batch` samples.
+    pub fn time_embedding(&self, hint: &UnionHint, batch: usize, dtype: DType) -> Result<Tensor> {
+        hint.time.to_dtype(dtype)?.broadcast_as((batch, hint.time.dim(1)?))?.contiguous()
+    }
+
+    /// The hint fused with the latent `h` (after `conv_in`): `h + hint + offset`, the offset being the
+    /// transformer's output for the condition token, projected per channel.
+    pub fn fuse(&self, h: &Tensor, cond_embedding: &Tensor, hint: &UnionHint) -> Result<Tensor> {
+        let batch = h.dim(0)?;
+        let width = hint.token.dim(1)?;
+        let token = hint.token.to_dtype(h.dtype())?.broadcast_as((batch, width))?;
+        // 1. two tokens per sample: the condition's and the latent's spatial mean → (batch, 2, width)
+        let mut x = Tensor::stack(&[&token, &h.mean((2, 3))?], 1)?;
+        // 2. the transformer (its attention runs along dim 0, the batch: upstream feeds (batch, tokens, width)
+        //    to a sequence-first nn.MultiheadAttention)
+        for layer in &self.transformer_layes {
+            x = layer.forward(&x)?;
+        }
+        // 3. per-channel offset from the condition token, added with the hint to the latent
+        let alpha = self.spatial_ch_projs.forward(&x.get_on_dim(1, 0)?.contiguous()?)?;
+        let fused = cond_embedding.to_dtype(h.dtype())?.broadcast_add(&alpha.unsqueeze(D::Minus1)?.unsqueeze(3)?)?;
+        h + fused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_types_by_name_alias_and_index() {
+        assert_eq!(parse_control_type("openpose"), Ok(0));
+        assert_eq!(parse_control_type("Depth"), Ok(1));
+        assert_eq!(parse_control_type("hed"), Ok(2));
+        assert_eq!(parse_control_type("mlsd"), Ok(3));
+        assert_eq!(parse_control_type("repaint"), Ok(7));
+        assert_eq!(parse_control_type("5"), Ok(5));
+        let err = parse_control_type("colour").unwrap_err();
+        assert!(err.contains("openpose, depth, softedge"), "{err}");
+    }
+}
