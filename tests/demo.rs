@@ -47,6 +47,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                     start: 0.0,
                     end: 1.0,
                     only_mid: false,
+                    mode: Default::default(),
                 })
                 .into_iter()
                 .collect();

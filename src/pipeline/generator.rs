@@ -340,6 +340,7 @@ impl<'a> Generator<'a> {
                 start: c.control_start,
                 end: c.control_end,
                 only_mid: c.only_mid_control,
+                mode: c.control_mode,
             })
             .collect()
     }
@@ -369,6 +370,7 @@ impl<'a> Generator<'a> {
                     control_start: c.control_start,
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
+                    control_mode: c.control_mode,
                 })
             })
             .collect::<Result<_>>()?;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
@@ -40,6 +41,10 @@ pub struct ControlMetadata {
     /// Only the middle-block residual was used (recorded only when on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub only_mid_control: bool,
+    // Control modes (A1111's per-unit "Control Mode").
+    /// `--control-mode` (recorded only when not balanced; older images have none).
+    #[serde(default, skip_serializing_if = "ControlMode::is_balanced")]
+    pub control_mode: ControlMode,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -143,7 +148,7 @@ impl ImageMetadata {
                 c.conditioning_scale,
                 c.control_start,
                 c.control_end,
-                if self.guess_mode { "ControlNet is more important" } else { "Balanced" }
+                if self.guess_mode { ControlMode::ControlNet.a1111_name() } else { c.control_mode.a1111_name() }
             ));
         }
         if let Some(strength) = self.strength {
@@ -207,6 +212,7 @@ impl ImageMetadata {
                     control_start: c.control_start,
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
+                    control_mode: c.control_mode,
                 })
                 .collect(),
             width: Some(self.width),
@@ -317,6 +323,7 @@ mod tests {
                 control_start: 0.0,
                 control_end: 0.5,
                 only_mid_control: false,
+                control_mode: ControlMode::Prompt,
             }],
             prompt: "a cat".into(),
             negative_prompt: "".into(),

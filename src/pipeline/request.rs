@@ -8,6 +8,7 @@ use crate::io::single_file::PredictionType;
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
+use super::control_mode::ControlMode;
 use super::demo;
 use super::hires::HiresFix;
 pub use super::text_conditioning::SdxlConditioning;
@@ -89,6 +90,9 @@ pub struct ControlRequest {
     /// The UNet gets only this net's middle-block residual, not its down-block ones (the original repo's
     /// `only_mid_control`, for nets trained that way: `train --only-mid-control`).
     pub only_mid_control: bool,
+    // Control modes (A1111's per-unit "Control Mode").
+    /// How this net balances itself against the prompt (`--control-mode`).
+    pub control_mode: ControlMode,
 }
 
 impl ControlRequest {
@@ -103,6 +107,7 @@ impl ControlRequest {
             control_start: 0.0,
             control_end: 1.0,
             only_mid_control: false,
+            control_mode: ControlMode::Balanced,
         }
     }
 }
