@@ -47,6 +47,7 @@ fn check(case: &str, model: &str, nets: &[Net], params: GenerateParams) {
                 start: n.start,
                 end: n.end,
                 only_mid: false,
+                mode: Default::default(),
             }
         })
         .collect();
