@@ -523,3 +523,43 @@ fn ctrl_c_stops_generate_without_writing() {
     assert!(stderr(&res).contains("stopped by Ctrl-C: nothing was written"), "{}", stderr(&res));
     assert!(!out.exists());
 }
+
+/// `--control-mode` per net: recorded per net in the recipe and in A1111's infotext, changes the picture, and a
+/// bad value names the flag.
+#[test]
+fn control_modes_are_per_net_and_recorded() {
+    let dir = temp_dir();
+    let run = |name: &str, modes: [Option<&str>; 2]| {
+        let out = dir.path().join(name);
+        let mut a: Vec<String> = ["generate", "--model", "tests/fixtures/models/tiny-sd15"].map(String::from).to_vec();
+        for (net, mode) in ["a", "b"].into_iter().zip(modes) {
+            a.extend(["--controlnet".into(), format!("tests/fixtures/models/tiny-controlnet-{net}")]);
+            a.extend(["--control".into(), "tests/fixtures/pipeline/control_circle.png".into()]);
+            if let Some(m) = mode {
+                a.extend(["--control-mode".into(), m.into()]);
+            }
+        }
+        a.extend(["--steps", "2", "--seed", "1", "--output", out.to_str().unwrap(), "--quiet"].map(String::from));
+        let res = controlnet(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        (res, out)
+    };
+    let (res, balanced) = run("b.png", [None, None]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let (res, modes) = run("m.png", [Some("controlnet"), Some("My prompt is more important")]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&modes).unwrap();
+    let recipe = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    use controlnet::pipeline::ControlMode;
+    assert_eq!(recipe.controls[0].control_mode, ControlMode::ControlNet);
+    assert_eq!(recipe.controls[1].control_mode, ControlMode::Prompt);
+    let infotext = recipe.a1111_parameters();
+    assert!(infotext.contains("Control Mode: ControlNet is more important"), "{infotext}");
+    assert!(infotext.contains("Control Mode: My prompt is more important"), "{infotext}");
+    let (a, b) = (image::open(&balanced).unwrap().to_rgb8(), image::open(&modes).unwrap().to_rgb8());
+    assert!(a.as_raw() != b.as_raw(), "the control modes changed nothing");
+
+    let (res, out) = run("x.png", [Some("strong"), None]);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--control-mode"), "{}", stderr(&res));
+    assert!(!out.exists());
+}

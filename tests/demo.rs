@@ -48,6 +48,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                     end: 1.0,
                     only_mid: false,
                     control_type: None,
+                    mode: Default::default(),
                 })
                 .into_iter()
                 .collect();

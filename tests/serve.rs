@@ -205,7 +205,7 @@ fn bad_input_is_refused_naming_the_field() {
         "alwayson_scripts.controlnet.args[0].module:",
     );
     expect(
-        &with_unit(unit(&image, json!({"control_mode": 2}))),
+        &with_unit(unit(&image, json!({"control_mode": 5}))),
         422,
         "alwayson_scripts.controlnet.args[0].control_mode:",
     );

@@ -18,7 +18,7 @@ use crate::io::images;
 use crate::pipeline::hires::{HiresFix, Upscaler};
 use crate::pipeline::request::{ComputeDtype, SdxlConditioning};
 use crate::pipeline::sd::{open_controlnet, LoadOptions, StableDiffusion};
-use crate::pipeline::{ControlRequest, GenerateRequest, Generator, Progress};
+use crate::pipeline::{ControlMode, ControlRequest, GenerateRequest, Generator, Progress};
 
 #[derive(Args, Debug)]
 pub struct BatchArgs {
@@ -96,6 +96,8 @@ struct Job {
     hires_steps: Option<usize>,
     hires_strength: Option<f64>,
     hires_upscaler: Option<String>,
+    // Control modes (A1111's per-unit "Control Mode").
+    control_mode: Option<OneOrMany<ControlMode>>,
 }
 
 /// A checked job: its name, request and output files.
@@ -354,6 +356,8 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
     let configs = list(&job.controlnet_config);
     let mid = job.only_mid_control.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
     let types = list(&job.control_type);
+    let modes = job.control_mode.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
+    per_net("control_mode", modes.len())?;
     let controls = conds
         .iter()
         .enumerate()
@@ -367,6 +371,11 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             control_end: pick(&job.control_end, i, 1.0),
             only_mid_control: mid.get(i).copied().unwrap_or(false),
             control_type: types.get(i).or(if types.len() == 1 { types.first() } else { None }).cloned(),
+            control_mode: modes
+                .get(i)
+                .or(if modes.len() == 1 { modes.first() } else { None })
+                .copied()
+                .unwrap_or_default(),
         })
         .collect();
     let defaults = GenerateRequest::default();

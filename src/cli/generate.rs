@@ -11,7 +11,7 @@ use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
 use crate::pipeline::hires::{HiresFix, Upscaler};
 use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
-use crate::pipeline::{self, ControlRequest, GenerateRequest, Generated, Progress};
+use crate::pipeline::{self, ControlMode, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -52,6 +52,11 @@ pub struct GenerateArgs {
     /// Strength of the matching ControlNet's residuals [default: 1.0].
     #[arg(long = "conditioning-scale", value_name = "F", allow_negative_numbers = true)]
     pub scales: Vec<f64>,
+    /// A1111's control mode of the matching ControlNet: balanced, prompt ("My prompt is more important": shallow
+    /// residuals weighted down by 0.825 per level) or controlnet ("ControlNet is more important": that, on the
+    /// conditional side only) [default: balanced].
+    #[arg(long = "control-mode", value_name = "balanced|prompt|controlnet")]
+    pub control_modes: Vec<ControlMode>,
     /// Fraction of the steps after which the matching ControlNet starts acting [default: 0.0].
     #[arg(long = "control-start", value_name = "F", allow_negative_numbers = true)]
     pub starts: Vec<f64>,
@@ -315,6 +320,7 @@ fn demo_net_flags(args: &GenerateArgs) -> anyhow::Result<Vec<NetFlags>> {
     control.control_end = once("--control-end", &args.ends)?.unwrap_or(1.0);
     control.only_mid_control = once("--only-mid-control", &mid_only_flags(args))?.unwrap_or(false);
     control.control_type = once("--control-type", &args.control_types)?;
+    control.control_mode = once("--control-mode", &args.control_modes)?.unwrap_or_default();
     let save_control = once("--save-control", &args.save_controls)?;
     check_save_control(&control, save_control.as_deref())?;
     Ok(vec![NetFlags { control, save_control }])
@@ -336,6 +342,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
     let configs = per_net(m, &net_pos, args, "controlnet_configs", "--controlnet-config", &args.controlnet_configs)?;
     let mid_only = per_net(m, &net_pos, args, "only_mid_control", "--only-mid-control", &mid_only_flags(args))?;
     let types = per_net(m, &net_pos, args, "control_types", "--control-type", &args.control_types)?;
+    let modes = per_net(m, &net_pos, args, "control_modes", "--control-mode", &args.control_modes)?;
     (0..n)
         .map(|i| {
             let control = ControlRequest {
@@ -348,6 +355,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
                 control_end: ends[i].unwrap_or(1.0),
                 only_mid_control: mid_only[i].unwrap_or(false),
                 control_type: types[i].clone(),
+                control_mode: modes[i].unwrap_or_default(),
             };
             check_save_control(&control, save[i].as_deref())?;
             Ok(NetFlags { control, save_control: save[i].clone() })

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::control_mode::ControlMode;
 use super::inpaint::Inpainting;
 use super::request::control_setting;
 use super::sd::StableDiffusion;
@@ -27,6 +28,8 @@ pub struct Control<'a> {
     pub end: f64,
     /// Only the middle-block residual reaches the UNet (the original `only_mid_control`).
     pub only_mid: bool,
+    /// A1111's control mode: per-level weights and whether the unconditional half gets the residuals.
+    pub mode: ControlMode,
     /// A union net's condition type (an index into `model::controlnet_union::CONTROL_TYPES`).
     pub control_type: Option<usize>,
 }
@@ -306,20 +309,26 @@ pub fn generate_from(
             if outside {
                 continue;
             }
+            // A1111's soft injection: the net runs at strength 1 and the mode weights each level.
+            let soft = c.mode != ControlMode::Balanced;
+            let (scale, ramp) = if soft { (1.0, false) } else { (c.scale, guess_mode) };
             let out = if let Some(union) = union {
-                // request validation refuses guess mode with union nets
+                // request validation refuses guess mode and "ControlNet is more important" with union nets
                 let added = text.added.as_ref();
-                c.net.forward_union(&latent_input, &t_batch, embeds, added, hint, union, c.scale)?
-            } else if guess_mode && cfg {
-                // Guess mode: the net sees only the conditional half; the unconditional half gets zeros.
+                c.net.forward_union(&latent_input, &t_batch, embeds, added, hint, union, scale)?
+            } else if (guess_mode || c.mode.conditional_only()) && cfg {
+                // Guess mode / "ControlNet is more important": the net sees only the conditional half; the
+                // unconditional half gets zeros.
                 let control_input = scheduler.scale_model_input(&latents, i)?;
                 let t_cond = Tensor::full(t as f32, n, &device)?;
                 let added = text.cond_added.as_ref();
-                let out = c.net.forward_with(&control_input, &t_cond, cond_embeds, added, hint, c.scale, true)?;
+                let hint = hint.narrow(0, 0, n)?;
+                let out = c.net.forward_with(&control_input, &t_cond, cond_embeds, added, &hint, scale, !soft)?;
                 pad_unconditional_half(&out)?
             } else {
-                c.net.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), hint, c.scale, guess_mode)?
+                c.net.forward_with(&latent_input, &t_batch, embeds, text.added.as_ref(), hint, scale, ramp)?
             };
+            let out = if soft { c.mode.scale(out, c.scale)? } else { out };
             let out = if c.only_mid { out.mid_only()? } else { out };
             residuals = Some(match residuals {
                 Some(sum) => sum.add(&out)?,

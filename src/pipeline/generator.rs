@@ -346,6 +346,7 @@ impl<'a> Generator<'a> {
                 only_mid: c.only_mid_control,
                 // checked against the net by `check_control_type`
                 control_type: c.control_type.as_deref().and_then(|k| parse_control_type(k).ok()),
+                mode: c.control_mode,
             })
             .collect()
     }
@@ -376,6 +377,7 @@ impl<'a> Generator<'a> {
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
+                    control_mode: c.control_mode,
                 })
             })
             .collect::<Result<_>>()?;

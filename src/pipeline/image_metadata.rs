@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
 use super::text_conditioning::SdxlConditioning;
@@ -43,6 +44,10 @@ pub struct ControlMetadata {
     /// A union net's control type, as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_type: Option<String>,
+    // Control modes (A1111's per-unit "Control Mode").
+    /// `--control-mode` (recorded only when not balanced; older images have none).
+    #[serde(default, skip_serializing_if = "ControlMode::is_balanced")]
+    pub control_mode: ControlMode,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,7 +151,7 @@ impl ImageMetadata {
                 c.conditioning_scale,
                 c.control_start,
                 c.control_end,
-                if self.guess_mode { "ControlNet is more important" } else { "Balanced" }
+                if self.guess_mode { ControlMode::ControlNet.a1111_name() } else { c.control_mode.a1111_name() }
             ));
         }
         if let Some(strength) = self.strength {
@@ -211,6 +216,7 @@ impl ImageMetadata {
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
+                    control_mode: c.control_mode,
                 })
                 .collect(),
             width: Some(self.width),
@@ -322,6 +328,7 @@ mod tests {
                 control_end: 0.5,
                 only_mid_control: false,
                 control_type: None,
+                control_mode: ControlMode::Prompt,
             }],
             prompt: "a cat".into(),
             negative_prompt: "".into(),

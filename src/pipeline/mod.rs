@@ -13,6 +13,7 @@
 //! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
 pub mod conditions;
+pub mod control_mode;
 pub mod demo;
 pub mod generate;
 pub mod generator;
@@ -24,6 +25,7 @@ pub mod request;
 pub mod sd;
 pub mod text_conditioning;
 
+pub use control_mode::ControlMode;
 pub use generate::{generate, generate_from, never_cancelled, Control, GenerateOutput, GenerateParams, InitImage};
 pub use generator::{run, Generated, GeneratedImage, Generator, Progress};
 pub use image_metadata::ImageMetadata;

@@ -9,6 +9,7 @@ use crate::io::single_file::PredictionType;
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
+use super::control_mode::ControlMode;
 use super::demo;
 use super::hires::HiresFix;
 pub use super::text_conditioning::SdxlConditioning;
@@ -93,6 +94,9 @@ pub struct ControlRequest {
     /// A union net's condition type (`canny`, `depth`, an alias such as `hed`, or an index; see
     /// `model::controlnet_union::CONTROL_TYPES`); required by union nets, refused by the others.
     pub control_type: Option<String>,
+    // Control modes (A1111's per-unit "Control Mode").
+    /// How this net balances itself against the prompt (`--control-mode`).
+    pub control_mode: ControlMode,
 }
 
 impl ControlRequest {
@@ -108,6 +112,7 @@ impl ControlRequest {
             control_end: 1.0,
             only_mid_control: false,
             control_type: None,
+            control_mode: ControlMode::Balanced,
         }
     }
 }
@@ -300,6 +305,13 @@ impl GenerateRequest {
                     return Err(Error::setting(
                         "guess_mode",
                         "guess mode is not offered with union nets (diffusers' union pipeline fails on it too)",
+                    ));
+                }
+                if c.control_mode.conditional_only() {
+                    return Err(Error::setting(
+                        setting("control_mode"),
+                        "\"ControlNet is more important\" is not offered with union nets (their token transformer \
+                         mixes the guided batch)",
                     ));
                 }
             }

@@ -19,7 +19,7 @@ use super::files::{decode_base64, decode_image, encode_base64};
 use super::queue::{Job, JobSpec, Namer, Run, Snapshot};
 use super::App;
 use crate::pipeline::request::{parse_resize, DEFAULT_GUIDANCE, DEFAULT_STEPS};
-use crate::pipeline::{ControlRequest, GenerateRequest};
+use crate::pipeline::{ControlMode, ControlRequest, GenerateRequest};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../../assets/web/openapi.json");
@@ -77,6 +77,9 @@ struct JobControl {
     control_start: f64,
     #[serde(default = "one_f64")]
     control_end: f64,
+    /// A1111's control mode: `balanced` (default), `prompt` or `controlnet` (or the extension's labels).
+    #[serde(default)]
+    control_mode: ControlMode,
 }
 
 fn default_steps() -> usize {
@@ -179,6 +182,7 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
         control.conditioning_scale = c.conditioning_scale;
         control.control_start = c.control_start;
         control.control_end = c.control_end;
+        control.control_mode = c.control_mode;
         if let Some(kind) = &c.preprocess {
             let k = crate::annotate::kind(kind).map_err(|e| ApiError::field(field("preprocess"), e.to_string()))?;
             if k.input != crate::annotate::Input::Image {

@@ -416,7 +416,16 @@ impl Trainer {
         for (cond_path, prompt) in &v.pairs {
             let cond_img = resize_center_crop(&crate::io::images::load_rgb(cond_path)?, r);
             let image = condition_tensor(&cond_img, self.feed.condition_channels, &self.device)?.unsqueeze(0)?;
-            let control = Control { net, image, scale: 1.0, start: 0.0, end: 1.0, only_mid: false, control_type: None };
+            let control = Control {
+                net,
+                image,
+                scale: 1.0,
+                start: 0.0,
+                end: 1.0,
+                only_mid: false,
+                mode: Default::default(),
+                control_type: None,
+            };
             let params = GenerateParams {
                 prompt: prompt.clone(),
                 negative_prompt: String::new(),

@@ -19,7 +19,8 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::App;
 use crate::annotate::{self, DetectorOptions, Input, ResizeMode};
-use crate::schedulers::SchedulerKind;
+use crate::pipeline::ControlMode;
+use crate::schedulers::{Sampler, SigmaSpacing, A1111_SAMPLERS};
 
 mod detect;
 mod fields;
@@ -43,26 +44,34 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/controlnet/detect", post(detect::detect))
 }
 
-/// A1111's sampler names and ours.
-pub const SAMPLERS: &[(&str, SchedulerKind, &[&str])] = &[
-    ("Euler a", SchedulerKind::EulerAncestral, &["k_euler_a", "k_euler_ancestral"]),
-    ("Euler", SchedulerKind::Euler, &["k_euler"]),
-    ("DDIM", SchedulerKind::Ddim, &[]),
-    ("DPM++ 2M", SchedulerKind::DpmSolverMultistep, &["k_dpmpp_2m"]),
-    ("UniPC", SchedulerKind::UniPc, &[]),
-    ("PNDM", SchedulerKind::Pndm, &["PLMS"]),
-];
-
-fn sampler(name: &str) -> Option<SchedulerKind> {
-    let wanted = name.trim().to_ascii_lowercase();
-    SAMPLERS.iter().find_map(|(n, kind, aliases)| {
-        let names = std::iter::once(*n).chain(aliases.iter().copied());
-        names.into_iter().any(|a| a.to_ascii_lowercase() == wanted).then_some(*kind)
-    })
+/// A1111's sampler name (or ours, or an old `k_…` alias), with " Karras" / " Exponential" where diffusers'
+/// class takes them: the library's [`Sampler`] names.
+fn sampler(name: &str) -> Option<Sampler> {
+    name.parse().ok()
 }
 
-fn sampler_name(kind: SchedulerKind) -> &'static str {
-    SAMPLERS.iter().find(|(_, k, _)| *k == kind).map(|(n, _, _)| *n).unwrap_or("")
+/// Every sampler this server runs, as A1111 lists them (`/sdapi/v1/samplers`): (name, aliases).
+fn sampler_names() -> Vec<(String, Vec<&'static str>)> {
+    let mut names = Vec::new();
+    for (name, kind, aliases) in A1111_SAMPLERS {
+        names.push((name.to_string(), aliases.to_vec()));
+        for spacing in SigmaSpacing::ALL {
+            if let Ok(s) = Sampler::new(*kind, Some(spacing)) {
+                names.push((s.a1111_name(), Vec::new()));
+            }
+        }
+    }
+    names
+}
+
+/// The extension's `control_mode`: its index (0, 1, 2) or label ("My prompt is more important"), or ours.
+fn control_mode(field: &str, v: &Value) -> Result<ControlMode, ApiError> {
+    if let Some(i) = v.as_u64() {
+        return ControlMode::from_a1111_index(i)
+            .ok_or_else(|| ApiError::field(field, format!("{i}: expected 0, 1 or 2")));
+    }
+    let name = v.as_str().ok_or_else(|| ApiError::field(field, "expected a control mode name or 0, 1, 2"))?;
+    name.parse().map_err(|e: crate::Error| ApiError::field(field, e.to_string()))
 }
 
 /// The extension's module names for our annotators (ours are accepted as they are).
@@ -182,7 +191,10 @@ async fn sd_models(State(app): State<Arc<App>>) -> Json<Value> {
 
 async fn samplers() -> Json<Value> {
     Json(Value::Array(
-        SAMPLERS.iter().map(|(name, _, aliases)| json!({ "name": name, "aliases": aliases, "options": {} })).collect(),
+        sampler_names()
+            .into_iter()
+            .map(|(name, aliases)| json!({ "name": name, "aliases": aliases, "options": {} }))
+            .collect(),
     ))
 }
 
@@ -207,10 +219,23 @@ mod tests {
 
     #[test]
     fn samplers_modules_and_resize_modes_map_to_ours() {
-        assert_eq!(sampler("Euler a"), Some(SchedulerKind::EulerAncestral));
-        assert_eq!(sampler("k_euler_a"), Some(SchedulerKind::EulerAncestral));
-        assert_eq!(sampler("PLMS"), Some(SchedulerKind::Pndm));
+        use crate::schedulers::SchedulerKind;
+        assert_eq!(sampler("Euler a"), Some(SchedulerKind::EulerAncestral.into()));
+        assert_eq!(sampler("k_euler_a"), Some(SchedulerKind::EulerAncestral.into()));
+        assert_eq!(sampler("PLMS"), Some(SchedulerKind::Pndm.into()));
+        let karras = Sampler::new(SchedulerKind::DpmSolverMultistep, Some(SigmaSpacing::Karras)).ok();
+        assert_eq!(sampler("DPM++ 2M Karras"), karras);
         assert_eq!(sampler("LMS"), None);
+        let listed: Vec<String> = sampler_names().into_iter().map(|(n, _)| n).collect();
+        for name in &listed {
+            assert!(sampler(name).is_some(), "{name} is listed but not accepted");
+        }
+        assert!(listed.iter().any(|n| n == "DPM++ 2M Karras") && listed.iter().any(|n| n == "UniPC Exponential"));
+        assert!(!listed.iter().any(|n| n == "DDIM Karras"), "DDIM has no Karras sigmas in diffusers");
+        assert_eq!(control_mode("c", &json!(2)).unwrap(), ControlMode::ControlNet);
+        assert_eq!(control_mode("c", &json!("My prompt is more important")).unwrap(), ControlMode::Prompt);
+        assert_eq!(control_mode("c", &json!("Balanced")).unwrap(), ControlMode::Balanced);
+        assert!(control_mode("c", &json!(3)).unwrap_err().detail().starts_with("c: 3"));
         assert_eq!(module_kind("m", "Canny").unwrap(), Some("canny"));
         assert_eq!(module_kind("m", "scribble_xdog").unwrap(), Some("scribble"));
         assert_eq!(module_kind("m", "none").unwrap(), None);

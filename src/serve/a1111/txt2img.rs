@@ -11,12 +11,12 @@ use serde_json::{json, Map, Value};
 
 use super::fields::{is_empty, is_false, is_num, Fields};
 use super::{
-    model_title, module_kind, resize_mode, sampler, sampler_name, slider_options, DEFAULT_PROCESSOR_RES, SAMPLERS,
+    control_mode, model_title, module_kind, resize_mode, sampler, sampler_names, slider_options, DEFAULT_PROCESSOR_RES,
 };
 use crate::annotate::ResizeMode;
 use crate::pipeline::request::random_seed;
 use crate::pipeline::{ControlRequest, GenerateRequest};
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{Sampler, SchedulerKind};
 use crate::serve::error::ApiError;
 use crate::serve::files::{decode_base64, decode_image, encode_base64};
 use crate::serve::queue::{Annotation, Job, JobSpec, Namer, Run};
@@ -55,7 +55,7 @@ const HARMLESS: &[&str] = &[
 /// A parsed txt2img body: the job and what the answer echoes.
 struct Txt2Img {
     spec: JobSpec,
-    sampler: Option<SchedulerKind>,
+    sampler: Option<Sampler>,
     seed: u64,
 }
 
@@ -114,14 +114,14 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
     }
     let sampler = match (f.str("sampler_name")?, f.str("sampler_index")?) {
         (Some(name), _) | (None, Some(name)) => Some(sampler(name).ok_or_else(|| {
-            let names: Vec<&str> = SAMPLERS.iter().map(|s| s.0).collect();
+            let names: Vec<String> = sampler_names().into_iter().map(|(n, _)| n).collect();
             ApiError::field("sampler_name", format!("{name:?}: this server has {}", names.join(", ")))
         })?),
         (None, None) => None,
     };
-    r.scheduler = sampler.map(Into::into);
+    r.scheduler = sampler;
     // eta: A1111's ancestral samplers use 1, DDIM 0 (as ours); other samplers do not read it.
-    let eta_default = match sampler {
+    let eta_default = match sampler.map(|s| s.kind) {
         Some(SchedulerKind::EulerAncestral) => Some(1.0),
         Some(SchedulerKind::Ddim) => Some(0.0),
         _ => None,
@@ -279,11 +279,7 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
                 "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res"
                 | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled" => {}
                 "mask" => f.only_default(k, is_empty, "masks (inpainting) are not supported")?,
-                "control_mode" => f.only_default(
-                    k,
-                    |v| v.as_u64() == Some(0) || v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("balanced")),
-                    "only \"Balanced\"",
-                )?,
+                "control_mode" => {}
                 "guessmode" | "guess_mode" => f.only_default(k, is_false, "use control_mode")?,
                 k if UNIT_HARMLESS.contains(&k) => {}
                 k => return Err(f.unknown(k)),
@@ -348,6 +344,9 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
         control.conditioning_scale = f.f64("weight")?.unwrap_or(1.0);
         control.control_start = f.f64("guidance_start")?.unwrap_or(0.0);
         control.control_end = f.f64("guidance_end")?.unwrap_or(1.0);
+        if let Some(v) = f.get("control_mode") {
+            control.control_mode = control_mode(&f.name("control_mode"), v)?;
+        }
         match &annotation {
             // The pipeline's own preprocess: the same run as `generate --preprocess KIND`.
             Some(a) if a.options.given().is_empty() && a.resolution.is_none() => {
@@ -410,7 +409,7 @@ pub async fn txt2img(
         "subseed_strength": 0,
         "width": metas.first().map(|m| m.width),
         "height": metas.first().map(|m| m.height),
-        "sampler_name": parsed.sampler.map(sampler_name),
+        "sampler_name": parsed.sampler.map(|s| s.a1111_name()),
         "cfg_scale": first.map(|r| r.guidance),
         "steps": first.map(|r| r.steps),
         "batch_size": first.map(|r| r.num_images),
