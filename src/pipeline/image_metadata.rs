@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
-use super::text_conditioning::SdxlConditioning;
+use super::text_conditioning::{PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::{Error, Result};
@@ -93,10 +93,23 @@ pub struct ImageMetadata {
     /// The hires fix's second pass (recorded only when used); `width`/`height` are the first pass's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresFix>,
+    // Prompt syntax and clip skip (recorded only when not the defaults, plain and 1).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub prompt_syntax: PromptSyntax,
+    #[serde(default = "default_clip_skip", skip_serializing_if = "is_default_clip_skip")]
+    pub clip_skip: usize,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
+}
+
+fn default_clip_skip() -> usize {
+    DEFAULT_CLIP_SKIP
+}
+
+fn is_default_clip_skip(v: &usize) -> bool {
+    *v == DEFAULT_CLIP_SKIP
 }
 
 fn default_resize() -> String {
@@ -164,6 +177,9 @@ impl ImageMetadata {
                 h.steps.unwrap_or(0)
             ));
         }
+        if self.clip_skip != DEFAULT_CLIP_SKIP {
+            s.push_str(&format!(", Clip skip: {}", self.clip_skip));
+        }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
         }
@@ -229,6 +245,8 @@ impl ImageMetadata {
             mask_blur: self.mask_blur,
             strength: self.strength,
             hires: self.hires.clone(),
+            prompt_syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
         })
     }
 
@@ -340,6 +358,8 @@ mod tests {
             mask_blur: 0,
             strength: None,
             hires: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: DEFAULT_CLIP_SKIP,
         }
     }
 
