@@ -363,6 +363,21 @@ mod tests {
         }
     }
 
+    /// Prompt syntax and clip skip are recorded only when not the defaults, restored, and an old PNG without
+    /// them reads as plain, 1.
+    #[test]
+    fn prompt_syntax_and_clip_skip_round_trip() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("clip_skip") && !json.contains("prompt_syntax"), "{json}");
+        let old: ImageMetadata = serde_json::from_str(&json).unwrap();
+        assert_eq!((old.prompt_syntax, old.clip_skip), (PromptSyntax::Plain, 1));
+        let m = ImageMetadata { prompt_syntax: PromptSyntax::A1111, clip_skip: 2, ..sample() };
+        let back: ImageMetadata = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        let r = back.to_request(Path::new(".")).unwrap();
+        assert_eq!((r.prompt_syntax, r.clip_skip), (PromptSyntax::A1111, 2));
+        assert!(m.a1111_parameters().contains(", Clip skip: 2"), "{}", m.a1111_parameters());
+    }
+
     /// An image made in bf16 says so and is reproduced in bf16; an f32 one's metadata has no dtype key.
     #[test]
     fn dtype_is_recorded_when_not_f32() {

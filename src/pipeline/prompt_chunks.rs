@@ -136,13 +136,13 @@ mod tests {
     fn long_prompt_breaks_after_last_comma() {
         let tok = tokenizer();
         // 70 words, a comma, then 10 more: the first chunk ends at the comma (71 tokens), 10 move on.
-        let prompt = format!("{}, {}", vec!["cat"; 70].join(" "), vec!["dog"; 10].join(" "));
+        let prompt = format!("{}, {}", ["cat"; 70].join(" "), ["dog"; 10].join(" "));
         let got = chunks(&tok, &parse(&prompt, "prompt").unwrap());
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].ids[72], tok.eos_id());
         assert_eq!(got[1].ids[1..11], vec![tok.tokenize("dog")[0]; 10][..]);
         // Without a comma the chunk is cut at exactly 75.
-        let prompt = vec!["cat"; 80].join(" ");
+        let prompt = ["cat"; 80].join(" ");
         let got = chunks(&tok, &parse(&prompt, "prompt").unwrap());
         assert_eq!(got[0].ids[76], tok.eos_id());
         assert_eq!(got[1].ids[6], tok.eos_id());

@@ -389,7 +389,7 @@ mod tests {
     #[test]
     fn plain_syntax_reads_one_chunk() {
         let sd = model("sd15");
-        let long = vec!["cat"; 100].join(" ");
+        let long = ["cat"; 100].join(" ");
         let out =
             encode(&sd, &long, "", &SdxlConditioning::default(), (64, 64), 2, true, &PromptOptions::default()).unwrap();
         assert_eq!(out.embeds.dims(), &[4, 77, 32]);
