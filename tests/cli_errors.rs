@@ -166,3 +166,15 @@ fn preprocess_kinds_are_listed_with_what_they_need() {
     let res = controlnet(&[&args[..], &["--output", out.to_str().unwrap(), "--quiet"]].concat());
     assert!(!stderr(&res).contains("::"), "no Rust paths in messages: {}", stderr(&res));
 }
+
+/// Prompt syntax and clip skip: an unknown syntax, a bad A1111 weight and a clip skip beyond the tiny encoder's
+/// two layers are refused naming the flag.
+#[test]
+fn bad_prompt_syntax_settings() {
+    fails_with(&["--model", MODEL, "--prompt", "x", "--prompt-syntax", "comfy"], &["--prompt-syntax", "comfy"]);
+    fails_with(
+        &["--model", MODEL, "--prompt", "a (cat:1.2.3)", "--prompt-syntax", "a1111"],
+        &["--prompt", "1.2.3", "not a number"],
+    );
+    fails_with(&["--model", MODEL, "--prompt", "x", "--clip-skip", "3"], &["--clip-skip", "2 layers"]);
+}

@@ -65,6 +65,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                 guess_mode: false,
                 vae_tiling: false,
                 sdxl: Default::default(),
+                prompt_options: Default::default(),
             };
             let image = &generate(sd, &controls, &params, &mut |_, _| {}).unwrap().images[0];
             let found = score::segment(image, c);

@@ -74,6 +74,7 @@ fn params(seed: u64, steps: usize, scheduler: Option<&str>) -> GenerateParams {
         guess_mode: false,
         vae_tiling: false,
         sdxl: Default::default(),
+        prompt_options: Default::default(),
     }
 }
 

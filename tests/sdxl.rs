@@ -41,8 +41,17 @@ fn prompt_encoding_matches_diffusers() {
     let sd = sdxl();
     let fx = components();
     for (tag, negative) in [("zeros", ""), ("text", "blurry, dark")] {
-        let text = text_conditioning::encode(&sd, PROMPT, negative, &SdxlConditioning::default(), (128, 128), 1, true)
-            .unwrap();
+        let text = text_conditioning::encode(
+            &sd,
+            PROMPT,
+            negative,
+            &SdxlConditioning::default(),
+            (128, 128),
+            1,
+            true,
+            &Default::default(),
+        )
+        .unwrap();
         let added = text.added.unwrap();
         let pe = &fx[&format!("{tag}.prompt_embeds")];
         let npe = &fx[&format!("{tag}.negative_prompt_embeds")];
@@ -62,7 +71,7 @@ fn prompt_encoding_matches_diffusers() {
         target_size: Some((120, 90)),
         ..Default::default()
     };
-    let text = text_conditioning::encode(&sd, PROMPT, "", &micro, (128, 96), 1, false).unwrap();
+    let text = text_conditioning::encode(&sd, PROMPT, "", &micro, (128, 96), 1, false, &Default::default()).unwrap();
     assert_close(&text.added.unwrap().time_ids, &fx["micro_time_ids"], "time ids");
 }
 

@@ -98,6 +98,9 @@ struct Job {
     hires_upscaler: Option<String>,
     // Control modes (A1111's per-unit "Control Mode").
     control_mode: Option<OneOrMany<ControlMode>>,
+    // Prompt syntax and clip skip (docs/prompts.md).
+    prompt_syntax: Option<String>,
+    clip_skip: Option<usize>,
 }
 
 /// A checked job: its name, request and output files.
@@ -430,6 +433,13 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         mask_blur: job.mask_blur,
         strength: job.strength,
         hires,
+        prompt_syntax: job
+            .prompt_syntax
+            .as_deref()
+            .map(crate::pipeline::request::PromptSyntax::parse)
+            .transpose()?
+            .unwrap_or_default(),
+        clip_skip: job.clip_skip.unwrap_or(crate::pipeline::request::DEFAULT_CLIP_SKIP),
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

@@ -403,6 +403,7 @@ mod tests {
             guess_mode: false,
             vae_tiling: false,
             sdxl: Default::default(),
+            prompt_options: Default::default(),
         };
         let a = generate(&folder, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&single, &[], &params, &mut |_, _| {}).unwrap();

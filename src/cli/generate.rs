@@ -171,6 +171,14 @@ pub struct GenerateArgs {
     /// No progress display (warnings and the drawn seed are still printed).
     #[arg(long, short)]
     pub quiet: bool,
+    // Prompt syntax and clip skip (docs/prompts.md).
+    /// How prompts are read: plain (diffusers: no syntax, at most 75 tokens) or a1111 ((word) x1.1,
+    /// [word] /1.1, (word:1.3), \( escapes, BREAK, any length in 75-token chunks).
+    #[arg(long, default_value = "plain", value_name = "plain|a1111")]
+    pub prompt_syntax: String,
+    /// A1111's clip skip: 1 = the usual text encoder layer, 2 = the one before (diffusers' clip_skip=1), ...
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub clip_skip: usize,
 }
 
 /// The per-net settings of one --controlnet after pairing, and where to save its condition.
@@ -224,6 +232,8 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         mask_blur: args.mask_blur,
         strength: args.strength,
         hires: hires_fix(args)?,
+        prompt_syntax: crate::pipeline::request::PromptSyntax::parse(&args.prompt_syntax)?,
+        clip_skip: args.clip_skip,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();

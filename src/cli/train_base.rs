@@ -215,6 +215,7 @@ fn write_samples(
             guess_mode: false,
             vae_tiling: false,
             sdxl: Default::default(),
+            prompt_options: Default::default(),
         };
         rows.push(generate(&sd, &[], &params, &mut |_, _| {})?.images);
     }

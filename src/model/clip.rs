@@ -53,6 +53,9 @@ pub struct ClipOutput {
     /// `text_projection` of the end-of-text token's final state (batch, projection_dim), for a model with a
     /// projection.
     pub text_embeds: Option<Tensor>,
+    /// transformers' `hidden_states`: the embeddings, then each layer's output (before the final layer norm);
+    /// clip skip picks from the end of this.
+    pub hidden_states: Vec<Tensor>,
 }
 
 fn default_vocab_size() -> usize {
@@ -263,6 +266,11 @@ impl ClipTextModel {
         Ok(self.encode(input_ids)?.last_hidden_state)
     }
 
+    /// The final layer norm alone (A1111 applies it to an earlier layer's output under clip skip).
+    pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(x)
+    }
+
     /// Whether this is `CLIPTextModelWithProjection` (it has a `text_projection`).
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()
@@ -285,9 +293,11 @@ impl ClipTextModel {
         // 2. causal transformer layers: each token sees itself and earlier tokens only
         let mask = causal_mask(seq, x.dtype(), x.device())?;
         let mut penultimate = x.clone();
+        let mut hidden_states = vec![x.clone()];
         for layer in &self.layers {
             penultimate = x;
             x = layer.forward(&penultimate, &mask)?;
+            hidden_states.push(x.clone());
         }
         // 3. final layer norm
         let last_hidden_state = self.final_layer_norm.forward(&x)?;
@@ -307,7 +317,7 @@ impl ClipTextModel {
             }
             None => None,
         };
-        Ok(ClipOutput { last_hidden_state, penultimate, text_embeds })
+        Ok(ClipOutput { last_hidden_state, penultimate, text_embeds, hidden_states })
     }
 }
 

@@ -9,7 +9,7 @@ use super::control_mode::ControlMode;
 use super::inpaint::Inpainting;
 use super::request::control_setting;
 use super::sd::StableDiffusion;
-use super::text_conditioning::{self, SdxlConditioning};
+use super::text_conditioning::{self, PromptOptions, SdxlConditioning};
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
 use crate::model::vae_tiling::VaeTiling;
 use crate::rng::TorchGenerator;
@@ -54,6 +54,8 @@ pub struct GenerateParams {
     pub vae_tiling: bool,
     /// SDXL's second prompts and size/crop conditioning (ignored by SD 1.x/2.x).
     pub sdxl: SdxlConditioning,
+    /// Prompt syntax (plain / A1111) and clip skip.
+    pub prompt_options: PromptOptions,
 }
 
 /// Where img2img starts: a picture noised to the level of the step `strength` of the way back from the end
@@ -216,7 +218,8 @@ pub fn generate_from(
 
     // 1. Encode the prompt (and the negative prompt for classifier-free guidance): [uncond × n, cond × n]; for
     //    SDXL also the pooled text and the size/crop numbers.
-    let text = text_conditioning::encode(sd, &p.prompt, &p.negative_prompt, &p.sdxl, (p.width, p.height), n, cfg)?;
+    let size = (p.width, p.height);
+    let text = text_conditioning::encode(sd, &p.prompt, &p.negative_prompt, &p.sdxl, size, n, cfg, &p.prompt_options)?;
     let (embeds, cond_embeds) = (&text.embeds, &text.cond_embeds);
 
     // 2. The scheduler and its timesteps.

@@ -16,7 +16,9 @@ use super::hires::{upscale_images, upscale_latents, Upscaler};
 use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
 use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
-use super::request::{control_setting, random_seed, resize_name, ControlRequest, GenerateRequest};
+use super::request::{
+    control_setting, random_seed, resize_name, ControlRequest, GenerateRequest, PromptOptions, PromptSyntax,
+};
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
 use crate::io::images::{self, ResampleFilter};
 use crate::model::controlnet::ControlNetModel;
@@ -187,7 +189,11 @@ impl<'a> Generator<'a> {
         };
 
         // 3. Prompts longer than the text encoder reads are cut (as diffusers does): say which part.
+        //    With A1111 syntax nothing is cut: a long prompt is read in 75-token chunks.
         for (setting, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
+            if request.prompt_syntax != PromptSyntax::Plain {
+                break;
+            }
             if let Some(cut) = sd.tokenizer.truncated_part(text) {
                 progress(Progress::Warning(format!(
                     "{setting}: the text encoder reads at most {} tokens ({} of text); this part was cut: {cut:?}",
@@ -214,6 +220,7 @@ impl<'a> Generator<'a> {
             guess_mode: request.guess_mode,
             vae_tiling: request.vae_tiling,
             sdxl: request.sdxl.clone(),
+            prompt_options: PromptOptions { syntax: request.prompt_syntax, clip_skip: request.clip_skip },
         };
         validate(sd, &controls, &params)?;
         // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
@@ -422,6 +429,8 @@ impl<'a> Generator<'a> {
             mask_blur: request.mask_blur,
             strength: request.init_image.as_ref().map(|_| request.effective_strength()),
             hires: request.hires.clone(),
+            prompt_syntax: request.prompt_syntax,
+            clip_skip: request.clip_skip,
         })
     }
 }

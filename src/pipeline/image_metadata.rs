@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
-use super::text_conditioning::SdxlConditioning;
+use super::text_conditioning::{PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
 use crate::{Error, Result};
@@ -101,10 +101,23 @@ pub struct ImageMetadata {
     /// The hires fix's second pass (recorded only when used); `width`/`height` are the first pass's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresFix>,
+    // Prompt syntax and clip skip (recorded only when not the defaults, plain and 1).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub prompt_syntax: PromptSyntax,
+    #[serde(default = "default_clip_skip", skip_serializing_if = "is_default_clip_skip")]
+    pub clip_skip: usize,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
+}
+
+fn default_clip_skip() -> usize {
+    DEFAULT_CLIP_SKIP
+}
+
+fn is_default_clip_skip(v: &usize) -> bool {
+    *v == DEFAULT_CLIP_SKIP
 }
 
 fn default_resize() -> String {
@@ -171,6 +184,9 @@ impl ImageMetadata {
                 h.scale,
                 h.steps.unwrap_or(0)
             ));
+        }
+        if self.clip_skip != DEFAULT_CLIP_SKIP {
+            s.push_str(&format!(", Clip skip: {}", self.clip_skip));
         }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
@@ -239,6 +255,8 @@ impl ImageMetadata {
             mask_blur: self.mask_blur,
             strength: self.strength,
             hires: self.hires.clone(),
+            prompt_syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
         })
     }
 
@@ -352,7 +370,24 @@ mod tests {
             mask_blur: 0,
             strength: None,
             hires: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: DEFAULT_CLIP_SKIP,
         }
+    }
+
+    /// Prompt syntax and clip skip are recorded only when not the defaults, restored, and an old PNG without
+    /// them reads as plain, 1.
+    #[test]
+    fn prompt_syntax_and_clip_skip_round_trip() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("clip_skip") && !json.contains("prompt_syntax"), "{json}");
+        let old: ImageMetadata = serde_json::from_str(&json).unwrap();
+        assert_eq!((old.prompt_syntax, old.clip_skip), (PromptSyntax::Plain, 1));
+        let m = ImageMetadata { prompt_syntax: PromptSyntax::A1111, clip_skip: 2, ..sample() };
+        let back: ImageMetadata = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        let r = back.to_request(Path::new(".")).unwrap();
+        assert_eq!((r.prompt_syntax, r.clip_skip), (PromptSyntax::A1111, 2));
+        assert!(m.a1111_parameters().contains(", Clip skip: 2"), "{}", m.a1111_parameters());
     }
 
     /// An image made in bf16 says so and is reproduced in bf16; an f32 one's metadata has no dtype key.

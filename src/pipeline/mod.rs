@@ -21,6 +21,8 @@ pub mod hires;
 pub mod image_metadata;
 pub mod inpaint;
 pub mod memory_estimate;
+pub mod prompt_chunks;
+pub mod prompt_parser;
 pub mod request;
 pub mod sd;
 pub mod text_conditioning;

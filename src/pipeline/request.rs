@@ -12,7 +12,7 @@ use crate::{Error, Result};
 use super::control_mode::ControlMode;
 use super::demo;
 use super::hires::HiresFix;
-pub use super::text_conditioning::SdxlConditioning;
+pub use super::text_conditioning::{PromptOptions, PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 
 /// Denoising steps when none are asked for.
 pub const DEFAULT_STEPS: usize = 20;
@@ -172,6 +172,11 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// A1111's hires fix: a second, img2img pass at a larger size after this one.
     pub hires: Option<HiresFix>,
+    // Prompt syntax and clip skip (docs/prompts.md).
+    /// `plain` (diffusers: at most 75 tokens, no syntax) or `a1111` (weights, BREAK, 75-token chunks).
+    pub prompt_syntax: PromptSyntax,
+    /// A1111's clip skip: 1 = the usual text encoder layer, 2 = one earlier, ...
+    pub clip_skip: usize,
 }
 
 impl Default for GenerateRequest {
@@ -202,6 +207,8 @@ impl Default for GenerateRequest {
             mask_blur: 0,
             strength: None,
             hires: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: DEFAULT_CLIP_SKIP,
         }
     }
 }
@@ -270,6 +277,17 @@ impl GenerateRequest {
                     "hires.scale",
                     "the hires fix follows a txt2img pass; with init_image, run img2img at the larger size instead",
                 ));
+            }
+        }
+        if self.clip_skip == 0 {
+            return Err(Error::setting(
+                "clip_skip",
+                "0: clip skip counts from 1 (the usual layer); 2 is one layer earlier",
+            ));
+        }
+        if self.prompt_syntax == PromptSyntax::A1111 {
+            for (setting, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+                super::prompt_parser::parse(text, setting)?;
             }
         }
         if self.mask.is_some() && self.init_image.is_none() {

@@ -316,6 +316,7 @@ mod tests {
             guess_mode: false,
             vae_tiling: false,
             sdxl: Default::default(),
+            prompt_options: Default::default(),
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(
@@ -356,6 +357,7 @@ mod tests {
             guess_mode: false,
             vae_tiling: false,
             sdxl: Default::default(),
+            prompt_options: Default::default(),
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(
@@ -397,6 +399,7 @@ mod tests {
             guess_mode: false,
             vae_tiling: false,
             sdxl: Default::default(),
+            prompt_options: Default::default(),
         };
         let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();

@@ -439,6 +439,7 @@ impl Trainer {
                 guess_mode: false,
                 vae_tiling: false,
                 sdxl: Default::default(),
+                prompt_options: Default::default(),
             };
             let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
             let fidelity: Vec<Fidelity> = if v.canny_fidelity {
