@@ -699,6 +699,9 @@ mod tests {
             // neural kinds read the fixture's weights (tests never download)
             let weights = k.takes("weights").then(|| match k.name {
                 "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                n if n.starts_with("openpose") => {
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openpose/weights").to_string()
+                }
                 _ => format!("{}/weights", neural::test_support::DIR),
             });
             let d = detector(k.name, &DetectorOptions { weights, ..Default::default() });

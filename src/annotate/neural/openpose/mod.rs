@@ -192,8 +192,14 @@ fn bgr(image: &RgbImage) -> Mat<u8> {
 }
 
 impl Detector for Openpose {
+    /// The kind that detects these parts.
     fn name(&self) -> &str {
-        "openpose"
+        match (self.include.hand, self.include.face) {
+            (false, false) => "openpose",
+            (true, false) => "openpose-hand",
+            (false, true) => "openpose-face",
+            (true, true) => "openpose-full",
+        }
     }
 
     /// The net pads to its stride itself; no 64-pixel padding that would add image to detect people in.
