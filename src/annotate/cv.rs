@@ -274,9 +274,9 @@ const RESIZE_COEF_SCALE: f32 = 2048.0;
 const RESIZE_COEF_BITS: u32 = 11;
 
 /// Source taps and weights of one output coordinate along one axis.
-struct Taps {
-    index: Vec<usize>,
-    weight: Vec<f32>,
+pub(crate) struct Taps {
+    pub index: Vec<usize>,
+    pub weight: Vec<f32>,
 }
 
 /// `interpolateCubic` with OpenCV's A = -0.75 (not the -0.5 of PIL).
@@ -314,7 +314,7 @@ fn lanczos4_coeffs(x: f32) -> [f32; 8] {
 
 /// Taps of `resize`'s interpolating path (`resizeGeneric`) along one axis: the source coordinate of output
 /// sample `d` is `(d + 0.5) * scale - 0.5` (or the area-upscale variant); out-of-range taps are clamped.
-fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Taps> {
+pub(crate) fn interp_taps(src_len: usize, dst_len: usize, interp: Interpolation) -> Vec<Taps> {
     // OpenCV stores the inverse scale and inverts it again; keep the same double rounding
     let inv_scale = dst_len as f64 / src_len as f64;
     let scale = 1.0 / inv_scale;
@@ -418,7 +418,7 @@ pub fn resize_f64(src: &Mat<f64>, width: usize, height: usize, interp: Interpola
 }
 
 /// Horizontal then vertical weighted sums over precomputed taps.
-fn separable_resize<T: Copy, A, O: Copy + Default>(
+pub(crate) fn separable_resize<T: Copy, A, O: Copy + Default>(
     src: &Mat<T>,
     xt: &[(Vec<usize>, Vec<A>)],
     yt: &[(Vec<usize>, Vec<A>)],
@@ -475,14 +475,14 @@ fn resize_nearest(src: &Mat<u8>, width: usize, height: usize) -> Mat<u8> {
 }
 
 /// One source sample's share of one output sample (`DecimateAlpha`).
-struct AreaTap {
-    dst: usize,
-    src: usize,
-    alpha: f32,
+pub(crate) struct AreaTap {
+    pub dst: usize,
+    pub src: usize,
+    pub alpha: f32,
 }
 
 /// `computeResizeAreaTab`: the fraction of each source cell covered by each output cell.
-fn area_taps(src_len: usize, dst_len: usize, scale: f64) -> Vec<AreaTap> {
+pub(crate) fn area_taps(src_len: usize, dst_len: usize, scale: f64) -> Vec<AreaTap> {
     let mut taps = Vec::new();
     for d in 0..dst_len {
         let fs1 = d as f64 * scale;

@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, OpenPose) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -116,6 +116,13 @@ pub struct DetectorOptions {
     pub score_threshold: Option<f64>,
     /// mlsd: minimum segment length in net pixels (controlnet_aux's `thr_d`, default 0.1).
     pub distance_threshold: Option<f64>,
+    // openpose
+    /// openpose: draw the body (default true; the body is detected either way, hands and face are found from it).
+    pub include_body: Option<bool>,
+    /// openpose: detect and draw the hands (the `openpose-hand` and `openpose-full` kinds always do).
+    pub include_hand: bool,
+    /// openpose: detect and draw the face (the `openpose-face` and `openpose-full` kinds always do).
+    pub include_face: bool,
 }
 
 impl DetectorOptions {
@@ -136,6 +143,9 @@ impl DetectorOptions {
             ("coarse", self.coarse),
             ("score_threshold", self.score_threshold.is_some()),
             ("distance_threshold", self.distance_threshold.is_some()),
+            ("include_body", self.include_body.is_some()),
+            ("include_hand", self.include_hand),
+            ("include_face", self.include_face),
         ];
         all.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
     }
@@ -198,6 +208,9 @@ macro_rules! neural_settings {
 /// The settings of `annotate pose`'s keypoint edits and drawing.
 const POSE_SETTINGS: &[&str] =
     &["flip", "scale", "translate_x", "translate_y", "merge", "no_body", "no_hands", "no_face", "save_json"];
+
+/// The settings of the openpose kinds.
+const OPENPOSE_SETTINGS: &[&str] = neural_settings!("include_body", "include_hand", "include_face", "save_json");
 
 /// Every annotator kind, the one list that help texts and errors are made from.
 pub const KINDS: &[Kind] = &[
@@ -291,6 +304,30 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!("save_raw"),
         summary: "Depth Anything V2 relative depth (transformers layout or depth_anything_v2_vit*.pth)",
+    },
+    Kind {
+        name: "openpose",
+        input: Input::Image,
+        settings: OPENPOSE_SETTINGS,
+        summary: "OpenPose body (body_pose_model.pth; hands and face with their flags)",
+    },
+    Kind {
+        name: "openpose-hand",
+        input: Input::Image,
+        settings: OPENPOSE_SETTINGS,
+        summary: "OpenPose body and hands (+ hand_pose_model.pth)",
+    },
+    Kind {
+        name: "openpose-face",
+        input: Input::Image,
+        settings: OPENPOSE_SETTINGS,
+        summary: "OpenPose body and face (+ facenet.pth)",
+    },
+    Kind {
+        name: "openpose-full",
+        input: Input::Image,
+        settings: OPENPOSE_SETTINGS,
+        summary: "OpenPose body, hands and face",
     },
     Kind {
         name: "inpaint",
@@ -662,6 +699,9 @@ mod tests {
             // neural kinds read the fixture's weights (tests never download)
             let weights = k.takes("weights").then(|| match k.name {
                 "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                n if n.starts_with("openpose") => {
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openpose/weights").to_string()
+                }
                 _ => format!("{}/weights", neural::test_support::DIR),
             });
             let d = detector(k.name, &DetectorOptions { weights, ..Default::default() });
@@ -670,7 +710,11 @@ mod tests {
                 _ => {
                     let err = d.err().unwrap().to_string();
                     assert!(err.contains(k.input.phrase()) && !err.contains("::"), "{err}");
-                    assert!(!err.contains("inpaint,") && !err.contains("pose,"), "only image kinds offered: {err}");
+                    let offered: Vec<&str> = err.rsplit("are ").next().unwrap().split(", ").collect();
+                    assert!(
+                        !offered.contains(&"inpaint") && !offered.contains(&"pose"),
+                        "only image kinds offered: {err}"
+                    );
                 }
             }
         }

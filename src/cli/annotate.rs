@@ -23,6 +23,7 @@ use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::annotate::neural::depth_anything::DepthAnything;
+use crate::annotate::neural::openpose::{Include, Openpose};
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
 use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode, UpstreamSizes};
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
@@ -32,7 +33,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -133,9 +134,20 @@ pub struct AnnotateArgs {
     /// pose: do not draw the face.
     #[arg(long)]
     pub no_face: bool,
-    /// pose: also write the edited keypoints as OpenPose JSON.
+    /// pose: also write the edited keypoints as OpenPose JSON; openpose*: the detected keypoints (A1111's JSON,
+    /// normalised to the detect image).
     #[arg(long, value_name = "JSON")]
     pub save_json: Option<PathBuf>,
+    // openpose
+    /// openpose*: draw the body (`--include-body false`: hands/face only) [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub include_body: Option<bool>,
+    /// openpose: also detect and draw the hands (hand_pose_model.pth); the openpose-hand kind.
+    #[arg(long)]
+    pub include_hand: bool,
+    /// openpose: also detect and draw the face (facenet.pth); the openpose-face kind.
+    #[arg(long)]
+    pub include_face: bool,
 }
 
 /// The help's epilogue, made from the library's one list of kinds.
@@ -165,6 +177,9 @@ impl AnnotateArgs {
             coarse: self.coarse,
             score_threshold: self.score_threshold,
             distance_threshold: self.distance_threshold,
+            include_body: self.include_body,
+            include_hand: self.include_hand,
+            include_face: self.include_face,
         }
     }
 
@@ -238,6 +253,9 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     let meta = std::fs::metadata(&args.input).map_err(|e| Error::io(&args.input, e))?;
     if let Some(raw) = &args.save_raw {
         return run_depth_raw(args, raw, meta.is_dir());
+    }
+    if let Some(json) = &args.save_json {
+        return run_openpose_json(args, json, meta.is_dir());
     }
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
@@ -332,6 +350,28 @@ fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<
     }
     write_atomic(raw, |tmp| std::fs::write(tmp, depth.to_npy()).map_err(|e| Error::io(raw, e)))?;
     write_image(&depth.to_map(), &out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `openpose* --save-json`: the map and the keypoints it was drawn from (one image: the JSON holds one pose).
+fn run_openpose_json(args: &AnnotateArgs, json: &Path, input_is_dir: bool) -> Result<ExitCode> {
+    if input_is_dir {
+        return Err(Error::setting("save_json", "writes one pose, so INPUT must be one image, not a folder"));
+    }
+    let options = args.detector_options();
+    let include = Include::for_kind(&args.kind, options.include_body, options.include_hand, options.include_face);
+    let openpose = Openpose::load(args.weights.as_deref(), include)?;
+    let image = read_image(&args.input)?;
+    let (settings, upstream) = (args.settings(), args.upstream_sizes());
+    let (map, pose) = openpose.annotate_with_pose(|d| annotate::annotate_with(d, &image, &settings, &upstream))?;
+    let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
+    check_output_is_not_input("output", &out, &args.inputs())?;
+    // the map's format is checked before anything is written
+    if ImageFormat::from_path(&out).is_err() {
+        write_image(&map, &out)?;
+    }
+    write_atomic(json, |tmp| std::fs::write(tmp, pose.to_json_string()).map_err(|e| Error::io(tmp, e)))?;
+    write_image(&map, &out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -14,6 +14,7 @@
 //! | `lineart` | [`lineart::LineartNet`] | `sk_model.pth` (`sk_model2.pth` with `coarse`) |
 //! | `lineart-anime` | [`lineart_anime::AnimeNet`] | `netG.pth` |
 //! | `mlsd` | [`mlsd::MlsdNet`] | `mlsd_large_512_fp32.pth` |
+//! | `openpose`, `openpose-hand`, `openpose-face`, `openpose-full` | [`openpose::Openpose`] | `body_pose_model.pth`, `hand_pose_model.pth`, `facenet.pth` |
 //! | `depth-anything` | [`depth_anything::DepthAnythingNet`] | hub `depth-anything/Depth-Anything-V2-Small-hf` (transformers layout) or `depth_anything_v2_vit{s,b,l}.pth` |
 pub mod depth_anything;
 pub mod dinov2;
@@ -23,6 +24,7 @@ pub mod lineart;
 pub mod lineart_anime;
 pub mod mlsd;
 pub mod nn;
+pub mod openpose;
 pub mod pidinet;
 pub mod post;
 pub mod weights;
@@ -49,6 +51,11 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
 pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn Detector>>> {
     if kind == "depth-anything" {
         return Ok(Some(Box::new(depth_anything::DepthAnything::load(options.weights.as_deref())?)));
+    }
+    if kind.starts_with("openpose") {
+        let include =
+            openpose::Include::for_kind(kind, options.include_body, options.include_hand, options.include_face);
+        return Ok(Some(Box::new(openpose::Openpose::load(options.weights.as_deref(), include)?)));
     }
     let Some(file) = weights_file(kind, options) else { return Ok(None) };
     let sd = StateDict::open(&locate(options.weights.as_deref(), file)?)?;
