@@ -299,7 +299,11 @@ fn img2img_inpaint_and_hires_make_the_cli_images() {
     expect(body(json!({ "mask": "not base64!" })), 400, "mask: not base64");
     expect(body(json!({ "mask": picture_base64("tests/fixtures/img2img/init_odd.png") })), 422, "mask: is ");
     expect(body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 0 })), 422, "inpainting_fill: 0 (fill)");
-    expect(body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1 })), 422, "inpaint_full_res: ");
+    expect(
+        body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1, "inpaint_full_res": true })),
+        422,
+        "inpaint_full_res: ",
+    );
     expect(body(json!({ "denoising_strength": 0 })), 422, "denoising_strength: 0 must lie in (0, 1]");
     expect(body(json!({ "enable_hr": true })), 422, "enable_hr: not a field");
     let png = first_image(&server.post_json("/sdapi/v1/img2img", &inpaint));
