@@ -102,7 +102,7 @@ fn output_not_png_or_folder_missing() {
         controlnet(&["generate", "--model", MODEL, "--steps", "1", "--output", nested.to_str().unwrap(), "--quiet"]);
     assert!(res.status.success(), "{}", stderr(&res));
     assert!(nested.is_file());
-    let res = controlnet(&["generate", "--model", MODEL, "--output", "x.jpg", "--quiet"]);
+    let res = controlnet(&["generate", "--model", MODEL, "--output", "x.gif", "--quiet"]);
     assert!(!res.status.success());
     assert!(stderr(&res).contains(".png"), "{}", stderr(&res));
 }

@@ -179,7 +179,7 @@ fn bad_input_is_refused_naming_the_field() {
     };
     expect("{\"prompt\": ", 400, "the body is not JSON");
     expect(r#"{"prompt": 3}"#, 400, "prompt: expected a string");
-    expect(r#"{"enable_hr": true}"#, 422, "enable_hr: true is not supported");
+    expect(r#"{"enable_hr": true, "hr_upscaler": "ESRGAN_4x"}"#, 422, "hr_upscaler: \"ESRGAN_4x\"");
     expect(r#"{"restore_faces": true}"#, 422, "restore_faces:");
     expect(r#"{"sampler_name": "Euler a", "eta": 0.5}"#, 422, "eta: 0.5 is not supported");
     expect(r#"{"sampler_name": "LMS"}"#, 422, "sampler_name: \"LMS\"");
@@ -237,6 +237,77 @@ fn bad_input_is_refused_naming_the_field() {
     assert_eq!(reply.json()["field"], "controls[0].controlnet");
     assert_eq!(server.get("/jobs/nope").status, 404);
     assert_eq!(server.get("/no/such/route").status, 404);
+}
+
+const INIT: &str = "tests/fixtures/img2img/init.png";
+const MASK: &str = "tests/fixtures/img2img/mask.png";
+
+#[test]
+fn img2img_inpaint_and_hires_make_the_cli_images() {
+    let server = Server::tiny(&[]);
+    let init = format!("data:image/png;base64,{}", picture_base64(INIT));
+    let body = |extra: serde_json::Value| {
+        let mut b = txt2img(vec![], json!({ "init_images": [init], "denoising_strength": 0.5 }));
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // 1. img2img with a unit without a picture: the init image is its condition, as in the extension.
+    let unit = json!({ "model": "tiny-controlnet-a", "resize_mode": "Just Resize" });
+    let with_unit = body(json!({ "alwayson_scripts": { "ControlNet": { "args": [unit] } } }));
+    let png = first_image(&server.post_json("/sdapi/v1/img2img", &with_unit));
+    let want = ["--init-image", INIT, "--strength", "0.5", "--controlnet", CN_A, "--control", INIT];
+    assert_eq!(pixels(&png), cli_image(&want));
+
+    // 2. Inpainting with a mask ("original" fill, A1111's default blur of 4).
+    let inpaint = body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1, "inpaint_full_res": false }));
+    let png = first_image(&server.post_json("/sdapi/v1/img2img", &inpaint));
+    let want = ["--init-image", INIT, "--strength", "0.5", "--mask", MASK, "--mask-blur", "4"];
+    assert_eq!(pixels(&png), cli_image(&want));
+
+    // 3. txt2img's hires fix.
+    let hires = txt2img(
+        vec![],
+        json!({ "width": 64, "height": 64, "enable_hr": true, "hr_scale": 1.5, "hr_second_pass_steps": 3,
+                "denoising_strength": 0.7, "hr_upscaler": "Lanczos" }),
+    );
+    let png = first_image(&server.post_json("/sdapi/v1/txt2img", &hires));
+    let want = [
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--hires-scale",
+        "1.5",
+        "--hires-steps",
+        "3",
+        "--hires-upscaler",
+        "lanczos",
+    ];
+    assert_eq!(pixels(&png), cli_image(&want));
+
+    // 4. Bad pictures are refused naming the field, and the server goes on serving.
+    let expect = |b: serde_json::Value, status: u16, detail: &str| {
+        let reply = server.post_json("/sdapi/v1/img2img", &b);
+        assert_eq!(reply.status, status, "{}", reply.text());
+        let got = reply.json()["detail"].as_str().unwrap().to_string();
+        assert!(got.starts_with(detail), "{got}");
+    };
+    expect(body(json!({ "init_images": ["not base64!"] })), 400, "init_images[0]: not base64");
+    expect(body(json!({ "init_images": [] })), 422, "init_images: img2img needs a picture");
+    expect(body(json!({ "mask": "not base64!" })), 400, "mask: not base64");
+    expect(body(json!({ "mask": picture_base64("tests/fixtures/img2img/init_odd.png") })), 422, "mask: is ");
+    expect(body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 0 })), 422, "inpainting_fill: 0 (fill)");
+    expect(
+        body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1, "inpaint_full_res": true })),
+        422,
+        "inpaint_full_res: ",
+    );
+    expect(body(json!({ "denoising_strength": 0 })), 422, "denoising_strength: 0 must lie in (0, 1]");
+    expect(body(json!({ "enable_hr": true })), 422, "enable_hr: not a field");
+    let png = first_image(&server.post_json("/sdapi/v1/img2img", &inpaint));
+    assert_eq!(pixels(&png).dimensions(), (128, 128));
 }
 
 /// Submits a job of `steps` steps through the job API; its id.

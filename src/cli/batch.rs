@@ -2,7 +2,7 @@
 //! loaded once and shared by every job that names them.
 //!
 //! A line holds `generate` settings as keys (`prompt`, `model`, `controlnet`, `control`, `seed`, `steps`, ...;
-//! the per-ControlNet ones take a value or a list) and optionally `output`, the PNG's name inside DIR (default
+//! the per-ControlNet ones take a value or a list) and optionally `output`, the image's name inside DIR (.png, .jpg or .webp: the format) (default
 //! `line-N.png`). Paths are relative to the JSONL file. A `control` that is a folder makes one job per image in
 //! it. Jobs whose outputs exist are skipped, so a rerun finishes what is left; a failed job is named and the
 //! others go on; the exit status is 1 when any failed.
@@ -250,7 +250,7 @@ fn run_job(
     bar.borrow().finish();
     let generated = generated?;
     for (img, path) in generated.images.iter().zip(outputs) {
-        images::save_png(path, &img.image, &img.metadata.text_chunks())?;
+        images::save_image(path, &img.image, &img.metadata.text_chunks(), None)?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -263,14 +263,14 @@ fn plan(line: usize, text: &str, base: &Path, out_dir: &Path) -> Vec<Planned> {
         Ok(job) => job,
         Err(e) => return vec![Planned { name, request: Err(anyhow::anyhow!("not a job: {e}")), outputs: Vec::new() }],
     };
-    let stem = job.output.as_deref().map_or_else(|| format!("line-{line}"), |o| o.trim_end_matches(".png").to_string());
+    let (stem, ext) = output_name(job.output.as_deref(), line);
     let folder = match job.control.as_ref().map(OneOrMany::to_vec).as_deref() {
         Some([one]) if base.join(one).is_dir() => Some(base.join(one)),
         _ => None,
     };
     let Some(folder) = folder else {
         let request = to_request(&job, base);
-        let outputs = outputs(out_dir, &stem, request.as_ref().map_or(1, |r| r.num_images));
+        let outputs = outputs(out_dir, &stem, &ext, request.as_ref().map_or(1, |r| r.num_images));
         return vec![Planned { name, request, outputs }];
     };
     let mut pictures: Vec<PathBuf> = match std::fs::read_dir(&folder) {
@@ -294,7 +294,8 @@ fn plan(line: usize, text: &str, base: &Path, out_dir: &Path) -> Vec<Planned> {
             let file = picture.file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string();
             let one = Job { control: Some(OneOrMany::One(picture.display().to_string())), ..job.clone() };
             let request = to_request(&one, base);
-            let outputs = outputs(out_dir, &format!("{stem}-{file}"), request.as_ref().map_or(1, |r| r.num_images));
+            let outputs =
+                outputs(out_dir, &format!("{stem}-{file}"), &ext, request.as_ref().map_or(1, |r| r.num_images));
             Planned { name: format!("{name}, control {}", picture.display()), request, outputs }
         })
         .collect()
@@ -306,12 +307,24 @@ fn is_picture(path: &Path) -> bool {
     matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg" | "webp" | "bmp"))
 }
 
-/// `DIR/STEM.png`, or `DIR/STEM-1.png`, ... for several images (as `generate` numbers them).
-fn outputs(dir: &Path, stem: &str, num_images: usize) -> Vec<PathBuf> {
-    if num_images <= 1 {
-        return vec![dir.join(format!("{stem}.png"))];
+/// A job's output name as (stem, extension): `output` with its .png/.jpg/.jpeg/.webp extension (the format), any
+/// other name with .png added; `line-N.png` when absent.
+fn output_name(output: Option<&str>, line: usize) -> (String, String) {
+    let Some(name) = output else { return (format!("line-{line}"), "png".to_string()) };
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if images::OutputFormat::from_path("output", Path::new(name)).is_ok() => {
+            (stem.to_string(), ext.to_string())
+        }
+        _ => (name.to_string(), "png".to_string()),
     }
-    (1..=num_images).map(|i| dir.join(format!("{stem}-{i}.png"))).collect()
+}
+
+/// `DIR/STEM.EXT`, or `DIR/STEM-1.EXT`, ... for several images (as `generate` numbers them).
+fn outputs(dir: &Path, stem: &str, ext: &str, num_images: usize) -> Vec<PathBuf> {
+    if num_images <= 1 {
+        return vec![dir.join(format!("{stem}.{ext}"))];
+    }
+    (1..=num_images).map(|i| dir.join(format!("{stem}-{i}.{ext}"))).collect()
 }
 
 /// A path from the jobs file: relative to its folder.

@@ -165,9 +165,13 @@ pub struct GenerateArgs {
     /// Images to make in one batch; files are numbered OUTPUT-1.png, OUTPUT-2.png, ...
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub num_images: usize,
-    /// Where to write the PNG (folders are created; an existing file is only replaced on success).
+    /// Where to write the image: .png, .jpg/.jpeg or .webp (lossless), the recipe inside each (folders are
+    /// created; an existing file is only replaced on success).
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
+    /// JPEG quality, 1 to 100 (only for a .jpg/.jpeg --output) [default: 80].
+    #[arg(long, value_name = "Q")]
+    pub quality: Option<u8>,
     /// No progress display (warnings and the drawn seed are still printed).
     #[arg(long, short)]
     pub quiet: bool,
@@ -236,6 +240,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         clip_skip: args.clip_skip,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
+    check_quality(&args.output, args.quality)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
     check_outputs(&request, outputs.iter().map(PathBuf::as_path).chain(saves.iter().copied()))?;
 
@@ -250,7 +255,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         }
     }
     for (img, path) in generated.images.iter().zip(&outputs) {
-        images::save_png(path, &img.image, &img.metadata.text_chunks())?;
+        images::save_image(path, &img.image, &img.metadata.text_chunks(), args.quality)?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -443,13 +448,22 @@ fn per_net<T: Clone + std::fmt::Debug>(
 
 /// OUTPUT for one image; OUTPUT-1.png, OUTPUT-2.png, ... for several (folders are created when writing).
 fn output_paths(output: &Path, num_images: usize) -> anyhow::Result<Vec<PathBuf>> {
-    if output.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("--output {}: the file name must end in .png", output.display());
-    }
+    images::OutputFormat::from_path("output", output)?;
     if num_images <= 1 {
         return Ok(vec![output.to_path_buf()]);
     }
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-    Ok((1..=num_images).map(|i| parent.join(format!("{stem}-{i}.png"))).collect())
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    Ok((1..=num_images).map(|i| parent.join(format!("{stem}-{i}.{ext}"))).collect())
+}
+
+/// --quality: only for a JPEG output, and in 1..=100.
+pub(crate) fn check_quality(output: &Path, quality: Option<u8>) -> anyhow::Result<()> {
+    let Some(q) = quality else { return Ok(()) };
+    if images::OutputFormat::from_path("output", output)? != images::OutputFormat::Jpeg {
+        bail!("--quality {q}: only a .jpg/.jpeg --output has a quality (PNG and WebP are lossless)");
+    }
+    images::check_quality(q)?;
+    Ok(())
 }

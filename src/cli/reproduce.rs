@@ -1,6 +1,6 @@
-//! `controlnet reproduce IMAGE.png --output OUT.png`: make an image again from the metadata it carries.
+//! `controlnet reproduce IMAGE --output OUT` (each a .png, .jpg or .webp): make an image again from the metadata it carries.
 //!
-//! The PNG's `controlnet-rs` JSON chunk holds every setting and the paths and SHA-256s of the model,
+//! The image's `controlnet-rs` JSON (a PNG text chunk, or in a JPEG's or WebP's EXIF) holds every setting and the paths and SHA-256s of the model,
 //! ControlNets and control images; it becomes a [`crate::pipeline::GenerateRequest`] (a recorded path that is
 //! gone is looked up beside the PNG). The batch is generated again with the same seed, the image at the recorded
 //! position is kept, and any input whose hash no longer matches is reported (the result would then differ).
@@ -14,18 +14,23 @@ use crate::pipeline::ImageMetadata;
 
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
-    /// A PNG written by `controlnet generate`.
+    /// A PNG, JPEG or WebP written by `controlnet generate`.
     pub image: PathBuf,
     /// Where to write the regenerated image (folders are created; an existing file is only replaced on success).
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
+    /// JPEG quality, 1 to 100 (only for a .jpg/.jpeg --output) [default: 80].
+    #[arg(long, value_name = "Q")]
+    pub quality: Option<u8>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
 }
 
 pub fn run(args: &ReproduceArgs) -> anyhow::Result<()> {
-    let chunks = images::read_png_text(&args.image)?;
+    images::OutputFormat::from_path("output", &args.output)?;
+    super::generate::check_quality(&args.output, args.quality)?;
+    let chunks = images::read_image_text(&args.image)?;
     let Some(metadata) = ImageMetadata::from_text_chunks(&chunks) else {
         bail!("{}: carries no controlnet-rs recipe (was it written by `controlnet generate`?)", args.image.display());
     };
@@ -54,7 +59,7 @@ pub fn run(args: &ReproduceArgs) -> anyhow::Result<()> {
             metadata.num_images
         );
     };
-    images::save_png(&args.output, &kept.image, &kept.metadata.text_chunks())?;
+    images::save_image(&args.output, &kept.image, &kept.metadata.text_chunks(), args.quality)?;
     println!("wrote {}", args.output.display());
     Ok(())
 }

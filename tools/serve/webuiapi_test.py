@@ -1,11 +1,12 @@
 """Drive `controlnet serve` with the `webuiapi` client (PyPI), as A1111 users script it.
 
-Usage: webuiapi_test.py HOST PORT CONTROL_PNG OUT_DIR
+Usage: webuiapi_test.py HOST PORT CONTROL_PNG OUT_DIR [INIT_PNG MASK_PNG]
 
 Checks model_list, txt2img with a ControlNetUnit (the client's own defaults: "Resize and Fill", processor_res
 512, thresholds 64) and controlnet_detect; writes OUT_DIR/txt2img.png and OUT_DIR/detect.png for the Rust test
-(tests/serve_clients.rs) to compare with `controlnet generate` and `controlnet annotate`. Exits non-zero on any
-failure.
+(tests/serve_clients.rs) to compare with `controlnet generate` and `controlnet annotate`. With INIT_PNG and
+MASK_PNG also img2img with a unit without a picture (the init image is its condition) and inpainting with the
+mask: OUT_DIR/img2img.png and OUT_DIR/inpaint.png. Exits non-zero on any failure.
 """
 import os
 import sys
@@ -43,13 +44,32 @@ def main():
     assert mapped.size == control.size, (mapped.size, control.size)
     mapped.save(os.path.join(out_dir, "detect.png"))
 
+    if len(sys.argv) > 6:
+        init, mask = Image.open(sys.argv[5]), Image.open(sys.argv[6])
+        blank_unit = webuiapi.ControlNetUnit(module="none", model=models[0], resize_mode="Just Resize")
+        size = dict(width=init.width, height=init.height)
+        result = api.img2img(images=[init], prompt="a cat", seed=5, cfg_scale=7.5, denoising_strength=0.5,
+                             controlnet_units=[blank_unit], **size)
+        assert result.images[0].size == init.size, result.images[0].size
+        result.images[0].save(os.path.join(out_dir, "img2img.png"))
+        result = api.img2img(images=[init], mask_image=mask, inpainting_fill=1, inpaint_full_res=False,
+                             prompt="a cat", seed=5, cfg_scale=7.5, denoising_strength=0.5, **size)
+        result.images[0].save(os.path.join(out_dir, "inpaint.png"))
+        # The client's own inpainting defaults (fill 0, "only masked") are refused, naming the field.
+        try:
+            api.img2img(images=[init], mask_image=mask, prompt="x", **size)
+        except RuntimeError as e:
+            assert e.args[0] == 422 and "inpainting_fill" in e.args[1], e.args
+        else:
+            raise AssertionError("inpainting_fill=0 was accepted")
+
     # A field that would change the picture is refused, naming it: the client raises with the server's text.
     try:
-        api.txt2img(prompt="x", enable_hr=True, width=128, height=128)
+        api.txt2img(prompt="x", enable_hr=True, hr_upscaler="ESRGAN_4x", width=128, height=128)
     except RuntimeError as e:
-        assert e.args[0] == 422 and "enable_hr" in e.args[1], e.args
+        assert e.args[0] == 422 and "hr_upscaler" in e.args[1], e.args
     else:
-        raise AssertionError("enable_hr=True was accepted")
+        raise AssertionError("hr_upscaler=ESRGAN_4x was accepted")
     print("webuiapi: all checks passed")
 
 

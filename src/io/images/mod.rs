@@ -5,6 +5,8 @@
 //! `convert("RGB")`) followed by the ControlNet pipeline's `VaeImageProcessor(do_convert_rgb=True,
 //! do_normalize=False).preprocess`, which resizes with PIL (Lanczos) and divides by 255:
 //! `to_tensor01(&resize(&load_rgb(path)?, w, h, ResampleFilter::Lanczos), dev)`.
+mod exif;
+mod output;
 mod png_text;
 mod resample;
 
@@ -18,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
+pub use output::{check_quality, read_image_text, save_image, OutputFormat, DEFAULT_JPEG_QUALITY};
 pub use png_text::{read_png_text, save_png};
 pub use resample::{resize, ResampleFilter};
 

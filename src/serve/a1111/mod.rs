@@ -5,7 +5,8 @@
 //! options, hires-fix settings while hires fix is off), or refused with 422 naming it: a field that would
 //! change the picture is never silently ignored, nor is a field this server does not know.
 //!
-//! - [`txt2img`]: the request's fields and the ControlNet units → a job, and the answer;
+//! - [`txt2img`]: the request's fields and the ControlNet units → a job, and the answer (txt2img and img2img);
+//! - [`img2img`]: img2img's init picture and mask, and txt2img's hires-fix fields;
 //! - [`detect`]: the control maps of `/controlnet/detect`;
 //! - [`fields`]: typed reads of JSON fields that name the field in errors;
 //! - here: the routes, the name tables (samplers, modules, resize modes) and the small read-only routes.
@@ -24,6 +25,7 @@ use crate::schedulers::{Sampler, SigmaSpacing, A1111_SAMPLERS};
 
 mod detect;
 mod fields;
+mod img2img;
 mod txt2img;
 
 /// The ControlNet extension's API version (`/controlnet/version`).
@@ -34,6 +36,7 @@ pub const DEFAULT_PROCESSOR_RES: u32 = 512;
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/sdapi/v1/txt2img", post(txt2img::txt2img))
+        .route("/sdapi/v1/img2img", post(txt2img::img2img))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/sd-models", get(sd_models))

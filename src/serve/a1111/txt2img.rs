@@ -1,5 +1,6 @@
-//! `POST /sdapi/v1/txt2img`: the request's fields and the ControlNet extension's units → a job; the answer
-//! in A1111's shape.
+//! `POST /sdapi/v1/txt2img` and `/sdapi/v1/img2img`: the request's fields and the ControlNet extension's units →
+//! a job; the answer in A1111's shape. What img2img and the hires fix add is read in [`super::img2img`].
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -10,6 +11,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::fields::{is_empty, is_false, is_num, Fields};
+use super::img2img::{self, HIRES_FIELDS, IMG2IMG_FIELDS};
 use super::{
     control_mode, model_title, module_kind, resize_mode, sampler, sampler_names, slider_options, DEFAULT_PROCESSOR_RES,
 };
@@ -22,25 +24,14 @@ use crate::serve::files::{decode_base64, decode_image, encode_base64};
 use crate::serve::queue::{Annotation, Job, JobSpec, Namer, Run};
 use crate::serve::{read_json, App};
 
-/// txt2img fields that do not change the picture (saving options; hires-fix settings, which only act with
-/// `enable_hr`; the subseed, which only acts with a subseed strength).
+/// Fields that do not change the picture (saving options; the subseed, which only acts with a subseed
+/// strength).
 const HARMLESS: &[&str] = &[
     "send_images",
     "save_images",
     "do_not_save_samples",
     "do_not_save_grid",
     "override_settings_restore_afterwards",
-    "hr_scale",
-    "hr_upscaler",
-    "hr_second_pass_steps",
-    "hr_resize_x",
-    "hr_resize_y",
-    "hr_checkpoint_name",
-    "hr_sampler_name",
-    "hr_scheduler",
-    "hr_prompt",
-    "hr_negative_prompt",
-    "denoising_strength",
     "firstphase_width",
     "firstphase_height",
     "subseed",
@@ -52,14 +43,21 @@ const HARMLESS: &[&str] = &[
     "refiner_switch_at",
 ];
 
-/// A parsed txt2img body: the job and what the answer echoes.
-struct Txt2Img {
+/// The two routes: img2img takes txt2img's fields and an init picture, txt2img the hires fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Txt2Img,
+    Img2Img,
+}
+
+/// A parsed body: the job and what the answer echoes.
+struct Parsed {
     spec: JobSpec,
     sampler: Option<Sampler>,
     seed: u64,
 }
 
-fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
+fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError> {
     let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
     let f = Fields { path: String::new(), obj };
     let mut r = GenerateRequest { model: Some(app.catalog.model_spec.clone()), ..Default::default() };
@@ -87,7 +85,6 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
                 |v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case("automatic")),
                 "only the sampler's own schedule (\"Automatic\")",
             )?,
-            "enable_hr" => f.only_default(k, is_false, "hires fix")?,
             "restore_faces" => f.only_default(k, is_false, "face restoration")?,
             "tiling" => f.only_default(k, is_false, "tiling")?,
             "subseed_strength" => f.only_default(k, is_num(0.0), "variation seeds")?,
@@ -106,6 +103,8 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
             }
             "override_settings" => check_overrides(app, &f)?,
             k if HARMLESS.contains(&k) => {}
+            k if kind == Kind::Img2Img && IMG2IMG_FIELDS.contains(&k) => {}
+            k if kind == Kind::Txt2Img && HIRES_FIELDS.contains(&k) => {}
             k => return Err(f.unknown(k)),
         }
     }
@@ -131,8 +130,15 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
             return Err(ApiError::field("eta", format!("{eta} is not supported: this sampler runs with eta {want}")));
         }
     }
+    let init = match kind {
+        Kind::Txt2Img => {
+            r.hires = img2img::hires(&f, &r)?;
+            None
+        }
+        Kind::Img2Img => Some(img2img::init_inputs(app, &f, &mut r)?),
+    };
     let (controls, nets, annotations) = match f.get("alwayson_scripts") {
-        Some(scripts) => parse_scripts(app, &mut r, scripts)?,
+        Some(scripts) => parse_scripts(app, &mut r, scripts, init.as_deref())?,
         None => Default::default(),
     };
     r.controls = controls;
@@ -146,7 +152,7 @@ fn parse_txt2img(app: &App, body: &Value) -> Result<Txt2Img, ApiError> {
             annotations: annotations.clone(),
         })
         .collect();
-    Ok(Txt2Img { spec: JobSpec { runs, name_of }, sampler, seed })
+    Ok(Parsed { spec: JobSpec { runs, name_of }, sampler, seed })
 }
 
 /// For each enabled unit, its index in `alwayson_scripts.controlnet.args` (for error names).
@@ -177,6 +183,11 @@ fn namer(arg_index: &[usize]) -> Namer {
                 "guidance" => "cfg_scale",
                 "num_images" => "batch_size",
                 "scheduler" => "sampler_name",
+                "init_image" => "init_images",
+                "strength" | "hires.strength" => "denoising_strength",
+                "hires.scale" => "hr_scale",
+                "hires.steps" => "hr_second_pass_steps",
+                "hires.upscaler" => "hr_upscaler",
                 other => other,
             }
             .to_string()
@@ -224,7 +235,7 @@ type Units = (Vec<ControlRequest>, Vec<usize>, Option<Vec<Option<Annotation>>>);
 
 /// `alwayson_scripts`: the ControlNet units (script names match case-insensitively, as A1111's); any other
 /// script is refused unless it is switched off (`{"args": []}` or `{"args": [false]}`).
-fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value) -> Result<Units, ApiError> {
+fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value, init: Option<&Path>) -> Result<Units, ApiError> {
     let obj = scripts.as_object().ok_or_else(|| ApiError::malformed("alwayson_scripts", "expected an object"))?;
     let mut units = Default::default();
     for (name, script) in obj {
@@ -235,7 +246,7 @@ fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value) -> Result<
             Some(_) => return Err(ApiError::malformed(format!("{field}.args"), "expected a list")),
         };
         if name.eq_ignore_ascii_case("controlnet") {
-            units = parse_units(app, r, args)?;
+            units = parse_units(app, r, args, init)?;
         } else if !args.iter().all(|a| is_false(a) || a.is_null()) {
             return Err(ApiError::field(field, "this script is not supported (only ControlNet)"));
         }
@@ -256,7 +267,8 @@ const UNIT_HARMLESS: &[&str] = &[
     "loopback",
 ];
 
-fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Units, ApiError> {
+/// The enabled units; a unit without a picture uses img2img's `init` picture, as the extension does.
+fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<&Path>) -> Result<Units, ApiError> {
     let mut controls = Vec::new();
     let mut nets = Vec::new();
     let mut annotations = Vec::new();
@@ -294,27 +306,36 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value]) -> Result<Uni
         })?;
         let image_field = if f.get("image").is_some() { "image" } else { "input_image" };
         let picture = match f.get(image_field) {
-            Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+            Some(Value::String(s)) if !s.is_empty() => Some(s.as_str()),
             // The extension's {"image": ..., "mask": ...} form.
             Some(Value::Object(o)) => {
                 if o.get("mask").is_some_and(|m| !m.is_null() && !is_empty(m)) {
                     return Err(ApiError::field(f.name("image.mask"), "masks (inpainting) are not supported"));
                 }
-                o.get("image")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::malformed(f.name("image.image"), "expected base64"))?
+                Some(
+                    o.get("image")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| ApiError::malformed(f.name("image.image"), "expected base64"))?,
+                )
             }
-            _ => {
+            _ => None,
+        };
+        let file: PathBuf = match (picture, init) {
+            (Some(picture), _) => {
+                let bytes = decode_base64(&f.name(image_field), picture)?;
+                decode_image(&f.name(image_field), &bytes)?;
+                app.work
+                    .save_input(&bytes)
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            }
+            (None, Some(init)) => init.to_path_buf(),
+            (None, None) => {
                 return Err(ApiError::field(
                     f.name("image"),
                     "a ControlNet unit needs a picture (txt2img has no init image)",
                 ))
             }
         };
-        let bytes = decode_base64(&f.name(image_field), picture)?;
-        decode_image(&f.name(image_field), &bytes)?;
-        let file =
-            app.work.save_input(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let mode = match f.get("resize_mode") {
             Some(v) => resize_mode(&f.name("resize_mode"), v)?,
             None => ResizeMode::CropAndResize,
@@ -378,10 +399,21 @@ pub async fn txt2img(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    answer(app, body, Kind::Txt2Img).await
+}
+
+pub async fn img2img(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    answer(app, body, Kind::Img2Img).await
+}
+
+async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Json<Value>, ApiError> {
     let body = read_json(body)?;
     let parsed = {
         let (app, body) = (app.clone(), body.clone());
-        tokio::task::spawn_blocking(move || parse_txt2img(&app, &body))
+        tokio::task::spawn_blocking(move || parse_request(&app, &body, kind))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
@@ -418,7 +450,7 @@ pub async fn txt2img(
         "sd_model_hash": &app.catalog.model_sha256[..10.min(app.catalog.model_sha256.len())],
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": 0,
+        "denoising_strength": first.and_then(|r| r.strength.or(r.hires.as_ref().map(|h| h.strength))).unwrap_or(0.0),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": metas.iter().map(|m| m.a1111_parameters()).collect::<Vec<_>>(),
