@@ -5,6 +5,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
 pub mod layers;
+pub mod lora;
 pub mod ops;
 pub mod resnet;
 pub mod transformer_2d;

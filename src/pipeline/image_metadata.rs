@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::hires::{HiresFix, Upscaler};
-use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
+use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest, LoraRequest};
 use super::text_conditioning::SdxlConditioning;
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -93,6 +93,17 @@ pub struct ImageMetadata {
     /// The hires fix's second pass (recorded only when used); `width`/`height` are the first pass's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<HiresFix>,
+    // LoRA (issue 21): every LoRA merged, the prompt tags' too (the prompt is recorded without its tags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraMetadata>,
+}
+
+/// A LoRA merged into the model: its file, SHA-256 and weight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraMetadata {
+    pub path: String,
+    pub sha256: String,
+    pub weight: f64,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -121,7 +132,11 @@ fn stem(path: &str) -> &str {
 impl ImageMetadata {
     /// The `parameters` text: prompt, negative prompt, then one line of `Key: value` pairs.
     pub fn a1111_parameters(&self) -> String {
+        // A1111 keeps `<lora:name:weight>` in the prompt: the tags are written back, after the text.
         let mut s = self.prompt.clone();
+        for l in &self.loras {
+            s.push_str(&format!(" <lora:{}:{}>", stem(&l.path), l.weight));
+        }
         s.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
@@ -163,6 +178,14 @@ impl ImageMetadata {
                 h.scale,
                 h.steps.unwrap_or(0)
             ));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", stem(&l.path), &l.sha256[..l.sha256.len().min(12)]))
+                .collect();
+            s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
         }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
@@ -229,6 +252,12 @@ impl ImageMetadata {
             mask_blur: self.mask_blur,
             strength: self.strength,
             hires: self.hires.clone(),
+            loras: self
+                .loras
+                .iter()
+                .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.weight })
+                .collect(),
+            lora_dir: None,
         })
     }
 
@@ -340,6 +369,7 @@ mod tests {
             mask_blur: 0,
             strength: None,
             hires: None,
+            loras: Vec::new(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! What to generate: [`GenerateRequest`], with the defaults and the checks every front end shares (the CLI, a
 //! server, a batch file). Errors name the request's own fields (`steps`, `controls[1].control_end`); each front
 //! end shows them in its words.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::annotate::ResizeMode;
 use crate::io::single_file::PredictionType;
@@ -162,6 +162,37 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// A1111's hires fix: a second, img2img pass at a larger size after this one.
     pub hires: Option<HiresFix>,
+    // LoRA (issue 21): files merged into the weights at load, and the folder `<lora:name:w>` tags name.
+    /// LoRA files with their weights (`--lora FILE[:WEIGHT]`); prompt tags are added by
+    /// [`super::extra_networks::resolve_lora_tags`].
+    pub loras: Vec<LoraRequest>,
+    /// Where `<lora:name:weight>` tags in the prompts are found (`name.safetensors`, subfolders too).
+    pub lora_dir: Option<PathBuf>,
+}
+
+/// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRequest {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl LoraRequest {
+    /// `FILE[:WEIGHT]` (weight 1 when left out); errors name `lora`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (path, weight) = match spec.rsplit_once(':') {
+            Some((path, w)) if !path.is_empty() => match w.trim().parse::<f64>() {
+                Ok(w) if w.is_finite() => (path, w),
+                Ok(_) | Err(_) if Path::new(spec).exists() => (spec, 1.0),
+                _ => return Err(Error::setting("lora", format!("{spec}: the weight after ':' must be a number"))),
+            },
+            _ => (spec, 1.0),
+        };
+        if !Path::new(path).is_file() {
+            return Err(Error::setting("lora", format!("{path}: no such file")));
+        }
+        Ok(Self { path: PathBuf::from(path), weight })
+    }
 }
 
 impl Default for GenerateRequest {
@@ -192,6 +223,8 @@ impl Default for GenerateRequest {
             mask_blur: 0,
             strength: None,
             hires: None,
+            loras: Vec::new(),
+            lora_dir: None,
         }
     }
 }
