@@ -418,6 +418,9 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         mask_blur: job.mask_blur,
         strength: job.strength,
         hires,
+        // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
+        loras: Vec::new(),
+        lora_dir: None,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;
