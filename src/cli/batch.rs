@@ -453,6 +453,9 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             .transpose()?
             .unwrap_or_default(),
         clip_skip: job.clip_skip.unwrap_or(crate::pipeline::request::DEFAULT_CLIP_SKIP),
+        // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
+        loras: Vec::new(),
+        lora_dir: None,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

@@ -10,7 +10,7 @@ use crate::io::atomic::check_output_is_not_input;
 use crate::io::images;
 use crate::pipeline::conditions::is_condition_tensor;
 use crate::pipeline::hires::{HiresFix, Upscaler};
-use crate::pipeline::request::{SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::pipeline::request::{LoraRequest, SdxlConditioning, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{self, ControlMode, ControlRequest, GenerateRequest, Generated, Progress};
 
 #[derive(Args, Debug)]
@@ -32,6 +32,13 @@ pub struct GenerateArgs {
     /// RUN/unet/); it must fit the model's latents and text encoder.
     #[arg(long, value_name = "DIR")]
     pub unet: Option<PathBuf>,
+    /// A LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged into the model, with its weight
+    /// [default weight: 1]. Repeat for several.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Folder where `<lora:name:weight>` tags in the prompts find `name.safetensors` (subfolders too).
+    #[arg(long = "lora-dir", value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// The matching ControlNet conditions only the UNet's middle block (for nets trained with
     /// `train --only-mid-control`, the original repo's only_mid_control).
     #[arg(long = "only-mid-control", action = clap::ArgAction::Count)]
@@ -238,6 +245,8 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         hires: hires_fix(args)?,
         prompt_syntax: crate::pipeline::request::PromptSyntax::parse(&args.prompt_syntax)?,
         clip_skip: args.clip_skip,
+        loras: args.loras.iter().map(|s| LoraRequest::parse(s)).collect::<crate::Result<_>>()?,
+        lora_dir: args.lora_dir.clone(),
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     check_quality(&args.output, args.quality)?;
@@ -305,6 +314,7 @@ pub(crate) fn check_outputs<'a>(
     inputs.extend(request.unet.as_deref());
     inputs.extend(request.init_image.as_deref());
     inputs.extend(request.mask.as_deref());
+    inputs.extend(request.loras.iter().map(|l| l.path.as_path()));
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));

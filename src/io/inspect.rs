@@ -53,6 +53,13 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     if let Some(step) = ck.scalars.get("global_step") {
         i.notes.push(format!("global_step {step}"));
     }
+    // A LoRA: its layout, rank and the family it was made for.
+    if i.kind == ModelKind::Unknown && i.description.starts_with("a LoRA") {
+        match super::lora::LoraFile::read(path) {
+            Ok(lora) => i.description = lora.describe(),
+            Err(e) => i.notes.push(e.to_string()),
+        }
+    }
     Ok(i)
 }
 

@@ -11,6 +11,7 @@ pub mod hub;
 pub mod images;
 pub mod inspect;
 pub mod keymap;
+pub mod lora;
 pub mod pickle;
 pub mod single_file;
 pub mod torch_file;

@@ -247,11 +247,21 @@ impl ClipTextModel {
     /// Loads a `text_encoder/` folder: `config.json` and `model.safetensors` (or its fp16 variant or shards),
     /// converted to `dtype`. Errors name the config file or the weights file and tensor.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        Self::load_with(dir, dtype, device, &|vb| vb)
+    }
+
+    /// [`Self::load`] with the weights read through `wrap` (e.g. [`super::lora::LoraMerge::wrap`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        wrap: &dyn Fn(VarBuilder<'static>) -> VarBuilder<'static>,
+    ) -> crate::Result<Self> {
         let config_path = dir.join("config.json");
         let cfg: ClipTextConfig = read_json(&config_path)?;
         cfg.validate().map_err(|msg| Error::config(&config_path, msg))?;
         let paths = find_safetensors(dir, TRANSFORMERS_STEM)?;
-        let vb = var_builder(&paths, dtype, device)?;
+        let vb = wrap(var_builder(&paths, dtype, device)?);
         let origin = if paths.len() == 1 { paths[0].clone() } else { dir.to_path_buf() };
         Self::new(cfg, vb).map_err(|e| Error::weights(origin, format!("does not fit {}: {e}", config_path.display())))
     }

@@ -6,6 +6,7 @@ pub mod controlnet;
 pub mod controlnet_union;
 pub mod embeddings;
 pub mod layers;
+pub mod lora;
 pub mod ops;
 pub mod resnet;
 pub mod transformer_2d;

@@ -145,11 +145,21 @@ impl UNet2DConditionModel {
     /// Loads `dir/config.json` and the weights next to it (`diffusion_pytorch_model[.fp16].safetensors` or
     /// shards). Errors name the file or folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        Self::load_with(dir, dtype, device, &|vb| vb)
+    }
+
+    /// [`Self::load`] with the weights read through `wrap` (e.g. [`super::lora::LoraMerge::wrap`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        wrap: &dyn Fn(VarBuilder<'static>) -> VarBuilder<'static>,
+    ) -> crate::Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNet2DConditionConfig = read_json(&config_path)?;
         config.validate().map_err(|m| Error::config(&config_path, m))?;
         let files = find_safetensors(dir, DIFFUSERS_STEM)?;
-        let vb = var_builder(&files, dtype, device)?;
+        let vb = wrap(var_builder(&files, dtype, device)?);
         Self::new(&config, vb).map_err(|e| Error::weights(weights_origin(dir, &files), e))
     }
 

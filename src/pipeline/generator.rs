@@ -11,16 +11,21 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 
 use super::conditions::{ControlSource, FittedCondition};
+use super::extra_networks::resolve_lora_tags;
 use super::generate::{check_size, generate_from, validate, Control, GenerateParams, InitImage};
 use super::hires::{upscale_images, upscale_latents, Upscaler};
-use super::image_metadata::{file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata};
+use super::image_metadata::{
+    file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata, LoraMetadata,
+};
 use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
 use super::request::{
-    control_setting, random_seed, resize_name, ControlRequest, GenerateRequest, PromptOptions, PromptSyntax,
+    control_setting, random_seed, resize_name, ControlRequest, GenerateRequest, LoraRequest, PromptOptions,
+    PromptSyntax,
 };
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
 use crate::io::images::{self, ResampleFilter};
+use crate::io::lora::LoraFile;
 use crate::model::controlnet::ControlNetModel;
 use crate::model::controlnet_union::parse_control_type;
 use crate::{Error, Result};
@@ -62,6 +67,7 @@ pub fn run(
     // 1. Checks that need no model, and the conditions as given: a bad file fails before any model loads.
     let request = request.with_demo_defaults()?;
     request.validate()?;
+    let request = resolve_lora_tags(&request)?;
     if let (Some(w), Some(h)) = (request.width, request.height) {
         crate::io::images::check_image_size("width", size_u32("width", w)?, size_u32("height", h)?)?;
     }
@@ -76,7 +82,8 @@ pub fn run(
         config_dir: request.config.clone(),
     };
     let model = request.model.as_deref().unwrap_or_default();
-    let mut sd = StableDiffusion::open(model, &opts)?;
+    let loras = read_loras(&request.loras, progress)?;
+    let mut sd = StableDiffusion::open_with_loras(model, &opts, &loras)?;
     if let Some(unet) = &request.unet {
         sd.replace_unet("unet", unet)?;
     }
@@ -92,6 +99,37 @@ pub fn run(
 
     // 3. Run.
     Generator::new(&sd, nets.iter().collect()).run_checked(&request, inputs, progress, cancel)
+}
+
+/// Reads the LoRA files of a request; errors name `lora` and the file, keys read but not applied are warned of.
+fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<Vec<(LoraFile, f64)>> {
+    loras
+        .iter()
+        .map(|l| {
+            if !l.weight.is_finite() {
+                return Err(Error::setting(
+                    "lora",
+                    format!("{}: the weight {} is not a number", l.path.display(), l.weight),
+                ));
+            }
+            let file = LoraFile::read(&l.path).map_err(|e| Error::setting("lora", e.to_string()))?;
+            if let Some(first) = file.ignored.first() {
+                progress(Progress::Warning(format!(
+                    "lora: {}: {} full-weight difference keys (e.g. {first}) are not applied",
+                    l.path.display(),
+                    file.ignored.len()
+                )));
+            }
+            Ok((file, l.weight))
+        })
+        .collect()
+}
+
+/// Whether the LoRAs merged into a loaded model are those a request asks for (same files, weights, order).
+fn same_loras(merged: &[(std::path::PathBuf, f64)], asked: &[LoraRequest]) -> bool {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    merged.len() == asked.len()
+        && merged.iter().zip(asked).all(|((p, w), a)| *w == a.weight && canonical(p) == canonical(&a.path))
 }
 
 /// Loaded models that run requests: the Stable Diffusion model and one ControlNet per condition of the
@@ -121,6 +159,7 @@ impl<'a> Generator<'a> {
     ) -> Result<Generated> {
         let request = request.with_demo_defaults()?;
         request.validate()?;
+        let request = resolve_lora_tags(&request)?;
         let inputs = Inputs::load(&request)?;
         self.run_checked(&request, inputs, progress, cancel)
     }
@@ -141,6 +180,18 @@ impl<'a> Generator<'a> {
         }
         for (i, (c, net)) in request.controls.iter().zip(&self.controlnets).enumerate() {
             check_control_type(i, c, net)?;
+        }
+        // LoRAs are merged into the loaded weights: other LoRAs need the model loaded again with them.
+        if !same_loras(&sd.loras, &request.loras) {
+            let names = |l: Vec<String>| if l.is_empty() { "none".to_string() } else { l.join(", ") };
+            return Err(Error::setting(
+                "lora",
+                format!(
+                    "the loaded model has the LoRAs {} merged, the request asks for {}: load the model with them",
+                    names(sd.loras.iter().map(|(p, w)| format!("{}:{w}", p.display())).collect()),
+                    names(request.loras.iter().map(|l| format!("{}:{}", l.path.display(), l.weight)).collect()),
+                ),
+            ));
         }
         for note in request.unused_settings() {
             progress(Progress::Warning(note));
@@ -431,6 +482,14 @@ impl<'a> Generator<'a> {
             hires: request.hires.clone(),
             prompt_syntax: request.prompt_syntax,
             clip_skip: request.clip_skip,
+            loras: request
+                .loras
+                .iter()
+                .map(|l| {
+                    let file = file_ref(&l.path)?;
+                    Ok(LoraMetadata { path: file.path, sha256: file.sha256, weight: l.weight })
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
-use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest};
+use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest, LoraRequest};
 use super::text_conditioning::{PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -106,6 +106,17 @@ pub struct ImageMetadata {
     pub prompt_syntax: PromptSyntax,
     #[serde(default = "default_clip_skip", skip_serializing_if = "is_default_clip_skip")]
     pub clip_skip: usize,
+    // LoRA (issue 21): every LoRA merged, the prompt tags' too (the prompt is recorded without its tags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraMetadata>,
+}
+
+/// A LoRA merged into the model: its file, SHA-256 and weight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraMetadata {
+    pub path: String,
+    pub sha256: String,
+    pub weight: f64,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -142,7 +153,11 @@ fn stem(path: &str) -> &str {
 impl ImageMetadata {
     /// The `parameters` text: prompt, negative prompt, then one line of `Key: value` pairs.
     pub fn a1111_parameters(&self) -> String {
+        // A1111 keeps `<lora:name:weight>` in the prompt: the tags are written back, after the text.
         let mut s = self.prompt.clone();
+        for l in &self.loras {
+            s.push_str(&format!(" <lora:{}:{}>", stem(&l.path), l.weight));
+        }
         s.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
@@ -187,6 +202,14 @@ impl ImageMetadata {
         }
         if self.clip_skip != DEFAULT_CLIP_SKIP {
             s.push_str(&format!(", Clip skip: {}", self.clip_skip));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", stem(&l.path), &l.sha256[..l.sha256.len().min(12)]))
+                .collect();
+            s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
         }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
@@ -257,6 +280,12 @@ impl ImageMetadata {
             hires: self.hires.clone(),
             prompt_syntax: self.prompt_syntax,
             clip_skip: self.clip_skip,
+            loras: self
+                .loras
+                .iter()
+                .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.weight })
+                .collect(),
+            lora_dir: None,
         })
     }
 
@@ -372,6 +401,7 @@ mod tests {
             hires: None,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: DEFAULT_CLIP_SKIP,
+            loras: Vec::new(),
         }
     }
 

@@ -11,15 +11,19 @@
 //! - [`hires`]: A1111's hires fix (upscale, then img2img at the larger size);
 //! - [`inpaint`]: the mask checked and brought to the latents, latent blending and the 9-channel UNet's input;
 //! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
+//! - [`extra_networks`]: A1111's `<lora:name:weight>` prompt tags → LoRA files;
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
 pub mod conditions;
 pub mod control_mode;
 pub mod demo;
+pub mod extra_networks;
 pub mod generate;
 pub mod generator;
 pub mod hires;
 pub mod image_metadata;
 pub mod inpaint;
+#[cfg(test)]
+mod lora_parity;
 pub mod memory_estimate;
 pub mod prompt_chunks;
 pub mod prompt_parser;

@@ -2,7 +2,7 @@
 //! server, a batch file). Errors name the request's own fields (`steps`, `controls[1].control_end`); each front
 //! end shows them in its words.
 use crate::model::controlnet_union::parse_control_type;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::annotate::ResizeMode;
 use crate::io::single_file::PredictionType;
@@ -177,6 +177,37 @@ pub struct GenerateRequest {
     pub prompt_syntax: PromptSyntax,
     /// A1111's clip skip: 1 = the usual text encoder layer, 2 = one earlier, ...
     pub clip_skip: usize,
+    // LoRA (issue 21): files merged into the weights at load, and the folder `<lora:name:w>` tags name.
+    /// LoRA files with their weights (`--lora FILE[:WEIGHT]`); prompt tags are added by
+    /// [`super::extra_networks::resolve_lora_tags`].
+    pub loras: Vec<LoraRequest>,
+    /// Where `<lora:name:weight>` tags in the prompts are found (`name.safetensors`, subfolders too).
+    pub lora_dir: Option<PathBuf>,
+}
+
+/// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRequest {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl LoraRequest {
+    /// `FILE[:WEIGHT]` (weight 1 when left out); errors name `lora`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (path, weight) = match spec.rsplit_once(':') {
+            Some((path, w)) if !path.is_empty() => match w.trim().parse::<f64>() {
+                Ok(w) if w.is_finite() => (path, w),
+                Ok(_) | Err(_) if Path::new(spec).exists() => (spec, 1.0),
+                _ => return Err(Error::setting("lora", format!("{spec}: the weight after ':' must be a number"))),
+            },
+            _ => (spec, 1.0),
+        };
+        if !Path::new(path).is_file() {
+            return Err(Error::setting("lora", format!("{path}: no such file")));
+        }
+        Ok(Self { path: PathBuf::from(path), weight })
+    }
 }
 
 impl Default for GenerateRequest {
@@ -209,6 +240,8 @@ impl Default for GenerateRequest {
             hires: None,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: DEFAULT_CLIP_SKIP,
+            loras: Vec::new(),
+            lora_dir: None,
         }
     }
 }

@@ -7,10 +7,13 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::io::detect::ModelKind;
+use crate::io::keymap::UnetLayout;
+use crate::io::lora::{LoraFamily, LoraFile, Part};
 use crate::io::single_file::{self, PredictionType};
 use crate::io::{hub, inspect, weights::read_json};
 use crate::model::clip::ClipTextModel;
 use crate::model::controlnet::ControlNetModel;
+use crate::model::lora::LoraMerge;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::schedulers::SchedulerConfig;
@@ -41,6 +44,88 @@ pub struct StableDiffusion {
     pub scheduler_config_path: PathBuf,
     /// What an SDXL model has besides: its second text encoder.
     pub sdxl: Option<SdxlParts>,
+    /// The LoRAs merged into the weights (file, weight), in the order given: a request for other LoRAs
+    /// needs the model loaded again.
+    pub loras: Vec<(PathBuf, f64)>,
+}
+
+/// LoRAs to merge at load, each with its weight.
+pub type LoraSet = [(LoraFile, f64)];
+
+/// The LoRA merges of the UNet and text encoders, and the check that every LoRA module found its weight.
+struct Merges {
+    unet: std::sync::Arc<LoraMerge>,
+    text_encoder: std::sync::Arc<LoraMerge>,
+    text_encoder_2: std::sync::Arc<LoraMerge>,
+}
+
+impl Merges {
+    fn new(loras: &LoraSet, unet: &UNet2DConditionConfig) -> Self {
+        let set: Vec<(&LoraFile, f64)> = loras.iter().map(|(f, w)| (f, *w)).collect();
+        // SDXL kohya files name the UNet as the original checkpoint does; the layout translates.
+        let levels = unet.encoder.block_out_channels.len();
+        let per_level = unet.encoder.layers_per_block.expand(levels, "layers_per_block").ok();
+        let layout = per_level.and_then(|l| l.first().copied()).map(|layers_per_block| UnetLayout {
+            layers_per_block,
+            up_attention: unet.up_block_types.iter().map(|t| t.contains("CrossAttn")).collect(),
+            hint_blocks: 0,
+        });
+        Self {
+            unet: LoraMerge::new(Part::Unet, &set, layout),
+            text_encoder: LoraMerge::new(Part::TextEncoder, &set, None),
+            text_encoder_2: LoraMerge::new(Part::TextEncoder2, &set, None),
+        }
+    }
+
+    /// Refuses LoRA modules that matched no weight of the model, naming a few and their files.
+    fn check_all_used(&self, loras: &LoraSet) -> Result<()> {
+        const SHOWN: usize = 4;
+        for merge in [&self.unet, &self.text_encoder, &self.text_encoder_2] {
+            let unused = merge.unused();
+            let Some(first) = unused.first() else { continue };
+            let key = (merge.part(), first.clone());
+            let file = loras.iter().find(|(f, _)| f.modules.contains_key(&key)).map(|(f, _)| f.path.display());
+            return Err(Error::setting(
+                "lora",
+                format!(
+                    "{}: {} {} modules match nothing in this model ({}{}): the LoRA was made for another model",
+                    file.map(|f| f.to_string()).unwrap_or_default(),
+                    unused.len(),
+                    merge.part().name(),
+                    unused[..unused.len().min(SHOWN)].join(", "),
+                    if unused.len() > SHOWN { ", ..." } else { "" }
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a LoRA made for another model family than the model's (SDXL LoRA on SD 1.x and the like).
+fn check_lora_family(loras: &LoraSet, is_sdxl: bool, cross_attention_dim: usize) -> Result<()> {
+    let model = match (is_sdxl, cross_attention_dim) {
+        (true, _) => LoraFamily::Sdxl,
+        (false, 768) => LoraFamily::Sd1,
+        (false, 1024) => LoraFamily::Sd2,
+        _ => LoraFamily::Unknown,
+    };
+    for (file, _) in loras {
+        let family = file.family();
+        let clash = match (family, model) {
+            (LoraFamily::Unknown, _) => false,
+            (LoraFamily::Sdxl, _) => !is_sdxl,
+            (_, LoraFamily::Unknown) => is_sdxl,
+            (a, b) => a != b,
+        };
+        if clash {
+            let model_name = if model == LoraFamily::Unknown { "SD 1.x/2.x" } else { model.name() };
+            return Err(Error::setting(
+                "lora",
+                format!("{} is a LoRA for {}, but the model is {model_name}", file.path.display(), family.name()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SDXL's second tokenizer and text encoder (OpenCLIP bigG with projection), and its empty-prompt rule.
@@ -116,12 +201,17 @@ impl StableDiffusion {
     /// prediction_type=...)` does for the scheduler) and a single file's guess; `config_dir` is for single files
     /// only (a folder has its own configs).
     pub fn open(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        Self::open_with_loras(spec, opts, &[])
+    }
+
+    /// [`Self::open`] with `loras` merged into the weights (see [`crate::model::lora`]).
+    pub fn open_with_loras(spec: &str, opts: &LoadOptions, loras: &LoraSet) -> Result<Self> {
         const EXPECTED: &str =
             "a Stable Diffusion model (a pipeline folder with model_index.json, or a single-file checkpoint)";
         let path = resolve("model", spec, opts)?;
         check_kind("model", &path, &[ModelKind::Pipeline, ModelKind::SdCheckpoint], EXPECTED)?;
         if !path.is_dir() {
-            return Self::from_single_file(&path, opts);
+            return Self::from_single_file_with_loras(&path, opts, loras);
         }
         if let Some(config) = &opts.config_dir {
             return Err(Error::setting(
@@ -133,7 +223,7 @@ impl StableDiffusion {
                 ),
             ));
         }
-        let mut sd = Self::load(&path, opts.dtype, &opts.device)?;
+        let mut sd = Self::load_with_loras(&path, opts.dtype, &opts.device, loras)?;
         if let Some(p) = opts.prediction_type {
             sd.scheduler_config = sd.scheduler_config.clone().with("prediction_type", p.as_str());
         }
@@ -143,6 +233,10 @@ impl StableDiffusion {
     /// Splits a single-file checkpoint into its UNet, VAE and text encoder (`io::single_file` renames the
     /// keys); the tokenizer is the CLIP vocabulary bundled with the binary.
     pub fn from_single_file(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::from_single_file_with_loras(path, opts, &[])
+    }
+
+    fn from_single_file_with_loras(path: &Path, opts: &LoadOptions, loras: &LoraSet) -> Result<Self> {
         let sd_opts =
             single_file::SdOptions { prediction_type: opts.prediction_type, config_dir: opts.config_dir.clone() };
         let c = single_file::load_sd_checkpoint_with(path, &sd_opts)?;
@@ -151,15 +245,21 @@ impl StableDiffusion {
         }
         let (dtype, dev) = (opts.dtype, &opts.device);
         let cfg_err = |what: &str, e: serde_json::Error| Error::config(path, format!("{what}: {e}"));
-        let unet_cfg = serde_json::from_value(c.unet.config).map_err(|e| cfg_err("unet", e))?;
-        let unet = UNet2DConditionModel::new(&unet_cfg, VarBuilder::from_tensors(c.unet.tensors, dtype, dev))
-            .map_err(|e| Error::weights(path, format!("unet: {e}")))?;
+        let unet_cfg: UNet2DConditionConfig = serde_json::from_value(c.unet.config).map_err(|e| cfg_err("unet", e))?;
+        check_lora_family(loras, c.sdxl.is_some(), unet_cfg.encoder.cross_attention_dim)?;
+        let merges = Merges::new(loras, &unet_cfg);
+        let unet = UNet2DConditionModel::new(
+            &unet_cfg,
+            merges.unet.wrap(VarBuilder::from_tensors(c.unet.tensors, dtype, dev)),
+        )
+        .map_err(|e| Error::weights(path, format!("unet: {e}")))?;
         let vae_cfg = serde_json::from_value(c.vae.config).map_err(|e| cfg_err("vae", e))?;
         let vae = AutoencoderKL::new(vae_cfg, VarBuilder::from_tensors(c.vae.tensors, dtype, dev))
             .map_err(|e| Error::weights(path, format!("vae: {e}")))?;
         let te_cfg = serde_json::from_value(c.text_encoder.config).map_err(|e| cfg_err("text encoder", e))?;
-        let text_encoder = ClipTextModel::new(te_cfg, VarBuilder::from_tensors(c.text_encoder.tensors, dtype, dev))
-            .map_err(|e| Error::weights(path, format!("text encoder: {e}")))?;
+        let te_vb = merges.text_encoder.wrap(VarBuilder::from_tensors(c.text_encoder.tensors, dtype, dev));
+        let text_encoder =
+            ClipTextModel::new(te_cfg, te_vb).map_err(|e| Error::weights(path, format!("text encoder: {e}")))?;
         let tokenizer = ClipTokenizer::from_vocab_and_merges(
             &c.tokenizer.vocab_json,
             &c.tokenizer.merges_txt,
@@ -169,9 +269,11 @@ impl StableDiffusion {
         let sdxl = match c.sdxl {
             Some(x) => {
                 let cfg = serde_json::from_value(x.text_encoder_2.config).map_err(|e| cfg_err("text encoder 2", e))?;
-                let text_encoder_2 =
-                    ClipTextModel::new(cfg, VarBuilder::from_tensors(x.text_encoder_2.tensors, dtype, dev))
-                        .map_err(|e| Error::weights(path, format!("text encoder 2: {e}")))?;
+                let text_encoder_2 = ClipTextModel::new(
+                    cfg,
+                    merges.text_encoder_2.wrap(VarBuilder::from_tensors(x.text_encoder_2.tensors, dtype, dev)),
+                )
+                .map_err(|e| Error::weights(path, format!("text encoder 2: {e}")))?;
                 let t = &x.tokenizer_2;
                 Some(SdxlParts {
                     tokenizer_2: ClipTokenizer::from_vocab_and_merges(&t.vocab_json, &t.merges_txt, &t.pad_token)?,
@@ -182,7 +284,9 @@ impl StableDiffusion {
             None => None,
         };
         let scheduler_config = SchedulerConfig::from_json_str(&c.scheduler_config.to_string(), path)?;
+        merges.check_all_used(loras)?;
         Ok(Self {
+            loras: loras.iter().map(|(f, w)| (f.path.clone(), *w)).collect(),
             dir: path.to_path_buf(),
             tokenizer,
             text_encoder,
@@ -195,6 +299,10 @@ impl StableDiffusion {
     }
 
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_loras(dir, dtype, device, &[])
+    }
+
+    fn load_with_loras(dir: &Path, dtype: DType, device: &Device, loras: &LoraSet) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::setting("model", format!("{}: not a folder", dir.display())));
         }
@@ -212,10 +320,22 @@ impl StableDiffusion {
             return Err(Error::config(&index_path, format!("{name} is not a Stable Diffusion pipeline")));
         }
         let scheduler_config_path = dir.join("scheduler").join("scheduler_config.json");
+        let unet_cfg: UNet2DConditionConfig = read_json(&dir.join("unet").join("config.json"))?;
+        check_lora_family(loras, is_sdxl, unet_cfg.encoder.cross_attention_dim)?;
+        let merges = Merges::new(loras, &unet_cfg);
+        let wrap = |m: &std::sync::Arc<LoraMerge>| {
+            let m = m.clone();
+            move |vb: VarBuilder<'static>| m.wrap(vb)
+        };
         let sdxl = match is_sdxl {
             true => Some(SdxlParts {
                 tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
-                text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device)?,
+                text_encoder_2: ClipTextModel::load_with(
+                    &dir.join("text_encoder_2"),
+                    dtype,
+                    device,
+                    &wrap(&merges.text_encoder_2),
+                )?,
                 force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
             }),
             false => None,
@@ -228,15 +348,20 @@ impl StableDiffusion {
                 ));
             }
         }
+        let text_encoder =
+            ClipTextModel::load_with(&dir.join("text_encoder"), dtype, device, &wrap(&merges.text_encoder))?;
+        let unet = UNet2DConditionModel::load_with(&dir.join("unet"), dtype, device, &wrap(&merges.unet))?;
+        merges.check_all_used(loras)?;
         Ok(Self {
             sdxl,
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::load(&dir.join("text_encoder"), dtype, device)?,
-            unet: UNet2DConditionModel::load(&dir.join("unet"), dtype, device)?,
+            text_encoder,
+            unet,
             vae: AutoencoderKL::load(&dir.join("vae"), dtype, device)?,
             scheduler_config: SchedulerConfig::from_file(&scheduler_config_path)?,
             scheduler_config_path,
+            loras: loras.iter().map(|(f, w)| (f.path.clone(), *w)).collect(),
         })
     }
 
