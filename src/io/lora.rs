@@ -5,7 +5,7 @@
 //! name of the changed module: its diffusers / transformers path with `.` replaced by `_` and, for the text
 //! encoders, without `text_model.` (`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`,
 //! `encoder_layers_0_mlp_fc1`). kohya names are flat already; flattening the others makes one lookup serve
-//! all layouts. [`crate::model::lora`] matches them against the weights as the model loads.
+//! all layouts. The model layer's `lora` module matches them against the weights as the model loads.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
