@@ -86,6 +86,14 @@ const MODULE_ALIASES: &[(&str, &str)] = &[
     ("tile_resample", "tile"),
     ("blur_gaussian", "blur"),
     ("t2ia_color_grid", "color"),
+    ("openpose_hand", "openpose-hand"),
+    ("openpose_face", "openpose-face"),
+    ("openpose_full", "openpose-full"),
+    ("softedge_hed", "hed"),
+    ("softedge_pidinet", "pidinet"),
+    ("lineart_realistic", "lineart"),
+    ("lineart_anime", "lineart-anime"),
+    ("depth_anything_v2", "depth-anything"),
 ];
 
 /// Our annotator kind for a module name (`None` for "none"); only kinds made from a picture.
@@ -242,6 +250,9 @@ mod tests {
         assert_eq!(module_kind("m", "Canny").unwrap(), Some("canny"));
         assert_eq!(module_kind("m", "scribble_xdog").unwrap(), Some("scribble"));
         assert_eq!(module_kind("m", "none").unwrap(), None);
+        assert_eq!(module_kind("m", "openpose_full").unwrap(), Some("openpose-full"));
+        assert_eq!(module_kind("m", "softedge_hed").unwrap(), Some("hed"));
+        assert_eq!(module_kind("m", "depth_anything_v2").unwrap(), Some("depth-anything"));
         assert!(module_kind("m", "depth_midas").unwrap_err().detail().starts_with("m: \"depth_midas\""));
         assert!(module_kind("m", "pose").is_err(), "pose is drawn from keypoints, not detected");
         assert_eq!(resize_mode("r", &json!("Crop and Resize")).unwrap(), ResizeMode::CropAndResize);
