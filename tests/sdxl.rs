@@ -10,7 +10,6 @@ use common::*;
 use controlnet::model::controlnet::{AddedConditions, ControlNetModel};
 use controlnet::pipeline::text_conditioning::{self, SdxlConditioning};
 use controlnet::pipeline::StableDiffusion;
-use serde::Deserialize;
 
 const PROMPT: &str = "a red circle on a light blue background";
 
@@ -20,18 +19,6 @@ fn components() -> HashMap<String, Tensor> {
 
 fn sdxl() -> StableDiffusion {
     StableDiffusion::load(&fixture("models/tiny-sdxl"), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-}
-
-/// max |a - b| <= 1e-4 · max(1, max |b|).
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shape");
-    let diff = max_abs(&(a - b).unwrap());
-    let tol = 1e-4 * max_abs(b).max(1.0);
-    assert!(diff <= tol, "{what}: max difference {diff:e} > {tol:e}");
 }
 
 /// encode_prompt: both encoders' penultimate states side by side, the second's pooled projection, and the
@@ -97,37 +84,10 @@ fn unet_and_controlnet_with_added_conditions_match_diffusers() {
     assert_close(&res.mid_block_res_sample, &fx["controlnet_mid"], "controlnet mid");
 }
 
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    args: Vec<String>,
-    images: Vec<String>,
-}
-
 const MIN_PSNR_DB: f64 = 40.0;
 
 fn run_case(name: &str) {
-    run_case_from("sdxl/cases.json", name);
-}
-
-fn run_case_from(cases_file: &str, name: &str) {
-    let text = std::fs::read_to_string(fixture(cases_file)).unwrap();
-    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
-    let c = cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
-    let dir = temp_dir();
-    let out = dir.path().join("out.png");
-    let mut args: Vec<&str> = vec!["generate"];
-    args.extend(c.args.iter().map(String::as_str));
-    args.extend(["--output", out.to_str().unwrap(), "--quiet"]);
-    let res = controlnet(&args);
-    assert!(res.status.success(), "{name}: {}", stderr(&res));
-    for (i, reference) in c.images.iter().enumerate() {
-        let ours = if c.images.len() == 1 { out.clone() } else { dir.path().join(format!("out-{}.png", i + 1)) };
-        let ours = image::open(&ours).unwrap().to_rgb8();
-        let theirs = image::open(fixture(&format!("sdxl/{reference}"))).unwrap().to_rgb8();
-        let db = psnr(&ours, &theirs);
-        assert!(db >= MIN_PSNR_DB, "{name} image {}: PSNR {db:.1} dB < {MIN_PSNR_DB} dB", i + 1);
-    }
+    run_generate_case("sdxl/cases.json", name, MIN_PSNR_DB);
 }
 
 macro_rules! cases {
@@ -151,7 +111,7 @@ cases! {
 /// transformer blocks; no attention at all with diffusers' plain `UNetMidBlock2D` (one resnet).
 macro_rules! layout_cases {
     ($($test:ident => $name:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case_from("sdxl/cases_layouts.json", $name); })*
+        $(#[test] fn $test() { run_generate_case("sdxl/cases_layouts.json", $name, MIN_PSNR_DB); })*
     };
 }
 

@@ -8,21 +8,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use controlnet::model::controlnet::{AddedConditions, ControlNetModel};
-use serde::Deserialize;
 
 const UNION: &str = "tests/fixtures/models/tiny-controlnet-sdxl-union";
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-}
-
-/// max |a - b| <= 1e-4 · max(1, max |b|).
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shape");
-    let diff = max_abs(&(a - b).unwrap());
-    let tol = 1e-4 * max_abs(b).max(1.0);
-    assert!(diff <= tol, "{what}: max difference {diff:e} > {tol:e}");
-}
 
 /// A guided batch of 2 (different latents, timesteps, size ids and conditions per sample), control type 3,
 /// scale 0.8: the union parts (type embedding, token transformer mixing the batch, channel offsets) all count.
@@ -52,30 +39,10 @@ fn union_forward_matches_diffusers() {
     assert!(net.union_hint(&emb, 8).is_err());
 }
 
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    args: Vec<String>,
-    images: Vec<String>,
-}
-
 const MIN_PSNR_DB: f64 = 40.0;
 
 fn run_case(name: &str) {
-    let text = std::fs::read_to_string(fixture("sdxl_union/cases.json")).unwrap();
-    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
-    let c = cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
-    let dir = temp_dir();
-    let out = dir.path().join("out.png");
-    let mut args: Vec<&str> = vec!["generate"];
-    args.extend(c.args.iter().map(String::as_str));
-    args.extend(["--output", out.to_str().unwrap(), "--quiet"]);
-    let res = controlnet(&args);
-    assert!(res.status.success(), "{name}: {}", stderr(&res));
-    let ours = image::open(&out).unwrap().to_rgb8();
-    let theirs = image::open(fixture(&format!("sdxl_union/{}", c.images[0]))).unwrap().to_rgb8();
-    let db = psnr(&ours, &theirs);
-    assert!(db >= MIN_PSNR_DB, "{name}: PSNR {db:.1} dB < {MIN_PSNR_DB} dB");
+    run_generate_case("sdxl_union/cases.json", name, MIN_PSNR_DB);
 }
 
 #[test]

@@ -62,3 +62,48 @@ pub fn edit_tensors(file: &Path, edit: impl Fn(&str, candle_core::Tensor) -> can
         tensors.into_iter().map(|(name, t)| (name.clone(), edit(&name, t))).collect();
     candle_core::safetensors::save(&edited, file).unwrap();
 }
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+/// The parity metric for tensors: max |a - b| <= 1e-4 · max(1, max |b|).
+pub fn assert_close(a: &candle_core::Tensor, b: &candle_core::Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shape");
+    let diff = max_abs(&(a - b).unwrap());
+    let tol = 1e-4 * max_abs(b).max(1.0);
+    assert!(diff <= tol, "{what}: max difference {diff:e} > {tol:e}");
+}
+
+/// One reference run in a fixture generator's `cases.json`: the CLI arguments and the images diffusers made
+/// (beside the file).
+#[derive(serde::Deserialize)]
+pub struct GenerateCase {
+    pub name: String,
+    pub args: Vec<String>,
+    pub images: Vec<String>,
+}
+
+/// Runs the case `name` of `cases_file` (a fixture path) through `generate` and checks each image against the
+/// reference beside the file: PSNR at least `min_db`.
+pub fn run_generate_case(cases_file: &str, name: &str, min_db: f64) {
+    let text = std::fs::read_to_string(fixture(cases_file)).unwrap();
+    let cases: Vec<GenerateCase> = serde_json::from_str(&text).unwrap();
+    let c = cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    let mut args: Vec<&str> = vec!["generate"];
+    args.extend(c.args.iter().map(String::as_str));
+    args.extend(["--output", out.to_str().unwrap(), "--quiet"]);
+    let res = controlnet(&args);
+    assert!(res.status.success(), "{name}: {}", stderr(&res));
+    let references = fixture(cases_file).parent().unwrap().to_path_buf();
+    for (i, reference) in c.images.iter().enumerate() {
+        let ours = if c.images.len() == 1 { out.clone() } else { dir.path().join(format!("out-{}.png", i + 1)) };
+        let ours = image::open(&ours).unwrap().to_rgb8();
+        let theirs = image::open(references.join(reference)).unwrap().to_rgb8();
+        let db = psnr(&ours, &theirs);
+        assert!(db >= min_db, "{name} image {}: PSNR {db:.1} dB < {min_db} dB", i + 1);
+    }
+}
