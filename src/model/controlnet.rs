@@ -245,9 +245,6 @@ impl ControlNetModel {
         conditioning_scale: f64,
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
-        if self.union.is_some() {
-            bail!("this is a union net: it needs the condition's control type (see `union_hint`)")
-        }
         let (ctx, scale) = (encoder_hidden_states, conditioning_scale);
         self.forward_inner(sample, timestep, ctx, added, cond_embedding, None, scale, guess_mode)
     }
@@ -300,7 +297,8 @@ impl ControlNetModel {
         let union = match (&self.union, union_hint) {
             (Some(parts), Some(hint)) => Some((parts, hint)),
             (None, None) => None,
-            _ => bail!("a union hint goes with a union net only"),
+            (Some(_), None) => bail!("this is a union net: it needs the condition's control type (see `union_hint`)"),
+            (None, Some(_)) => bail!("a union hint goes with a union net only"),
         };
         // 1. time (a union net adds its control type's embedding; SDXL its pooled text + size/crop conditioning)
         let type_emb = union.map(|(parts, hint)| parts.time_embedding(hint, batch, dtype)).transpose()?;
