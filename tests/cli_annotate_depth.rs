@@ -222,3 +222,52 @@ fn generate_preprocess_depth_anything_uses_the_annotate_map() {
     assert!(a.pixels().any(|p| p[0] > 200) && a.pixels().any(|p| p[0] < 50), "a depth map with its full range");
     assert!(image::open(&out).is_ok());
 }
+
+/// A folder INPUT with --save-raw DIR: one map and one `<stem>.npy` per image, byte for byte what the one-image
+/// run writes.
+#[test]
+fn a_folder_writes_one_npy_per_image() {
+    let dir = temp_dir();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for name in ["input_a.png", "input_b.png"] {
+        std::fs::copy(fixture(name), images.join(name)).unwrap();
+    }
+    let w = weights("depth_anything_v2_vits.pth");
+    let (maps, raws) = (dir.path().join("maps"), dir.path().join("raw"));
+    let run = controlnet(&[
+        "annotate",
+        "depth-anything",
+        s(&images),
+        "-o",
+        s(&maps),
+        "--weights",
+        s(&w),
+        "--detect-resolution",
+        "98",
+        "--save-raw",
+        s(&raws),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for stem in ["input_a", "input_b"] {
+        let (out, raw) = (dir.path().join(format!("{stem}.png")), dir.path().join(format!("{stem}.npy")));
+        let input = images.join(format!("{stem}.png"));
+        let run = controlnet(&[
+            "annotate",
+            "depth-anything",
+            s(&input),
+            "-o",
+            s(&out),
+            "--weights",
+            s(&w),
+            "--detect-resolution",
+            "98",
+            "--save-raw",
+            s(&raw),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let folder_map = image::open(maps.join(format!("{stem}.png"))).unwrap().to_rgb8();
+        assert_eq!(folder_map, image::open(&out).unwrap().to_rgb8(), "{stem}: map");
+        assert_eq!(std::fs::read(raws.join(format!("{stem}.npy"))).unwrap(), std::fs::read(&raw).unwrap(), "{stem}");
+    }
+}

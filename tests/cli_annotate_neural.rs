@@ -246,3 +246,61 @@ fn default_weights_come_from_the_hub_cache_for_annotate_and_generate() {
     let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
     assert_eq!(a, b, "generate's HED condition differs from annotate's map");
 }
+
+/// `generate --annotator-weights DIR`: the --preprocess annotator reads its weights from there (the same map as
+/// `annotate --weights DIR`), the recipe records the folder, and a folder that does not exist is refused naming
+/// the flag, with no image written.
+#[test]
+fn generate_reads_annotator_weights_from_the_given_folder() {
+    let dir = temp_dir();
+    let weights = fixture("weights");
+    let input = fixture("input_a.png");
+    let annotated = dir.path().join("a.png");
+    let size = ["--width", "64", "--height", "64"];
+    let mut args = vec!["annotate", "lineart", s(&input), "-o", s(&annotated), "--weights", s(&weights)];
+    args.extend(size);
+    args.extend(["--resize", "just-resize"]);
+    let run = controlnet(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (saved, out) = (dir.path().join("cond.png"), dir.path().join("o.png"));
+    let generate = |weights: &str, out: &std::path::Path| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sd15",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-a",
+            "--control",
+            s(&input),
+            "--preprocess",
+            "lineart",
+            "--annotator-weights",
+            weights,
+            "--save-control",
+            s(&saved),
+            "--steps",
+            "1",
+            "--output",
+            s(out),
+            "--quiet",
+        ];
+        args.extend(size);
+        controlnet(&args)
+    };
+    let run = generate(s(&weights), &out);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
+    assert_eq!(a, b, "generate's lineart condition differs from annotate's map with the same weights");
+    let recipe =
+        controlnet::pipeline::ImageMetadata::from_text_chunks(&controlnet::io::images::read_png_text(&out).unwrap())
+            .unwrap();
+    let recorded = recipe.controls[0].annotator_weights.as_deref().expect("the weights folder is recorded");
+    assert!(recorded.ends_with("annotators_neural/weights"), "{recorded}");
+
+    let missing = dir.path().join("missing.png");
+    let run = generate("./no/such/annotators", &missing);
+    assert!(!run.status.success());
+    let err = stderr(&run);
+    assert!(err.contains("--annotator-weights") && err.contains("./no/such/annotators"), "{err}");
+    assert!(!missing.exists(), "no image is written when the annotator cannot load");
+}

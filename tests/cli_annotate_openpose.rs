@@ -76,10 +76,48 @@ fn openpose_flags_and_missing_nets_are_named() {
         &["annotate", "openpose", s(&input), "-o", s(&out), "--include-face", "--weights", s(&body_only)],
         &["--weights", "facenet.pth"],
     );
+    // a folder INPUT writes one JSON per image into the --save-json folder: a file there is refused
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::copy(&input, images.join("a.png")).unwrap();
     let json = dir.path().join("p.json");
+    std::fs::write(&json, "{}").unwrap();
     fail(
-        &["annotate", "openpose", s(&fixture("weights")), "-o", s(&out), "--save-json", s(&json)],
+        &["annotate", "openpose", s(&images), "-o", s(&dir.path().join("maps")), "--save-json", s(&json)],
         &["--save-json", "folder"],
     );
-    assert!(!json.exists());
+    assert_eq!(std::fs::read_to_string(&json).unwrap(), "{}", "the file is left as it was");
+}
+
+/// A folder of images with --save-json DIR: one map and one `<stem>.json` per image, each what the one-image
+/// run writes.
+#[test]
+fn a_folder_writes_one_json_per_image() {
+    let dir = temp_dir();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::copy(fixture("random_input.png"), images.join("one.png")).unwrap();
+    let flipped = image::open(fixture("random_input.png")).unwrap().fliph();
+    flipped.save(images.join("two.png")).unwrap();
+    let w = fixture("weights");
+    let sizes = ["--detect-resolution", "128", "--image-resolution", "96"];
+    let (maps, jsons) = (dir.path().join("maps"), dir.path().join("poses"));
+    let mut args = vec!["annotate", "openpose-full", s(&images), "-o", s(&maps), "--weights", s(&w)];
+    args.extend(sizes);
+    args.extend(["--save-json", s(&jsons)]);
+    let run = controlnet(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for stem in ["one", "two"] {
+        let (out, json) = (dir.path().join(format!("{stem}.png")), dir.path().join(format!("{stem}.json")));
+        let input = images.join(format!("{stem}.png"));
+        let mut args = vec!["annotate", "openpose-full", s(&input), "-o", s(&out), "--weights", s(&w)];
+        args.extend(sizes);
+        args.extend(["--save-json", s(&json)]);
+        let run = controlnet(&args);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let folder_map = image::open(maps.join(format!("{stem}.png"))).unwrap().to_rgb8();
+        assert_eq!(folder_map, image::open(&out).unwrap().to_rgb8(), "{stem}: map");
+        let folder_json = std::fs::read_to_string(jsons.join(format!("{stem}.json"))).unwrap();
+        assert_eq!(folder_json, std::fs::read_to_string(&json).unwrap(), "{stem}: JSON");
+    }
 }

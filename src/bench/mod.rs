@@ -17,6 +17,7 @@ use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::pipeline::request::ComputeDtype;
 use crate::{Error, Result};
 
+pub mod annotators;
 pub mod floor;
 pub mod flops;
 pub mod random;

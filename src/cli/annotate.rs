@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::annotate::neural::depth_anything::DepthAnything;
 use crate::annotate::neural::openpose::{Include, Openpose};
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
-use crate::annotate::{self, AnnotateSettings, Detector, DetectorOptions, Input, ResizeMode, UpstreamSizes};
+use crate::annotate::{self, AnnotateSettings, DetectorOptions, Input, ResizeMode, UpstreamSizes};
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
 use crate::{Error, Result};
 
@@ -260,7 +260,11 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
     if meta.is_dir() {
-        return run_folder(detector.as_ref(), args, &settings);
+        let (d, upstream) = (detector.as_ref(), args.upstream_sizes());
+        return run_folder(args, |file, out| {
+            let map = annotate::annotate_with(d, &read_image(file)?, &settings, &upstream)?;
+            write_image(&map, out)
+        });
     }
     let image = read_image(&args.input)?;
     let map = annotate::annotate_with(detector.as_ref(), &image, &settings, &args.upstream_sizes())?;
@@ -270,8 +274,10 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Annotate every file of the input folder into the output folder, all with the one loaded detector.
-fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateSettings) -> Result<ExitCode> {
+/// Annotate every file of the input folder into the output folder, all with the one loaded detector: `each`
+/// reads one input and writes its map (and whatever else goes with it) to the given PNG path; a file it fails
+/// on is skipped and reported.
+fn run_folder(args: &AnnotateArgs, mut each: impl FnMut(&Path, &Path) -> Result<()>) -> Result<ExitCode> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.input)
         .map_err(|e| Error::io(&args.input, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -304,10 +310,7 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
                 .push((file.clone(), format!("its output {} is already taken by {}", out.display(), first.display())));
         } else {
             taken.insert(out.clone(), file.clone());
-            let result = read_image(file)
-                .and_then(|img| annotate::annotate_with(detector, &img, settings, &args.upstream_sizes()))
-                .and_then(|map| write_image(&map, &out));
-            if let Err(e) = result {
+            if let Err(e) = each(file, &out) {
                 skipped.push((file.clone(), e.to_string()));
             }
         }
@@ -328,18 +331,28 @@ fn run_folder(detector: &dyn Detector, args: &AnnotateArgs, settings: &AnnotateS
 }
 
 /// `depth-anything --save-raw`: the map and the float depth it was made from, both at the input's size or with
-/// the short side at --image-resolution (one image: the .npy holds one array).
+/// the short side at --image-resolution (one image: the .npy holds one array; a folder: `--save-raw` is a folder
+/// of `<stem>.npy`, one per image).
 fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<ExitCode> {
-    if input_is_dir {
-        return Err(Error::setting("save_raw", "writes one .npy array, so INPUT must be one image, not a folder"));
-    }
     if let Some(size) = args.given().into_iter().find(|g| ["width", "height", "resolution", "resize"].contains(g)) {
         return Err(Error::setting(
             "save_raw",
             format!("writes the depth at the input's size or --image-resolution, so it does not combine with the {size} setting"),
         ));
     }
+    if input_is_dir {
+        side_folder("save_raw", raw)?;
+    }
     let depth_anything = DepthAnything::load(args.weights.as_deref())?;
+    if input_is_dir {
+        let upstream = args.upstream_sizes();
+        return run_folder(args, |file, out| {
+            let depth = depth_anything.sized_depth(&read_image(file)?, &upstream)?;
+            let path = side_file(raw, file, "npy");
+            write_atomic(&path, |tmp| std::fs::write(tmp, depth.to_npy()).map_err(|e| Error::io(tmp, e)))?;
+            write_image(&depth.to_map(), out)
+        });
+    }
     let image = read_image(&args.input)?;
     let depth = depth_anything.sized_depth(&image, &args.upstream_sizes())?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
@@ -353,16 +366,47 @@ fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<
     Ok(ExitCode::SUCCESS)
 }
 
-/// `openpose* --save-json`: the map and the keypoints it was drawn from (one image: the JSON holds one pose).
-fn run_openpose_json(args: &AnnotateArgs, json: &Path, input_is_dir: bool) -> Result<ExitCode> {
-    if input_is_dir {
-        return Err(Error::setting("save_json", "writes one pose, so INPUT must be one image, not a folder"));
+/// A side output's folder for a folder INPUT (`--save-json`, `--save-raw`): created, and refused when it is a file.
+fn side_folder(setting: &str, dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::setting(
+            setting,
+            format!(
+                "{}: INPUT is a folder, so this must be a folder (one file per image), but it is a file",
+                dir.display()
+            ),
+        ));
     }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// `DIR/<stem of input>.<ext>`: a folder run's side output for `input`.
+fn side_file(dir: &Path, input: &Path, ext: &str) -> PathBuf {
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!("{stem}.{ext}"))
+}
+
+/// `openpose* --save-json`: the map and the keypoints it was drawn from (one image: the JSON holds one pose; a
+/// folder: `--save-json` is a folder of `<stem>.json`, one per image).
+fn run_openpose_json(args: &AnnotateArgs, json: &Path, input_is_dir: bool) -> Result<ExitCode> {
     let options = args.detector_options();
     let include = Include::for_kind(&args.kind, options.include_body, options.include_hand, options.include_face);
+    if input_is_dir {
+        side_folder("save_json", json)?;
+    }
     let openpose = Openpose::load(args.weights.as_deref(), include)?;
-    let image = read_image(&args.input)?;
     let (settings, upstream) = (args.settings(), args.upstream_sizes());
+    if input_is_dir {
+        return run_folder(args, |file, out| {
+            let image = read_image(file)?;
+            let (map, pose) =
+                openpose.annotate_with_pose(|d| annotate::annotate_with(d, &image, &settings, &upstream))?;
+            let path = side_file(json, file, "json");
+            write_atomic(&path, |tmp| std::fs::write(tmp, pose.to_json_string()).map_err(|e| Error::io(tmp, e)))?;
+            write_image(&map, out)
+        });
+    }
+    let image = read_image(&args.input)?;
     let (map, pose) = openpose.annotate_with_pose(|d| annotate::annotate_with(d, &image, &settings, &upstream))?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
     check_output_is_not_input("output", &out, &args.inputs())?;

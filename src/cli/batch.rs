@@ -101,6 +101,8 @@ struct Job {
     // Prompt syntax and clip skip (docs/prompts.md).
     prompt_syntax: Option<String>,
     clip_skip: Option<usize>,
+    // Annotator weights (generate's --annotator-weights; relative to the jobs file).
+    annotator_weights: Option<String>,
 }
 
 /// A checked job: its name, request and output files.
@@ -392,6 +394,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
                 .or(if modes.len() == 1 { modes.first() } else { None })
                 .copied()
                 .unwrap_or_default(),
+            annotator_weights: job.annotator_weights.as_ref().map(|w| model_spec(base, w)),
         })
         .collect();
     let defaults = GenerateRequest::default();

@@ -1,7 +1,8 @@
 //! `controlnet bench --preset sd15|sd21 --latent N --batch N [--iters N] [--json] [--skip-vae]`: seconds per
 //! guided step, per UNet and ControlNet pass and per VAE decode, GFLOP/s and peak memory of the full-size
 //! networks with random weights (see [`crate::bench`]). With `--train`: one ControlNet training update instead
-//! ([`crate::bench::train`]).
+//! ([`crate::bench::train`]). With `--annotators`: seconds per 512-px image of each neural annotator
+//! ([`crate::bench::annotators`]).
 use std::fmt::Write;
 
 use clap::Args;
@@ -47,6 +48,10 @@ pub struct BenchArgs {
     /// Matrix size of --floor.
     #[arg(long, default_value_t = 4096)]
     pub floor_size: usize,
+    /// Time the neural annotators instead (full size, random weights, one 512-px image each): all of them, or
+    /// a comma-separated list of kinds (e.g. --annotators hed,depth-anything).
+    #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "KINDS")]
+    pub annotators: Option<String>,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -57,6 +62,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         } else {
             print!("{}", render_floor(&rows));
+        }
+        return Ok(());
+    }
+    if let Some(list) = &args.annotators {
+        let kinds: Vec<&str> = if list == "all" {
+            crate::bench::annotators::KINDS.to_vec()
+        } else {
+            list.split(',').map(str::trim).collect()
+        };
+        let report = crate::bench::annotators::run(&kinds, args.iters, args.seed, |msg| eprintln!("bench: {msg}"))
+            .map_err(|e| anyhow::anyhow!("--annotators: {e}"))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", render_annotators(&report));
         }
         return Ok(());
     }
@@ -166,6 +186,31 @@ pub fn render_floor(rows: &[crate::bench::floor::FloorRow]) -> String {
     let _ = writeln!(s, "{:<24}{:>10}{:>10}", "kernel", "seconds", "GFLOP/s");
     for r in rows {
         let _ = writeln!(s, "{:<24}{:>10.3}{:>10.0}", r.kernel, r.median_s, r.gflops_per_s);
+    }
+    s
+}
+
+/// The text report of `--annotators`.
+pub fn render_annotators(r: &crate::bench::annotators::AnnotatorReport) -> String {
+    let mut s = format!(
+        "{}: neural annotators, {size}x{size} image, detect and image resolution {size}, median of {} after 1 \
+         warm-up\nmachine: {}, {} threads, kernels: {}; load average {:.1} before, {:.1} after\n",
+        r.implementation,
+        r.iters,
+        r.machine,
+        r.threads,
+        r.kernels,
+        r.load_before,
+        r.load_after,
+        size = r.size,
+    );
+    let _ = writeln!(s, "{:<18}{:>10}{:>12}{:>10}", "kind", "seconds", "CPU seconds", "build s");
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "{:<18}{:>10.3}{:>12.3}{:>10.2}",
+            row.kind, row.seconds.median_s, row.cpu_seconds.median_s, row.build_s
+        );
     }
     s
 }

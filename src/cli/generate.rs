@@ -74,6 +74,10 @@ pub struct GenerateArgs {
     /// reads an OpenPose JSON as the --control). See `controlnet annotate --help`.
     #[arg(long = "preprocess", value_name = "KIND")]
     pub preprocess: Vec<String>,
+    /// Where the --preprocess annotators find their weights: a folder holding the upstream file names (e.g.
+    /// ControlNetHED.pth, body_pose_model.pth), a file or a hub id [default: the hub repo lllyasviel/Annotators].
+    #[arg(long, value_name = "DIR_FILE_OR_ID")]
+    pub annotator_weights: Option<String>,
     /// The condition type for the matching union --controlnet (xinsir's union nets): openpose, depth, softedge,
     /// canny, normal, segment, tile, repaint (or an annotator's name such as hed or lineart, or an index).
     #[arg(long = "control-type", value_name = "TYPE")]
@@ -346,6 +350,7 @@ fn demo_net_flags(args: &GenerateArgs) -> anyhow::Result<Vec<NetFlags>> {
     control.only_mid_control = once("--only-mid-control", &mid_only_flags(args))?.unwrap_or(false);
     control.control_type = once("--control-type", &args.control_types)?;
     control.control_mode = once("--control-mode", &args.control_modes)?.unwrap_or_default();
+    control.annotator_weights = args.annotator_weights.clone();
     let save_control = once("--save-control", &args.save_controls)?;
     check_save_control(&control, save_control.as_deref())?;
     Ok(vec![NetFlags { control, save_control }])
@@ -381,6 +386,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
                 only_mid_control: mid_only[i].unwrap_or(false),
                 control_type: types[i].clone(),
                 control_mode: modes[i].unwrap_or_default(),
+                annotator_weights: args.annotator_weights.clone(),
             };
             check_save_control(&control, save[i].as_deref())?;
             Ok(NetFlags { control, save_control: save[i].clone() })

@@ -153,8 +153,14 @@ impl ControlSource {
                 fitted.render_canvas(DrawOptions::default())?
             }
             (Self::Image(img), Some(kind)) => {
-                let detector = annotate::detector(kind, &DetectorOptions::default())
-                    .map_err(|e| Error::setting(control_setting(index, "preprocess"), e))?;
+                let options = DetectorOptions { weights: c.annotator_weights.clone(), ..DetectorOptions::default() };
+                let detector = annotate::detector(kind, &options).map_err(|e| match e {
+                    // where the weights are is its own setting
+                    Error::Setting { setting, msg } if setting == "weights" => {
+                        Error::setting(control_setting(index, "annotator_weights"), msg)
+                    }
+                    e => Error::setting(control_setting(index, "preprocess"), e),
+                })?;
                 let settings =
                     AnnotateSettings { width: Some(width), height: Some(height), resolution: None, resize: mode };
                 annotate::annotate(detector.as_ref(), img, &settings)?

@@ -436,6 +436,7 @@ impl<'a> Generator<'a> {
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
                     control_mode: c.control_mode,
+                    annotator_weights: c.annotator_weights.as_deref().map(recorded_path),
                 })
             })
             .collect::<Result<_>>()?;

@@ -48,6 +48,10 @@ pub struct ControlMetadata {
     /// `--control-mode` (recorded only when not balanced; older images have none).
     #[serde(default, skip_serializing_if = "ControlMode::is_balanced")]
     pub control_mode: ControlMode,
+    // Annotator weights.
+    /// Where the neural annotator's weights came from, when not the default hub repo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotator_weights: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,6 +260,7 @@ impl ImageMetadata {
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
                     control_mode: c.control_mode,
+                    annotator_weights: c.annotator_weights.as_deref().map(find),
                 })
                 .collect(),
             width: Some(self.width),
@@ -376,6 +381,7 @@ mod tests {
                 only_mid_control: false,
                 control_type: None,
                 control_mode: ControlMode::Prompt,
+                annotator_weights: None,
             }],
             prompt: "a cat".into(),
             negative_prompt: "".into(),

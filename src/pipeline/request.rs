@@ -97,6 +97,10 @@ pub struct ControlRequest {
     // Control modes (A1111's per-unit "Control Mode").
     /// How this net balances itself against the prompt (`--control-mode`).
     pub control_mode: ControlMode,
+    // Annotator weights.
+    /// Where `preprocess`'s neural annotator finds its weights: a folder holding the upstream file names, a
+    /// file or a hub id; `None`: the hub repo `lllyasviel/Annotators`.
+    pub annotator_weights: Option<String>,
 }
 
 impl ControlRequest {
@@ -113,6 +117,7 @@ impl ControlRequest {
             only_mid_control: false,
             control_type: None,
             control_mode: ControlMode::Balanced,
+            annotator_weights: None,
         }
     }
 }

@@ -155,14 +155,18 @@ impl DepthAnything {
 
     /// An original `depth_anything_v2_vit*.pth` (sizes and tapped blocks from the tensors).
     pub fn load_original(path: &Path) -> Result<Self> {
-        let sd = StateDict::open(path)?;
+        Self::from_original(&StateDict::open(path)?)
+    }
+
+    /// The tensors of an original `depth_anything_v2_vit*.pth`.
+    pub fn from_original(sd: &StateDict) -> Result<Self> {
         let width = sd.get_rank("pretrained.patch_embed.proj.weight", 4)?.dim(0)?;
         let depth = sd.count("pretrained.blocks.", ".norm1.weight");
         let taps = dinov2::original_taps(depth)
             .ok_or_else(|| sd.error(format!("{depth} blocks: not a ViT-S/B/L/G Depth Anything V2")))?;
         let backbone =
-            Dinov2::load(&sd, &dinov2::ORIGINAL, dinov2::original_heads(width), taps, PosInterpolation::Offset)?;
-        let head = DptHead::load(&sd, &dpt::ORIGINAL)?;
+            Dinov2::load(sd, &dinov2::ORIGINAL, dinov2::original_heads(width), taps, PosInterpolation::Offset)?;
+        let head = DptHead::load(sd, &dpt::ORIGINAL)?;
         Ok(Self { net: DepthAnythingNet { backbone, head }, layout: Layout::Original })
     }
 

@@ -47,18 +47,38 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
     })
 }
 
+/// The original Depth Anything V2 file `detector_from` reads (the small net; `detector` also takes the others and
+/// the transformers layout).
+pub const DEPTH_ANYTHING_FILE: &str = "depth_anything_v2_vits.pth";
+
 /// Load the neural detector `kind` (None for a kind that is not one).
 pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn Detector>>> {
     if kind == "depth-anything" {
         return Ok(Some(Box::new(depth_anything::DepthAnything::load(options.weights.as_deref())?)));
     }
+    let open = |file: &str| StateDict::open(&locate(options.weights.as_deref(), file)?);
+    detector_from(kind, options, &open)
+}
+
+/// The neural detector `kind` (None for a kind that is not one) from the state dicts `open` gives for each
+/// upstream file name it asks for: the files on disk ([`detector`]), or full-size random weights (`bench`).
+/// Depth Anything is read in its original layout from [`DEPTH_ANYTHING_FILE`].
+pub fn detector_from(
+    kind: &str,
+    options: &DetectorOptions,
+    open: &dyn Fn(&str) -> Result<StateDict>,
+) -> Result<Option<Box<dyn Detector>>> {
+    if kind == "depth-anything" {
+        return Ok(Some(Box::new(depth_anything::DepthAnything::from_original(&open(DEPTH_ANYTHING_FILE)?)?)));
+    }
     if kind.starts_with("openpose") {
         let include =
             openpose::Include::for_kind(kind, options.include_body, options.include_hand, options.include_face);
-        return Ok(Some(Box::new(openpose::Openpose::load(options.weights.as_deref(), include)?)));
+        let nets = openpose::OpenposeNets::from_files(open, include)?;
+        return Ok(Some(Box::new(openpose::Openpose { nets: Box::new(nets), include })));
     }
     let Some(file) = weights_file(kind, options) else { return Ok(None) };
-    let sd = StateDict::open(&locate(options.weights.as_deref(), file)?)?;
+    let sd = open(file)?;
     Ok(Some(match kind {
         "hed" => Box::new(hed::Hed { net: hed::HedNet::load(&sd)?, safe: options.safe, scribble: options.scribble }),
         "pidinet" => Box::new(pidinet::Pidi {

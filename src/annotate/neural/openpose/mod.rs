@@ -87,7 +87,11 @@ impl OpenposeNets {
     /// The nets `include` needs, from the `weights` setting (a folder holding the upstream file names, or the
     /// hub; a single file cannot hold three nets).
     pub fn load(weights: Option<&str>, include: Include) -> Result<Self> {
-        let open = |file: &str| StateDict::open(&locate(weights, file)?);
+        Self::from_files(&|file: &str| StateDict::open(&locate(weights, file)?), include)
+    }
+
+    /// The nets `include` needs, from the state dict `open` gives for each upstream file name.
+    pub fn from_files(open: &dyn Fn(&str) -> Result<StateDict>, include: Include) -> Result<Self> {
         Ok(Self {
             body: BodyNet::load(&open(BODY_FILE)?)?,
             hand: include.hand.then(|| CpmNet::load(&open(HAND_FILE)?, HAND_FILE)).transpose()?,
