@@ -383,8 +383,7 @@ pub fn is_inpainting_unet(sd: &StableDiffusion) -> bool {
     sd.unet.config().encoder.in_channels != sd.vae.config().latent_channels
 }
 
-/// The init picture and mask must have the output size; an inpainting UNet needs both; SDXL's img2img is not
-/// implemented yet.
+/// The init picture and mask must have the output size; an inpainting UNet needs both.
 fn validate_init(sd: &StableDiffusion, init: Option<&InitImage>, p: &GenerateParams) -> Result<()> {
     let latent = sd.vae.config().latent_channels;
     let unet_in = sd.unet.config().encoder.in_channels;
@@ -400,12 +399,6 @@ fn validate_init(sd: &StableDiffusion, init: Option<&InitImage>, p: &GeneratePar
     }
     let Some(init) = init else { return Ok(()) };
     check_strength(init.strength)?;
-    if sd.sdxl.is_some() {
-        return Err(Error::setting(
-            "init_image",
-            "img2img and inpainting are implemented for SD 1.x/2.x models only, not SDXL yet",
-        ));
-    }
     let (b, ch, h, w) = init.image.dims4()?;
     let factor = sd.vae_scale_factor();
     let pixels = (3, p.height, p.width);

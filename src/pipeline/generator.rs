@@ -228,12 +228,13 @@ impl<'a> Generator<'a> {
 
         // 2. Refuse what cannot fit before allocating any of it (the hires pass's size too).
         let size_setting = if request.width.is_none() && request.height.is_some() { "height" } else { "width" };
-        self.check_memory(request, (width, height), size_setting)?;
+        self.check_memory(request, (width, height), size_setting, request.init_image.is_some())?;
         let hires_size = match &request.hires {
-            Some(h) => {
-                let (w, h) = h.size((width, height), factor);
+            Some(hires) => {
+                let (w, h) = hires.size((width, height), factor);
                 check_size(w, h, factor).map_err(|e| Error::setting("hires.scale", e))?;
-                self.check_memory(request, (w, h), "hires.scale")?;
+                let encodes = hires.upscaler == super::hires::Upscaler::Lanczos;
+                self.check_memory(request, (w, h), "hires.scale", encodes)?;
                 Some((w, h))
             }
             None => None,
@@ -347,7 +348,14 @@ impl<'a> Generator<'a> {
     }
 
     /// Refuses a size whose run cannot fit in the memory available, naming `setting`.
-    fn check_memory(&self, request: &GenerateRequest, (width, height): (usize, usize), setting: &str) -> Result<()> {
+    /// `encodes_picture`: the VAE encoder runs at this size (an init picture, or a Lanczos hires pass).
+    fn check_memory(
+        &self,
+        request: &GenerateRequest,
+        (width, height): (usize, usize),
+        setting: &str,
+        encodes_picture: bool,
+    ) -> Result<()> {
         let sd = self.sd;
         let levels = sd.unet.config().encoder.levels().map_err(|m| Error::config(&sd.dir, m))?;
         let shape = RequestShape {
@@ -357,6 +365,7 @@ impl<'a> Generator<'a> {
             guided: request.guidance > 1.0,
             controlnets: request.controls.len(),
             vae_tiling: request.vae_tiling,
+            encodes_picture,
         };
         estimate(&levels, sd.unet.config().encoder.in_channels, sd.vae.config(), shape).check(
             setting,

@@ -8,7 +8,9 @@
 //!   scores `batch × heads × tokens²` at the largest attention level, or the block of them our attention holds
 //!   at once (`model::attention::MAX_SCORES`) when that is smaller: the whole matrix never exists here;
 //! - decoding: the VAE decoder's activations at full size (with tiling, those of one tile plus the blended
-//!   output) and its single-head mid-block attention over the latent pixels (bounded the same way).
+//!   output) and its single-head mid-block attention over the latent pixels (bounded the same way);
+//! - encoding (img2img, inpainting, a Lanczos hires pass): the VAE encoder's activations at full size, the
+//!   mirror of the decoder's, with the picture as f32.
 //!
 //! It is an estimate (the constants are the tensors alive at once, counted from the code, rounded up), meant to
 //! tell "fits" from "cannot possibly fit", not to predict the resident size to the megabyte.
@@ -39,6 +41,8 @@ pub struct RequestShape {
     pub guided: bool,
     pub controlnets: usize,
     pub vae_tiling: bool,
+    /// A picture is encoded by the VAE at this size (img2img, inpainting, a Lanczos hires pass).
+    pub encodes_picture: bool,
 }
 
 /// The estimate, by part (bytes).
@@ -50,6 +54,8 @@ pub struct MemoryEstimate {
     pub attention_scores: u64,
     /// The VAE decoder's activations and the output images.
     pub decoding: u64,
+    /// The VAE encoder's activations and the picture (0 when nothing is encoded).
+    pub encoding: u64,
     /// The conditions fitted to the output size (held through both stages).
     pub conditions: u64,
     pub total: u64,
@@ -111,13 +117,25 @@ pub fn estimate(
         VAE_WORKING_TENSORS * full_channels * dec_h * dec_w * n * F32 + held_scores(n * latent_pixels * latent_pixels);
     let decoding = decoder + OUTPUT_BYTES_PER_PIXEL * h * w * n;
 
+    // 3. Encoding: the encoder's first level at full size (never tiled), its mid-block attention over the latent
+    //    pixels, and the picture as f32.
+    let encoding = if shape.encodes_picture {
+        let full_pixels = (h / factor as f64).ceil() * (w / factor as f64).ceil();
+        VAE_WORKING_TENSORS * full_channels * h * w * n * F32
+            + held_scores(n * full_pixels * full_pixels)
+            + 3.0 * h * w * n * F32
+    } else {
+        0.0
+    };
+
     let conditions = CONDITION_BYTES_PER_PIXEL * h * w * shape.controlnets as f64;
     // `as u64` saturates: an absurd request reads as u64::MAX bytes, still refused.
-    let total = conditions + denoising.max(decoding);
+    let total = conditions + denoising.max(decoding).max(encoding);
     MemoryEstimate {
         denoising: denoising as u64,
         attention_scores: scores as u64,
         decoding: decoding as u64,
+        encoding: encoding as u64,
         conditions: conditions as u64,
         total: total as u64,
     }
@@ -134,12 +152,16 @@ impl MemoryEstimate {
     /// `setting`, the size and the largest parts.
     pub fn check(&self, setting: &str, width: usize, height: usize, available: Option<u64>) -> crate::Result<()> {
         use crate::memory::format_bytes;
-        let what = format!(
-            "a {width}x{height} image (attention scores {}, denoising {}, decoding {})",
+        let mut what = format!(
+            "a {width}x{height} image (attention scores {}, denoising {}, decoding {}",
             format_bytes(self.attention_scores),
             format_bytes(self.denoising),
             format_bytes(self.decoding)
         );
+        if self.encoding > 0 {
+            what.push_str(&format!(", encoding the picture {}", format_bytes(self.encoding)));
+        }
+        what.push(')');
         crate::memory::check_fits(setting, &what, self.total, available)
     }
 }
@@ -173,7 +195,15 @@ mod tests {
     }
 
     fn shape(width: usize, height: usize) -> RequestShape {
-        RequestShape { width, height, num_images: 1, guided: true, controlnets: 1, vae_tiling: false }
+        RequestShape {
+            width,
+            height,
+            num_images: 1,
+            guided: true,
+            controlnets: 1,
+            vae_tiling: false,
+            encodes_picture: false,
+        }
     }
 
     const GIB: u64 = 1 << 30;
@@ -204,5 +234,21 @@ mod tests {
         let tiled = estimate(&sd15_levels(), 4, &sd15_vae(), RequestShape { vae_tiling: true, ..shape(2048, 2048) });
         assert!(tiled.decoding * 4 < plain.decoding, "{plain:?} vs {tiled:?}");
         assert_eq!(tiled.denoising, plain.denoising);
+    }
+
+    #[test]
+    fn an_encoded_picture_counts_the_encoder() {
+        let txt2img = estimate(&sd15_levels(), 4, &sd15_vae(), shape(2048, 2048));
+        assert_eq!(txt2img.encoding, 0);
+        let img2img =
+            estimate(&sd15_levels(), 4, &sd15_vae(), RequestShape { encodes_picture: true, ..shape(2048, 2048) });
+        // the encoder's first level is as wide as the decoder's last, plus the f32 picture
+        assert!(img2img.encoding > txt2img.decoding / 2, "{img2img:?}");
+        // tiled decoding no longer bounds the peak: the encoder is not tiled
+        let tiled = RequestShape { encodes_picture: true, vae_tiling: true, ..shape(2048, 2048) };
+        let tiled = estimate(&sd15_levels(), 4, &sd15_vae(), tiled);
+        assert!(tiled.total >= tiled.encoding && tiled.encoding > 4 * tiled.decoding, "{tiled:?}");
+        let err = img2img.check("width", 2048, 2048, Some(1 << 20)).unwrap_err().to_string();
+        assert!(err.contains(", encoding the picture "), "{err}");
     }
 }
