@@ -192,7 +192,7 @@ pub fn run(args: &BatchArgs) -> anyhow::Result<ExitCode> {
                 nets.entry(key).or_insert_with(|| {
                     let spec = c.controlnet.as_deref().unwrap_or_default();
                     let setting = crate::pipeline::request::control_setting(i, "controlnet");
-                    let net = open_controlnet(&setting, spec, c.controlnet_config.as_deref(), &opts);
+                    let net = open_controlnet(&setting, spec, c.controlnet_config.as_deref(), &opts, Some(&sd));
                     net.map_err(|e| super::describe(&e.into()))
                 });
             }

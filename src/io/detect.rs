@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::base::{base_for_width, Base};
 use super::checkpoint::TensorInfo;
+use super::control_lora;
 use super::keymap::{self, OpenClipTarget, UnetLayout};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -92,8 +93,7 @@ const DDPM_BUFFERS: [&str; 13] = [
     "logvar",
 ];
 
-/// Key of the marker tensor Stability's control-LoRAs carry (ComfyUI's `ControlLora` is chosen by it).
-pub const CONTROL_LORA_MARKER: &str = "lora_controlnet";
+pub use super::control_lora::CONTROL_LORA_MARKER;
 /// Top-level tensors only diffusers' `ControlNetUnionModel` has (xinsir's union nets).
 pub const UNION_PARTS: [&str; 4] =
     ["task_embedding", "control_add_embedding.", "spatial_ch_projs.", "transformer_layes."];
@@ -101,7 +101,10 @@ pub const UNION_PARTS: [&str; 4] =
 /// A ControlNet kind that is recognised but cannot be loaded yet: what it is, for messages.
 pub fn unsupported_controlnet(tensors: &[TensorInfo]) -> Option<&'static str> {
     if tensors.iter().any(|t| t.name == CONTROL_LORA_MARKER) {
-        Some("a control-LoRA (low-rank deltas on the base UNet's encoder, as Stability's control-lora-*.safetensors)")
+        Some(
+            "a control-LoRA (low-rank changes to a base UNet's encoder, as Stability's control-lora-*.safetensors): \
+             it is loaded on the base model's UNet, by generate with an SDXL --model",
+        )
     } else {
         None
     }
@@ -191,13 +194,15 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
         Base::Unknown
     };
 
-    let proj = tensors.iter().find(|t| t.name.ends_with("proj_in.weight")).map(|t| {
-        if t.shape.len() == 2 {
-            Projection::Linear
-        } else {
-            Projection::Conv
-        }
-    });
+    // A control-LoRA stores `proj_in.down` ([rank, in] for a linear projection) in place of the weight.
+    let proj =
+        tensors.iter().find(|t| t.name.ends_with("proj_in.weight") || t.name.ends_with("proj_in.down")).map(|t| {
+            if t.shape.len() == 2 {
+                Projection::Linear
+            } else {
+                Projection::Conv
+            }
+        });
 
     let mut d = Detection {
         kind,
@@ -215,8 +220,18 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     };
     if kind == ControlNet {
         controlnet_details(tensors, file_name, &mut d);
-        if let Some(what) = unsupported_controlnet(tensors) {
-            d.notes.push(format!("{what}: recognised, not loadable yet"));
+        if control_lora::is_control_lora(tensors) {
+            let s = control_lora::summary(tensors);
+            d.cross_attention_dim = s.cross_attention_dim;
+            if d.base == Base::Unknown {
+                d.base = s.cross_attention_dim.map_or(Base::Unknown, base_for_width);
+            }
+            d.notes.push(format!(
+                "a control-LoRA of rank {}: low-rank changes to the base UNet's encoder, the hint encoder and zero \
+                 convolutions in full (Stability's control-lora-*); generate builds the ControlNet on the --model's \
+                 UNet, which must be SDXL",
+                s.rank
+            ));
         }
         if is_union_net(tensors) {
             d.notes.push(
@@ -232,10 +247,14 @@ pub fn detect(tensors: &[TensorInfo], file_name: &str) -> Detection {
     if kind == Unknown {
         d.description = unknown_description(tensors);
     } else {
-        let base = if base == Base::Unknown { String::new() } else { format!("{} ", base_label(base)) };
+        let base = if d.base == Base::Unknown { String::new() } else { format!("{} ", base_label(d.base)) };
         // "an SD1.5 UNet", "a UNet".
         let article = if base.is_empty() { "a" } else { "an" };
         d.description = format!("{article} {base}{kind} ({format} names)");
+        if control_lora::is_control_lora(tensors) {
+            let rank = control_lora::summary(tensors).rank;
+            d.description = format!("{article} {base}control-LoRA, rank {rank} ({format} names)");
+        }
     }
     d
 }
@@ -345,6 +364,16 @@ pub fn roles(d: &Detection, tensors: &[TensorInfo]) -> Vec<Role> {
         .map_or(0, |m| m + 1);
     let known = |o: Option<String>| if o.is_some() { Role::Used } else { Role::Unrecognised };
     match (d.kind, d.format) {
+        (ModelKind::ControlNet, Format::Original) if control_lora::is_control_lora(tensors) => {
+            let l = control_lora::layout(tensors).unwrap_or(UNKNOWN_LAYOUT);
+            tensors
+                .iter()
+                .map(|t| match control_lora::split_name(&t.name).0 {
+                    control_lora::Stored::Marker => Role::Ignored,
+                    _ => known(control_lora::diffusers_name(&t.name, &l).map(|x| x.1)),
+                })
+                .collect()
+        }
         (ModelKind::ControlNet | ModelKind::Unet, Format::Original) => {
             let l = unet_orig(&d.prefix);
             tensors

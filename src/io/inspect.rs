@@ -304,6 +304,15 @@ mod tests {
                 3_468_837_867,
                 "f16",
             ),
+            (
+                "control_lora_rank128",
+                "control-lora-canny-rank128.safetensors",
+                ControlNet,
+                Sdxl,
+                Format::Original,
+                197_779_104,
+                "f16",
+            ),
         ];
         for (layout, file, kind, base, format, params, dtype) in cases {
             let sub = dir.path().join(layout);
@@ -320,6 +329,10 @@ mod tests {
                 assert_eq!(i.hint_channels, vec![16, 32, 96, 256], "{layout}");
                 let linear = base != Sd15;
                 assert_eq!(i.projection, Some(if linear { Projection::Linear } else { Projection::Conv }), "{layout}");
+            }
+            if layout.starts_with("control_lora") {
+                assert_eq!(i.description, "an SDXL control-LoRA, rank 128 (original names)");
+                assert_eq!((i.cross_attention_dim, i.ignored_tensors), (Some(2048), 1), "{layout}");
             }
         }
     }

@@ -4,6 +4,7 @@ pub mod atomic;
 pub mod base;
 mod bytes;
 pub mod checkpoint;
+pub mod control_lora;
 pub mod detect;
 #[cfg(test)]
 pub(crate) mod fixtures;

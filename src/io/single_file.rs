@@ -94,7 +94,7 @@ pub fn load_controlnet_file_with(path: &Path, config: Option<&Path>) -> Result<C
     let ck = Checkpoint::open(path)?;
     let det = expect_kind(&ck, Expected::ControlNet)?;
     if let Some(what) = super::detect::unsupported_controlnet(&ck.tensors) {
-        return Err(Error::weights(path, format!("this is {what}, which cannot be loaded yet")));
+        return Err(Error::weights(path, format!("this is {what}; it cannot be loaded on its own")));
     }
     let tensors = match det.format {
         Format::Original => {

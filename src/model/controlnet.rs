@@ -184,9 +184,20 @@ impl ControlNetModel {
         origin: &Path,
     ) -> crate::Result<Self> {
         let config: ControlNetConfig = serde_json::from_value(config).map_err(|e| Error::config(origin, e))?;
+        Self::from_config_and_tensors(&config, tensors, dtype, device, origin)
+    }
+
+    /// [`Self::from_tensors`] with the config already made (a control-LoRA's is the base UNet's).
+    pub fn from_config_and_tensors(
+        config: &ControlNetConfig,
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        origin: &Path,
+    ) -> crate::Result<Self> {
         config.encoder.levels().map_err(|m| Error::config(origin, m))?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        let mut model = Self::new(&config, vb).map_err(|e| Error::weights(origin, e))?;
+        let mut model = Self::new(config, vb).map_err(|e| Error::weights(origin, e))?;
         model.source = Some(origin.to_path_buf());
         Ok(model)
     }

@@ -16,3 +16,4 @@ pub mod unet_encoder;
 pub mod vae;
 pub mod vae_blocks;
 pub mod vae_tiling;
+pub mod weight_tap;

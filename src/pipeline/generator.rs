@@ -93,7 +93,7 @@ pub fn run(
         .enumerate()
         .map(|(i, c)| {
             let spec = c.controlnet.as_deref().unwrap_or_default();
-            open_controlnet(&control_setting(i, "controlnet"), spec, c.controlnet_config.as_deref(), &opts)
+            open_controlnet(&control_setting(i, "controlnet"), spec, c.controlnet_config.as_deref(), &opts, Some(&sd))
         })
         .collect::<Result<Vec<_>>>()?;
 

@@ -6,16 +6,19 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::io::checkpoint::Checkpoint;
+use crate::io::control_lora;
 use crate::io::detect::ModelKind;
 use crate::io::keymap::UnetLayout;
 use crate::io::lora::{LoraFamily, LoraFile, Part};
 use crate::io::single_file::{self, PredictionType};
 use crate::io::{hub, inspect, weights::read_json};
 use crate::model::clip::ClipTextModel;
-use crate::model::controlnet::ControlNetModel;
+use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::model::lora::LoraMerge;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
+use crate::model::weight_tap::WeightTap;
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -47,6 +50,8 @@ pub struct StableDiffusion {
     /// The LoRAs merged into the weights (file, weight), in the order given: a request for other LoRAs
     /// needs the model loaded again.
     pub loras: Vec<(PathBuf, f64)>,
+    /// The UNet encoder's tensors as loaded (shared with the UNet): what a control-LoRA is built on.
+    pub unet_weights: std::sync::Arc<WeightTap>,
 }
 
 /// LoRAs to merge at load, each with its weight.
@@ -177,11 +182,13 @@ fn check_kind(setting: &str, path: &Path, accepted: &[ModelKind], expected: &str
 /// single file, or a hub id; errors name `setting`.
 /// `config`: a diffusers ControlNet `config.json` (or its folder) for a single file the weights cannot fully
 /// describe.
+/// `base`: the loaded base model, which a control-LoRA is built on (`None` where there is none).
 pub fn open_controlnet(
     setting: &str,
     spec: &str,
     config: Option<&Path>,
     opts: &LoadOptions,
+    base: Option<&StableDiffusion>,
 ) -> Result<ControlNetModel> {
     const EXPECTED: &str = "a ControlNet (a diffusers ControlNet folder or an original .safetensors/.pth file)";
     let path = resolve(setting, spec, opts)?;
@@ -189,8 +196,49 @@ pub fn open_controlnet(
     if path.is_dir() {
         return ControlNetModel::load(&path, opts.dtype, &opts.device);
     }
+    if Checkpoint::open(&path).is_ok_and(|ck| control_lora::is_control_lora(&ck.tensors)) {
+        return open_control_lora(setting, &path, opts, base);
+    }
     let c = single_file::load_controlnet_file_with(&path, config)?;
     ControlNetModel::from_tensors(c.config, c.tensors, opts.dtype, &opts.device, &path)
+}
+
+/// A control-LoRA made whole on `base`'s UNet (see [`crate::io::control_lora`]): the ControlNet has the base
+/// UNet's encoder config and the file's hint encoder.
+fn open_control_lora(
+    setting: &str,
+    path: &Path,
+    opts: &LoadOptions,
+    base: Option<&StableDiffusion>,
+) -> Result<ControlNetModel> {
+    let Some(sd) = base else {
+        return Err(Error::setting(
+            setting,
+            format!("{}: a control-LoRA is built on the base model's UNet, and none is loaded here", path.display()),
+        ));
+    };
+    let unet = &sd.unet.config().encoder;
+    if sd.sdxl.is_none() || unet.text_time_dims().ok().flatten().is_none() {
+        return Err(Error::setting(
+            setting,
+            format!(
+                "{} is a control-LoRA, which is made for SDXL (Stability's control-lora-*), but the model {} is \
+                 SD 1.x/2.x: give an SDXL --model",
+                path.display(),
+                sd.dir.display()
+            ),
+        ));
+    }
+    let net = control_lora::build(path, &sd.unet_weights.tensors())?;
+    let config = ControlNetConfig {
+        encoder: unet.clone(),
+        conditioning_channels: net.conditioning_channels,
+        conditioning_embedding_out_channels: net.hint_channels,
+        global_pool_conditions: false,
+        controlnet_conditioning_channel_order: Default::default(),
+        union: None,
+    };
+    ControlNetModel::from_config_and_tensors(&config, net.tensors, opts.dtype, &opts.device, path)
 }
 
 impl StableDiffusion {
@@ -248,9 +296,10 @@ impl StableDiffusion {
         let unet_cfg: UNet2DConditionConfig = serde_json::from_value(c.unet.config).map_err(|e| cfg_err("unet", e))?;
         check_lora_family(loras, c.sdxl.is_some(), unet_cfg.encoder.cross_attention_dim)?;
         let merges = Merges::new(loras, &unet_cfg);
+        let unet_weights = WeightTap::new(&control_lora::ENCODER_PREFIXES);
         let unet = UNet2DConditionModel::new(
             &unet_cfg,
-            merges.unet.wrap(VarBuilder::from_tensors(c.unet.tensors, dtype, dev)),
+            unet_weights.wrap(merges.unet.wrap(VarBuilder::from_tensors(c.unet.tensors, dtype, dev))),
         )
         .map_err(|e| Error::weights(path, format!("unet: {e}")))?;
         let vae_cfg = serde_json::from_value(c.vae.config).map_err(|e| cfg_err("vae", e))?;
@@ -295,6 +344,7 @@ impl StableDiffusion {
             scheduler_config,
             scheduler_config_path: path.to_path_buf(),
             sdxl,
+            unet_weights,
         })
     }
 
@@ -350,7 +400,10 @@ impl StableDiffusion {
         }
         let text_encoder =
             ClipTextModel::load_with(&dir.join("text_encoder"), dtype, device, &wrap(&merges.text_encoder))?;
-        let unet = UNet2DConditionModel::load_with(&dir.join("unet"), dtype, device, &wrap(&merges.unet))?;
+        let unet_weights = WeightTap::new(&control_lora::ENCODER_PREFIXES);
+        let merge_unet = wrap(&merges.unet);
+        let unet =
+            UNet2DConditionModel::load_with(&dir.join("unet"), dtype, device, &|vb| unet_weights.wrap(merge_unet(vb)))?;
         merges.check_all_used(loras)?;
         Ok(Self {
             sdxl,
@@ -362,6 +415,7 @@ impl StableDiffusion {
             scheduler_config: SchedulerConfig::from_file(&scheduler_config_path)?,
             scheduler_config_path,
             loras: loras.iter().map(|(f, w)| (f.path.clone(), *w)).collect(),
+            unet_weights,
         })
     }
 
@@ -393,7 +447,10 @@ impl StableDiffusion {
                 ));
             }
         }
-        self.unet = UNet2DConditionModel::load(dir, self.unet.dtype(), self.unet.device())?;
+        let unet_weights = WeightTap::new(&control_lora::ENCODER_PREFIXES);
+        self.unet =
+            UNet2DConditionModel::load_with(dir, self.unet.dtype(), self.unet.device(), &|vb| unet_weights.wrap(vb))?;
+        self.unet_weights = unet_weights;
         Ok(())
     }
 

@@ -96,7 +96,7 @@ impl Models {
         for (i, spec) in net_specs.iter().enumerate() {
             // The ones found in `models_dir` come after those named one by one.
             let setting = if i < named { "controlnet" } else { "models_dir" };
-            let net = open_controlnet(setting, spec, None, &opts)?;
+            let net = open_controlnet(setting, spec, None, &opts, Some(&sd))?;
             let weights = net.source().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(spec));
             let sha256 = weights_hash(&weights, false)?;
             let name = stem(spec);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 
 use super::dataset::Dataset;
-use super::objective::{encode_prompts, encode_targets};
+use super::objective::{encode_captions, encode_targets, CaptionEmbeddings};
 use super::trainer::TrainState;
 use crate::model::vae::DiagonalGaussian;
 use crate::pipeline::StableDiffusion;
@@ -18,8 +18,8 @@ use crate::Result;
 struct Cache {
     /// Per example: VAE posterior mean and log-variance (1, 4, h, w), condition (3, r, r).
     examples: Vec<(Tensor, Tensor, Tensor)>,
-    /// Text embeddings (1, 77, D) by caption.
-    text: HashMap<String, Tensor>,
+    /// Text embeddings (1, 77, D) (and SDXL's pooled text) by caption.
+    text: HashMap<String, CaptionEmbeddings>,
 }
 
 /// The dataset as a run reads it.
@@ -77,7 +77,7 @@ impl Feed {
         for c in captions {
             if let std::collections::hash_map::Entry::Vacant(slot) = cache.text.entry(c) {
                 let prompt = [slot.key().clone()];
-                let t = encode_prompts(&sd.tokenizer, &sd.text_encoder, &prompt, &self.device)?;
+                let t = encode_captions(sd, &prompt, &self.device)?;
                 slot.insert(t);
             }
         }
@@ -122,7 +122,7 @@ impl Feed {
         sd: &StableDiffusion,
         indices: &[usize],
         captions: &[String],
-    ) -> Result<(DiagonalGaussian, Tensor, Tensor)> {
+    ) -> Result<(DiagonalGaussian, CaptionEmbeddings, Tensor)> {
         if let Some(cache) = &self.cache {
             let pick = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
                 let parts: Vec<&Tensor> = indices.iter().map(|&i| f(&cache.examples[i])).collect();
@@ -131,8 +131,8 @@ impl Feed {
             let posterior = DiagonalGaussian { mean: pick(|e| &e.0)?, logvar: pick(|e| &e.1)? };
             let conds: Vec<Tensor> =
                 indices.iter().map(|&i| cache.examples[i].2.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
-            let texts: Vec<&Tensor> = captions.iter().map(|c| &cache.text[c]).collect();
-            return Ok((posterior, Tensor::cat(&texts, 0)?, Tensor::cat(&conds, 0)?));
+            let texts: Vec<&CaptionEmbeddings> = captions.iter().map(|c| &cache.text[c]).collect();
+            return Ok((posterior, CaptionEmbeddings::cat(&texts)?, Tensor::cat(&conds, 0)?));
         }
         let samples = indices
             .iter()
@@ -141,7 +141,7 @@ impl Feed {
         let pixels = Tensor::stack(&samples.iter().map(|s| &s.pixel_values).collect::<Vec<_>>(), 0)?;
         let conds = Tensor::stack(&samples.iter().map(|s| &s.condition).collect::<Vec<_>>(), 0)?;
         let posterior = encode_targets(&sd.vae, &pixels)?;
-        let text = encode_prompts(&sd.tokenizer, &sd.text_encoder, captions, &self.device)?;
+        let text = encode_captions(sd, captions, &self.device)?;
         Ok((posterior, text, conds))
     }
 }

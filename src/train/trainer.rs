@@ -134,14 +134,6 @@ impl Trainer {
     pub fn new(inputs: RunInputs) -> Result<Self> {
         let RunInputs { mut sd, unet, controlnet_config, controlnet, dataset, settings, validation, run_dir } = inputs;
         settings.validate()?;
-        if sd.sdxl.is_some() {
-            // The objective feeds one text encoder's states and no pooled text or size/crop ids.
-            return Err(Error::setting(
-                "model",
-                "training on an SDXL base is not supported yet (init works; train needs SDXL's pooled text and \
-                 size/crop conditioning, issue #15)",
-            ));
-        }
         let device = sd.unet.device().clone();
         let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
             .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
@@ -263,8 +255,10 @@ impl Trainer {
             let (posterior, text, cond) = self.feed.inputs(&self.sd, &indices, &captions)?;
             let draws =
                 Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
+            let added = text.added(self.feed.resolution as usize)?;
+            let (cn, unet) = (&self.nets.controlnet, &self.sd.unet);
             let out =
-                self.objective.loss(&self.nets.controlnet, &self.sd.unet, &posterior, scaling, &text, &cond, &draws)?;
+                self.objective.loss(cn, unet, &posterior, scaling, &text.embeds, added.as_ref(), &cond, &draws)?;
             let loss: f32 = out.loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss.is_finite() {
                 return Err(Error::setting(
@@ -548,9 +542,9 @@ pub(crate) mod tests {
         .unwrap()
     }
 
-    /// Training on SDXL is refused by name, not with a shape error from deep inside the UNet.
+    /// An SDXL base trains: the objective gets the pooled text and size/crop ids, and an update changes the net.
     #[test]
-    fn an_sdxl_base_is_refused_plainly() {
+    fn an_sdxl_base_trains() {
         let dir = tempfile::tempdir().unwrap();
         let data = synthetic_dataset(&dir.path().join("data"), 2);
         let base = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sdxl");
@@ -560,20 +554,25 @@ pub(crate) mod tests {
         let unet_tensors =
             candle_core::safetensors::load(unet_dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
         let new = controlnet_from_unet(&unet_config, &unet_tensors, &InitOptions::default()).unwrap();
-        let err = Trainer::new(RunInputs {
+        let mut t = Trainer::new(RunInputs {
             sd,
             unet: None,
             controlnet_config: new.config,
             controlnet: new.tensors,
             dataset: Dataset::open(&data).unwrap(),
-            settings: settings(),
+            settings: TrainSettings { lr_warmup_steps: 0, max_steps: 1, ..settings() },
             validation: None,
             run_dir: dir.path().join("run"),
         })
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(err.contains("model") && err.contains("SDXL base is not supported yet"), "{err}");
+        .unwrap();
+        let before = weights(&t);
+        let mut losses = Vec::new();
+        let end = t.run(&AtomicBool::new(false), &mut |r| losses.push(r.loss)).unwrap();
+        assert!(matches!(end, RunEnd::Finished));
+        assert_eq!(losses.len(), 1);
+        assert!(losses[0].is_finite() && losses[0] > 0.0, "{losses:?}");
+        assert_ne!(weights(&t), before, "one update changed nothing");
+        assert!(dir.path().join("run/controlnet/config.json").is_file());
     }
 
     fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
@@ -666,7 +665,7 @@ pub(crate) mod tests {
                 let scaling = t.sd.vae.config().scaling_factor;
                 let out = t
                     .objective
-                    .loss(&t.nets.controlnet, &t.sd.unet, &posterior, scaling, &text, &cond, &draws)
+                    .loss(&t.nets.controlnet, &t.sd.unet, &posterior, scaling, &text.embeds, None, &cond, &draws)
                     .unwrap();
                 total += out.loss.to_scalar::<f32>().unwrap();
             }
