@@ -456,6 +456,10 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
         loras: Vec::new(),
         lora_dir: None,
+        // Embeddings and another VAE are not read from batch jobs yet (not in the job file's fields).
+        embeddings: Vec::new(),
+        embeddings_dir: None,
+        vae: None,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

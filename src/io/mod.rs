@@ -5,6 +5,7 @@ pub mod base;
 mod bytes;
 pub mod checkpoint;
 pub mod detect;
+pub mod embeddings;
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod hub;
@@ -15,4 +16,5 @@ pub mod lora;
 pub mod pickle;
 pub mod single_file;
 pub mod torch_file;
+pub mod vae_file;
 pub mod weights;

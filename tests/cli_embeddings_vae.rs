@@ -1,0 +1,118 @@
+//! `generate --embedding FILE`, `--embeddings-dir DIR`, `--vae`: diffusers' images, the metadata (`TI hashes`,
+//! `VAE hash`), `reproduce`, and refusals naming the flag. The numbers are checked against diffusers in
+//! `pipeline::textual_inversion_parity` and `pipeline::vae_override`.
+mod common;
+
+use common::{controlnet, fixture, psnr, stderr, temp_dir};
+
+fn tiny_args(out: &std::path::Path, seed: &str, extra: &[&str]) -> Vec<String> {
+    let model = fixture("models/tiny-sd15");
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--seed",
+        seed,
+        "--scheduler",
+        "ddim",
+        "--guidance",
+        "7.5",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    controlnet(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn reference(rel: &str) -> image::RgbImage {
+    image::open(fixture(rel)).unwrap().to_rgb8()
+}
+
+/// The embeddings folder gives diffusers' image (the three SD1 layouts found by name, the diffusers file by its
+/// token); the metadata names them with their hashes and `reproduce` makes the same image from the files.
+#[test]
+fn embeddings_dir_matches_diffusers_and_reproduces() {
+    let dir = temp_dir();
+    let out = dir.path().join("ti.png");
+    let emb_dir = fixture("textual_inversion");
+    let extra = [
+        "--prompt",
+        "a photo of inkstyle cat, neonfox",
+        "--negative-prompt",
+        "<cat-toy>",
+        "--embeddings-dir",
+        emb_dir.to_str().unwrap(),
+    ];
+    let res = run(&tiny_args(&out, "11", &extra));
+    assert!(res.status.success(), "{}", stderr(&res));
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert!(psnr(&img, &reference("textual_inversion/image.png")) >= 40.0);
+
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let meta = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    let names: Vec<&str> = meta.embeddings.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["<cat-toy>", "inkstyle", "neonfox"]);
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    let ink = &meta.embeddings[1].sha256[..10];
+    assert!(params.contains("TI hashes: \"<cat-toy>: ") && params.contains(&format!("inkstyle: {ink}")), "{params}");
+
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(image::open(&again).unwrap().to_rgb8(), img);
+}
+
+/// `--vae FILE` (original layout) gives diffusers' image with that VAE; recorded and reproduced.
+#[test]
+fn vae_file_matches_diffusers_and_reproduces() {
+    let dir = temp_dir();
+    let out = dir.path().join("vae.png");
+    let vae = fixture("vae_override/tiny-vae-ldm.safetensors");
+    let extra = ["--prompt", "a red circle on a light blue background", "--vae", vae.to_str().unwrap()];
+    let res = run(&tiny_args(&out, "17", &extra));
+    assert!(res.status.success(), "{}", stderr(&res));
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert!(psnr(&img, &reference("vae_override/image.png")) >= 40.0);
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("VAE hash: ") && params.contains("VAE: tiny-vae-ldm.safetensors"), "{params}");
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(image::open(&again).unwrap().to_rgb8(), img);
+}
+
+/// An SDXL embedding on SD1.5, a LoRA given as an embedding, a UNet given as the VAE: refused naming the flag
+/// and the file, non-zero exit, no output written.
+#[test]
+fn wrong_files_are_refused_by_flag() {
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    let cases: [(&str, std::path::PathBuf, &str); 3] = [
+        ("--embedding", fixture("textual_inversion/xlstyle.safetensors"), "made for another model"),
+        ("--embedding", fixture("lora/tiny-kohya.safetensors"), "not a textual-inversion embedding"),
+        ("--vae", fixture("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors"), "a VAE"),
+    ];
+    for (flag, file, says) in cases {
+        let res = run(&tiny_args(&out, "1", &["--prompt", "xlstyle", flag, file.to_str().unwrap()]));
+        assert!(!res.status.success());
+        let err = stderr(&res);
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(&format!("{flag}: ")) && err.contains(name) && err.contains(says), "{err}");
+        assert!(!out.exists());
+    }
+}
