@@ -116,3 +116,38 @@ fn wrong_files_are_refused_by_flag() {
         assert!(!out.exists());
     }
 }
+
+/// A batch job with `vae` and `embedding` makes the same images as `generate` (diffusers' references).
+#[test]
+fn batch_jobs_take_embeddings_and_vae() {
+    let dir = temp_dir();
+    let model = fixture("models/tiny-sd15");
+    let common = format!(
+        r#""model": {:?}, "steps": 4, "scheduler": "ddim", "guidance": 7.5, "width": 128, "height": 128"#,
+        model.to_str().unwrap()
+    );
+    let ti = fixture("textual_inversion");
+    let embeddings: Vec<String> = ["inkstyle.pt", "neonfox.safetensors", "cat-toy/learned_embeds.bin"]
+        .iter()
+        .map(|f| format!("{:?}", ti.join(f).to_str().unwrap()))
+        .collect();
+    let lines = [
+        format!(
+            r#"{{{common}, "output": "ti.png", "seed": 11, "prompt": "a photo of inkstyle cat, neonfox", "negative_prompt": "<cat-toy>", "embedding": [{}]}}"#,
+            embeddings.join(", ")
+        ),
+        format!(
+            r#"{{{common}, "output": "vae.png", "seed": 17, "prompt": "a red circle on a light blue background", "vae": {:?}}}"#,
+            fixture("vae_override/tiny-vae").to_str().unwrap()
+        ),
+    ];
+    let jobs = dir.path().join("jobs.jsonl");
+    std::fs::write(&jobs, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    let res = controlnet(&["batch", jobs.to_str().unwrap(), "--output", out.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let ti_img = image::open(out.join("ti.png")).unwrap().to_rgb8();
+    assert!(psnr(&ti_img, &reference("textual_inversion/image.png")) >= 40.0);
+    let vae_img = image::open(out.join("vae.png")).unwrap().to_rgb8();
+    assert!(psnr(&vae_img, &reference("vae_override/image.png")) >= 40.0);
+}
