@@ -57,3 +57,13 @@ pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> u8 {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
     a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
+
+/// PSNR in dB of two same-sized 8-bit images (infinite when equal).
+pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
+    let n = a.as_raw().len() as f64;
+    let mse = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / n;
+    if mse == 0.0 {
+        return f64::INFINITY;
+    }
+    10.0 * (255.0f64.powi(2) / mse).log10()
+}

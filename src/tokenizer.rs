@@ -88,6 +88,9 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     max_length: usize,
+    /// Tokens added after loading (textual inversion, as transformers' `add_tokens`): matched in the normalised
+    /// (lower-cased) text, anywhere, longest first; (lower-cased content, id).
+    added: Vec<(String, u32)>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -253,6 +256,7 @@ impl ClipTokenizer {
             eos_id,
             pad_id,
             max_length: special.max_length,
+            added: Vec::new(),
         })
     }
 
@@ -333,16 +337,38 @@ impl ClipTokenizer {
     /// The leftmost special token in `text` (the longest one if several start there): (byte offset,
     /// byte length, id).
     fn find_special(&self, text: &str) -> Option<(usize, usize, u32)> {
-        self.specials
-            .iter()
-            .filter_map(|(token, id)| text.find(token.as_str()).map(|start| (start, token.len(), *id)))
-            .min_by_key(|&(start, len, _)| (start, std::cmp::Reverse(len)))
+        find_leftmost_longest(&self.specials, text)
     }
 
-    /// Steps 2–4 of the module docs for text without special tokens.
+    /// This tokenizer with `tokens` (content, id) added as transformers' `add_tokens` adds them: ordinary
+    /// (not special) tokens matched in the normalised text, so case does not matter and a match may sit inside
+    /// a word.
+    pub fn with_added_tokens(&self, tokens: &[(String, u32)]) -> Self {
+        let mut out = self.clone();
+        for (content, id) in tokens {
+            let content: String = content.nfc().flat_map(char::to_lowercase).collect();
+            if !content.is_empty() && !out.added.iter().any(|(c, _)| *c == content) {
+                out.added.push((content, *id));
+            }
+        }
+        out
+    }
+
+    /// Steps 2–4 of the module docs for text without special tokens (added tokens are cut out after step 2).
     fn encode_ordinary(&self, text: &str, ids: &mut Vec<u32>) {
         let normalized: String = text.nfc().flat_map(char::to_lowercase).collect();
-        for piece in self.clip_split.find_iter(&normalized) {
+        let mut rest = normalized.as_str();
+        while let Some((start, len, id)) = find_leftmost_longest(&self.added, rest) {
+            self.encode_normalized(&rest[..start], ids);
+            ids.push(id);
+            rest = &rest[start + len..];
+        }
+        self.encode_normalized(rest, ids);
+    }
+
+    /// Steps 3–4 for normalised text.
+    fn encode_normalized(&self, normalized: &str, ids: &mut Vec<u32>) {
+        for piece in self.clip_split.find_iter(normalized) {
             for word in self.byte_level_split.find_iter(piece.as_str()) {
                 self.bpe(word.as_str().as_bytes(), ids);
             }
@@ -377,6 +403,14 @@ impl ClipTokenizer {
         }
         ids.extend(symbols);
     }
+}
+
+/// The leftmost of `tokens` in `text` (the longest one if several start there): (byte offset, byte length, id).
+fn find_leftmost_longest(tokens: &[(String, u32)], text: &str) -> Option<(usize, usize, u32)> {
+    tokens
+        .iter()
+        .filter_map(|(token, id)| text.find(token.as_str()).map(|start| (start, token.len(), *id)))
+        .min_by_key(|&(start, len, _)| (start, std::cmp::Reverse(len)))
 }
 
 /// GPT-2's reversible byte-to-character map: printable Latin-1 bytes stand for themselves; the other 68

@@ -103,6 +103,10 @@ struct Job {
     clip_skip: Option<usize>,
     // Annotator weights (generate's --annotator-weights; relative to the jobs file).
     annotator_weights: Option<String>,
+    // Textual inversion and VAE override (docs/prompts.md, docs/loading.md).
+    embedding: Option<OneOrMany<String>>,
+    embeddings_dir: Option<String>,
+    vae: Option<String>,
 }
 
 /// A checked job: its name, request and output files.
@@ -171,6 +175,9 @@ pub fn run(args: &BatchArgs) -> anyhow::Result<ExitCode> {
         let sd = StableDiffusion::open(first.model.as_deref().unwrap_or_default(), &opts).and_then(|mut sd| {
             if let Some(unet) = &first.unet {
                 sd.replace_unet("unet", unet)?;
+            }
+            if let Some(vae) = &first.vae {
+                sd.replace_vae("vae", vae, &opts)?;
             }
             Ok(sd)
         });
@@ -459,6 +466,16 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
         loras: Vec::new(),
         lora_dir: None,
+        embeddings: job
+            .embedding
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| path(base, p))
+            .collect(),
+        embeddings_dir: job.embeddings_dir.as_deref().map(|p| path(base, p)),
+        vae: job.vae.as_deref().map(|v| model_spec(base, v)),
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;
@@ -477,7 +494,7 @@ fn load_options(request: &GenerateRequest, device: &candle_core::Device) -> anyh
 
 /// What decides the loaded base model: jobs with the same key share it.
 fn model_key(r: &GenerateRequest) -> String {
-    format!("{:?}", (&r.model, &r.config, &r.unet, &r.variant, r.prediction_type, r.dtype))
+    format!("{:?}", (&r.model, &r.config, &r.unet, &r.variant, r.prediction_type, r.dtype, &r.vae))
 }
 
 fn net_key(c: &ControlRequest) -> String {

@@ -194,6 +194,18 @@ pub struct GenerateArgs {
     /// A1111's clip skip: 1 = the usual text encoder layer, 2 = the one before (diffusers' clip_skip=1), ...
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub clip_skip: usize,
+    // Textual inversion and VAE override (docs/prompts.md, docs/loading.md).
+    /// A textual-inversion embedding (A1111 .pt/.safetensors, SDXL clip_l/clip_g .safetensors, diffusers
+    /// learned_embeds.bin), used where its name (the file stem) occurs in a prompt. Repeat for several.
+    #[arg(long = "embedding", value_name = "FILE")]
+    pub embeddings: Vec<PathBuf>,
+    /// A1111's embeddings folder: a file there (subfolders too) is used when its name occurs in a prompt.
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    pub embeddings_dir: Option<PathBuf>,
+    /// A VAE in place of the model's: a diffusers AutoencoderKL folder or hub id, or one .safetensors/.pt/.ckpt
+    /// file (original names, e.g. vae-ft-mse-840000-ema-pruned, or diffusers names).
+    #[arg(long, value_name = "DIR_FILE_OR_ID")]
+    pub vae: Option<String>,
 }
 
 /// The per-net settings of one --controlnet after pairing, and where to save its condition.
@@ -251,6 +263,9 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         clip_skip: args.clip_skip,
         loras: args.loras.iter().map(|s| LoraRequest::parse(s)).collect::<crate::Result<_>>()?,
         lora_dir: args.lora_dir.clone(),
+        embeddings: args.embeddings.clone(),
+        embeddings_dir: args.embeddings_dir.clone(),
+        vae: args.vae.clone(),
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     check_quality(&args.output, args.quality)?;
@@ -319,6 +334,8 @@ pub(crate) fn check_outputs<'a>(
     inputs.extend(request.init_image.as_deref());
     inputs.extend(request.mask.as_deref());
     inputs.extend(request.loras.iter().map(|l| l.path.as_path()));
+    inputs.extend(request.embeddings.iter().map(PathBuf::as_path));
+    inputs.extend(request.vae.as_deref().map(Path::new));
     for c in &request.controls {
         inputs.push(&c.control);
         inputs.extend(c.controlnet.as_deref().map(Path::new));

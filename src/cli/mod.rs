@@ -104,7 +104,8 @@ pub fn main() -> ExitCode {
 }
 
 /// Library settings whose flag is not simply `--` + the name in kebab case.
-const FLAG_NAMES: &[(&str, &str)] = &[("controlnet", "--controlnet"), ("control", "--control")];
+const FLAG_NAMES: &[(&str, &str)] =
+    &[("controlnet", "--controlnet"), ("control", "--control"), ("embeddings", "--embedding")];
 
 /// A library setting's name (`crate::Error::Setting`) as this command line spells it: `num_images` →
 /// `--num-images`, `controls[1].control_end` → `--control-end (ControlNet 2)`.

@@ -6,6 +6,7 @@ mod bytes;
 pub mod checkpoint;
 pub mod control_lora;
 pub mod detect;
+pub mod embeddings;
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod hub;
@@ -16,4 +17,5 @@ pub mod lora;
 pub mod pickle;
 pub mod single_file;
 pub mod torch_file;
+pub mod vae_file;
 pub mod weights;

@@ -24,7 +24,7 @@ use super::detect::{
     UNET_PREFIX, VAE_PREFIX,
 };
 use super::inspect::{wrong_kind, Expected};
-use super::keymap::{self, OpenClipTarget, Reshape, UnetLayout};
+use super::keymap::{self, OpenClipTarget, UnetLayout};
 use super::weights::{find_safetensors, read_json, DIFFUSERS_STEM};
 use crate::{Error, Result};
 
@@ -175,19 +175,7 @@ pub fn load_sd_checkpoint_with(path: &Path, opts: &SdOptions) -> Result<SdCompon
     let unet = rename(&ck, UNET_PREFIX, |k| keymap::unet_to_diffusers(k, &l))?;
 
     // 2. VAE: 1x1-conv attention weights become linear.
-    let levels = count_indices(&ck, &format!("{VAE_PREFIX}encoder.down."));
-    let mut vae = TensorMap::new();
-    for t in ck.tensors.iter().filter(|t| t.name.starts_with(VAE_PREFIX)) {
-        let k = &t.name[VAE_PREFIX.len()..];
-        let (name, reshape) = keymap::vae_to_diffusers(k, levels)
-            .ok_or_else(|| Error::weights(path, format!("unrecognised VAE tensor {}", t.name)))?;
-        let x = ck.load(&t.name)?;
-        let x = match reshape {
-            Reshape::None => x,
-            Reshape::Conv1x1ToLinear => x.flatten_from(1)?,
-        };
-        vae.insert(name, x);
-    }
+    let vae = super::vae_file::rename_original_vae(&ck, VAE_PREFIX)?;
 
     // 3. Text encoder: OpenAI CLIP (SD1, SDXL's first) or OpenCLIP (SD2, fused q/k/v, last layer dropped);
     // SDXL's second is OpenCLIP bigG with every layer and its projection.

@@ -281,6 +281,28 @@ impl ClipTextModel {
         self.final_layer_norm.forward(x)
     }
 
+    /// Rows of the token-embedding table: the first id a token added to the tokenizer gets.
+    pub fn num_token_embeddings(&self) -> usize {
+        self.token_embedding.embeddings().dim(0).unwrap_or(0)
+    }
+
+    /// The token-embedding width (`hidden_size`).
+    pub fn embedding_width(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// This encoder with `rows` (n, hidden_size) appended to its token-embedding table, for ids
+    /// `num_token_embeddings()..+n` (transformers' `resize_token_embeddings` followed by writing the rows, as
+    /// diffusers' `load_textual_inversion` does). The other weights are shared, not copied.
+    pub fn with_extra_tokens(&self, rows: &Tensor) -> Result<Self> {
+        let table = self.token_embedding.embeddings();
+        let rows = rows.to_dtype(table.dtype())?.to_device(table.device())?;
+        let table = Tensor::cat(&[table, &rows], 0)?;
+        let mut out = self.clone();
+        out.token_embedding = Embedding::new(table, self.config.hidden_size);
+        Ok(out)
+    }
+
     /// Whether this is `CLIPTextModelWithProjection` (it has a `text_projection`).
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()

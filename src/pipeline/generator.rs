@@ -15,7 +15,7 @@ use super::extra_networks::resolve_lora_tags;
 use super::generate::{check_size, generate_from, validate, Control, GenerateParams, InitImage};
 use super::hires::{upscale_images, upscale_latents, Upscaler};
 use super::image_metadata::{
-    file_ref, recorded_path, weights_hash, ControlMetadata, FileRef, ImageMetadata, LoraMetadata,
+    file_ref, recorded_path, weights_hash, ControlMetadata, EmbeddingMetadata, FileRef, ImageMetadata, LoraMetadata,
 };
 use super::inpaint;
 use super::memory_estimate::{estimate, RequestShape};
@@ -24,6 +24,7 @@ use super::request::{
     PromptSyntax,
 };
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
+use super::textual_inversion::Embeddings;
 use crate::io::images::{self, ResampleFilter};
 use crate::io::lora::LoraFile;
 use crate::model::controlnet::ControlNetModel;
@@ -87,6 +88,9 @@ pub fn run(
     if let Some(unet) = &request.unet {
         sd.replace_unet("unet", unet)?;
     }
+    if let Some(vae) = &request.vae {
+        sd.replace_vae("vae", vae, &opts)?;
+    }
     let nets = request
         .controls
         .iter()
@@ -140,13 +144,21 @@ pub struct Generator<'a> {
     /// Weight hashes for the metadata, worked out once (multi-GB files).
     model_hash: OnceLock<String>,
     unet_hash: OnceLock<String>,
+    vae_hash: OnceLock<String>,
     controlnet_hashes: Vec<OnceLock<String>>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(sd: &'a StableDiffusion, controlnets: Vec<&'a ControlNetModel>) -> Self {
         let controlnet_hashes = controlnets.iter().map(|_| OnceLock::new()).collect();
-        Self { sd, controlnets, model_hash: OnceLock::new(), unet_hash: OnceLock::new(), controlnet_hashes }
+        Self {
+            sd,
+            controlnets,
+            model_hash: OnceLock::new(),
+            unet_hash: OnceLock::new(),
+            vae_hash: OnceLock::new(),
+            controlnet_hashes,
+        }
     }
 
     /// Runs `request` on these models (its `model` and `controlnet` names are recorded in the metadata; they
@@ -190,6 +202,18 @@ impl<'a> Generator<'a> {
                     "the loaded model has the LoRAs {} merged, the request asks for {}: load the model with them",
                     names(sd.loras.iter().map(|(p, w)| format!("{}:{w}", p.display())).collect()),
                     names(request.loras.iter().map(|l| format!("{}:{}", l.path.display(), l.weight)).collect()),
+                ),
+            ));
+        }
+        // Likewise the VAE: a request for another one needs it loaded.
+        let loaded_vae = sd.vae_override.as_ref().map(|(spec, _)| spec.as_str());
+        if request.vae.as_deref() != loaded_vae {
+            return Err(Error::setting(
+                "vae",
+                format!(
+                    "the loaded model uses {}, the request asks for {}: load the model with it",
+                    loaded_vae.unwrap_or("its own VAE"),
+                    request.vae.as_deref().unwrap_or("the model's own VAE")
                 ),
             ));
         }
@@ -255,6 +279,10 @@ impl<'a> Generator<'a> {
             }
         }
 
+        // 3b. Textual-inversion embeddings the prompts may name, checked against the text encoders.
+        let embeddings = Embeddings::for_request(request)?;
+        embeddings.check_fits(sd)?;
+
         // 4. Conditions at the output size, in the channels each net takes.
         let fitted = self.fit_conditions(request, &sources, mask.as_ref(), (width, height))?;
         let controls = self.controls(request, &fitted);
@@ -272,7 +300,7 @@ impl<'a> Generator<'a> {
             guess_mode: request.guess_mode,
             vae_tiling: request.vae_tiling,
             sdxl: request.sdxl.clone(),
-            prompt_options: PromptOptions { syntax: request.prompt_syntax, clip_skip: request.clip_skip },
+            prompt_options: PromptOptions { syntax: request.prompt_syntax, clip_skip: request.clip_skip, embeddings },
         };
         validate(sd, &controls, &params)?;
         // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
@@ -500,6 +528,22 @@ impl<'a> Generator<'a> {
                     Ok(LoraMetadata { path: file.path, sha256: file.sha256, weight: l.weight })
                 })
                 .collect::<Result<_>>()?,
+            embeddings: params
+                .prompt_options
+                .embeddings
+                .iter()
+                .map(|e| {
+                    let file = file_ref(&e.file.path)?;
+                    Ok(EmbeddingMetadata { name: e.file.name.clone(), path: file.path, sha256: file.sha256 })
+                })
+                .collect::<Result<_>>()?,
+            vae: match &sd.vae_override {
+                Some((spec, path)) => Some(FileRef {
+                    path: recorded_path(spec),
+                    sha256: get_or_try(&self.vae_hash, || weights_hash(path, false))?,
+                }),
+                None => None,
+            },
         })
     }
 }

@@ -113,6 +113,19 @@ pub struct ImageMetadata {
     // LoRA (issue 21): every LoRA merged, the prompt tags' too (the prompt is recorded without its tags).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraMetadata>,
+    // Textual inversion and VAE override (issue 21): the embeddings used (name, file, SHA-256) and the VAE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<EmbeddingMetadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<FileRef>,
+}
+
+/// A textual-inversion embedding the prompts could name: its name, file and SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingMetadata {
+    pub name: String,
+    pub path: String,
+    pub sha256: String,
 }
 
 /// A LoRA merged into the model: its file, SHA-256 and weight.
@@ -147,6 +160,12 @@ fn a1111_sampler(name: &str) -> String {
 /// A short hash as A1111 shows it (first 10 hex digits of the SHA-256).
 fn short(hash: &str) -> &str {
     &hash[..hash.len().min(10)]
+}
+
+/// A1111 names the VAE by its file name with the extension (`vae-ft-mse-840000-ema-pruned.safetensors`).
+fn file_name(path: &str) -> &str {
+    let p = std::path::Path::new(path.trim_end_matches('/'));
+    p.file_name().and_then(|s| s.to_str()).unwrap_or(path)
 }
 
 fn stem(path: &str) -> &str {
@@ -214,6 +233,15 @@ impl ImageMetadata {
                 .map(|l| format!("{}: {}", stem(&l.path), &l.sha256[..l.sha256.len().min(12)]))
                 .collect();
             s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
+        }
+        if !self.embeddings.is_empty() {
+            // A1111's `TI hashes`: the first 10 hex digits of each embedding file's SHA-256.
+            let hashes: Vec<String> =
+                self.embeddings.iter().map(|e| format!("{}: {}", e.name, short(&e.sha256))).collect();
+            s.push_str(&format!(", TI hashes: \"{}\"", hashes.join(", ")));
+        }
+        if let Some(vae) = &self.vae {
+            s.push_str(&format!(", VAE hash: {}, VAE: {}", short(&vae.sha256), file_name(&vae.path)));
         }
         if self.num_images > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", self.num_images, self.image_index - 1));
@@ -291,6 +319,9 @@ impl ImageMetadata {
                 .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.weight })
                 .collect(),
             lora_dir: None,
+            embeddings: self.embeddings.iter().map(|e| PathBuf::from(find(&e.path))).collect(),
+            embeddings_dir: None,
+            vae: self.vae.as_ref().map(|v| find(&v.path)),
         })
     }
 
@@ -408,7 +439,36 @@ mod tests {
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: DEFAULT_CLIP_SKIP,
             loras: Vec::new(),
+            embeddings: Vec::new(),
+            vae: None,
         }
+    }
+
+    /// Embeddings and the VAE are recorded only when used, restored as files, and A1111's `parameters` get
+    /// `TI hashes` and `VAE hash`/`VAE` as A1111 writes them (short hashes: 10 hex digits).
+    #[test]
+    fn embeddings_and_vae_round_trip() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("embeddings") && !json.contains("\"vae\""), "{json}");
+        let old: ImageMetadata = serde_json::from_str(&json).unwrap();
+        assert!(old.embeddings.is_empty() && old.vae.is_none());
+        let m = ImageMetadata {
+            embeddings: vec![EmbeddingMetadata {
+                name: "inkstyle".into(),
+                path: "/e/inkstyle.pt".into(),
+                sha256: "abcdef0123456789".into(),
+            }],
+            vae: Some(FileRef { path: "/v/vae-ft-mse.safetensors".into(), sha256: "9876543210fedcba".into() }),
+            ..sample()
+        };
+        let back = ImageMetadata::from_text_chunks(&m.text_chunks()).unwrap();
+        assert_eq!(back, m);
+        let r = back.to_request(Path::new(".")).unwrap();
+        assert_eq!(r.embeddings, vec![PathBuf::from("/e/inkstyle.pt")]);
+        assert_eq!(r.vae.as_deref(), Some("/v/vae-ft-mse.safetensors"));
+        let p = m.a1111_parameters();
+        assert!(p.contains(", TI hashes: \"inkstyle: abcdef0123\""), "{p}");
+        assert!(p.contains(", VAE hash: 9876543210, VAE: vae-ft-mse.safetensors"), "{p}");
     }
 
     /// Prompt syntax and clip skip are recorded only when not the defaults, restored, and an old PNG without

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use super::generate::{generate, GenerateParams};
 use super::sd::{LoadOptions, StableDiffusion};
 use crate::io::lora::LoraFile;
-use crate::test_support::{fixture_path, fixture_tensors, max_abs_diff};
+use crate::test_support::{fixture_path, fixture_tensors, max_abs_diff, psnr};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -19,16 +19,6 @@ struct Case {
     scheduler: String,
     png: String,
     tensors: String,
-}
-
-/// PSNR in dB of two same-sized 8-bit images.
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let n = a.as_raw().len() as f64;
-    let mse = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / n;
-    if mse == 0.0 {
-        return f64::INFINITY;
-    }
-    10.0 * (255.0f64.powi(2) / mse).log10()
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //! - [`inpaint`]: the mask checked and brought to the latents, latent blending and the 9-channel UNet's input;
 //! - [`image_metadata`]: what a PNG carries to be made again (A1111's `parameters`, our JSON);
 //! - [`extra_networks`]: A1111's `<lora:name:weight>` prompt tags → LoRA files;
+//! - [`textual_inversion`]: embeddings named in prompts → tokens and vectors of the text encoders;
+//! - [`vae_override`]: another VAE in place of the model's;
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
 pub mod conditions;
 pub mod control_mode;
@@ -30,6 +32,10 @@ pub mod prompt_parser;
 pub mod request;
 pub mod sd;
 pub mod text_conditioning;
+pub mod textual_inversion;
+#[cfg(test)]
+mod textual_inversion_parity;
+pub mod vae_override;
 
 pub use control_mode::ControlMode;
 pub use generate::{generate, generate_from, never_cancelled, Control, GenerateOutput, GenerateParams, InitImage};

@@ -17,13 +17,38 @@ pub struct Chunk {
 
 /// The chunks of `pieces` (at least one: an empty prompt is one chunk of bos, eos and padding).
 pub fn chunks(tokenizer: &ClipTokenizer, pieces: &[Piece]) -> Vec<Chunk> {
+    chunks_with_embeddings(tokenizer, pieces, &[])
+}
+
+/// [`chunks`] with textual-inversion embeddings, each given as (its name's token ids, the ids of its vectors):
+/// as A1111's `find_embedding_at_position`, a name found in the tokens (the longest that matches) is replaced by
+/// all its vectors, which start the next chunk when they do not fit in this one.
+pub fn chunks_with_embeddings(
+    tokenizer: &ClipTokenizer,
+    pieces: &[Piece],
+    embeddings: &[(Vec<u32>, Vec<u32>)],
+) -> Vec<Chunk> {
+    let mut by_length: Vec<&(Vec<u32>, Vec<u32>)> = embeddings.iter().collect();
+    by_length.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
     let mut builder = Builder::new(tokenizer);
     for piece in pieces {
         match piece {
             Piece::Break => builder.finish_chunk(),
             Piece::Text { text, weight } => {
-                for id in tokenizer.tokenize(text) {
-                    builder.push(id, *weight as f32);
+                let tokens = tokenizer.tokenize(text);
+                let mut at = 0;
+                while at < tokens.len() {
+                    let found = by_length.iter().find(|(name, _)| tokens[at..].starts_with(name));
+                    match found {
+                        Some((name, vectors)) => {
+                            builder.push_embedding(tokens[at], vectors, *weight as f32);
+                            at += name.len();
+                        }
+                        None => {
+                            builder.push(tokens[at], *weight as f32);
+                            at += 1;
+                        }
+                    }
                 }
             }
         }
@@ -65,6 +90,23 @@ impl<'a> Builder<'a> {
     }
 
     fn push(&mut self, id: u32, weight: f32) {
+        self.make_room(id);
+        self.ids.push(id);
+        self.weights.push(weight);
+    }
+
+    /// An embedding's vectors, found where the token `first` starts its name: they stay in one chunk.
+    fn push_embedding(&mut self, first: u32, vectors: &[u32], weight: f32) {
+        self.make_room(first);
+        if self.ids.len() + vectors.len() > self.capacity {
+            self.finish_chunk();
+        }
+        self.ids.extend_from_slice(vectors);
+        self.weights.extend(std::iter::repeat_n(weight, vectors.len()));
+    }
+
+    /// Before token `id`: note a comma, or cut a full chunk at its last comma; finish a full chunk.
+    fn make_room(&mut self, id: u32) {
         if Some(id) == self.comma {
             self.last_comma = Some(self.ids.len());
         } else if let Some(comma) = self.last_comma {
@@ -80,8 +122,6 @@ impl<'a> Builder<'a> {
         if self.ids.len() == self.capacity {
             self.finish_chunk();
         }
-        self.ids.push(id);
-        self.weights.push(weight);
     }
 
     /// Frames the current tokens as bos, tokens, eos, padding (weight 1) and starts an empty chunk.

@@ -188,6 +188,14 @@ pub struct GenerateRequest {
     pub loras: Vec<LoraRequest>,
     /// Where `<lora:name:weight>` tags in the prompts are found (`name.safetensors`, subfolders too).
     pub lora_dir: Option<PathBuf>,
+    // Textual inversion and VAE override (issue 21): embeddings named in prompts; another VAE.
+    /// Embedding files (`.pt`, `.bin`, `.safetensors`), each triggered by its name (the file stem).
+    pub embeddings: Vec<PathBuf>,
+    /// A1111's embeddings folder: a file there (subfolders too) is used when its name occurs in a prompt.
+    pub embeddings_dir: Option<PathBuf>,
+    /// A VAE used in place of the model's: a diffusers AutoencoderKL folder or hub id, or one file (original
+    /// LDM names as vae-ft-mse-840000 has them, or diffusers names).
+    pub vae: Option<String>,
 }
 
 /// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
@@ -247,6 +255,9 @@ impl Default for GenerateRequest {
             clip_skip: DEFAULT_CLIP_SKIP,
             loras: Vec::new(),
             lora_dir: None,
+            embeddings: Vec::new(),
+            embeddings_dir: None,
+            vae: None,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct StableDiffusion {
     pub loras: Vec<(PathBuf, f64)>,
     /// The UNet encoder's tensors as loaded (shared with the UNet): what a control-LoRA is built on.
     pub unet_weights: std::sync::Arc<WeightTap>,
+    /// The VAE used in place of the model's own ([`Self::replace_vae`]): the spec as given, and its path.
+    pub vae_override: Option<(String, PathBuf)>,
 }
 
 /// LoRAs to merge at load, each with its weight.
@@ -157,7 +159,7 @@ pub struct LoadOptions {
 
 /// A local path as given, or a hub id (`owner/name[@revision]`) fetched into the Hugging Face cache. Errors name
 /// `setting` (`model`, `controls[0].controlnet`).
-fn resolve(setting: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
+pub(super) fn resolve(setting: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
     let path =
         hub::resolve(spec, opts.variant.as_deref()).map_err(|e| Error::setting(setting, format!("{spec}: {e}")))?;
     if !path.exists() {
@@ -168,7 +170,7 @@ fn resolve(setting: &str, spec: &str, opts: &LoadOptions) -> Result<PathBuf> {
 
 /// Refuses a file or folder that `inspect` recognises as another kind of model than `expected`, saying what it
 /// is. Files `inspect` cannot read are left to the loader (its errors name the tensor or file).
-fn check_kind(setting: &str, path: &Path, accepted: &[ModelKind], expected: &str) -> Result<()> {
+pub(super) fn check_kind(setting: &str, path: &Path, accepted: &[ModelKind], expected: &str) -> Result<()> {
     let Ok(found) = inspect::inspect(path) else {
         return Ok(());
     };
@@ -345,6 +347,7 @@ impl StableDiffusion {
             scheduler_config_path: path.to_path_buf(),
             sdxl,
             unet_weights,
+            vae_override: None,
         })
     }
 
@@ -416,7 +419,17 @@ impl StableDiffusion {
             scheduler_config_path,
             loras: loras.iter().map(|(f, w)| (f.path.clone(), *w)).collect(),
             unet_weights,
+            vae_override: None,
         })
+    }
+
+    /// Uses the VAE `spec` names (a diffusers folder or hub id, or one file) in place of the model's own;
+    /// `setting` names it in errors. See [`super::vae_override`].
+    pub fn replace_vae(&mut self, setting: &str, spec: &str, opts: &LoadOptions) -> Result<()> {
+        let (vae, path) = super::vae_override::open_vae(setting, spec, &self.vae, opts)?;
+        self.vae = vae;
+        self.vae_override = Some((spec.to_string(), path));
+        Ok(())
     }
 
     /// Uses the diffusers UNet folder `dir` in place of this model's UNet (`setting` names it in errors). It

@@ -8,9 +8,10 @@
 //! Clip skip picks an earlier encoder layer (A1111's numbering: 1 = the usual layer).
 use candle_core::{DType, Device, Tensor};
 
-use super::prompt_chunks::{chunks, Chunk};
+use super::prompt_chunks::{chunks_with_embeddings, Chunk};
 use super::prompt_parser::parse;
 use super::sd::{SdxlParts, StableDiffusion};
+use super::textual_inversion::{Embeddings, TextSide};
 use crate::model::clip::ClipTextModel;
 use crate::model::unet_encoder::{AddedConditions, TIME_IDS};
 use crate::tokenizer::ClipTokenizer;
@@ -65,17 +66,19 @@ impl PromptSyntax {
 pub const DEFAULT_CLIP_SKIP: usize = 1;
 
 /// How the prompts become text states.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PromptOptions {
     pub syntax: PromptSyntax,
     /// A1111's "Clip skip": 1 = the usual layer, 2 = one layer earlier, ... (diffusers' `clip_skip` is this
     /// minus 1).
     pub clip_skip: usize,
+    /// Textual-inversion embeddings the prompts may name ([`super::textual_inversion`]).
+    pub embeddings: Embeddings,
 }
 
 impl Default for PromptOptions {
     fn default() -> Self {
-        Self { syntax: PromptSyntax::Plain, clip_skip: DEFAULT_CLIP_SKIP }
+        Self { syntax: PromptSyntax::Plain, clip_skip: DEFAULT_CLIP_SKIP, embeddings: Embeddings::default() }
     }
 }
 
@@ -111,22 +114,26 @@ pub fn encode(
     guided: bool,
     options: &PromptOptions,
 ) -> Result<TextConditioning> {
+    // The text encoders with the request's embeddings added (borrowed as they are when there are none).
+    let side = TextSide::new(&sd.tokenizer, &sd.text_encoder, &options.embeddings, false)?;
     let Some(parts) = &sd.sdxl else {
         // SD 1.x/2.x: the one text encoder's states; with A1111 syntax both sides padded to as many chunks.
-        let cond = encode_sd(sd, prompt, "prompt", options)?;
+        let cond = encode_sd(sd, &side, prompt, "prompt", options)?;
         if !guided {
             let cond = repeat(&cond, n)?;
             return Ok(TextConditioning { embeds: cond.clone(), cond_embeds: cond, added: None, cond_added: None });
         }
-        let uncond = encode_sd(sd, negative_prompt, "negative_prompt", options)?;
-        let (cond, uncond) = same_length(cond, uncond, || encode_sd(sd, "", "negative_prompt", options))?;
+        let uncond = encode_sd(sd, &side, negative_prompt, "negative_prompt", options)?;
+        let (cond, uncond) = same_length(cond, uncond, || encode_sd(sd, &side, "", "negative_prompt", options))?;
         let cond = repeat(&cond, n)?;
         let embeds = Tensor::cat(&[&repeat(&uncond, n)?, &cond], 0)?;
         return Ok(TextConditioning { embeds, cond_embeds: cond, added: None, cond_added: None });
     };
     // SDXL: 1. both encoders' penultimate states side by side, and the second's pooled projection.
     let prompt_2 = sdxl.prompt_2.as_deref().unwrap_or(prompt);
-    let (context, pooled) = encode_sdxl(sd, parts, prompt, prompt_2, "prompt", options)?;
+    let side_2 = TextSide::new(&parts.tokenizer_2, &parts.text_encoder_2, &options.embeddings, true)?;
+    let sides = (&side, &side_2);
+    let (context, pooled) = encode_sdxl(sd, parts, sides, prompt, prompt_2, "prompt", options)?;
     // 2. the size/crop numbers: original (h, w), crop (top, left), target (h, w).
     let (ow, oh) = sdxl.original_size.unwrap_or((width, height));
     let (tw, th) = sdxl.target_size.unwrap_or((width, height));
@@ -153,10 +160,10 @@ pub fn encode(
         (zeros, pooled.zeros_like()?)
     } else {
         let negative_2 = sdxl.negative_prompt_2.as_deref().unwrap_or(negative_prompt);
-        encode_sdxl(sd, parts, negative_prompt, negative_2, "negative_prompt", options)?
+        encode_sdxl(sd, parts, sides, negative_prompt, negative_2, "negative_prompt", options)?
     };
     let (context, neg_context) =
-        same_length(context, neg_context, || Ok(encode_sdxl(sd, parts, "", "", "negative_prompt", options)?.0))?;
+        same_length(context, neg_context, || Ok(encode_sdxl(sd, parts, sides, "", "", "negative_prompt", options)?.0))?;
     let cond_embeds = repeat(&context, n)?;
     let embeds = Tensor::cat(&[&repeat(&neg_context, n)?, &cond_embeds], 0)?;
     let added = AddedConditions {
@@ -167,25 +174,43 @@ pub fn encode(
 }
 
 /// SD 1.x/2.x: (1, tokens, width), 77 tokens per chunk.
-fn encode_sd(sd: &StableDiffusion, prompt: &str, setting: &str, options: &PromptOptions) -> Result<Tensor> {
+fn encode_sd(
+    sd: &StableDiffusion,
+    side: &TextSide,
+    prompt: &str,
+    setting: &str,
+    options: &PromptOptions,
+) -> Result<Tensor> {
     check_clip_skip(&sd.text_encoder, options.clip_skip)?;
     let device = sd.unet.device();
     match options.syntax {
         PromptSyntax::Plain => {
-            let ids = token_ids(&sd.tokenizer, prompt, device)?;
-            Ok(states(&sd.text_encoder, &ids, Layer::Final, options.clip_skip)?.0)
+            let ids = plain_ids(side, prompt, device)?;
+            Ok(states(&side.encoder, &ids, Layer::Final, options.clip_skip)?.0)
         }
         PromptSyntax::A1111 => {
-            let chunks = chunks(&sd.tokenizer, &parse(prompt, setting)?);
-            Ok(encode_chunks(&sd.text_encoder, &chunks, Layer::Final, options.clip_skip, device)?.0)
+            let chunks = a1111_chunks(&sd.tokenizer, side, prompt, setting)?;
+            Ok(encode_chunks(&side.encoder, &chunks, Layer::Final, options.clip_skip, device)?.0)
         }
     }
+}
+
+/// Plain syntax: diffusers' multi-vector expansion, then the tokenizer (with the embeddings' tokens).
+fn plain_ids(side: &TextSide, prompt: &str, device: &Device) -> Result<Tensor> {
+    token_ids(&side.tokenizer, &side.expand_multi_vector(prompt), device)
+}
+
+/// A1111 syntax: the prompt parsed and chunked by the model's own tokenizer, embeddings found by their names'
+/// tokens.
+fn a1111_chunks(base: &ClipTokenizer, side: &TextSide, prompt: &str, setting: &str) -> Result<Vec<Chunk>> {
+    Ok(chunks_with_embeddings(base, &parse(prompt, setting)?, &side.names_as_tokens(base)))
 }
 
 /// SDXL: (context (1, tokens, width 1 + width 2), pooled (1, projection width)).
 fn encode_sdxl(
     sd: &StableDiffusion,
     parts: &SdxlParts,
+    (side, side_2): (&TextSide, &TextSide),
     prompt: &str,
     prompt_2: &str,
     setting: &str,
@@ -197,15 +222,15 @@ fn encode_sdxl(
     let skip = options.clip_skip;
     let (first, (second, pooled)) = match options.syntax {
         PromptSyntax::Plain => {
-            let first = states(&sd.text_encoder, &token_ids(&sd.tokenizer, prompt, device)?, Layer::Penultimate, skip)?;
-            let ids_2 = token_ids(&parts.tokenizer_2, prompt_2, device)?;
-            (first.0, states(&parts.text_encoder_2, &ids_2, Layer::Penultimate, skip)?)
+            let first = states(&side.encoder, &plain_ids(side, prompt, device)?, Layer::Penultimate, skip)?;
+            let ids_2 = plain_ids(side_2, prompt_2, device)?;
+            (first.0, states(&side_2.encoder, &ids_2, Layer::Penultimate, skip)?)
         }
         PromptSyntax::A1111 => {
             // Each encoder chunks its own prompt; the pooled embedding is the second's of the first chunk.
-            let chunks_1 = chunks(&sd.tokenizer, &parse(prompt, setting)?);
+            let chunks_1 = a1111_chunks(&sd.tokenizer, side, prompt, setting)?;
             let setting_2 = if setting == "prompt" { "sdxl.prompt_2" } else { "sdxl.negative_prompt_2" };
-            let chunks_2 = chunks(&parts.tokenizer_2, &parse(prompt_2, setting_2)?);
+            let chunks_2 = a1111_chunks(&parts.tokenizer_2, side_2, prompt_2, setting_2)?;
             if chunks_1.len() != chunks_2.len() {
                 return Err(Error::setting(
                     setting_2,
@@ -217,8 +242,8 @@ fn encode_sdxl(
                     ),
                 ));
             }
-            let first = encode_chunks(&sd.text_encoder, &chunks_1, Layer::Penultimate, skip, device)?.0;
-            (first, encode_chunks(&parts.text_encoder_2, &chunks_2, Layer::Penultimate, skip, device)?)
+            let first = encode_chunks(&side.encoder, &chunks_1, Layer::Penultimate, skip, device)?.0;
+            (first, encode_chunks(&side_2.encoder, &chunks_2, Layer::Penultimate, skip, device)?)
         }
     };
     let pooled = pooled.ok_or_else(|| Error::Invalid("SDXL's second text encoder has no text_projection".into()))?;
@@ -355,6 +380,7 @@ mod tests {
             let options = PromptOptions {
                 syntax: if plain { PromptSyntax::Plain } else { PromptSyntax::A1111 },
                 clip_skip: case["clip_skip"].as_u64().unwrap() as usize,
+                ..Default::default()
             };
             let prompt = case["prompt"].as_str().unwrap();
             let negative = case["negative_prompt"].as_str().unwrap_or("");
@@ -379,7 +405,7 @@ mod tests {
     #[test]
     fn clip_skip_out_of_range_names_the_setting() {
         let sd = model("sd15");
-        let options = PromptOptions { syntax: PromptSyntax::Plain, clip_skip: 5 };
+        let options = PromptOptions { syntax: PromptSyntax::Plain, clip_skip: 5, ..Default::default() };
         let err = encode(&sd, "a", "", &SdxlConditioning::default(), (64, 64), 1, false, &options).err().unwrap();
         assert!(matches!(&err, Error::Setting { setting, .. } if setting == "clip_skip"), "{err}");
         assert!(err.to_string().contains("2 layers"), "{err}");

@@ -208,7 +208,7 @@ fn namer(arg_index: &[usize]) -> Namer {
     })
 }
 
-/// `override_settings`: only the loaded model (by name or title) and CLIP skip 1 are accepted.
+/// `override_settings`: only the loaded model (by name or title), CLIP skip 1 and the model's own VAE are accepted.
 fn check_overrides(app: &App, f: &Fields) -> Result<(), ApiError> {
     let Some(v) = f.get("override_settings") else { return Ok(()) };
     let obj = v.as_object().ok_or_else(|| ApiError::malformed("override_settings", "expected an object"))?;
@@ -219,6 +219,8 @@ fn check_overrides(app: &App, f: &Fields) -> Result<(), ApiError> {
                 m == app.catalog.model_name || m == model_title(&app.catalog) || m == app.catalog.model_spec
             }),
             "CLIP_stop_at_last_layers" => value.as_f64() == Some(1.0),
+            // A1111's "SD VAE": only its "use the model's own" values (another VAE needs the model reloaded).
+            "sd_vae" => matches!(value.as_str(), Some("Automatic" | "None")),
             _ => false,
         };
         if !ok {
