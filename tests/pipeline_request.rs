@@ -197,3 +197,55 @@ fn only_mid_control_drops_the_down_residuals() {
     assert_eq!(ours, images(&zeroed));
     assert_ne!(ours, images(&request()));
 }
+
+/// A long-running server keeps one model and a `Generator` per set of ControlNets: a request run after others
+/// (txt2img with a net, a plain img2img, an img2img whose net reads the init picture) gives exactly the image it
+/// gives on freshly loaded models, so nothing a run leaves behind reaches the next.
+#[test]
+fn a_reused_generator_gives_a_fresh_ones_image() {
+    use controlnet::pipeline::sd::{open_controlnet, LoadOptions};
+    use controlnet::pipeline::{Generator, StableDiffusion};
+    let opts = LoadOptions {
+        dtype: candle_core::DType::F32,
+        device: Device::Cpu,
+        variant: None,
+        prediction_type: None,
+        config_dir: None,
+    };
+    let model = repo().join("tests/fixtures/models/tiny-sd15").display().to_string();
+    let net_spec = repo().join("tests/fixtures/models/tiny-controlnet-a").display().to_string();
+    let init = repo().join("tests/fixtures/img2img/init.png");
+    let plain = GenerateRequest {
+        model: Some(model.clone()),
+        prompt: "a cat".into(),
+        steps: 2,
+        seed: Some(5),
+        scheduler: Some("euler-a".parse().unwrap()),
+        init_image: Some(init.clone()),
+        strength: Some(0.5),
+        ..GenerateRequest::default()
+    };
+    let inpaint =
+        GenerateRequest { mask: Some(repo().join("tests/fixtures/img2img/mask.png")), mask_blur: 4, ..plain.clone() };
+    let with_net =
+        GenerateRequest { controls: vec![ControlRequest::new(Some(net_spec.clone()), init.clone())], ..plain.clone() };
+    // `request()`: txt2img with tiny-controlnet-a, made smaller.
+    let txt2img = GenerateRequest { width: Some(64), height: Some(64), num_images: 1, ..request() };
+    let run = |g: &Generator, r: &GenerateRequest| -> Vec<image::RgbImage> {
+        let out = g.run(r, &|_| {}, pipeline::never_cancelled()).expect("run");
+        out.images.into_iter().map(|i| i.image).collect()
+    };
+
+    let fresh = StableDiffusion::open(&model, &opts).unwrap();
+    let want = run(&Generator::new(&fresh, vec![]), &inpaint);
+
+    let sd = StableDiffusion::open(&model, &opts).unwrap();
+    let net = open_controlnet("controlnet", &net_spec, None, &opts, None).unwrap();
+    let (with_nets, without) = (Generator::new(&sd, vec![&net]), Generator::new(&sd, vec![]));
+    run(&with_nets, &txt2img);
+    run(&without, &plain);
+    run(&with_nets, &with_net);
+    assert_eq!(run(&without, &inpaint), want, "the inpainting after other jobs differs from a fresh run");
+    // The request with a net differs (the net acts), so the comparison above can fail.
+    assert_ne!(run(&with_nets, &GenerateRequest { mask: inpaint.mask.clone(), mask_blur: 4, ..with_net }), want);
+}

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Load every ControlNet in this folder too (sub-folders with a config.json, .safetensors and .pth files).
     #[arg(long, value_name = "DIR")]
     pub models_dir: Option<PathBuf>,
+    /// The LoRA folder: `<lora:name:weight>` in a prompt merges `name.safetensors` from it (subfolders too);
+    /// without it such tags are refused.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// Require this key on every API call (Authorization: Bearer KEY, basic auth with KEY as password, or
     /// X-API-Key).
     #[arg(long, value_name = "KEY", env = "CONTROLNET_API_KEY", hide_env_values = true)]
@@ -43,6 +47,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             model: args.model.clone(),
             controlnets: args.controlnets.clone(),
             models_dir: args.models_dir.clone(),
+            lora_dir: args.lora_dir.clone(),
         },
         api_key: args.api_key.clone(),
         max_queue: args.max_queue,

@@ -106,7 +106,7 @@ pub fn run(
 }
 
 /// Reads the LoRA files of a request; errors name `lora` and the file, keys read but not applied are warned of.
-fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<Vec<(LoraFile, f64)>> {
+pub fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<Vec<(LoraFile, f64)>> {
     loras
         .iter()
         .map(|l| {
@@ -159,6 +159,16 @@ impl<'a> Generator<'a> {
             vae_hash: OnceLock::new(),
             controlnet_hashes,
         }
+    }
+
+    /// The same generator with the weight hashes known already (a server hashed the files when it loaded them):
+    /// the model's, and each ControlNet's in order.
+    pub fn with_known_hashes(self, model: String, controlnets: Vec<String>) -> Self {
+        let _ = self.model_hash.set(model);
+        for (cell, hash) in self.controlnet_hashes.iter().zip(controlnets) {
+            let _ = cell.set(hash);
+        }
+        self
     }
 
     /// Runs `request` on these models (its `model` and `controlnet` names are recorded in the metadata; they

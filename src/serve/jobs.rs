@@ -18,7 +18,8 @@ use super::error::ApiError;
 use super::files::{decode_base64, decode_image, encode_base64};
 use super::queue::{Job, JobSpec, Namer, Run, Snapshot};
 use super::App;
-use crate::pipeline::request::{parse_resize, DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::pipeline::extra_networks::resolve_lora_tags;
+use crate::pipeline::request::{parse_resize, PromptSyntax, DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::pipeline::{ControlMode, ControlRequest, GenerateRequest};
 
 /// The OpenAPI document of this API.
@@ -61,6 +62,11 @@ struct JobRequest {
     #[serde(default)]
     vae_tiling: bool,
     resize: Option<String>,
+    // Prompt features: the syntax (`plain` or `a1111`) and clip skip; `<lora:name:w>` tags use `--lora-dir`.
+    #[serde(default)]
+    prompt_syntax: PromptSyntax,
+    #[serde(default = "one")]
+    clip_skip: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,9 +213,13 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
         guess_mode: req.guess_mode,
         vae_tiling: req.vae_tiling,
         resize,
+        prompt_syntax: req.prompt_syntax,
+        clip_skip: req.clip_skip,
+        lora_dir: app.catalog.lora_dir.clone(),
         ..Default::default()
     };
     request.validate().map_err(lib)?;
+    resolve_lora_tags(&request).map_err(lib)?;
     Ok(JobSpec { runs: vec![Run { request, nets, annotations: None }], name_of })
 }
 

@@ -81,6 +81,15 @@ pub struct App {
     pub api_key: Option<String>,
     /// Annotating for `/controlnet/detect` runs one at a time beside the worker.
     pub detect_gate: tokio::sync::Semaphore,
+    /// A1111's settings this server honours (`/sdapi/v1/options`).
+    pub settings: std::sync::Mutex<a1111::Settings>,
+}
+
+impl App {
+    /// A copy of the A1111 settings in force.
+    pub fn settings(&self) -> a1111::Settings {
+        self.settings.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// The address to bind, refused when it is not loopback and no API key is set.
@@ -128,6 +137,7 @@ pub fn run(options: &ServeOptions, device: Device, on_ready: impl FnOnce(SocketA
         work,
         api_key: options.api_key.clone(),
         detect_gate: tokio::sync::Semaphore::new(1),
+        settings: Default::default(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

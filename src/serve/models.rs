@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::model::controlnet::ControlNetModel;
+use crate::pipeline::generator::read_loras;
 use crate::pipeline::image_metadata::{recorded_path, weights_hash};
+use crate::pipeline::request::LoraRequest;
 use crate::pipeline::sd::{open_controlnet, LoadOptions};
-use crate::pipeline::{demo, Generator, StableDiffusion};
+use crate::pipeline::{demo, Generator, Progress, StableDiffusion};
 use crate::{Error, Result};
 
 /// What to load, as the command line names it.
@@ -20,6 +22,9 @@ pub struct ModelSpecs {
     /// Every ControlNet in this folder (sub-folders with a `config.json`, `.safetensors`/`.pth` files) is loaded
     /// too.
     pub models_dir: Option<PathBuf>,
+    // LoRAs through serve: the folder A1111 prompt tags (`<lora:name:w>`) name.
+    /// Where `<lora:name:weight>` tags in prompts are found (`name.safetensors`, subfolders too).
+    pub lora_dir: Option<PathBuf>,
 }
 
 /// One loaded ControlNet as clients name it.
@@ -44,6 +49,8 @@ pub struct Catalog {
     /// The VAE's down-sampling factor (output sizes are multiples of it) and the model's native size.
     pub vae_factor: usize,
     pub default_size: usize,
+    /// `--lora-dir`: where prompts' LoRA tags are found (`None`: tags are refused).
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl Catalog {
@@ -67,6 +74,9 @@ pub struct Models {
     pub sd: StableDiffusion,
     pub nets: Vec<ControlNetModel>,
     pub catalog: Catalog,
+    /// The model as given and how it was loaded: a model with LoRAs merged is loaded from them again.
+    pub model_spec: String,
+    pub opts: LoadOptions,
 }
 
 impl Models {
@@ -118,8 +128,9 @@ impl Models {
             nets: infos,
             vae_factor: sd.vae_scale_factor(),
             default_size: sd.default_size(),
+            lora_dir: specs.lora_dir.clone(),
         };
-        Ok(Self { sd, nets, catalog })
+        Ok(Self { sd, nets, catalog, model_spec, opts })
     }
 }
 
@@ -138,9 +149,34 @@ impl<'a> Generators<'a> {
     /// The generator running the nets `nets` (indices into the catalog) in this order.
     pub fn get(&mut self, nets: &[usize]) -> &Generator<'a> {
         let models = self.models;
-        self.made
-            .entry(nets.to_vec())
-            .or_insert_with(|| Generator::new(&models.sd, nets.iter().map(|&i| &models.nets[i]).collect()))
+        self.made.entry(nets.to_vec()).or_insert_with(|| models.generator(&models.sd, nets))
+    }
+}
+
+impl Models {
+    /// A generator on `sd` (the loaded model, or it with LoRAs merged) and the nets `nets`, with the weight
+    /// hashes worked out at load.
+    pub fn generator<'a>(&'a self, sd: &'a StableDiffusion, nets: &[usize]) -> Generator<'a> {
+        let hashes = nets.iter().map(|&i| self.catalog.nets[i].sha256.clone()).collect();
+        Generator::new(sd, nets.iter().map(|&i| &self.nets[i]).collect())
+            .with_known_hashes(self.catalog.model_sha256.clone(), hashes)
+    }
+
+    /// The model with exactly `loras` merged (files and weights, in order): `slot` when it holds that merge,
+    /// else loaded again with them (the previous merge is dropped first: one LoRA model at a time).
+    pub fn with_loras<'s>(
+        &self,
+        slot: &'s mut Option<StableDiffusion>,
+        loras: &[LoraRequest],
+        progress: &dyn Fn(Progress),
+    ) -> Result<&'s StableDiffusion> {
+        let wanted: Vec<(PathBuf, f64)> = loras.iter().map(|l| (l.path.clone(), l.weight)).collect();
+        if slot.as_ref().is_none_or(|sd| sd.loras != wanted) {
+            *slot = None;
+            let files = read_loras(loras, progress)?;
+            *slot = Some(StableDiffusion::open_with_loras(&self.model_spec, &self.opts, &files)?);
+        }
+        Ok(slot.as_ref().expect("just loaded"))
     }
 }
 
@@ -189,6 +225,7 @@ mod tests {
             nets: vec![net("canny"), net("depth")],
             vae_factor: 8,
             default_size: 512,
+            lora_dir: None,
         }
     }
 

@@ -70,6 +70,9 @@ pub struct OutputImage {
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     pub images: Vec<OutputImage>,
+    /// The condition each ControlNet used in the first run, at the output size, as PNG (the maps A1111's
+    /// extension appends to its answer); `None` for a condition given as a tensor.
+    pub maps: Vec<Option<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -11,8 +11,9 @@ use super::models::{Catalog, Generators, ModelSpecs, Models};
 use super::queue::{Job, JobSpec, Output, OutputImage, Queue, Run};
 use crate::annotate::{self, AnnotateSettings, ResizeMode};
 use crate::io::images;
+use crate::pipeline::extra_networks::resolve_lora_tags;
 use crate::pipeline::request::control_setting;
-use crate::pipeline::{GenerateRequest, Progress};
+use crate::pipeline::{GenerateRequest, Progress, StableDiffusion};
 use crate::{Error, Result};
 
 /// Starts the worker thread; returns once the models are loaded (or failed to load).
@@ -36,7 +37,8 @@ pub fn start(
             };
             let _ = ready_tx.send(Ok(models.catalog.clone()));
             let mut generators = Generators::new(&models);
-            queue.work(rx, |job, spec| run_job(&mut generators, &models, &work, job, spec));
+            let mut lora_model = None;
+            queue.work(rx, |job, spec| run_job(&mut generators, &mut lora_model, &models, &work, job, spec));
         })
         .map_err(|e| Error::Invalid(format!("cannot start the worker thread: {e}")))?;
     match ready_rx.recv() {
@@ -54,6 +56,7 @@ pub fn start(
 
 fn run_job(
     generators: &mut Generators<'_>,
+    lora_model: &mut Option<StableDiffusion>,
     models: &Models,
     work: &WorkDir,
     job: &Job,
@@ -71,7 +74,24 @@ fn run_job(
             Progress::Started { seed } => job.update(|s| s.seeds.push(seed)),
             Progress::Step { done, .. } => job.update(|s| s.step = before + done),
         };
-        let generated = generators.get(&run.nets).run(&request, &progress, &job.cancel).map_err(api_error)?;
+        // LoRAs (prompt tags or files) are merged into the weights: such a run gets the model with exactly its
+        // LoRAs merged, never the plain one nor another merge.
+        let loras = resolve_lora_tags(&request).map_err(api_error)?.loras;
+        let generated = if loras.is_empty() {
+            generators.get(&run.nets).run(&request, &progress, &job.cancel)
+        } else {
+            let sd = models.with_loras(lora_model, &loras, &progress).map_err(api_error)?;
+            models.generator(sd, &run.nets).run(&request, &progress, &job.cancel)
+        }
+        .map_err(api_error)?;
+        if output.maps.is_empty() {
+            output.maps = generated
+                .conditions
+                .iter()
+                .map(|c| c.as_ref().map(|map| png_bytes(work, map, &[])).transpose())
+                .collect::<Result<_>>()
+                .map_err(api_error)?;
+        }
         for img in generated.images {
             let png = png_bytes(work, &img.image, &img.metadata.text_chunks()).map_err(api_error)?;
             output.images.push(OutputImage { png, metadata: img.metadata });

@@ -110,7 +110,16 @@ pub fn init_inputs(app: &App, f: &Fields, r: &mut GenerateRequest) -> Result<Pat
                     ),
                 ));
             }
-            r.mask = Some(app.work.save_input(&bytes).map_err(internal)?);
+            // `inpainting_mask_invert` 1: black is repainted (A1111 inverts the mask before blurring it); the
+            // inverted mask is kept as the input the recipe names.
+            r.mask = Some(match mask_inverted(f)? {
+                false => app.work.save_input(&bytes).map_err(internal)?,
+                true => {
+                    let mut inverted = mask;
+                    image::imageops::invert(&mut inverted);
+                    app.work.save_picture(&inverted).map_err(internal)?
+                }
+            });
             r.mask_blur = mask_blur(f)?;
             check_inpaint_settings(f)?;
         }
@@ -133,6 +142,18 @@ fn check_resize_mode(f: &Fields, init: &RgbImage, r: &GenerateRequest) -> Result
         "resize_mode",
         format!("{mode} is not supported: the init image is stretched to the output size (0, \"Just resize\")"),
     ))
+}
+
+/// `inpainting_mask_invert`: 0 (white is repainted) or 1 (black is).
+fn mask_inverted(f: &Fields) -> Result<bool, ApiError> {
+    match f.i64("inpainting_mask_invert")? {
+        None | Some(0) => Ok(false),
+        Some(1) => Ok(true),
+        Some(v) => Err(ApiError::field(
+            "inpainting_mask_invert",
+            format!("{v}: expected 0 (white is repainted) or 1 (black is repainted)"),
+        )),
+    }
 }
 
 /// `mask_blur` (A1111 sets both `mask_blur_x` and `_y` from it); different x and y blurs are refused.
@@ -170,7 +191,6 @@ fn check_inpaint_settings(f: &Fields) -> Result<(), ApiError> {
         }
     }
     f.only_default("inpaint_full_res", is_false, "the whole picture is inpainted at the output size")?;
-    f.only_default("inpainting_mask_invert", is_num(0.0), "white is repainted, black kept")?;
     f.only_default("mask_round", |v| v.as_bool() == Some(true), "the mask is always binarised")?;
     Ok(())
 }

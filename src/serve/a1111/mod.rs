@@ -26,7 +26,10 @@ use crate::schedulers::{Sampler, SigmaSpacing, A1111_SAMPLERS};
 mod detect;
 mod fields;
 mod img2img;
+mod options;
 mod txt2img;
+
+pub use options::Settings;
 
 /// The ControlNet extension's API version (`/controlnet/version`).
 pub const CONTROLNET_API_VERSION: u32 = 2;
@@ -41,6 +44,9 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/sd-models", get(sd_models))
         .route("/sdapi/v1/samplers", get(samplers))
+        .route("/sdapi/v1/options", get(options::get_options).post(options::set_options))
+        .route("/sdapi/v1/scripts", get(options::scripts))
+        .route("/sdapi/v1/script-info", get(options::script_info))
         .route("/controlnet/version", get(|| async { Json(json!({ "version": CONTROLNET_API_VERSION })) }))
         .route("/controlnet/model_list", get(model_list))
         .route("/controlnet/module_list", get(module_list))

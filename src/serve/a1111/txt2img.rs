@@ -12,11 +12,10 @@ use serde_json::{json, Map, Value};
 
 use super::fields::{is_empty, is_false, is_num, Fields};
 use super::img2img::{self, HIRES_FIELDS, IMG2IMG_FIELDS};
-use super::{
-    control_mode, model_title, module_kind, resize_mode, sampler, sampler_names, slider_options, DEFAULT_PROCESSOR_RES,
-};
+use super::{control_mode, module_kind, resize_mode, sampler, sampler_names, slider_options, DEFAULT_PROCESSOR_RES};
 use crate::annotate::ResizeMode;
-use crate::pipeline::request::random_seed;
+use crate::pipeline::extra_networks::resolve_lora_tags;
+use crate::pipeline::request::{random_seed, PromptSyntax};
 use crate::pipeline::{ControlRequest, GenerateRequest};
 use crate::schedulers::{Sampler, SchedulerKind};
 use crate::serve::error::ApiError;
@@ -55,12 +54,25 @@ struct Parsed {
     spec: JobSpec,
     sampler: Option<Sampler>,
     seed: u64,
+    /// For each control, whether its map is appended to `images` (the extension's detected maps).
+    append_maps: Vec<bool>,
 }
 
 fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError> {
     let obj = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
     let f = Fields { path: String::new(), obj };
-    let mut r = GenerateRequest { model: Some(app.catalog.model_spec.clone()), ..Default::default() };
+    // A1111's prompts: its syntax (weights, BREAK, any length) and LoRA tags found in `--lora-dir`.
+    let settings = match f.get("override_settings") {
+        Some(overrides) => app.settings().with_overrides(&app.catalog, overrides)?,
+        None => app.settings(),
+    };
+    let mut r = GenerateRequest {
+        model: Some(app.catalog.model_spec.clone()),
+        prompt_syntax: PromptSyntax::A1111,
+        clip_skip: settings.clip_skip,
+        lora_dir: app.catalog.lora_dir.clone(),
+        ..Default::default()
+    };
     let mut n_iter = 1;
     for key in obj.keys() {
         let k = key.as_str();
@@ -101,7 +113,7 @@ fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError
             "styles" | "script_name" | "refiner_checkpoint" => {
                 f.only_default(k, is_empty, "styles, scripts and refiners")?
             }
-            "override_settings" => check_overrides(app, &f)?,
+            "override_settings" => {}
             k if HARMLESS.contains(&k) => {}
             k if kind == Kind::Img2Img && IMG2IMG_FIELDS.contains(&k) => {}
             k if kind == Kind::Txt2Img && HIRES_FIELDS.contains(&k) => {}
@@ -137,13 +149,16 @@ fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError
         }
         Kind::Img2Img => Some(img2img::init_inputs(app, &f, &mut r)?),
     };
-    let (controls, nets, annotations) = match f.get("alwayson_scripts") {
+    let Units { controls, nets, annotations, save_maps } = match f.get("alwayson_scripts") {
         Some(scripts) => parse_scripts(app, &mut r, scripts, init.as_deref())?,
         None => Default::default(),
     };
     r.controls = controls;
     let name_of = namer(&nets_arg_index(obj));
     r.validate().map_err(|e| ApiError::from_library(e, &*name_of))?;
+    // LoRA tags name files that exist (they are read when the job runs).
+    resolve_lora_tags(&r).map_err(|e| ApiError::from_library(e, &*name_of))?;
+    let append_maps = save_maps.into_iter().map(|save| save && !settings.no_detectmap).collect();
     let seed = r.seed.unwrap_or_else(random_seed);
     let runs = (0..n_iter)
         .map(|i| Run {
@@ -152,7 +167,7 @@ fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError
             annotations: annotations.clone(),
         })
         .collect();
-    Ok(Parsed { spec: JobSpec { runs, name_of }, sampler, seed })
+    Ok(Parsed { spec: JobSpec { runs, name_of }, sampler, seed, append_maps })
 }
 
 /// For each enabled unit, its index in `alwayson_scripts.controlnet.args` (for error names).
@@ -188,6 +203,7 @@ fn namer(arg_index: &[usize]) -> Namer {
                 "hires.scale" => "hr_scale",
                 "hires.steps" => "hr_second_pass_steps",
                 "hires.upscaler" => "hr_upscaler",
+                "clip_skip" => "override_settings.CLIP_stop_at_last_layers",
                 other => other,
             }
             .to_string()
@@ -208,32 +224,16 @@ fn namer(arg_index: &[usize]) -> Namer {
     })
 }
 
-/// `override_settings`: only the loaded model (by name or title), CLIP skip 1 and the model's own VAE are accepted.
-fn check_overrides(app: &App, f: &Fields) -> Result<(), ApiError> {
-    let Some(v) = f.get("override_settings") else { return Ok(()) };
-    let obj = v.as_object().ok_or_else(|| ApiError::malformed("override_settings", "expected an object"))?;
-    for (key, value) in obj {
-        let field = format!("override_settings.{key}");
-        let ok = match key.as_str() {
-            "sd_model_checkpoint" => value.as_str().is_some_and(|m| {
-                m == app.catalog.model_name || m == model_title(&app.catalog) || m == app.catalog.model_spec
-            }),
-            "CLIP_stop_at_last_layers" => value.as_f64() == Some(1.0),
-            // A1111's "SD VAE": only its "use the model's own" values (another VAE needs the model reloaded).
-            "sd_vae" => matches!(value.as_str(), Some("Automatic" | "None")),
-            _ => false,
-        };
-        if !ok {
-            return Err(ApiError::field(
-                field,
-                format!("{value} is not supported (this server runs {})", model_title(&app.catalog)),
-            ));
-        }
-    }
-    Ok(())
+/// The enabled ControlNet units as the pipeline takes them.
+#[derive(Default)]
+struct Units {
+    controls: Vec<ControlRequest>,
+    /// The catalog index of each control's net.
+    nets: Vec<usize>,
+    annotations: Option<Vec<Option<Annotation>>>,
+    /// Each unit's `save_detected_map` (default true): its map is appended to the answer.
+    save_maps: Vec<bool>,
 }
-
-type Units = (Vec<ControlRequest>, Vec<usize>, Option<Vec<Option<Annotation>>>);
 
 /// `alwayson_scripts`: the ControlNet units (script names match case-insensitively, as A1111's); any other
 /// script is refused unless it is switched off (`{"args": []}` or `{"args": [false]}`).
@@ -257,23 +257,15 @@ fn parse_scripts(app: &App, r: &mut GenerateRequest, scripts: &Value, init: Opti
 }
 
 /// Unit fields that do not change the picture.
-const UNIT_HARMLESS: &[&str] = &[
-    "low_vram",
-    "lowvram",
-    "hr_option",
-    "is_ui",
-    "input_mode",
-    "save_detected_map",
-    "batch_images",
-    "output_dir",
-    "loopback",
-];
+const UNIT_HARMLESS: &[&str] =
+    &["low_vram", "lowvram", "hr_option", "is_ui", "input_mode", "batch_images", "output_dir", "loopback"];
 
 /// The enabled units; a unit without a picture uses img2img's `init` picture, as the extension does.
 fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<&Path>) -> Result<Units, ApiError> {
     let mut controls = Vec::new();
     let mut nets = Vec::new();
     let mut annotations = Vec::new();
+    let mut save_maps = Vec::new();
     let mut resize: Option<ResizeMode> = None;
     for (i, unit) in args.iter().enumerate() {
         let path = format!("alwayson_scripts.controlnet.args[{i}]");
@@ -291,7 +283,8 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<
             let k = key.as_str();
             match k {
                 "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res"
-                | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled" => {}
+                | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled"
+                | "save_detected_map" => {}
                 "mask" => f.only_default(k, is_empty, "masks (inpainting) are not supported")?,
                 "control_mode" => {}
                 "guessmode" | "guess_mode" => f.only_default(k, is_false, "use control_mode")?,
@@ -380,10 +373,11 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<
         }
         controls.push(control);
         nets.push(net);
+        save_maps.push(f.bool("save_detected_map")?.unwrap_or(true));
     }
     r.resize = resize.unwrap_or(ResizeMode::JustResize);
     let annotations = annotations.iter().any(Option::is_some).then_some(annotations);
-    Ok((controls, nets, annotations))
+    Ok(Units { controls, nets, annotations, save_maps })
 }
 
 /// Cancels a job whose client went away before it finished.
@@ -428,7 +422,14 @@ async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>, kind: Kind) 
         other => other?,
     };
     drop(guard);
-    let images: Vec<Value> = output.images.iter().map(|i| Value::String(encode_base64(&i.png))).collect();
+    let mut images: Vec<Value> = output.images.iter().map(|i| Value::String(encode_base64(&i.png))).collect();
+    // The extension's detected maps: each unit's condition at the output size, after the images (once per
+    // request, as the extension annotates once).
+    for (map, append) in output.maps.iter().zip(&parsed.append_maps) {
+        if let (Some(png), true) = (map, append) {
+            images.push(Value::String(encode_base64(png)));
+        }
+    }
     let first = parsed.spec.runs.first().map(|r| &r.request);
     let metas: Vec<_> = output.images.iter().map(|i| &i.metadata).collect();
     let info = json!({
@@ -457,7 +458,7 @@ async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>, kind: Kind) 
         "index_of_first_image": 0,
         "infotexts": metas.iter().map(|m| m.a1111_parameters()).collect::<Vec<_>>(),
         "styles": [],
-        "clip_skip": 1,
+        "clip_skip": first.map(|r| r.clip_skip),
         "version": format!("controlnet-rs {}", env!("CARGO_PKG_VERSION")),
     });
     Ok(Json(json!({ "images": images, "parameters": body, "info": info.to_string() })))
