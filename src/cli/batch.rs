@@ -456,6 +456,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
         loras: Vec::new(),
         lora_dir: None,
+        eta: 0.0,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

@@ -109,6 +109,9 @@ pub struct ImageMetadata {
     // LoRA (issue 21): every LoRA merged, the prompt tags' too (the prompt is recorded without its tags).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraMetadata>,
+    // Samplers (issue 21): DDIM's eta (recorded only when not 0).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub eta: f64,
 }
 
 /// A LoRA merged into the model: its file, SHA-256 and weight.
@@ -203,6 +206,9 @@ impl ImageMetadata {
         if self.clip_skip != DEFAULT_CLIP_SKIP {
             s.push_str(&format!(", Clip skip: {}", self.clip_skip));
         }
+        if self.eta != 0.0 {
+            s.push_str(&format!(", Eta: {}", self.eta));
+        }
         if !self.loras.is_empty() {
             let hashes: Vec<String> = self
                 .loras
@@ -286,6 +292,7 @@ impl ImageMetadata {
                 .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.weight })
                 .collect(),
             lora_dir: None,
+            eta: self.eta,
         })
     }
 
@@ -402,7 +409,19 @@ mod tests {
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: DEFAULT_CLIP_SKIP,
             loras: Vec::new(),
+            eta: 0.0,
         }
+    }
+
+    /// DDIM's eta is recorded only when not 0, restored, and shown as A1111's "Eta"; old PNGs read as 0.
+    #[test]
+    fn eta_round_trips() {
+        assert!(!serde_json::to_string(&sample()).unwrap().contains("eta"));
+        let m = ImageMetadata { eta: 0.5, scheduler: "ddim".into(), ..sample() };
+        let back: ImageMetadata = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        let r = back.to_request(Path::new(".")).unwrap();
+        assert_eq!(r.eta, 0.5);
+        assert!(m.a1111_parameters().contains(", Eta: 0.5"), "{}", m.a1111_parameters());
     }
 
     /// Prompt syntax and clip skip are recorded only when not the defaults, restored, and an old PNG without

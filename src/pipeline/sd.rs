@@ -448,6 +448,7 @@ mod tests {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let out = generate(sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(fixtures::fixtures().join(reference), &Device::Cpu).unwrap();
@@ -504,6 +505,7 @@ mod tests {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();
