@@ -64,8 +64,9 @@ pub const A1111_SAMPLERS: &[(&str, SchedulerKind, &[&str])] = &[
 const REFUSED_SAMPLERS: &[(&[&str], &str)] = &[(
     &["dpm++ sde", "dpm++sde", "k_dpmpp_sde", "dpm++ sde karras", "dpm++sde-karras"],
     "DPM++ SDE (diffusers' DPMSolverSDEScheduler) is not implemented: it draws its noise from torchsde's \
-     BrownianTree, not the pipeline's generator, so matching diffusers from a seed needs a port of that tree; \
-     DPM++ 2M SDE (dpm++2m-sde) is the closest sampler available",
+     BrownianTree, seeded from torch's global generator (not the pipeline's) unless the config sets \
+     noise_sampler_seed, so matching diffusers needs a port of that tree; DPM++ 2M SDE (dpm++2m-sde) is the \
+     closest sampler available",
 )];
 
 /// A scheduler and, optionally, the sigma spacing to force on it. Without one, the model's scheduler config
