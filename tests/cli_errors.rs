@@ -75,7 +75,10 @@ fn start_after_end() {
 
 #[test]
 fn unknown_scheduler() {
-    fails_with(&["--model", MODEL, "--scheduler", "lms", "--prompt", "x"], &["--scheduler", "lms", "euler-a"]);
+    fails_with(
+        &["--model", MODEL, "--scheduler", "dpm fast", "--prompt", "x"],
+        &["--scheduler", "dpm fast", "euler-a"],
+    );
 }
 
 #[test]

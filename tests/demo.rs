@@ -66,6 +66,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                 vae_tiling: false,
                 sdxl: Default::default(),
                 prompt_options: Default::default(),
+                eta: 0.0,
             };
             let image = &generate(sd, &controls, &params, &mut |_, _| {}).unwrap().images[0];
             let found = score::segment(image, c);

@@ -75,6 +75,7 @@ fn params(seed: u64, steps: usize, scheduler: Option<&str>) -> GenerateParams {
         vae_tiling: false,
         sdxl: Default::default(),
         prompt_options: Default::default(),
+        eta: 0.0,
     }
 }
 

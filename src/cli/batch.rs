@@ -476,6 +476,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             .collect(),
         embeddings_dir: job.embeddings_dir.as_deref().map(|p| path(base, p)),
         vae: job.vae.as_deref().map(|v| model_spec(base, v)),
+        eta: 0.0,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

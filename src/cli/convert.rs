@@ -404,6 +404,7 @@ mod tests {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let a = generate(&folder, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&single, &[], &params, &mut |_, _| {}).unwrap();

@@ -166,10 +166,15 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (off at 1 or below).
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, value_name = "F")]
     pub guidance: f64,
-    /// ddim, pndm, euler, euler-a, dpm++2m or unipc (+ -karras / -exponential for euler, dpm++2m, unipc), or an
-    /// A1111 sampler name such as "DPM++ 2M Karras" [default: the model's own scheduler].
+    /// ddim, pndm, euler, euler-a, dpm++2m, unipc, heun, lms, dpm2, dpm2-a or dpm++2m-sde (+ -karras /
+    /// -exponential for euler, dpm++2m, unipc, lms, dpm2, dpm2-a, dpm++2m-sde), or an A1111 sampler name such
+    /// as "DPM++ 2M Karras" [default: the model's own scheduler].
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<String>,
+    /// DDIM's eta in [0, 1]: the share of fresh noise per step (diffusers' eta=; 0 = deterministic). Only with
+    /// the ddim scheduler.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    pub eta: f64,
     /// Random seed (torch.Generator("cpu").manual_seed); printed when not given (once the settings are checked).
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
@@ -266,6 +271,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         embeddings: args.embeddings.clone(),
         embeddings_dir: args.embeddings_dir.clone(),
         vae: args.vae.clone(),
+        eta: args.eta,
     };
     let outputs = output_paths(&args.output, args.num_images)?;
     check_quality(&args.output, args.quality)?;

@@ -216,6 +216,7 @@ fn write_samples(
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         rows.push(generate(&sd, &[], &params, &mut |_, _| {})?.images);
     }

@@ -56,6 +56,8 @@ pub struct GenerateParams {
     pub sdxl: SdxlConditioning,
     /// Prompt syntax (plain / A1111) and clip skip.
     pub prompt_options: PromptOptions,
+    /// DDIM's eta (0: deterministic); other schedulers refuse anything else.
+    pub eta: f64,
 }
 
 /// Where img2img starts: a picture noised to the level of the step `strength` of the way back from the end
@@ -176,8 +178,9 @@ pub fn generate_cancellable(
 }
 
 /// The index of the first timestep img2img runs (diffusers' `get_timesteps`): `floor(steps · strength)` steps
-/// run, the first `steps − that` are skipped (every scheduler here has order 1, as diffusers' do).
-pub fn first_step(steps: usize, strength: f64, timesteps: usize) -> Result<usize> {
+/// run, the first `steps − that` are skipped, `order` timesteps each (`timesteps[t_start * order:]`: Heun and
+/// DPM2 list their timesteps twice).
+pub fn first_step(steps: usize, strength: f64, timesteps: usize, order: usize) -> Result<usize> {
     check_strength(strength)?;
     let run = ((steps as f64 * strength).floor() as usize).min(steps);
     if run == 0 {
@@ -186,7 +189,7 @@ pub fn first_step(steps: usize, strength: f64, timesteps: usize) -> Result<usize
             format!("{strength} of {steps} steps is less than one step: raise the strength or the steps"),
         ));
     }
-    Ok((steps - run).min(timesteps.saturating_sub(1)))
+    Ok(((steps - run) * order).min(timesteps.saturating_sub(1)))
 }
 
 /// img2img's strength lies in (0, 1], as diffusers requires ([0, 1], where 0 would run no step).
@@ -225,9 +228,10 @@ pub fn generate_from(
     // 2. The scheduler and its timesteps.
     //    img2img runs only the last `strength` of them.
     let mut scheduler = schedulers::build_sampler(p.scheduler, &sd.scheduler_config, p.steps)?;
+    scheduler.set_eta(p.eta)?;
     let all_timesteps = scheduler.timesteps().to_vec();
     let first = match init {
-        Some(init) => first_step(p.steps, init.strength, all_timesteps.len())?,
+        Some(init) => first_step(p.steps, init.strength, all_timesteps.len(), scheduler.kind().order())?,
         None => 0,
     };
     let timesteps = &all_timesteps[first..];

@@ -311,6 +311,7 @@ impl<'a> Generator<'a> {
             vae_tiling: request.vae_tiling,
             sdxl: request.sdxl.clone(),
             prompt_options: PromptOptions { syntax: request.prompt_syntax, clip_skip: request.clip_skip, embeddings },
+            eta: request.eta,
         };
         validate(sd, &controls, &params)?;
         // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
@@ -332,7 +333,11 @@ impl<'a> Generator<'a> {
         let second_steps = match (&request.hires, hires_size) {
             (Some(h), Some(_)) => {
                 let steps = h.steps.unwrap_or(request.steps);
-                ((steps as f64 * h.strength).floor() as usize).min(steps)
+                let run = ((steps as f64 * h.strength).floor() as usize).min(steps);
+                // Heun and DPM2 evaluate twice per step but once in the first interval they run.
+                let kind = request.scheduler.map(|s| s.kind).or_else(|| sd.scheduler_config.own_kind().ok());
+                let order = kind.map_or(1, |k| k.order());
+                (run * order).saturating_sub(order - 1)
             }
             _ => 0,
         };
@@ -554,6 +559,7 @@ impl<'a> Generator<'a> {
                 }),
                 None => None,
             },
+            eta: params.eta,
         })
     }
 }

@@ -118,6 +118,9 @@ pub struct ImageMetadata {
     pub embeddings: Vec<EmbeddingMetadata>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<FileRef>,
+    // Samplers (issue 21): DDIM's eta (recorded only when not 0).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub eta: f64,
 }
 
 /// A textual-inversion embedding the prompts could name: its name, file and SHA-256.
@@ -226,6 +229,9 @@ impl ImageMetadata {
         if self.clip_skip != DEFAULT_CLIP_SKIP {
             s.push_str(&format!(", Clip skip: {}", self.clip_skip));
         }
+        if self.eta != 0.0 {
+            s.push_str(&format!(", Eta: {}", self.eta));
+        }
         if !self.loras.is_empty() {
             let hashes: Vec<String> = self
                 .loras
@@ -322,6 +328,7 @@ impl ImageMetadata {
             embeddings: self.embeddings.iter().map(|e| PathBuf::from(find(&e.path))).collect(),
             embeddings_dir: None,
             vae: self.vae.as_ref().map(|v| find(&v.path)),
+            eta: self.eta,
         })
     }
 
@@ -441,6 +448,7 @@ mod tests {
             loras: Vec::new(),
             embeddings: Vec::new(),
             vae: None,
+            eta: 0.0,
         }
     }
 

@@ -51,6 +51,7 @@ fn lora_images_match_diffusers() {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = fixture_tensors(&format!("lora/{}", case.tensors));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::annotate::ResizeMode;
 use crate::io::single_file::PredictionType;
-use crate::schedulers::Sampler;
+use crate::schedulers::{Sampler, SchedulerKind};
 use crate::{Error, Result};
 
 use super::control_mode::ControlMode;
@@ -196,6 +196,10 @@ pub struct GenerateRequest {
     /// A VAE used in place of the model's: a diffusers AutoencoderKL folder or hub id, or one file (original
     /// LDM names as vae-ft-mse-840000 has them, or diffusers names).
     pub vae: Option<String>,
+    // Samplers (issue 21): DDIM's eta.
+    /// DDIM's eta in [0, 1] (diffusers' `eta=`): the share of fresh noise each step adds, drawn from the seed's
+    /// generator; 0 (the default) is deterministic DDIM. Other schedulers refuse a value other than 0.
+    pub eta: f64,
 }
 
 /// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
@@ -258,6 +262,7 @@ impl Default for GenerateRequest {
             embeddings: Vec::new(),
             embeddings_dir: None,
             vae: None,
+            eta: 0.0,
         }
     }
 }
@@ -301,6 +306,14 @@ impl GenerateRequest {
         }
         if self.num_images == 0 {
             return Err(Error::setting("num_images", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.eta) {
+            return Err(Error::setting("eta", format!("{} must lie in [0, 1]", self.eta)));
+        }
+        // (the model's own scheduler is checked when it is built)
+        if let Some(s) = self.scheduler.filter(|s| self.eta != 0.0 && s.kind != SchedulerKind::Ddim) {
+            let msg = format!("{} is only used by the ddim scheduler, not {}", self.eta, s.kind.cli_name());
+            return Err(Error::setting("eta", msg));
         }
         if !self.guidance.is_finite() || self.guidance < 0.0 {
             return Err(Error::setting("guidance", format!("{} must be a finite number >= 0", self.guidance)));

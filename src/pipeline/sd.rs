@@ -518,6 +518,7 @@ mod tests {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let out = generate(sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(fixtures::fixtures().join(reference), &Device::Cpu).unwrap();
@@ -574,6 +575,7 @@ mod tests {
             vae_tiling: false,
             sdxl: Default::default(),
             prompt_options: Default::default(),
+            eta: 0.0,
         };
         let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();

@@ -129,6 +129,7 @@ fn image_matches_diffusers() {
         vae_tiling: false,
         sdxl: Default::default(),
         prompt_options: PromptOptions { embeddings: embeddings(&case.embeddings), ..Default::default() },
+        eta: 0.0,
     };
     let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
     let reference = fixture_tensors("textual_inversion/image.safetensors");

@@ -143,6 +143,7 @@ mod tests {
                 vae_tiling: false,
                 sdxl: Default::default(),
                 prompt_options: Default::default(),
+                eta: 0.0,
             };
             let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
             let latents = max_abs_diff(&out.latents, &reference["latents"]);

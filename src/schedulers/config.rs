@@ -18,6 +18,9 @@ use crate::{Error, Result};
 /// The file name of a scheduler config inside a model's `scheduler/` folder.
 pub const SCHEDULER_CONFIG_FILE: &str = "scheduler_config.json";
 
+/// `algorithm_type` of DPMSolverMultistepScheduler for the stochastic DPM-Solver++ (A1111's "DPM++ 2M SDE").
+pub const SDE_DPMSOLVER_PP: &str = "sde-dpmsolver++";
+
 /// The schedulers this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
@@ -27,16 +30,27 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmSolverMultistep,
     UniPc,
+    Heun,
+    Lms,
+    KDpm2,
+    KDpm2Ancestral,
+    /// DPMSolverMultistepScheduler with `algorithm_type = "sde-dpmsolver++"` (A1111's "DPM++ 2M SDE").
+    DpmSolverMultistepSde,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 11] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmSolverMultistep,
         SchedulerKind::UniPc,
+        SchedulerKind::Heun,
+        SchedulerKind::Lms,
+        SchedulerKind::KDpm2,
+        SchedulerKind::KDpm2Ancestral,
+        SchedulerKind::DpmSolverMultistepSde,
     ];
 
     /// The name used on the command line.
@@ -48,6 +62,11 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmSolverMultistep => "dpm++2m",
             SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::KDpm2 => "dpm2",
+            SchedulerKind::KDpm2Ancestral => "dpm2-a",
+            SchedulerKind::DpmSolverMultistepSde => "dpm++2m-sde",
         }
     }
 
@@ -60,6 +79,20 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::KDpm2 => "KDPM2DiscreteScheduler",
+            SchedulerKind::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SchedulerKind::DpmSolverMultistepSde => "DPMSolverMultistepScheduler",
+        }
+    }
+
+    /// How many model evaluations one of the requested steps takes, as diffusers' `scheduler.order`: img2img
+    /// skips `order` timesteps per skipped step (Heun and DPM2 list every timestep but the first twice).
+    pub fn order(self) -> usize {
+        match self {
+            SchedulerKind::Heun | SchedulerKind::KDpm2 | SchedulerKind::KDpm2Ancestral => 2,
+            _ => 1,
         }
     }
 
@@ -152,7 +185,7 @@ impl SchedulerConfig {
             .class_name
             .as_deref()
             .ok_or_else(|| Error::config(&self.path, "has no _class_name; choose a scheduler explicitly"))?;
-        SchedulerKind::from_class_name(name).map_err(|_| {
+        let kind = SchedulerKind::from_class_name(name).map_err(|_| {
             Error::config(
                 &self.path,
                 format!(
@@ -160,7 +193,20 @@ impl SchedulerConfig {
                     SchedulerKind::valid_names()
                 ),
             )
-        })
+        })?;
+        // One diffusers class, two samplers: the SDE variant is chosen by `algorithm_type`.
+        let sde = self.get("algorithm_type") == Some(&Value::from(SDE_DPMSOLVER_PP));
+        Ok(if kind == SchedulerKind::DpmSolverMultistep && sde { SchedulerKind::DpmSolverMultistepSde } else { kind })
+    }
+
+    /// Sets `key` only where the file does not: a class default that differs from the one [`BetaConfig`]
+    /// (`schedule.rs`) assumes for every class.
+    pub(crate) fn with_default(self, key: &str, value: impl Into<Value>) -> Self {
+        if self.values.contains_key(key) {
+            self
+        } else {
+            self.with(key, value)
+        }
     }
 
     /// The typed config of one scheduler class: keys it knows from the file, its own defaults for the rest.
@@ -212,18 +258,24 @@ mod tests {
     fn names_round_trip() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.cli_name().parse::<SchedulerKind>().unwrap(), kind);
-            assert_eq!(SchedulerKind::from_class_name(kind.class_name()).unwrap(), kind);
+            // DPM++ 2M SDE shares DPM++ 2M's class; the config's algorithm_type tells them apart (`own_kind`).
+            if kind != SchedulerKind::DpmSolverMultistepSde {
+                assert_eq!(SchedulerKind::from_class_name(kind.class_name()).unwrap(), kind);
+            }
             assert_eq!(kind.to_string(), kind.cli_name());
         }
         assert_eq!("Euler-A".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
-        let err = SchedulerKind::from_class_name("LMSDiscreteScheduler").unwrap_err().to_string();
-        assert!(err.contains("LMSDiscreteScheduler") && err.contains("UniPCMultistepScheduler"), "{err}");
+        let err = SchedulerKind::from_class_name("DPMSolverSDEScheduler").unwrap_err().to_string();
+        assert!(err.contains("DPMSolverSDEScheduler") && err.contains("UniPCMultistepScheduler"), "{err}");
+        let sde = r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#;
+        let sde = SchedulerConfig::from_json_str(sde, "s.json").unwrap();
+        assert_eq!(sde.own_kind().unwrap(), SchedulerKind::DpmSolverMultistepSde);
     }
 
     #[test]
     fn unknown_name_lists_the_valid_ones() {
-        let err = "heun".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(err.contains("\"heun\""), "{err}");
+        let err = "dpm fast".parse::<SchedulerKind>().unwrap_err().to_string();
+        assert!(err.contains("\"dpm fast\""), "{err}");
         for kind in SchedulerKind::ALL {
             assert!(err.contains(kind.cli_name()), "{err}");
         }
@@ -265,9 +317,9 @@ mod tests {
         let err = no_class.own_kind().unwrap_err().to_string();
         assert!(err.contains("anon.json") && err.contains("_class_name"), "{err}");
 
-        let lms = SchedulerConfig::from_json_str(r#"{"_class_name": "LMSDiscreteScheduler"}"#, "lms.json").unwrap();
-        let err = lms.own_kind().unwrap_err().to_string();
-        assert!(err.contains("LMSDiscreteScheduler") && err.contains("euler-a"), "{err}");
+        let sde = SchedulerConfig::from_json_str(r#"{"_class_name": "DPMSolverSDEScheduler"}"#, "sde.json").unwrap();
+        let err = sde.own_kind().unwrap_err().to_string();
+        assert!(err.contains("DPMSolverSDEScheduler") && err.contains("euler-a"), "{err}");
     }
 
     #[test]

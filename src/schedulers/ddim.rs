@@ -1,8 +1,9 @@
-//! DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models"), deterministic (eta = 0): diffusers'
-//! `DDIMScheduler`, SD2.1's default.
+//! DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models"): diffusers' `DDIMScheduler`, SD2.1's default.
 //!
 //! Each step predicts x0 and the noise from the model output, then re-noises x0 to the previous timestep's
-//! level along the predicted noise direction.
+//! level along the predicted noise direction. With eta > 0 (the pipeline's `eta=`, [`Scheduler::set_eta`]) part
+//! of that noise is fresh, drawn from the pipeline's generator after every step: eta = 1 is DDPM-like
+//! ancestral sampling, eta = 0 (the default) deterministic.
 use candle_core::Tensor;
 use serde::Deserialize;
 
@@ -51,6 +52,8 @@ pub struct DdimScheduler {
     timesteps: Vec<f64>,
     /// `num_train_timesteps / num_inference_steps`: how far back each step goes (whatever the spacing).
     step_ratio: usize,
+    /// DDIM's eta (eq. 16): the share of fresh noise; 0 = deterministic.
+    eta: f32,
 }
 
 impl DdimScheduler {
@@ -73,6 +76,7 @@ impl DdimScheduler {
             schedule,
             final_alpha_cumprod,
             timesteps,
+            eta: 0.0,
         })
     }
 
@@ -100,7 +104,7 @@ impl Scheduler for DdimScheduler {
         model_output: Tensor,
         step_index: usize,
         sample: Tensor,
-        _rng: &mut TorchGenerator,
+        rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
         // 1. The timestep and the previous one (DDIM eq. 12).
         let t = at(&self.timesteps, step_index, "timesteps")? as i64;
@@ -134,9 +138,29 @@ impl Scheduler for DdimScheduler {
             pred_original_sample
         };
 
-        // 4. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps  (eta = 0: no fresh noise).
-        let direction = mul(&pred_epsilon, (1.0 - alpha_prod_t_prev).sqrt())?;
-        mul(&pred_original_sample, alpha_prod_t_prev.sqrt())? + direction
+        // 4. The fresh noise's standard deviation sigma_t(eta) (eq. 16):
+        //    eta · sqrt((1 - a_prev) / (1 - a_t) · (1 - a_t / a_prev)).
+        let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
+        let variance = (beta_prod_t_prev / beta_prod_t) * (1.0 - alpha_prod_t / alpha_prod_t_prev);
+        let std_dev_t = self.eta * variance.sqrt();
+
+        // 5. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t²) eps  (+ sigma_t · fresh noise).
+        let direction = mul(&pred_epsilon, (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt())?;
+        let prev_sample = (mul(&pred_original_sample, alpha_prod_t_prev.sqrt())? + direction)?;
+        if self.eta > 0.0 {
+            // diffusers: randn_tensor(model_output.shape, generator, dtype=model_output.dtype).
+            let noise = rng.randn_tensor(sample.dims(), sample.device())?;
+            return prev_sample + mul(&noise, std_dev_t)?;
+        }
+        Ok(prev_sample)
+    }
+
+    fn set_eta(&mut self, eta: f64) -> crate::Result<()> {
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(crate::Error::setting("eta", format!("{eta} must lie in [0, 1]")));
+        }
+        self.eta = eta as f32;
+        Ok(())
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {

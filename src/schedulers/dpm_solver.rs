@@ -1,6 +1,9 @@
 //! DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
 //! Probabilistic Models"): diffusers' `DPMSolverMultistepScheduler` with `algorithm_type = "dpmsolver++"`.
 //! With `solver_order = 2` (the default) this is the "DPM++ 2M" sampler (Karras sigmas: "DPM++ 2M Karras").
+//! `algorithm_type = "sde-dpmsolver++"` is the stochastic variant, "DPM++ 2M SDE": each step also decays the
+//! sample by e^{-h} and adds fresh noise of size sigma_t · sqrt(1 − e^{-2h}), drawn from the pipeline's
+//! generator at every step, as diffusers draws it.
 //!
 //! The solver works in log-SNR time lambda = log(alpha_t / sigma_t) on data predictions x0: a first-order step
 //! is exact for a constant x0, and higher orders extrapolate x0 from the previous steps' predictions.
@@ -16,7 +19,7 @@ use super::timesteps::{
     sigma_to_t,
 };
 use super::timesteps::{FinalSigmas, TimestepSpacing};
-use super::{at, Scheduler, SchedulerConfig, SchedulerKind};
+use super::{at, Scheduler, SchedulerConfig, SchedulerKind, SDE_DPMSOLVER_PP};
 use crate::rng::TorchGenerator;
 
 /// Below this many steps, `lower_order_final` also lowers the last steps' order (stabilises few-step runs).
@@ -34,7 +37,7 @@ pub struct DpmSolverConfig {
     pub prediction_type: PredictionType,
     #[serde(default)]
     pub thresholding: bool,
-    /// Only "dpmsolver++" is implemented ("deis" is mapped to it, as diffusers does).
+    /// "dpmsolver++" or "sde-dpmsolver++" ("deis" is mapped to the first, as diffusers does).
     #[serde(default = "dpmsolver_pp")]
     pub algorithm_type: String,
     /// Second-order formula: "midpoint" (default) or "heun".
@@ -119,6 +122,8 @@ enum SolverType {
 pub struct DpmSolverMultistepScheduler {
     config: DpmSolverConfig,
     solver_type: SolverType,
+    /// `algorithm_type = "sde-dpmsolver++"`: noise is added at every step.
+    sde: bool,
     timesteps: Vec<f64>,
     /// One sigma per step plus the final one, float32.
     sigmas: Vec<f32>,
@@ -133,6 +138,7 @@ impl DpmSolverMultistepScheduler {
         let kind = SchedulerKind::DpmSolverMultistep;
         let parsed: DpmSolverConfig = config.parse(kind)?;
         let solver_type = validate(config, &parsed)?;
+        let parsed_sde = parsed.algorithm_type == SDE_DPMSOLVER_PP;
 
         // 1. Training schedule.
         let schedule = NoiseSchedule::for_sigma_samplers(&parsed.betas, parsed.rescale_betas_zero_snr)?;
@@ -180,6 +186,7 @@ impl DpmSolverMultistepScheduler {
             model_outputs: vec![None; parsed.solver_order],
             config: parsed,
             solver_type,
+            sde: parsed_sde,
             timesteps,
             sigmas,
             lower_order_nums: 0,
@@ -205,16 +212,30 @@ impl DpmSolverMultistepScheduler {
         }
     }
 
-    /// First order (DDIM-like): x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) x0.
-    fn first_order_update(&self, x0: &Tensor, sample: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+    /// First order (DDIM-like): x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) x0; the SDE variant
+    /// x_t = (sigma_t / sigma_s) e^{-h} x + alpha_t (1 - e^{-2h}) x0 + sigma_t sqrt(1 - e^{-2h}) noise.
+    fn first_order_update(
+        &self,
+        x0: &Tensor,
+        sample: &Tensor,
+        step: usize,
+        noise: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[step]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        mul(sample, sigma_t / sigma_s)? - mul(x0, alpha_t * ((-h).exp() - 1.0))?
+        match noise {
+            None => mul(sample, sigma_t / sigma_s)? - mul(x0, alpha_t * ((-h).exp() - 1.0))?,
+            Some(noise) => {
+                let x_t = (mul(sample, sigma_t / sigma_s * (-h).exp())? + mul(x0, alpha_t * sde_decay(h))?)?;
+                x_t + sde_noise(noise, sigma_t, h)?
+            }
+        }
     }
 
-    /// Second order from the last two x0 predictions (DPM-Solver++(2M), Algorithm 2 of the paper).
-    fn second_order_update(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+    /// Second order from the last two x0 predictions (DPM-Solver++(2M), Algorithm 2 of the paper; with noise:
+    /// SDE-DPM-Solver++(2M)).
+    fn second_order_update(&self, sample: &Tensor, step: usize, noise: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (m0, m1) = (self.history(1)?, self.history(2)?);
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
@@ -224,6 +245,15 @@ impl DpmSolverMultistepScheduler {
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
         let r0 = h_0 / h;
         let d1 = mul(&(m0 - m1)?, 1.0 / r0)?;
+        if let Some(noise) = noise {
+            let decay = alpha_t * sde_decay(h);
+            let x_t = (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(m0, decay)?)?;
+            let x_t = match self.solver_type {
+                SolverType::Midpoint => (x_t + mul(&d1, 0.5 * decay)?)?,
+                SolverType::Heun => (x_t + mul(&d1, alpha_t * (sde_decay(h) / (-2.0 * h) + 1.0))?)?,
+            };
+            return x_t + sde_noise(noise, sigma_t, h)?;
+        }
         let exp_term = alpha_t * ((-h).exp() - 1.0);
         let x_t = (mul(sample, sigma_t / sigma_s0)? - mul(m0, exp_term)?)?;
         match self.solver_type {
@@ -232,8 +262,8 @@ impl DpmSolverMultistepScheduler {
         }
     }
 
-    /// Third order from the last three x0 predictions (DPM-Solver++(3M)).
-    fn third_order_update(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+    /// Third order from the last three x0 predictions (DPM-Solver++(3M), or its SDE variant with noise).
+    fn third_order_update(&self, sample: &Tensor, step: usize, noise: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (m0, m1, m2) = (self.history(1)?, self.history(2)?, self.history(3)?);
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
@@ -248,6 +278,14 @@ impl DpmSolverMultistepScheduler {
         let d1_1 = mul(&(m1 - m2)?, 1.0 / r1)?;
         let d1 = (&d1_0 + mul(&(&d1_0 - &d1_1)?, r0 / (r0 + r1))?)?;
         let d2 = mul(&(&d1_0 - &d1_1)?, 1.0 / (r0 + r1))?;
+        if let Some(noise) = noise {
+            let decay = sde_decay(h);
+            let x_t = (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(m0, alpha_t * decay)?)?;
+            let x_t = (x_t + mul(&d1, alpha_t * (decay / (-2.0 * h) + 1.0))?)?;
+            let two_h = 2.0 * h;
+            let x_t = (x_t + mul(&d2, alpha_t * ((1.0 - (-2.0 * h).exp() - two_h) / (two_h * two_h) - 0.5))?)?;
+            return x_t + sde_noise(noise, sigma_t, h)?;
+        }
         let e = (-h).exp() - 1.0;
         let x_t = (mul(sample, sigma_t / sigma_s0)? - mul(m0, alpha_t * e)?)?;
         let x_t = (x_t + mul(&d1, alpha_t * (e / h + 1.0))?)?;
@@ -263,14 +301,24 @@ impl DpmSolverMultistepScheduler {
     }
 }
 
+/// `1 - e^{-2h}`: how much of x0 an SDE step takes in (float32, diffusers' order).
+fn sde_decay(h: f32) -> f32 {
+    1.0 - (-2.0 * h).exp()
+}
+
+/// The SDE step's fresh noise: `sigma_t · sqrt(1 - e^{-2h}) · noise`.
+fn sde_noise(noise: &Tensor, sigma_t: f32, h: f32) -> candle_core::Result<Tensor> {
+    mul(noise, sigma_t * (1.0 - (-2.0 * h).exp()).sqrt())
+}
+
 /// Rejects the options diffusers has that this port does not implement; returns the second-order formula.
 fn validate(config: &SchedulerConfig, parsed: &DpmSolverConfig) -> crate::Result<SolverType> {
     let kind = SchedulerKind::DpmSolverMultistep;
     // "deis" is diffusers' alias for dpmsolver++ in this class.
-    if parsed.algorithm_type != "dpmsolver++" && parsed.algorithm_type != "deis" {
-        return Err(
-            config.unsupported(kind, format!("algorithm_type {:?} (only \"dpmsolver++\")", parsed.algorithm_type))
-        );
+    if !["dpmsolver++", "deis", SDE_DPMSOLVER_PP].contains(&parsed.algorithm_type.as_str()) {
+        let what =
+            format!("algorithm_type {:?} (only \"dpmsolver++\" and \"{SDE_DPMSOLVER_PP}\")", parsed.algorithm_type);
+        return Err(config.unsupported(kind, what));
     }
     if !(1..=3).contains(&parsed.solver_order) {
         return Err(config.unsupported(kind, format!("solver_order {}", parsed.solver_order)));
@@ -318,7 +366,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         model_output: Tensor,
         step_index: usize,
         sample: Tensor,
-        _rng: &mut TorchGenerator,
+        rng: &mut TorchGenerator,
     ) -> candle_core::Result<Tensor> {
         let n = self.timesteps.len();
         at(&self.timesteps, step_index, "timesteps")?;
@@ -332,15 +380,21 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let x0 = self.convert_model_output(&model_output, &sample, step_index)?;
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(x0.clone()));
+        // 3. The SDE variant's noise, drawn at every step (diffusers: randn_tensor(shape, generator), float32).
+        let noise = match self.sde {
+            true => Some(rng.randn_tensor(model_output.dims(), model_output.device())?),
+            false => None,
+        };
+        let noise = noise.as_ref();
 
-        // 3. Update.
+        // 4. Update.
         let order = self.config.solver_order;
         let prev_sample = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            self.first_order_update(&x0, &sample, step_index)?
+            self.first_order_update(&x0, &sample, step_index, noise)?
         } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            self.second_order_update(&sample, step_index)?
+            self.second_order_update(&sample, step_index, noise)?
         } else {
-            self.third_order_update(&sample, step_index)?
+            self.third_order_update(&sample, step_index, noise)?
         };
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
         Ok(prev_sample)
@@ -355,7 +409,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::DpmSolverMultistep
+        if self.sde {
+            SchedulerKind::DpmSolverMultistepSde
+        } else {
+            SchedulerKind::DpmSolverMultistep
+        }
     }
 }
 
@@ -367,6 +425,12 @@ mod tests {
     #[test]
     fn matches_diffusers_rollouts() {
         run_cases(SchedulerKind::DpmSolverMultistep);
+    }
+
+    /// "DPM++ 2M SDE": the noise drawn from a generator seeded like diffusers'.
+    #[test]
+    fn sde_matches_diffusers_rollouts() {
+        run_cases(SchedulerKind::DpmSolverMultistepSde);
     }
 
     /// Python's json writes -inf as `-Infinity`; configs saved by diffusers contain it.
@@ -383,7 +447,7 @@ mod tests {
     #[test]
     fn unsupported_options_are_rejected() {
         for json in [
-            r#"{"algorithm_type": "sde-dpmsolver++"}"#,
+            r#"{"algorithm_type": "sde-dpmsolver"}"#,
             r#"{"solver_order": 4}"#,
             r#"{"use_lu_lambdas": true}"#,
             r#"{"variance_type": "learned_range"}"#,

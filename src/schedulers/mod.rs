@@ -11,8 +11,15 @@
 //! | `euler-a` | EulerAncestralDiscreteScheduler | Euler + fresh noise each step |
 //! | `dpm++2m` | DPMSolverMultistepScheduler | DPM-Solver++ multistep (order 2 by default) |
 //! | `unipc` | UniPCMultistepScheduler | UniPC predictor-corrector |
+//! | `heun` | HeunDiscreteScheduler | Heun (2 evaluations per step) |
+//! | `lms` | LMSDiscreteScheduler | linear multistep, order 4 |
+//! | `dpm2` | KDPM2DiscreteScheduler | DPM-Solver-2 (2 evaluations per step) |
+//! | `dpm2-a` | KDPM2AncestralDiscreteScheduler | DPM2 + fresh noise each step |
+//! | `dpm++2m-sde` | DPMSolverMultistepScheduler (`sde-dpmsolver++`) | DPM++ 2M + fresh noise each step |
 //!
-//! Euler, DPM++ 2M and UniPC also take Karras or exponential sigmas (`use_karras_sigmas` /
+//! The two-evaluation schedulers list every timestep but the first twice, so a pipeline loop needs nothing
+//! special: it runs the model at each of `timesteps()` in turn. Euler, DPM++ 2M, UniPC, LMS, DPM2, DPM2 a and
+//! DPM++ 2M SDE also take Karras or exponential sigmas (`use_karras_sigmas` /
 //! `use_exponential_sigmas` in the config, or a [`Sampler`] name such as `dpm++2m-karras` or A1111's
 //! "DPM++ 2M Karras").
 //!
@@ -33,6 +40,11 @@ pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod heun;
+mod k_schedule;
+pub mod kdpm2;
+pub mod kdpm2_ancestral;
+pub mod lms;
 pub mod pndm;
 mod sampler;
 pub mod schedule;
@@ -42,11 +54,16 @@ pub mod unipc;
 #[cfg(test)]
 mod parity;
 
-pub use config::{SchedulerConfig, SchedulerKind, SCHEDULER_CONFIG_FILE};
+pub use config::{SchedulerConfig, SchedulerKind, SCHEDULER_CONFIG_FILE, SDE_DPMSOLVER_PP};
 pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+pub use heun::HeunScheduler;
+pub use k_schedule::KConfig;
+pub use kdpm2::KDpm2Scheduler;
+pub use kdpm2_ancestral::KDpm2AncestralScheduler;
+pub use lms::LmsScheduler;
 pub use pndm::PndmScheduler;
 pub use sampler::{Sampler, SigmaSpacing, A1111_SAMPLERS};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType};
@@ -106,6 +123,16 @@ pub trait Scheduler: Send {
     /// diffusers' img2img pipelines pass with `set_begin_index`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
 
+    /// DDIM's eta (the pipeline's `eta=`): the share of fresh noise each step adds. Only DDIM takes it; the
+    /// others refuse anything but 0 (diffusers' pipelines silently drop it for them).
+    fn set_eta(&mut self, eta: f64) -> crate::Result<()> {
+        if eta != 0.0 {
+            let msg = format!("{eta} is only used by the ddim scheduler, not {}", self.kind().cli_name());
+            return Err(crate::Error::setting("eta", msg));
+        }
+        Ok(())
+    }
+
     /// What the model predicts (epsilon, v or x0), from the config.
     fn prediction_type(&self) -> PredictionType;
 
@@ -132,8 +159,22 @@ pub fn build(
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(EulerScheduler::new(config, num_inference_steps)?),
         SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmSolverMultistep | SchedulerKind::DpmSolverMultistepSde => {
+            // One class, two samplers: the kind asked for decides `algorithm_type` (a file's "deis" stays).
+            let sde = kind == SchedulerKind::DpmSolverMultistepSde;
+            let file_sde = config.get("algorithm_type") == Some(&SDE_DPMSOLVER_PP.into());
+            let config = match (sde, file_sde) {
+                (true, _) => config.clone().with("algorithm_type", SDE_DPMSOLVER_PP),
+                (false, true) => config.clone().with("algorithm_type", "dpmsolver++"),
+                (false, false) => config.clone(),
+            };
+            Box::new(DpmSolverMultistepScheduler::new(&config, num_inference_steps)?)
+        }
         SchedulerKind::UniPc => Box::new(UniPcScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Heun => Box::new(HeunScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Lms => Box::new(LmsScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::KDpm2 => Box::new(KDpm2Scheduler::new(config, num_inference_steps)?),
+        SchedulerKind::KDpm2Ancestral => Box::new(KDpm2AncestralScheduler::new(config, num_inference_steps)?),
     })
 }
 

@@ -37,13 +37,27 @@ struct Case {
     /// The diffusers class that ran.
     class: String,
     prediction_type: String,
+    /// DDIM's eta (the pipeline's `eta=`); 0 elsewhere.
+    #[serde(default)]
+    eta: f64,
 }
 
-/// Runs every fixture case whose diffusers class is `kind`'s.
+impl Case {
+    /// The scheduler under test: the requested CLI name (which tells DPM++ 2M SDE from DPM++ 2M, one diffusers
+    /// class), or the config's own class.
+    fn kind(&self) -> SchedulerKind {
+        match &self.scheduler {
+            Some(name) => name.parse().unwrap_or_else(|e| panic!("{}: {e}", self.name)),
+            None => SchedulerKind::from_class_name(&self.class).unwrap_or_else(|e| panic!("{}: {e}", self.name)),
+        }
+    }
+}
+
+/// Runs every fixture case of scheduler `kind`.
 pub(super) fn run_cases(kind: SchedulerKind) {
     let manifest = std::fs::read_to_string(format!("{FIXTURES}/schedulers/cases.json")).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&manifest).unwrap();
-    let mine: Vec<&Case> = cases.iter().filter(|c| c.class == kind.class_name()).collect();
+    let mine: Vec<&Case> = cases.iter().filter(|c| c.kind() == kind).collect();
     assert!(!mine.is_empty(), "no fixture cases for {kind}");
     for case in mine {
         run_case(case, kind);
@@ -137,7 +151,9 @@ fn build_case(case: &Case, kind: SchedulerKind, explicit_noise: bool) -> UnderTe
     if kind == SchedulerKind::EulerAncestral && explicit_noise {
         UnderTest::Ancestral(EulerAncestralScheduler::new(&config, case.steps).unwrap())
     } else {
-        UnderTest::Boxed(build(requested, &config, case.steps).unwrap_or_else(|e| panic!("{}: {e}", case.name)))
+        let mut s = build(requested, &config, case.steps).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        s.set_eta(case.eta).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        UnderTest::Boxed(s)
     }
 }
 
@@ -206,8 +222,8 @@ fn every_case_belongs_to_a_scheduler() {
     let cases: Vec<Case> = serde_json::from_str(&manifest).unwrap();
     let mut per_kind: HashMap<SchedulerKind, usize> = HashMap::new();
     for case in &cases {
-        let kind = SchedulerKind::from_class_name(&case.class).unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        *per_kind.entry(kind).or_default() += 1;
+        assert_eq!(case.kind().class_name(), case.class, "{}", case.name);
+        *per_kind.entry(case.kind()).or_default() += 1;
     }
     assert_eq!(per_kind.len(), SchedulerKind::ALL.len(), "{per_kind:?}");
 }

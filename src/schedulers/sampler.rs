@@ -53,7 +53,21 @@ pub const A1111_SAMPLERS: &[(&str, SchedulerKind, &[&str])] = &[
     ("DPM++ 2M", SchedulerKind::DpmSolverMultistep, &["k_dpmpp_2m"]),
     ("UniPC", SchedulerKind::UniPc, &[]),
     ("PLMS", SchedulerKind::Pndm, &["PNDM"]),
+    ("Heun", SchedulerKind::Heun, &["k_heun"]),
+    ("LMS", SchedulerKind::Lms, &["k_lms"]),
+    ("DPM2", SchedulerKind::KDpm2, &["k_dpm_2"]),
+    ("DPM2 a", SchedulerKind::KDpm2Ancestral, &["k_dpm_2_a"]),
+    ("DPM++ 2M SDE", SchedulerKind::DpmSolverMultistepSde, &["k_dpmpp_2m_sde"]),
 ];
+
+/// A1111 samplers that are refused with a reason rather than as unknown names: (lowercase spellings, reason).
+const REFUSED_SAMPLERS: &[(&[&str], &str)] = &[(
+    &["dpm++ sde", "dpm++sde", "k_dpmpp_sde", "dpm++ sde karras", "dpm++sde-karras"],
+    "DPM++ SDE (diffusers' DPMSolverSDEScheduler) is not implemented: it draws its noise from torchsde's \
+     BrownianTree, seeded from torch's global generator (not the pipeline's) unless the config sets \
+     noise_sampler_seed, so matching diffusers needs a port of that tree; DPM++ 2M SDE (dpm++2m-sde) is the \
+     closest sampler available",
+)];
 
 /// A scheduler and, optionally, the sigma spacing to force on it. Without one, the model's scheduler config
 /// decides (a `scheduler_config.json` may itself set `use_karras_sigmas`).
@@ -129,9 +143,20 @@ impl Sampler {
     }
 }
 
-/// Whether diffusers' class for `kind` takes `use_karras_sigmas` / `use_exponential_sigmas`.
+/// Whether `kind` takes a forced sigma spacing: diffusers' class has `use_karras_sigmas` /
+/// `use_exponential_sigmas`, and A1111 lists a Karras variant where it has the sampler (not for Heun, whose
+/// diffusers class has the option too).
 fn respaces(kind: SchedulerKind) -> bool {
-    matches!(kind, SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep | SchedulerKind::UniPc)
+    matches!(
+        kind,
+        SchedulerKind::Euler
+            | SchedulerKind::DpmSolverMultistep
+            | SchedulerKind::UniPc
+            | SchedulerKind::Lms
+            | SchedulerKind::KDpm2
+            | SchedulerKind::KDpm2Ancestral
+            | SchedulerKind::DpmSolverMultistepSde
+    )
 }
 
 impl std::fmt::Display for Sampler {
@@ -157,6 +182,9 @@ impl FromStr for Sampler {
                     .map(|(_, k, _)| *k)
             })
         };
+        if let Some((_, reason)) = REFUSED_SAMPLERS.iter().find(|(names, _)| names.contains(&wanted.as_str())) {
+            return Err(Error::setting("scheduler", format!("{s:?}: {reason}")));
+        }
         if let Some(kind) = find(&wanted) {
             return Ok(kind.into());
         }
@@ -197,6 +225,27 @@ mod tests {
         assert_eq!(parse("DDIM"), Sampler::from(Ddim));
         assert_eq!(parse("PLMS"), Sampler::from(Pndm));
         assert_eq!(parse("DPM++ 2M"), Sampler::from(DpmSolverMultistep));
+        assert_eq!(parse("Heun"), Sampler::from(Heun));
+        assert_eq!(parse("k_lms"), Sampler::from(Lms));
+        assert_eq!(parse("LMS Karras"), karras(Lms));
+        assert_eq!(parse("DPM2"), Sampler::from(KDpm2));
+        assert_eq!(parse("DPM2 Karras"), karras(KDpm2));
+        assert_eq!(parse("DPM2 a"), Sampler::from(KDpm2Ancestral));
+        assert_eq!(parse("dpm2-a-karras"), karras(KDpm2Ancestral));
+        assert_eq!(parse("DPM2 a Karras"), karras(KDpm2Ancestral));
+        assert_eq!(parse("DPM++ 2M SDE"), Sampler::from(DpmSolverMultistepSde));
+        assert_eq!(parse("DPM++ 2M SDE Karras"), karras(DpmSolverMultistepSde));
+        assert_eq!(parse("dpm++2m-sde-karras"), karras(DpmSolverMultistepSde));
+    }
+
+    /// DPM++ SDE is named and refused with the reason (no approximate stand-in).
+    #[test]
+    fn dpmpp_sde_is_refused_with_a_reason() {
+        for name in ["DPM++ SDE", "k_dpmpp_sde", "DPM++ SDE Karras"] {
+            let err = name.parse::<Sampler>().unwrap_err();
+            assert!(matches!(&err, Error::Setting { setting, .. } if setting == "scheduler"), "{err}");
+            assert!(err.to_string().contains("BrownianTree"), "{name}: {err}");
+        }
     }
 
     #[test]
@@ -234,7 +283,7 @@ mod tests {
 
     #[test]
     fn spacing_on_a_scheduler_without_it_is_refused() {
-        for name in ["Euler a Karras", "ddim-exponential", "PLMS Karras"] {
+        for name in ["Euler a Karras", "ddim-exponential", "PLMS Karras", "Heun Karras"] {
             let err = name.parse::<Sampler>().unwrap_err().to_string();
             assert!(err.contains("no ") && err.contains("dpm++2m"), "{name}: {err}");
         }

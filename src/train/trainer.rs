@@ -434,6 +434,7 @@ impl Trainer {
                 vae_tiling: false,
                 sdxl: Default::default(),
                 prompt_options: Default::default(),
+                eta: 0.0,
             };
             let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
             let fidelity: Vec<Fidelity> = if v.canny_fidelity {

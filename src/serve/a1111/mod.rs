@@ -242,7 +242,12 @@ mod tests {
         assert_eq!(sampler("PLMS"), Some(SchedulerKind::Pndm.into()));
         let karras = Sampler::new(SchedulerKind::DpmSolverMultistep, Some(SigmaSpacing::Karras)).ok();
         assert_eq!(sampler("DPM++ 2M Karras"), karras);
-        assert_eq!(sampler("LMS"), None);
+        assert_eq!(sampler("LMS"), Some(SchedulerKind::Lms.into()));
+        assert_eq!(
+            sampler("DPM2 a Karras"),
+            Sampler::new(SchedulerKind::KDpm2Ancestral, Some(SigmaSpacing::Karras)).ok()
+        );
+        assert_eq!(sampler("DPM++ SDE"), None);
         let listed: Vec<String> = sampler_names().into_iter().map(|(n, _)| n).collect();
         for name in &listed {
             assert!(sampler(name).is_some(), "{name} is listed but not accepted");

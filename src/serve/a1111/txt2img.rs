@@ -131,16 +131,20 @@ fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError
         (None, None) => None,
     };
     r.scheduler = sampler;
-    // eta: A1111's ancestral samplers use 1, DDIM 0 (as ours); other samplers do not read it.
+    // eta: DDIM takes it (diffusers' `eta=`, 0 by default); A1111's ancestral and SDE samplers use 1, as ours
+    // run; other samplers do not read it.
     let eta_default = match sampler.map(|s| s.kind) {
-        Some(SchedulerKind::EulerAncestral) => Some(1.0),
-        Some(SchedulerKind::Ddim) => Some(0.0),
+        Some(SchedulerKind::EulerAncestral | SchedulerKind::KDpm2Ancestral | SchedulerKind::DpmSolverMultistepSde) => {
+            Some(1.0)
+        }
         _ => None,
     };
-    if let (Some(eta), Some(want)) = (f.f64("eta")?, eta_default) {
-        if eta != want {
+    match (f.f64("eta")?, eta_default) {
+        (Some(eta), _) if sampler.map(|s| s.kind) == Some(SchedulerKind::Ddim) => r.eta = eta,
+        (Some(eta), Some(want)) if eta != want => {
             return Err(ApiError::field("eta", format!("{eta} is not supported: this sampler runs with eta {want}")));
         }
+        _ => {}
     }
     let init = match kind {
         Kind::Txt2Img => {
