@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, OpenPose) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -100,7 +100,8 @@ pub struct DetectorOptions {
     pub sigma: Option<f64>,
     /// tile: down-sampling rate (default 1 = unchanged).
     pub rate: Option<f64>,
-    /// normal: depth (0..1 after min-max normalisation) below which a pixel is flat background (default 0.4).
+    /// normal, normal-midas: depth (0..1 after min-max normalisation) below which a pixel is flat background
+    /// (default 0.4 for normal, A1111's; 0.1 for normal-midas, controlnet_aux's).
     pub bg_threshold: Option<f64>,
     /// Neural kinds: a weights folder (upstream file names), file or hub id (default [`neural::DEFAULT_REPO`]).
     pub weights: Option<String>,
@@ -304,6 +305,18 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!("save_raw"),
         summary: "Depth Anything V2 relative depth (transformers layout or depth_anything_v2_vit*.pth)",
+    },
+    Kind {
+        name: "depth-midas",
+        input: Input::Image,
+        settings: neural_settings!(),
+        summary: "MiDaS DPT-Hybrid relative depth (dpt_hybrid-midas-501f0c75.pt)",
+    },
+    Kind {
+        name: "normal-midas",
+        input: Input::Image,
+        settings: neural_settings!("bg_threshold"),
+        summary: "normal map from MiDaS depth (dpt_hybrid-midas-501f0c75.pt)",
     },
     Kind {
         name: "openpose",
@@ -699,6 +712,9 @@ mod tests {
             // neural kinds read the fixture's weights (tests never download)
             let weights = k.takes("weights").then(|| match k.name {
                 "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                "depth-midas" | "normal-midas" => {
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_midas").to_string()
+                }
                 n if n.starts_with("openpose") => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openpose/weights").to_string()
                 }

@@ -4,7 +4,7 @@
 //! (z, y, x) in RGB (the reference reverses the channel order).
 //!
 //! The reference takes MiDaS's raw (unnormalised) depth; here the depth image's grey levels (0..255) stand
-//! in for it, so slopes are on that scale.
+//! in for it, so slopes are on that scale. `normal-midas` (`neural::midas`) gives it the net's raw depth.
 use image::RgbImage;
 
 use super::cv::{self, Mat};
@@ -37,17 +37,21 @@ impl Detector for NormalFromDepth {
 
 /// The RGB normal map of a one-channel depth image (near = bright).
 pub fn normal_from_depth(depth: &Mat<u8>, z: f64, bg_threshold: f64) -> Mat<u8> {
-    let d = depth.map(|v| v as f32);
+    normal_from_depth_f32(&depth.map(|v| v as f32), z, bg_threshold)
+}
+
+/// The RGB normal map of a float depth (near = large): MiDaS's raw depth, or grey levels.
+pub fn normal_from_depth_f32(d: &Mat<f32>, z: f64, bg_threshold: f64) -> Mat<u8> {
     // 1. slopes
-    let gx = cv::sobel3_f32(&d, true);
-    let gy = cv::sobel3_f32(&d, false);
+    let gx = cv::sobel3_f32(d, true);
+    let gy = cv::sobel3_f32(d, false);
     // 2. background: normalised depth below the threshold (a constant depth has no background: the
     //    reference divides 0 by 0 and no NaN compares below)
     let (lo, hi) = d.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
     let range = hi - lo;
     let z = z as f32;
     let bg = bg_threshold as f32;
-    let mut out = Mat::new(depth.width, depth.height, 3);
+    let mut out = Mat::new(d.width, d.height, 3);
     for i in 0..d.data.len() {
         let is_bg = range > 0.0 && (d.data[i] - lo) / range < bg;
         let (x, y) = if is_bg { (0.0, 0.0) } else { (gx.data[i], gy.data[i]) };

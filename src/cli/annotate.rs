@@ -33,7 +33,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -59,7 +59,8 @@ pub struct AnnotateArgs {
     /// tile: down-sampling rate [default: 1, unchanged].
     #[arg(long, allow_negative_numbers = true)]
     pub rate: Option<f64>,
-    /// normal: normalised depth below which pixels are flat background [default: 0.4].
+    /// normal, normal-midas: normalised depth below which pixels are flat background [default: 0.4; normal-midas
+    /// 0.1].
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
     /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators].

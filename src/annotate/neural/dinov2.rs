@@ -8,7 +8,7 @@
 //! interpolation ([`PosInterpolation`]).
 use candle_core::Tensor;
 
-use super::nn::{resize_bicubic, Conv, LayerNorm, Linear};
+use super::nn::{resize_bicubic, self_attention, Conv, LayerNorm, Linear};
 use super::weights::StateDict;
 use crate::Result;
 
@@ -223,20 +223,9 @@ impl Dinov2 {
     }
 
     fn block(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention(b, &b.norm1.forward(x)?)?.broadcast_mul(&b.ls1)?)?;
+        let x = (x + self_attention(&b.qkv, &b.proj, self.heads, &b.norm1.forward(x)?)?.broadcast_mul(&b.ls1)?)?;
         let mlp = b.fc2.forward(&b.fc1.forward(&b.norm2.forward(&x)?)?.gelu_erf()?)?;
         Ok((&x + mlp.broadcast_mul(&b.ls2)?)?)
-    }
-
-    fn attention(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
-        let (n, tokens, width) = x.dims3()?;
-        let head = width / self.heads;
-        let qkv = b.qkv.forward(x)?.reshape((n, tokens, 3, self.heads, head))?.permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * (head as f64).powf(-0.5))?.contiguous()?;
-        let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((n, tokens, width))?;
-        b.proj.forward(&y)
     }
 }
 

@@ -16,17 +16,21 @@
 //! | `mlsd` | [`mlsd::MlsdNet`] | `mlsd_large_512_fp32.pth` |
 //! | `openpose`, `openpose-hand`, `openpose-face`, `openpose-full` | [`openpose::Openpose`] | `body_pose_model.pth`, `hand_pose_model.pth`, `facenet.pth` |
 //! | `depth-anything` | [`depth_anything::DepthAnythingNet`] | hub `depth-anything/Depth-Anything-V2-Small-hf` (transformers layout) or `depth_anything_v2_vit{s,b,l}.pth` |
+//! | `depth-midas`, `normal-midas` | [`midas::MidasNet`] | `dpt_hybrid-midas-501f0c75.pt` |
 pub mod depth_anything;
 pub mod dinov2;
 pub mod dpt;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod midas;
 pub mod mlsd;
 pub mod nn;
 pub mod openpose;
 pub mod pidinet;
 pub mod post;
+pub mod resnetv2;
+pub mod vit_hybrid;
 pub mod weights;
 
 pub use weights::{locate, StateDict, DEFAULT_REPO};
@@ -43,6 +47,7 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
         "lineart" => "sk_model.pth",
         "lineart-anime" => "netG.pth",
         "mlsd" => "mlsd_large_512_fp32.pth",
+        "depth-midas" | "normal-midas" => midas::WEIGHTS_FILE,
         _ => return None,
     })
 }
@@ -93,6 +98,15 @@ pub fn detector_from(
             score_threshold: options.score_threshold.unwrap_or(mlsd::DEFAULT_SCORE_THRESHOLD),
             distance_threshold: options.distance_threshold.unwrap_or(mlsd::DEFAULT_DISTANCE_THRESHOLD),
         }),
+        "depth-midas" => Box::new(midas::Midas { net: midas::MidasNet::load(&sd)?, normal: None }),
+        "normal-midas" => {
+            let bg_threshold = options.bg_threshold.unwrap_or(midas::DEFAULT_BG_THRESHOLD);
+            if !bg_threshold.is_finite() {
+                return Err(crate::Error::setting("bg_threshold", format!("must be a number, got {bg_threshold}")));
+            }
+            let normal = midas::NormalSettings { bg_threshold, z: midas::DEFAULT_Z };
+            Box::new(midas::Midas { net: midas::MidasNet::load(&sd)?, normal: Some(normal) })
+        }
         _ => Box::new(lineart_anime::LineartAnime { net: lineart_anime::AnimeNet::load(&sd)? }),
     }))
 }

@@ -262,6 +262,19 @@ impl Linear {
     }
 }
 
+/// Multi-head self-attention with a fused `qkv` projection (timm's and DINOv2's `Attention`): softmax(q·kᵀ /
+/// √d)·v per head, heads joined, then `proj`. `x`: (n, tokens, width).
+pub fn self_attention(qkv: &Linear, proj: &Linear, heads: usize, x: &Tensor) -> Result<Tensor> {
+    let (n, tokens, width) = x.dims3()?;
+    let head = width / heads;
+    let qkv = qkv.forward(x)?.reshape((n, tokens, 3, heads, head))?.permute((2, 0, 3, 1, 4))?;
+    let q = (qkv.get(0)? * (head as f64).powf(-0.5))?.contiguous()?;
+    let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+    let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((n, tokens, width))?;
+    proj.forward(&y)
+}
+
 /// `nn.LayerNorm` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {

@@ -100,6 +100,9 @@ const MODULE_ALIASES: &[(&str, &str)] = &[
     ("lineart_realistic", "lineart"),
     ("lineart_anime", "lineart-anime"),
     ("depth_anything_v2", "depth-anything"),
+    ("depth_midas", "depth-midas"),
+    ("depth", "depth-midas"),
+    ("normal_midas", "normal-midas"),
 ];
 
 /// Our annotator kind for a module name (`None` for "none"); only kinds made from a picture.
@@ -130,6 +133,8 @@ fn slider_options(kind: &str, a: Option<f64>, b: Option<f64>) -> DetectorOptions
         "blur" => o.sigma = a,
         "tile" => o.rate = a,
         "normal" => o.bg_threshold = a,
+        // the extension's slider starts at 0.4 (controlnet_aux's call, our CLI's default, at 0.1)
+        "normal-midas" => o.bg_threshold = a.or(Some(crate::annotate::normal::DEFAULT_BG_THRESHOLD)),
         _ => {}
     }
     o
@@ -264,7 +269,10 @@ mod tests {
         assert_eq!(module_kind("m", "openpose_full").unwrap(), Some("openpose-full"));
         assert_eq!(module_kind("m", "softedge_hed").unwrap(), Some("hed"));
         assert_eq!(module_kind("m", "depth_anything_v2").unwrap(), Some("depth-anything"));
-        assert!(module_kind("m", "depth_midas").unwrap_err().detail().starts_with("m: \"depth_midas\""));
+        assert_eq!(module_kind("m", "depth_midas").unwrap(), Some("depth-midas"));
+        assert_eq!(module_kind("m", "depth").unwrap(), Some("depth-midas"));
+        assert_eq!(module_kind("m", "normal_midas").unwrap(), Some("normal-midas"));
+        assert!(module_kind("m", "reference_only").unwrap_err().detail().starts_with("m: \"reference_only\""));
         assert!(module_kind("m", "pose").is_err(), "pose is drawn from keypoints, not detected");
         assert_eq!(resize_mode("r", &json!("Crop and Resize")).unwrap(), ResizeMode::CropAndResize);
         assert_eq!(resize_mode("r", &json!(2)).unwrap(), ResizeMode::ResizeAndFill);
@@ -277,5 +285,7 @@ mod tests {
         assert_eq!((o.low, o.high), (Some(64.0), None));
         assert!(slider_options("lineart", Some(64.0), Some(64.0)).given().is_empty());
         assert_eq!(slider_options("blur", Some(3.0), None).sigma, Some(3.0));
+        assert_eq!(slider_options("normal-midas", Some(0.2), None).bg_threshold, Some(0.2));
+        assert_eq!(slider_options("normal-midas", Some(-1.0), None).bg_threshold, Some(0.4));
     }
 }

@@ -1,0 +1,185 @@
+//! End-to-end tests of `controlnet annotate depth-midas` / `normal-midas` and `generate --preprocess depth-midas`:
+//! controlnet_aux's sizing through the CLI, the default hub file from the cache, and errors. The weights are the
+//! fixture's narrowed DPT-Hybrid (tools/fixtures/gen_midas.py); nothing is downloaded.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{controlnet, stderr, temp_dir};
+
+const WEIGHTS_FILE: &str = "dpt_hybrid-midas-501f0c75.pt";
+
+fn fixture(name: &str) -> PathBuf {
+    common::fixture("annotators_midas").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_clean_failure(out: &Output, must_mention: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for m in must_mention {
+        assert!(err.contains(m), "stderr should mention {m:?}: {err}");
+    }
+}
+
+/// Share of samples more than `tol` levels off.
+fn off_by_more_than(a: &image::RgbImage, b: &image::RgbImage, tol: u8) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > tol).count();
+    off as f64 / a.as_raw().len() as f64
+}
+
+#[test]
+fn depth_and_normal_maps_reproduce_controlnet_aux() {
+    let dir = temp_dir();
+    // input b (72x104) at detect 128 (128x192 for the net), output short side 192 (192x256)
+    for (kind, reference, tol) in
+        [("depth-midas", "midas_b_d128_i192_depth.png", 1), ("normal-midas", "midas_b_d128_i192_normal.png", 1)]
+    {
+        let out = dir.path().join(format!("{kind}.png"));
+        let run = controlnet(&[
+            "annotate",
+            kind,
+            s(&fixture("input_b.png")),
+            "-o",
+            s(&out),
+            "--weights",
+            s(&fixture("")),
+            "--detect-resolution",
+            "128",
+            "--image-resolution",
+            "192",
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let off = off_by_more_than(&ours, &image::open(fixture(reference)).unwrap().to_rgb8(), tol);
+        assert!(off <= 0.01, "{reference}: {:.2}% off by more than {tol}", off * 100.0);
+    }
+}
+
+#[test]
+fn bg_threshold_flattens_the_far_pixels_of_the_normal_map() {
+    let dir = temp_dir();
+    let run_with = |bg: &str| {
+        let out = dir.path().join(format!("n{bg}.png"));
+        let run = controlnet(&[
+            "annotate",
+            "normal-midas",
+            s(&fixture("input_a.png")),
+            "-o",
+            s(&out),
+            "--weights",
+            s(&fixture(WEIGHTS_FILE)),
+            "--bg-threshold",
+            bg,
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    // our sizing keeps the input's size; everything below the threshold faces the viewer: (z, y, x) = (255, 127, 127)
+    let (none, all) = (run_with("-1"), run_with("2"));
+    assert_eq!(none.dimensions(), (96, 64));
+    assert!(all.pixels().all(|p| p.0 == [255, 127, 127]), "a threshold above 1 makes every pixel background");
+    let flat = none.pixels().filter(|p| p.0 == [255, 127, 127]).count();
+    assert!(flat < none.pixels().count() / 2, "without background the slopes show ({flat} flat pixels)");
+}
+
+#[test]
+fn bad_settings_and_weights_fail_cleanly() {
+    let dir = temp_dir();
+    let (input, out) = (fixture("input_a.png"), dir.path().join("map.png"));
+    // a folder without the file names it
+    let run = controlnet(&["annotate", "depth-midas", s(&input), "-o", s(&out), "--weights", s(dir.path())]);
+    assert_clean_failure(&run, &["--weights: ", &format!("the folder has no {WEIGHTS_FILE}")]);
+    // the normal map's threshold is not a depth setting
+    let run = controlnet(&[
+        "annotate",
+        "depth-midas",
+        s(&input),
+        "-o",
+        s(&out),
+        "--weights",
+        s(&fixture("")),
+        "--bg-threshold",
+        "0.2",
+    ]);
+    assert_clean_failure(&run, &["--bg-threshold", "does not apply to depth-midas (used by normal, normal-midas)"]);
+    // another detector's weights name the missing tensor
+    let other = common::fixture("annotators_neural").join("weights").join("netG.pth");
+    let run = controlnet(&["annotate", "normal-midas", s(&input), "-o", s(&out), "--weights", s(&other)]);
+    assert_clean_failure(&run, &["netG.pth", "pretrained.model.patch_embed.backbone.stem.conv.weight"]);
+    assert!(!out.exists(), "nothing written on failure");
+}
+
+/// A Hugging Face cache holding `lllyasviel/Annotators` with the fixture's weights.
+fn fake_hub_cache(root: &Path) {
+    let repo = root.join("models--lllyasviel--Annotators");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::copy(fixture(WEIGHTS_FILE), snapshot.join(WEIGHTS_FILE)).unwrap();
+}
+
+fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(common::repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+/// A picture → `generate --preprocess depth-midas` with a tiny ControlNet: the condition it used is the map
+/// `annotate` makes at the output size, from the default weights in the cache.
+#[test]
+fn generate_preprocess_depth_midas_uses_the_annotate_map() {
+    let dir = temp_dir();
+    let cache = dir.path().join("hub");
+    fake_hub_cache(&cache);
+    let input = fixture("input_b.png");
+    let annotated = dir.path().join("a.png");
+    let size = ["--width", "64", "--height", "64", "--resize", "just-resize"];
+    let mut args = vec!["annotate", "depth-midas", s(&input), "-o", s(&annotated)];
+    args.extend(size);
+    let run = run_with_cache(&cache, &args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (saved, out) = (dir.path().join("cond.png"), dir.path().join("o.png"));
+    let run = run_with_cache(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sd15",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-a",
+            "--control",
+            s(&input),
+            "--preprocess",
+            "depth-midas",
+            "--save-control",
+            s(&saved),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            s(&out),
+            "--quiet",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
+    assert_eq!(a, b, "generate's depth condition differs from annotate's map");
+    assert!(a.pixels().any(|p| p[0] > 200) && a.pixels().any(|p| p[0] < 50), "a depth map with its full range");
+    assert!(image::open(&out).is_ok());
+}
