@@ -32,6 +32,8 @@ from controlnet_aux import (HEDdetector, LineartAnimeDetector, LineartDetector, 
 from controlnet_aux.hed import ControlNetHED_Apache2  # noqa: E402
 from controlnet_aux.lineart import Generator  # noqa: E402
 from controlnet_aux.lineart_anime import UnetGenerator  # noqa: E402
+from controlnet_aux.midas import MidasDetector  # noqa: E402
+from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel  # noqa: E402
 from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large  # noqa: E402
 from controlnet_aux.open_pose.body import Body  # noqa: E402
 from controlnet_aux.open_pose.face import Face  # noqa: E402
@@ -61,6 +63,7 @@ def nets():
         "hand_pose_model.pth": handpose_model(),
         "facenet.pth": FaceNet(),
         "depth_anything_v2_vits.pth": DepthAnythingV2(encoder="vits", features=64, out_channels=[48, 96, 192, 384]),
+        "dpt_hybrid-midas-501f0c75.pt": DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True),
     }
 
 
@@ -129,6 +132,7 @@ def main():
                                 Hand(os.path.join(d, "hand_pose_model.pth")),
                                 Face(os.path.join(d, "facenet.pth")))
         depth = modules["depth_anything_v2_vits.pth"].eval()
+        midas = MidasDetector.from_pretrained(d)
         bgr = np.ascontiguousarray(img[..., ::-1])
         cases = [
             ("hed", lambda: hed(img, **call)),
@@ -139,6 +143,8 @@ def main():
             ("openpose", lambda: pose(img, **call)),
             ("openpose-full", lambda: pose(img, include_hand=True, include_face=True, **call)),
             ("depth-anything", lambda: depth.infer_image(bgr, SIZE)),
+            ("depth-midas", lambda: midas(img, **call)),
+            ("normal-midas", lambda: midas(img, depth_and_normal=True, **call)),
         ]
         for kind, fn in cases:
             s = timed(fn, args.iters)

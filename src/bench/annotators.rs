@@ -24,8 +24,18 @@ const FULL_SIZE_SHAPES: &str = include_str!("../../tests/fixtures/annotators_neu
 /// The image side and the `detect_resolution` / `image_resolution` of every timed call.
 pub const SIZE: u32 = 512;
 /// The kinds timed, in the order of the table (the Python script's order).
-pub const KINDS: [&str; 8] =
-    ["hed", "pidinet", "lineart", "lineart-anime", "mlsd", "openpose", "openpose-full", "depth-anything"];
+pub const KINDS: [&str; 10] = [
+    "hed",
+    "pidinet",
+    "lineart",
+    "lineart-anime",
+    "mlsd",
+    "openpose",
+    "openpose-full",
+    "depth-anything",
+    "depth-midas",
+    "normal-midas",
+];
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AnnotatorRow {

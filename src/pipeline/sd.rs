@@ -501,6 +501,38 @@ mod tests {
         assert_no_controlnet_case(&sd, 5, 7.5, 18, "pipeline/sd_no_controlnet.safetensors");
     }
 
+    /// A single-file 9-channel inpainting checkpoint (the sd-v1-5-inpainting layout, built from
+    /// tiny-sd15-inpaint by the recipe checked against diffusers' `from_single_file`) inpaints as its diffusers
+    /// twin: diffusers' image of the `inp_nine_channels` case (tests/fixtures/img2img) within 40 dB.
+    #[test]
+    fn single_file_inpainting_checkpoint_inpaints_as_diffusers() {
+        use crate::pipeline::{request::ControlRequest, run, GenerateRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let original = fixtures::original("sd15_inpaint_single_file", None);
+        let file = fixtures::write(dir.path(), "tiny-sd15-inpainting.safetensors", &original);
+        let f = |p: &str| fixtures::fixtures().join(p);
+        let request = GenerateRequest {
+            model: Some(file.display().to_string()),
+            config: Some(f("models/tiny-sd15-inpaint")),
+            prompt: "a red circle on a light blue background".into(),
+            controls: vec![ControlRequest::new(
+                Some(f("models/tiny-controlnet-a").display().to_string()),
+                f("pipeline/control_circle.png"),
+            )],
+            steps: 5,
+            scheduler: Some("ddim".parse().unwrap()),
+            seed: Some(34),
+            init_image: Some(f("img2img/init.png")),
+            mask: Some(f("img2img/mask.png")),
+            strength: Some(1.0),
+            ..GenerateRequest::default()
+        };
+        let out = run(&request, &Device::Cpu, &|_| {}, crate::pipeline::generate::never_cancelled()).unwrap();
+        let reference = image::open(f("img2img/inp_nine_channels.png")).unwrap().to_rgb8();
+        let db = crate::test_support::psnr(&out.images[0].image, &reference);
+        assert!(db >= 40.0, "PSNR {db:.1} dB against diffusers' 9-channel inpainting");
+    }
+
     /// A DPM++ 2M run without a ControlNet (128 px, the circle prompt) gives the latents of diffusers' `reference`
     /// run within 2e-4.
     fn assert_no_controlnet_case(sd: &StableDiffusion, steps: usize, guidance: f64, seed: u64, reference: &str) {
