@@ -99,3 +99,57 @@ fn a_missing_jobs_file_is_named() {
     assert!(!res.status.success());
     assert!(stderr(&res).contains("none.jsonl"), "{}", stderr(&res));
 }
+
+/// `generate --control FOLDER`: one image per picture (non-pictures ignored), each what `generate` makes with that
+/// picture, named `STEM-<picture>.png` beside --output; flags that name one file are refused.
+#[test]
+fn generate_with_a_control_folder_makes_one_image_per_picture() {
+    let dir = temp_dir();
+    let conds = dir.path().join("conds");
+    std::fs::create_dir(&conds).unwrap();
+    std::fs::copy(fixture("pipeline/control_circle.png"), conds.join("a.png")).unwrap();
+    std::fs::copy(fixture("pipeline/control_box.png"), conds.join("b.png")).unwrap();
+    std::fs::write(conds.join("notes.txt"), "not a picture").unwrap();
+    let (model, net) = (fixture("models/tiny-sd15"), fixture("models/tiny-controlnet-a"));
+    let run = |control: &std::path::Path, out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--controlnet",
+            net.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+            "--prompt",
+            "a circle",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--output",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend(extra);
+        controlnet(&args)
+    };
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let res = run(&conds, &out_dir.join("img.png"), &[]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let mut written: Vec<String> =
+        std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    written.sort();
+    assert_eq!(written, ["img-a.png", "img-b.png"]);
+    for stem in ["a", "b"] {
+        let single = dir.path().join(format!("single-{stem}.png"));
+        let res = run(&conds.join(format!("{stem}.png")), &single, &[]);
+        assert!(res.status.success(), "{}", stderr(&res));
+        let from_folder = image::open(out_dir.join(format!("img-{stem}.png"))).unwrap().to_rgb8();
+        assert_eq!(from_folder, image::open(&single).unwrap().to_rgb8(), "{stem}");
+    }
+    let save = dir.path().join("cond.png");
+    let res = run(&conds, &dir.path().join("x.png"), &["--save-control", save.to_str().unwrap()]);
+    assert!(!res.status.success() && stderr(&res).contains("--save-control"), "{}", stderr(&res));
+    assert!(!dir.path().join("x-a.png").exists());
+}

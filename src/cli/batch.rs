@@ -113,11 +113,11 @@ struct Job {
 type Ready = (String, GenerateRequest, Vec<PathBuf>);
 
 /// A job ready to run (or the reason it cannot).
-struct Planned {
+pub(crate) struct Planned {
     /// "line 3" or "line 3, control cat.png".
-    name: String,
-    request: anyhow::Result<GenerateRequest>,
-    outputs: Vec<PathBuf>,
+    pub name: String,
+    pub request: anyhow::Result<GenerateRequest>,
+    pub outputs: Vec<PathBuf>,
 }
 
 pub fn run(args: &BatchArgs) -> anyhow::Result<ExitCode> {
@@ -134,7 +134,13 @@ pub fn run(args: &BatchArgs) -> anyhow::Result<ExitCode> {
     if jobs.is_empty() {
         bail!("{}: no jobs (one JSON object per line)", args.jobs.display());
     }
+    run_planned(jobs, args.quiet)
+}
 
+/// Runs planned jobs as `batch` does (also `generate --control FOLDER`): finished ones skipped, the others grouped
+/// by base model so each loads once, failures reported without stopping the rest, then a summary; exit status 1
+/// when any failed.
+pub(crate) fn run_planned(jobs: Vec<Planned>, quiet: bool) -> anyhow::Result<ExitCode> {
     // 1. Finished jobs are skipped; the others are grouped by base model, so each loads once.
     let total = jobs.len();
     let mut failed: Vec<(String, String)> = Vec::new();
@@ -219,7 +225,7 @@ pub fn run(args: &BatchArgs) -> anyhow::Result<ExitCode> {
             };
             let generator = generators.entry(keys).or_insert_with(|| Generator::new(&sd, loaded));
             eprintln!("job {done}/{total} ({name})");
-            match run_job(generator, &request, &outputs, args.quiet, &cancel) {
+            match run_job(generator, &request, &outputs, quiet, &cancel) {
                 Ok(()) => written += 1,
                 Err(e) if matches!(e.downcast_ref::<crate::Error>(), Some(crate::Error::Cancelled)) => {
                     eprintln!("stopped by Ctrl-C: finished images are kept; run the batch again to do the rest");
@@ -311,7 +317,7 @@ fn plan(line: usize, text: &str, base: &Path, out_dir: &Path) -> Vec<Planned> {
 }
 
 /// A file a folder of conditions contributes: a picture by its extension.
-fn is_picture(path: &Path) -> bool {
+pub(crate) fn is_picture(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg" | "webp" | "bmp"))
 }
@@ -329,7 +335,7 @@ fn output_name(output: Option<&str>, line: usize) -> (String, String) {
 }
 
 /// `DIR/STEM.EXT`, or `DIR/STEM-1.EXT`, ... for several images (as `generate` numbers them).
-fn outputs(dir: &Path, stem: &str, ext: &str, num_images: usize) -> Vec<PathBuf> {
+pub(crate) fn outputs(dir: &Path, stem: &str, ext: &str, num_images: usize) -> Vec<PathBuf> {
     if num_images <= 1 {
         return vec![dir.join(format!("{stem}.{ext}"))];
     }

@@ -273,6 +273,9 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         vae: args.vae.clone(),
         eta: args.eta,
     };
+    if request.controls.iter().any(|c| c.control.is_dir()) {
+        return run_control_folder(request, args, &nets);
+    }
     let outputs = output_paths(&args.output, args.num_images)?;
     check_quality(&args.output, args.quality)?;
     let saves: Vec<&Path> = nets.iter().filter_map(|n| n.save_control.as_deref()).collect();
@@ -291,6 +294,49 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     for (img, path) in generated.images.iter().zip(&outputs) {
         images::save_image(path, &img.image, &img.metadata.text_chunks(), args.quality)?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--control FOLDER`: one image per picture in the folder (the one ControlNet's condition), written beside
+/// `--output` as `STEM-<picture stem>.EXT`; the models load once and a picture that fails is reported without
+/// stopping the others, as `batch` runs a folder of conditions.
+fn run_control_folder(request: GenerateRequest, args: &GenerateArgs, nets: &[NetFlags]) -> anyhow::Result<()> {
+    let [control] = request.controls.as_slice() else {
+        bail!("--control: a folder of conditions works with one ControlNet ({} given)", request.controls.len());
+    };
+    let folder = control.control.clone();
+    if nets.iter().any(|n| n.save_control.is_some()) {
+        bail!("--save-control names one file, but --control {} is a folder: leave it out", folder.display());
+    }
+    if args.quality.is_some() {
+        bail!("--quality applies to one --output image, not to a --control folder's images");
+    }
+    images::OutputFormat::from_path("output", &args.output)?;
+    let mut pictures: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .map_err(|e| anyhow::anyhow!("--control {}: {e}", folder.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| super::batch::is_picture(p))
+        .collect();
+    pictures.sort();
+    if pictures.is_empty() {
+        bail!("--control: the folder {} holds no images", folder.display());
+    }
+    let dir = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = args.output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let ext = args.output.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    let jobs = pictures
+        .into_iter()
+        .map(|picture| {
+            let file = picture.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let outputs = super::batch::outputs(dir, &format!("{stem}-{file}"), ext, request.num_images);
+            let mut one = request.clone();
+            one.controls[0].control = picture.clone();
+            super::batch::Planned { name: picture.display().to_string(), request: Ok(one), outputs }
+        })
+        .collect();
+    if super::batch::run_planned(jobs, args.quiet)? != std::process::ExitCode::SUCCESS {
+        bail!("--control {}: some conditions failed (listed above)", folder.display());
     }
     Ok(())
 }
