@@ -171,3 +171,36 @@ fn an_inverted_mask_repaints_the_black_part() {
     assert_ne!(served[0], images(&server.post_json("/sdapi/v1/img2img", &request(json!(0))))[0]);
     refused(&server.post_json("/sdapi/v1/img2img", &request(json!(2))), "inpainting_mask_invert", "expected 0");
 }
+
+/// `inpainting_fill` 2 ("latent noise") and 3 ("latent nothing") are `generate --masked-content latent-noise`
+/// and `latent-nothing` (and differ from 1, "original"); 0 ("fill") and unknown values are refused.
+#[test]
+fn inpainting_fills_are_generates_masked_content() {
+    let server = Server::tiny(&[]);
+    let (init, mask) = ("tests/fixtures/img2img/init.png", "tests/fixtures/img2img/mask.png");
+    let request = |fill: Value| {
+        body(
+            "a cat",
+            json!({ "init_images": [picture_base64(init)], "mask": picture_base64(mask), "denoising_strength": 0.6,
+                "inpainting_fill": fill, "inpaint_full_res": false, "width": null, "height": null }),
+        )
+    };
+    let dir = temp_dir();
+    let cli = |content: &str| {
+        let out = dir.path().join(format!("{content}.png"));
+        let args = ["generate", "--model", SD15, "--prompt", "a cat", "--steps", "2", "--seed", "5", "--scheduler"];
+        let more = ["euler-a", "--prompt-syntax", "a1111", "--init-image", init, "--strength", "0.6", "--mask", mask];
+        let tail = ["--mask-blur", "4", "--masked-content", content, "--quiet", "--output", out.to_str().unwrap()];
+        let res = controlnet(&[&args[..], &more[..], &tail[..]].concat());
+        assert!(res.status.success(), "{}", stderr(&res));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let original = images(&server.post_json("/sdapi/v1/img2img", &request(json!(1))))[0].clone();
+    for (fill, content) in [(2, "latent-noise"), (3, "latent-nothing")] {
+        let served = images(&server.post_json("/sdapi/v1/img2img", &request(json!(fill))))[0].clone();
+        assert_eq!(served, cli(content), "inpainting_fill {fill}");
+        assert_ne!(served, original, "inpainting_fill {fill} changed nothing");
+    }
+    refused(&server.post_json("/sdapi/v1/img2img", &request(json!(0))), "inpainting_fill", "0 (fill) is not");
+    refused(&server.post_json("/sdapi/v1/img2img", &request(json!(4))), "inpainting_fill", "4 (unknown)");
+}

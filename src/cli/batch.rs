@@ -91,6 +91,7 @@ struct Job {
     mask: Option<String>,
     #[serde(default)]
     mask_blur: u32,
+    masked_content: Option<String>,
     strength: Option<f64>,
     hires_scale: Option<f64>,
     hires_steps: Option<usize>,
@@ -483,6 +484,12 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
         embeddings_dir: job.embeddings_dir.as_deref().map(|p| path(base, p)),
         vae: job.vae.as_deref().map(|v| model_spec(base, v)),
         eta: 0.0,
+        masked_content: job
+            .masked_content
+            .as_deref()
+            .map(crate::pipeline::inpaint::MaskedContent::parse)
+            .transpose()?
+            .unwrap_or_default(),
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

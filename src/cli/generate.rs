@@ -112,6 +112,10 @@ pub struct GenerateArgs {
     /// GaussianBlur); the blurred mask is binarised again, so this rounds the shape [default: 0, none].
     #[arg(long, default_value_t = 0, value_name = "PX")]
     pub mask_blur: u32,
+    /// Inpainting: what the masked area starts from before it is noised: original (the picture), latent-noise
+    /// (fresh noise from the seed) or latent-nothing (zeros), as A1111's "Masked content".
+    #[arg(long, default_value = "original", value_name = "original|latent-noise|latent-nothing")]
+    pub masked_content: String,
     /// img2img and inpainting: how much of --init-image is repainted, in (0, 1]: the share of the steps that run
     /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
@@ -272,6 +276,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         embeddings_dir: args.embeddings_dir.clone(),
         vae: args.vae.clone(),
         eta: args.eta,
+        masked_content: crate::pipeline::inpaint::MaskedContent::parse(&args.masked_content)?,
     };
     if request.controls.iter().any(|c| c.control.is_dir()) {
         return run_control_folder(request, args, &nets);

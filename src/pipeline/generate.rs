@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 
 use super::control_mode::ControlMode;
-use super::inpaint::Inpainting;
+use super::inpaint::{self, Inpainting, MaskedContent};
 use super::request::control_setting;
 use super::sd::StableDiffusion;
 use super::text_conditioning::{self, PromptOptions, SdxlConditioning};
@@ -74,6 +74,8 @@ pub struct InitImage {
     /// Inpainting: (1, 1, height, width), 1 where the picture is repainted, 0 where it is kept
     /// ([`super::inpaint::mask_tensor`]).
     pub mask: Option<Tensor>,
+    /// Inpainting: what the masked area starts from (A1111's masked content), noised to the first step.
+    pub masked_content: MaskedContent,
 }
 
 pub struct GenerateOutput {
@@ -262,7 +264,17 @@ pub fn generate_from(
             };
             let noise = rng.randn_tensor(&shape, &device)?.to_dtype(dtype)?;
             let latents = match (&image_latents, pure_noise) {
-                (Some(image_latents), false) => scheduler.add_noise(image_latents, &noise, first)?,
+                (Some(image_latents), false) => {
+                    // A1111's masked content: the masked latents replaced (by fresh noise or zeros) first.
+                    let start = match &init.mask {
+                        Some(mask) if init.masked_content != MaskedContent::Original => {
+                            let latent_mask = inpaint::latent_mask(mask, factor)?;
+                            inpaint::fill_masked_latents(image_latents, &latent_mask, init.masked_content, p.seed)?
+                        }
+                        _ => image_latents.clone(),
+                    };
+                    scheduler.add_noise(&start, &noise, first)?
+                }
                 _ => (&noise * scheduler.init_noise_sigma())?,
             };
             if let Some(mask) = &init.mask {

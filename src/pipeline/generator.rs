@@ -17,7 +17,7 @@ use super::hires::{upscale_images, upscale_latents, Upscaler};
 use super::image_metadata::{
     file_ref, recorded_path, weights_hash, ControlMetadata, EmbeddingMetadata, FileRef, ImageMetadata, LoraMetadata,
 };
-use super::inpaint;
+use super::inpaint::{self, MaskedContent};
 use super::memory_estimate::{estimate, RequestShape};
 use super::request::{
     control_setting, random_seed, resize_name, ControlRequest, GenerateRequest, LoraRequest, PromptOptions,
@@ -323,7 +323,12 @@ impl<'a> Generator<'a> {
                 let img = images::resize(img, w32, h32, ResampleFilter::Lanczos);
                 let image = ((images::to_tensor01(&img, device)? * 2.0)? - 1.0)?;
                 let mask = mask.as_ref().map(|m| inpaint::mask_tensor(&inpaint::fit_mask(m, w32, h32), device));
-                Some(InitImage { image, strength: request.effective_strength(), mask: mask.transpose()? })
+                Some(InitImage {
+                    image,
+                    strength: request.effective_strength(),
+                    mask: mask.transpose()?,
+                    masked_content: request.masked_content,
+                })
             }
             None => None,
         };
@@ -362,7 +367,8 @@ impl<'a> Generator<'a> {
                 Upscaler::Latent => upscale_latents(&out.latents, (size.1 / factor, size.0 / factor))?,
                 Upscaler::Lanczos => upscale_images(&out.images, size, device)?,
             };
-            let init = InitImage { image, strength: hires.strength, mask: None };
+            let init =
+                InitImage { image, strength: hires.strength, mask: None, masked_content: MaskedContent::Original };
             let second = GenerateParams {
                 width: size.0,
                 height: size.1,
@@ -560,6 +566,7 @@ impl<'a> Generator<'a> {
                 None => None,
             },
             eta: params.eta,
+            masked_content: request.masked_content,
         })
     }
 }

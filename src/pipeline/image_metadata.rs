@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
+use super::inpaint::MaskedContent;
 use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest, LoraRequest};
 use super::text_conditioning::{PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 use crate::io::images;
@@ -121,6 +122,9 @@ pub struct ImageMetadata {
     // Samplers (issue 21): DDIM's eta (recorded only when not 0).
     #[serde(default, skip_serializing_if = "is_default")]
     pub eta: f64,
+    // A1111 img2img fills (issue 19): the masked content (recorded only when not "original").
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub masked_content: MaskedContent,
 }
 
 /// A textual-inversion embedding the prompts could name: its name, file and SHA-256.
@@ -213,6 +217,9 @@ impl ImageMetadata {
         }
         if self.mask.is_some() {
             s.push_str(&format!(", Mask blur: {}", self.mask_blur));
+        }
+        if self.masked_content != MaskedContent::Original {
+            s.push_str(&format!(", Masked content: {}", self.masked_content.a1111_name()));
         }
         if let Some(h) = &self.hires {
             let name = match h.upscaler {
@@ -329,6 +336,7 @@ impl ImageMetadata {
             embeddings_dir: None,
             vae: self.vae.as_ref().map(|v| find(&v.path)),
             eta: self.eta,
+            masked_content: self.masked_content,
         })
     }
 
@@ -449,6 +457,7 @@ mod tests {
             embeddings: Vec::new(),
             vae: None,
             eta: 0.0,
+            masked_content: MaskedContent::Original,
         }
     }
 
@@ -492,6 +501,21 @@ mod tests {
         let r = back.to_request(Path::new(".")).unwrap();
         assert_eq!((r.prompt_syntax, r.clip_skip), (PromptSyntax::A1111, 2));
         assert!(m.a1111_parameters().contains(", Clip skip: 2"), "{}", m.a1111_parameters());
+    }
+
+    /// The masked content is recorded only when not "original", restored, and an old PNG reads as "original".
+    #[test]
+    fn masked_content_round_trips() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("masked_content"), "{json}");
+        let old: ImageMetadata = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.masked_content, MaskedContent::Original);
+        let m = ImageMetadata { masked_content: MaskedContent::LatentNoise, ..sample() };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"masked_content\":\"latent-noise\""), "{json}");
+        let back: ImageMetadata = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_request(Path::new(".")).unwrap().masked_content, MaskedContent::LatentNoise);
+        assert!(m.a1111_parameters().contains(", Masked content: latent noise"), "{}", m.a1111_parameters());
     }
 
     /// An image made in bf16 says so and is reproduced in bf16; an f32 one's metadata has no dtype key.

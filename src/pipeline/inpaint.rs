@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::io::images;
+use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// A mask grey level at or above this is repainted (diffusers' `do_binarize`: `x / 255 >= 0.5`).
@@ -161,6 +162,65 @@ pub fn latent_mask(mask: &Tensor, factor: usize) -> Result<Tensor> {
     Ok(blocks.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, lh, lw))?)
 }
 
+/// What the masked area starts from before it is noised (A1111's "Masked content", `inpainting_fill`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskedContent {
+    /// The picture's latents (A1111's "original", 1; diffusers).
+    #[default]
+    Original,
+    /// Fresh noise from the seed's generator (A1111's "latent noise", 2).
+    LatentNoise,
+    /// Zeros (A1111's "latent nothing", 3).
+    LatentNothing,
+}
+
+impl MaskedContent {
+    pub const NAMES: &'static [&'static str] = &["original", "latent-noise", "latent-nothing"];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "original" => Ok(Self::Original),
+            "latent-noise" => Ok(Self::LatentNoise),
+            "latent-nothing" => Ok(Self::LatentNothing),
+            _ => Err(Error::setting("masked_content", format!("{name:?}; expected one of {}", Self::NAMES.join(", ")))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The name A1111 writes after "Masked content: " in its parameters.
+    pub fn a1111_name(self) -> &'static str {
+        ["original", "latent noise", "latent nothing"][self as usize]
+    }
+}
+
+/// A1111's masked content (`StableDiffusionProcessingImg2Img.init`): the picture's latents `image_latents`
+/// (n, c, h, w) keep their unmasked part; where the latent `mask` (1 or n, 1, h, w) is 1 they become noise drawn
+/// for image `i` by a fresh generator seeded `seed + i` (A1111's `create_random_tensors` with the image's seed),
+/// or zeros. The result is what the first step noises.
+pub fn fill_masked_latents(image_latents: &Tensor, mask: &Tensor, content: MaskedContent, seed: u64) -> Result<Tensor> {
+    let mask = mask.to_dtype(image_latents.dtype())?;
+    // 1. The kept part: `init_latent * (1 - mask)`.
+    let kept = image_latents.broadcast_mul(&(1.0 - &mask)?)?;
+    match content {
+        MaskedContent::Original => Ok(image_latents.clone()),
+        MaskedContent::LatentNothing => Ok(kept),
+        MaskedContent::LatentNoise => {
+            // 2. One draw of the latent shape per image, each from its own seed, as A1111 draws them.
+            let (n, c, h, w) = image_latents.dims4()?;
+            let device = image_latents.device();
+            let noise = (0..n)
+                .map(|i| TorchGenerator::new(seed.wrapping_add(i as u64)).randn_tensor(&[1, c, h, w], device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let noise = Tensor::cat(&noise, 0)?.to_dtype(image_latents.dtype())?;
+            Ok((kept + noise.broadcast_mul(&mask)?)?)
+        }
+    }
+}
+
 /// What the denoising loop needs to inpaint.
 pub(super) struct Inpainting {
     /// (n, 1, h, w) at the latents' size: 1 where repainted.
@@ -300,5 +360,30 @@ mod tests {
         assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [7.0, -1.0, -1.0, 7.0]);
         let last = inp.blend(&latents, None, &add).unwrap();
         assert_eq!(last.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [5.0, -1.0, -1.0, 5.0]);
+    }
+
+    /// A1111's fills against `tools/fixtures/gen_masked_content.py` (torch: `init * mask + randn(seed + i) * nmask`).
+    #[test]
+    fn masked_content_is_a1111s() {
+        let dev = Device::Cpu;
+        let init = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((2, 3, 2, 2)).unwrap();
+        let mask = Tensor::from_vec(vec![0f32, 1.0, 1.0, 0.0], (1, 1, 2, 2), &dev).unwrap();
+        let run = |c| fill_masked_latents(&init, &mask, c, 7).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(run(MaskedContent::Original), init.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let nothing = run(MaskedContent::LatentNothing);
+        assert_eq!(&nothing[..8], [0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 7.0]);
+        let noise = run(MaskedContent::LatentNoise);
+        // Printed by the generator: image 1 draws with seed 7, image 2 with seed 8.
+        const WANT_LATENT_NOISE: [f32; 24] = [
+            0.0, 0.7861413, 0.9468216, 3.0, 4.0, -0.8948279, -0.355625, 7.0, 8.0, -1.682199, 0.3176783, 11.0, 12.0,
+            -1.272918, 0.5026971, 15.0, 16.0, -0.6607707, -0.1433144, 19.0, 20.0, 0.6318015, -1.344768, 23.0,
+        ];
+        let want = WANT_LATENT_NOISE;
+        for (got, want) in noise.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{noise:?}");
+        }
+        assert_eq!(MaskedContent::parse("latent-noise").unwrap(), MaskedContent::LatentNoise);
+        assert_eq!(MaskedContent::LatentNothing.name(), "latent-nothing");
+        assert!(MaskedContent::parse("fill").unwrap_err().to_string().starts_with("masked_content: \"fill\""));
     }
 }

@@ -12,6 +12,7 @@ use crate::{Error, Result};
 use super::control_mode::ControlMode;
 use super::demo;
 use super::hires::HiresFix;
+use super::inpaint::MaskedContent;
 pub use super::text_conditioning::{PromptOptions, PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 
 /// Denoising steps when none are asked for.
@@ -200,6 +201,9 @@ pub struct GenerateRequest {
     /// DDIM's eta in [0, 1] (diffusers' `eta=`): the share of fresh noise each step adds, drawn from the seed's
     /// generator; 0 (the default) is deterministic DDIM. Other schedulers refuse a value other than 0.
     pub eta: f64,
+    // A1111 img2img fills (issue 19): what the masked area starts from.
+    /// Inpainting: `original` (the picture), `latent-noise` or `latent-nothing` (A1111's masked content).
+    pub masked_content: MaskedContent,
 }
 
 /// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
@@ -263,6 +267,7 @@ impl Default for GenerateRequest {
             embeddings_dir: None,
             vae: None,
             eta: 0.0,
+            masked_content: MaskedContent::Original,
         }
     }
 }
@@ -331,6 +336,10 @@ impl GenerateRequest {
         }
         if let Some(strength) = self.strength {
             super::generate::check_strength(strength)?;
+        }
+        if self.masked_content != MaskedContent::Original && self.mask.is_none() {
+            let msg = format!("{} fills the masked area: it needs a mask", self.masked_content.name());
+            return Err(Error::setting("masked_content", msg));
         }
         if let Some(hires) = &self.hires {
             hires.validate()?;
@@ -416,6 +425,12 @@ impl GenerateRequest {
         }
         if self.mask.is_none() && self.mask_blur > 0 {
             notes.push("mask_blur: no mask is given, so the blur changes nothing".to_string());
+        }
+        if self.mask.is_some() && self.masked_content != MaskedContent::Original && self.effective_strength() >= 1.0 {
+            notes.push(format!(
+                "masked_content: at strength 1 the masked area starts from pure noise, so {} changes nothing",
+                self.masked_content.name()
+            ));
         }
         notes
     }

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::fields::{is_empty, is_false, is_num, Fields};
 use crate::pipeline::hires::{HiresFix, Upscaler, DEFAULT_HIRES_STRENGTH};
+use crate::pipeline::inpaint::MaskedContent;
 use crate::pipeline::GenerateRequest;
 use crate::serve::error::ApiError;
 use crate::serve::files::{decode_base64, decode_image};
@@ -19,8 +20,8 @@ pub const DEFAULT_DENOISING_STRENGTH: f64 = 0.75;
 pub const DEFAULT_MASK_BLUR: u32 = 4;
 /// A1111's `hr_scale` when none is sent.
 pub const DEFAULT_HR_SCALE: f64 = 2.0;
-/// A1111's `inpainting_fill` "original": the masked area starts from the picture, noised (ours).
-const FILL_ORIGINAL: i64 = 1;
+/// A1111's `inpainting_fill` values in order: 0 "fill", 1 "original", 2 "latent noise", 3 "latent nothing".
+const FILL_NAMES: [&str; 4] = ["fill", "original", "latent noise", "latent nothing"];
 
 /// The img2img fields [`init_inputs`] reads.
 pub const IMG2IMG_FIELDS: &[&str] = &[
@@ -121,7 +122,7 @@ pub fn init_inputs(app: &App, f: &Fields, r: &mut GenerateRequest) -> Result<Pat
                 }
             });
             r.mask_blur = mask_blur(f)?;
-            check_inpaint_settings(f)?;
+            r.masked_content = check_inpaint_settings(f)?;
         }
         None => r.mask_blur = 0,
     }
@@ -177,22 +178,26 @@ fn mask_blur(f: &Fields) -> Result<u32, ApiError> {
     Ok(blur)
 }
 
-fn check_inpaint_settings(f: &Fields) -> Result<(), ApiError> {
-    if let Some(fill) = f.i64("inpainting_fill")? {
-        if fill != FILL_ORIGINAL {
-            let name = ["fill", "original", "latent noise", "latent nothing"].get(fill as usize).copied();
+/// The inpainting settings: `inpainting_fill` as the pipeline's masked content (none sent: "original"), and
+/// the fields with one supported value.
+fn check_inpaint_settings(f: &Fields) -> Result<MaskedContent, ApiError> {
+    let content = match f.i64("inpainting_fill")? {
+        None | Some(1) => MaskedContent::Original,
+        Some(2) => MaskedContent::LatentNoise,
+        Some(3) => MaskedContent::LatentNothing,
+        Some(fill) => {
+            let name = usize::try_from(fill).ok().and_then(|i| FILL_NAMES.get(i)).copied().unwrap_or("unknown");
             return Err(ApiError::field(
                 "inpainting_fill",
                 format!(
-                    "{fill} ({}) is not supported: only 1 (\"original\", the masked area starts from the picture)",
-                    name.unwrap_or("unknown")
+                    "{fill} ({name}) is not supported: 1 (\"original\"), 2 (\"latent noise\") or 3 (\"latent nothing\")"
                 ),
             ));
         }
-    }
+    };
     f.only_default("inpaint_full_res", is_false, "the whole picture is inpainted at the output size")?;
     f.only_default("mask_round", |v| v.as_bool() == Some(true), "the mask is always binarised")?;
-    Ok(())
+    Ok(content)
 }
 
 /// txt2img's hires fix: `None` unless `enable_hr`; its fields are ignored while it is off (they change nothing).
@@ -286,9 +291,16 @@ mod tests {
         assert_eq!(mask_blur(&fields(&json!({}))).unwrap(), DEFAULT_MASK_BLUR);
         assert_eq!(mask_blur(&fields(&json!({ "mask_blur": 2, "mask_blur_x": 2 }))).unwrap(), 2);
         assert!(mask_blur(&fields(&json!({ "mask_blur_x": 2, "mask_blur_y": 3 }))).is_err());
-        assert!(check_inpaint_settings(&fields(&json!({ "inpainting_fill": 1, "inpaint_full_res": false }))).is_ok());
-        let e = check_inpaint_settings(&fields(&json!({ "inpainting_fill": 2 }))).unwrap_err().detail();
-        assert!(e.starts_with("inpainting_fill: 2 (latent noise)"), "{e}");
+        let fill =
+            |v: Value| check_inpaint_settings(&fields(&json!({ "inpainting_fill": v, "inpaint_full_res": false })));
+        assert_eq!(fill(json!(1)).unwrap(), MaskedContent::Original);
+        assert_eq!(fill(json!(2)).unwrap(), MaskedContent::LatentNoise);
+        assert_eq!(fill(json!(3)).unwrap(), MaskedContent::LatentNothing);
+        assert_eq!(check_inpaint_settings(&fields(&json!({}))).unwrap(), MaskedContent::Original);
+        let e = fill(json!(0)).unwrap_err().detail();
+        assert!(e.starts_with("inpainting_fill: 0 (fill) is not supported"), "{e}");
+        assert!(fill(json!(4)).unwrap_err().detail().starts_with("inpainting_fill: 4 (unknown)"));
+        assert!(fill(json!(-1)).unwrap_err().detail().starts_with("inpainting_fill: -1 (unknown)"));
         assert!(check_inpaint_settings(&fields(&json!({ "inpaint_full_res": true }))).is_err());
     }
 }
