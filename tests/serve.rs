@@ -531,3 +531,51 @@ fn two_units_from_a_models_dir_make_the_cli_image() {
     let reply = server.post_json("/sdapi/v1/txt2img", &txt2img(units, json!({})));
     assert_eq!(reply.json()["field"], "alwayson_scripts.controlnet.args[2].guidance_start", "{}", reply.text());
 }
+
+#[test]
+fn job_api_runs_img2img_and_inpainting_as_generate() {
+    let server = Server::tiny(&[]);
+    let submit = |request: serde_json::Value| {
+        let reply = server.post_json("/jobs", &request);
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        let id = reply.json()["id"].as_str().unwrap().to_string();
+        assert!(wait_until(Duration::from_secs(60), || state(&server, &id) == "done"), "{}", state(&server, &id));
+        let result = server.get(&format!("/jobs/{id}/result")).json();
+        (pixels(&unbase64(result["images"][0]["png"].as_str().unwrap())), result["images"][0]["metadata"].clone())
+    };
+    let job = |extra: serde_json::Value| {
+        let mut b = json!({ "prompt": "a cat", "steps": 2, "seed": 5, "scheduler": "euler-a" });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let init = format!("data:image/png;base64,{}", picture_base64(INIT));
+    // 1. img2img: the init picture (a data URL, as the page sends it) and a strength.
+    let (img, metadata) = submit(job(json!({ "init_image": init, "strength": 0.6 })));
+    assert_eq!(img, cli_image(&["--init-image", INIT, "--strength", "0.6"]));
+    assert_eq!(metadata["strength"], json!(0.6), "{metadata}");
+    // 2. Inpainting with a blurred mask (plain base64).
+    let inpaint = json!({ "init_image": init, "mask": picture_base64(MASK), "strength": 0.6, "mask_blur": 4 });
+    let (img, _) = submit(job(inpaint));
+    assert_eq!(img, cli_image(&["--init-image", INIT, "--mask", MASK, "--strength", "0.6", "--mask-blur", "4"]));
+
+    // 3. Refused before queueing, naming the field.
+    let refused = |extra: serde_json::Value, field: &str, detail: &str| {
+        let reply = server.post_json("/jobs", &job(extra));
+        assert_eq!((reply.status, reply.json()["field"].as_str()), (422, Some(field)), "{}", reply.text());
+        assert_eq!(reply.json()["detail"], json!(detail), "{}", reply.text());
+    };
+    refused(json!({ "init_image": init, "strength": 0 }), "strength", "strength: 0 must lie in (0, 1]");
+    refused(
+        json!({ "mask": picture_base64(MASK) }),
+        "mask",
+        "mask: inpainting needs the picture to paint in: set init_image",
+    );
+    refused(
+        json!({ "init_image": init, "mask": picture_base64("tests/fixtures/img2img/i2i_resized.png") }),
+        "mask",
+        "mask: is 96x64 but init_image is 128x128: a mask covers the picture pixel for pixel",
+    );
+    refused(json!({ "init_image": "@nope" }), "init_image", "init_image: no upload named \"nope\"");
+}

@@ -178,6 +178,42 @@ impl Browser {
         self.call("POST", &format!("/element/{e}/click"), json!({}));
     }
 
+    /// Chooses a file in a file input (WebDriver types the path into it).
+    fn upload(&self, css: &str, rel: &str) {
+        let e = self.element(css);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        self.call("POST", &format!("/element/{e}/value"), json!({ "text": path.to_str().unwrap() }));
+    }
+
+    /// Runs `script` in the page (for what keys cannot do, such as moving a slider to an exact value).
+    fn run_script(&self, script: &str) -> Value {
+        self.call("POST", "/execute/sync", json!({ "script": script, "args": [] }))
+    }
+
+    /// The gallery's images, newest first, as RGB pixels.
+    fn gallery(&self) -> Vec<image::RgbImage> {
+        let found = self.call("POST", "/elements", json!({"using": "css selector", "value": "#gallery img"}));
+        let ids: Vec<String> = found.as_array().unwrap().iter().map(|e| e[ELEMENT].as_str().unwrap().into()).collect();
+        ids.iter()
+            .map(|e| {
+                let src = self.call("GET", &format!("/element/{e}/attribute/src"), json!({}));
+                pixels(&unbase64(src.as_str().unwrap().strip_prefix("data:image/png;base64,").unwrap()))
+            })
+            .collect()
+    }
+
+    /// Clicks Generate and waits for the gallery to hold `count` images; returns the status line.
+    fn generate(&self, count: usize) -> String {
+        self.click("#generate");
+        let n = || self.call("POST", "/elements", json!({"using": "css selector", "value": "#gallery img"}));
+        assert!(
+            wait_until(Duration::from_secs(120), || n().as_array().unwrap().len() == count),
+            "no image: {}",
+            self.text("#status")
+        );
+        self.text("#status")
+    }
+
     fn text(&self, css: &str) -> String {
         let e = self.element(css);
         self.call("GET", &format!("/element/{e}/text"), json!({})).as_str().unwrap_or_default().to_string()
@@ -202,30 +238,67 @@ fn the_page_generates_in_headless_chromium() {
     let browser = Browser::start(&chromedriver);
     browser.call("POST", "/url", json!({ "url": server.url("/") }));
     assert!(wait_until(Duration::from_secs(20), || browser.find("#controlnet option").is_some()));
-    let control = Path::new(env!("CARGO_MANIFEST_DIR")).join(CONTROL);
-    let picture = browser.element("#picture");
-    browser.call("POST", &format!("/element/{picture}/value"), json!({ "text": control.to_str().unwrap() }));
+    // 1. txt2img with the picture as the condition.
+    browser.upload("#picture", CONTROL);
     browser.type_into("#prompt", "a cat");
     browser.type_into("#steps", "10");
     browser.type_into("#seed", "5");
     browser.click("#scheduler option[value='euler-a']");
     // The map preview (annotator none: the picture itself).
     assert!(wait_until(Duration::from_secs(10), || browser.find("#picture-view:not([hidden])").is_some()));
-    browser.click("#generate");
-    assert!(
-        wait_until(Duration::from_secs(120), || browser.find("#gallery img").is_some()),
-        "no image: {}",
-        browser.text("#status")
-    );
-    let status = browser.text("#status");
+    let status = browser.generate(1);
     assert!(status.starts_with("Done: 1 image(s), seed 5"), "{status}");
-    let img = browser.element("#gallery img");
-    let src = browser.call("GET", &format!("/element/{img}/attribute/src"), json!({}));
-    let png = unbase64(src.as_str().unwrap().strip_prefix("data:image/png;base64,").unwrap());
-    assert_eq!(pixels(&png), cli_image(&[], &["--steps", "10"]));
+    let txt2img = browser.gallery().remove(0);
+    assert_eq!(txt2img, cli_image(&[], &["--steps", "10"]));
+
+    // 2. Inpainting: an init image and a mask, strength 0.6, blur 4; the same request sent to the job API
+    // directly, and `generate` with the same flags, make the same image.
+    browser.upload("#init", INIT);
+    assert!(wait_until(Duration::from_secs(10), || browser.find("#init-view:not([hidden])").is_some()));
+    browser.upload("#mask", MASK);
+    assert!(wait_until(Duration::from_secs(10), || browser.find("#mask-view:not([hidden])").is_some()));
+    browser.run_script(
+        r#"const s = document.getElementById("strength"); s.value = "0.6"; s.dispatchEvent(new Event("input"));"#,
+    );
+    assert_eq!(browser.text("#strength-value"), "0.60");
+    browser.type_into("#mask-blur", "4");
+    let status = browser.generate(2);
+    assert!(status.starts_with("Done: 1 image(s), seed 5"), "{status}");
+    let inpainted = browser.gallery().remove(0);
+    let direct = json!({ "prompt": "a cat", "steps": 10, "seed": 5, "scheduler": "euler-a",
+        "controls": [{ "image": picture_base64(CONTROL) }],
+        "init_image": picture_base64(INIT), "mask": picture_base64(MASK), "strength": 0.6, "mask_blur": 4 });
+    assert_eq!(inpainted, job_image(&server, &direct));
+    let flags = ["--steps", "10", "--init-image", INIT, "--mask", MASK, "--strength", "0.6", "--mask-blur", "4"];
+    assert_eq!(inpainted, cli_image(&[], &flags));
+    assert_ne!(inpainted, txt2img, "the init image changed nothing");
     let shot = unbase64(browser.call("GET", "/screenshot", json!({})).as_str().unwrap());
     if let Ok(path) = std::env::var("CONTROLNET_SCREENSHOT") {
         std::fs::write(path, &shot).unwrap();
     }
     assert!(pixels(&shot).width() > 0);
+
+    // 3. A strength the server refuses: its message is shown, and no image is added.
+    browser.run_script(r#"document.getElementById("strength").value = "0";"#);
+    browser.click("#generate");
+    assert!(wait_until(Duration::from_secs(20), || browser.find("#status.error").is_some()));
+    assert_eq!(browser.text("#status"), "strength: 0 must lie in (0, 1]");
+    assert_eq!(browser.gallery().len(), 2);
+
+    // 4. Clearing the init image returns to txt2img: the first image again.
+    browser.click("#clear-init");
+    assert!(browser.find("#init-view:not([hidden])").is_none() && browser.find("#strength:disabled").is_some());
+    browser.generate(3);
+    assert_eq!(browser.gallery().remove(0), txt2img);
+}
+
+/// The image a job makes when `request` is sent to the job API directly.
+fn job_image(server: &Server, request: &Value) -> image::RgbImage {
+    let submitted = server.post_json("/jobs", request);
+    assert_eq!(submitted.status, 202, "{}", submitted.text());
+    let id = submitted.json()["id"].as_str().unwrap().to_string();
+    let done = || server.get(&format!("/jobs/{id}")).json()["state"] == "done";
+    assert!(wait_until(Duration::from_secs(120), done), "{}", server.get(&format!("/jobs/{id}")).text());
+    let result = server.get(&format!("/jobs/{id}/result")).json();
+    pixels(&unbase64(result["images"][0]["png"].as_str().unwrap()))
 }

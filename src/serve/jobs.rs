@@ -67,6 +67,15 @@ struct JobRequest {
     prompt_syntax: PromptSyntax,
     #[serde(default = "one")]
     clip_skip: usize,
+    // img2img and inpainting (issue 19, the page's img2img form): the pipeline's own fields, pictures as above.
+    /// The picture to start from (base64, a data URL or `@PART`); absent: txt2img.
+    init_image: Option<String>,
+    /// Inpainting: white is repainted; the init picture's size.
+    mask: Option<String>,
+    #[serde(default)]
+    mask_blur: u32,
+    /// In (0, 1]; absent: the pipeline's default (0.8 img2img, 1 inpainting).
+    strength: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,16 +182,7 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
                 ))
             }
         };
-        let bytes = match c.image.strip_prefix('@') {
-            Some(part) => parts
-                .iter()
-                .find(|(n, _)| n == part)
-                .map(|(_, b)| b.to_vec())
-                .ok_or_else(|| ApiError::field(field("image"), format!("no upload named {part:?}")))?,
-            None => decode_base64(&field("image"), &c.image)?,
-        };
-        decode_image(&field("image"), &bytes)?;
-        let file = app.work.save_input(&bytes).map_err(lib)?;
+        let (file, _) = picture(app, &field("image"), &c.image, parts)?;
         let mut control = ControlRequest::new(Some(app.catalog.nets[net].spec.clone()), file);
         control.preprocess = c.preprocess.clone();
         control.conditioning_scale = c.conditioning_scale;
@@ -198,6 +198,20 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
         controls.push(control);
         nets.push(net);
     }
+    // The init picture and its mask: saved like the conditions; a mask is checked against the picture here so a
+    // wrong one is refused before the job is queued.
+    let init = req.init_image.as_deref().map(|text| picture(app, "init_image", text, parts)).transpose()?;
+    let mask = match (&req.mask, &init) {
+        (Some(text), Some((_, init))) => {
+            let (file, mask) = picture(app, "mask", text, parts)?;
+            crate::pipeline::inpaint::check_mask(&mask, init.dimensions()).map_err(lib)?;
+            Some(file)
+        }
+        (Some(_), None) => {
+            return Err(ApiError::field("mask", "inpainting needs the picture to paint in: set init_image"))
+        }
+        (None, _) => None,
+    };
     let request = GenerateRequest {
         model: Some(app.catalog.model_spec.clone()),
         prompt: req.prompt,
@@ -216,11 +230,36 @@ fn parse_job(app: &App, body: Value, parts: &[(String, Bytes)]) -> Result<JobSpe
         prompt_syntax: req.prompt_syntax,
         clip_skip: req.clip_skip,
         lora_dir: app.catalog.lora_dir.clone(),
+        init_image: init.map(|(file, _)| file),
+        mask,
+        mask_blur: req.mask_blur,
+        strength: req.strength,
         ..Default::default()
     };
     request.validate().map_err(lib)?;
     resolve_lora_tags(&request).map_err(lib)?;
     Ok(JobSpec { runs: vec![Run { request, nets, annotations: None }], name_of })
+}
+
+/// A picture the request names in `field`: base64 (or a data URL), or `@PART` naming a multipart upload. Checked,
+/// saved as an input (its bytes unchanged); returns the saved file and the decoded picture.
+fn picture(
+    app: &App,
+    field: &str,
+    text: &str,
+    parts: &[(String, Bytes)],
+) -> Result<(std::path::PathBuf, image::RgbImage), ApiError> {
+    let bytes = match text.strip_prefix('@') {
+        Some(part) => parts
+            .iter()
+            .find(|(n, _)| n == part)
+            .map(|(_, b)| b.to_vec())
+            .ok_or_else(|| ApiError::field(field, format!("no upload named {part:?}")))?,
+        None => decode_base64(field, text)?,
+    };
+    let image = decode_image(field, &bytes)?;
+    let file = app.work.save_input(&bytes).map_err(|e| ApiError::from_library(e, &*namer()))?;
+    Ok((file, image))
 }
 
 async fn submit(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
