@@ -15,8 +15,10 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::io::images;
+use crate::pipeline::extra_networks::resolve_lora_tags;
+use crate::pipeline::generator::read_loras;
 use crate::pipeline::hires::{HiresFix, Upscaler};
-use crate::pipeline::request::{ComputeDtype, SdxlConditioning};
+use crate::pipeline::request::{ComputeDtype, LoraRequest, SdxlConditioning};
 use crate::pipeline::sd::{open_controlnet, LoadOptions, StableDiffusion};
 use crate::pipeline::{ControlMode, ControlRequest, GenerateRequest, Generator, Progress};
 
@@ -108,6 +110,9 @@ struct Job {
     embedding: Option<OneOrMany<String>>,
     embeddings_dir: Option<String>,
     vae: Option<String>,
+    // LoRAs (generate's --lora FILE[:W], repeatable, and --lora-dir for prompt tags; relative to the jobs file).
+    lora: Option<OneOrMany<String>>,
+    lora_dir: Option<String>,
 }
 
 /// A checked job: its name, request and output files.
@@ -152,7 +157,8 @@ pub(crate) fn run_planned(jobs: Vec<Planned>, quiet: bool) -> anyhow::Result<Exi
             skipped += 1;
             continue;
         }
-        let checked = job.request.and_then(|r| {
+        // prompt tags become LoRA files here, so jobs group by the merge their model needs
+        let checked = job.request.and_then(|r| Ok(resolve_lora_tags(&r)?)).and_then(|r| {
             super::generate::check_outputs(&r, job.outputs.iter().map(PathBuf::as_path))?;
             Ok(r)
         });
@@ -179,7 +185,15 @@ pub(crate) fn run_planned(jobs: Vec<Planned>, quiet: bool) -> anyhow::Result<Exi
     for (_, items) in groups {
         let first = &items[0].1;
         let opts = load_options(first, &device)?;
-        let sd = StableDiffusion::open(first.model.as_deref().unwrap_or_default(), &opts).and_then(|mut sd| {
+        let loras = read_loras(&first.loras, &|p| {
+            if let Progress::Warning(msg) = p {
+                eprintln!("warning: {msg}");
+            }
+        });
+        let sd = loras.and_then(|loras| {
+            StableDiffusion::open_with_loras(first.model.as_deref().unwrap_or_default(), &opts, &loras)
+        });
+        let sd = sd.and_then(|mut sd| {
             if let Some(unet) = &first.unet {
                 sd.replace_unet("unet", unet)?;
             }
@@ -470,9 +484,16 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             .transpose()?
             .unwrap_or_default(),
         clip_skip: job.clip_skip.unwrap_or(crate::pipeline::request::DEFAULT_CLIP_SKIP),
-        // LoRAs in batch jobs are not read yet: the jobs' Generator would refuse them (its model has none).
-        loras: Vec::new(),
-        lora_dir: None,
+        loras: job
+            .lora
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default()
+            .iter()
+            // FILE[:W] with FILE relative to the jobs file (an absolute FILE stays as it is)
+            .map(|spec| LoraRequest::parse(&base.join(spec).to_string_lossy()))
+            .collect::<crate::Result<_>>()?,
+        lora_dir: job.lora_dir.as_deref().map(|p| path(base, p)),
         embeddings: job
             .embedding
             .as_ref()
@@ -508,7 +529,8 @@ fn load_options(request: &GenerateRequest, device: &candle_core::Device) -> anyh
 
 /// What decides the loaded base model: jobs with the same key share it.
 fn model_key(r: &GenerateRequest) -> String {
-    format!("{:?}", (&r.model, &r.config, &r.unet, &r.variant, r.prediction_type, r.dtype, &r.vae))
+    let loras: Vec<_> = r.loras.iter().map(|l| (&l.path, l.weight)).collect();
+    format!("{:?}", (&r.model, &r.config, &r.unet, &r.variant, r.prediction_type, r.dtype, &r.vae, loras))
 }
 
 fn net_key(c: &ControlRequest) -> String {
