@@ -4,9 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{controlnet, stderr, temp_dir};
+use common::{controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
 
 const WEIGHTS_FILE: &str = "dpt_hybrid-midas-501f0c75.pt";
 
@@ -116,34 +116,13 @@ fn bad_settings_and_weights_fail_cleanly() {
     assert!(!out.exists(), "nothing written on failure");
 }
 
-/// A Hugging Face cache holding `lllyasviel/Annotators` with the fixture's weights.
-fn fake_hub_cache(root: &Path) {
-    let repo = root.join("models--lllyasviel--Annotators");
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), commit).unwrap();
-    let snapshot = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::copy(fixture(WEIGHTS_FILE), snapshot.join(WEIGHTS_FILE)).unwrap();
-}
-
-fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_controlnet"))
-        .args(args)
-        .current_dir(common::repo())
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", cache)
-        .output()
-        .unwrap()
-}
-
 /// A picture → `generate --preprocess depth-midas` with a tiny ControlNet: the condition it used is the map
 /// `annotate` makes at the output size, from the default weights in the cache.
 #[test]
 fn generate_preprocess_depth_midas_uses_the_annotate_map() {
     let dir = temp_dir();
     let cache = dir.path().join("hub");
-    fake_hub_cache(&cache);
+    fake_hub_cache(&cache, "lllyasviel/Annotators", &[fixture(WEIGHTS_FILE)]);
     let input = fixture("input_b.png");
     let annotated = dir.path().join("a.png");
     let size = ["--width", "64", "--height", "64", "--resize", "just-resize"];

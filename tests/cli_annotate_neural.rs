@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{controlnet, stderr, temp_dir};
+use common::{controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("annotators_neural").join(name)
@@ -166,37 +166,13 @@ fn weights_that_are_missing_or_of_another_net_are_named() {
     assert!(!out.exists(), "nothing written on failure");
 }
 
-/// A Hugging Face cache holding `lllyasviel/Annotators` with the fixture's files (the layout huggingface_hub
-/// writes: refs/main → a snapshot folder).
-fn fake_hub_cache(root: &Path, files: &[&str]) {
-    let repo = root.join("models--lllyasviel--Annotators");
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), commit).unwrap();
-    let snapshot = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    for f in files {
-        std::fs::copy(weights().join(f), snapshot.join(f)).unwrap();
-    }
-}
-
-fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_controlnet"))
-        .args(args)
-        .current_dir(common::repo())
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", cache)
-        .output()
-        .unwrap()
-}
-
 /// Without --weights the default repo's file comes from the cache (offline once cached), for `annotate` and for
 /// `generate --preprocess`, which makes the same map at the output size.
 #[test]
 fn default_weights_come_from_the_hub_cache_for_annotate_and_generate() {
     let dir = temp_dir();
     let cache = dir.path().join("hub");
-    fake_hub_cache(&cache, &["ControlNetHED.pth"]);
+    fake_hub_cache(&cache, "lllyasviel/Annotators", &[weights().join("ControlNetHED.pth")]);
     let input = fixture("input_a.png");
     let annotated = dir.path().join("a.png");
     let run = run_with_cache(

@@ -20,6 +20,31 @@ pub fn controlnet(args: &[&str]) -> Output {
         .expect("the controlnet binary runs")
 }
 
+/// A Hugging Face cache at `root` holding the hub repo `repo_id` (`owner/name`) with `files` (each copied from its
+/// path to the file name), in the layout huggingface_hub writes: refs/main → a snapshot folder.
+pub fn fake_hub_cache(root: &Path, repo_id: &str, files: &[PathBuf]) {
+    let repo = root.join(format!("models--{}", repo_id.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in files {
+        std::fs::copy(f, snapshot.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+/// [`controlnet`] offline, with `cache` as the Hugging Face cache (see [`fake_hub_cache`]).
+pub fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_controlnet"))
+        .args(args)
+        .current_dir(repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .expect("the controlnet binary runs")
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
