@@ -106,27 +106,21 @@ pub fn estimate(
     // 2. Decoding: the decoder's last level runs at full size with the VAE's first channel count; its mid block
     //    attends over the latent pixels with one head. Tiling decodes one tile of `sample_size` at a time.
     let full_channels = vae.block_out_channels.first().copied().unwrap_or(0) as f64;
+    // One VAE pass (decoder, or its mirror the encoder) over an h × w picture: activations and attention scores.
+    let vae_pass = |h: f64, w: f64| {
+        let latent_pixels = (h / factor as f64).ceil() * (w / factor as f64).ceil();
+        VAE_WORKING_TENSORS * full_channels * h * w * n * F32 + held_scores(n * latent_pixels * latent_pixels)
+    };
     let (dec_h, dec_w) = if shape.vae_tiling {
         let tile = vae.sample_size.first() as f64;
         (tile.min(h), tile.min(w))
     } else {
         (h, w)
     };
-    let latent_pixels = (dec_h / factor as f64).ceil() * (dec_w / factor as f64).ceil();
-    let decoder =
-        VAE_WORKING_TENSORS * full_channels * dec_h * dec_w * n * F32 + held_scores(n * latent_pixels * latent_pixels);
-    let decoding = decoder + OUTPUT_BYTES_PER_PIXEL * h * w * n;
+    let decoding = vae_pass(dec_h, dec_w) + OUTPUT_BYTES_PER_PIXEL * h * w * n;
 
-    // 3. Encoding: the encoder's first level at full size (never tiled), its mid-block attention over the latent
-    //    pixels, and the picture as f32.
-    let encoding = if shape.encodes_picture {
-        let full_pixels = (h / factor as f64).ceil() * (w / factor as f64).ceil();
-        VAE_WORKING_TENSORS * full_channels * h * w * n * F32
-            + held_scores(n * full_pixels * full_pixels)
-            + 3.0 * h * w * n * F32
-    } else {
-        0.0
-    };
+    // 3. Encoding: the encoder at full size (never tiled) and the picture as f32.
+    let encoding = if shape.encodes_picture { vae_pass(h, w) + 3.0 * h * w * n * F32 } else { 0.0 };
 
     let conditions = CONDITION_BYTES_PER_PIXEL * h * w * shape.controlnets as f64;
     // `as u64` saturates: an absurd request reads as u64::MAX bytes, still refused.
