@@ -327,9 +327,7 @@ fn run_control_folder(request: GenerateRequest, args: &GenerateArgs, nets: &[Net
     if pictures.is_empty() {
         bail!("--control: the folder {} holds no images", folder.display());
     }
-    let dir = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let stem = args.output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-    let ext = args.output.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    let (dir, stem, ext) = output_parts(&args.output);
     let jobs = pictures
         .into_iter()
         .map(|picture| {
@@ -542,10 +540,16 @@ fn output_paths(output: &Path, num_images: usize) -> anyhow::Result<Vec<PathBuf>
     if num_images <= 1 {
         return Ok(vec![output.to_path_buf()]);
     }
+    let (parent, stem, ext) = output_parts(output);
+    Ok(super::batch::outputs(parent, stem, ext, num_images))
+}
+
+/// --output as (folder, stem, extension), what numbered and per-condition names are made from.
+fn output_parts(output: &Path) -> (&Path, &str, &str) {
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
     let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("png");
-    Ok((1..=num_images).map(|i| parent.join(format!("{stem}-{i}.{ext}"))).collect())
+    (parent, stem, ext)
 }
 
 /// --quality: only for a JPEG output, and in 1..=100.
