@@ -18,9 +18,13 @@ zero_grad(set_to_none=True); the same keys as `controlnet bench --train --json`.
 oneDNN's AMX / AVX512-BF16 kernels where the CPU has them) or autocast (f32 weights, torch.autocast("cpu",
 bfloat16) around every pass). Inputs are made in f32 and cast to the models' dtype.
 
+--device cuda runs the same on the GPU (tools/cuda/check.sh): every timed pass waits for the GPU, --dtype adds f16
+(the models cast to float16, as GPU users run SD), and the report adds the GPU's name and torch's peak allocation.
+
 Usage: .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --batch 2 --iters 3 [--skip-vae]
        .venv-ref/bin/python tools/bench_torch.py --preset sd15 --latent 32 --dtype bf16
        .venv-ref/bin/python tools/bench_torch.py --train --preset sd15 --latent 32 --batch 1 --iters 3
+       python3 tools/bench_torch.py --device cuda --preset sd15 --latent 64 --dtype f16
 """
 import argparse
 import json
@@ -117,6 +121,7 @@ def run_info(args, latent, batch):
         "iters": args.iters,
         "dtype": getattr(args, "dtype", "f32"),
         "machine": cpu_model(),
+        "device": DEVICE,
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
@@ -126,12 +131,22 @@ def timing(samples):
     return {"median_s": statistics.median(samples), "samples_s": samples}
 
 
+DEVICE = "cpu"
+
+
+def sync():
+    """Waits for the GPU's queued work (nothing to wait for on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(iters, fn):
     out = fn()
     samples = []
     for _ in range(iters):
         start = time.perf_counter()
         out = fn()
+        sync()
         samples.append(time.perf_counter() - start)
     return timing(samples), out
 
@@ -155,8 +170,13 @@ def main():
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", action="store_true")
-    ap.add_argument("--dtype", choices=["f32", "bf16", "autocast"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16", "autocast"], default="f32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.dtype == "f16" and DEVICE != "cuda":
+        ap.error("--dtype f16 is for --device cuda (PyTorch's CPU f16 is not a mode CPU users run)")
     if args.train:
         return train(args)
     load_before = load_average()
@@ -169,18 +189,19 @@ def main():
     log("building the UNet and the ControlNet with random weights")
     reset_peak()
     start = time.perf_counter()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen).to(dtype)
-    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen).to(dtype)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype, torch.float32)
+    dev = DEVICE
+    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen).to(dtype).to(dev)
+    cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen).to(dtype).to(dev)
     build_s = time.perf_counter() - start
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "autocast")
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.dtype == "autocast")
     autocast.__enter__()
 
     width = unet.config.cross_attention_dim
-    sample = (torch.rand(b, 4, s, s, generator=gen) * 2 - 1).to(dtype)
-    t = torch.tensor([TIMESTEP])
-    text = (torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1).to(dtype)
-    cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1).to(dtype)
+    sample = (torch.rand(b, 4, s, s, generator=gen) * 2 - 1).to(dtype).to(dev)
+    t = torch.tensor([TIMESTEP]).to(dev)
+    text = (torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1).to(dtype).to(dev)
+    cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1).to(dtype).to(dev)
 
     log("hint embedding")
     embed_t, _ = timed(args.iters, lambda: cn.controlnet_cond_embedding(cond[:1]))
@@ -190,8 +211,10 @@ def main():
         log("UNet + ControlNet step " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
         start, cpu_start = time.perf_counter(), time.process_time()
         down, mid = cn(sample, t, text, cond, return_dict=False)
+        sync()
         cn_done = time.perf_counter()
         out = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        sync()
         done = time.perf_counter()
         if i > 0:
             cn_s.append(cn_done - start)
@@ -206,8 +229,8 @@ def main():
     if not args.skip_vae:
         log("building the VAE and decoding")
         reset = reset_peak()
-        vae = build(AutoencoderKL, SD_VAE, gen).to(dtype)
-        latents = (torch.rand(1, 4, s, s, generator=gen) * 2 - 1).to(dtype)
+        vae = build(AutoencoderKL, SD_VAE, gen).to(dtype).to(dev)
+        latents = (torch.rand(1, 4, s, s, generator=gen) * 2 - 1).to(dtype).to(dev)
         vae_t, image = timed(args.iters, lambda: vae.decode(latents).sample)
         finite &= bool(torch.isfinite(image.float()).all())
         peak_vae = vm("VmHWM:") if reset else None
@@ -229,6 +252,9 @@ def main():
         "outputs_finite": finite,
         "timings": {"unet_controlnet_step": step_t, "unet": unet_t, "controlnet": cn_t, "controlnet_embed": embed_t},
     }
+    if DEVICE == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+        report["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     if vae_t is not None:
         report["vae_decode_s"] = vae_t["median_s"]
         report["peak_rss_vae_bytes"] = peak_vae

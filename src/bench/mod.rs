@@ -110,6 +110,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// The dtype the models compute in.
     pub dtype: ComputeDtype,
+    /// Where the models run: the CPU, or a CUDA GPU in a `--features cuda` build (the command line's device).
+    pub device: Device,
 }
 
 /// Seconds of each timed repetition and their median.
@@ -158,6 +160,8 @@ pub struct RunInfo {
     /// The matrix-product kernels that ran (`f32 gemm AVX-512`, `bf16 amx`, ...).
     pub kernels: String,
     pub machine: String,
+    /// `cpu`, or `cuda` when the models ran on a GPU (then `machine` is still the host CPU).
+    pub device: String,
     pub cpus: usize,
     pub threads: usize,
     /// /proc/loadavg's 1-minute load before and after the run: above the thread count, other processes
@@ -179,6 +183,7 @@ impl RunInfo {
             dtype: "f32".into(),
             kernels: kernels_used(DType::F32),
             machine: cpu_model(),
+            device: "cpu".into(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: candle_core::utils::get_num_threads(),
             load_before: load_average(),
@@ -190,6 +195,15 @@ impl RunInfo {
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype.as_str().into();
         self.kernels = kernels_used(dtype);
+        self
+    }
+
+    /// The same run on `device`: on a GPU the kernels are candle's CUDA kernels and cuBLAS.
+    pub fn on_device(mut self, device: &Device) -> Self {
+        if device.is_cuda() {
+            self.device = "cuda".into();
+            self.kernels = format!("CUDA {} (candle kernels, cuBLAS)", self.dtype);
+        }
         self
     }
 
@@ -322,14 +336,20 @@ pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Runs `f` `1 + iters` times and times all but the first: (wall, CPU, last result).
-fn timed<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Timing, Timing, T)> {
+/// Runs `f` `1 + iters` times on the CPU and times all but the first: (wall, CPU, last result).
+fn timed<T>(iters: usize, f: impl FnMut() -> Result<T>) -> Result<(Timing, Timing, T)> {
+    timed_on(&Device::Cpu, iters, f)
+}
+
+/// [`timed`] for work on `dev`: a GPU's queued work is waited for inside each timed run.
+fn timed_on<T>(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Timing, Timing, T)> {
     let mut last = f()?;
     let mut samples = Vec::with_capacity(iters);
     let mut cpu = Vec::with_capacity(iters);
     for _ in 0..iters {
         let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
         last = f()?;
+        dev.synchronize()?;
         samples.push(start.elapsed().as_secs_f64());
         cpu.push(process_cpu_seconds() - cpu_start);
     }
@@ -359,9 +379,9 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     if let Some((setting, _)) = zero {
         return Err(Error::setting(setting, "must be at least 1"));
     }
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let dtype = opts.dtype.resolve(&dev);
-    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters).with_dtype(dtype);
+    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters).with_dtype(dtype).on_device(&dev);
     let (s, b) = (opts.latent, opts.batch);
     let (unet_cfg, cn_cfg, vae_cfg) =
         (opts.preset.unet_config(), opts.preset.controlnet_config(), opts.preset.vae_config());
@@ -383,14 +403,16 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     // 2. inputs: a latent batch, one timestep for all, text embeddings, one condition image for the batch
     let width = unet_cfg.encoder.cross_attention_dim;
     let act = unet.dtype();
-    let sample = random_input(opts.seed, &[b, unet_cfg.encoder.in_channels, s, s], "sample")?.to_dtype(act)?;
+    let input =
+        |shape: &[usize], name: &str| -> Result<Tensor> { Ok(random_input(opts.seed, shape, name)?.to_device(&dev)?) };
+    let sample = input(&[b, unet_cfg.encoder.in_channels, s, s], "sample")?.to_dtype(act)?;
     let timestep = Tensor::new(&[TIMESTEP as f32], &dev)?;
-    let text = random_input(opts.seed, &[b, TEXT_TOKENS, width], "text")?.to_dtype(act)?;
-    let cond = ((random_input(opts.seed, &[1, cn_cfg.conditioning_channels, 8 * s, 8 * s], "cond")? + 1.0)? * 0.5)?;
+    let text = input(&[b, TEXT_TOKENS, width], "text")?.to_dtype(act)?;
+    let cond = ((input(&[1, cn_cfg.conditioning_channels, 8 * s, 8 * s], "cond")? + 1.0)? * 0.5)?;
 
     // 3. hint embedding, ControlNet and UNet, and both as one step
     progress("hint embedding");
-    let (embed_t, _, hint) = timed(opts.iters, || Ok(controlnet.embed_condition(&cond)?))?;
+    let (embed_t, _, hint) = timed_on(&dev, opts.iters, || Ok(controlnet.embed_condition(&cond)?))?;
     let mut cn_samples = Vec::new();
     let mut unet_samples = Vec::new();
     let mut step_samples = Vec::new();
@@ -404,8 +426,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         });
         let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
         let residuals = controlnet.forward(&sample, &timestep, &text, &hint, 1.0, false)?;
+        dev.synchronize()?;
         let cn_done = Instant::now();
         let out = unet.forward(&sample, &timestep, &text, Some(&residuals))?;
+        dev.synchronize()?;
         let done = Instant::now();
         if i > 0 {
             cn_samples.push((cn_done - start).as_secs_f64());
@@ -428,8 +452,8 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
         progress("building the VAE and decoding");
         let reset = reset_peak_rss();
         let vae = AutoencoderKL::new(vae_cfg.clone(), RandomWeights::new(opts.seed).var_builder(dtype, &dev))?;
-        let latents = random_input(opts.seed, &[1, vae_cfg.latent_channels, s, s], "latents")?.to_dtype(act)?;
-        let (t, cpu, image) = timed(opts.iters, || Ok(vae.decode(&latents)?))?;
+        let latents = input(&[1, vae_cfg.latent_channels, s, s], "latents")?.to_dtype(act)?;
+        let (t, cpu, image) = timed_on(&dev, opts.iters, || Ok(vae.decode(&latents)?))?;
         finite &= all_finite(&image)?;
         (Some(t), Some(cpu), reset.then(peak_rss_bytes))
     };

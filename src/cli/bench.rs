@@ -102,6 +102,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         skip_vae: args.skip_vae,
         seed: args.seed,
         dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
+        device: super::device()?,
     };
     let report = run_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
     if args.json {

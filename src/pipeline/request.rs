@@ -37,7 +37,8 @@ pub enum ComputeDtype {
     Bf16,
     /// f16 throughout (candle's ops; slow on CPUs).
     F16,
-    /// bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else f32.
+    /// bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else f32; bf16 on a CUDA GPU (tensor
+    /// cores, with f32's exponent range: no fp16 overflow in the VAE).
     Auto,
 }
 
@@ -65,6 +66,7 @@ impl ComputeDtype {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
             Self::F16 => DType::F16,
+            Self::Auto if device.is_cuda() => DType::BF16,
             Self::Auto if device.is_cpu() && crate::model::ops::bf16::Kernel::detect().native() => DType::BF16,
             Self::Auto => DType::F32,
         }
