@@ -162,7 +162,7 @@ def flops(preset, latent):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=["sd15", "sd21"], default="sd15")
+    ap.add_argument("--preset", choices=["sd15", "sd21", "sdxl"], default="sd15")
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
@@ -178,6 +178,8 @@ def main():
     if args.dtype == "f16" and DEVICE != "cuda":
         ap.error("--dtype f16 is for --device cuda (PyTorch's CPU f16 is not a mode CPU users run)")
     if args.train:
+        if args.preset == "sdxl":
+            ap.error("--train: the training bench builds sd15 or sd21")
         return train(args)
     load_before = load_average()
     torch.set_num_threads(args.threads)
@@ -202,6 +204,14 @@ def main():
     t = torch.tensor([TIMESTEP]).to(dev)
     text = (torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1).to(dtype).to(dev)
     cond = torch.rand(1, 3, 8 * s, 8 * s, generator=gen).expand(b, -1, -1, -1).to(dtype).to(dev)
+    added = {}
+    if unet.config.addition_embed_type == "text_time":
+        # SDXL: the pooled text embedding and original size, crop, target size (1024², (0, 0), 1024²).
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {
+            "text_embeds": (torch.rand(b, pooled, generator=gen) * 2 - 1).to(dtype).to(dev),
+            "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(b, 1).to(dtype).to(dev),
+        }}
 
     log("hint embedding")
     embed_t, _ = timed(args.iters, lambda: cn.controlnet_cond_embedding(cond[:1]))
@@ -210,10 +220,11 @@ def main():
     for i in range(args.iters + 1):
         log("UNet + ControlNet step " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
         start, cpu_start = time.perf_counter(), time.process_time()
-        down, mid = cn(sample, t, text, cond, return_dict=False)
+        down, mid = cn(sample, t, text, cond, return_dict=False, **added)
         sync()
         cn_done = time.perf_counter()
-        out = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        out = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                   **added).sample
         sync()
         done = time.perf_counter()
         if i > 0:

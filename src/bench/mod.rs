@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::model::controlnet::{AddedConditions, ControlNetConfig, ControlNetModel};
 use crate::model::ops::bf16::Kernel;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -41,6 +41,11 @@ const SD15_UNET: &str = include_str!("../../tests/fixtures/unet/layout_sd15_unet
 const SD15_CONTROLNET: &str = include_str!("../../tests/fixtures/unet/layout_sd15_controlnet.json");
 const SD21_UNET: &str = include_str!("../../tests/fixtures/unet/layout_sd21_unet.json");
 const SD21_CONTROLNET: &str = include_str!("../../tests/fixtures/unet/layout_sd21_controlnet.json");
+const SDXL_UNET: &str = include_str!("../../tests/fixtures/unet/layout_sdxl_unet.json");
+const SDXL_CONTROLNET: &str = include_str!("../../tests/fixtures/unet/layout_sdxl_controlnet.json");
+/// SDXL's size/crop conditioning for the measured passes: original 1024², crop (0, 0), target 1024² (the values
+/// do not change the cost).
+const SDXL_TIME_IDS: [f32; 6] = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0];
 /// The timestep every measured pass uses (mid-schedule; the cost does not depend on it).
 const TIMESTEP: f64 = 500.0;
 /// Inputs are seeded apart from the weights so the two never share a stream.
@@ -54,6 +59,8 @@ pub enum Preset {
     Sd15,
     /// stabilityai/stable-diffusion-2-1 + thibaud/controlnet-sd21.
     Sd21,
+    /// stabilityai/stable-diffusion-xl-base-1.0 + diffusers/controlnet-canny-sdxl-1.0.
+    Sdxl,
 }
 
 fn layout_config<T: serde::de::DeserializeOwned>(layout: &str) -> T {
@@ -66,6 +73,7 @@ impl Preset {
         match s {
             "sd15" => Some(Preset::Sd15),
             "sd21" => Some(Preset::Sd21),
+            "sdxl" => Some(Preset::Sdxl),
             _ => None,
         }
     }
@@ -74,6 +82,7 @@ impl Preset {
         match self {
             Preset::Sd15 => "sd15",
             Preset::Sd21 => "sd21",
+            Preset::Sdxl => "sdxl",
         }
     }
 
@@ -81,6 +90,7 @@ impl Preset {
         layout_config(match self {
             Preset::Sd15 => SD15_UNET,
             Preset::Sd21 => SD21_UNET,
+            Preset::Sdxl => SDXL_UNET,
         })
     }
 
@@ -88,6 +98,7 @@ impl Preset {
         layout_config(match self {
             Preset::Sd15 => SD15_CONTROLNET,
             Preset::Sd21 => SD21_CONTROLNET,
+            Preset::Sdxl => SDXL_CONTROLNET,
         })
     }
 
@@ -409,6 +420,14 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     let timestep = Tensor::new(&[TIMESTEP as f32], &dev)?;
     let text = input(&[b, TEXT_TOKENS, width], "text")?.to_dtype(act)?;
     let cond = ((input(&[1, cn_cfg.conditioning_channels, 8 * s, 8 * s], "cond")? + 1.0)? * 0.5)?;
+    // SDXL's pooled text embedding and size/crop numbers (None for SD1.x/2.x)
+    let added = match unet_cfg.encoder.pooled_text_dim() {
+        Some(pooled) => Some(AddedConditions {
+            text_embeds: input(&[b, pooled], "text_embeds")?.to_dtype(act)?,
+            time_ids: Tensor::new(&SDXL_TIME_IDS, &dev)?.unsqueeze(0)?.repeat((b, 1))?.to_dtype(act)?,
+        }),
+        None => None,
+    };
 
     // 3. hint embedding, ControlNet and UNet, and both as one step
     progress("hint embedding");
@@ -425,10 +444,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
             format!("UNet + ControlNet step {i}/{}", opts.iters)
         });
         let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
-        let residuals = controlnet.forward(&sample, &timestep, &text, &hint, 1.0, false)?;
+        let residuals = controlnet.forward_with(&sample, &timestep, &text, added.as_ref(), &hint, 1.0, false)?;
         dev.synchronize()?;
         let cn_done = Instant::now();
-        let out = unet.forward(&sample, &timestep, &text, Some(&residuals))?;
+        let out = unet.forward_with(&sample, &timestep, &text, added.as_ref(), Some(&residuals))?;
         dev.synchronize()?;
         let done = Instant::now();
         if i > 0 {
@@ -441,7 +460,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     }
     let (cn_t, unet_t, step_t) = (Timing::new(cn_samples), Timing::new(unet_samples), Timing::new(step_samples));
     let peak_unet_cn = peak_rss_bytes();
-    drop((unet, controlnet, hint, sample, text, cond));
+    drop((unet, controlnet, hint, sample, text, cond, added));
     // The command line keeps freed memory for reuse (crate::memory); return it so the VAE's peak is its own.
     crate::memory::release_free_memory();
 
@@ -514,6 +533,10 @@ mod tests {
         assert_eq!(Preset::Sd21.unet_config().encoder.cross_attention_dim, 1024);
         assert!(Preset::Sd21.unet_config().encoder.use_linear_projection);
         assert_eq!(Preset::Sd15.vae_config().block_out_channels, vec![128, 256, 512, 512]);
+        let (u, c) = (Preset::Sdxl.unet_config(), Preset::Sdxl.controlnet_config());
+        assert_eq!((u.encoder.cross_attention_dim, c.encoder.cross_attention_dim), (2048, 2048));
+        assert_eq!((u.encoder.pooled_text_dim(), c.encoder.pooled_text_dim()), (Some(1280), Some(1280)));
+        assert_eq!(Preset::parse("sdxl"), Some(Preset::Sdxl));
     }
 
     /// The machine line names the kernels a dtype runs on.

@@ -75,6 +75,9 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     if let Some((setting, _)) = zero {
         return Err(Error::setting(setting, "must be at least 1"));
     }
+    if opts.preset == Preset::Sdxl {
+        return Err(Error::setting("preset", "the training bench builds sd15 or sd21 (no SDXL training bench yet)"));
+    }
     let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
     let (s, b) = (opts.latent, opts.batch);

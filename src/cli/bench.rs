@@ -1,4 +1,4 @@
-//! `controlnet bench --preset sd15|sd21 --latent N --batch N [--iters N] [--json] [--skip-vae]`: seconds per
+//! `controlnet bench --preset sd15|sd21|sdxl --latent N --batch N [--iters N] [--json] [--skip-vae]`: seconds per
 //! guided step, per UNet and ControlNet pass and per VAE decode, GFLOP/s and peak memory of the full-size
 //! networks with random weights (see [`crate::bench`]). With `--train`: one ControlNet training update instead
 //! ([`crate::bench::train`]). With `--annotators`: seconds per 512-px image of each neural annotator
@@ -12,8 +12,9 @@ use crate::bench::{run as run_bench, BenchOptions, BenchReport, Preset, RunInfo}
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Architecture: sd15 (SD1.5 + sd-controlnet-canny) or sd21 (SD2.1 + controlnet-sd21).
-    #[arg(long, default_value = "sd15", value_parser = ["sd15", "sd21"])]
+    /// Architecture: sd15 (SD1.5 + sd-controlnet-canny), sd21 (SD2.1 + controlnet-sd21) or sdxl (SDXL base +
+    /// controlnet-canny-sdxl-1.0; --latent 128 for its 1024 px).
+    #[arg(long, default_value = "sd15", value_parser = ["sd15", "sd21", "sdxl"])]
     pub preset: String,
     /// Latent height and width (the image is 8x larger): 64 for 512 px.
     #[arg(long, default_value_t = 64)]

@@ -45,7 +45,7 @@ pub struct ControlNetConfig {
     #[serde(default = "default_conditioning_embedding_out_channels")]
     pub conditioning_embedding_out_channels: Vec<usize>,
     /// Shuffle-style ControlNets: residuals are averaged over H and W (a global, position-free hint).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::model::unet_encoder::null_as_default")]
     pub global_pool_conditions: bool,
     #[serde(default)]
     pub controlnet_conditioning_channel_order: ChannelOrder,

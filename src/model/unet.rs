@@ -39,7 +39,7 @@ pub struct UNet2DConditionConfig {
     pub sample_size: Option<usize>,
     #[serde(default = "default_conv_out_kernel")]
     pub conv_out_kernel: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::model::unet_encoder::null_as_default")]
     pub center_input_sample: bool,
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<serde_json::Value>,

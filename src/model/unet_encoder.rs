@@ -63,6 +63,16 @@ fn default_norm_num_groups() -> usize {
 fn default_norm_eps() -> f64 {
     1e-5
 }
+/// diffusers writes `null` for some flags it treats as off (SDXL base's `"upcast_attention": null`): read a
+/// `null` as the field's default.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + serde::Deserialize<'de>,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
+}
+
 fn default_true() -> bool {
     true
 }
@@ -138,10 +148,10 @@ pub struct EncoderConfig {
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
     /// SD2.x: transformers project in and out with linear layers instead of 1x1 convolutions.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub use_linear_projection: bool,
     /// Attention scores in f32 under half precision (SD2.1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     #[serde(default = "default_only_cross_attention")]
     pub only_cross_attention: PerBlock<bool>,
@@ -186,7 +196,7 @@ pub struct EncoderConfig {
     pub encoder_hid_dim: Option<usize>,
     #[serde(default = "default_resnet_time_scale_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub dual_cross_attention: bool,
     #[serde(default = "default_attention_type")]
     pub attention_type: String,
@@ -570,5 +580,16 @@ mod tests {
         assert!(cfg("UNetMidBlock2DCrossAttn").levels().is_ok());
         let err = cfg("UNetMidBlock2DSimpleCrossAttn").levels().unwrap_err();
         assert!(err.contains("mid_block_type is \"UNetMidBlock2DSimpleCrossAttn\""), "{err}");
+    }
+
+    /// SDXL base's unet/config.json says `"upcast_attention": null`: off, as diffusers reads it; a wrong type
+    /// is still refused.
+    #[test]
+    fn null_flags_are_off() {
+        let cfg = |v: serde_json::Value| serde_json::from_value::<EncoderConfig>(v);
+        let c = cfg(serde_json::json!({"upcast_attention": null, "use_linear_projection": null})).unwrap();
+        assert!(!c.upcast_attention && !c.use_linear_projection);
+        assert!(cfg(serde_json::json!({"upcast_attention": true})).unwrap().upcast_attention);
+        assert!(cfg(serde_json::json!({"upcast_attention": "yes"})).is_err());
     }
 }
