@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from controlnet_aux.lineart_anime import UnetGenerator  # noqa: E402
 from controlnet_aux.midas import MidasDetector  # noqa: E402
 from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel  # noqa: E402
 from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large  # noqa: E402
+from controlnet_aux.normalbae import NormalBaeDetector  # noqa: E402
+from controlnet_aux.normalbae.nets.NNET import NNET  # noqa: E402
 from controlnet_aux.open_pose.body import Body  # noqa: E402
 from controlnet_aux.open_pose.face import Face  # noqa: E402
 from controlnet_aux.open_pose.hand import Hand  # noqa: E402
@@ -64,6 +67,9 @@ def nets():
         "facenet.pth": FaceNet(),
         "depth_anything_v2_vits.pth": DepthAnythingV2(encoder="vits", features=64, out_channels=[48, 96, 192, 384]),
         "dpt_hybrid-midas-501f0c75.pt": DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True),
+        # NormalBaeDetector.from_pretrained's settings
+        "scannet.pt": NNET(types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet",
+                                                 sampling_ratio=0.4, importance_ratio=0.7)),
     }
 
 
@@ -121,6 +127,8 @@ def main():
             sd = published(f, m)
             if f == "table5_pidinet.pth":  # as published: DataParallel names in a training checkpoint
                 sd = {"state_dict": {f"module.{k}": v for k, v in sd.items()}}
+            if f == "scannet.pt":  # as published: {'model': DataParallel names}
+                sd = {"model": {f"module.{k}": v for k, v in sd.items()}}
             torch.save(sd, os.path.join(d, f))
         call = dict(detect_resolution=SIZE, image_resolution=SIZE)
         hed = HEDdetector.from_pretrained(d)
@@ -133,6 +141,7 @@ def main():
                                 Face(os.path.join(d, "facenet.pth")))
         depth = modules["depth_anything_v2_vits.pth"].eval()
         midas = MidasDetector.from_pretrained(d)
+        normalbae = NormalBaeDetector.from_pretrained(d)
         bgr = np.ascontiguousarray(img[..., ::-1])
         cases = [
             ("hed", lambda: hed(img, **call)),
@@ -145,6 +154,7 @@ def main():
             ("depth-anything", lambda: depth.infer_image(bgr, SIZE)),
             ("depth-midas", lambda: midas(img, **call)),
             ("normal-midas", lambda: midas(img, depth_and_normal=True, **call)),
+            ("normal-bae", lambda: normalbae(img, **call)),
         ]
         for kind, fn in cases:
             s = timed(fn, args.iters)

@@ -319,6 +319,12 @@ pub const KINDS: &[Kind] = &[
         summary: "normal map from MiDaS depth (dpt_hybrid-midas-501f0c75.pt)",
     },
     Kind {
+        name: "normal-bae",
+        input: Input::Image,
+        settings: neural_settings!(),
+        summary: "NormalBAE surface normals (scannet.pt)",
+    },
+    Kind {
         name: "openpose",
         input: Input::Image,
         settings: OPENPOSE_SETTINGS,
@@ -715,6 +721,7 @@ mod tests {
                 "depth-midas" | "normal-midas" => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_midas").to_string()
                 }
+                "normal-bae" => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_normalbae").to_string(),
                 n if n.starts_with("openpose") => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openpose/weights").to_string()
                 }

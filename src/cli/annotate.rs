@@ -33,7 +33,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, normal-bae, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).

@@ -17,15 +17,18 @@
 //! | `openpose`, `openpose-hand`, `openpose-face`, `openpose-full` | [`openpose::Openpose`] | `body_pose_model.pth`, `hand_pose_model.pth`, `facenet.pth` |
 //! | `depth-anything` | [`depth_anything::DepthAnythingNet`] | hub `depth-anything/Depth-Anything-V2-Small-hf` (transformers layout) or `depth_anything_v2_vit{s,b,l}.pth` |
 //! | `depth-midas`, `normal-midas` | [`midas::MidasNet`] | `dpt_hybrid-midas-501f0c75.pt` |
+//! | `normal-bae` | [`normalbae::NormalBaeNet`] | `scannet.pt` |
 pub mod depth_anything;
 pub mod dinov2;
 pub mod dpt;
+pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod midas;
 pub mod mlsd;
 pub mod nn;
+pub mod normalbae;
 pub mod openpose;
 pub mod pidinet;
 pub mod post;
@@ -48,6 +51,7 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
         "lineart-anime" => "netG.pth",
         "mlsd" => "mlsd_large_512_fp32.pth",
         "depth-midas" | "normal-midas" => midas::WEIGHTS_FILE,
+        "normal-bae" => normalbae::WEIGHTS_FILE,
         _ => return None,
     })
 }
@@ -107,6 +111,7 @@ pub fn detector_from(
             let normal = midas::NormalSettings { bg_threshold, z: midas::DEFAULT_Z };
             Box::new(midas::Midas { net: midas::MidasNet::load(&sd)?, normal: Some(normal) })
         }
+        "normal-bae" => Box::new(normalbae::NormalBae { net: normalbae::NormalBaeNet::load(&sd)? }),
         _ => Box::new(lineart_anime::LineartAnime { net: lineart_anime::AnimeNet::load(&sd)? }),
     }))
 }

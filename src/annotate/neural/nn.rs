@@ -48,13 +48,18 @@ impl Conv {
     /// `{conv}` followed by the eval-mode `nn.BatchNorm2d` `{bn}` (eps 1e-5), folded into one convolution:
     /// `w * g / sqrt(var + eps)`, `(b - mean) * g / sqrt(var + eps) + beta`.
     pub fn load_bn(sd: &StateDict, conv: &str, bn: &str, stride: usize, padding: usize) -> Result<Self> {
+        Self::load_bn_eps(sd, conv, bn, stride, padding, 1e-5)
+    }
+
+    /// [`Conv::load_bn`] with the batch norm's own `eps` (TensorFlow-ported nets use 1e-3).
+    pub fn load_bn_eps(sd: &StateDict, conv: &str, bn: &str, stride: usize, padding: usize, eps: f64) -> Result<Self> {
         let c = Self::load(sd, conv, stride, padding)?;
         let get = |field: &str| sd.get_rank(&format!("{bn}.{field}"), 1);
         let (gamma, beta, mean, var) = (get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?);
         if gamma.dim(0)? != c.out_channels() {
             return Err(sd.error(format!("{bn}: {} channels after {conv}'s {}", gamma.dim(0)?, c.out_channels())));
         }
-        let scale = (gamma / (var + 1e-5)?.sqrt()?)?;
+        let scale = (gamma / (var + eps)?.sqrt()?)?;
         let weight = c.weight.broadcast_mul(&scale.reshape((c.out_channels(), 1, 1, 1))?)?;
         let bias = ((&c.bias - mean)? * &scale)?.add(&beta)?;
         Ok(Self { weight, bias, ..c })

@@ -103,6 +103,7 @@ const MODULE_ALIASES: &[(&str, &str)] = &[
     ("depth_midas", "depth-midas"),
     ("depth", "depth-midas"),
     ("normal_midas", "normal-midas"),
+    ("normal_bae", "normal-bae"),
 ];
 
 /// Our annotator kind for a module name (`None` for "none"); only kinds made from a picture.
@@ -272,6 +273,7 @@ mod tests {
         assert_eq!(module_kind("m", "depth_midas").unwrap(), Some("depth-midas"));
         assert_eq!(module_kind("m", "depth").unwrap(), Some("depth-midas"));
         assert_eq!(module_kind("m", "normal_midas").unwrap(), Some("normal-midas"));
+        assert_eq!(module_kind("m", "normal_bae").unwrap(), Some("normal-bae"));
         assert!(module_kind("m", "reference_only").unwrap_err().detail().starts_with("m: \"reference_only\""));
         assert!(module_kind("m", "pose").is_err(), "pose is drawn from keypoints, not detected");
         assert_eq!(resize_mode("r", &json!("Crop and Resize")).unwrap(), ResizeMode::CropAndResize);
