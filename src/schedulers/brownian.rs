@@ -225,7 +225,74 @@ impl BrownianTreeNoise {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/brownian/brownian.safetensors");
+
+    fn fixture() -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(FIXTURE, &Device::Cpu).unwrap()
+    }
+
+    fn ints(t: &Tensor) -> Vec<i64> {
+        t.to_vec1::<i64>().unwrap()
+    }
+
+    fn pairs(t: &Tensor) -> Vec<[f32; 2]> {
+        t.to_vec2::<f32>().unwrap().into_iter().map(|p| [p[0], p[1]]).collect()
+    }
+
+    fn assert_same(ours: &Tensor, theirs: &Tensor, what: &str) {
+        assert_eq!(ours.dims(), theirs.dims(), "{what}");
+        let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst == 0.0, "{what}: max |diff| {worst:e}");
+    }
+
+    /// SeedSequence words as numpy generates them for torchsde's root and node keys.
+    #[test]
+    fn seed_sequences_match_numpy() {
+        let fx = fixture();
+        for i in 0.. {
+            let Some(expected) = fx.get(&format!("seed_sequence.{i}")) else { break };
+            let input: Vec<u64> = ints(&fx[&format!("seed_sequence.{i}.input")]).into_iter().map(|v| v as u64).collect();
+            let words = SeedSequence::new(input[0], &input[1..], POOL_SIZE).generate_state(4);
+            let expected: Vec<u32> = ints(expected).into_iter().map(|v| v as u32).collect();
+            assert_eq!(words, expected, "seed sequence {input:?}");
+        }
+    }
+
+    /// Increments of one tree, queried in torchsde's order (nested, adjacent, clamped, empty, one tolerance
+    /// step wide), equal torchsde's bit for bit.
+    #[test]
+    fn increments_match_torchsde() {
+        let fx = fixture();
+        let queries = pairs(&fx["interval.queries"]);
+        let (t0, t1) = (queries[0][0] as f64, queries[0][1] as f64);
+        let shape = fx["interval.0"].dims().to_vec();
+        let entropy = ints(&fx["interval.entropy"])[0] as u64;
+        let mut tree = BrownianInterval::new(t0, t1, &shape, entropy, &Device::Cpu).unwrap();
+        for (j, [ta, tb]) in queries.into_iter().enumerate() {
+            let w = tree.increment(ta as f64, tb as f64).unwrap();
+            assert_same(&w, &fx[&format!("interval.{j}")], &format!("query {j}: [{ta}, {tb}]"));
+        }
+    }
+
+    /// diffusers' BrownianTreeNoiseSampler: sorted times, sign, division by sqrt(|sigma_next - sigma|).
+    #[test]
+    fn noise_sampler_matches_diffusers() {
+        let fx = fixture();
+        let range = fx["sampler.range"].to_vec1::<f32>().unwrap();
+        let shape = fx["sampler.0"].dims().to_vec();
+        let entropy = ints(&fx["sampler.entropy"])[0] as u64;
+        let mut noise = BrownianTreeNoise::new(range[0], range[1], &shape, entropy, &Device::Cpu).unwrap();
+        for (j, [sigma, sigma_next]) in pairs(&fx["sampler.pairs"]).into_iter().enumerate() {
+            let n = noise.sample(sigma, sigma_next).unwrap();
+            assert_same(&n, &fx[&format!("sampler.{j}")], &format!("noise {j}: {sigma} -> {sigma_next}"));
+        }
+    }
 
     #[test]
     fn rounds_like_python() {
