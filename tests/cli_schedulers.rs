@@ -131,7 +131,17 @@ fn misused_eta_is_refused() {
     let dir = temp_dir();
     let out = dir.path().join("x.png");
     let out_arg = out.to_str().unwrap();
-    let res = controlnet(&["generate", "--prompt", "x", "--scheduler", "DPM++ SDE Karras", "--eta", "0.5", "--output", out_arg]);
+    let res = controlnet(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--scheduler",
+        "DPM++ SDE Karras",
+        "--eta",
+        "0.5",
+        "--output",
+        out_arg,
+    ]);
     assert!(!res.status.success());
     let err = stderr(&res);
     assert!(err.contains("--eta") && err.contains("dpm++sde"), "{err}");

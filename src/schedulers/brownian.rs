@@ -68,7 +68,7 @@ pub struct BrownianInterval {
 impl BrownianInterval {
     /// A Brownian motion on [t0, t1] (t0 <= t1) of tensors shaped `shape`, determined by `entropy`.
     pub fn new(t0: f64, t1: f64, shape: &[usize], entropy: u64, device: &Device) -> candle_core::Result<Self> {
-        if !(t0 <= t1) {
+        if t0 > t1 || t0.is_nan() || t1.is_nan() {
             candle_core::bail!("Brownian interval: t0 ({t0}) must not exceed t1 ({t1})");
         }
         // 1. The root's seeds; its increment scales unit noise by sqrt(t1 - t0) (unrounded ends).
@@ -85,7 +85,14 @@ impl BrownianInterval {
             depth: 0,
             split: None,
         };
-        Ok(Self { shape: shape.to_vec(), device: device.clone(), entropy, nodes: vec![root], root_w, cache: Vec::new() })
+        Ok(Self {
+            shape: shape.to_vec(),
+            device: device.clone(),
+            entropy,
+            nodes: vec![root],
+            root_w,
+            cache: Vec::new(),
+        })
     }
 
     /// The increment W(tb) − W(ta) for ta <= tb (torchsde's `__call__(ta, tb)`): times outside the interval are
@@ -257,7 +264,8 @@ mod tests {
         let fx = fixture();
         for i in 0.. {
             let Some(expected) = fx.get(&format!("seed_sequence.{i}")) else { break };
-            let input: Vec<u64> = ints(&fx[&format!("seed_sequence.{i}.input")]).into_iter().map(|v| v as u64).collect();
+            let input: Vec<u64> =
+                ints(&fx[&format!("seed_sequence.{i}.input")]).into_iter().map(|v| v as u64).collect();
             let words = SeedSequence::new(input[0], &input[1..], POOL_SIZE).generate_state(4);
             let expected: Vec<u32> = ints(expected).into_iter().map(|v| v as u32).collect();
             assert_eq!(words, expected, "seed sequence {input:?}");

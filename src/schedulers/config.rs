@@ -96,7 +96,10 @@ impl SchedulerKind {
     /// skips `order` timesteps per skipped step (Heun and DPM2 list every timestep but the first twice).
     pub fn order(self) -> usize {
         match self {
-            SchedulerKind::Heun | SchedulerKind::KDpm2 | SchedulerKind::KDpm2Ancestral | SchedulerKind::DpmSolverSde => 2,
+            SchedulerKind::Heun
+            | SchedulerKind::KDpm2
+            | SchedulerKind::KDpm2Ancestral
+            | SchedulerKind::DpmSolverSde => 2,
             _ => 1,
         }
     }

@@ -96,7 +96,11 @@ impl DpmSolverSdeScheduler {
     }
 
     /// The Brownian noise source, made at the first step over [smallest positive sigma, largest sigma].
-    fn noise_source(&mut self, sample: &Tensor, rng: &mut TorchGenerator) -> candle_core::Result<&mut BrownianTreeNoise> {
+    fn noise_source(
+        &mut self,
+        sample: &Tensor,
+        rng: &mut TorchGenerator,
+    ) -> candle_core::Result<&mut BrownianTreeNoise> {
         if self.noise.is_none() {
             let entropy = match self.config.noise_sampler_seed {
                 Some(seed) => seed,
@@ -172,7 +176,8 @@ impl Scheduler for DpmSolverSdeScheduler {
             Some(midpoint) => (t_full, midpoint.sample),
         };
         let (sigma_from, sigma_to) = (sigma_fn(t), sigma_fn(t_next));
-        let up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
+        let up =
+            (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
         let sigma_up = if up < sigma_to { up } else { sigma_to };
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let ancestral_t = t_fn(sigma_down);

@@ -75,8 +75,13 @@ pub(crate) fn k_schedule(
     let train_sigmas = schedule.sigmas();
     let (mut timesteps, mut sigmas) = match respaced {
         RespacedTimesteps::Float64 => {
-            let timesteps =
-                single_step_timesteps(parsed.timestep_spacing, train_sigmas.len(), num_inference_steps, parsed.steps_offset, false);
+            let timesteps = single_step_timesteps(
+                parsed.timestep_spacing,
+                train_sigmas.len(),
+                num_inference_steps,
+                parsed.steps_offset,
+                false,
+            );
             let sigmas = timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect();
             (timesteps, sigmas)
         }

@@ -36,8 +36,8 @@
 //! ```
 use candle_core::Tensor;
 
-mod config;
 mod brownian;
+mod config;
 pub mod ddim;
 pub mod dpm_sde;
 pub mod dpm_solver;

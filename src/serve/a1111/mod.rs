@@ -253,7 +253,10 @@ mod tests {
             Sampler::new(SchedulerKind::KDpm2Ancestral, Some(SigmaSpacing::Karras)).ok()
         );
         assert_eq!(sampler("DPM++ SDE"), Some(SchedulerKind::DpmSolverSde.into()));
-        assert_eq!(sampler("DPM++ SDE Karras"), Sampler::new(SchedulerKind::DpmSolverSde, Some(SigmaSpacing::Karras)).ok());
+        assert_eq!(
+            sampler("DPM++ SDE Karras"),
+            Sampler::new(SchedulerKind::DpmSolverSde, Some(SigmaSpacing::Karras)).ok()
+        );
         assert_eq!(sampler("DPM fast"), None);
         let listed: Vec<String> = sampler_names().into_iter().map(|(n, _)| n).collect();
         assert!(listed.iter().any(|n| n == "DPM++ SDE Karras"), "{listed:?}");
