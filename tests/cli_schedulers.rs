@@ -6,8 +6,20 @@ mod common;
 use common::*;
 
 /// The `--scheduler` values of the README's generate synopsis.
-const SCHEDULERS: [&str; 11] =
-    ["ddim", "pndm", "euler", "euler-a", "dpm++2m", "unipc", "heun", "lms", "dpm2", "dpm2-a", "dpm++2m-sde"];
+const SCHEDULERS: [&str; 12] = [
+    "ddim",
+    "pndm",
+    "euler",
+    "euler-a",
+    "dpm++2m",
+    "unipc",
+    "heun",
+    "lms",
+    "dpm2",
+    "dpm2-a",
+    "dpm++2m-sde",
+    "dpm++sde",
+];
 
 #[test]
 fn every_listed_scheduler_generates_on_every_bundled_model() {
@@ -34,7 +46,7 @@ fn every_listed_scheduler_generates_on_every_bundled_model() {
 }
 
 /// A1111 sampler names with Karras / exponential sigmas and the further samplers of issue 21 (Heun, LMS, DPM2,
-/// DPM2 a, DPM++ 2M SDE, DDIM with --eta, Heun and DPM2 a in img2img) against diffusers' image for the same
+/// DPM2 a, DPM++ 2M SDE, DPM++ SDE (plain, Karras, img2img), DDIM with --eta, Heun and DPM2 a in img2img) against diffusers' image for the same
 /// settings and seed (tools/fixtures/gen_schedulers_pipeline.py → tests/fixtures/schedulers_pipeline/).
 #[test]
 fn sampler_names_match_diffusers_images() {
@@ -112,17 +124,27 @@ fn unknown_scheduler_lists_both_spellings() {
     assert!(stderr(&res).contains("no Karras sigmas"), "{}", stderr(&res));
 }
 
-/// DPM++ SDE is refused by name with the reason; --eta is refused outside DDIM and out of [0, 1], naming the
-/// flag, before any model loads and without writing the output.
+/// --eta is refused outside DDIM (DPM++ SDE included: its noise is fixed by the Brownian tree) and out of
+/// [0, 1], naming the flag, before any model loads and without writing the output.
 #[test]
-fn dpmpp_sde_and_misused_eta_are_refused() {
+fn misused_eta_is_refused() {
     let dir = temp_dir();
     let out = dir.path().join("x.png");
     let out_arg = out.to_str().unwrap();
-    let res = controlnet(&["generate", "--prompt", "x", "--scheduler", "DPM++ SDE Karras", "--output", out_arg]);
+    let res = controlnet(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--scheduler",
+        "DPM++ SDE Karras",
+        "--eta",
+        "0.5",
+        "--output",
+        out_arg,
+    ]);
     assert!(!res.status.success());
     let err = stderr(&res);
-    assert!(err.contains("--scheduler") && err.contains("BrownianTree"), "{err}");
+    assert!(err.contains("--eta") && err.contains("dpm++sde"), "{err}");
     let res = controlnet(&["generate", "--prompt", "x", "--scheduler", "ddim", "--eta", "1.5", "--output", out_arg]);
     assert!(!res.status.success());
     assert!(stderr(&res).contains("--eta: 1.5"), "{}", stderr(&res));
@@ -177,6 +199,43 @@ fn ddim_eta_is_recorded_and_reproduced() {
     let text = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
     assert!(text("parameters").contains("Eta: 0.5"), "{chunks:?}");
     assert!(text("controlnet-rs").contains(r#""eta":0.5"#), "{chunks:?}");
+    let res = controlnet(&["reproduce", first.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let (a, b) = (image::open(&first).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
+    assert_eq!(a.as_raw(), b.as_raw());
+}
+
+/// DPM++ SDE Karras is recorded under both names and `reproduce` makes the same picture again: the Brownian
+/// tree's entropy comes from the seed's generator.
+#[test]
+fn dpmpp_sde_is_recorded_and_reproduced() {
+    let dir = temp_dir();
+    let (first, again) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let res = controlnet(&[
+        "generate",
+        "--model",
+        "tests/fixtures/models/tiny-sd15",
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-a",
+        "--control",
+        "tests/fixtures/pipeline/control_circle.png",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "6",
+        "--scheduler",
+        "DPM++ SDE Karras",
+        "--quiet",
+        "--output",
+        first.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    let chunks = controlnet::io::images::read_png_text(&first).unwrap();
+    let text = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(text("parameters").contains("Sampler: DPM++ SDE Karras"), "{chunks:?}");
+    assert!(text("controlnet-rs").contains("dpm++sde-karras"), "{chunks:?}");
     let res = controlnet(&["reproduce", first.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
     assert!(res.status.success(), "{}", stderr(&res));
     let (a, b) = (image::open(&first).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());

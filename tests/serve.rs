@@ -182,7 +182,8 @@ fn bad_input_is_refused_naming_the_field() {
     expect(r#"{"enable_hr": true, "hr_upscaler": "ESRGAN_4x"}"#, 422, "hr_upscaler: \"ESRGAN_4x\"");
     expect(r#"{"restore_faces": true}"#, 422, "restore_faces:");
     expect(r#"{"sampler_name": "Euler a", "eta": 0.5}"#, 422, "eta: 0.5 is not supported");
-    expect(r#"{"sampler_name": "DPM++ SDE"}"#, 422, "sampler_name: \"DPM++ SDE\"");
+    expect(r#"{"sampler_name": "DPM fast"}"#, 422, "sampler_name: \"DPM fast\"");
+    expect(r#"{"sampler_name": "DPM++ SDE Karras", "eta": 0.5}"#, 422, "eta: 0.5 is not supported");
     expect(r#"{"sampler_name": "DDIM", "eta": 2}"#, 422, "eta: 2 must lie in [0, 1]");
     expect(r#"{"prompt": "x", "hires_magic": 1}"#, 422, "hires_magic: not a field");
     expect(r#"{"steps": 0}"#, 422, "steps: must be at least 1");

@@ -170,9 +170,9 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (off at 1 or below).
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, value_name = "F")]
     pub guidance: f64,
-    /// ddim, pndm, euler, euler-a, dpm++2m, unipc, heun, lms, dpm2, dpm2-a or dpm++2m-sde (+ -karras /
-    /// -exponential for euler, dpm++2m, unipc, lms, dpm2, dpm2-a, dpm++2m-sde), or an A1111 sampler name such
-    /// as "DPM++ 2M Karras" [default: the model's own scheduler].
+    /// ddim, pndm, euler, euler-a, dpm++2m, unipc, heun, lms, dpm2, dpm2-a, dpm++2m-sde or dpm++sde (+ -karras /
+    /// -exponential for euler, dpm++2m, unipc, lms, dpm2, dpm2-a, dpm++2m-sde, dpm++sde), or an A1111 sampler
+    /// name such as "DPM++ 2M Karras" or "DPM++ SDE Karras" [default: the model's own scheduler].
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<String>,
     /// DDIM's eta in [0, 1]: the share of fresh noise per step (diffusers' eta=; 0 = deterministic). Only with

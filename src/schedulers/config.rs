@@ -36,10 +36,12 @@ pub enum SchedulerKind {
     KDpm2Ancestral,
     /// DPMSolverMultistepScheduler with `algorithm_type = "sde-dpmsolver++"` (A1111's "DPM++ 2M SDE").
     DpmSolverMultistepSde,
+    /// DPMSolverSDEScheduler, Brownian-tree noise (A1111's "DPM++ SDE").
+    DpmSolverSde,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 11] = [
+    pub const ALL: [SchedulerKind; 12] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
@@ -51,6 +53,7 @@ impl SchedulerKind {
         SchedulerKind::KDpm2,
         SchedulerKind::KDpm2Ancestral,
         SchedulerKind::DpmSolverMultistepSde,
+        SchedulerKind::DpmSolverSde,
     ];
 
     /// The name used on the command line.
@@ -67,6 +70,7 @@ impl SchedulerKind {
             SchedulerKind::KDpm2 => "dpm2",
             SchedulerKind::KDpm2Ancestral => "dpm2-a",
             SchedulerKind::DpmSolverMultistepSde => "dpm++2m-sde",
+            SchedulerKind::DpmSolverSde => "dpm++sde",
         }
     }
 
@@ -84,6 +88,7 @@ impl SchedulerKind {
             SchedulerKind::KDpm2 => "KDPM2DiscreteScheduler",
             SchedulerKind::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistepSde => "DPMSolverMultistepScheduler",
+            SchedulerKind::DpmSolverSde => "DPMSolverSDEScheduler",
         }
     }
 
@@ -91,7 +96,10 @@ impl SchedulerKind {
     /// skips `order` timesteps per skipped step (Heun and DPM2 list every timestep but the first twice).
     pub fn order(self) -> usize {
         match self {
-            SchedulerKind::Heun | SchedulerKind::KDpm2 | SchedulerKind::KDpm2Ancestral => 2,
+            SchedulerKind::Heun
+            | SchedulerKind::KDpm2
+            | SchedulerKind::KDpm2Ancestral
+            | SchedulerKind::DpmSolverSde => 2,
             _ => 1,
         }
     }
@@ -265,8 +273,8 @@ mod tests {
             assert_eq!(kind.to_string(), kind.cli_name());
         }
         assert_eq!("Euler-A".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
-        let err = SchedulerKind::from_class_name("DPMSolverSDEScheduler").unwrap_err().to_string();
-        assert!(err.contains("DPMSolverSDEScheduler") && err.contains("UniPCMultistepScheduler"), "{err}");
+        let err = SchedulerKind::from_class_name("DEISMultistepScheduler").unwrap_err().to_string();
+        assert!(err.contains("DEISMultistepScheduler") && err.contains("UniPCMultistepScheduler"), "{err}");
         let sde = r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#;
         let sde = SchedulerConfig::from_json_str(sde, "s.json").unwrap();
         assert_eq!(sde.own_kind().unwrap(), SchedulerKind::DpmSolverMultistepSde);
@@ -317,9 +325,9 @@ mod tests {
         let err = no_class.own_kind().unwrap_err().to_string();
         assert!(err.contains("anon.json") && err.contains("_class_name"), "{err}");
 
-        let sde = SchedulerConfig::from_json_str(r#"{"_class_name": "DPMSolverSDEScheduler"}"#, "sde.json").unwrap();
-        let err = sde.own_kind().unwrap_err().to_string();
-        assert!(err.contains("DPMSolverSDEScheduler") && err.contains("euler-a"), "{err}");
+        let deis = SchedulerConfig::from_json_str(r#"{"_class_name": "DEISMultistepScheduler"}"#, "deis.json").unwrap();
+        let err = deis.own_kind().unwrap_err().to_string();
+        assert!(err.contains("DEISMultistepScheduler") && err.contains("euler-a"), "{err}");
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The schedule shared by diffusers' k-diffusion ports with a fixed sigma grid (`HeunDiscreteScheduler`,
-//! `LMSDiscreteScheduler`, `KDPM2DiscreteScheduler`, `KDPM2AncestralDiscreteScheduler`): the same `__init__`
+//! `LMSDiscreteScheduler`, `KDPM2DiscreteScheduler`, `KDPM2AncestralDiscreteScheduler`, `DPMSolverSDEScheduler`): the same `__init__`
 //! arguments and the same `set_timesteps` as Euler, without zero-SNR rescaling or `final_sigmas_type` (the last
 //! sigma is always 0).
 use serde::Deserialize;
 
 use super::schedule::{BetaConfig, NoiseSchedule, PredictionType};
 use super::timesteps::{
-    check_steps, exponential_sigmas, karras_sigmas, log_sigmas, respacing_flags, sigma_to_t, TimestepSpacing,
+    check_steps, exponential_sigmas, interp, karras_sigmas, log_sigmas, respacing_flags, sigma_to_t,
+    single_step_timesteps, TimestepSpacing,
 };
 use super::{SchedulerConfig, SchedulerKind};
 
@@ -42,6 +43,9 @@ pub(crate) enum RespacedTimesteps {
     Float32,
     /// Kept in float64, Karras ones rounded to integers (the DPM2 classes).
     RoundKarrasFloat64,
+    /// Kept in float64 throughout, the linspace ones too (`DPMSolverSDEScheduler`, whose `np.linspace` has
+    /// `dtype=float`; the others space in float32).
+    Float64,
 }
 
 /// The training schedule, the inference timesteps and their sigmas (f64, without the final 0).
@@ -69,12 +73,25 @@ pub(crate) fn k_schedule(
     let schedule = NoiseSchedule::new(&parsed.betas, false)?;
     check_steps(num_inference_steps, schedule.num_train_timesteps())?;
     let train_sigmas = schedule.sigmas();
-    let (mut timesteps, mut sigmas) = super::euler::interpolated_sigmas(
-        &train_sigmas,
-        parsed.timestep_spacing,
-        num_inference_steps,
-        parsed.steps_offset,
-    );
+    let (mut timesteps, mut sigmas) = match respaced {
+        RespacedTimesteps::Float64 => {
+            let timesteps = single_step_timesteps(
+                parsed.timestep_spacing,
+                train_sigmas.len(),
+                num_inference_steps,
+                parsed.steps_offset,
+                false,
+            );
+            let sigmas = timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect();
+            (timesteps, sigmas)
+        }
+        _ => super::euler::interpolated_sigmas(
+            &train_sigmas,
+            parsed.timestep_spacing,
+            num_inference_steps,
+            parsed.steps_offset,
+        ),
+    };
     // 2. Karras or exponential respacing between the ends of the interpolated sigmas, timesteps read back.
     let log_sigmas = log_sigmas(&train_sigmas);
     if parsed.use_karras_sigmas || parsed.use_exponential_sigmas {
@@ -88,7 +105,7 @@ pub(crate) fn k_schedule(
                 match respaced {
                     RespacedTimesteps::Float32 => t as f32 as f64,
                     RespacedTimesteps::RoundKarrasFloat64 if parsed.use_karras_sigmas => t.round_ties_even(),
-                    RespacedTimesteps::RoundKarrasFloat64 => t,
+                    RespacedTimesteps::RoundKarrasFloat64 | RespacedTimesteps::Float64 => t,
                 }
             })
             .collect();

@@ -16,10 +16,11 @@
 //! | `dpm2` | KDPM2DiscreteScheduler | DPM-Solver-2 (2 evaluations per step) |
 //! | `dpm2-a` | KDPM2AncestralDiscreteScheduler | DPM2 + fresh noise each step |
 //! | `dpm++2m-sde` | DPMSolverMultistepScheduler (`sde-dpmsolver++`) | DPM++ 2M + fresh noise each step |
+//! | `dpm++sde` | DPMSolverSDEScheduler | DPM++ SDE: 2 evaluations per step, Brownian-tree noise |
 //!
 //! The two-evaluation schedulers list every timestep but the first twice, so a pipeline loop needs nothing
-//! special: it runs the model at each of `timesteps()` in turn. Euler, DPM++ 2M, UniPC, LMS, DPM2, DPM2 a and
-//! DPM++ 2M SDE also take Karras or exponential sigmas (`use_karras_sigmas` /
+//! special: it runs the model at each of `timesteps()` in turn. Euler, DPM++ 2M, UniPC, LMS, DPM2, DPM2 a,
+//! DPM++ 2M SDE and DPM++ SDE also take Karras or exponential sigmas (`use_karras_sigmas` /
 //! `use_exponential_sigmas` in the config, or a [`Sampler`] name such as `dpm++2m-karras` or A1111's
 //! "DPM++ 2M Karras").
 //!
@@ -35,8 +36,10 @@
 //! ```
 use candle_core::Tensor;
 
+mod brownian;
 mod config;
 pub mod ddim;
+pub mod dpm_sde;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
@@ -48,6 +51,7 @@ pub mod lms;
 pub mod pndm;
 mod sampler;
 pub mod schedule;
+mod seed_sequence;
 pub mod timesteps;
 pub mod unipc;
 
@@ -56,6 +60,7 @@ mod parity;
 
 pub use config::{SchedulerConfig, SchedulerKind, SCHEDULER_CONFIG_FILE, SDE_DPMSOLVER_PP};
 pub use ddim::DdimScheduler;
+pub use dpm_sde::DpmSolverSdeScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
@@ -175,6 +180,7 @@ pub fn build(
         SchedulerKind::Lms => Box::new(LmsScheduler::new(config, num_inference_steps)?),
         SchedulerKind::KDpm2 => Box::new(KDpm2Scheduler::new(config, num_inference_steps)?),
         SchedulerKind::KDpm2Ancestral => Box::new(KDpm2AncestralScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmSolverSde => Box::new(DpmSolverSdeScheduler::new(config, num_inference_steps)?),
     })
 }
 

@@ -58,16 +58,8 @@ pub const A1111_SAMPLERS: &[(&str, SchedulerKind, &[&str])] = &[
     ("DPM2", SchedulerKind::KDpm2, &["k_dpm_2"]),
     ("DPM2 a", SchedulerKind::KDpm2Ancestral, &["k_dpm_2_a"]),
     ("DPM++ 2M SDE", SchedulerKind::DpmSolverMultistepSde, &["k_dpmpp_2m_sde"]),
+    ("DPM++ SDE", SchedulerKind::DpmSolverSde, &["k_dpmpp_sde"]),
 ];
-
-/// A1111 samplers that are refused with a reason rather than as unknown names: (lowercase spellings, reason).
-const REFUSED_SAMPLERS: &[(&[&str], &str)] = &[(
-    &["dpm++ sde", "dpm++sde", "k_dpmpp_sde", "dpm++ sde karras", "dpm++sde-karras"],
-    "DPM++ SDE (diffusers' DPMSolverSDEScheduler) is not implemented: it draws its noise from torchsde's \
-     BrownianTree, seeded from torch's global generator (not the pipeline's) unless the config sets \
-     noise_sampler_seed, so matching diffusers needs a port of that tree; DPM++ 2M SDE (dpm++2m-sde) is the \
-     closest sampler available",
-)];
 
 /// A scheduler and, optionally, the sigma spacing to force on it. Without one, the model's scheduler config
 /// decides (a `scheduler_config.json` may itself set `use_karras_sigmas`).
@@ -156,6 +148,7 @@ fn respaces(kind: SchedulerKind) -> bool {
             | SchedulerKind::KDpm2
             | SchedulerKind::KDpm2Ancestral
             | SchedulerKind::DpmSolverMultistepSde
+            | SchedulerKind::DpmSolverSde
     )
 }
 
@@ -182,9 +175,6 @@ impl FromStr for Sampler {
                     .map(|(_, k, _)| *k)
             })
         };
-        if let Some((_, reason)) = REFUSED_SAMPLERS.iter().find(|(names, _)| names.contains(&wanted.as_str())) {
-            return Err(Error::setting("scheduler", format!("{s:?}: {reason}")));
-        }
         if let Some(kind) = find(&wanted) {
             return Ok(kind.into());
         }
@@ -238,14 +228,18 @@ mod tests {
         assert_eq!(parse("dpm++2m-sde-karras"), karras(DpmSolverMultistepSde));
     }
 
-    /// DPM++ SDE is named and refused with the reason (no approximate stand-in).
+    /// DPM++ SDE by our name and A1111's, with and without Karras sigmas.
     #[test]
-    fn dpmpp_sde_is_refused_with_a_reason() {
-        for name in ["DPM++ SDE", "k_dpmpp_sde", "DPM++ SDE Karras"] {
-            let err = name.parse::<Sampler>().unwrap_err();
-            assert!(matches!(&err, Error::Setting { setting, .. } if setting == "scheduler"), "{err}");
-            assert!(err.to_string().contains("BrownianTree"), "{name}: {err}");
-        }
+    fn dpmpp_sde_names() {
+        use SchedulerKind::DpmSolverSde;
+        let karras = Sampler { kind: DpmSolverSde, sigmas: Some(SigmaSpacing::Karras) };
+        assert_eq!(parse("DPM++ SDE"), Sampler::from(DpmSolverSde));
+        assert_eq!(parse("k_dpmpp_sde"), Sampler::from(DpmSolverSde));
+        assert_eq!(parse("dpm++sde"), Sampler::from(DpmSolverSde));
+        assert_eq!(parse("DPM++ SDE Karras"), karras);
+        assert_eq!(parse("dpm++sde-karras"), karras);
+        assert_eq!(karras.a1111_name(), "DPM++ SDE Karras");
+        assert_eq!(karras.cli_name(), "dpm++sde-karras");
     }
 
     #[test]

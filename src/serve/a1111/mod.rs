@@ -253,8 +253,14 @@ mod tests {
             sampler("DPM2 a Karras"),
             Sampler::new(SchedulerKind::KDpm2Ancestral, Some(SigmaSpacing::Karras)).ok()
         );
-        assert_eq!(sampler("DPM++ SDE"), None);
+        assert_eq!(sampler("DPM++ SDE"), Some(SchedulerKind::DpmSolverSde.into()));
+        assert_eq!(
+            sampler("DPM++ SDE Karras"),
+            Sampler::new(SchedulerKind::DpmSolverSde, Some(SigmaSpacing::Karras)).ok()
+        );
+        assert_eq!(sampler("DPM fast"), None);
         let listed: Vec<String> = sampler_names().into_iter().map(|(n, _)| n).collect();
+        assert!(listed.iter().any(|n| n == "DPM++ SDE Karras"), "{listed:?}");
         for name in &listed {
             assert!(sampler(name).is_some(), "{name} is listed but not accepted");
         }

@@ -134,9 +134,12 @@ fn parse_request(app: &App, body: &Value, kind: Kind) -> Result<Parsed, ApiError
     // eta: DDIM takes it (diffusers' `eta=`, 0 by default); A1111's ancestral and SDE samplers use 1, as ours
     // run; other samplers do not read it.
     let eta_default = match sampler.map(|s| s.kind) {
-        Some(SchedulerKind::EulerAncestral | SchedulerKind::KDpm2Ancestral | SchedulerKind::DpmSolverMultistepSde) => {
-            Some(1.0)
-        }
+        Some(
+            SchedulerKind::EulerAncestral
+            | SchedulerKind::KDpm2Ancestral
+            | SchedulerKind::DpmSolverMultistepSde
+            | SchedulerKind::DpmSolverSde,
+        ) => Some(1.0),
         _ => None,
     };
     match (f.f64("eta")?, eta_default) {
