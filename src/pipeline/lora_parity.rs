@@ -31,10 +31,10 @@ fn lora_images_match_diffusers() {
     let base_decoded = &fixture_tensors("lora/base.safetensors")["decoded"];
     assert_eq!(cases.len(), 4);
     for case in &cases {
-        let loras: Vec<(LoraFile, f64)> = case
+        let loras: Vec<(LoraFile, crate::io::lora::LoraWeight)> = case
             .loras
             .iter()
-            .map(|(f, w)| (LoraFile::read(&fixture_path(&format!("lora/{f}"))).unwrap(), *w))
+            .map(|(f, w)| (LoraFile::read(&fixture_path(&format!("lora/{f}"))).unwrap(), (*w).into()))
             .collect();
         let sd = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &loras).unwrap();
         let params = GenerateParams {
@@ -79,12 +79,12 @@ fn wrong_family_and_stray_modules_are_refused() {
     let (key, m) = sdxl.modules.iter().next().map(|(k, m)| (k.clone(), m.clone())).unwrap();
     sdxl.modules.insert((crate::io::lora::Part::TextEncoder2, key.1.clone()), m.clone());
     let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0)]).err().unwrap().to_string();
+        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0.into())]).err().unwrap().to_string();
     assert!(err.contains("is a LoRA for SDXL") && err.contains("tiny-kohya"), "{err}");
     // A module the model does not have.
     let mut stray = kohya;
     stray.modules.insert((crate::io::lora::Part::Unet, "down_blocks_7_attentions_0_proj_in".into()), m);
     let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0)]).err().unwrap().to_string();
+        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0.into())]).err().unwrap().to_string();
     assert!(err.contains("match nothing") && err.contains("down_blocks_7_attentions_0_proj_in"), "{err}");
 }
