@@ -52,7 +52,9 @@ fn sdxl_split_prompt_tag_matches_the_flag() {
             }
         }
         let out = dir.path().join("tag.png");
-        args.extend(["--lora-dir", lora_dir.to_str().unwrap(), "--output", out.to_str().unwrap(), "--quiet"].map(String::from));
+        args.extend(
+            ["--lora-dir", lora_dir.to_str().unwrap(), "--output", out.to_str().unwrap(), "--quiet"].map(String::from),
+        );
         let res = controlnet(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(res.status.success(), "{tag}: {}", stderr(&res));
         let db = psnr(&image::open(&out).unwrap().to_rgb8(), &reference);

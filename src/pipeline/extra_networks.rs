@@ -46,8 +46,7 @@ pub fn extract_lora_tags(prompt: &str, setting: &str) -> Result<(String, Vec<Lor
             return Err(Error::setting(setting, format!("{tag_text}: the tag names no LoRA")));
         }
         let fields: Vec<&str> = fields.collect();
-        let weight = multipliers(&fields)
-            .map_err(|why| Error::setting(setting, format!("{tag_text}: {why}")))?;
+        let weight = multipliers(&fields).map_err(|why| Error::setting(setting, format!("{tag_text}: {why}")))?;
         text.push_str(&rest[..start]);
         tags.push(LoraTag { name, weight, text: tag_text });
         rest = &after[end + 1..];

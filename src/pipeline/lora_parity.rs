@@ -97,13 +97,17 @@ fn wrong_family_and_stray_modules_are_refused() {
     let mut sdxl = kohya.clone();
     let (key, m) = sdxl.modules.iter().next().map(|(k, m)| (k.clone(), m.clone())).unwrap();
     sdxl.modules.insert((crate::io::lora::Part::TextEncoder2, key.1.clone()), m.clone());
-    let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0.into())]).err().unwrap().to_string();
+    let err = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0.into())])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("is a LoRA for SDXL") && err.contains("tiny-kohya"), "{err}");
     // A module the model does not have.
     let mut stray = kohya;
     stray.modules.insert((crate::io::lora::Part::Unet, "down_blocks_7_attentions_0_proj_in".into()), m);
-    let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0.into())]).err().unwrap().to_string();
+    let err = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0.into())])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("match nothing") && err.contains("down_blocks_7_attentions_0_proj_in"), "{err}");
 }
