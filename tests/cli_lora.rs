@@ -1,4 +1,4 @@
-//! `generate --lora FILE[:WEIGHT]`, `<lora:name:w>` prompt tags with `--lora-dir`, refusals, the recipe and
+//! `generate --lora FILE[:WEIGHT]` and `FILE:TE:UNET`, `<lora:name:w>` prompt tags with `--lora-dir`, refusals, the recipe and
 //! `reproduce`, `inspect` on a LoRA file. The numbers are checked against diffusers in `pipeline::lora_parity`.
 mod common;
 
@@ -70,6 +70,31 @@ fn lora_flag_and_prompt_tag_match_diffusers_and_reproduce() {
 
     let again = dir.path().join("again.png");
     let res = controlnet(&["reproduce", tagged.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(image::open(&again).unwrap().to_rgb8(), img);
+}
+
+/// A1111's separate multipliers on SD 1.5: `--lora FILE:TE:UNET` gives diffusers' `set_adapters` image with
+/// `{"text_encoder": 2, "unet": 0.8}`; the recipe keeps both, the A1111 parameters write `<lora:name:2:0.8>`,
+/// and `reproduce` makes the same image.
+#[test]
+fn lora_text_encoder_and_unet_weights_match_diffusers_and_reproduce() {
+    let dir = temp_dir();
+    let out = dir.path().join("split.png");
+    let spec = format!("{}:2:0.8", fixture("lora/tiny-kohya.safetensors").display());
+    let res = run(&tiny_args(&out, &["--prompt", PROMPT, "--lora", &spec]));
+    assert!(res.status.success(), "{}", stderr(&res));
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert!(psnr(&img, &reference("kohya_split")) >= 40.0);
+    assert!(psnr(&img, &reference("kohya")) < 30.0, "the text-encoder weight made no difference");
+
+    let chunks = controlnet::io::images::read_png_text(&out).unwrap();
+    let meta = controlnet::pipeline::ImageMetadata::from_text_chunks(&chunks).unwrap();
+    assert_eq!((meta.loras[0].weight, meta.loras[0].unet_weight), (2.0, Some(0.8)));
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("<lora:tiny-kohya:2:0.8>"), "{params}");
+    let again = dir.path().join("again.png");
+    let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
     assert!(res.status.success(), "{}", stderr(&res));
     assert_eq!(image::open(&again).unwrap().to_rgb8(), img);
 }

@@ -33,8 +33,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub unet: Option<PathBuf>,
     /// A LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged into the model, with its weight
-    /// [default weight: 1]. Repeat for several.
-    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    /// [default weight: 1], or the text encoders' and the UNet's (`FILE:TE:UNET`, as A1111's
+    /// `<lora:name:TE:UNET>`). Repeat for several.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT|:TE:UNET]")]
     pub loras: Vec<String>,
     /// Folder where `<lora:name:weight>` tags in the prompts find `name.safetensors` (subfolders too).
     #[arg(long = "lora-dir", value_name = "DIR")]

@@ -64,6 +64,51 @@ impl LoraModule {
     }
 }
 
+/// A LoRA's multipliers: A1111's `<lora:name:TE:UNET>` gives the text encoders and the UNet their own (the UNet's
+/// is the text encoders' unless set). The user's weight on top of the file's `alpha / rank`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraWeight {
+    /// Both text encoders (SDXL's second too, as A1111 and diffusers' `set_adapters` do).
+    pub text_encoder: f64,
+    pub unet: f64,
+}
+
+impl LoraWeight {
+    /// One multiplier for every part.
+    pub fn uniform(weight: f64) -> Self {
+        Self { text_encoder: weight, unet: weight }
+    }
+
+    /// The multiplier of one model part.
+    pub fn of(self, part: Part) -> f64 {
+        match part {
+            Part::Unet => self.unet,
+            Part::TextEncoder | Part::TextEncoder2 => self.text_encoder,
+        }
+    }
+
+    pub fn is_finite(self) -> bool {
+        self.text_encoder.is_finite() && self.unet.is_finite()
+    }
+}
+
+impl From<f64> for LoraWeight {
+    fn from(weight: f64) -> Self {
+        Self::uniform(weight)
+    }
+}
+
+/// `TE` when both are the same, else `TE:UNET` (A1111's tag order, and `--lora FILE:TE:UNET`'s).
+impl std::fmt::Display for LoraWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.text_encoder == self.unet {
+            write!(f, "{}", self.unet)
+        } else {
+            write!(f, "{}:{}", self.text_encoder, self.unet)
+        }
+    }
+}
+
 /// The model family a LoRA was made for, as far as its names and shapes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraFamily {

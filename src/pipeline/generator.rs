@@ -26,7 +26,7 @@ use super::request::{
 use super::sd::{open_controlnet, LoadOptions, StableDiffusion};
 use super::textual_inversion::Embeddings;
 use crate::io::images::{self, ResampleFilter};
-use crate::io::lora::LoraFile;
+use crate::io::lora::{LoraFile, LoraWeight};
 use crate::model::controlnet::ControlNetModel;
 use crate::model::controlnet_union::parse_control_type;
 use crate::{Error, Result};
@@ -106,7 +106,7 @@ pub fn run(
 }
 
 /// Reads the LoRA files of a request; errors name `lora` and the file, keys read but not applied are warned of.
-pub fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<Vec<(LoraFile, f64)>> {
+pub fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<Vec<(LoraFile, LoraWeight)>> {
     loras
         .iter()
         .map(|l| {
@@ -130,7 +130,7 @@ pub fn read_loras(loras: &[LoraRequest], progress: &dyn Fn(Progress)) -> Result<
 }
 
 /// Whether the LoRAs merged into a loaded model are those a request asks for (same files, weights, order).
-fn same_loras(merged: &[(std::path::PathBuf, f64)], asked: &[LoraRequest]) -> bool {
+fn same_loras(merged: &[(std::path::PathBuf, LoraWeight)], asked: &[LoraRequest]) -> bool {
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     merged.len() == asked.len()
         && merged.iter().zip(asked).all(|((p, w), a)| *w == a.weight && canonical(p) == canonical(&a.path))
@@ -546,7 +546,13 @@ impl<'a> Generator<'a> {
                 .iter()
                 .map(|l| {
                     let file = file_ref(&l.path)?;
-                    Ok(LoraMetadata { path: file.path, sha256: file.sha256, weight: l.weight })
+                    let unet_weight = (l.weight.unet != l.weight.text_encoder).then_some(l.weight.unet);
+                    Ok(LoraMetadata {
+                        path: file.path,
+                        sha256: file.sha256,
+                        weight: l.weight.text_encoder,
+                        unet_weight,
+                    })
                 })
                 .collect::<Result<_>>()?,
             embeddings: params

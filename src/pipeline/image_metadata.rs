@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::control_mode::ControlMode;
 use super::hires::{HiresFix, Upscaler};
 use super::inpaint::MaskedContent;
-use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest, LoraRequest};
+use super::request::{parse_resize, ComputeDtype, ControlRequest, GenerateRequest, LoraRequest, LoraWeight};
 use super::text_conditioning::{PromptSyntax, SdxlConditioning, DEFAULT_CLIP_SKIP};
 use crate::io::images;
 use crate::io::weights::{find_safetensors, DIFFUSERS_STEM, TRANSFORMERS_STEM};
@@ -140,7 +140,17 @@ pub struct EmbeddingMetadata {
 pub struct LoraMetadata {
     pub path: String,
     pub sha256: String,
+    /// The text encoders' multiplier, and the UNet's when `unet_weight` is absent.
     pub weight: f64,
+    /// The UNet's multiplier when it differs (A1111's `<lora:name:TE:UNET>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet_weight: Option<f64>,
+}
+
+impl LoraMetadata {
+    pub fn lora_weight(&self) -> LoraWeight {
+        LoraWeight { text_encoder: self.weight, unet: self.unet_weight.unwrap_or(self.weight) }
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -186,7 +196,7 @@ impl ImageMetadata {
         // A1111 keeps `<lora:name:weight>` in the prompt: the tags are written back, after the text.
         let mut s = self.prompt.clone();
         for l in &self.loras {
-            s.push_str(&format!(" <lora:{}:{}>", stem(&l.path), l.weight));
+            s.push_str(&format!(" <lora:{}:{}>", stem(&l.path), l.lora_weight()));
         }
         s.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         s.push_str(&format!(
@@ -329,7 +339,7 @@ impl ImageMetadata {
             loras: self
                 .loras
                 .iter()
-                .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.weight })
+                .map(|l| LoraRequest { path: PathBuf::from(find(&l.path)), weight: l.lora_weight() })
                 .collect(),
             lora_dir: None,
             embeddings: self.embeddings.iter().map(|e| PathBuf::from(find(&e.path))).collect(),

@@ -1,17 +1,18 @@
 //! LoRA parity with diffusers: `pipe.load_lora_weights(...)` + `set_adapters(names, weights)` on the tiny SD1.5
 //! pipeline (tools/fixtures/gen_lora.py) against our merge at load, for a kohya file (linear, 1x1 and 3x3 conv,
-//! text-encoder MLP), a PEFT file (UNet and text-encoder attention) and both at once.
+//! text-encoder MLP), a PEFT file (UNet and text-encoder attention), both at once, and A1111's separate
+//! text-encoder / UNet multipliers (`set_adapters` with `{"unet": .., "text_encoder": ..}`).
 use candle_core::{DType, Device};
 
 use super::generate::{generate, GenerateParams};
 use super::sd::{LoadOptions, StableDiffusion};
-use crate::io::lora::LoraFile;
+use crate::io::lora::{LoraFile, LoraWeight};
 use crate::test_support::{fixture_path, fixture_tensors, max_abs_diff, psnr};
 
 #[derive(serde::Deserialize)]
 struct Case {
     name: String,
-    loras: Vec<(String, f64)>,
+    loras: Vec<CaseLora>,
     prompt: String,
     seed: u64,
     steps: usize,
@@ -19,6 +20,23 @@ struct Case {
     scheduler: String,
     png: String,
     tensors: String,
+}
+
+/// `[file, weight]` or `[file, te, unet]`.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum CaseLora {
+    Uniform(String, f64),
+    Split(String, f64, f64),
+}
+
+impl CaseLora {
+    fn file_and_weight(&self) -> (&str, LoraWeight) {
+        match self {
+            CaseLora::Uniform(f, w) => (f, LoraWeight::uniform(*w)),
+            CaseLora::Split(f, te, unet) => (f, LoraWeight { text_encoder: *te, unet: *unet }),
+        }
+    }
 }
 
 #[test]
@@ -29,12 +47,13 @@ fn lora_images_match_diffusers() {
         LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, prediction_type: None, config_dir: None };
     let model = fixture_path("models/tiny-sd15");
     let base_decoded = &fixture_tensors("lora/base.safetensors")["decoded"];
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     for case in &cases {
-        let loras: Vec<(LoraFile, f64)> = case
+        let loras: Vec<(LoraFile, LoraWeight)> = case
             .loras
             .iter()
-            .map(|(f, w)| (LoraFile::read(&fixture_path(&format!("lora/{f}"))).unwrap(), *w))
+            .map(CaseLora::file_and_weight)
+            .map(|(f, w)| (LoraFile::read(&fixture_path(&format!("lora/{f}"))).unwrap(), w))
             .collect();
         let sd = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &loras).unwrap();
         let params = GenerateParams {
@@ -78,13 +97,17 @@ fn wrong_family_and_stray_modules_are_refused() {
     let mut sdxl = kohya.clone();
     let (key, m) = sdxl.modules.iter().next().map(|(k, m)| (k.clone(), m.clone())).unwrap();
     sdxl.modules.insert((crate::io::lora::Part::TextEncoder2, key.1.clone()), m.clone());
-    let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0)]).err().unwrap().to_string();
+    let err = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(sdxl, 1.0.into())])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("is a LoRA for SDXL") && err.contains("tiny-kohya"), "{err}");
     // A module the model does not have.
     let mut stray = kohya;
     stray.modules.insert((crate::io::lora::Part::Unet, "down_blocks_7_attentions_0_proj_in".into()), m);
-    let err =
-        StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0)]).err().unwrap().to_string();
+    let err = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &[(stray, 1.0.into())])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("match nothing") && err.contains("down_blocks_7_attentions_0_proj_in"), "{err}");
 }

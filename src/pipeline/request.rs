@@ -5,6 +5,7 @@ use crate::model::controlnet_union::parse_control_type;
 use std::path::{Path, PathBuf};
 
 use crate::annotate::ResizeMode;
+pub use crate::io::lora::LoraWeight;
 use crate::io::single_file::PredictionType;
 use crate::schedulers::{Sampler, SchedulerKind};
 use crate::{Error, Result};
@@ -208,27 +209,46 @@ pub struct GenerateRequest {
     pub masked_content: MaskedContent,
 }
 
-/// One LoRA to merge: its `.safetensors` file and weight (1: as trained).
+/// One LoRA to merge: its `.safetensors` file and weight (1: as trained), the text encoders' and the UNet's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraRequest {
     pub path: PathBuf,
-    pub weight: f64,
+    pub weight: LoraWeight,
 }
 
 impl LoraRequest {
-    /// `FILE[:WEIGHT]` (weight 1 when left out); errors name `lora`.
+    /// `FILE[:WEIGHT]` or `FILE:TE:UNET` (A1111's two multipliers; weight 1 when left out); errors name `lora`.
+    /// A path that exists as written is taken whole (a file name may hold `:`).
     pub fn parse(spec: &str) -> Result<Self> {
-        let (path, weight) = match spec.rsplit_once(':') {
-            Some((path, w)) if !path.is_empty() => match w.trim().parse::<f64>() {
-                Ok(w) if w.is_finite() => (path, w),
-                Ok(_) | Err(_) if Path::new(spec).exists() => (spec, 1.0),
-                _ => return Err(Error::setting("lora", format!("{spec}: the weight after ':' must be a number"))),
-            },
-            _ => (spec, 1.0),
-        };
-        if !Path::new(path).is_file() {
-            return Err(Error::setting("lora", format!("{path}: no such file")));
+        if Path::new(spec).is_file() {
+            return Ok(Self { path: PathBuf::from(spec), weight: LoraWeight::uniform(1.0) });
         }
+        // Up to two numbers after the last colons, the last one first.
+        let (mut path, mut numbers, mut not_a_number) = (spec, Vec::new(), false);
+        while numbers.len() < 2 {
+            let Some((head, tail)) = path.rsplit_once(':').filter(|(head, _)| !head.is_empty()) else { break };
+            match tail.trim().parse::<f64>() {
+                Ok(w) if w.is_finite() => {
+                    numbers.insert(0, w);
+                    path = head;
+                }
+                _ => {
+                    not_a_number = numbers.is_empty();
+                    break;
+                }
+            }
+        }
+        if !Path::new(path).is_file() {
+            return Err(match not_a_number {
+                true => Error::setting("lora", format!("{spec}: the weight after ':' must be a number")),
+                false => Error::setting("lora", format!("{path}: no such file")),
+            });
+        }
+        let weight = match numbers[..] {
+            [] => LoraWeight::uniform(1.0),
+            [w] => LoraWeight::uniform(w),
+            [te, unet, ..] => LoraWeight { text_encoder: te, unet },
+        };
         Ok(Self { path: PathBuf::from(path), weight })
     }
 }
@@ -468,6 +488,24 @@ pub fn parse_resize(name: &str) -> Result<ResizeMode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_specs_take_one_or_two_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ink.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let f = file.display();
+        let weight = |spec: &str| LoraRequest::parse(spec).map(|l| (l.path == file, l.weight));
+        assert_eq!(weight(&f.to_string()).unwrap(), (true, LoraWeight::uniform(1.0)));
+        assert_eq!(weight(&format!("{f}:0.8")).unwrap(), (true, LoraWeight::uniform(0.8)));
+        let split = LoraWeight { text_encoder: 0.4, unet: 1.2 };
+        assert_eq!(weight(&format!("{f}:0.4:1.2")).unwrap(), (true, split));
+        assert_eq!(split.to_string(), "0.4:1.2");
+        let err = weight(&format!("{f}:strong")).unwrap_err().to_string();
+        assert!(err.contains("must be a number") && err.contains("lora"), "{err}");
+        let err = weight(&format!("{f}:1:2:3")).unwrap_err().to_string();
+        assert!(err.contains("no such file"), "{err}");
+    }
 
     #[test]
     fn dtypes_parse_their_names() {

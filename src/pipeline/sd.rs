@@ -10,7 +10,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::control_lora;
 use crate::io::detect::ModelKind;
 use crate::io::keymap::UnetLayout;
-use crate::io::lora::{LoraFamily, LoraFile, Part};
+use crate::io::lora::{LoraFamily, LoraFile, LoraWeight, Part};
 use crate::io::single_file::{self, PredictionType};
 use crate::io::{hub, inspect, weights::read_json};
 use crate::model::clip::ClipTextModel;
@@ -49,15 +49,15 @@ pub struct StableDiffusion {
     pub sdxl: Option<SdxlParts>,
     /// The LoRAs merged into the weights (file, weight), in the order given: a request for other LoRAs
     /// needs the model loaded again.
-    pub loras: Vec<(PathBuf, f64)>,
+    pub loras: Vec<(PathBuf, LoraWeight)>,
     /// The UNet encoder's tensors as loaded (shared with the UNet): what a control-LoRA is built on.
     pub unet_weights: std::sync::Arc<WeightTap>,
     /// The VAE used in place of the model's own ([`Self::replace_vae`]): the spec as given, and its path.
     pub vae_override: Option<(String, PathBuf)>,
 }
 
-/// LoRAs to merge at load, each with its weight.
-pub type LoraSet = [(LoraFile, f64)];
+/// LoRAs to merge at load, each with its weight (text encoders', UNet's).
+pub type LoraSet = [(LoraFile, LoraWeight)];
 
 /// The LoRA merges of the UNet and text encoders, and the check that every LoRA module found its weight.
 struct Merges {
@@ -68,7 +68,8 @@ struct Merges {
 
 impl Merges {
     fn new(loras: &LoraSet, unet: &UNet2DConditionConfig) -> Self {
-        let set: Vec<(&LoraFile, f64)> = loras.iter().map(|(f, w)| (f, *w)).collect();
+        // A1111's separate multipliers: the text encoders take theirs, the UNet its own.
+        let set = |part: Part| -> Vec<(&LoraFile, f64)> { loras.iter().map(|(f, w)| (f, w.of(part))).collect() };
         // SDXL kohya files name the UNet as the original checkpoint does; the layout translates.
         let levels = unet.encoder.block_out_channels.len();
         let per_level = unet.encoder.layers_per_block.expand(levels, "layers_per_block").ok();
@@ -78,9 +79,9 @@ impl Merges {
             hint_blocks: 0,
         });
         Self {
-            unet: LoraMerge::new(Part::Unet, &set, layout),
-            text_encoder: LoraMerge::new(Part::TextEncoder, &set, None),
-            text_encoder_2: LoraMerge::new(Part::TextEncoder2, &set, None),
+            unet: LoraMerge::new(Part::Unet, &set(Part::Unet), layout),
+            text_encoder: LoraMerge::new(Part::TextEncoder, &set(Part::TextEncoder), None),
+            text_encoder_2: LoraMerge::new(Part::TextEncoder2, &set(Part::TextEncoder2), None),
         }
     }
 

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use crate::model::controlnet::ControlNetModel;
 use crate::pipeline::generator::read_loras;
 use crate::pipeline::image_metadata::{recorded_path, weights_hash};
-use crate::pipeline::request::LoraRequest;
+use crate::pipeline::request::{LoraRequest, LoraWeight};
 use crate::pipeline::sd::{open_controlnet, LoadOptions};
 use crate::pipeline::{demo, Generator, Progress, StableDiffusion};
 use crate::{Error, Result};
@@ -170,7 +170,7 @@ impl Models {
         loras: &[LoraRequest],
         progress: &dyn Fn(Progress),
     ) -> Result<&'s StableDiffusion> {
-        let wanted: Vec<(PathBuf, f64)> = loras.iter().map(|l| (l.path.clone(), l.weight)).collect();
+        let wanted: Vec<(PathBuf, LoraWeight)> = loras.iter().map(|l| (l.path.clone(), l.weight)).collect();
         if slot.as_ref().is_none_or(|sd| sd.loras != wanted) {
             *slot = None;
             let files = read_loras(loras, progress)?;
