@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose, UperNet segmentation) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -317,6 +317,12 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!("bg_threshold"),
         summary: "normal map from MiDaS depth (dpt_hybrid-midas-501f0c75.pt)",
+    },
+    Kind {
+        name: "seg",
+        input: Input::Image,
+        settings: neural_settings!(),
+        summary: "ADE20K segmentation, UperNet + ConvNeXt (openmmlab/upernet-convnext-small), ADE20K palette",
     },
     Kind {
         name: "openpose",
@@ -712,6 +718,7 @@ mod tests {
             // neural kinds read the fixture's weights (tests never download)
             let weights = k.takes("weights").then(|| match k.name {
                 "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                "seg" => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_seg/upernet").to_string(),
                 "depth-midas" | "normal-midas" => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_midas").to_string()
                 }

@@ -33,7 +33,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, seg, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -63,7 +63,8 @@ pub struct AnnotateArgs {
     /// 0.1].
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
-    /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators].
+    /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators;
+    /// depth-anything: depth-anything/Depth-Anything-V2-Small-hf; seg: openmmlab/upernet-convnext-small].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub weights: Option<String>,
     /// hed, pidinet: quantise the soft edges to a few levels.
