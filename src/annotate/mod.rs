@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose, UperNet segmentation) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -309,7 +309,7 @@ pub const KINDS: &[Kind] = &[
     Kind {
         name: "depth-midas",
         input: Input::Image,
-        settings: neural_settings!(),
+        settings: neural_settings!("save_raw"),
         summary: "MiDaS DPT-Hybrid relative depth (dpt_hybrid-midas-501f0c75.pt)",
     },
     Kind {
@@ -323,6 +323,12 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: neural_settings!(),
         summary: "NormalBAE surface normals (scannet.pt)",
+    },
+    Kind {
+        name: "seg",
+        input: Input::Image,
+        settings: neural_settings!(),
+        summary: "ADE20K segmentation, UperNet + ConvNeXt (openmmlab/upernet-convnext-small), ADE20K palette",
     },
     Kind {
         name: "openpose",
@@ -557,19 +563,27 @@ pub fn annotate_upstream(detector: &dyn Detector, image: &RgbImage, sizes: &Upst
     if let Some(map) = detector.annotate_sized(image, sizes) {
         return map;
     }
-    let detect = sizes.detect_resolution.unwrap_or(UPSTREAM_RESOLUTION);
-    let output = sizes.image_resolution.unwrap_or(UPSTREAM_RESOLUTION);
     // 1. the net's input
-    let (dw, dh) = resize::controlnet_aux_size(w, h, detect);
-    check_upstream_size("detect_resolution", detect, (w, h), (dw, dh))?;
-    let input = resize::controlnet_aux_resize(&cv::Mat::from_rgb(image), detect);
+    let (input, (ow, oh)) = upstream_input(image, sizes)?;
     // 2. detect
-    let map = detector.detect(&input.to_rgb())?;
+    let map = detector.detect(&input)?;
     // 3. to the output size, 4. finish
-    let (ow, oh) = resize::controlnet_aux_size(dw, dh, output);
-    check_upstream_size("image_resolution", output, (dw, dh), (ow, oh))?;
     let map = cv::resize_u8(&cv::Mat::from_rgb(&map), ow as usize, oh as usize, cv::Interpolation::Linear);
     detector.finish(map.to_rgb())
+}
+
+/// controlnet_aux's net input for `image` (at `detect_resolution`) and the output size (`image_resolution`
+/// applied to that input), both checked: steps 1 and 3 of [`annotate_upstream`].
+pub fn upstream_input(image: &RgbImage, sizes: &UpstreamSizes) -> Result<(RgbImage, (u32, u32))> {
+    let (w, h) = image.dimensions();
+    let detect = sizes.detect_resolution.unwrap_or(UPSTREAM_RESOLUTION);
+    let output = sizes.image_resolution.unwrap_or(UPSTREAM_RESOLUTION);
+    let (dw, dh) = resize::controlnet_aux_size(w, h, detect);
+    check_upstream_size("detect_resolution", detect, (w, h), (dw, dh))?;
+    let (ow, oh) = resize::controlnet_aux_size(dw, dh, output);
+    check_upstream_size("image_resolution", output, (dw, dh), (ow, oh))?;
+    let input = resize::controlnet_aux_resize(&cv::Mat::from_rgb(image), detect);
+    Ok((input.to_rgb(), (ow, oh)))
 }
 
 /// controlnet_aux's sizes replace ours: refuse a run given both (`given`: the setting names given).
@@ -718,6 +732,7 @@ mod tests {
             // neural kinds read the fixture's weights (tests never download)
             let weights = k.takes("weights").then(|| match k.name {
                 "depth-anything" => neural::test_support2::da_weights("hf").display().to_string(),
+                "seg" => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_seg/upernet").to_string(),
                 "depth-midas" | "normal-midas" => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/annotators_midas").to_string()
                 }

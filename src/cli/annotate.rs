@@ -22,8 +22,10 @@ use clap::Args;
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::annotate::neural::depth_anything::DepthAnything;
+use crate::annotate::neural::depth_anything::{Depth, DepthAnything};
+use crate::annotate::neural::midas::{Midas, MidasNet, WEIGHTS_FILE};
 use crate::annotate::neural::openpose::{Include, Openpose};
+use crate::annotate::neural::{locate, StateDict};
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
 use crate::annotate::{self, AnnotateSettings, DetectorOptions, Input, ResizeMode, UpstreamSizes};
 use crate::io::atomic::{check_output_is_not_input, write_atomic};
@@ -33,7 +35,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, normal-bae, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, normal-bae, seg, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -63,7 +65,8 @@ pub struct AnnotateArgs {
     /// 0.1].
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
-    /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators].
+    /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators;
+    /// depth-anything: depth-anything/Depth-Anything-V2-Small-hf; seg: openmmlab/upernet-convnext-small].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub weights: Option<String>,
     /// hed, pidinet: quantise the soft edges to a few levels.
@@ -84,7 +87,8 @@ pub struct AnnotateArgs {
     /// mlsd: minimum segment length in net pixels, half the input's (controlnet_aux's thr_d) [default: 0.1].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub distance_threshold: Option<f64>,
-    /// depth-anything: also write the depth (float32, before normalisation, at the map's size) as a .npy file.
+    /// depth-anything, depth-midas: also write the depth (float32, before normalisation, at the map's size) as a
+    /// .npy file.
     #[arg(long, value_name = "FILE.npy")]
     pub save_raw: Option<PathBuf>,
     /// Neural kinds: size as controlnet_aux does, the net at this short side (sides rounded to multiples of
@@ -331,9 +335,10 @@ fn run_folder(args: &AnnotateArgs, mut each: impl FnMut(&Path, &Path) -> Result<
     Ok(ExitCode::FAILURE)
 }
 
-/// `depth-anything --save-raw`: the map and the float depth it was made from, both at the input's size or with
-/// the short side at --image-resolution (one image: the .npy holds one array; a folder: `--save-raw` is a folder
-/// of `<stem>.npy`, one per image).
+/// `depth-anything --save-raw`, `depth-midas --save-raw`: the map and the float depth it was made from, both at
+/// the map's size (depth-anything: the input's or with the short side at --image-resolution; depth-midas: the
+/// input's, or controlnet_aux's sizes with --detect-resolution/--image-resolution). One image: the .npy holds one
+/// array; a folder: `--save-raw` is a folder of `<stem>.npy`, one per image.
 fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<ExitCode> {
     if let Some(size) = args.given().into_iter().find(|g| ["width", "height", "resolution", "resize"].contains(g)) {
         return Err(Error::setting(
@@ -344,26 +349,38 @@ fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<
     if input_is_dir {
         side_folder("save_raw", raw)?;
     }
-    let depth_anything = DepthAnything::load(args.weights.as_deref())?;
+    let upstream = args.upstream_sizes();
+    // the one loaded net, and how it makes a map with its depth
+    let depth_anything;
+    let midas;
+    let map_and_depth: Box<dyn Fn(&RgbImage) -> Result<(RgbImage, Depth)>> = if args.kind == "depth-midas" {
+        midas = Midas {
+            net: MidasNet::load(&StateDict::open(&locate(args.weights.as_deref(), WEIGHTS_FILE)?)?)?,
+            normal: None,
+        };
+        Box::new(|image| midas.map_and_depth(image, &upstream))
+    } else {
+        depth_anything = DepthAnything::load(args.weights.as_deref())?;
+        Box::new(|image| depth_anything.sized_depth(image, &upstream).map(|d| (d.to_map(), d)))
+    };
     if input_is_dir {
-        let upstream = args.upstream_sizes();
         return run_folder(args, |file, out| {
-            let depth = depth_anything.sized_depth(&read_image(file)?, &upstream)?;
+            let (map, depth) = map_and_depth(&read_image(file)?)?;
             let path = side_file(raw, file, "npy");
             write_atomic(&path, |tmp| std::fs::write(tmp, depth.to_npy()).map_err(|e| Error::io(tmp, e)))?;
-            write_image(&depth.to_map(), out)
+            write_image(&map, out)
         });
     }
     let image = read_image(&args.input)?;
-    let depth = depth_anything.sized_depth(&image, &args.upstream_sizes())?;
+    let (map, depth) = map_and_depth(&image)?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
     check_output_is_not_input("output", &out, &args.inputs())?;
     // the map's format is checked before anything is written
     if ImageFormat::from_path(&out).is_err() {
-        write_image(&depth.to_map(), &out)?;
+        write_image(&map, &out)?;
     }
     write_atomic(raw, |tmp| std::fs::write(tmp, depth.to_npy()).map_err(|e| Error::io(raw, e)))?;
-    write_image(&depth.to_map(), &out)?;
+    write_image(&map, &out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -19,12 +19,14 @@ use image::RgbImage;
 
 use super::depth_anything::Depth;
 use super::dpt::{DptFusion, FusionKeys, Reassemble};
+use super::nn::resize_bilinear;
 use super::nn::Linear;
 use super::vit_hybrid::HybridVit;
 use super::weights::StateDict;
-use crate::annotate::cv::Mat;
+use crate::annotate::cv::{resize_u8, Interpolation, Mat};
 use crate::annotate::normal::normal_from_depth_f32;
-use crate::annotate::Detector;
+use crate::annotate::resize::pad_to_64;
+use crate::annotate::{upstream_input, Detector, UpstreamSizes};
 use crate::{Error, Result};
 
 /// The weights' upstream file name (hub `lllyasviel/Annotators`).
@@ -191,6 +193,34 @@ impl Midas {
     }
 }
 
+impl Midas {
+    /// The depth map and the float depth it was made from, both at the map's size (`annotate depth-midas
+    /// --save-raw`): with controlnet_aux's sizes when either is given (the depth resized bilinearly as a float
+    /// where the map is resized as 8-bit), else at the image's size (the net on the image padded to multiples of
+    /// 64, the padding cropped), the map then being what `annotate` makes without sizes.
+    pub fn map_and_depth(&self, image: &RgbImage, sizes: &UpstreamSizes) -> Result<(RgbImage, Depth)> {
+        if self.normal.is_some() {
+            return Err(Error::setting("save_raw", "writes depth, so it applies to depth-midas, not normal-midas"));
+        }
+        let (w, h) = image.dimensions();
+        if sizes.given() {
+            let (input, (ow, oh)) = upstream_input(image, sizes)?;
+            let depth = self.depth(&input)?;
+            let map = resize_u8(&Mat::from_rgb(&depth.to_map()), ow as usize, oh as usize, Interpolation::Linear);
+            let (dw, dh) = (depth.width as usize, depth.height as usize);
+            let values = resize_bilinear(&depth.values, dw, dh, ow as usize, oh as usize);
+            return Ok((map.to_rgb(), Depth { width: ow, height: oh, values }));
+        }
+        let padded = pad_to_64(&Mat::from_rgb(image));
+        let depth = self.depth(&padded.to_rgb())?;
+        let values = (0..h as usize)
+            .flat_map(|y| depth.values[y * padded.width..y * padded.width + w as usize].iter().copied())
+            .collect();
+        let depth = Depth { width: w, height: h, values };
+        Ok((depth.to_map(), depth))
+    }
+}
+
 impl Detector for Midas {
     fn name(&self) -> &str {
         if self.normal.is_some() {
@@ -309,6 +339,33 @@ mod tests {
             let (off1, _) = off(&ours, &load(&c.normal), 1, &c.normal);
             assert!(off1 <= 0.01, "{}: {:.3}% of the samples more than 1 level off", c.normal, off1 * 100.0);
         }
+    }
+
+    #[test]
+    fn save_raw_depth_goes_with_the_map_of_either_recipe() {
+        use crate::annotate::{annotate_with, AnnotateSettings};
+        let depth = Midas { net: net(), normal: None };
+        let c = &cases()[0];
+        let image = load(&format!("input_{}.png", c.input));
+        let upstream =
+            UpstreamSizes { detect_resolution: Some(c.detect_resolution), image_resolution: Some(c.image_resolution) };
+        for sizes in [upstream, UpstreamSizes::default()] {
+            let (map, raw) = depth.map_and_depth(&image, &sizes).unwrap();
+            // the map is the one `annotate` writes without --save-raw
+            let plain = annotate_with(&depth, &image, &AnnotateSettings::default(), &sizes).unwrap();
+            assert_eq!(map, plain, "{sizes:?}");
+            assert_eq!((raw.width, raw.height), map.dimensions());
+            // and the float depth, normalised, is that map (8-bit resizing aside)
+            let (off, _) = off(&raw.to_map(), &map, 2, "raw");
+            assert!(off <= 0.01, "{sizes:?}: {:.3}% of the samples more than 2 levels off", off * 100.0);
+            let spread = raw.values.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+                - raw.values.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+            assert!(spread > 0.0, "a depth with variation");
+        }
+        let normal =
+            Midas { net: net(), normal: Some(NormalSettings { bg_threshold: DEFAULT_BG_THRESHOLD, z: DEFAULT_Z }) };
+        let err = normal.map_and_depth(&image, &upstream).err().unwrap().to_string();
+        assert!(err.starts_with("save_raw: "), "{err}");
     }
 
     #[test]

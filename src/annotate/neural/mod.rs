@@ -18,6 +18,9 @@
 //! | `depth-anything` | [`depth_anything::DepthAnythingNet`] | hub `depth-anything/Depth-Anything-V2-Small-hf` (transformers layout) or `depth_anything_v2_vit{s,b,l}.pth` |
 //! | `depth-midas`, `normal-midas` | [`midas::MidasNet`] | `dpt_hybrid-midas-501f0c75.pt` |
 //! | `normal-bae` | [`normalbae::NormalBaeNet`] | `scannet.pt` |
+//! | `seg` | [`upernet::UperNetNet`] | hub `openmmlab/upernet-convnext-small` (transformers layout) |
+pub mod ade20k;
+pub mod convnext;
 pub mod depth_anything;
 pub mod dinov2;
 pub mod dpt;
@@ -33,6 +36,7 @@ pub mod openpose;
 pub mod pidinet;
 pub mod post;
 pub mod resnetv2;
+pub mod upernet;
 pub mod vit_hybrid;
 pub mod weights;
 
@@ -60,10 +64,17 @@ pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static st
 /// the transformers layout).
 pub const DEPTH_ANYTHING_FILE: &str = "depth_anything_v2_vits.pth";
 
+/// The name under which `detector_from` asks for UperNet's weights (`openmmlab/upernet-convnext-small`'s, read
+/// with that model's config and image processor; `detector` reads any transformers folder or repo).
+pub const UPERNET_FILE: &str = "upernet-convnext-small/model.safetensors";
+
 /// Load the neural detector `kind` (None for a kind that is not one).
 pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn Detector>>> {
     if kind == "depth-anything" {
         return Ok(Some(Box::new(depth_anything::DepthAnything::load(options.weights.as_deref())?)));
+    }
+    if kind == "seg" {
+        return Ok(Some(Box::new(upernet::Seg::load(options.weights.as_deref())?)));
     }
     let open = |file: &str| StateDict::open(&locate(options.weights.as_deref(), file)?);
     detector_from(kind, options, &open)
@@ -71,7 +82,7 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn 
 
 /// The neural detector `kind` (None for a kind that is not one) from the state dicts `open` gives for each
 /// upstream file name it asks for: the files on disk ([`detector`]), or full-size random weights (`bench`).
-/// Depth Anything is read in its original layout from [`DEPTH_ANYTHING_FILE`].
+/// Depth Anything is read in its original layout from [`DEPTH_ANYTHING_FILE`], UperNet from [`UPERNET_FILE`].
 pub fn detector_from(
     kind: &str,
     options: &DetectorOptions,
@@ -79,6 +90,11 @@ pub fn detector_from(
 ) -> Result<Option<Box<dyn Detector>>> {
     if kind == "depth-anything" {
         return Ok(Some(Box::new(depth_anything::DepthAnything::from_original(&open(DEPTH_ANYTHING_FILE)?)?)));
+    }
+    if kind == "seg" {
+        let config = upernet::UperNetConfig::convnext_small();
+        let seg = upernet::Seg::from_state_dict(&open(UPERNET_FILE)?, &config, upernet::ProcessorConfig::default())?;
+        return Ok(Some(Box::new(seg)));
     }
     if kind.starts_with("openpose") {
         let include =

@@ -405,18 +405,7 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
 /// One plane resized bilinearly: torch's `F.interpolate(mode="bilinear", align_corners=False)` and
 /// `cv2.resize(float, INTER_LINEAR)` (the same sampling: centres aligned, edge samples clamped).
 pub fn resize_bilinear(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
-    let taps = |src: usize, dst: usize| -> Vec<(usize, usize, f32)> {
-        let scale = src as f64 / dst as f64;
-        (0..dst)
-            .map(|d| {
-                let f = (((d as f64 + 0.5) * scale - 0.5) as f32).max(0.0);
-                let i0 = (f.floor() as usize).min(src - 1);
-                let i1 = (i0 + 1).min(src - 1);
-                (i0, i1, if i0 == src - 1 { 0.0 } else { f - i0 as f32 })
-            })
-            .collect()
-    };
-    let (xt, yt) = (taps(w, out_w), taps(h, out_h));
+    let (xt, yt) = (bilinear_taps(w, out_w), bilinear_taps(h, out_h));
     let mut out = Vec::with_capacity(out_w * out_h);
     for &(y0, y1, fy) in &yt {
         for &(x0, x1, fx) in &xt {
@@ -426,6 +415,20 @@ pub fn resize_bilinear(plane: &[f32], w: usize, h: usize, out_w: usize, out_h: u
         }
     }
     out
+}
+
+/// The two source indices and the weight of the second for each of `dst` outputs resampling `src` samples
+/// bilinearly, corners not aligned ([`resize_bilinear`]'s sampling).
+pub fn bilinear_taps(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
+    let scale = src as f64 / dst as f64;
+    (0..dst)
+        .map(|d| {
+            let f = (((d as f64 + 0.5) * scale - 0.5) as f32).max(0.0);
+            let i0 = (f.floor() as usize).min(src - 1);
+            let i1 = (i0 + 1).min(src - 1);
+            (i0, i1, if i0 == src - 1 { 0.0 } else { f - i0 as f32 })
+        })
+        .collect()
 }
 
 /// `F.interpolate(mode="bilinear", align_corners=True)` of one plane: the corner samples line up.
@@ -497,6 +500,28 @@ pub fn mean_planes(planes: &[Vec<f32>]) -> Vec<f32> {
     (0..planes[0].len()).map(|i| planes.iter().map(|p| p[i]).sum::<f32>() / n).collect()
 }
 
+/// `nn.AdaptiveAvgPool2d(size)` of a `(N, C, H, W)` tensor: output cell `i` averages input rows
+/// `floor(i·H/size) .. ceil((i+1)·H/size)` (overlapping bins when `size` does not divide the side), the same
+/// along the columns.
+pub fn adaptive_avg_pool(x: &Tensor, size: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let bins = |len: usize| -> Vec<(usize, usize)> {
+        (0..size).map(|i| (i * len / size, ((i + 1) * len).div_ceil(size))).collect()
+    };
+    let (rows, cols) = (bins(h), bins(w));
+    let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(n * c * size * size);
+    for plane in data.chunks_exact(h * w) {
+        for &(y0, y1) in &rows {
+            for &(x0, x1) in &cols {
+                let sum: f32 = (y0..y1).map(|y| plane[y * w + x0..y * w + x1].iter().sum::<f32>()).sum();
+                out.push(sum / ((y1 - y0) * (x1 - x0)) as f32);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, c, size, size), x.device())?)
+}
+
 /// Sum of a tensor's last two dimensions, kept (`weights.sum(dim=[2, 3], keepdim=True)`).
 pub fn sum_spatial(w: &Tensor) -> Result<Tensor> {
     Ok(w.sum_keepdim(D::Minus1)?.sum_keepdim(D::Minus2)?)
@@ -559,6 +584,16 @@ mod tests {
             let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "k {k} stride {stride} dilation {dilation}: {d}");
         }
+    }
+
+    #[test]
+    fn adaptive_pool_uses_overlapping_bins_like_torch() {
+        // torch: F.adaptive_avg_pool2d(arange(16.).reshape(1, 1, 4, 4), 3): bins 0..2, 1..3, 2..4 on each side
+        let x = Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 4, 4)).unwrap();
+        let y = adaptive_avg_pool(&x, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(y, vec![2.5, 3.5, 4.5, 6.5, 7.5, 8.5, 10.5, 11.5, 12.5]);
+        let one = adaptive_avg_pool(&x, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(one, vec![7.5]);
     }
 
     #[test]
