@@ -105,11 +105,12 @@ struct AxisWeights {
 
 impl AxisWeights {
     /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for resampling `in_size` pixels to `out_size`.
+    #[cfg(test)]
     fn new(in_size: usize, out_size: usize, filter: ResampleFilter) -> Self {
         Self::with_box(in_size, (0.0, in_size as f32), out_size, filter)
     }
 
-    /// The same for the source extent `in0..in1` (Pillow's `box`, f32; it may be empty: every output pixel then
+    /// Those weights for the source extent `in0..in1` (Pillow's `box`, f32; it may be empty: every output pixel then
     /// reads the filter's window around `in0`).
     fn with_box(in_size: usize, (in0, in1): (f32, f32), out_size: usize, filter: ResampleFilter) -> Self {
         // The extent is subtracted in f32, as Pillow's float box.
