@@ -94,6 +94,7 @@ struct Job {
     #[serde(default)]
     mask_blur: u32,
     masked_content: Option<String>,
+    padding_mask_crop: Option<u32>,
     strength: Option<f64>,
     hires_scale: Option<f64>,
     hires_steps: Option<usize>,
@@ -511,6 +512,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             .map(crate::pipeline::inpaint::MaskedContent::parse)
             .transpose()?
             .unwrap_or_default(),
+        padding_mask_crop: job.padding_mask_crop,
     };
     let request = request.with_demo_defaults()?;
     request.validate()?;

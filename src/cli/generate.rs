@@ -117,6 +117,10 @@ pub struct GenerateArgs {
     /// (fresh noise from the seed) or latent-nothing (zeros), as A1111's "Masked content".
     #[arg(long, default_value = "original", value_name = "original|latent-noise|latent-nothing")]
     pub masked_content: String,
+    /// Inpainting only the masked area (diffusers' padding_mask_crop): the mask's box grown by PX pixels and
+    /// widened to the output's aspect ratio is processed at the output size and pasted back over the picture.
+    #[arg(long, value_name = "PX")]
+    pub padding_mask_crop: Option<u32>,
     /// img2img and inpainting: how much of --init-image is repainted, in (0, 1]: the share of the steps that run
     /// [default: 0.8 for img2img, 1 with --mask, as diffusers].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
@@ -278,6 +282,7 @@ pub fn run(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         vae: args.vae.clone(),
         eta: args.eta,
         masked_content: crate::pipeline::inpaint::MaskedContent::parse(&args.masked_content)?,
+        padding_mask_crop: args.padding_mask_crop,
     };
     if request.controls.iter().any(|c| c.control.is_dir()) {
         return run_control_folder(request, args, &nets);

@@ -293,6 +293,36 @@ impl<'a> Generator<'a> {
         let embeddings = Embeddings::for_request(request)?;
         embeddings.check_fits(sd)?;
 
+        // 3c. Only the masked area (padding_mask_crop): picture, mask and conditions cut to the region around the
+        //     mask at the output size; the originals are kept to paste the result back.
+        let (w32, h32) = (width as u32, height as u32);
+        let (init, mask, sources, crop) = match (request.padding_mask_crop, init, mask) {
+            (Some(pad), Some(init), Some(mask)) => {
+                let region = super::mask_crop::crop_region(&mask, (width, height), pad)?;
+                let cut = |img: &RgbImage| region.cut(img, (w32, h32));
+                let sources = sources
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, src)| match src {
+                        // A condition of another size is first stretched over the picture, then cut the same way.
+                        ControlSource::Image(img) => Ok(ControlSource::Image(cut(&images::resize(
+                            &img,
+                            init.width(),
+                            init.height(),
+                            ResampleFilter::Lanczos,
+                        )))),
+                        _ => Err(Error::setting(
+                            control_setting(i, "control"),
+                            "padding_mask_crop cuts pictures: give this condition as an image",
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (ci, cm) = (cut(&init), cut(&mask));
+                (Some(ci), Some(cm), sources, Some((region, init, mask)))
+            }
+            (_, init, mask) => (init, mask, sources, None),
+        };
+
         // 4. Conditions at the output size, in the channels each net takes.
         let fitted = self.fit_conditions(request, &sources, mask.as_ref(), (width, height))?;
         let controls = self.controls(request, &fitted);
@@ -317,7 +347,6 @@ impl<'a> Generator<'a> {
         // img2img: the picture at the output size (Lanczos, as diffusers' `VaeImageProcessor`), in [-1, 1];
         // inpainting: the mask too, binarised.
         let device = sd.unet.device();
-        let (w32, h32) = (width as u32, height as u32);
         let init = match &init {
             Some(img) => {
                 let img = images::resize(img, w32, h32, ResampleFilter::Lanczos);
@@ -385,7 +414,12 @@ impl<'a> Generator<'a> {
             )?;
         }
 
-        // 6. The metadata of each image.
+        // 6. Only the masked area: each result pasted back over the original through the mask.
+        if let Some((region, original, mask)) = &crop {
+            out.images = out.images.iter().map(|g| super::mask_crop::apply_overlay(mask, original, g, *region)).collect();
+        }
+
+        // 7. The metadata of each image.
         let base = self.metadata(request, &params)?;
         let images = out
             .images
@@ -573,6 +607,7 @@ impl<'a> Generator<'a> {
             },
             eta: params.eta,
             masked_content: request.masked_content,
+            padding_mask_crop: request.padding_mask_crop,
         })
     }
 }

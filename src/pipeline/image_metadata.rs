@@ -125,6 +125,9 @@ pub struct ImageMetadata {
     // A1111 img2img fills (issue 19): the masked content (recorded only when not "original").
     #[serde(default, skip_serializing_if = "is_default")]
     pub masked_content: MaskedContent,
+    /// Inpainting only the masked area: the padding around the mask (absent: the whole picture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
 }
 
 /// A textual-inversion embedding the prompts could name: its name, file and SHA-256.
@@ -230,6 +233,9 @@ impl ImageMetadata {
         }
         if self.masked_content != MaskedContent::Original {
             s.push_str(&format!(", Masked content: {}", self.masked_content.a1111_name()));
+        }
+        if let Some(pad) = self.padding_mask_crop {
+            s.push_str(&format!(", Inpaint area: Only masked, Masked area padding: {pad}"));
         }
         if let Some(h) = &self.hires {
             let name = match h.upscaler {
@@ -347,6 +353,7 @@ impl ImageMetadata {
             vae: self.vae.as_ref().map(|v| find(&v.path)),
             eta: self.eta,
             masked_content: self.masked_content,
+            padding_mask_crop: self.padding_mask_crop,
         })
     }
 
@@ -468,6 +475,7 @@ mod tests {
             vae: None,
             eta: 0.0,
             masked_content: MaskedContent::Original,
+            padding_mask_crop: None,
         }
     }
 

@@ -18,7 +18,7 @@ pub const REPAINT_FROM: u8 = 128;
 const MID_GREY: (u8, u8) = (32, 224);
 
 /// PIL's `convert("L")`: `(19595 R + 38470 G + 7471 B + 2^15) >> 16`.
-fn luma(p: &image::Rgb<u8>) -> u8 {
+pub(super) fn luma(p: &image::Rgb<u8>) -> u8 {
     ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16) as u8
 }
 

@@ -26,6 +26,7 @@ pub mod image_metadata;
 pub mod inpaint;
 #[cfg(test)]
 mod lora_parity;
+pub mod mask_crop;
 pub mod memory_estimate;
 pub mod prompt_chunks;
 pub mod prompt_parser;

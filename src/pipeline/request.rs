@@ -207,6 +207,9 @@ pub struct GenerateRequest {
     // A1111 img2img fills (issue 19): what the masked area starts from.
     /// Inpainting: `original` (the picture), `latent-noise` or `latent-nothing` (A1111's masked content).
     pub masked_content: MaskedContent,
+    /// Inpainting only the masked area (diffusers' `padding_mask_crop`): the mask's box grown by this many
+    /// pixels and widened to the output's aspect ratio is processed at the output size and pasted back.
+    pub padding_mask_crop: Option<u32>,
 }
 
 /// One LoRA to merge: its `.safetensors` file and weight (1: as trained), the text encoders' and the UNet's.
@@ -290,6 +293,7 @@ impl Default for GenerateRequest {
             vae: None,
             eta: 0.0,
             masked_content: MaskedContent::Original,
+            padding_mask_crop: None,
         }
     }
 }
@@ -358,6 +362,9 @@ impl GenerateRequest {
         }
         if let Some(strength) = self.strength {
             super::generate::check_strength(strength)?;
+        }
+        if self.padding_mask_crop.is_some() && self.mask.is_none() {
+            return Err(Error::setting("padding_mask_crop", "crops around the inpainting mask: it needs a mask"));
         }
         if self.masked_content != MaskedContent::Original && self.mask.is_none() {
             let msg = format!("{} fills the masked area: it needs a mask", self.masked_content.name());

@@ -6,6 +6,7 @@
 //! do_normalize=False).preprocess`, which resizes with PIL (Lanczos) and divides by 255:
 //! `to_tensor01(&resize(&load_rgb(path)?, w, h, ResampleFilter::Lanczos), dev)`.
 mod exif;
+mod fit;
 mod output;
 mod png_text;
 mod resample;
@@ -22,7 +23,8 @@ use crate::{Error, Result};
 
 pub use output::{check_quality, read_image_text, save_image, OutputFormat, DEFAULT_JPEG_QUALITY};
 pub use png_text::{read_png_text, save_png};
-pub use resample::{resize, ResampleFilter};
+pub use fit::{paste, resize_and_crop, resize_and_fill};
+pub use resample::{resize, resize_box, ResampleFilter};
 
 /// The formats this build can read (the `image` crate features enabled in Cargo.toml).
 const SUPPORTED_FORMATS: &str = "PNG, JPEG, WebP, BMP";

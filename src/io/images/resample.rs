@@ -105,9 +105,16 @@ struct AxisWeights {
 
 impl AxisWeights {
     /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for resampling `in_size` pixels to `out_size`.
+    #[cfg(test)]
     fn new(in_size: usize, out_size: usize, filter: ResampleFilter) -> Self {
-        // Pillow takes the source extent from a float box (0, in_size); the subtraction is done in f32.
-        let scale = in_size as f32 as f64 / out_size as f64;
+        Self::with_box(in_size, (0.0, in_size as f32), out_size, filter)
+    }
+
+    /// Those weights for the source extent `in0..in1` (Pillow's `box`, f32; it may be empty: every output pixel then
+    /// reads the filter's window around `in0`).
+    fn with_box(in_size: usize, (in0, in1): (f32, f32), out_size: usize, filter: ResampleFilter) -> Self {
+        // The extent is subtracted in f32, as Pillow's float box.
+        let scale = f64::from(in1 - in0) / out_size as f64;
         // Downscaling stretches the kernel so every source pixel contributes (anti-aliasing).
         let filter_scale = scale.max(1.0);
         let support = filter.support() * filter_scale;
@@ -119,7 +126,7 @@ impl AxisWeights {
         let mut weights = vec![0i32; out_size * ksize];
         let mut window = Vec::with_capacity(ksize);
         for i in 0..out_size {
-            let center = (i as f64 + 0.5) * scale;
+            let center = f64::from(in0) + (i as f64 + 0.5) * scale;
             // Window ends rounded as Pillow does: add 0.5 and truncate toward zero.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
             let hi = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
@@ -226,11 +233,13 @@ fn resample_convolution(
     channels: usize,
     (out_w, out_h): (usize, usize),
     filter: ResampleFilter,
+    [x0, y0, x1, y1]: [f32; 4],
 ) -> Vec<u8> {
-    let need_horizontal = out_w != in_w;
-    let need_vertical = out_h != in_h;
-    let horizontal = need_horizontal.then(|| AxisWeights::new(in_w, out_w, filter));
-    let vertical = need_vertical.then(|| AxisWeights::new(in_h, out_h, filter));
+    // A pass runs when its size changes or the box does not span the whole axis (Pillow's `need_horizontal`).
+    let need_horizontal = out_w != in_w || x0 != 0.0 || x1 != in_w as f32;
+    let need_vertical = out_h != in_h || y0 != 0.0 || y1 != in_h as f32;
+    let horizontal = need_horizontal.then(|| AxisWeights::with_box(in_w, (x0, x1), out_w, filter));
+    let vertical = need_vertical.then(|| AxisWeights::with_box(in_h, (y0, y1), out_h, filter));
     match (horizontal, vertical) {
         (Some(h), None) => horizontal_pass(src, in_w, channels, 0..in_h, &h),
         (None, Some(v)) => vertical_pass(src, in_w, channels, 0, &v),
@@ -297,8 +306,27 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: ResampleFilter) -
     let out_size = (width as usize, height as usize);
     let pixels = match filter {
         ResampleFilter::Nearest => resample_nearest(img.as_raw(), in_size, CHANNELS, out_size),
-        _ => resample_convolution(img.as_raw(), in_size, CHANNELS, out_size, filter),
+        _ => {
+            let whole = [0.0, 0.0, in_w as f32, in_h as f32];
+            resample_convolution(img.as_raw(), in_size, CHANNELS, out_size, filter, whole)
+        }
     };
+    RgbImage::from_raw(width, height, pixels).expect("resampled buffer has width * height * 3 bytes")
+}
+
+/// PIL's `image.resize((width, height), resample=filter, box=(x0, y0, x1, y1))` for a convolution filter: the
+/// source region `box` (in pixels; it may be empty along an axis, as diffusers' "fill" resize uses it to stretch
+/// an edge) resampled to `width`×`height`.
+pub fn resize_box(img: &RgbImage, width: u32, height: u32, filter: ResampleFilter, region: [f32; 4]) -> RgbImage {
+    const CHANNELS: usize = 3;
+    assert!(filter != ResampleFilter::Nearest, "resize_box takes a convolution filter");
+    let (in_w, in_h) = img.dimensions();
+    if width == 0 || height == 0 || in_w == 0 || in_h == 0 {
+        return RgbImage::new(width, height);
+    }
+    let in_size = (in_w as usize, in_h as usize);
+    let out_size = (width as usize, height as usize);
+    let pixels = resample_convolution(img.as_raw(), in_size, CHANNELS, out_size, filter, region);
     RgbImage::from_raw(width, height, pixels).expect("resampled buffer has width * height * 3 bytes")
 }
 
