@@ -123,6 +123,14 @@ pub fn init_inputs(app: &App, f: &Fields, r: &mut GenerateRequest) -> Result<Pat
             });
             r.mask_blur = mask_blur(f)?;
             r.masked_content = check_inpaint_settings(f)?;
+            // "Inpaint area: Only masked": A1111 crops as diffusers does (same region, "resize and fill", paste
+            // back through the blurred mask). Absent: the whole picture.
+            if f.bool("inpaint_full_res")? == Some(true) {
+                let pad = f.usize("inpaint_full_res_padding")?.unwrap_or(0);
+                let pad = u32::try_from(pad)
+                    .map_err(|_| ApiError::field("inpaint_full_res_padding", format!("{pad} is too large")))?;
+                r.padding_mask_crop = Some(pad);
+            }
         }
         None => r.mask_blur = 0,
     }
@@ -195,7 +203,6 @@ fn check_inpaint_settings(f: &Fields) -> Result<MaskedContent, ApiError> {
             ));
         }
     };
-    f.only_default("inpaint_full_res", is_false, "the whole picture is inpainted at the output size")?;
     f.only_default("mask_round", |v| v.as_bool() == Some(true), "the mask is always binarised")?;
     Ok(content)
 }
@@ -301,6 +308,5 @@ mod tests {
         assert!(e.starts_with("inpainting_fill: 0 (fill) is not supported"), "{e}");
         assert!(fill(json!(4)).unwrap_err().detail().starts_with("inpainting_fill: 4 (unknown)"));
         assert!(fill(json!(-1)).unwrap_err().detail().starts_with("inpainting_fill: -1 (unknown)"));
-        assert!(check_inpaint_settings(&fields(&json!({ "inpaint_full_res": true }))).is_err());
     }
 }
