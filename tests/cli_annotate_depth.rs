@@ -108,7 +108,7 @@ fn bad_settings_and_weights_fail_cleanly() {
     // --save-raw belongs to depth-anything, and does not combine with our sizing
     let raw = dir.path().join("d.npy");
     let run = controlnet(&["annotate", "canny", s(&input), "-o", s(&out), "--save-raw", s(&raw)]);
-    assert_clean_failure(&run, &["--save-raw", "does not apply to canny (used by depth-anything)"]);
+    assert_clean_failure(&run, &["--save-raw", "does not apply to canny (used by depth-anything, depth-midas)"]);
     let w = weights("hf");
     let run = controlnet(&[
         "annotate",

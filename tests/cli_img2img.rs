@@ -1,5 +1,6 @@
 //! End to end: `controlnet generate --init-image` (img2img, later inpainting) against diffusers' own runs of the
-//! same cases (tools/fixtures/gen_img2img.py → tests/fixtures/img2img/cases.json), ≥ 40 dB PSNR; and the errors
+//! same cases (tools/fixtures/gen_img2img.py → tests/fixtures/img2img/cases.json; gen_mask_crop.py → mask_crop/ for
+//! --padding-mask-crop), ≥ 40 dB PSNR; and the errors
 //! a bad img2img request gets.
 mod common;
 
@@ -13,17 +14,26 @@ struct Case {
     images: Vec<String>,
 }
 
-fn case(name: &str) -> Case {
-    let text = std::fs::read_to_string(fixture("img2img/cases.json")).unwrap();
+/// A case of `folder`'s cases.json (img2img/ from gen_img2img.py, mask_crop/ from gen_mask_crop.py).
+fn case_in(folder: &str, name: &str) -> Case {
+    let text = std::fs::read_to_string(fixture(&format!("{folder}/cases.json"))).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
     cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"))
+}
+
+fn case(name: &str) -> Case {
+    case_in("img2img", name)
 }
 
 /// Minimum PSNR (dB) against diffusers' image for the same settings and seed.
 const MIN_PSNR_DB: f64 = 40.0;
 
 fn run_case(name: &str) {
-    let c = case(name);
+    run_case_in("img2img", name);
+}
+
+fn run_case_in(folder: &str, name: &str) {
+    let c = case_in(folder, name);
     let dir = temp_dir();
     let out = dir.path().join("out.png");
     let mut args: Vec<&str> = vec!["generate"];
@@ -34,7 +44,7 @@ fn run_case(name: &str) {
     for (i, reference) in c.images.iter().enumerate() {
         let ours = if c.images.len() == 1 { out.clone() } else { dir.path().join(format!("out-{}.png", i + 1)) };
         let ours = image::open(&ours).unwrap().to_rgb8();
-        let theirs = image::open(fixture(&format!("img2img/{reference}"))).unwrap().to_rgb8();
+        let theirs = image::open(fixture(&format!("{folder}/{reference}"))).unwrap().to_rgb8();
         let db = psnr(&ours, &theirs);
         eprintln!("{name} image {}: {db:.1} dB", i + 1);
         assert!(db >= MIN_PSNR_DB, "{name} image {}: PSNR {db:.1} dB < {MIN_PSNR_DB} dB", i + 1);
@@ -63,6 +73,22 @@ cases! {
     inpaint_nine_channel_unet_ancestral_partial => "inp_nine_channels_euler-a_60",
     inpaint_controlnet_condition => "inp_inpaint_condition",
     inpaint_blurred_mask => "inp_mask_blur",
+}
+
+// Only the masked area (--padding-mask-crop), against diffusers' padding_mask_crop: the pasted-back result.
+#[test]
+fn inpaint_only_the_masked_area() {
+    run_case_in("mask_crop", "crop_ddim");
+}
+
+#[test]
+fn inpaint_only_the_masked_area_blurred_mask() {
+    run_case_in("mask_crop", "crop_euler_blur");
+}
+
+#[test]
+fn inpaint_only_the_masked_area_at_another_output_size() {
+    run_case_in("mask_crop", "crop_wide_output");
 }
 
 /// The arguments of a case with `--init-image`/`--strength` and friends replaced or added.
@@ -225,4 +251,27 @@ fn inpainting_is_recorded_and_reproduced() {
     let res = controlnet(&["reproduce", out.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
     assert!(res.status.success(), "{}", stderr(&res));
     assert_eq!(image::open(&out).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
+}
+
+#[test]
+fn padding_mask_crop_needs_a_mask_with_a_masked_area() {
+    let dir = temp_dir();
+    let out = dir.path().join("out.png");
+    // Without --mask.
+    let mut args = case_in("mask_crop", "crop_ddim").args;
+    let i = args.iter().position(|a| a == "--mask").unwrap();
+    args.drain(i..i + 2);
+    let res = generate(&args, &out);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--padding-mask-crop: crops around the inpainting mask"), "{}", stderr(&res));
+    // An all-black mask: nothing to crop to.
+    let black = dir.path().join("black.png");
+    image::RgbImage::new(128, 128).save(&black).unwrap();
+    let mut args = case_in("mask_crop", "crop_ddim").args;
+    let i = args.iter().position(|a| a == "--mask").unwrap();
+    args[i + 1] = black.to_str().unwrap().to_string();
+    let res = generate(&args, &out);
+    assert!(!res.status.success());
+    assert!(stderr(&res).contains("--padding-mask-crop: the mask is all black"), "{}", stderr(&res));
+    assert!(!out.exists());
 }

@@ -272,6 +272,18 @@ fn img2img_inpaint_and_hires_make_the_cli_images() {
     let want = ["--init-image", INIT, "--strength", "0.5", "--mask", MASK, "--mask-blur", "4"];
     assert_eq!(pixels(&png), cli_image(&want));
 
+    // 2b. "Inpaint area: Only masked": the CLI's --padding-mask-crop with A1111's padding.
+    let only_masked = body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1, "inpaint_full_res": true,
+                                   "inpaint_full_res_padding": 12 }));
+    let png = first_image(&server.post_json("/sdapi/v1/img2img", &only_masked));
+    let want =
+        ["--init-image", INIT, "--strength", "0.5", "--mask", MASK, "--mask-blur", "4", "--padding-mask-crop", "12"];
+    let cropped = pixels(&png);
+    assert_eq!(cropped, cli_image(&want));
+    // Outside the grown mask box the picture is the init image's, unlike the whole-picture inpaint.
+    let init_px = image::open(INIT).unwrap().to_rgb8();
+    assert_eq!(cropped.get_pixel(2, 2), init_px.get_pixel(2, 2));
+
     // 3. txt2img's hires fix.
     let hires = txt2img(
         vec![],
@@ -306,9 +318,9 @@ fn img2img_inpaint_and_hires_make_the_cli_images() {
     expect(body(json!({ "mask": picture_base64("tests/fixtures/img2img/init_odd.png") })), 422, "mask: is ");
     expect(body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 0 })), 422, "inpainting_fill: 0 (fill)");
     expect(
-        body(json!({ "mask": picture_base64(MASK), "inpainting_fill": 1, "inpaint_full_res": true })),
+        body(json!({ "mask": picture_base64(MASK), "inpaint_full_res": true, "inpaint_full_res_padding": -1 })),
         422,
-        "inpaint_full_res: ",
+        "inpaint_full_res_padding: ",
     );
     expect(body(json!({ "denoising_strength": 0 })), 422, "denoising_strength: 0 must lie in (0, 1]");
     expect(body(json!({ "enable_hr": true })), 422, "enable_hr: not a field");

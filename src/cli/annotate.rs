@@ -335,6 +335,9 @@ fn run_folder(args: &AnnotateArgs, mut each: impl FnMut(&Path, &Path) -> Result<
     Ok(ExitCode::FAILURE)
 }
 
+/// How a depth detector makes its map and the float depth behind it.
+type MapAndDepth<'a> = dyn Fn(&RgbImage) -> Result<(RgbImage, Depth)> + 'a;
+
 /// `depth-anything --save-raw`, `depth-midas --save-raw`: the map and the float depth it was made from, both at
 /// the map's size (depth-anything: the input's or with the short side at --image-resolution; depth-midas: the
 /// input's, or controlnet_aux's sizes with --detect-resolution/--image-resolution). One image: the .npy holds one
@@ -353,7 +356,7 @@ fn run_depth_raw(args: &AnnotateArgs, raw: &Path, input_is_dir: bool) -> Result<
     // the one loaded net, and how it makes a map with its depth
     let depth_anything;
     let midas;
-    let map_and_depth: Box<dyn Fn(&RgbImage) -> Result<(RgbImage, Depth)>> = if args.kind == "depth-midas" {
+    let map_and_depth: Box<MapAndDepth> = if args.kind == "depth-midas" {
         midas = Midas {
             net: MidasNet::load(&StateDict::open(&locate(args.weights.as_deref(), WEIGHTS_FILE)?)?)?,
             normal: None,

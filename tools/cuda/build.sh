@@ -5,7 +5,7 @@
 #   tools/cuda/build.sh            # -> target/cuda-dist/controlnet (+ the PTX arch it holds)
 #
 # What it does:
-# 1. The CUDA 13.0 compiler, headers and the libraries cudarc links (cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart) come
+# 1. The CUDA 13.0 compiler, headers (CCCL's too) and the libraries cudarc links (cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart) come
 #    from NVIDIA's PyPI wheels, installed with pip into target/cuda-toolkit; a system toolkit is used instead when
 #    CUDA_HOME is set. 13.0 because the GPU machines we are lent run driver 580 with PyTorch cu130, whose wheels
 #    carry the same libraries (same sonames) that the binary loads at run time.
@@ -28,12 +28,13 @@ PYTHON=${PYTHON:-python3}
 
 # 1. the toolkit
 if [ -z "${CUDA_HOME:-}" ]; then
-    if [ ! -x "$TOOLKIT/nvidia/cu13/bin/nvcc" ]; then
+    # nv/target comes from CCCL (libcu++), which cuda_fp16.h includes: a toolkit without it cannot compile kernels.
+    if [ ! -x "$TOOLKIT/nvidia/cu13/bin/nvcc" ] || [ ! -e "$TOOLKIT/nvidia/cu13/include/nv/target" ]; then
         echo "installing the CUDA $CUDA_VERSION toolkit wheels into $TOOLKIT" >&2
         # WHEELS: a folder of already-downloaded wheels to install from (pip downloads otherwise).
-        "$PYTHON" -m pip install --quiet --no-deps --target "$TOOLKIT" ${WHEELS:+--find-links "$WHEELS"} \
+        "$PYTHON" -m pip install --quiet --upgrade --no-deps --target "$TOOLKIT" ${WHEELS:+--find-links "$WHEELS"} \
             "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-nvvm==$CUDA_VERSION.*" \
-            "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-nvrtc==$CUDA_VERSION.*" \
+            "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-nvrtc==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" \
             "nvidia-cublas==$CUDA_VERSION.*" "nvidia-curand==10.4.0.*"
     fi
     export CUDA_HOME=$TOOLKIT/nvidia/cu13

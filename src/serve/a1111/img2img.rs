@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use image::RgbImage;
 use serde_json::Value;
 
-use super::fields::{is_empty, is_false, is_num, Fields};
+use super::fields::{is_empty, is_num, Fields};
 use crate::pipeline::hires::{HiresFix, Upscaler, DEFAULT_HIRES_STRENGTH};
 use crate::pipeline::inpaint::MaskedContent;
 use crate::pipeline::GenerateRequest;
