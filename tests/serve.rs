@@ -592,3 +592,55 @@ fn job_api_runs_img2img_and_inpainting_as_generate() {
     );
     refused(json!({ "init_image": "@nope" }), "init_image", "init_image: no upload named \"nope\"");
 }
+
+/// A union net (SDXL) through the extension's `union_control_type`, or the type its preprocessor's maps have:
+/// the CLI's `--control-type` image; a union unit without either is refused naming the field.
+#[test]
+fn union_units_take_the_extensions_control_type() {
+    const SDXL: &str = "tests/fixtures/models/tiny-sdxl";
+    const UNION: &str = "tests/fixtures/models/tiny-controlnet-sdxl-union";
+    let server = Server::start(&["--model", SDXL, "--controlnet", UNION]);
+    let cli = |extra: &[&str]| {
+        let dir = temp_dir();
+        let out = dir.path().join("cli.png");
+        let mut args = vec!["generate", "--model", SDXL, "--prompt", "a cat", "--steps", "2", "--seed", "5"];
+        args.extend(["--scheduler", "euler-a", "--width", "128", "--height", "128", "--quiet"]);
+        args.extend(["--controlnet", UNION, "--control", CONTROL]);
+        args.extend_from_slice(extra);
+        args.extend(["--output", out.to_str().unwrap()]);
+        let res = controlnet(&args);
+        assert!(res.status.success(), "{}", stderr(&res));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let body = |unit_extra: serde_json::Value| {
+        let mut u = unit(&picture_base64(CONTROL), unit_extra);
+        u["model"] = json!("tiny-controlnet-sdxl-union");
+        txt2img(vec![u], json!({ "width": 128, "height": 128 }))
+    };
+    // 1. The extension's name for the type (webuiapi sends the enum's value).
+    let png = first_image(&server.post_json("/sdapi/v1/txt2img", &body(json!({ "union_control_type": "Hard Edge" }))));
+    let canny = pixels(&png);
+    assert!(canny == cli(&["--control-type", "canny"]), "Hard Edge unit != --control-type canny");
+    let png = first_image(&server.post_json("/sdapi/v1/txt2img", &body(json!({ "union_control_type": "Depth" }))));
+    let depth = pixels(&png);
+    assert!(depth == cli(&["--control-type", "depth"]), "Depth unit != --control-type depth");
+    assert!(depth != canny, "the type changes the picture");
+    // 2. "Unknown": the type of the preprocessor's maps (a blur map is read as tile; pixel perfect: the CLI's
+    //    own preprocess at the output size).
+    let unknown = json!({ "union_control_type": "Unknown", "module": "blur", "pixel_perfect": true });
+    let png = first_image(&server.post_json("/sdapi/v1/txt2img", &body(unknown)));
+    let tile = pixels(&png);
+    assert!(tile == cli(&["--control-type", "tile", "--preprocess", "blur"]), "blur unit != the CLI's");
+    assert!(tile != depth, "the type changes the picture");
+    // 3. Neither: refused, naming the field; a type name the extension does not have: refused.
+    for (extra, detail) in [
+        (json!({}), "the model is a union ControlNet: name the condition's type"),
+        (json!({ "union_control_type": "Sketch" }), "\"Sketch\" is not a union control type"),
+    ] {
+        let reply = server.post_json("/sdapi/v1/txt2img", &body(extra));
+        assert_eq!(reply.status, 422, "{}", reply.text());
+        assert_eq!(reply.json()["field"], "alwayson_scripts.controlnet.args[0].union_control_type");
+        let got = reply.json()["detail"].as_str().unwrap().to_string();
+        assert!(got.starts_with(&format!("alwayson_scripts.controlnet.args[0].union_control_type: {detail}")), "{got}");
+    }
+}

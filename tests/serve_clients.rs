@@ -89,6 +89,9 @@ fn the_webuiapi_client_drives_the_server() {
     // 0.9.17 would otherwise resend the img2img call's unit).
     let want = cli_plain(&[&common[..], &["--mask", MASK, "--mask-blur", "4"]].concat());
     assert_eq!(image::open(dir.path().join("inpaint.png")).unwrap().to_rgb8(), want);
+    // Only the masked area (the client's default inpaint_full_res), 8 px of padding: --padding-mask-crop 8.
+    let want = cli_plain(&[&common[..], &["--mask", MASK, "--mask-blur", "4", "--padding-mask-crop", "8"]].concat());
+    assert_eq!(image::open(dir.path().join("inpaint_masked.png")).unwrap().to_rgb8(), want);
     // Its detect call (canny, processor_res 512, thresholds 64) made the map `annotate` makes.
     let map = dir.path().join("map.png");
     let res = controlnet(&[

@@ -71,6 +71,16 @@ pub fn parse_control_type(s: &str) -> std::result::Result<usize, String> {
     })
 }
 
+/// The control type of the maps an annotator kind makes (`canny`, `depth-midas`, `openpose-full`, ...): its name
+/// or alias, else its family (the part before the first `-`). `None` for kinds no type reads (shuffle, colour).
+pub fn control_type_for_annotator(kind: &str) -> Option<usize> {
+    if kind.parse::<usize>().is_ok() {
+        return None; // an index, not an annotator
+    }
+    let family = kind.split('-').next().unwrap_or(kind);
+    parse_control_type(kind).or_else(|_| parse_control_type(family)).ok()
+}
+
 /// One pre-norm transformer layer over (sequence, batch, width) tokens: `x + attn(ln_1 x)`, then
 /// `x + mlp(ln_2 x)` with a QuickGELU MLP of 4x width (CLIP's block; torch's `nn.MultiheadAttention` keys).
 #[derive(Debug, Clone)]
@@ -230,6 +240,23 @@ impl UnionParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotator_kinds_name_their_control_type() {
+        let name = |kind: &str| control_type_for_annotator(kind).map(|i| CONTROL_TYPES[i].0);
+        assert_eq!(name("canny"), Some("canny"));
+        assert_eq!(name("lineart-anime"), Some("canny"));
+        assert_eq!(name("depth-midas"), Some("depth"));
+        assert_eq!(name("depth-anything"), Some("depth"));
+        assert_eq!(name("normal-bae"), Some("normal"));
+        assert_eq!(name("openpose-full"), Some("openpose"));
+        assert_eq!(name("hed"), Some("softedge"));
+        assert_eq!(name("seg"), Some("segment"));
+        assert_eq!(name("blur"), Some("tile"));
+        assert_eq!(name("inpaint"), Some("repaint"));
+        assert_eq!(name("shuffle"), None);
+        assert_eq!(name("3"), None);
+    }
 
     #[test]
     fn control_types_by_name_alias_and_index() {

@@ -37,6 +37,9 @@ pub struct NetInfo {
     /// As given (a path or a hub id).
     pub spec: String,
     pub sha256: String,
+    /// A union net: how many condition types it knows (`None`: a plain ControlNet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_types: Option<usize>,
 }
 
 /// The loaded models as the HTTP side sees them.
@@ -118,6 +121,7 @@ impl Models {
                 name,
                 spec: recorded_path(spec),
                 sha256,
+                control_types: net.num_control_type(),
             });
             nets.push(net);
         }
@@ -217,6 +221,7 @@ mod tests {
             title: format!("{name} [01234567]"),
             spec: format!("/m/{name}"),
             sha256: "0123456789".into(),
+            control_types: None,
         };
         Catalog {
             model_name: "m".into(),

@@ -7,7 +7,7 @@ Fill", processor_res 512, thresholds 64) and controlnet_detect; writes OUT_DIR/t
 appended to the answer, OUT_DIR/txt2img_map.png) and OUT_DIR/detect.png for the Rust test
 (tests/serve_clients.rs) to compare with `controlnet generate` and `controlnet annotate`. With INIT_PNG and
 MASK_PNG also img2img with a unit without a picture (the init image is its condition) and inpainting with the
-mask: OUT_DIR/img2img.png and OUT_DIR/inpaint.png. Exits non-zero on any failure.
+mask, whole picture and only masked: OUT_DIR/img2img.png, OUT_DIR/inpaint.png and OUT_DIR/inpaint_masked.png. Exits non-zero on any failure.
 """
 import os
 import sys
@@ -72,7 +72,11 @@ def main():
         result = api.img2img(images=[init], mask_image=mask, inpainting_fill=1, inpaint_full_res=False,
                              prompt="a cat", seed=5, cfg_scale=7.5, denoising_strength=0.5, **size, **fresh())
         result.images[0].save(os.path.join(out_dir, "inpaint.png"))
-        # The client's own inpainting defaults (fill 0, "only masked") are refused, naming the field.
+        # "Inpaint area: Only masked", the client's default (inpaint_full_res=True), with 8 px of padding.
+        result = api.img2img(images=[init], mask_image=mask, inpainting_fill=1, inpaint_full_res_padding=8,
+                             prompt="a cat", seed=5, cfg_scale=7.5, denoising_strength=0.5, **size, **fresh())
+        result.images[0].save(os.path.join(out_dir, "inpaint_masked.png"))
+        # The client's own default fill (0, "fill") is refused, naming the field.
         try:
             api.img2img(images=[init], mask_image=mask, prompt="x", **size, **fresh())
         except RuntimeError as e:

@@ -14,6 +14,7 @@ use super::fields::{is_empty, is_false, is_num, Fields};
 use super::img2img::{self, HIRES_FIELDS, IMG2IMG_FIELDS};
 use super::{control_mode, module_kind, resize_mode, sampler, sampler_names, slider_options, DEFAULT_PROCESSOR_RES};
 use crate::annotate::ResizeMode;
+use crate::model::controlnet_union::{control_type_for_annotator, CONTROL_TYPES};
 use crate::pipeline::extra_networks::resolve_lora_tags;
 use crate::pipeline::request::{random_seed, PromptSyntax};
 use crate::pipeline::{ControlRequest, GenerateRequest};
@@ -291,7 +292,7 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<
             match k {
                 "image" | "input_image" | "module" | "model" | "weight" | "resize_mode" | "processor_res"
                 | "threshold_a" | "threshold_b" | "guidance_start" | "guidance_end" | "pixel_perfect" | "enabled"
-                | "save_detected_map" => {}
+                | "save_detected_map" | "union_control_type" => {}
                 "mask" => f.only_default(k, is_empty, "masks (inpainting) are not supported")?,
                 "control_mode" => {}
                 "guessmode" | "guess_mode" => f.only_default(k, is_false, "use control_mode")?,
@@ -364,6 +365,9 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<
             }
         };
         let mut control = ControlRequest::new(Some(app.catalog.nets[net].spec.clone()), file);
+        if app.catalog.nets[net].control_types.is_some() {
+            control.control_type = Some(union_control_type(&f, kind)?.to_string());
+        }
         control.conditioning_scale = f.f64("weight")?.unwrap_or(1.0);
         control.control_start = f.f64("guidance_start")?.unwrap_or(0.0);
         control.control_end = f.f64("guidance_end")?.unwrap_or(1.0);
@@ -385,6 +389,35 @@ fn parse_units(app: &App, r: &mut GenerateRequest, args: &[Value], init: Option<
     r.resize = resize.unwrap_or(ResizeMode::JustResize);
     let annotations = annotations.iter().any(Option::is_some).then_some(annotations);
     Ok(Units { controls, nets, annotations, save_maps })
+}
+
+/// The extension's names of the union control types (`ControlNetUnionControlType`), in xinsir's numbering.
+const UNION_CONTROL_TYPES: [&str; 8] =
+    ["OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint"];
+
+/// A union net's condition type (our name): the unit's `union_control_type`, or when that is absent or
+/// "Unknown", the type of the unit's preprocessor's maps. Plain nets ignore the field, as the extension does.
+fn union_control_type(f: &Fields, module: Option<&str>) -> Result<&'static str, ApiError> {
+    let given = f.str("union_control_type")?.map(str::trim).filter(|t| !t.eq_ignore_ascii_case("unknown"));
+    let index = match given {
+        Some(t) => UNION_CONTROL_TYPES.iter().position(|n| n.eq_ignore_ascii_case(t)).ok_or_else(|| {
+            ApiError::field(
+                f.name("union_control_type"),
+                format!("{t:?} is not a union control type: one of {}, or Unknown", UNION_CONTROL_TYPES.join(", ")),
+            )
+        })?,
+        None => module.and_then(control_type_for_annotator).ok_or_else(|| {
+            ApiError::field(
+                f.name("union_control_type"),
+                format!(
+                    "the model is a union ControlNet: name the condition's type ({}){}",
+                    UNION_CONTROL_TYPES.join(", "),
+                    if module.is_some() { ", this preprocessor's maps have none" } else { "" }
+                ),
+            )
+        })?,
+    };
+    Ok(CONTROL_TYPES[index].0)
 }
 
 /// Cancels a job whose client went away before it finished.
