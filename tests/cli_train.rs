@@ -389,6 +389,27 @@ fn sdxl_train_resumes_exactly_and_generates() {
         assert!(out.status.success(), "{}", stderr(&out));
     };
     let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    // A union net is refused by name, before anything is written.
+    let union = dir.path().join("union");
+    let out = controlnet(&[
+        "train",
+        "--model",
+        SDXL,
+        "--dataset",
+        DATA,
+        "--output",
+        union.to_str().unwrap(),
+        "--controlnet",
+        "tests/fixtures/models/tiny-controlnet-sdxl-union",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a union ControlNet (ControlNetUnionModel) cannot be trained yet"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!union.exists());
     train(&whole, &["--init", "--max-steps", "3"]);
     train(&split, &["--init", "--max-steps", "1"]);
     train(&split, &["--resume", "--max-steps", "3"]);

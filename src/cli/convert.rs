@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use crate::io::checkpoint::{save_safetensors_atomic, Checkpoint};
 use crate::io::detect::{detect, Format, ModelKind};
-use crate::io::single_file::{cast_floats, controlnet_to_original, load_controlnet, load_controlnet_file_with};
+use crate::io::single_file::{
+    cast_floats, controlnet_to_original, is_union, load_controlnet, load_controlnet_file_with,
+};
 use crate::io::weights::DIFFUSERS_STEM;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,10 +88,21 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             c.config = config;
         }
     }
+    // A union net has no original layout (xinsir ships diffusers names, which ComfyUI and A1111 read as they
+    // are): it only goes to a diffusers folder (from its single file, or to change the precision).
+    let union = is_union(&c.config);
     let target = args.to.unwrap_or(match input_format {
+        _ if union => Target::Diffusers,
         Format::Original => Target::Diffusers,
         Format::Diffusers => Target::Original,
     });
+    if union && target == Target::Original {
+        bail!(
+            "{}: a union ControlNet has no original layout (its published files use diffusers names, which ComfyUI \
+             and A1111 read); convert it to a diffusers folder (--to diffusers)",
+            args.input.display()
+        );
+    }
     // 2. Precision.
     if let Some(d) = args.dtype {
         let dtype = match d {
@@ -453,6 +466,30 @@ mod tests {
         let (big, small) = (walk_size(&f32_dir), walk_size(&f16_dir));
         // Same header, data halved: within the header's size of exactly half.
         assert!(small * 2 > big && small * 2 - big < 40_000, "f32 {big} bytes, f16 {small} bytes");
+    }
+
+    /// A union net's single file becomes its folder (config from the weights, union fields included), a folder
+    /// can be halved; the original layout is refused, as no such layout exists.
+    #[test]
+    fn union_nets_go_to_diffusers_folders_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = fixture("models/tiny-controlnet-sdxl-union");
+        let folder = dir.path().join("union");
+        convert(&net.join("diffusion_pytorch_model.safetensors"), &folder, None, None).unwrap();
+        same(&folder.join("diffusion_pytorch_model.safetensors"), &net.join("diffusion_pytorch_model.safetensors"));
+        let read = |p: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+        };
+        let (got, want) = (read(&folder), read(&net));
+        for key in ["_class_name", "num_control_type", "num_trans_channel", "num_trans_layer", "num_proj_channel"] {
+            assert_eq!(got[key], want[key], "{key}");
+        }
+        let half = dir.path().join("half");
+        convert(&folder, &half, None, Some(DTypeArg::F16)).unwrap();
+        let c = crate::io::single_file::load_controlnet(&half).unwrap();
+        assert!(is_union(&c.config) && c.tensors.values().all(|t| t.dtype() == DType::F16));
+        let err = convert(&net, &dir.path().join("u.safetensors"), Some(Target::Original), None).unwrap_err();
+        assert!(err.to_string().contains("a union ControlNet has no original layout"), "{err}");
     }
 
     #[test]

@@ -294,6 +294,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         (None, Some(spec)) => {
             let path = crate::io::hub::resolve(spec, None)?;
             let c = load_controlnet(&path)?;
+            if crate::io::single_file::is_union(&c.config) {
+                bail!(
+                    "--controlnet {spec}: a union ControlNet (ControlNetUnionModel) cannot be trained yet: its \
+                     condition-type tokens have no training recipe here"
+                );
+            }
             (c.config, c.tensors)
         }
         (None, None) => {

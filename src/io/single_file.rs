@@ -128,14 +128,7 @@ pub fn load_controlnet(path: &Path) -> Result<Component> {
     }
     let config: Value = read_json(&path.join("config.json"))?;
     let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("");
-    if class == "ControlNetUnionModel" {
-        return Err(Error::weights(
-            path,
-            "this is a ControlNet union net (diffusers' ControlNetUnionModel): generate loads it, but converting \
-             or training one is not supported yet",
-        ));
-    }
-    if class != "ControlNetModel" {
+    if class != "ControlNetModel" && class != UNION_CLASS {
         let what = if class.is_empty() { "a folder without a model class" } else { class };
         return Err(Error::weights(path, format!("expected a ControlNet, but this folder holds {what}")));
     }
@@ -144,6 +137,14 @@ pub fn load_controlnet(path: &Path) -> Result<Component> {
         tensors.extend(Checkpoint::open(&file)?.load_where(|_| true)?);
     }
     Ok(Component { config, tensors })
+}
+
+/// diffusers' class name of union ControlNets (xinsir's), in their `config.json`.
+pub const UNION_CLASS: &str = "ControlNetUnionModel";
+
+/// Whether a ControlNet config is a union net's.
+pub fn is_union(config: &Value) -> bool {
+    config.get("_class_name").and_then(Value::as_str) == Some(UNION_CLASS)
 }
 
 /// Diffusers ControlNet tensors → the original layout (`control_model.` prefix), as lllyasviel's files.
@@ -802,8 +803,7 @@ mod tests {
     }
 
     /// A union net's single file (xinsir ships `diffusion_pytorch_model_promax.safetensors`) gets the union
-    /// fields of its folder's config from the weights; converting or training a union folder is refused by name,
-    /// and control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
+    /// fields of its folder's config from the weights, as its folder has them; control-LoRAs are named, not loaded half-way (or mistaken for plain ControlNets).
     #[test]
     fn union_nets_load_from_a_single_file_and_control_loras_are_refused_by_name() {
         let net = fixtures().join("models/tiny-controlnet-sdxl-union");
@@ -813,8 +813,9 @@ mod tests {
             assert_eq!(c.config[key], want[key], "{key}");
         }
         assert_eq!(c.config["num_trans_head"], json!(UNION_TRANS_HEADS));
-        let err = load_controlnet(&net).unwrap_err().to_string();
-        assert!(err.contains("ControlNetUnionModel") && err.contains("converting or training"), "{err}");
+        let folder = load_controlnet(&net).unwrap();
+        assert!(is_union(&folder.config) && is_union(&c.config));
+        assert_eq!(folder.tensors.len(), c.tensors.len());
         let dir = tempfile::tempdir().unwrap();
         let mut lora = original("controlnet_sd15", None);
         lora.insert("lora_controlnet".into(), Tensor::zeros((), DType::F32, &candle_core::Device::Cpu).unwrap());
