@@ -337,12 +337,18 @@ mod tests {
         let want_norm = s.meta["grad_norm"].as_f64().unwrap();
         assert!((norm - want_norm).abs() <= 1e-4 * want_norm, "grad norm {norm} vs {want_norm}");
         let lr = s.meta["lr"].as_f64().unwrap();
-        AdamW::new(AdamWConfig { lr, ..Default::default() }).step(&params, &grads, lr).unwrap();
+        assert_update_matches(&params, &before, &grads, &s.fx, lr);
+    }
+
+    /// AdamW (diffusers' defaults) on clipped `grads` moves every sampled weight of `params` within 5e-2 · lr +
+    /// 2 ulp(w) of torch's move (`fx`'s `updated.<name>`), and 99.9% of them within 1e-3 · lr + 2 ulp(w).
+    fn assert_update_matches(params: &Params, before: &TensorMap, grads: &Grads, fx: &TensorMap, lr: f64) {
+        AdamW::new(AdamWConfig { lr, ..Default::default() }).step(params, grads, lr).unwrap();
         let (mut total, mut loose) = (0usize, 0usize);
         for (name, var) in params.iter() {
             let old = sampled(&before[name]);
             let ours = (sampled(var.as_tensor()) - &old).unwrap().to_vec1::<f32>().unwrap();
-            let theirs = (&s.fx[&format!("updated.{name}")] - &old).unwrap().to_vec1::<f32>().unwrap();
+            let theirs = (&fx[&format!("updated.{name}")] - &old).unwrap().to_vec1::<f32>().unwrap();
             let old = old.to_vec1::<f32>().unwrap();
             for ((a, b), w) in ours.iter().zip(&theirs).zip(&old) {
                 // Two roundings of the new weight, plus a share of the LR.
@@ -401,7 +407,8 @@ mod tests {
     /// One SDXL step against `train_controlnet_sdxl.py`'s (tools/fixtures/gen_train_sdxl.py: tiny-sdxl +
     /// tiny-controlnet-sdxl, gen_train.py's batch and seed): both encoders' caption states and the pooled text
     /// within 1e-4, the time ids (64, 64, 0, 0, 64, 64) exactly, the loss within 1e-5 relative, the prediction
-    /// within 1e-4 and every ControlNet gradient within 1e-3 · max |torch's gradient of that tensor|.
+    /// within 1e-4, every ControlNet gradient within 1e-3 · max |torch's gradient of that tensor|, and the AdamW
+    /// update as in `one_step_matches_diffusers`.
     #[test]
     fn one_sdxl_step_matches_diffusers() {
         let fx = load("tests/fixtures/train/step_sdxl.safetensors");
@@ -427,6 +434,7 @@ mod tests {
         let config = read_json(&dir.join("config.json")).unwrap();
         let tensors = load("tests/fixtures/models/tiny-controlnet-sdxl/diffusion_pytorch_model.safetensors");
         let (cn, params) = trainable_controlnet(&config, tensors, &Device::Cpu).unwrap();
+        let before = params.snapshot().unwrap();
         let scaling = sd.vae.config().scaling_factor;
         let out = objective
             .loss(&cn, &sd.unet, &posterior, scaling, &text.embeds, Some(&added), &batch["cond"], &draws)
@@ -448,5 +456,12 @@ mod tests {
         }
         // The pooled text and ids reach the ControlNet: its add_embedding gets a gradient.
         assert!(max_abs(grads.get("add_embedding.linear_1.weight").unwrap()) > 0.0);
+
+        // The update: clip_grad_norm_(1.0) and AdamW, as the script.
+        let norm = grads.clip_norm(1.0).unwrap();
+        let want_norm = fx["grad_norm"].to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((norm - want_norm).abs() <= 1e-4 * want_norm, "grad norm {norm} vs {want_norm}");
+        let lr = fx["lr"].to_vec1::<f32>().unwrap()[0] as f64;
+        assert_update_matches(&params, &before, &grads, &fx, lr);
     }
 }
