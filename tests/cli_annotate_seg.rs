@@ -1,9 +1,10 @@
 //! End-to-end tests of `controlnet annotate seg` and `depth-midas --save-raw`: the fixture UperNet
-//! (tools/fixtures/gen_seg.py) through the CLI against transformers' coloured class map, and the MiDaS float depth
-//! beside its map. Nothing is downloaded.
+//! (tools/fixtures/gen_seg.py) through the CLI against transformers' coloured class map, a folder through one
+//! loaded net, `generate --preprocess seg` from the default hub repo in the cache, and the MiDaS float depth beside
+//! its map. Nothing is downloaded.
 mod common;
 
-use common::{controlnet, stderr, temp_dir};
+use common::{controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
 
 #[test]
 fn annotate_seg_reproduces_the_reference_class_map() {
@@ -72,4 +73,96 @@ fn depth_midas_save_raw_writes_the_depth_beside_the_map() {
         raw.to_str().unwrap(),
     ]);
     assert!(!run.status.success() && stderr(&run).contains("save-raw"), "{}", stderr(&run));
+}
+
+/// A folder of pictures: every one through the one loaded net, each map as `annotate` makes it alone.
+#[test]
+fn annotate_seg_runs_a_folder() {
+    let dir = common::fixture("annotators_seg");
+    let tmp = temp_dir();
+    let (inputs, outs) = (tmp.path().join("in"), tmp.path().join("out"));
+    std::fs::create_dir_all(&inputs).unwrap();
+    for name in ["input_a.png", "input_b.png"] {
+        std::fs::copy(dir.join(name), inputs.join(name)).unwrap();
+    }
+    let weights = dir.join("upernet");
+    let run = controlnet(&[
+        "annotate",
+        "seg",
+        inputs.to_str().unwrap(),
+        "-o",
+        outs.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for name in ["input_a.png", "input_b.png"] {
+        let single = tmp.path().join(format!("single_{name}"));
+        let one = controlnet(&[
+            "annotate",
+            "seg",
+            dir.join(name).to_str().unwrap(),
+            "-o",
+            single.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+        ]);
+        assert!(one.status.success(), "{}", stderr(&one));
+        let (a, b) = (image::open(outs.join(name)).unwrap().to_rgb8(), image::open(&single).unwrap().to_rgb8());
+        assert!(a == b, "{name}: the folder's map differs from the single run's");
+    }
+}
+
+/// A picture → `generate --preprocess seg` with a tiny ControlNet, the weights from the default hub repo
+/// (openmmlab/upernet-convnext-small) in the cache: the condition it used is `annotate seg`'s map at the output
+/// size, with several classes in it.
+#[test]
+fn generate_preprocess_seg_uses_the_annotate_map() {
+    let dir = common::fixture("annotators_seg");
+    let tmp = temp_dir();
+    let cache = tmp.path().join("hub");
+    let files: Vec<_> = ["config.json", "model.safetensors", "preprocessor_config.json"]
+        .iter()
+        .map(|f| dir.join("upernet").join(f))
+        .collect();
+    fake_hub_cache(&cache, "openmmlab/upernet-convnext-small", &files);
+    let input = dir.join("input_b.png");
+    let annotated = tmp.path().join("a.png");
+    let size = ["--width", "64", "--height", "64", "--resize", "just-resize"];
+    let mut args = vec!["annotate", "seg", input.to_str().unwrap(), "-o", annotated.to_str().unwrap()];
+    args.extend(size);
+    let run = run_with_cache(&cache, &args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (saved, out) = (tmp.path().join("cond.png"), tmp.path().join("o.png"));
+    let run = run_with_cache(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            "tests/fixtures/models/tiny-sd15",
+            "--controlnet",
+            "tests/fixtures/models/tiny-controlnet-a",
+            "--control",
+            input.to_str().unwrap(),
+            "--preprocess",
+            "seg",
+            "--save-control",
+            saved.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (image::open(&saved).unwrap().to_rgb8(), image::open(&annotated).unwrap().to_rgb8());
+    assert!(a == b, "generate's seg condition differs from annotate's map");
+    let colours: std::collections::HashSet<[u8; 3]> = a.pixels().map(|p| p.0).collect();
+    assert!(colours.len() >= 3, "a map with several classes, got {}", colours.len());
+    assert!(image::open(&out).is_ok());
 }

@@ -45,6 +45,33 @@ from controlnet_aux.open_pose.model import bodypose_model, handpose_model  # noq
 from controlnet_aux.open_pose.face import FaceNet  # noqa: E402
 from controlnet_aux.pidi.model import PiDiNet, config_model  # noqa: E402
 from depth_anything_v2.dpt import DepthAnythingV2  # noqa: E402
+from controlnet_aux.util import ade_palette  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (ConvNextConfig, SegformerImageProcessor, UperNetConfig,  # noqa: E402
+                          UperNetForSemanticSegmentation)
+
+UPERNET = "upernet-convnext-small/model.safetensors"
+
+
+def upernet_convnext_small():
+    """openmmlab/upernet-convnext-small's architecture (its config.json: a ConvNeXt-S backbone, 150 ADE20K
+    classes; the rest are UperNetConfig's defaults)."""
+    backbone = ConvNextConfig(depths=[3, 3, 27, 3], hidden_sizes=[96, 192, 384, 768],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone, num_labels=150,
+                                                        auxiliary_in_channels=384))
+
+
+def segment(model, img: np.ndarray) -> np.ndarray:
+    """diffusers' sd-controlnet-seg recipe (the hub processor: a 512 square), coloured with the ADE20K palette."""
+    proc = SegformerImageProcessor(size={"height": SIZE, "width": SIZE}, do_reduce_labels=False)
+    pixel_values = proc(Image.fromarray(img), return_tensors="pt").pixel_values
+    outputs = model(pixel_values)
+    seg = proc.post_process_semantic_segmentation(outputs, target_sizes=[img.shape[:2]])[0].numpy()
+    out = np.zeros((seg.shape[0], seg.shape[1], 3), dtype=np.uint8)
+    for label, color in enumerate(ade_palette()):
+        out[seg == label, :] = color
+    return out
 
 SIZE = 512
 
@@ -70,6 +97,7 @@ def nets():
         # NormalBaeDetector.from_pretrained's settings
         "scannet.pt": NNET(types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet",
                                                  sampling_ratio=0.4, importance_ratio=0.7)),
+        UPERNET: upernet_convnext_small(),
     }
 
 
@@ -129,6 +157,8 @@ def main():
                 sd = {"state_dict": {f"module.{k}": v for k, v in sd.items()}}
             if f == "scannet.pt":  # as published: {'model': DataParallel names}
                 sd = {"model": {f"module.{k}": v for k, v in sd.items()}}
+            if f == UPERNET:  # a transformers model: read in memory (our side reads its safetensors)
+                continue
             torch.save(sd, os.path.join(d, f))
         call = dict(detect_resolution=SIZE, image_resolution=SIZE)
         hed = HEDdetector.from_pretrained(d)
@@ -155,6 +185,7 @@ def main():
             ("depth-midas", lambda: midas(img, **call)),
             ("normal-midas", lambda: midas(img, depth_and_normal=True, **call)),
             ("normal-bae", lambda: normalbae(img, **call)),
+            ("seg", lambda: segment(modules[UPERNET].eval(), img)),
         ]
         for kind, fn in cases:
             s = timed(fn, args.iters)

@@ -24,7 +24,7 @@ const FULL_SIZE_SHAPES: &str = include_str!("../../tests/fixtures/annotators_neu
 /// The image side and the `detect_resolution` / `image_resolution` of every timed call.
 pub const SIZE: u32 = 512;
 /// The kinds timed, in the order of the table (the Python script's order).
-pub const KINDS: [&str; 11] = [
+pub const KINDS: [&str; 12] = [
     "hed",
     "pidinet",
     "lineart",
@@ -36,6 +36,7 @@ pub const KINDS: [&str; 11] = [
     "depth-midas",
     "normal-midas",
     "normal-bae",
+    "seg",
 ];
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -104,6 +104,8 @@ const MODULE_ALIASES: &[(&str, &str)] = &[
     ("depth", "depth-midas"),
     ("normal_midas", "normal-midas"),
     ("normal_bae", "normal-bae"),
+    // UperNet on ADE20K (the extension's OneFormer modules, seg_ofade20k/seg_ofcoco, are other models)
+    ("seg_ufade20k", "seg"),
 ];
 
 /// Our annotator kind for a module name (`None` for "none"); only kinds made from a picture.
@@ -280,6 +282,8 @@ mod tests {
         assert_eq!(module_kind("m", "depth").unwrap(), Some("depth-midas"));
         assert_eq!(module_kind("m", "normal_midas").unwrap(), Some("normal-midas"));
         assert_eq!(module_kind("m", "normal_bae").unwrap(), Some("normal-bae"));
+        assert_eq!(module_kind("m", "seg_ufade20k").unwrap(), Some("seg"));
+        assert!(module_kind("m", "seg_ofade20k").is_err(), "OneFormer is not UperNet");
         assert!(module_kind("m", "reference_only").unwrap_err().detail().starts_with("m: \"reference_only\""));
         assert!(module_kind("m", "pose").is_err(), "pose is drawn from keypoints, not detected");
         assert_eq!(resize_mode("r", &json!("Crop and Resize")).unwrap(), ResizeMode::CropAndResize);
