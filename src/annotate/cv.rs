@@ -403,6 +403,53 @@ pub fn resize_u8(src: &Mat<u8>, width: usize, height: usize, interp: Interpolati
     }
 }
 
+/// `cv2.resize(src, (width, height), INTER_LINEAR)` on an 8-bit image as the reference OpenCV 5 build computes
+/// it, bit for bit (checked on up- and down-scaling): 11-bit weights from float32 positions (edge columns take
+/// the edge pixel, edge rows blend the clamped row with itself), the horizontal pass in integers, and the
+/// vectorised vertical pass `((b0·(h0 >> 4)) >> 16) + ((b1·(h1 >> 4)) >> 16) + 2) >> 2`, whose truncations put
+/// [`resize_u8`]'s single rounding a level off on ~5% of samples.
+pub fn resize_linear_u8_vectorised(src: &Mat<u8>, width: usize, height: usize) -> Mat<u8> {
+    // (first tap, second tap, their weights) per output coordinate
+    let taps = |n_in: usize, n_out: usize, edge_weights_zero: bool| -> Vec<(usize, usize, i64, i64)> {
+        let scale = n_in as f64 / n_out as f64;
+        (0..n_out)
+            .map(|d| {
+                let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+                let i = f.floor();
+                let mut a = f - i;
+                let i = i as i64;
+                if edge_weights_zero && (i < 0 || i >= n_in as i64 - 1) {
+                    a = 0.0;
+                }
+                let clamp = |v: i64| v.clamp(0, n_in as i64 - 1) as usize;
+                let w0 = ((1.0f32 - a) * RESIZE_COEF_SCALE).round_ties_even() as i64;
+                let w1 = (a * RESIZE_COEF_SCALE).round_ties_even() as i64;
+                (clamp(i), clamp(i + 1), w0, w1)
+            })
+            .collect()
+    };
+    let (xt, yt) = (taps(src.width, width, true), taps(src.height, height, false));
+    let c = src.channels;
+    let row = |y: usize| -> Vec<i64> {
+        let mut out = Vec::with_capacity(width * c);
+        for &(x0, x1, w0, w1) in &xt {
+            for ch in 0..c {
+                out.push(i64::from(src.at(y, x0, ch)) * w0 + i64::from(src.at(y, x1, ch)) * w1);
+            }
+        }
+        out
+    };
+    let mut out = Mat::new(width, height, c);
+    for (dy, &(y0, y1, b0, b1)) in yt.iter().enumerate() {
+        let (top, bottom) = (row(y0), row(y1));
+        for (i, (t, b)) in top.iter().zip(&bottom).enumerate() {
+            let v = (((b0 * (t >> 4)) >> 16) + ((b1 * (b >> 4)) >> 16) + 2) >> 2;
+            out.data[dy * width * c + i] = v.clamp(0, 255) as u8;
+        }
+    }
+    out
+}
+
 /// `cv2.resize` of a double image with `INTER_CUBIC` or `INTER_LINEAR` (float coefficients, double sums).
 pub fn resize_f64(src: &Mat<f64>, width: usize, height: usize, interp: Interpolation) -> Mat<f64> {
     assert!(matches!(interp, Interpolation::Cubic | Interpolation::Linear));

@@ -14,7 +14,7 @@
 //! [`annotate_upstream`] is controlnet_aux's recipe instead (its `detect_resolution` and `image_resolution`,
 //! sides rounded to multiples of 64), for maps that must equal what the Python preprocessors make.
 //!
-//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose, UperNet segmentation) are loaded once by [`detector`]
+//! The neural detectors ([`neural`]: HED, PiDiNet, lineart, anime lineart, M-LSD, Depth Anything, MiDaS, OpenPose, DWPose, UperNet segmentation) are loaded once by [`detector`]
 //! (their weights found by the `weights` setting) and then run on any number of images.
 use image::{DynamicImage, RgbImage};
 
@@ -118,11 +118,14 @@ pub struct DetectorOptions {
     /// mlsd: minimum segment length in net pixels (controlnet_aux's `thr_d`, default 0.1).
     pub distance_threshold: Option<f64>,
     // openpose
-    /// openpose: draw the body (default true; the body is detected either way, hands and face are found from it).
+    /// openpose, dwpose: draw the body (default true; the body is detected either way, hands and face are found
+    /// from it).
     pub include_body: Option<bool>,
-    /// openpose: detect and draw the hands (the `openpose-hand` and `openpose-full` kinds always do).
+    /// openpose: detect and draw the hands (the `openpose-hand` and `openpose-full` kinds always do); dwpose:
+    /// draw the hands, and the face only if `include_face` too (without either flag dwpose draws both).
     pub include_hand: bool,
-    /// openpose: detect and draw the face (the `openpose-face` and `openpose-full` kinds always do).
+    /// openpose: detect and draw the face (the `openpose-face` and `openpose-full` kinds always do); dwpose: as
+    /// `include_hand`.
     pub include_face: bool,
 }
 
@@ -210,7 +213,7 @@ macro_rules! neural_settings {
 const POSE_SETTINGS: &[&str] =
     &["flip", "scale", "translate_x", "translate_y", "merge", "no_body", "no_hands", "no_face", "save_json"];
 
-/// The settings of the openpose kinds.
+/// The settings of the openpose kinds and dwpose.
 const OPENPOSE_SETTINGS: &[&str] = neural_settings!("include_body", "include_hand", "include_face", "save_json");
 
 /// Every annotator kind, the one list that help texts and errors are made from.
@@ -353,6 +356,12 @@ pub const KINDS: &[Kind] = &[
         input: Input::Image,
         settings: OPENPOSE_SETTINGS,
         summary: "OpenPose body, hands and face",
+    },
+    Kind {
+        name: "dwpose",
+        input: Input::Image,
+        settings: OPENPOSE_SETTINGS,
+        summary: "DWPose whole-body pose, drawn as OpenPose (yolox_l.onnx + dw-ll_ucoco_384.onnx, hub yzd-v/DWPose)",
     },
     Kind {
         name: "inpaint",
@@ -740,6 +749,7 @@ mod tests {
                 n if n.starts_with("openpose") => {
                     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openpose/weights").to_string()
                 }
+                "dwpose" => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/dwpose/weights").to_string(),
                 _ => format!("{}/weights", neural::test_support::DIR),
             });
             let d = detector(k.name, &DetectorOptions { weights, ..Default::default() });

@@ -24,7 +24,7 @@ use crate::{Error, Result};
 mod edit;
 mod render;
 pub use edit::PoseEdits;
-pub use render::DrawOptions;
+pub use render::{render_part_by_part, DrawOptions, PixelPoses};
 
 /// Points in a COCO-18 body, the layout ControlNet's skeleton is drawn from.
 pub const BODY_POINTS: usize = 18;

@@ -23,8 +23,10 @@ use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::annotate::neural::depth_anything::{Depth, DepthAnything};
+use crate::annotate::neural::dwpose::{self, Dwpose};
 use crate::annotate::neural::midas::{Midas, MidasNet, WEIGHTS_FILE};
 use crate::annotate::neural::openpose::{Include, Openpose};
+use crate::annotate::neural::{annotate_with_pose, PoseDetector};
 use crate::annotate::neural::{locate, StateDict};
 use crate::annotate::pose::{DrawOptions, PoseEdits, PoseFile};
 use crate::annotate::{self, AnnotateSettings, DetectorOptions, Input, ResizeMode, UpstreamSizes};
@@ -35,7 +37,7 @@ use crate::{Error, Result};
 #[command(after_help = after_help())]
 pub struct AnnotateArgs {
     /// Annotator kind: canny, shuffle, lineart-standard, color, binary, invert, scribble, tile, blur, normal,
-    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, normal-bae, seg, openpose, openpose-hand, openpose-face, openpose-full (from an image); inpaint (from an image and a mask); pose (from
+    /// hed, pidinet, lineart, lineart-anime, mlsd, depth-anything, depth-midas, normal-midas, normal-bae, seg, openpose, openpose-hand, openpose-face, openpose-full, dwpose (from an image); inpaint (from an image and a mask); pose (from
     /// OpenPose JSON keypoints).
     pub kind: String,
     /// Image file, or a folder of images (pose: an OpenPose JSON file).
@@ -66,7 +68,8 @@ pub struct AnnotateArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub bg_threshold: Option<f64>,
     /// Neural kinds: weights folder (upstream file names), file, or hub id [default: lllyasviel/Annotators;
-    /// depth-anything: depth-anything/Depth-Anything-V2-Small-hf; seg: openmmlab/upernet-convnext-small].
+    /// depth-anything: depth-anything/Depth-Anything-V2-Small-hf; seg: openmmlab/upernet-convnext-small; dwpose:
+    /// yzd-v/DWPose (a folder or repo with yolox_l.onnx and dw-ll_ucoco_384.onnx)].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub weights: Option<String>,
     /// hed, pidinet: quantise the soft edges to a few levels.
@@ -139,18 +142,20 @@ pub struct AnnotateArgs {
     /// pose: do not draw the face.
     #[arg(long)]
     pub no_face: bool,
-    /// pose: also write the edited keypoints as OpenPose JSON; openpose*: the detected keypoints (A1111's JSON,
-    /// normalised to the detect image).
+    /// pose: also write the edited keypoints as OpenPose JSON; openpose*, dwpose: the detected keypoints (A1111's
+    /// JSON, normalised to the detect image).
     #[arg(long, value_name = "JSON")]
     pub save_json: Option<PathBuf>,
     // openpose
-    /// openpose*: draw the body (`--include-body false`: hands/face only) [default: true].
+    /// openpose*, dwpose: draw the body (`--include-body false`: hands/face only) [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub include_body: Option<bool>,
-    /// openpose: also detect and draw the hands (hand_pose_model.pth); the openpose-hand kind.
+    /// openpose: also detect and draw the hands (hand_pose_model.pth); the openpose-hand kind. dwpose (which draws
+    /// hands and face by default): draw the hands, and the face only with --include-face.
     #[arg(long)]
     pub include_hand: bool,
-    /// openpose: also detect and draw the face (facenet.pth); the openpose-face kind.
+    /// openpose: also detect and draw the face (facenet.pth); the openpose-face kind. dwpose: the face, and the
+    /// hands only with --include-hand.
     #[arg(long)]
     pub include_face: bool,
 }
@@ -260,7 +265,7 @@ pub fn run(args: &AnnotateArgs) -> Result<ExitCode> {
         return run_depth_raw(args, raw, meta.is_dir());
     }
     if let Some(json) = &args.save_json {
-        return run_openpose_json(args, json, meta.is_dir());
+        return run_pose_json(args, json, meta.is_dir());
     }
     let detector = annotate::detector(&args.kind, &args.detector_options())?;
     let settings = args.settings();
@@ -407,28 +412,34 @@ fn side_file(dir: &Path, input: &Path, ext: &str) -> PathBuf {
     dir.join(format!("{stem}.{ext}"))
 }
 
-/// `openpose* --save-json`: the map and the keypoints it was drawn from (one image: the JSON holds one pose; a
-/// folder: `--save-json` is a folder of `<stem>.json`, one per image).
-fn run_openpose_json(args: &AnnotateArgs, json: &Path, input_is_dir: bool) -> Result<ExitCode> {
+/// `openpose* --save-json`, `dwpose --save-json`: the map and the keypoints it was drawn from (one image: the
+/// JSON holds one pose; a folder: `--save-json` is a folder of `<stem>.json`, one per image).
+fn run_pose_json(args: &AnnotateArgs, json: &Path, input_is_dir: bool) -> Result<ExitCode> {
     let options = args.detector_options();
-    let include = Include::for_kind(&args.kind, options.include_body, options.include_hand, options.include_face);
     if input_is_dir {
         side_folder("save_json", json)?;
     }
-    let openpose = Openpose::load(args.weights.as_deref(), include)?;
+    let detector: Box<dyn PoseDetector> = if args.kind == "dwpose" {
+        let include = dwpose::include(options.include_body, options.include_hand, options.include_face);
+        Box::new(Dwpose::load(args.weights.as_deref(), include)?)
+    } else {
+        let include = Include::for_kind(&args.kind, options.include_body, options.include_hand, options.include_face);
+        Box::new(Openpose::load(args.weights.as_deref(), include)?)
+    };
+    let detector = detector.as_ref();
     let (settings, upstream) = (args.settings(), args.upstream_sizes());
     if input_is_dir {
         return run_folder(args, |file, out| {
             let image = read_image(file)?;
             let (map, pose) =
-                openpose.annotate_with_pose(|d| annotate::annotate_with(d, &image, &settings, &upstream))?;
+                annotate_with_pose(detector, |d| annotate::annotate_with(d, &image, &settings, &upstream))?;
             let path = side_file(json, file, "json");
             write_atomic(&path, |tmp| std::fs::write(tmp, pose.to_json_string()).map_err(|e| Error::io(tmp, e)))?;
             write_image(&map, out)
         });
     }
     let image = read_image(&args.input)?;
-    let (map, pose) = openpose.annotate_with_pose(|d| annotate::annotate_with(d, &image, &settings, &upstream))?;
+    let (map, pose) = annotate_with_pose(detector, |d| annotate::annotate_with(d, &image, &settings, &upstream))?;
     let out = if args.output.is_dir() { args.output.join(png_name(&args.input)) } else { args.output.clone() };
     check_output_is_not_input("output", &out, &args.inputs())?;
     // the map's format is checked before anything is written

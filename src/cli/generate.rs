@@ -76,7 +76,8 @@ pub struct GenerateArgs {
     #[arg(long = "preprocess", value_name = "KIND")]
     pub preprocess: Vec<String>,
     /// Where the --preprocess annotators find their weights: a folder holding the upstream file names (e.g.
-    /// ControlNetHED.pth, body_pose_model.pth), a file or a hub id [default: the hub repo lllyasviel/Annotators].
+    /// ControlNetHED.pth, body_pose_model.pth), a file or a hub id [default: the hub repo lllyasviel/Annotators;
+    /// yzd-v/DWPose for dwpose].
     #[arg(long, value_name = "DIR_FILE_OR_ID")]
     pub annotator_weights: Option<String>,
     /// The condition type for the matching union --controlnet (xinsir's union nets): openpose, depth, softedge,

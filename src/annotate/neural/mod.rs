@@ -19,11 +19,13 @@
 //! | `depth-midas`, `normal-midas` | [`midas::MidasNet`] | `dpt_hybrid-midas-501f0c75.pt` |
 //! | `normal-bae` | [`normalbae::NormalBaeNet`] | `scannet.pt` |
 //! | `seg` | [`upernet::UperNetNet`] | hub `openmmlab/upernet-convnext-small` (transformers layout) |
+//! | `dwpose` | [`dwpose::Dwpose`] (ONNX through tract) | hub `yzd-v/DWPose`: `yolox_l.onnx`, `dw-ll_ucoco_384.onnx` |
 pub mod ade20k;
 pub mod convnext;
 pub mod depth_anything;
 pub mod dinov2;
 pub mod dpt;
+pub mod dwpose;
 pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
@@ -42,8 +44,51 @@ pub mod weights;
 
 pub use weights::{locate, StateDict, DEFAULT_REPO};
 
-use super::{Detector, DetectorOptions};
+use std::sync::Mutex;
+
+use image::RgbImage;
+
+use super::pose::PoseFile;
+use super::{Detector, DetectorOptions, Preprocess};
 use crate::Result;
+
+/// A detector whose map is drawn from keypoints it can hand out too (`annotate --save-json`).
+pub trait PoseDetector: Detector {
+    /// The map of `image` and the pose it was drawn from, normalised to the image.
+    fn detect_with_pose(&self, image: &RgbImage) -> Result<(RgbImage, PoseFile)>;
+}
+
+/// The map and the pose of one image made by `recipe` (an annotate recipe run on `detector`): the pose as found
+/// at the detect resolution (empty when the recipe never ran the detector).
+pub fn annotate_with_pose(
+    detector: &dyn PoseDetector,
+    recipe: impl FnOnce(&dyn Detector) -> Result<RgbImage>,
+) -> Result<(RgbImage, PoseFile)> {
+    let capture = Capture { inner: detector, pose: Mutex::new(None) };
+    let map = recipe(&capture)?;
+    let pose = capture.pose.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
+    Ok((map, pose))
+}
+
+/// A [`PoseDetector`] keeping the pose of the (one) image it detects.
+struct Capture<'a> {
+    inner: &'a dyn PoseDetector,
+    pose: Mutex<Option<PoseFile>>,
+}
+
+impl Detector for Capture<'_> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn preprocess(&self) -> Preprocess {
+        self.inner.preprocess()
+    }
+    fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
+        let (map, pose) = self.inner.detect_with_pose(image)?;
+        *self.pose.lock().unwrap_or_else(|e| e.into_inner()) = Some(pose);
+        Ok(map)
+    }
+}
 
 /// The weights file of `kind` with these options (its upstream name).
 pub fn weights_file(kind: &str, options: &DetectorOptions) -> Option<&'static str> {
@@ -75,6 +120,10 @@ pub fn detector(kind: &str, options: &DetectorOptions) -> Result<Option<Box<dyn 
     }
     if kind == "seg" {
         return Ok(Some(Box::new(upernet::Seg::load(options.weights.as_deref())?)));
+    }
+    if kind == "dwpose" {
+        let include = dwpose::include(options.include_body, options.include_hand, options.include_face);
+        return Ok(Some(Box::new(dwpose::Dwpose::load(options.weights.as_deref(), include)?)));
     }
     let open = |file: &str| StateDict::open(&locate(options.weights.as_deref(), file)?);
     detector_from(kind, options, &open)

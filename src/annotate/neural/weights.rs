@@ -18,8 +18,13 @@ pub const DEFAULT_REPO: &str = "lllyasviel/Annotators";
 /// or fetched from a hub repo (`owner/name` holding `file`, or `owner/name/other.pth`); [`DEFAULT_REPO`] when
 /// not given. Hub files land in the shared Hugging Face cache and are read from it offline afterwards.
 pub fn locate(weights: Option<&str>, file: &str) -> Result<PathBuf> {
+    locate_in(DEFAULT_REPO, weights, file)
+}
+
+/// [`locate`] for a detector whose files live in another hub repo by default (`default_repo`).
+pub fn locate_in(default_repo: &str, weights: Option<&str>, file: &str) -> Result<PathBuf> {
     let Some(spec) = weights else {
-        let id = format!("{DEFAULT_REPO}/{file}");
+        let id = format!("{default_repo}/{file}");
         return fetch(&id, file).map_err(|e| Error::setting("weights", format!("the default {id}: {e}")));
     };
     let path = Path::new(spec);

@@ -132,29 +132,85 @@ fn hand_edge_color(edge: usize) -> Color {
 
 /// `draw_bodypose`: limbs as filled ellipses (long axis = the limb, short = [`STICK_WIDTH`]), then joints.
 fn draw_body(img: &mut RgbImage, joints: &[Option<(f64, f64)>]) {
-    for (&(a, b), color) in LIMBS.iter().zip(BODY_COLORS) {
-        let (Some((x1, y1)), Some((x2, y2))) = (joints[a - 1], joints[b - 1]) else {
-            continue;
-        };
-        let (mean_x, mean_y) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
-        let length = ((y1 - y2) * (y1 - y2) + (x1 - x2) * (x1 - x2)).sqrt();
-        // The reference calls rows X and columns Y: atan2(row difference, column difference).
-        let angle = (y1 - y2).atan2(x1 - x2).to_degrees();
-        let polygon = ellipse_to_poly(
-            Point::new(int(mean_x), int(mean_y)),
-            (int(length / 2.0), STICK_WIDTH),
-            int(angle),
-            0,
-            360,
-            1,
-        );
-        fill_convex_poly(img, &polygon, color.map(|c| int(f64::from(c) * LIMB_SHADE) as u8));
+    for limb in 0..LIMBS.len() {
+        draw_limb(img, joints, limb);
     }
-    for (joint, color) in joints.iter().zip(BODY_COLORS) {
-        if let Some((x, y)) = joint {
-            fill_circle(img, Point::new(int(*x), int(*y)), BODY_JOINT_RADIUS, color);
+    for joint in 0..joints.len().min(BODY_COLORS.len()) {
+        draw_joint(img, joints, joint);
+    }
+}
+
+/// Limb `limb` of one body (when both its joints are there), already shaded.
+fn draw_limb(img: &mut RgbImage, joints: &[Option<(f64, f64)>], limb: usize) {
+    let (a, b) = LIMBS[limb];
+    let (Some((x1, y1)), Some((x2, y2))) = (joints[a - 1], joints[b - 1]) else {
+        return;
+    };
+    let (mean_x, mean_y) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+    let length = ((y1 - y2) * (y1 - y2) + (x1 - x2) * (x1 - x2)).sqrt();
+    // The reference calls rows X and columns Y: atan2(row difference, column difference).
+    let angle = (y1 - y2).atan2(x1 - x2).to_degrees();
+    let polygon =
+        ellipse_to_poly(Point::new(int(mean_x), int(mean_y)), (int(length / 2.0), STICK_WIDTH), int(angle), 0, 360, 1);
+    fill_convex_poly(img, &polygon, BODY_COLORS[limb].map(|c| int(f64::from(c) * LIMB_SHADE) as u8));
+}
+
+/// Joint `joint` of one body as a dot in its colour.
+fn draw_joint(img: &mut RgbImage, joints: &[Option<(f64, f64)>], joint: usize) {
+    if let Some((x, y)) = joints[joint] {
+        fill_circle(img, Point::new(int(x), int(y)), BODY_JOINT_RADIUS, BODY_COLORS[joint]);
+    }
+}
+
+/// Every person's parts in canvas pixels (`None`: not drawn), for [`render_part_by_part`].
+#[derive(Debug, Clone, Default)]
+pub struct PixelPoses {
+    /// COCO-18 joints of each body.
+    pub bodies: Vec<Vec<Option<(f64, f64)>>>,
+    /// 21 points of each hand, every left hand and then every right hand.
+    pub hands: Vec<Vec<Option<(f64, f64)>>>,
+    /// The points of each face.
+    pub faces: Vec<Vec<Option<(f64, f64)>>>,
+}
+
+/// DWPose's `draw_pose` (controlnet_aux 0.0.10's `dwpose/`): the same shapes as [`PoseFile::render`] in another
+/// order, part by part across people: each limb of every body (limb by limb, shading the limbs once they are
+/// all drawn, as 60% of their colour), each joint of every body (joint by joint), every hand, every face.
+pub fn render_part_by_part(width: u32, height: u32, poses: &PixelPoses, opts: DrawOptions) -> Result<RgbImage> {
+    super::check_canvas(width, height)?;
+    if width.max(height) > MAX_CANVAS_SIDE {
+        return Err(Error::Invalid(format!(
+            "pose: canvas {width}×{height} is larger than {MAX_CANVAS_SIDE} px on a side"
+        )));
+    }
+    let limit = MAX_DISTANCE_PX + f64::from(width.max(height));
+    let groups = [("body", &poses.bodies), ("hand", &poses.hands), ("face", &poses.faces)];
+    for (what, group) in groups {
+        for (i, points) in group.iter().enumerate() {
+            if let Some((x, y)) = points.iter().flatten().find(|(x, y)| !(x.abs() <= limit && y.abs() <= limit)) {
+                return Err(Error::Invalid(format!(
+                    "pose: {what} {i} has a point at ({x}, {y}) px, more than {MAX_DISTANCE_PX} px outside the \
+                     {width}×{height} canvas"
+                )));
+            }
         }
     }
+    let mut img = RgbImage::new(width, height);
+    if opts.body {
+        for limb in 0..LIMBS.len() {
+            poses.bodies.iter().for_each(|joints| draw_limb(&mut img, joints, limb));
+        }
+        for joint in 0..BODY_COLORS.len() {
+            poses.bodies.iter().filter(|j| joint < j.len()).for_each(|joints| draw_joint(&mut img, joints, joint));
+        }
+    }
+    if opts.hands {
+        poses.hands.iter().for_each(|hand| draw_hand(&mut img, hand));
+    }
+    if opts.face {
+        poses.faces.iter().for_each(|face| draw_face(&mut img, face));
+    }
+    Ok(img)
 }
 
 /// `draw_handpose`: bones as 2-px lines coloured round the hue circle, then blue joints. Points in row or column 0

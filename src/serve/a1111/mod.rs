@@ -95,6 +95,7 @@ const MODULE_ALIASES: &[(&str, &str)] = &[
     ("openpose_hand", "openpose-hand"),
     ("openpose_face", "openpose-face"),
     ("openpose_full", "openpose-full"),
+    ("dw_openpose_full", "dwpose"),
     ("softedge_hed", "hed"),
     ("softedge_pidinet", "pidinet"),
     ("lineart_realistic", "lineart"),
@@ -276,6 +277,7 @@ mod tests {
         assert_eq!(module_kind("m", "scribble_xdog").unwrap(), Some("scribble"));
         assert_eq!(module_kind("m", "none").unwrap(), None);
         assert_eq!(module_kind("m", "openpose_full").unwrap(), Some("openpose-full"));
+        assert_eq!(module_kind("m", "dw_openpose_full").unwrap(), Some("dwpose"));
         assert_eq!(module_kind("m", "softedge_hed").unwrap(), Some("hed"));
         assert_eq!(module_kind("m", "depth_anything_v2").unwrap(), Some("depth-anything"));
         assert_eq!(module_kind("m", "depth_midas").unwrap(), Some("depth-midas"));

@@ -15,8 +15,6 @@ pub mod maps;
 pub mod net;
 pub mod parts;
 
-use std::sync::Mutex;
-
 use candle_core::Tensor;
 use image::RgbImage;
 
@@ -181,10 +179,7 @@ impl Openpose {
         &self,
         recipe: impl FnOnce(&dyn Detector) -> Result<RgbImage>,
     ) -> Result<(RgbImage, PoseFile)> {
-        let capture = Capture { inner: self, pose: Mutex::new(None) };
-        let map = recipe(&capture)?;
-        let pose = capture.pose.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
-        Ok((map, pose))
+        super::annotate_with_pose(self, recipe)
     }
 }
 
@@ -238,24 +233,10 @@ impl Openpose {
     }
 }
 
-/// [`Openpose`] keeping the pose of the (one) image it detects.
-struct Capture<'a> {
-    inner: &'a Openpose,
-    pose: Mutex<Option<PoseFile>>,
-}
-
-impl Detector for Capture<'_> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn preprocess(&self) -> Preprocess {
-        self.inner.preprocess()
-    }
-    fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
-        let pose = self.inner.detect_poses(image)?;
-        let map = self.inner.draw(&pose, image)?;
-        *self.pose.lock().unwrap_or_else(|e| e.into_inner()) = Some(pose);
-        Ok(map)
+impl super::PoseDetector for Openpose {
+    fn detect_with_pose(&self, image: &RgbImage) -> Result<(RgbImage, PoseFile)> {
+        let pose = self.detect_poses(image)?;
+        Ok((self.draw(&pose, image)?, pose))
     }
 }
 
