@@ -730,7 +730,8 @@ pub(crate) mod tests {
         }
         // A checkpoint of one dataset does not resume on another.
         let ck = resume::checkpoint_dir(&tmp.path().join("tar-b"), 1);
-        let mut other = trainer(Path::new(parquet), &tmp.path().join("other"), settings());
+        let same = TrainSettings { shuffle_buffer: 2, ..settings() };
+        let mut other = trainer(Path::new(parquet), &tmp.path().join("other"), same);
         let err = other.restore(&ck).unwrap_err().to_string();
         assert!(err.contains("dataset") && err.contains("train.parquet"), "{err}");
     }
