@@ -109,7 +109,11 @@ fn run_data_bench(args: &BenchArgs, dataset: &str) -> anyhow::Result<DataBenchRe
         seconds,
         samples_per_second: samples as f64 / seconds.max(1e-9),
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
-        machine: format!("{} ({} CPUs)", crate::bench::cpu_model(), std::thread::available_parallelism().map_or(1, |n| n.get())),
+        machine: format!(
+            "{} ({} CPUs)",
+            crate::bench::cpu_model(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
     })
 }
 

@@ -17,10 +17,10 @@ use crate::io::single_file::load_controlnet;
 use crate::pipeline::sd::LoadOptions;
 use crate::pipeline::StableDiffusion;
 use crate::train::feed::Source;
-use crate::train::stream::{Fields, StreamKind};
 use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, DEFAULT_HINT_CHANNELS};
 use crate::train::resume;
 use crate::train::settings::{fidelity_by_name, TrainSettings, ValidationSettings};
+use crate::train::stream::{Fields, StreamKind};
 use crate::train::trainer::{RunEnd, RunInputs, Trainer, RESULT_DIR, RESULT_UNET_DIR};
 
 /// The run's own record of how it was started (`RUN_DIR/train_config.json`); `--resume` reads it back.
@@ -403,7 +403,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     progress.finish();
     if let Some(report) = trainer.skipped().filter(|r| r.samples + r.shards > 0) {
         eprintln!(
-            "skipped {} bad samples and {} unreadable shard ends (see the warnings above); the first:\n  {}",
+            "skipped {} bad samples and the rest of {} damaged shards (see the warnings above); the first:\n  {}",
             report.samples,
             report.shards,
             report.lines.join("\n  ")

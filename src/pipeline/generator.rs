@@ -416,7 +416,8 @@ impl<'a> Generator<'a> {
 
         // 6. Only the masked area: each result pasted back over the original through the mask.
         if let Some((region, original, mask)) = &crop {
-            out.images = out.images.iter().map(|g| super::mask_crop::apply_overlay(mask, original, g, *region)).collect();
+            out.images =
+                out.images.iter().map(|g| super::mask_crop::apply_overlay(mask, original, g, *region)).collect();
         }
 
         // 7. The metadata of each image.

@@ -138,7 +138,6 @@ pub struct Feed {
     epoch: Option<(EpochStream, bool, bool)>,
 }
 
-
 impl Feed {
     pub fn new(
         source: Source,
@@ -251,7 +250,7 @@ impl Feed {
             let (stream, from_start, any_good) = self.epoch.get_or_insert_with(|| {
                 (source.epoch(position.epoch_seed, position.taken, &self.stream_options), position.taken == 0, false)
             });
-            match stream.next()? {
+            match stream.recv()? {
                 // 2. A sample, or a bad one that is counted and skipped.
                 Some(outcome) => {
                     position.taken += 1;

@@ -243,7 +243,10 @@ impl Trainer {
     /// A resumed run reads the data the checkpoint was trained on: as many folder examples, or the same shards.
     fn check_same_data(&self, saved: &SavedState, dir: &Path) -> Result<()> {
         let differs = |msg: String| {
-            Err(Error::setting("dataset", format!("{msg} when {} was saved: a resumed run reads the same data", dir.display())))
+            Err(Error::setting(
+                "dataset",
+                format!("{msg} when {} was saved: a resumed run reads the same data", dir.display()),
+            ))
         };
         match (&self.feed.source, &saved.shards, &saved.state.stream) {
             (Source::Folder(d), None, None) if d.len() == saved.dataset_len => Ok(()),
@@ -755,7 +758,8 @@ pub(crate) mod tests {
             let idx: Vec<usize> = (0..4).collect();
             let examples = &t.feed.folder().unwrap().examples;
             let captions: Vec<String> = idx.iter().map(|&i| examples[i].captions[0].clone()).collect();
-            let (posterior, text, cond) = t.feed.inputs(&t.sd, &crate::train::feed::Batch::Indices(idx), &captions).unwrap();
+            let (posterior, text, cond) =
+                t.feed.inputs(&t.sd, &crate::train::feed::Batch::Indices(idx), &captions).unwrap();
             let mut total = 0.0;
             for seed in 0..4 {
                 let mut rng = TorchGenerator::new(100 + seed);

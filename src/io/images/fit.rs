@@ -77,7 +77,9 @@ mod tests {
 
     /// A 4×5 test picture (x across, y down) with distinct channels.
     fn picture() -> RgbImage {
-        RgbImage::from_fn(4, 5, |x, y| image::Rgb([(y * 50 + x * 3) as u8, (200 - y * 40) as u8, ((x * 60 + y * 7) % 256) as u8]))
+        RgbImage::from_fn(4, 5, |x, y| {
+            image::Rgb([(y * 50 + x * 3) as u8, (200 - y * 40) as u8, ((x * 60 + y * 7) % 256) as u8])
+        })
     }
 
     /// Pillow 13: `im.resize((4, 2), LANCZOS, box=(0, 0, 4, 0))`, `box=(0, 5, 4, 5)` and `(3, 5)` with

@@ -21,9 +21,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
+pub use fit::{paste, resize_and_crop, resize_and_fill};
 pub use output::{check_quality, read_image_text, save_image, OutputFormat, DEFAULT_JPEG_QUALITY};
 pub use png_text::{read_png_text, save_png};
-pub use fit::{paste, resize_and_crop, resize_and_fill};
 pub use resample::{resize, resize_box, ResampleFilter};
 
 /// The formats this build can read (the `image` crate features enabled in Cargo.toml).

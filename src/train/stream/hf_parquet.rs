@@ -14,9 +14,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
 
-use super::{Fields, Record, RecordBody, RowData};
-
-type Rows = Vec<std::result::Result<RowData, String>>;
+use super::{Fields, Record, RecordBody, RowData, Rows};
 
 fn open(path: &Path) -> std::result::Result<SerializedFileReader<File>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
@@ -28,9 +26,11 @@ fn projection(reader: &SerializedFileReader<File>, fields: &Fields) -> std::resu
     let schema = reader.metadata().file_metadata().schema();
     let all = schema.get_fields();
     let mut picked: Vec<Arc<Type>> = Vec::new();
-    for (what, name) in
-        [("image", &fields.image[0]), ("condition image", &fields.conditioning_image[0]), ("caption", &fields.caption[0])]
-    {
+    for (what, name) in [
+        ("image", &fields.image[0]),
+        ("condition image", &fields.conditioning_image[0]),
+        ("caption", &fields.caption[0]),
+    ] {
         let Some(col) = all.iter().find(|f| f.name() == name) else {
             let names: Vec<&str> = all.iter().map(|f| f.name()).collect();
             return Err(format!("no {what} column {name:?} (its columns: {})", names.join(", ")));

@@ -76,9 +76,11 @@ impl Fields {
                 conditioning_image: list(&["cond.jpg", "cond.jpeg", "cond.png", "cond.webp"]),
                 caption: list(&["txt", "json"]),
             },
-            StreamKind::Parquet => {
-                Self { image: list(&["image"]), conditioning_image: list(&["conditioning_image"]), caption: list(&["text"]) }
-            }
+            StreamKind::Parquet => Self {
+                image: list(&["image"]),
+                conditioning_image: list(&["conditioning_image"]),
+                caption: list(&["text"]),
+            },
         }
     }
 
@@ -116,9 +118,11 @@ impl Fields {
     }
 
     fn validate(&self, kind: StreamKind) -> Result<()> {
-        for (setting, names) in
-            [("image_column", &self.image), ("conditioning_image_column", &self.conditioning_image), ("caption_column", &self.caption)]
-        {
+        for (setting, names) in [
+            ("image_column", &self.image),
+            ("conditioning_image_column", &self.conditioning_image),
+            ("caption_column", &self.caption),
+        ] {
             if names.is_empty() {
                 return Err(Error::setting(setting, "names nothing"));
             }
@@ -154,12 +158,19 @@ pub struct RowData {
     pub captions: Vec<String>,
 }
 
+/// The cells of a row group's rows, or why a row cannot be used.
+pub type Rows = Vec<std::result::Result<RowData, String>>;
+
 /// Where a listed sample's data is.
 #[derive(Debug, Clone)]
 pub enum RecordBody {
     Tar(TarParts),
     /// A parquet row; its cells when the reader read them (not while a resumed run replays the epoch).
-    Row { row_group: usize, row: usize, data: Option<std::result::Result<RowData, String>> },
+    Row {
+        row_group: usize,
+        row: usize,
+        data: Option<std::result::Result<RowData, String>>,
+    },
 }
 
 /// A sample as listed by the reader: which shard, its index there, its key, and its parts or why it is bad.
@@ -291,7 +302,10 @@ impl StreamSource {
         if problems.is_empty() {
             return Ok(());
         }
-        Err(Error::setting("dataset", format!("{} shards cannot be used:\n  {}", problems.len(), problems.join("\n  "))))
+        Err(Error::setting(
+            "dataset",
+            format!("{} shards cannot be used:\n  {}", problems.len(), problems.join("\n  ")),
+        ))
     }
 
     /// What a resumed run must find again: every shard's name and size.
@@ -333,8 +347,7 @@ impl StreamSource {
         }
         let source = self.clone();
         let buffer = options.shuffle_buffer;
-        let producer =
-            std::thread::spawn(move || read_epoch(&source, epoch_seed, skip, buffer, &work_tx, &ordered_tx));
+        let producer = std::thread::spawn(move || read_epoch(&source, epoch_seed, skip, buffer, &work_tx, &ordered_tx));
         EpochStream { ordered, producer: Some(producer), taken: skip, ended: false }
     }
 }
@@ -390,7 +403,7 @@ pub struct EpochStream {
 
 impl EpochStream {
     /// The next sample (or bad sample), `None` at the end of the epoch (and after it).
-    pub fn next(&mut self) -> Result<Option<Outcome>> {
+    pub fn recv(&mut self) -> Result<Option<Outcome>> {
         if self.ended {
             return Ok(None);
         }
@@ -498,7 +511,7 @@ fn decode_worker(queue: &Mutex<Receiver<Work>>, source: &StreamSource, resolutio
 #[derive(Default)]
 struct ShardFiles {
     tar: Option<(usize, File)>,
-    rows: Option<((usize, usize), Vec<std::result::Result<RowData, String>>)>,
+    rows: Option<((usize, usize), Rows)>,
 }
 
 fn decode(
@@ -515,9 +528,8 @@ fn decode(
                 files.tar = Some((record.shard, File::open(path).map_err(|e| e.to_string())?));
             }
             let (_, file) = files.tar.as_mut().expect("opened above");
-            let mut read = |m: &Member| {
-                webdataset::read_member(file, m).map_err(|e| format!("cannot read .{}: {e}", m.ext))
-            };
+            let mut read =
+                |m: &Member| webdataset::read_member(file, m).map_err(|e| format!("cannot read .{}: {e}", m.ext));
             let (image, condition, caption) = (read(&parts.image)?, read(&parts.condition)?, read(&parts.caption)?);
             (image, condition, captions_from(&caption, &parts.caption.ext)?)
         }

@@ -174,15 +174,23 @@ fn range(s: &str) -> Option<Vec<String>> {
         return Some(
             values
                 .into_iter()
-                .map(|v| if v < 0 { format!("-{:0w$}", -v, w = width.saturating_sub(1)) } else { format!("{v:0width$}") })
+                .map(
+                    |v| {
+                        if v < 0 {
+                            format!("-{:0w$}", -v, w = width.saturating_sub(1))
+                        } else {
+                            format!("{v:0width$}")
+                        }
+                    },
+                )
                 .collect(),
         );
     }
     let (mut l, mut r) = (left.chars(), right.chars());
     match (l.next(), l.next(), r.next(), r.next()) {
-        (Some(a), None, Some(b), None) if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => Some(
-            stepped(a as i64, b as i64, step).into_iter().map(|c| char::from(c as u8).to_string()).collect(),
-        ),
+        (Some(a), None, Some(b), None) if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+            Some(stepped(a as i64, b as i64, step).into_iter().map(|c| char::from(c as u8).to_string()).collect())
+        }
         _ => None,
     }
 }
@@ -220,7 +228,10 @@ mod tests {
     #[test]
     fn braces_expand_as_braceexpand_does() {
         let brace_expand = |p: &str| super::brace_expand(p).unwrap();
-        assert_eq!(brace_expand("shards/{00000..00002}.tar"), ["shards/00000.tar", "shards/00001.tar", "shards/00002.tar"]);
+        assert_eq!(
+            brace_expand("shards/{00000..00002}.tar"),
+            ["shards/00000.tar", "shards/00001.tar", "shards/00002.tar"]
+        );
         assert_eq!(brace_expand("{1..3}"), ["1", "2", "3"]);
         assert_eq!(brace_expand("{8..11}"), ["8", "9", "10", "11"]);
         assert_eq!(brace_expand("{08..11}"), ["08", "09", "10", "11"]);

@@ -15,8 +15,7 @@ pub(crate) fn example_images(i: usize) -> (RgbImage, RgbImage) {
     let (cx, cy, r) = (12.0 + 4.0 * (i % 5) as f32, 14.0 + 2.0 * (i % 3) as f32, 7.0 + (i % 2) as f32 * 2.0);
     let colour = [[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 200, 30]][i % 4];
     let dist = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-    let target =
-        RgbImage::from_fn(40, 32, |x, y| image::Rgb(if dist(x, y) < r { colour } else { [235, 235, 235] }));
+    let target = RgbImage::from_fn(40, 32, |x, y| image::Rgb(if dist(x, y) < r { colour } else { [235, 235, 235] }));
     let condition =
         RgbImage::from_fn(40, 32, |x, y| image::Rgb(if (dist(x, y) - r).abs() < 1.0 { [255; 3] } else { [0; 3] }));
     (target, condition)
@@ -79,11 +78,11 @@ type Seen = (String, std::result::Result<(u64, String), String>);
 fn read_all(source: &StreamSource, seed: u64, skip: u64, opts: &StreamOptions) -> Vec<Seen> {
     let mut stream = source.epoch(seed, skip, opts);
     let mut out = Vec::new();
-    while let Some(o) = stream.next().unwrap() {
+    while let Some(o) = stream.recv().unwrap() {
         let seen = o.sample.map(|d| (d.target.as_raw().iter().map(|&v| u64::from(v)).sum(), d.captions[0].clone()));
         out.push((o.position.key, seen));
     }
-    assert_eq!(stream.next().unwrap().map(|o| o.position), None, "after the end, the end again");
+    assert_eq!(stream.recv().unwrap().map(|o| o.position), None, "after the end, the end again");
     out
 }
 

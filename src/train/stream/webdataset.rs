@@ -69,7 +69,10 @@ pub(crate) fn scan_groups(path: &Path, each: &mut dyn FnMut(Group) -> bool) -> s
             let name = entry.path().map_err(|e| format!("bad member name: {e}"))?.to_string_lossy().into_owned();
             let (offset, size) = (entry.raw_file_position(), entry.size());
             if offset + size > file_len {
-                return Err(format!("truncated: {name} ends {} bytes past the end of the file", offset + size - file_len));
+                return Err(format!(
+                    "truncated: {name} ends {} bytes past the end of the file",
+                    offset + size - file_len
+                ));
             }
             if is_metadata(&name) {
                 continue;
