@@ -474,6 +474,27 @@ fn train_from_shards() {
     assert!(err.contains("resuming from") && err.contains("bad samples") && err.contains("train.parquet"), "{err}");
     assert!(run.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
 
+    // The latent cache of the parquet data trains in place of it.
+    let cache = dir.path().join("cache");
+    let out = controlnet(&[
+        "cache-latents",
+        "--model",
+        MODEL,
+        "--dataset",
+        "tests/fixtures/shards/train.parquet",
+        "--output",
+        cache.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cached 6 examples in 1 shards"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("left out 1 bad samples"), "{}", stderr(&out));
+    let out = train(cache.to_str().unwrap(), dir.path().join("from-cache").to_str().unwrap(), "2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 latent-cache shards"), "{}", stderr(&out));
+
     let wds = dir.path().join("wds");
     let out = train("tests/fixtures/shards/wds-{000000..000000}.tar", wds.to_str().unwrap(), "1");
     assert!(out.status.success(), "{}", stderr(&out));

@@ -78,6 +78,7 @@ impl Source {
                 let kind = match s.kind {
                     StreamKind::WebDataset => "WebDataset",
                     StreamKind::Parquet => "parquet",
+                    StreamKind::Latents => "latent-cache",
                 };
                 format!("{} {kind} shards ({})", s.shards.len(), s.pattern)
             }
@@ -306,9 +307,15 @@ impl Feed {
                     .collect::<Result<_>>()?,
                 (Batch::Samples(decoded), _) => decoded
                     .iter()
-                    .map(|s| {
-                        condition_tensor(&s.condition, self.condition_channels, &self.device)?;
-                        Ok(target_tensor(&s.target, &self.device)?)
+                    .map(|s| match s {
+                        Decoded::Images { target, condition, .. } => {
+                            condition_tensor(condition, self.condition_channels, &self.device)?;
+                            Ok(target_tensor(target, &self.device)?)
+                        }
+                        Decoded::Latents { sample, .. } => {
+                            condition_tensor(&sample.condition, self.condition_channels, &self.device)?;
+                            Ok(sample.mean.to_device(&self.device)?)
+                        }
                     })
                     .collect::<Result<_>>()?,
                 (Batch::Indices(_), Source::Stream(_)) => unreachable!("index batches come from folders"),
@@ -324,7 +331,7 @@ impl Feed {
             (Batch::Indices(indices), Source::Folder(d)) => {
                 indices.iter().map(|&i| d.examples[i].captions.as_slice()).collect()
             }
-            (Batch::Samples(samples), _) => samples.iter().map(|s| s.captions.as_slice()).collect(),
+            (Batch::Samples(samples), _) => samples.iter().map(|s| s.captions()).collect(),
             (Batch::Indices(_), Source::Stream(_)) => unreachable!("index batches come from folders"),
         };
         let p = self.proportion_empty_prompts;
@@ -360,6 +367,11 @@ impl Feed {
             let texts: Vec<&CaptionEmbeddings> = captions.iter().map(|c| &cache.text[c]).collect();
             return Ok((posterior, CaptionEmbeddings::cat(&texts)?, Tensor::cat(&conds, 0)?));
         }
+        if let Batch::Samples(samples) = batch {
+            if let [Decoded::Latents { .. }, ..] = samples.as_slice() {
+                return self.cached_inputs(samples, captions);
+            }
+        }
         let (pixels, conds): (Vec<Tensor>, Vec<Tensor>) = match (batch, &self.source) {
             (Batch::Indices(indices), Source::Folder(d)) => indices
                 .iter()
@@ -372,11 +384,12 @@ impl Feed {
                 .unzip(),
             (Batch::Samples(samples), _) => samples
                 .iter()
-                .map(|s| {
-                    Ok((
-                        target_tensor(&s.target, &self.device)?,
-                        condition_tensor(&s.condition, self.condition_channels, &self.device)?,
-                    ))
+                .map(|s| match s {
+                    Decoded::Images { target, condition, .. } => Ok((
+                        target_tensor(target, &self.device)?,
+                        condition_tensor(condition, self.condition_channels, &self.device)?,
+                    )),
+                    Decoded::Latents { .. } => Err(Error::Invalid("a latent-cache sample among images".into())),
                 })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
@@ -388,5 +401,41 @@ impl Feed {
         let posterior = encode_targets(&sd.vae, &pixels)?;
         let text = encode_captions(sd, captions, &self.device)?;
         Ok((posterior, text, conds))
+    }
+
+    /// A latent cache's batch: the stored posteriors, the chosen captions' stored embeddings (the empty
+    /// caption's from the cache folder) and the conditions made from the stored images.
+    fn cached_inputs(
+        &self,
+        samples: &[Decoded],
+        captions: &[String],
+    ) -> Result<(DiagonalGaussian, CaptionEmbeddings, Tensor)> {
+        let empty = match &self.source {
+            Source::Stream(s) => s.empty_caption.as_ref(),
+            Source::Folder(_) => None,
+        };
+        let (mut means, mut logvars, mut conds, mut texts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (s, caption) in samples.iter().zip(captions) {
+            let Decoded::Latents { sample, captions: own } = s else {
+                return Err(Error::Invalid("an image sample among latent-cache ones".into()));
+            };
+            means.push(sample.mean.to_device(&self.device)?);
+            logvars.push(sample.logvar.to_device(&self.device)?);
+            conds.push(condition_tensor(&sample.condition, self.condition_channels, &self.device)?);
+            let text = match own.iter().position(|c| c == caption) {
+                Some(i) => &sample.texts[i],
+                None if caption.is_empty() => {
+                    empty.ok_or_else(|| Error::Invalid("the latent cache has no empty-caption embeddings".into()))?
+                }
+                None => return Err(Error::Invalid(format!("no cached embeddings for the caption {caption:?}"))),
+            };
+            texts.push(CaptionEmbeddings {
+                embeds: text.embeds.to_device(&self.device)?,
+                pooled: text.pooled.as_ref().map(|p| p.to_device(&self.device)).transpose()?,
+            });
+        }
+        let posterior = DiagonalGaussian { mean: Tensor::cat(&means, 0)?, logvar: Tensor::cat(&logvars, 0)? };
+        let texts: Vec<&CaptionEmbeddings> = texts.iter().collect();
+        Ok((posterior, CaptionEmbeddings::cat(&texts)?, Tensor::stack(&conds, 0)?))
     }
 }

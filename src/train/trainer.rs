@@ -180,6 +180,12 @@ impl Trainer {
                 ),
             ));
         }
+        if let Source::Stream(s) = &source {
+            if s.kind == super::stream::StreamKind::Latents {
+                let dir = s.shards[0].parent().unwrap_or(Path::new("."));
+                super::latent_cache::LatentsInfo::read(dir)?.check_fits(&sd, settings.resolution)?;
+            }
+        }
         let nets = Trainable::new(controlnet_config, controlnet, unet, settings.unlock_decoder, &mut sd)?;
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
@@ -701,7 +707,8 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tar = crate::train::stream::tests::write_shards(&tmp.path().join("shards"), 2, 3);
         let parquet = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shards/train.parquet");
-        for (name, data, bad) in [("tar", tar.as_str(), 0), ("parquet", parquet, 1)] {
+        let cache = latent_cache(&synthetic_dataset(&tmp.path().join("folder"), 6), &tmp.path().join("cache"), 32);
+        for (name, data, bad) in [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0)] {
             // 2 shards of 3 (or 6 good rows) in batches of 2: epochs of 3 updates, so 4 cross into the second.
             let s = TrainSettings { shuffle_buffer: 2, data_workers: 2, ..settings() };
             let a_dir = tmp.path().join(format!("{name}-a"));
@@ -737,6 +744,44 @@ pub(crate) mod tests {
         let mut other = trainer(Path::new(parquet), &tmp.path().join("other"), same);
         let err = other.restore(&ck).unwrap_err().to_string();
         assert!(err.contains("dataset") && err.contains("train.parquet"), "{err}");
+    }
+
+    /// `cache-latents` of a folder dataset, at `resolution`; returns the cache folder.
+    fn latent_cache(data: &Path, dir: &Path, resolution: u32) -> String {
+        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let source = Source::open(data.to_str().unwrap(), Fields::defaults).unwrap();
+        let info = crate::train::latent_cache::write_cache(&sd, "tiny-sd15", &source, resolution, dir, 4, &mut |_| {})
+            .unwrap();
+        assert_eq!((info.shards, info.skipped), (source.len().div_ceil(4), 0));
+        dir.to_str().unwrap().to_string()
+    }
+
+    /// Training from a latent cache equals training from its images: the same losses and weights (float
+    /// tolerance) over 3 updates of a one-example dataset (so both read the same example each time, and every
+    /// caption is kept); and a cache made at another resolution is refused.
+    #[test]
+    fn a_latent_cache_trains_as_its_images_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 1);
+        let cache = latent_cache(&data, &tmp.path().join("cache"), 32);
+        let s = TrainSettings { batch_size: 1, max_steps: 3, proportion_empty_prompts: 0.0, ..settings() };
+        let mut from_images = trainer(&data, &tmp.path().join("a"), s.clone());
+        let mut from_cache = trainer(Path::new(&cache), &tmp.path().join("b"), s.clone());
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        from_images.run(&AtomicBool::new(false), &mut |r| want.push(r.loss)).unwrap();
+        from_cache.run(&AtomicBool::new(false), &mut |r| got.push(r.loss)).unwrap();
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "losses {got:?} vs {want:?}");
+        }
+        for ((k, a), (_, b)) in weights(&from_cache).iter().zip(weights(&from_images).iter()) {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5, "{k}: weights differ by {d}");
+        }
+        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let info = crate::train::latent_cache::LatentsInfo::read(Path::new(&cache)).unwrap();
+        let err = info.check_fits(&sd, 64).unwrap_err().to_string();
+        assert!(err.starts_with("resolution") && err.contains("made at 32"), "{err}");
     }
 
     /// A loss on fixed draws and a fixed batch (all examples, their captions) falls after 30 updates.

@@ -17,6 +17,7 @@
 //!
 //! A bad sample (a part missing, a damaged image, an unreadable caption) is skipped and counted, never fatal;
 //! so is a shard that cannot be read (it is reported, and its samples before the damage are used).
+pub mod cached;
 pub mod hf_parquet;
 pub mod pattern;
 pub mod shuffle;
@@ -53,6 +54,8 @@ pub enum StreamKind {
     WebDataset,
     /// `.parquet` files in the Hugging Face datasets layout.
     Parquet,
+    /// `.tar` files of a latent cache (`cache-latents`): VAE posteriors, conditions and caption embeddings.
+    Latents,
 }
 
 /// Where a sample's target image, condition image and caption are: WebDataset extensions (the first one a
@@ -80,6 +83,11 @@ impl Fields {
                 image: list(&["image"]),
                 conditioning_image: list(&["conditioning_image"]),
                 caption: list(&["text"]),
+            },
+            StreamKind::Latents => Self {
+                image: list(&[cached::TENSORS_EXT]),
+                conditioning_image: list(&[cached::TENSORS_EXT]),
+                caption: list(&[cached::CAPTIONS_EXT]),
             },
         }
     }
@@ -184,11 +192,19 @@ pub struct Record {
 
 /// A sample at training resolution.
 #[derive(Debug, Clone)]
-pub struct Decoded {
-    pub target: RgbImage,
-    pub condition: RgbImage,
-    /// One caption or several (one is picked per use).
-    pub captions: Vec<String>,
+pub enum Decoded {
+    /// From images (captions: one or several, one is picked per use).
+    Images { target: RgbImage, condition: RgbImage, captions: Vec<String> },
+    /// From a latent cache.
+    Latents { sample: cached::CachedSample, captions: Vec<String> },
+}
+
+impl Decoded {
+    pub fn captions(&self) -> &[String] {
+        match self {
+            Self::Images { captions, .. } | Self::Latents { captions, .. } => captions,
+        }
+    }
 }
 
 /// Which sample a result is about (for the checkpoint and the skip report).
@@ -233,12 +249,15 @@ pub struct StreamSource {
     pub kind: StreamKind,
     pub shards: Vec<PathBuf>,
     pub fields: Fields,
+    /// A latent cache's embeddings of the empty caption (caption dropout).
+    pub empty_caption: Option<crate::train::objective::CaptionEmbeddings>,
     skips: Arc<Mutex<SkipReport>>,
 }
 
-/// The kind of a shard file from its extension.
+/// The kind of a shard file from its extension (and, for a latent cache's, its folder).
 pub fn kind_of(path: &Path) -> Option<StreamKind> {
     match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "tar" if path.parent().is_some_and(cached::is_cache_dir) => Some(StreamKind::Latents),
         "tar" => Some(StreamKind::WebDataset),
         "parquet" => Some(StreamKind::Parquet),
         _ => None,
@@ -281,7 +300,15 @@ impl StreamSource {
         };
         let fields = fields(kind);
         fields.validate(kind)?;
-        let source = Self { pattern: pattern.to_string(), kind, shards, fields, skips: Default::default() };
+        let empty_caption = match kind {
+            StreamKind::Latents => {
+                let dir = shards[0].parent().unwrap_or(Path::new("."));
+                Some(cached::read_empty_caption(dir)?)
+            }
+            _ => None,
+        };
+        let source =
+            Self { pattern: pattern.to_string(), kind, shards, fields, empty_caption, skips: Default::default() };
         source.check()?;
         Ok(source)
     }
@@ -293,7 +320,9 @@ impl StreamSource {
             .iter()
             .filter_map(|path| {
                 let r = match self.kind {
-                    StreamKind::WebDataset => File::open(path).map(|_| ()).map_err(|e| e.to_string()),
+                    StreamKind::WebDataset | StreamKind::Latents => {
+                        File::open(path).map(|_| ()).map_err(|e| e.to_string())
+                    }
                     StreamKind::Parquet => hf_parquet::check_columns(path, &self.fields),
                 };
                 r.err().map(|e| format!("{}: {e}", path.display()))
@@ -466,7 +495,7 @@ fn read_epoch(
         };
         let replaying = || emitted.get() < skip;
         let result = match source.kind {
-            StreamKind::WebDataset => webdataset::scan(path, s, &source.fields, &mut each),
+            StreamKind::WebDataset | StreamKind::Latents => webdataset::scan(path, s, &source.fields, &mut each),
             StreamKind::Parquet => hf_parquet::scan(path, s, &source.fields, &|| !replaying(), &mut each),
         };
         if !alive {
@@ -530,8 +559,12 @@ fn decode(
             let (_, file) = files.tar.as_mut().expect("opened above");
             let mut read =
                 |m: &Member| webdataset::read_member(file, m).map_err(|e| format!("cannot read .{}: {e}", m.ext));
-            let (image, condition, caption) = (read(&parts.image)?, read(&parts.condition)?, read(&parts.caption)?);
-            (image, condition, captions_from(&caption, &parts.caption.ext)?)
+            let captions = captions_from(&read(&parts.caption)?, &parts.caption.ext)?;
+            if source.kind == StreamKind::Latents {
+                let sample = cached::CachedSample::from_bytes(&read(&parts.image)?, captions.len())?;
+                return Ok(Decoded::Latents { sample, captions });
+            }
+            (read(&parts.image)?, read(&parts.condition)?, captions)
         }
         RecordBody::Row { data: Some(data), .. } => {
             let d = data?;
@@ -550,7 +583,7 @@ fn decode(
     };
     let target = decode_rgb(&image, &name("image")).map_err(|e| e.to_string())?;
     let condition = decode_rgb(&condition, &name("condition")).map_err(|e| e.to_string())?;
-    Ok(Decoded {
+    Ok(Decoded::Images {
         target: resize_center_crop(&target, resolution),
         condition: resize_center_crop(&condition, resolution),
         captions,

@@ -79,7 +79,12 @@ fn read_all(source: &StreamSource, seed: u64, skip: u64, opts: &StreamOptions) -
     let mut stream = source.epoch(seed, skip, opts);
     let mut out = Vec::new();
     while let Some(o) = stream.recv().unwrap() {
-        let seen = o.sample.map(|d| (d.target.as_raw().iter().map(|&v| u64::from(v)).sum(), d.captions[0].clone()));
+        let seen = o.sample.map(|d| match d {
+            Decoded::Images { target, captions, .. } => {
+                (target.as_raw().iter().map(|&v| u64::from(v)).sum(), captions[0].clone())
+            }
+            Decoded::Latents { .. } => unreachable!("image shards"),
+        });
         out.push((o.position.key, seen));
     }
     assert_eq!(stream.recv().unwrap().map(|o| o.position), None, "after the end, the end again");
