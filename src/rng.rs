@@ -370,6 +370,16 @@ mod cephes {
     }
 }
 
+/// torch's CPU `randperm(n, generator)`: from the identity, swap element i with one drawn from [i, n).
+pub fn randperm(n: usize, rng: &mut TorchGenerator) -> Vec<usize> {
+    let mut r: Vec<usize> = (0..n).collect();
+    for i in 0..n.saturating_sub(1) {
+        let z = rng.random() as usize % (n - i);
+        r.swap(i, z + i);
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -455,3 +455,74 @@ fn sdxl_train_resumes_exactly_and_generates() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(png.is_file());
 }
+
+/// Sharded data: the parquet file `datasets` wrote (its bad row skipped and reported), resumed from the run's own
+/// record of the dataset; a WebDataset brace pattern; a pattern naming a missing shard.
+#[test]
+fn train_from_shards() {
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let train = |data: &str, output: &str, steps: &str| {
+        controlnet(&[
+            "train",
+            "--model",
+            MODEL,
+            "--init",
+            "--dataset",
+            data,
+            "--output",
+            output,
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--checkpointing-steps",
+            "2",
+            "--shuffle-buffer",
+            "3",
+            "--max-steps",
+            steps,
+            "--quiet",
+        ])
+    };
+    let out = train("tests/fixtures/shards/train.parquet", run_s, "2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("data: 1 parquet shards"), "{}", stderr(&out));
+    let out = controlnet(&["train", "--output", run_s, "--resume", "--max-steps", "4", "--quiet"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from") && err.contains("bad samples") && err.contains("train.parquet"), "{err}");
+    assert!(run.join("controlnet/diffusion_pytorch_model.safetensors").is_file());
+
+    // The latent cache of the parquet data trains in place of it.
+    let cache = dir.path().join("cache");
+    let out = controlnet(&[
+        "cache-latents",
+        "--model",
+        MODEL,
+        "--dataset",
+        "tests/fixtures/shards/train.parquet",
+        "--output",
+        cache.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cached 6 examples in 1 shards"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("left out 1 bad samples"), "{}", stderr(&out));
+    let out = train(cache.to_str().unwrap(), dir.path().join("from-cache").to_str().unwrap(), "2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 latent-cache shards"), "{}", stderr(&out));
+
+    let wds = dir.path().join("wds");
+    let out = train("tests/fixtures/shards/wds-{000000..000000}.tar", wds.to_str().unwrap(), "1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 WebDataset shards"), "{}", stderr(&out));
+
+    let out = train("tests/fixtures/shards/wds-{000000..000001}.tar", dir.path().join("x").to_str().unwrap(), "1");
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("--dataset") && err.contains("wds-000001.tar: no such file"), "{err}");
+}

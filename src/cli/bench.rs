@@ -53,6 +53,68 @@ pub struct BenchArgs {
     /// a comma-separated list of kinds (e.g. --annotators hed,depth-anything).
     #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "KINDS")]
     pub annotators: Option<String>,
+    /// Time reading training data instead: --data-samples examples of this --dataset (a folder dataset or
+    /// shards, as `train` takes it) decoded, resized and cropped to 8x --latent px as training reads them,
+    /// without any model; prints samples/s and the peak resident memory.
+    #[arg(long, value_name = "PATH_OR_PATTERN")]
+    pub dataset: Option<String>,
+    /// Examples --dataset reads (whole batches of --batch).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub data_samples: usize,
+    /// Decoding threads of sharded data (0: the cores but one, at most 8).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub data_workers: usize,
+}
+
+/// `bench --dataset`: what was read, how fast, with how much memory.
+#[derive(Debug, serde::Serialize)]
+struct DataBenchReport {
+    dataset: String,
+    source: String,
+    resolution: u32,
+    batch: usize,
+    /// Decoding threads (0: a folder dataset, read on the calling thread).
+    workers: usize,
+    samples: usize,
+    seconds: f64,
+    samples_per_second: f64,
+    peak_rss_bytes: u64,
+    machine: String,
+}
+
+fn run_data_bench(args: &BenchArgs, dataset: &str) -> anyhow::Result<DataBenchReport> {
+    use crate::train::feed::{Feed, Source};
+    use crate::train::settings::TrainSettings;
+    use crate::train::stream::Fields;
+    let source = Source::open(dataset, Fields::defaults)?;
+    let describe = source.describe();
+    let settings = TrainSettings {
+        resolution: 8 * args.latent as u32,
+        batch_size: args.batch,
+        data_workers: args.data_workers,
+        ..TrainSettings::default()
+    };
+    settings.validate()?;
+    let mut feed = Feed::new(source, &settings, 3, &candle_core::Device::Cpu);
+    let start = std::time::Instant::now();
+    let samples = feed.read_without_model(args.data_samples, args.seed)?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(DataBenchReport {
+        dataset: dataset.to_string(),
+        source: describe,
+        resolution: settings.resolution,
+        batch: settings.batch_size,
+        workers: if feed.folder().is_some() { 0 } else { feed.stream_options.workers },
+        samples,
+        seconds,
+        samples_per_second: samples as f64 / seconds.max(1e-9),
+        peak_rss_bytes: crate::bench::peak_rss_bytes(),
+        machine: format!(
+            "{} ({} CPUs)",
+            crate::bench::cpu_model(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    })
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -63,6 +125,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         } else {
             print!("{}", render_floor(&rows));
+        }
+        return Ok(());
+    }
+    if let Some(dataset) = &args.dataset {
+        let r = run_data_bench(args, dataset)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "read {} examples of {} at {} px (batch {}, {} decoding threads) in {:.2} s: {:.1} samples/s, \
+                 peak RSS {}\nmachine: {}",
+                r.samples,
+                r.source,
+                r.resolution,
+                r.batch,
+                r.workers,
+                r.seconds,
+                r.samples_per_second,
+                gib(r.peak_rss_bytes),
+                r.machine
+            );
         }
         return Ok(());
     }

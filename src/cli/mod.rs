@@ -6,6 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 pub mod annotate;
 pub mod batch;
 pub mod bench;
+pub mod cache_latents;
 pub mod convert;
 pub mod dataset;
 pub mod generate;
@@ -44,6 +45,8 @@ pub enum Command {
     Init(init::InitArgs),
     /// Train a ControlNet on your own (target image, condition, caption) data.
     Train(train::TrainArgs),
+    /// Precompute a dataset's VAE latents and caption embeddings into shards that `train` reads instead of images.
+    CacheLatents(cache_latents::CacheLatentsArgs),
     /// Train a small Stable Diffusion base from scratch (VAE, then UNet and text encoder): the demo model's recipe.
     TrainBase(train_base::TrainBaseArgs),
     /// Measure speed and memory of the full-size UNet, ControlNet and VAE (random weights, no downloads).
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
         Command::Init(args) => init::run(args),
         Command::Train(args) => train::run(args),
         Command::TrainBase(args) => train_base::run(args),
+        Command::CacheLatents(args) => cache_latents::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Annotate(args) => match annotate::run(args) {

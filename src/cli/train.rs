@@ -16,10 +16,11 @@ use super::progress::Progress;
 use crate::io::single_file::load_controlnet;
 use crate::pipeline::sd::LoadOptions;
 use crate::pipeline::StableDiffusion;
-use crate::train::dataset::Dataset;
+use crate::train::feed::Source;
 use crate::train::init::{controlnet_from_unet, load_base_unet, InitOptions, DEFAULT_HINT_CHANNELS};
 use crate::train::resume;
 use crate::train::settings::{fidelity_by_name, TrainSettings, ValidationSettings};
+use crate::train::stream::{Fields, StreamKind};
 use crate::train::trainer::{RunEnd, RunInputs, Trainer, RESULT_DIR, RESULT_UNET_DIR};
 
 /// The run's own record of how it was started (`RUN_DIR/train_config.json`); `--resume` reads it back.
@@ -47,10 +48,31 @@ pub struct TrainArgs {
     /// 8x VAE.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_HINT_CHANNELS, value_name = "C,C,..")]
     pub hint_channels: Vec<usize>,
-    /// The data: a fill50k-style prompt.json (or its folder), or a folder with metadata.jsonl [with --resume: the
-    /// run's].
-    #[arg(long, value_name = "PATH")]
+    /// The data: a fill50k-style prompt.json (or its folder), a folder with metadata.jsonl, or shards streamed
+    /// from disk: WebDataset .tar or Hugging Face .parquet files, as a pattern ('shards/{00000..00127}.tar',
+    /// globs, several joined by ::) or a folder holding them [with --resume: the run's].
+    #[arg(long, value_name = "PATH_OR_PATTERN")]
     pub dataset: Option<PathBuf>,
+    /// Sharded data: where the target image is: WebDataset extensions (a;b: the first one a sample has) or a
+    /// parquet column [default: jpg;jpeg;png;webp, or image].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub image_column: Option<String>,
+    /// Sharded data: where the condition image is [default: cond.jpg;cond.jpeg;cond.png;cond.webp, or
+    /// conditioning_image].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub conditioning_image_column: Option<String>,
+    /// Sharded data: where the caption is (WebDataset .json: a string, a list, or a caption/text/prompt field)
+    /// [default: txt;json, or text].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub caption_column: Option<String>,
+    /// Sharded data: samples the shuffle buffer holds (shards are shuffled too; 1 keeps each shard's order)
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub shuffle_buffer: Option<usize>,
+    /// Sharded data: threads decoding images ahead of training; the order does not depend on it (0: the cores
+    /// but one, at most 8) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub data_workers: Option<usize>,
     /// The run folder (checkpoints, logs, validation images, the result).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
@@ -146,6 +168,9 @@ struct RunConfig {
     controlnet: Option<String>,
     init: bool,
     dataset: PathBuf,
+    /// Sharded data: where each sample's parts are (as resolved when the run started).
+    #[serde(default)]
+    fields: Option<Fields>,
     settings: TrainSettings,
     #[serde(default)]
     validation: Option<ValidationSettings>,
@@ -178,7 +203,20 @@ impl TrainArgs {
             cache: self.cache || b.cache,
             checkpointing_steps: self.checkpointing_steps.unwrap_or(b.checkpointing_steps),
             checkpoints_total_limit: self.checkpoints_total_limit.or(b.checkpoints_total_limit),
+            shuffle_buffer: self.shuffle_buffer.unwrap_or(b.shuffle_buffer),
+            data_workers: self.data_workers.unwrap_or(b.data_workers),
         }
+    }
+
+    /// Where a shard's sample parts are: these flags over `saved` (a resumed run's), else the kind's defaults.
+    fn fields(&self, kind: StreamKind, saved: Option<&Fields>) -> Fields {
+        let base = saved.cloned().unwrap_or_else(|| Fields::defaults(kind));
+        base.with(
+            kind,
+            self.image_column.as_deref(),
+            self.conditioning_image_column.as_deref(),
+            self.caption_column.as_deref(),
+        )
     }
 
     /// Validation: the pairs given, else `saved`'s (a resumed run's); the numbers given over the pairs'.
@@ -267,8 +305,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             return Err(anyhow::Error::from(e).context(format!("cannot resume from {}", dir.display())));
         }
     }
-    let dataset = Dataset::open(&dataset_path)?;
-    dataset.check()?;
+    let Some(pattern) = dataset_path.to_str() else { bail!("--dataset {}: not UTF-8", dataset_path.display()) };
+    let saved_fields = saved_config.as_ref().and_then(|c| c.fields.clone());
+    let source = Source::open(pattern, |kind| args.fields(kind, saved_fields.as_ref()))?;
+    source.check()?;
+    eprintln!("data: {}", source.describe());
+    let fields = match &source {
+        Source::Stream(s) => Some(s.fields.clone()),
+        Source::Folder(_) => None,
+    };
     crate::io::atomic::check_output_is_not_input("output", &run_dir, &[&dataset_path, Path::new(&model)])?;
     if resume_from.is_none() && args.controlnet.is_none() && !args.init {
         bail!("say which ControlNet to train: --controlnet DIR, or --init for a new one from the base UNet");
@@ -320,7 +365,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         unet,
         controlnet_config,
         controlnet,
-        dataset,
+        source,
         settings: settings.clone(),
         validation: validation.clone(),
         run_dir: run_dir.clone(),
@@ -338,6 +383,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         controlnet,
         init,
         dataset: dataset_path,
+        fields,
         settings: settings.clone(),
         validation,
         trainable_parameters: trainer.params().num_elements(),
@@ -361,6 +407,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         progress.set(r.step, settings.max_steps);
     })?;
     progress.finish();
+    if let Some(report) = trainer.skipped().filter(|r| r.samples + r.shards > 0) {
+        eprintln!(
+            "skipped {} bad samples and the rest of {} damaged shards (see the warnings above); the first:\n  {}",
+            report.samples,
+            report.shards,
+            report.lines.join("\n  ")
+        );
+    }
     match end {
         RunEnd::Finished => {
             let result = run_dir.join(RESULT_DIR);
@@ -455,6 +509,8 @@ mod tests {
             ("max_grad_norm", d.max_grad_norm.to_string()),
             ("proportion_empty_prompts", d.proportion_empty_prompts.to_string()),
             ("checkpointing_steps", d.checkpointing_steps.to_string()),
+            ("shuffle_buffer", d.shuffle_buffer.to_string()),
+            ("data_workers", d.data_workers.to_string()),
             ("validation_steps", v.every.to_string()),
             ("num_validation_images", v.num_images.to_string()),
             ("validation_inference_steps", v.inference_steps.to_string()),

@@ -5,6 +5,10 @@
 //! - [`init`]: a new ControlNet from a base UNet (encoder copied, zero convolutions, hint encoder drawn).
 //! - [`dataset`]: fill50k-style `prompt.json` or `metadata.jsonl` folders, checked up front, resized and cropped
 //!   as diffusers' transforms do.
+//! - [`stream`]: WebDataset tar shards and Hugging Face parquet files, streamed by worker threads in a seeded
+//!   shuffled order that a resumed run replays exactly; bad samples skipped and counted.
+//! - [`latent_cache`]: `cache-latents`, VAE posteriors and caption embeddings computed once into shards that
+//!   `train` streams instead of images.
 //! - [`params`]: which tensors train (Vars) and which stay plain tensors (no gradient is ever computed for them).
 //! - [`objective`]: one step's loss (VAE latents, noise, timesteps, ControlNet → locked UNet → MSE).
 //! - [`optimizer`]: torch's AdamW and `clip_grad_norm_`, with state that checkpoints round-trip.
@@ -28,12 +32,14 @@ pub mod from_scratch;
 #[cfg(test)]
 mod gradcheck;
 pub mod init;
+pub mod latent_cache;
 pub mod objective;
 pub mod optimizer;
 pub mod params;
 pub mod random_weights;
 pub mod resume;
 pub mod settings;
+pub mod stream;
 pub mod trainable;
 pub mod trainer;
 pub mod validation;

@@ -32,6 +32,16 @@ pub struct TrainSettings {
     pub checkpointing_steps: u64,
     /// Keep only the newest checkpoints.
     pub checkpoints_total_limit: Option<usize>,
+    /// Streamed (sharded) data: samples the shuffle buffer holds (1: samples in shard order).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Streamed data: decoding threads (0: the cores but one, at most 8). The order does not depend on it.
+    #[serde(default)]
+    pub data_workers: usize,
+}
+
+fn default_shuffle_buffer() -> usize {
+    super::stream::DEFAULT_SHUFFLE_BUFFER
 }
 
 impl Default for TrainSettings {
@@ -51,6 +61,8 @@ impl Default for TrainSettings {
             cache: false,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
+            shuffle_buffer: default_shuffle_buffer(),
+            data_workers: 0,
         }
     }
 }
@@ -77,11 +89,14 @@ impl TrainSettings {
         if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
             return bad("max_grad_norm", format!("{} must be positive", self.max_grad_norm));
         }
+        if self.shuffle_buffer == 0 {
+            return bad("shuffle_buffer", "must be at least 1 (1: no sample shuffling)".into());
+        }
         Ok(())
     }
 
     /// Every setting by its name, as text: what [`Self::changes`] and [`Self::trajectory_mismatch`] compare.
-    fn named(&self) -> [(&'static str, String, bool); 18] {
+    fn named(&self) -> [(&'static str, String, bool); 20] {
         let a = &self.adamw;
         // (name, value, whether it shapes the trajectory)
         [
@@ -99,10 +114,12 @@ impl TrainSettings {
             ("proportion_empty_prompts", self.proportion_empty_prompts.to_string(), true),
             ("unlock_decoder", self.unlock_decoder.to_string(), true),
             ("only_mid_control", self.only_mid_control.to_string(), true),
+            ("shuffle_buffer", self.shuffle_buffer.to_string(), true),
             ("max_steps", self.max_steps.to_string(), false),
             ("cache", self.cache.to_string(), false),
             ("checkpointing_steps", self.checkpointing_steps.to_string(), false),
             ("checkpoints_total_limit", format!("{:?}", self.checkpoints_total_limit), false),
+            ("data_workers", self.data_workers.to_string(), false),
         ]
     }
 

@@ -26,8 +26,8 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::dataset::{condition_tensor, resize_center_crop, Dataset};
-use super::feed::{randperm, Feed};
+use super::dataset::{condition_tensor, resize_center_crop};
+use super::feed::{Feed, Source, StreamState};
 use super::files::{self, Entry};
 use super::objective::{Draws, Objective};
 use super::optimizer::{warmup_lr, AdamW, AdamWSteps, Grads};
@@ -38,7 +38,7 @@ use super::trainable::{Trainable, UNET_PREFIX};
 use super::validation::{self, Fidelity, LossRecord, ValidationRecord};
 use crate::model::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::pipeline::{generate, Control, GenerateParams, StableDiffusion};
-use crate::rng::{GeneratorState, TorchGenerator};
+use crate::rng::{randperm, GeneratorState, TorchGenerator};
 use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
 
@@ -64,11 +64,33 @@ pub struct TrainState {
     /// Optimizer updates done.
     pub step: u64,
     pub epoch: u64,
-    /// This epoch's example order and how far it has been read.
+    /// This epoch's example order and how far it has been read (folder datasets).
     pub order: Vec<usize>,
     pub cursor: usize,
     pub data_rng: GeneratorState,
     pub noise_rng: GeneratorState,
+    /// Where a streamed dataset's epoch is.
+    #[serde(default)]
+    pub stream: Option<StreamState>,
+}
+
+impl TrainState {
+    /// Step 0 of a run with `seed`: epoch 0's order (a folder's shuffled indices, or a stream's seed) drawn from
+    /// the data generator.
+    pub fn new(feed: &Feed, seed: u64) -> Self {
+        let mut data_rng = TorchGenerator::new(seed.wrapping_add(DATA_SEED_OFFSET));
+        let order = feed.folder().map(|d| randperm(d.len(), &mut data_rng)).unwrap_or_default();
+        let stream = feed.first_stream_state(&mut data_rng);
+        Self {
+            step: 0,
+            epoch: 0,
+            order,
+            cursor: 0,
+            data_rng: data_rng.state(),
+            noise_rng: TorchGenerator::new(seed).state(),
+            stream,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,7 +98,11 @@ struct SavedState {
     state: TrainState,
     optimizer: AdamWSteps,
     settings: TrainSettings,
+    /// Examples of a folder dataset, shards of a streamed one.
     dataset_len: usize,
+    /// A streamed dataset's shards (name, size): a resumed run must read the same ones.
+    #[serde(default)]
+    shards: Option<Vec<(String, u64)>>,
 }
 
 /// What one update did (for the progress bar and the log).
@@ -107,7 +133,7 @@ pub struct RunInputs {
     /// The ControlNet to train: `config.json` value and tensors.
     pub controlnet_config: Value,
     pub controlnet: TensorMap,
-    pub dataset: Dataset,
+    pub source: Source,
     pub settings: TrainSettings,
     pub validation: Option<ValidationSettings>,
     pub run_dir: PathBuf,
@@ -132,8 +158,14 @@ pub struct Trainer {
 impl Trainer {
     /// Sets up a new run (state at step 0).
     pub fn new(inputs: RunInputs) -> Result<Self> {
-        let RunInputs { mut sd, unet, controlnet_config, controlnet, dataset, settings, validation, run_dir } = inputs;
+        let RunInputs { mut sd, unet, controlnet_config, controlnet, source, settings, validation, run_dir } = inputs;
         settings.validate()?;
+        if settings.cache && matches!(source, Source::Stream(_)) {
+            return Err(Error::setting(
+                "cache",
+                "keeps every example in memory, which a folder dataset allows; sharded data is streamed instead",
+            ));
+        }
         let device = sd.unet.device().clone();
         let cn_config: ControlNetConfig = serde_json::from_value(controlnet_config.clone())
             .map_err(|e| Error::Invalid(format!("ControlNet config: {e}")))?;
@@ -148,25 +180,23 @@ impl Trainer {
                 ),
             ));
         }
+        if let Source::Stream(s) = &source {
+            if s.kind == super::stream::StreamKind::Latents {
+                let dir = s.shards[0].parent().unwrap_or(Path::new("."));
+                super::latent_cache::LatentsInfo::read(dir)?.check_fits(&sd, settings.resolution)?;
+            }
+        }
         let nets = Trainable::new(controlnet_config, controlnet, unet, settings.unlock_decoder, &mut sd)?;
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
-        let mut data_rng = TorchGenerator::new(settings.seed.wrapping_add(DATA_SEED_OFFSET));
-        let order = randperm(dataset.len(), &mut data_rng);
-        let state = TrainState {
-            step: 0,
-            epoch: 0,
-            order,
-            cursor: 0,
-            data_rng: data_rng.state(),
-            noise_rng: TorchGenerator::new(settings.seed).state(),
-        };
+        let feed = Feed::new(source, &settings, condition_channels, &device);
+        let state = TrainState::new(&feed, settings.seed);
         Ok(Self {
             sd,
             nets,
             optimizer: AdamW::new(settings.adamw),
             objective,
-            feed: Feed::new(dataset, &settings, condition_channels, &device),
+            feed,
             settings,
             validation,
             state,
@@ -195,17 +225,7 @@ impl Trainer {
                 other => other,
             });
         }
-        if saved.dataset_len != self.feed.dataset.len() {
-            return Err(Error::setting(
-                "dataset",
-                format!(
-                    "had {} examples when {} was saved, now {}: a resumed run reads the same data",
-                    saved.dataset_len,
-                    dir.display(),
-                    self.feed.dataset.len()
-                ),
-            ));
-        }
+        self.check_same_data(&saved, dir)?;
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
         let mut tensors = files::read_tensors(dir, &cn_file)?;
         if self.settings.unlock_decoder {
@@ -226,8 +246,42 @@ impl Trainer {
         Ok(())
     }
 
+    /// A resumed run reads the data the checkpoint was trained on: as many folder examples, or the same shards.
+    fn check_same_data(&self, saved: &SavedState, dir: &Path) -> Result<()> {
+        let differs = |msg: String| {
+            Err(Error::setting(
+                "dataset",
+                format!("{msg} when {} was saved: a resumed run reads the same data", dir.display()),
+            ))
+        };
+        match (&self.feed.source, &saved.shards, &saved.state.stream) {
+            (Source::Folder(d), None, None) if d.len() == saved.dataset_len => Ok(()),
+            (Source::Folder(d), None, None) => differs(format!("{} examples now, {}", d.len(), saved.dataset_len)),
+            (Source::Stream(s), Some(shards), Some(_)) => {
+                let now = s.fingerprint();
+                if &now == shards {
+                    return Ok(());
+                }
+                let first = now.iter().zip(shards).find(|(a, b)| a != b);
+                let detail = match first {
+                    Some(((n, sz), (n0, sz0))) => format!("{n} ({sz} bytes) now, {n0} ({sz0} bytes)"),
+                    None => format!("{} shards now, {}", now.len(), shards.len()),
+                };
+                differs(detail)
+            }
+            (Source::Folder(_), _, _) => differs("a folder dataset now, sharded data".into()),
+            (Source::Stream(_), _, _) => differs("sharded data now, a folder dataset".into()),
+        }
+    }
+
     pub fn step(&self) -> u64 {
         self.state.step
+    }
+
+    /// The bad samples and shards a streamed dataset skipped so far (`None` for folders, which are checked up
+    /// front).
+    pub fn skipped(&self) -> Option<super::stream::SkipReport> {
+        self.feed.skipped()
     }
 
     pub fn params(&self) -> &Params {
@@ -250,9 +304,9 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut samples = 0usize;
         for _ in 0..accum {
-            let indices = self.feed.next_indices(&mut self.state, &mut data_rng);
-            let captions = self.feed.captions(&indices, &mut data_rng);
-            let (posterior, text, cond) = self.feed.inputs(&self.sd, &indices, &captions)?;
+            let batch = self.feed.next_batch(&mut self.state, &mut data_rng)?;
+            let captions = self.feed.captions(&batch, &mut data_rng);
+            let (posterior, text, cond) = self.feed.inputs(&self.sd, &batch, &captions)?;
             let draws =
                 Draws::draw(&mut noise_rng, posterior.mean.dims(), self.objective.num_train_timesteps(), &self.device)?;
             let added = text.added(self.feed.resolution as usize)?;
@@ -272,7 +326,7 @@ impl Trainer {
             let store = (out.loss / accum as f64)?.backward()?;
             grads.accumulate(&self.nets.params, &store, 1.0)?;
             loss_sum += f64::from(loss);
-            samples += indices.len();
+            samples += batch.len();
         }
         let grad_norm = grads.clip_norm(self.settings.max_grad_norm)?;
         let lr = warmup_lr(self.settings.adamw.lr, self.settings.lr_warmup_steps, self.state.step as usize);
@@ -343,7 +397,11 @@ impl Trainer {
             state: self.state.clone(),
             optimizer: steps,
             settings: self.settings.clone(),
-            dataset_len: self.feed.dataset.len(),
+            dataset_len: self.feed.source.len(),
+            shards: match &self.feed.source {
+                Source::Stream(s) => Some(s.fingerprint()),
+                Source::Folder(_) => None,
+            },
         };
         let saved = serde_json::to_value(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
@@ -479,6 +537,7 @@ pub(crate) mod tests {
     use crate::model::unet::UNet2DConditionModel;
     use crate::train::init::{controlnet_from_unet, InitOptions};
     use crate::train::optimizer::AdamWConfig;
+    use crate::train::stream::Fields;
 
     const TINY_SD15: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15");
 
@@ -535,7 +594,7 @@ pub(crate) mod tests {
             unet,
             controlnet_config: new.config,
             controlnet: new.tensors,
-            dataset: Dataset::open(data).unwrap(),
+            source: Source::open(data.to_str().unwrap(), Fields::defaults).unwrap(),
             settings,
             validation: None,
             run_dir: run_dir.to_path_buf(),
@@ -560,7 +619,7 @@ pub(crate) mod tests {
             unet: None,
             controlnet_config: new.config,
             controlnet: new.tensors,
-            dataset: Dataset::open(&data).unwrap(),
+            source: Source::open(data.to_str().unwrap(), Fields::defaults).unwrap(),
             settings: TrainSettings { lr_warmup_steps: 0, max_steps: 1, ..settings() },
             validation: None,
             run_dir: dir.path().join("run"),
@@ -640,6 +699,91 @@ pub(crate) mod tests {
         assert!(weights(&c) == want, "weights after falling back differ");
     }
 
+    /// Streamed runs resumed mid-shard equal uninterrupted ones, bit for bit (weights and logged losses): WebDataset
+    /// shards written here, and the parquet fixture `datasets` wrote (with its bad row skipped and reported). The
+    /// checkpoint holds the epoch's seed and how many samples of it were taken; the shuffle buffer is replayed.
+    #[test]
+    fn streamed_runs_resume_mid_shard_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tar = crate::train::stream::tests::write_shards(&tmp.path().join("shards"), 2, 3);
+        let parquet = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shards/train.parquet");
+        let cache = latent_cache(&synthetic_dataset(&tmp.path().join("folder"), 6), &tmp.path().join("cache"), 32);
+        for (name, data, bad) in [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0)] {
+            // 2 shards of 3 (or 6 good rows) in batches of 2: epochs of 3 updates, so 4 cross into the second.
+            let s = TrainSettings { shuffle_buffer: 2, data_workers: 2, ..settings() };
+            let a_dir = tmp.path().join(format!("{name}-a"));
+            let mut a = trainer(Path::new(data), &a_dir, s.clone());
+            assert_eq!(run(&mut a, None), RunEnd::Finished);
+            let want = weights(&a);
+            let want_log = validation::read_loss_log(&a_dir.join(LOSS_LOG)).unwrap();
+            assert_eq!(want_log.len(), 4);
+            assert!(want_log.last().unwrap().epoch >= 1, "{name}: one epoch only");
+            let skipped = a.skipped().unwrap();
+            assert!(
+                skipped.samples >= bad && (bad > 0 || skipped.samples == 0),
+                "{name}: the bad row is skipped when its epoch reaches it: {:?}",
+                skipped.lines
+            );
+
+            let b_dir = tmp.path().join(format!("{name}-b"));
+            let mut b = trainer(Path::new(data), &b_dir, TrainSettings { data_workers: 1, ..s.clone() });
+            let RunEnd::Interrupted { step: 1, checkpoint } = run(&mut b, Some(1)) else { panic!("not interrupted") };
+            let state = files::read_json(&checkpoint, CK_STATE).unwrap();
+            let taken = state["state"]["stream"]["taken"].as_u64().unwrap();
+            assert!((2..=3).contains(&taken), "{name}: {taken} samples taken in update 1");
+            assert!(state["state"]["stream"]["last"]["key"].is_string(), "{state}");
+            let mut b = trainer(Path::new(data), &b_dir, s.clone());
+            b.restore(&checkpoint).unwrap();
+            assert_eq!(run(&mut b, None), RunEnd::Finished);
+            assert!(weights(&b) == want, "{name}: resumed weights differ");
+            assert_eq!(validation::read_loss_log(&b_dir.join(LOSS_LOG)).unwrap(), want_log, "{name}");
+        }
+        // A checkpoint of one dataset does not resume on another.
+        let ck = resume::checkpoint_dir(&tmp.path().join("tar-b"), 1);
+        let same = TrainSettings { shuffle_buffer: 2, ..settings() };
+        let mut other = trainer(Path::new(parquet), &tmp.path().join("other"), same);
+        let err = other.restore(&ck).unwrap_err().to_string();
+        assert!(err.contains("dataset") && err.contains("train.parquet"), "{err}");
+    }
+
+    /// `cache-latents` of a folder dataset, at `resolution`; returns the cache folder.
+    fn latent_cache(data: &Path, dir: &Path, resolution: u32) -> String {
+        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let source = Source::open(data.to_str().unwrap(), Fields::defaults).unwrap();
+        let info = crate::train::latent_cache::write_cache(&sd, "tiny-sd15", &source, resolution, dir, 4, &mut |_| {})
+            .unwrap();
+        assert_eq!((info.shards, info.skipped), (source.len().div_ceil(4), 0));
+        dir.to_str().unwrap().to_string()
+    }
+
+    /// Training from a latent cache equals training from its images: the same losses and weights (float
+    /// tolerance) over 3 updates of a one-example dataset (so both read the same example each time, and every
+    /// caption is kept); and a cache made at another resolution is refused.
+    #[test]
+    fn a_latent_cache_trains_as_its_images_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 1);
+        let cache = latent_cache(&data, &tmp.path().join("cache"), 32);
+        let s = TrainSettings { batch_size: 1, max_steps: 3, proportion_empty_prompts: 0.0, ..settings() };
+        let mut from_images = trainer(&data, &tmp.path().join("a"), s.clone());
+        let mut from_cache = trainer(Path::new(&cache), &tmp.path().join("b"), s.clone());
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        from_images.run(&AtomicBool::new(false), &mut |r| want.push(r.loss)).unwrap();
+        from_cache.run(&AtomicBool::new(false), &mut |r| got.push(r.loss)).unwrap();
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "losses {got:?} vs {want:?}");
+        }
+        for ((k, a), (_, b)) in weights(&from_cache).iter().zip(weights(&from_images).iter()) {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5, "{k}: weights differ by {d}");
+        }
+        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let info = crate::train::latent_cache::LatentsInfo::read(Path::new(&cache)).unwrap();
+        let err = info.check_fits(&sd, 64).unwrap_err().to_string();
+        assert!(err.starts_with("resolution") && err.contains("made at 32"), "{err}");
+    }
+
     /// A loss on fixed draws and a fixed batch (all examples, their captions) falls after 30 updates.
     #[test]
     fn loss_falls_on_a_small_dataset() {
@@ -657,8 +801,10 @@ pub(crate) mod tests {
         t.fill_cache(&mut |_, _| {}).unwrap();
         let eval = |t: &Trainer| -> f32 {
             let idx: Vec<usize> = (0..4).collect();
-            let captions: Vec<String> = idx.iter().map(|&i| t.feed.dataset.examples[i].captions[0].clone()).collect();
-            let (posterior, text, cond) = t.feed.inputs(&t.sd, &idx, &captions).unwrap();
+            let examples = &t.feed.folder().unwrap().examples;
+            let captions: Vec<String> = idx.iter().map(|&i| examples[i].captions[0].clone()).collect();
+            let (posterior, text, cond) =
+                t.feed.inputs(&t.sd, &crate::train::feed::Batch::Indices(idx), &captions).unwrap();
             let mut total = 0.0;
             for seed in 0..4 {
                 let mut rng = TorchGenerator::new(100 + seed);

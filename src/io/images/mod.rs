@@ -41,6 +41,22 @@ pub(crate) fn image_error(path: &Path, msg: impl std::fmt::Display) -> Error {
 /// decoded by pure-Rust decoders that may differ from libjpeg/libwebp by a level or two on some pixels.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let reader = ImageReader::open(path).and_then(|r| r.with_guessed_format()).map_err(|e| Error::io(path, e))?;
+    let grey16 = || png_is_plain_grey16(BufReader::new(File::open(path)?));
+    decode_rgb_from(reader, path, grey16)
+}
+
+/// [`load_rgb`] for an image held in memory (a tar member, a parquet cell); `name` says where it came from in
+/// errors. The format is detected from the content only.
+pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::io(name, e))?;
+    decode_rgb_from(reader, name, || png_is_plain_grey16(std::io::Cursor::new(bytes)))
+}
+
+fn decode_rgb_from<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    path: &Path,
+    grey16: impl Fn() -> std::io::Result<bool>,
+) -> Result<RgbImage> {
     let format = reader.format().ok_or_else(|| {
         image_error(path, format!("not an image: unrecognised file format (supported: {SUPPORTED_FORMATS})"))
     })?;
@@ -57,7 +73,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     // PIL's exif_transpose ignores an unreadable EXIF block; so do we.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let decoded = DynamicImage::from_decoder(decoder).map_err(not_an_image)?;
-    let grey16_is_pil_i16 = format == ImageFormat::Png && png_is_plain_grey16(path);
+    let grey16_is_pil_i16 = format == ImageFormat::Png && grey16().unwrap_or(false);
     let mut rgb = DynamicImage::ImageRgb8(pil_convert_rgb(decoded, grey16_is_pil_i16));
     rgb.apply_orientation(orientation);
     Ok(rgb.into_rgb8())
@@ -73,15 +89,12 @@ fn format_name(format: ImageFormat) -> String {
 
 /// Whether a PNG is 16-bit greyscale without an alpha channel, which PIL opens as mode `I;16` (even when a tRNS
 /// chunk makes the `image` crate hand it over with alpha).
-fn png_is_plain_grey16(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
-        return false;
-    };
-    let mut decoder = png::Decoder::new(BufReader::new(file));
-    match decoder.read_header_info() {
+fn png_is_plain_grey16(png: impl std::io::Read) -> std::io::Result<bool> {
+    let mut decoder = png::Decoder::new(png);
+    Ok(match decoder.read_header_info() {
         Ok(info) => info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Sixteen,
         Err(_) => false,
-    }
+    })
 }
 
 /// PIL's `convert("RGB")` for each pixel layout the `image` decoders produce.

@@ -98,6 +98,11 @@ fn load_rgb_matches_diffusers_load_image() {
     let mut failures = Vec::new();
     for case in &cases {
         let ours = load_rgb(&fixture(&case.input)).unwrap();
+        // The in-memory decoder (tar members, parquet cells) gives the file decoder's pixels.
+        let bytes = std::fs::read(fixture(&case.input)).unwrap();
+        if decode_rgb(&bytes, Path::new(&case.input)).unwrap() != ours {
+            failures.push(format!("{}: decode_rgb differs from load_rgb", case.input));
+        }
         let pil = read_expected(&case.expected);
         if ours.dimensions() != pil.dimensions() {
             failures.push(format!("{}: size {:?} vs PIL {:?}", case.input, ours.dimensions(), pil.dimensions()));
