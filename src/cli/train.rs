@@ -312,7 +312,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     eprintln!("data: {}", source.describe());
     let fields = match &source {
         Source::Stream(s) => Some(s.fields.clone()),
-        Source::Folder(_) => None,
+        Source::Folder(_) => {
+            if args.image_column.is_some() || args.conditioning_image_column.is_some() || args.caption_column.is_some()
+            {
+                eprintln!("warning: the column flags apply to sharded data; a folder dataset names its own files");
+            }
+            None
+        }
     };
     crate::io::atomic::check_output_is_not_input("output", &run_dir, &[&dataset_path, Path::new(&model)])?;
     if resume_from.is_none() && args.controlnet.is_none() && !args.init {

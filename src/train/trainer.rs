@@ -11,7 +11,9 @@
 //! engine reads only the seed's low 32 bits; equal seeds would make the two streams the same numbers). The data
 //! generator shuffles each epoch (torch's `randperm` algorithm), drops captions
 //! (`--proportion-empty-prompts`) and picks one of several captions; the noise generator draws each
-//! micro-batch's posterior noise, noise and timesteps in diffusers' order. With the weights, the optimizer's
+//! micro-batch's posterior noise, noise and timesteps in diffusers' order. A streamed (sharded) dataset instead
+//! takes one seed per epoch from the data generator for its shard order and shuffle buffer, and its position is
+//! (that seed, samples taken), see [`super::stream`]. With the weights, the optimizer's
 //! moments and step counts, the epoch's order and the position in it, a resumed run continues exactly: N
 //! updates, a checkpoint, resume, N more give the same weights as 2N in one run (tested).
 //!
