@@ -1,12 +1,13 @@
 //! End-to-end tests of `controlnet annotate dwpose` on the fixture's tiny random-weight ONNX nets
 //! (tools/fixtures/gen_dwpose.py): controlnet_aux's map through the CLI, the JSON read back by `annotate pose`,
-//! a folder through one loaded detector, `generate --preprocess dwpose`, and bad weights named. Parity of the
+//! a folder through one loaded detector, `generate --preprocess dwpose`, the default hub repo read from the
+//! cache, and bad weights named. Parity of the
 //! nets, boxes and keypoints is tested in src/annotate/neural/dwpose/tests.rs.
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{controlnet, stderr, temp_dir};
+use common::{controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("dwpose").join(name)
@@ -179,4 +180,27 @@ fn bad_weights_are_named_and_nothing_is_written() {
     std::fs::write(half.join("dw-ll_ucoco_384.onnx"), b"not onnx").unwrap();
     fail(&["annotate", "dwpose", s(&input), "-o", s(&out), "--weights", s(&half)], &["dw-ll_ucoco_384.onnx"]);
     fail(&["annotate", "dwpose", s(&input), "-o", s(&out), "--safe"], &["--safe", "dwpose"]);
+}
+
+/// Without --weights both files come from the default hub repo `yzd-v/DWPose` (here a cache, offline); the map
+/// is the one the same files give from a folder. A cache holding only one of them names the other.
+#[test]
+fn default_weights_come_from_yzd_v_dwpose() {
+    let dir = temp_dir();
+    let cache = dir.path().join("hub");
+    let files = [fixture("weights/yolox_l.onnx"), fixture("weights/dw-ll_ucoco_384.onnx")];
+    fake_hub_cache(&cache, "yzd-v/DWPose", &files);
+    let input = fixture("tall_input.png");
+    let (from_hub, from_folder) = (dir.path().join("hub.png"), dir.path().join("folder.png"));
+    let run = run_with_cache(&cache, &["annotate", "dwpose", s(&input), "-o", s(&from_hub)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let w = fixture("weights");
+    let run = controlnet(&["annotate", "dwpose", s(&input), "-o", s(&from_folder), "--weights", s(&w)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(rgb(&from_hub), rgb(&from_folder));
+    let half = dir.path().join("half");
+    fake_hub_cache(&half, "yzd-v/DWPose", &files[..1]);
+    let run = run_with_cache(&half, &["annotate", "dwpose", s(&input), "-o", s(&dir.path().join("x.png"))]);
+    let err = stderr(&run);
+    assert!(!run.status.success() && err.contains("yzd-v/DWPose") && err.contains("dw-ll_ucoco_384.onnx"), "{err}");
 }

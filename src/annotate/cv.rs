@@ -701,3 +701,19 @@ pub fn otsu_threshold(src: &Mat<u8>) -> u8 {
     }
     max_val
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2-pixel row widened to 4: edge columns copy the edge pixel, inner ones blend with 11-bit weights
+    /// (0.75/0.25 -> 1536/512) and the vertical pass's truncations: 63.75 -> 64, 191.25 -> 191.
+    #[test]
+    fn vectorised_linear_resize_by_hand() {
+        let mut src = Mat::new(2, 1, 1);
+        src.set(0, 1, 0, 255);
+        assert_eq!(resize_linear_u8_vectorised(&src, 4, 1).data, vec![0, 64, 191, 255]);
+        let grey = Mat { data: vec![77u8; 5 * 3 * 3], ..Mat::new(5, 3, 3) };
+        assert!(resize_linear_u8_vectorised(&grey, 7, 11).data.iter().all(|&v| v == 77));
+    }
+}

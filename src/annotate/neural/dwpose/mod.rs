@@ -140,14 +140,17 @@ impl Dwpose {
 
     /// Steps 1–3 on the BGR image.
     pub fn estimate(&self, bgr: &Mat<u8>) -> Result<Estimate> {
+        // 1. people (nobody: no box; boxes but no person: the whole image)
         let boxes = yolox::person_boxes(&self.nets.detector, bgr)?;
         let regions: Vec<[f64; 4]> = match &boxes {
             None => vec![],
             Some(found) if found.is_empty() => vec![[0.0, 0.0, bgr.width as f64, bgr.height as f64]],
             Some(found) => found.iter().map(|d| d.bbox).collect(),
         };
+        // 2. keypoints in each box
         let keypoints =
             regions.iter().map(|&b| rtmpose::estimate(&self.nets.pose, bgr, b)).collect::<Result<Vec<_>>>()?;
+        // 3. OpenPose order
         let people = keypoints.iter().map(WholeBody::from_coco).collect();
         Ok(Estimate { boxes, keypoints, people })
     }
