@@ -2,7 +2,7 @@
 # Build the release binary with candle's CUDA backend on a machine without a GPU or a CUDA install, so it can be
 # carried to a GPU machine and run there (tools/cuda/check.sh). See docs/cuda.md.
 #
-#   tools/cuda/build.sh            # -> target/cuda-dist/controlnet (+ the PTX arch it holds)
+#   tools/cuda/build.sh            # -> target/cuda-dist/controlnet.gz (+ the PTX arch it holds)
 #
 # What it does:
 # 1. The CUDA 13.0 compiler, headers (CCCL's too) and the libraries cudarc links (cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart) come
@@ -15,7 +15,7 @@
 # 3. Kernels are compiled for CUDA_COMPUTE_CAP (default 90: H100 and H200), as PTX/cubin by candle-kernels.
 # 4. diffusers' wheels go beside the binary for the PyTorch side of check.sh.
 #
-# Carry target/cuda-dist to the GPU machine (about 30 MB) and run tools/cuda/check.sh there.
+# Carry target/cuda-dist to the GPU machine (about 33 MB) and run tools/cuda/check.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -65,7 +65,11 @@ export CUDA_COMPUTE_CAP=$CAP
 export LIBRARY_PATH=$CUDA_HOME/lib:$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}
 cargo build --release --features cuda --target-dir "$TARGET_DIR" --bin controlnet
 mkdir -p "$DIST"
-cp "$TARGET_DIR/release/controlnet" "$DIST/controlnet"
+# Stripped and gzipped: the binary holds candle's kernels for the GPU (~95 MB stripped) and the GPU machine takes
+# at most 64 MiB of files; check.sh unpacks it there (~27 MB gzipped).
+strip -o "$DIST/controlnet.stripped" "$TARGET_DIR/release/controlnet"
+gzip -9 -c "$DIST/controlnet.stripped" > "$DIST/controlnet.gz"
+rm -f "$DIST/controlnet.stripped" "$DIST/controlnet"
 echo "$CAP" > "$DIST/compute_cap"
 # 4. diffusers for tools/bench_torch.py on the GPU machine, whose PyTorch image lacks it (pure-Python wheels; the
 #    rest of what diffusers imports is there).

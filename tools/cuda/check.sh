@@ -12,10 +12,16 @@
 #         diffusers travels as wheels in target/cuda-dist/wheels when the machine lacks it).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${BIN:-target/cuda-dist/controlnet}
 OUT=${OUT:-target/cuda-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+# The binary travels gzipped (the device takes at most 64 MiB of files): unpacked outside the carried tree.
+if [ -z "${BIN:-}" ]; then
+    BIN=/tmp/controlnet-cuda/controlnet
+    mkdir -p "$(dirname "$BIN")"
+    gzip -dc target/cuda-dist/controlnet.gz > "$BIN" && chmod +x "$BIN"
+    cp target/cuda-dist/compute_cap "$(dirname "$BIN")/compute_cap"
+fi
 STEPS=${*:-parity bench torch}
 log() { echo "check: $*" | tee -a "$OUT/check.log" >&2; }
 
