@@ -167,12 +167,12 @@ fn misused_eta_is_refused() {
     assert!(!out.exists());
 }
 
-/// `--eta` is recorded and `reproduce` makes the same picture again (the variance noise comes from the seed).
-#[test]
-fn ddim_eta_is_recorded_and_reproduced() {
+/// The tiny pipeline with `seed` and `extra` flags, then `reproduce` of its PNG: asserts the second picture is the
+/// first; the PNG's A1111 `parameters` text and its `controlnet-rs` recipe.
+fn generate_then_reproduce(seed: &str, extra: &[&str]) -> (String, String) {
     let dir = temp_dir();
     let (first, again) = (dir.path().join("a.png"), dir.path().join("b.png"));
-    let res = controlnet(&[
+    let mut args = vec![
         "generate",
         "--model",
         "tests/fixtures/models/tiny-sd15",
@@ -185,59 +185,36 @@ fn ddim_eta_is_recorded_and_reproduced() {
         "--steps",
         "3",
         "--seed",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--eta",
-        "0.5",
+        seed,
         "--quiet",
         "--output",
         first.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let res = controlnet(&args);
     assert!(res.status.success(), "{}", stderr(&res));
     let chunks = controlnet::io::images::read_png_text(&first).unwrap();
     let text = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
-    assert!(text("parameters").contains("Eta: 0.5"), "{chunks:?}");
-    assert!(text("controlnet-rs").contains(r#""eta":0.5"#), "{chunks:?}");
     let res = controlnet(&["reproduce", first.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
     assert!(res.status.success(), "{}", stderr(&res));
     let (a, b) = (image::open(&first).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
     assert_eq!(a.as_raw(), b.as_raw());
+    (text("parameters"), text("controlnet-rs"))
+}
+
+/// `--eta` is recorded and `reproduce` makes the same picture again (the variance noise comes from the seed).
+#[test]
+fn ddim_eta_is_recorded_and_reproduced() {
+    let (parameters, recipe) = generate_then_reproduce("4", &["--scheduler", "ddim", "--eta", "0.5"]);
+    assert!(parameters.contains("Eta: 0.5"), "{parameters}");
+    assert!(recipe.contains(r#""eta":0.5"#), "{recipe}");
 }
 
 /// DPM++ SDE Karras is recorded under both names and `reproduce` makes the same picture again: the Brownian
 /// tree's entropy comes from the seed's generator.
 #[test]
 fn dpmpp_sde_is_recorded_and_reproduced() {
-    let dir = temp_dir();
-    let (first, again) = (dir.path().join("a.png"), dir.path().join("b.png"));
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        "tests/fixtures/models/tiny-sd15",
-        "--controlnet",
-        "tests/fixtures/models/tiny-controlnet-a",
-        "--control",
-        "tests/fixtures/pipeline/control_circle.png",
-        "--prompt",
-        "a red circle",
-        "--steps",
-        "3",
-        "--seed",
-        "6",
-        "--scheduler",
-        "DPM++ SDE Karras",
-        "--quiet",
-        "--output",
-        first.to_str().unwrap(),
-    ]);
-    assert!(res.status.success(), "{}", stderr(&res));
-    let chunks = controlnet::io::images::read_png_text(&first).unwrap();
-    let text = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
-    assert!(text("parameters").contains("Sampler: DPM++ SDE Karras"), "{chunks:?}");
-    assert!(text("controlnet-rs").contains("dpm++sde-karras"), "{chunks:?}");
-    let res = controlnet(&["reproduce", first.to_str().unwrap(), "--output", again.to_str().unwrap(), "--quiet"]);
-    assert!(res.status.success(), "{}", stderr(&res));
-    let (a, b) = (image::open(&first).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
-    assert_eq!(a.as_raw(), b.as_raw());
+    let (parameters, recipe) = generate_then_reproduce("6", &["--scheduler", "DPM++ SDE Karras"]);
+    assert!(parameters.contains("Sampler: DPM++ SDE Karras"), "{parameters}");
+    assert!(recipe.contains("dpm++sde-karras"), "{recipe}");
 }
