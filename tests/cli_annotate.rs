@@ -2,23 +2,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{controlnet, stderr};
+use common::{assert_clean_failure, controlnet, stderr};
 
 /// A file of tests/fixtures/annotators (absolute, so the tests do not depend on the working folder).
 fn fixture(name: &str) -> PathBuf {
     common::fixture("annotators").join(name)
-}
-
-/// Fails if the command crashed instead of reporting an error.
-fn assert_clean_failure(out: &Output, must_mention: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for m in must_mention {
-        assert!(err.contains(m), "stderr should mention {m:?}: {err}");
-    }
 }
 
 fn s(p: &Path) -> &str {

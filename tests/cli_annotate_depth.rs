@@ -6,9 +6,8 @@ mod common;
 mod preprocess;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{controlnet, fake_hub_cache, stderr, temp_dir};
+use common::{assert_clean_failure, controlnet, fake_hub_cache, stderr, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("annotators_neural2").join(name)
@@ -20,15 +19,6 @@ fn weights(name: &str) -> PathBuf {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn assert_clean_failure(out: &Output, must_mention: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for m in must_mention {
-        assert!(err.contains(m), "stderr should mention {m:?}: {err}");
-    }
 }
 
 /// Share of samples more than 4 levels off.

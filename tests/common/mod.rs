@@ -45,6 +45,16 @@ pub fn run_with_cache(cache: &Path, args: &[&str]) -> Output {
         .expect("the controlnet binary runs")
 }
 
+/// The command failed cleanly: a non-zero exit, no panic, and stderr mentions each of `must_mention`.
+pub fn assert_clean_failure(out: &Output, must_mention: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for m in must_mention {
+        assert!(err.contains(m), "stderr should mention {m:?}: {err}");
+    }
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
