@@ -62,32 +62,26 @@ pub fn crop_region(mask: &RgbImage, (width, height): (usize, usize), pad: u32) -
     let ratio = width as f64 / height as f64;
     if ratio_crop > ratio {
         let diff = ((x2 - x1) as f64 / ratio - (y2 - y1) as f64) as i64;
-        y1 -= diff.div_euclid(2);
-        y2 += diff - diff.div_euclid(2);
-        if y2 >= h {
-            y1 -= y2 - h;
-            y2 = h;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        y2 = y2.min(h);
+        (y1, y2) = grow_inside(y1, y2, diff, h);
     } else {
         let diff = ((y2 - y1) as f64 * ratio - (x2 - x1) as f64) as i64;
-        x1 -= diff.div_euclid(2);
-        x2 += diff - diff.div_euclid(2);
-        if x2 >= w {
-            x1 -= x2 - w;
-            x2 = w;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        x2 = x2.min(w);
+        (x1, x2) = grow_inside(x1, x2, diff, w);
     }
     Ok(CropRegion { x0: x1 as u32, y0: y1 as u32, x1: x2 as u32, y1: y2 as u32 })
+}
+
+/// `[lo, hi)` grown by `diff` (half before, the odd pixel after), then moved back inside `[0, limit)` and clamped.
+fn grow_inside(lo: i64, hi: i64, diff: i64, limit: i64) -> (i64, i64) {
+    let (mut lo, mut hi) = (lo - diff.div_euclid(2), hi + diff - diff.div_euclid(2));
+    if hi >= limit {
+        lo -= hi - limit;
+        hi = limit;
+    }
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    (lo, hi.min(limit))
 }
 
 /// `VaeImageProcessor.apply_overlay(mask, original, generated, region)`: the generated picture resized to cover
