@@ -92,8 +92,8 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     // are): it only goes to a diffusers folder (from its single file, or to change the precision).
     let union = is_union(&c.config);
     let target = args.to.unwrap_or(match input_format {
-        _ if union => Target::Diffusers,
         Format::Original => Target::Diffusers,
+        Format::Diffusers if union => Target::Diffusers,
         Format::Diffusers => Target::Original,
     });
     if union && target == Target::Original {
