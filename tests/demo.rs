@@ -48,6 +48,7 @@ fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::Control
                     end: 1.0,
                     only_mid: false,
                     control_type: None,
+                    union_join: false,
                     mode: Default::default(),
                 })
                 .into_iter()

@@ -48,6 +48,7 @@ fn check(case: &str, model: &str, nets: &[Net], params: GenerateParams) {
                 end: n.end,
                 only_mid: false,
                 control_type: None,
+                union_join: false,
                 mode: Default::default(),
             }
         })

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use controlnet::model::controlnet::{AddedConditions, ControlNetModel};
+use controlnet::model::controlnet_union::UnionCondition;
 
 const UNION: &str = "tests/fixtures/models/tiny-controlnet-sdxl-union";
 
@@ -24,7 +25,8 @@ fn union_forward_matches_diffusers() {
     let emb = net.embed_condition(&fx["cond"]).unwrap();
     assert_close(&emb, &fx["cond_embedding"], "hint embedding");
     let hint = net.union_hint(&emb, 3).unwrap().unwrap();
-    let res = net.forward_union(x, t, ctx, Some(&added), &emb, &hint, 0.8).unwrap();
+    let one = |hint| [UnionCondition { cond_embedding: &emb, hint, scale: 0.8 }];
+    let res = net.forward_union(x, t, ctx, Some(&added), &one(&hint)).unwrap();
     for (i, d) in res.down_block_res_samples.iter().enumerate() {
         assert_close(d, &fx[&format!("controlnet_down.{i}")], &format!("union down {i}"));
     }
@@ -32,11 +34,41 @@ fn union_forward_matches_diffusers() {
 
     // Another control type gives other residuals (the type is really read), and a plain call is refused.
     let other = net.union_hint(&emb, 1).unwrap().unwrap();
-    let res1 = net.forward_union(x, t, ctx, Some(&added), &emb, &other, 0.8).unwrap();
+    let res1 = net.forward_union(x, t, ctx, Some(&added), &one(&other)).unwrap();
     assert!(max_abs(&(&res1.mid_block_res_sample - &res.mid_block_res_sample).unwrap()) > 1e-3);
     let err = net.forward_with(x, t, ctx, Some(&added), &emb, 0.8, false).unwrap_err().to_string();
     assert!(err.contains("union net"), "{err}");
     assert!(net.union_hint(&emb, 8).is_err());
+}
+
+/// diffusers' list form: several conditions in one call, each scale on its own token and hint; a third
+/// condition of a type already present (the multi-hot type vector holds each type once).
+#[test]
+fn union_list_form_matches_diffusers() {
+    let fx: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("sdxl_union/joint.safetensors"), &Device::Cpu).unwrap();
+    let net = ControlNetModel::load(&fixture("models/tiny-controlnet-sdxl-union"), DType::F32, &Device::Cpu).unwrap();
+    let added = AddedConditions { text_embeds: fx["text_embeds"].clone(), time_ids: fx["time_ids"].clone() };
+    let (x, t, ctx) = (&fx["sample"], &fx["timesteps"], &fx["context"]);
+    let embs = [net.embed_condition(&fx["cond.0"]).unwrap(), net.embed_condition(&fx["cond.1"]).unwrap()];
+    let hints = [net.union_hint(&embs[0], 1).unwrap().unwrap(), net.union_hint(&embs[1], 3).unwrap().unwrap()];
+    let cond = |k: usize, scale: f64| UnionCondition { cond_embedding: &embs[k], hint: &hints[k], scale };
+    for (name, conditions) in
+        [("two", vec![cond(0, 0.7), cond(1, 1.2)]), ("three", vec![cond(0, 0.5), cond(1, 1.0), cond(0, 0.9)])]
+    {
+        let res = net.forward_union(x, t, ctx, Some(&added), &conditions).unwrap();
+        for (i, d) in res.down_block_res_samples.iter().enumerate() {
+            assert_close(d, &fx[&format!("{name}.down.{i}")], &format!("{name} down {i}"));
+        }
+        assert_close(&res.mid_block_res_sample, &fx[&format!("{name}.mid")], &format!("{name} mid"));
+    }
+    // One call with both is not the sum of a call per condition (what two units do).
+    let joint = net.forward_union(x, t, ctx, Some(&added), &[cond(0, 0.7), cond(1, 1.2)]).unwrap();
+    let a = net.forward_union(x, t, ctx, Some(&added), &[cond(0, 0.7)]).unwrap();
+    let b = net.forward_union(x, t, ctx, Some(&added), &[cond(1, 1.2)]).unwrap();
+    let sum = (&a.mid_block_res_sample + &b.mid_block_res_sample).unwrap();
+    assert!(max_abs(&(&sum - &joint.mid_block_res_sample).unwrap()) > 1e-2);
+    assert!(net.forward_union(x, t, ctx, Some(&added), &[]).is_err());
 }
 
 const MIN_PSNR_DB: f64 = 40.0;
@@ -55,6 +87,41 @@ fn one_union_unit_matches_diffusers() {
 #[test]
 fn two_union_units_match_diffusers() {
     run_case("union_two_units");
+}
+
+/// One union net called once per step with two conditions (`--union-join`), a shared scale and a window, as
+/// StableDiffusionXLControlNetUnionPipeline with the single net and a list of conditions.
+#[test]
+fn joined_union_conditions_match_diffusers_list_form() {
+    run_generate_case("sdxl_union/cases_joint.json", "union_joint", MIN_PSNR_DB);
+}
+
+/// `--union-join` needs a unit before it of the same union net, and takes that unit's window.
+#[test]
+fn union_join_is_checked() {
+    let dir = temp_dir();
+    let out = dir.path().join("o.png");
+    let base = ["generate", "--model", "tests/fixtures/models/tiny-sdxl", "--prompt", "x", "--steps", "2"];
+    let (circle, box_) = ("tests/fixtures/pipeline/control_circle.png", "tests/fixtures/pipeline/control_box.png");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra);
+        args.extend(["--output", out.to_str().unwrap(), "--quiet"]);
+        controlnet(&args)
+    };
+    let first = ["--controlnet", UNION, "--control", circle, "--control-type", "depth", "--control-start", "0.2"];
+    let res = run(&["--controlnet", UNION, "--control", circle, "--control-type", "depth", "--union-join"]);
+    assert_clean_failure(&res, &["--union-join (ControlNet 1)", "no unit before it"]);
+    let plain = "tests/fixtures/models/tiny-controlnet-sdxl";
+    let res = run(&[&first[..], &["--controlnet", plain, "--control", box_, "--union-join"]].concat());
+    assert_clean_failure(&res, &["--union-join (ControlNet 2)", "same union net"]);
+    let later = ["--controlnet", UNION, "--control", box_, "--control-type", "canny", "--control-start", "0.5"];
+    let res = run(&[&first[..], &later[..], &["--union-join"]].concat());
+    assert_clean_failure(&res, &["--control-start (ControlNet 2)", "0.2"]);
+    let untyped = ["--controlnet", UNION, "--control", box_, "--union-join"];
+    let res = run(&[&first[..], &untyped[..]].concat());
+    assert_clean_failure(&res, &["--control-type (ControlNet 2)"]);
+    assert!(!out.exists());
 }
 
 /// The net as the single `.safetensors` file people download, with the type by name: the same image as from

@@ -74,6 +74,7 @@ struct Job {
     control_end: Option<OneOrMany<f64>>,
     only_mid_control: Option<OneOrMany<bool>>,
     control_type: Option<OneOrMany<String>>,
+    union_join: Option<OneOrMany<bool>>,
     width: Option<usize>,
     height: Option<usize>,
     steps: Option<usize>,
@@ -403,6 +404,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
     let configs = list(&job.controlnet_config);
     let mid = job.only_mid_control.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
     let types = list(&job.control_type);
+    let joins = job.union_join.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
     let modes = job.control_mode.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
     per_net("control_mode", modes.len())?;
     let controls = conds
@@ -418,6 +420,7 @@ fn to_request(job: &Job, base: &Path) -> anyhow::Result<GenerateRequest> {
             control_end: pick(&job.control_end, i, 1.0),
             only_mid_control: mid.get(i).copied().unwrap_or(false),
             control_type: types.get(i).or(if types.len() == 1 { types.first() } else { None }).cloned(),
+            union_join: joins.get(i).copied().unwrap_or(false),
             control_mode: modes
                 .get(i)
                 .or(if modes.len() == 1 { modes.first() } else { None })

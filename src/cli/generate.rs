@@ -84,6 +84,12 @@ pub struct GenerateArgs {
     /// canny, normal, segment, tile, repaint (or an annotator's name such as hed or lineart, or an index).
     #[arg(long = "control-type", value_name = "TYPE")]
     pub control_types: Vec<String>,
+    /// The matching --controlnet's condition runs in the same call as the --controlnet before it, which must be
+    /// the same union net (diffusers' one union net with a list of conditions, xinsir's multi-condition use: one
+    /// pass of the net for all, each --conditioning-scale weighing its own condition; the window and control mode
+    /// are the first unit's).
+    #[arg(long = "union-join", action = clap::ArgAction::Count)]
+    pub union_join: u8,
     /// Save the condition the matching ControlNet used (after preprocessing and resizing) as a PNG.
     #[arg(long = "save-control", value_name = "PATH")]
     pub save_controls: Vec<PathBuf>,
@@ -428,6 +434,9 @@ fn demo_net_flags(args: &GenerateArgs) -> anyhow::Result<Vec<NetFlags>> {
     control.control_end = once("--control-end", &args.ends)?.unwrap_or(1.0);
     control.only_mid_control = once("--only-mid-control", &mid_only_flags(args))?.unwrap_or(false);
     control.control_type = once("--control-type", &args.control_types)?;
+    if args.union_join > 0 {
+        bail!("--union-join joins a union --controlnet to the one before it: the demo has one ControlNet");
+    }
     control.control_mode = once("--control-mode", &args.control_modes)?.unwrap_or_default();
     control.annotator_weights = args.annotator_weights.clone();
     let save_control = once("--save-control", &args.save_controls)?;
@@ -451,6 +460,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
     let configs = per_net(m, &net_pos, args, "controlnet_configs", "--controlnet-config", &args.controlnet_configs)?;
     let mid_only = per_net(m, &net_pos, args, "only_mid_control", "--only-mid-control", &mid_only_flags(args))?;
     let types = per_net(m, &net_pos, args, "control_types", "--control-type", &args.control_types)?;
+    let joins = per_net(m, &net_pos, args, "union_join", "--union-join", &vec![true; usize::from(args.union_join)])?;
     let modes = per_net(m, &net_pos, args, "control_modes", "--control-mode", &args.control_modes)?;
     (0..n)
         .map(|i| {
@@ -464,6 +474,7 @@ fn pair_net_flags(args: &GenerateArgs, m: &ArgMatches) -> anyhow::Result<Vec<Net
                 control_end: ends[i].unwrap_or(1.0),
                 only_mid_control: mid_only[i].unwrap_or(false),
                 control_type: types[i].clone(),
+                union_join: joins[i].unwrap_or(false),
                 control_mode: modes[i].unwrap_or_default(),
                 annotator_weights: args.annotator_weights.clone(),
             };

@@ -277,6 +277,34 @@ mod tests {
                 1_251_014_160,
                 "f16",
             ),
+            // (-mid/-small: the configs ComfyUI's detection tables describe; see gen_layouts_sdxl_nets.py)
+            (
+                "controlnet_sdxl_mid_diffusers",
+                "diffusion_pytorch_model.fp16.safetensors",
+                ControlNet,
+                Sdxl,
+                Format::Diffusers,
+                272_586_000,
+                "f16",
+            ),
+            (
+                "controlnet_sdxl_small_diffusers",
+                "diffusion_pytorch_model.fp16.safetensors",
+                ControlNet,
+                Sdxl,
+                Format::Diffusers,
+                168_318_480,
+                "f16",
+            ),
+            (
+                "controlnet_sdxl_union_diffusers",
+                "diffusion_pytorch_model.safetensors",
+                ControlNet,
+                Sdxl,
+                Format::Diffusers,
+                1_255_958_800,
+                "f16",
+            ),
             (
                 "unet_sd15_diffusers",
                 "diffusion_pytorch_model.safetensors",
@@ -330,6 +358,8 @@ mod tests {
                 let linear = base != Sd15;
                 assert_eq!(i.projection, Some(if linear { Projection::Linear } else { Projection::Conv }), "{layout}");
             }
+            let union_note = i.notes.iter().any(|n| n.contains("union net"));
+            assert_eq!(union_note, layout.contains("union"), "{layout}: {:?}", i.notes);
             if layout.starts_with("control_lora") {
                 assert_eq!(i.description, "an SDXL control-LoRA, rank 128 (original names)");
                 assert_eq!((i.cross_attention_dim, i.ignored_tensors), (Some(2048), 1), "{layout}");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::controlnet_union::{UnionConfig, UnionHint, UnionParts};
+use super::controlnet_union::{UnionCondition, UnionConfig, UnionHint, UnionParts};
 use super::layers::{conv2d, Conv2d};
 use super::unet::UNet2DConditionConfig;
 use super::unet_encoder::{check_context, config_error, weights_origin, EncoderConfig, UNetEncoder};
@@ -98,6 +98,13 @@ impl Module for ControlNetConditioningEmbedding {
 /// `0.825 ** (12 - k)` for SD's 13 residuals: 0.825 ≈ 10^(-1/12).
 pub fn guess_mode_scales(n_down: usize) -> Vec<f64> {
     (0..=n_down).map(|k| 10f64.powf(-1.0 + k as f64 / n_down as f64)).collect()
+}
+
+/// What a call adds to the latent after `conv_in`: a plain net's hint embedding, or a union net's conditions.
+#[derive(Clone, Copy)]
+enum Hint<'a> {
+    Plain(&'a Tensor),
+    Union(&'a [UnionCondition<'a>]),
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +264,7 @@ impl ControlNetModel {
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
         let (ctx, scale) = (encoder_hidden_states, conditioning_scale);
-        self.forward_inner(sample, timestep, ctx, added, cond_embedding, None, scale, guess_mode)
+        self.forward_inner(sample, timestep, ctx, added, Hint::Plain(cond_embedding), scale, guess_mode)
     }
 
     /// A union net's condition of type `control_type` (see `model::controlnet_union`), from its hint
@@ -271,22 +278,25 @@ impl ControlNetModel {
         self.union.as_ref().map(UnionParts::num_control_type)
     }
 
-    /// A union net's residuals for one condition (diffusers' `ControlNetUnionModel.forward` with one condition,
-    /// as alone or inside `MultiControlNetUnionModel`). Guess mode is not offered: diffusers' union pipeline
-    /// cannot run it either.
-    #[allow(clippy::too_many_arguments)]
+    /// A union net's residuals for one call with one or several conditions (diffusers'
+    /// `ControlNetUnionModel.forward`: one condition as alone or inside `MultiControlNetUnionModel`, its scale on
+    /// the residuals; several as its list form, each scale on its condition's token and hint). Guess mode is not
+    /// offered: diffusers' union pipeline cannot run it either.
     pub fn forward_union(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
-        cond_embedding: &Tensor,
-        hint: &UnionHint,
-        conditioning_scale: f64,
+        conditions: &[UnionCondition],
     ) -> Result<ControlNetOutput> {
+        let scale = match conditions {
+            [one] => one.scale,
+            [] => bail!("a union net call needs at least one condition"),
+            _ => 1.0,
+        };
         let ctx = encoder_hidden_states;
-        self.forward_inner(sample, timestep, ctx, added, cond_embedding, Some(hint), conditioning_scale, false)
+        self.forward_inner(sample, timestep, ctx, added, Hint::Union(conditions), scale, false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -296,8 +306,7 @@ impl ControlNetModel {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
-        cond_embedding: &Tensor,
-        union_hint: Option<&UnionHint>,
+        hint: Hint,
         conditioning_scale: f64,
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
@@ -305,28 +314,37 @@ impl ControlNetModel {
         let ctx = encoder_hidden_states;
         check_context(sample, ctx, self.config.encoder.cross_attention_dim)?;
         let (batch, dtype) = (sample.dim(0)?, sample.dtype());
-        let union = match (&self.union, union_hint) {
-            (Some(parts), Some(hint)) => Some((parts, hint)),
-            (None, None) => None,
-            (Some(_), None) => bail!("this is a union net: it needs the condition's control type (see `union_hint`)"),
-            (None, Some(_)) => bail!("a union hint goes with a union net only"),
+        let union = match (&self.union, hint) {
+            (Some(parts), Hint::Union(conditions)) => Some((parts, conditions)),
+            (None, Hint::Plain(_)) => None,
+            (Some(_), Hint::Plain(_)) => {
+                bail!("this is a union net: it needs the condition's control type (see `union_hint`)")
+            }
+            (None, Hint::Union(_)) => bail!("union conditions go with a union net only"),
         };
-        // 1. time (a union net adds its control type's embedding; SDXL its pooled text + size/crop conditioning)
-        let type_emb = union.map(|(parts, hint)| parts.time_embedding(hint, batch, dtype)).transpose()?;
+        // 1. time (a union net adds its control types' embedding; SDXL its pooled text + size/crop conditioning)
+        let type_emb = union.map(|(parts, conditions)| parts.time_embedding(conditions, batch, dtype)).transpose()?;
         let temb = self.encoder.embed_time_plus(timestep, batch, dtype, type_emb.as_ref(), added)?;
         // 2. pre-process: the hint joins the latent right after conv_in (one hint may serve the whole batch)
         let h = self.encoder.conv_in(sample)?;
-        let (e, hd) = (cond_embedding.dims(), h.dims());
-        if e.len() != 4 || e[1..] != hd[1..] || (e[0] != hd[0] && e[0] != 1) {
-            bail!(
-                "condition embedding has shape {e:?} but the latent after conv_in has {hd:?}: the condition image \
-                 must be 8x the latent size, with one image per sample or one for all"
-            )
+        let embeddings: Vec<&Tensor> = match hint {
+            Hint::Plain(e) => vec![e],
+            Hint::Union(conditions) => conditions.iter().map(|c| c.cond_embedding).collect(),
+        };
+        for e in embeddings {
+            let (e, hd) = (e.dims(), h.dims());
+            if e.len() != 4 || e[1..] != hd[1..] || (e[0] != hd[0] && e[0] != 1) {
+                bail!(
+                    "condition embedding has shape {e:?} but the latent after conv_in has {hd:?}: the condition \
+                     image must be 8x the latent size, with one image per sample or one for all"
+                )
+            }
         }
-        let h = match union {
-            // a union net first offsets the hint by what its transformer reads from the hint and the latent
-            Some((parts, hint)) => parts.fuse(&h, &cond_embedding.broadcast_as(h.dims())?.contiguous()?, hint)?,
-            None => h.broadcast_add(&cond_embedding.to_dtype(sample.dtype())?)?,
+        let h = match (union, hint) {
+            // a union net first offsets each hint by what its transformer reads from the hints and the latent
+            (Some((parts, conditions)), _) => parts.fuse(&h, conditions)?,
+            (None, Hint::Plain(e)) => h.broadcast_add(&e.to_dtype(sample.dtype())?)?,
+            (None, Hint::Union(_)) => bail!("union conditions go with a union net only"),
         };
         // 3. down, 4. mid: the UNet's encoder
         let (h, skips) = self.encoder.down(&h, &temb, ctx)?;

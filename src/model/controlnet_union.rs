@@ -10,8 +10,10 @@
 //! Keys (beside the ControlNet's): `task_embedding`, `transformer_layes.{i}.{ln_1,attn,ln_2,mlp}` (upstream's
 //! spelling), `spatial_ch_projs`, `control_add_embedding.linear_{1,2}`.
 //!
-//! One condition per net call, as diffusers runs a union net alone with one condition or inside
-//! `MultiControlNetUnionModel` (one call per unit): the conditioning scale then multiplies the residuals only.
+//! A call takes one condition (as diffusers runs a union net alone or inside `MultiControlNetUnionModel`, one call
+//! per unit: the conditioning scale then multiplies the residuals only) or several (diffusers' single-net list
+//! form, xinsir's multi-condition use: each condition's scale weighs its token and hint, the residuals are not
+//! scaled again).
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -144,8 +146,18 @@ impl ResidualAttentionBlock {
 pub struct UnionHint {
     /// The condition token: the hint's spatial mean plus the type's task embedding, (hint batch, width).
     token: Tensor,
-    /// The control type's embedding, added to the time embedding: (1, time_embed_dim).
-    time: Tensor,
+    /// Its control type (an index into [`CONTROL_TYPES`]).
+    control_type: usize,
+}
+
+/// One condition of a union-net call: its hint embedding, its [`UnionHint`] and its strength.
+#[derive(Debug, Clone, Copy)]
+pub struct UnionCondition<'a> {
+    /// The condition's hint embedding (`controlnet_cond_embedding`'s output), one per sample or one for all.
+    pub cond_embedding: &'a Tensor,
+    pub hint: &'a UnionHint,
+    /// `controlnet_conditioning_scale` of this condition.
+    pub scale: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -155,7 +167,7 @@ pub struct UnionParts {
     /// Upstream spells it `transformer_layes`.
     transformer_layes: Vec<ResidualAttentionBlock>,
     spatial_ch_projs: Linear,
-    /// Sinusoids of each 0/1 entry of the one-hot control type (no weights).
+    /// Sinusoids of each 0/1 entry of the multi-hot control type (no weights).
     control_type_proj: Timesteps,
     control_add_embedding: TimestepEmbedding,
     num_control_type: usize,
@@ -200,40 +212,72 @@ impl UnionParts {
         if control_type >= self.num_control_type {
             bail!("control type {control_type} is out of range: this union net knows {} types", self.num_control_type)
         }
-        let dtype = hint.dtype();
-        // 1. the condition token: spatial mean + the type's task embedding
-        let task = self.task_embedding.get(control_type)?.to_dtype(dtype)?.unsqueeze(0)?;
+        // the condition token: spatial mean + the type's task embedding
+        let task = self.task_embedding.get(control_type)?.to_dtype(hint.dtype())?.unsqueeze(0)?;
         let token = hint.mean((2, 3))?.broadcast_add(&task)?;
-        // 2. the one-hot type's sinusoids, flattened, through the MLP
-        let one_hot: Vec<f32> = (0..self.num_control_type).map(|i| f32::from(u8::from(i == control_type))).collect();
-        let one_hot = Tensor::new(one_hot, hint.device())?;
-        let sinusoids = self.control_type_proj.forward(&one_hot)?.reshape((1, ()))?.to_dtype(dtype)?;
+        Ok(UnionHint { token, control_type })
+    }
+
+    /// The embedding of the call's control types, added to the time embedding: the multi-hot vector of the
+    /// types present (one 1 per type, however many conditions share it), each entry's sinusoids flattened and
+    /// put through the MLP; (batch, time_embed_dim).
+    pub fn time_embedding(&self, conditions: &[UnionCondition], batch: usize, dtype: DType) -> Result<Tensor> {
+        let Some(first) = conditions.first() else { bail!("a union net call needs at least one condition") };
+        let multi_hot: Vec<f32> = (0..self.num_control_type)
+            .map(|i| f32::from(u8::from(conditions.iter().any(|c| c.hint.control_type == i))))
+            .collect();
+        let multi_hot = Tensor::new(multi_hot, first.hint.token.device())?;
+        let sinusoids = self.control_type_proj.forward(&multi_hot)?.reshape((1, ()))?.to_dtype(dtype)?;
         let time = self.control_add_embedding.forward(&sinusoids)?;
-        Ok(UnionHint { token, time })
+        time.broadcast_as((batch, time.dim(1)?))?.contiguous()
     }
 
-    /// The control type's time embedding for `batch` samples.
-    pub fn time_embedding(&self, hint: &UnionHint, batch: usize, dtype: DType) -> Result<Tensor> {
-        hint.time.to_dtype(dtype)?.broadcast_as((batch, hint.time.dim(1)?))?.contiguous()
-    }
-
-    /// The hint fused with the latent `h` (after `conv_in`): `h + hint + offset`, the offset being the
-    /// transformer's output for the condition token, projected per channel.
-    pub fn fuse(&self, h: &Tensor, cond_embedding: &Tensor, hint: &UnionHint) -> Result<Tensor> {
-        let batch = h.dim(0)?;
-        let width = hint.token.dim(1)?;
-        let token = hint.token.to_dtype(h.dtype())?.broadcast_as((batch, width))?;
-        // 1. two tokens per sample: the condition's and the latent's spatial mean → (batch, 2, width)
-        let mut x = Tensor::stack(&[&token, &h.mean((2, 3))?], 1)?;
+    /// The conditions fused with the latent `h` (after `conv_in`): `h + Σ (hint + offset)`, each offset the
+    /// transformer's output for that condition's token, projected per channel. One condition enters at full
+    /// strength (its scale then multiplies the residuals, diffusers' single-condition path); several enter
+    /// scaled, tokens and hints alike (diffusers' list form, whose residuals are not scaled again).
+    pub fn fuse(&self, h: &Tensor, conditions: &[UnionCondition]) -> Result<Tensor> {
+        let (batch, dtype) = (h.dim(0)?, h.dtype());
+        let joint = conditions.len() > 1;
+        let strength = |c: &UnionCondition| if joint { c.scale } else { 1.0 };
+        // 1. one token per condition (scaled when joint), then the latent's spatial mean → (batch, n + 1, width)
+        let mut tokens = conditions
+            .iter()
+            .map(|c| {
+                let width = c.hint.token.dim(1)?;
+                let token = c.hint.token.to_dtype(dtype)?.broadcast_as((batch, width))?;
+                if joint {
+                    token * c.scale
+                } else {
+                    Ok(token)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        tokens.push(h.mean((2, 3))?);
+        let mut x = Tensor::stack(&tokens, 1)?;
         // 2. the transformer (its attention runs along dim 0, the batch: upstream feeds (batch, tokens, width)
         //    to a sequence-first nn.MultiheadAttention)
         for layer in &self.transformer_layes {
             x = layer.forward(&x)?;
         }
-        // 3. per-channel offset from the condition token, added with the hint to the latent
-        let alpha = self.spatial_ch_projs.forward(&x.get_on_dim(1, 0)?.contiguous()?)?;
-        let fused = cond_embedding.to_dtype(h.dtype())?.broadcast_add(&alpha.unsqueeze(D::Minus1)?.unsqueeze(3)?)?;
-        h + fused
+        // 3. per condition: hint + per-channel offset from its token, both at the condition's strength; the sum
+        //    joins the latent
+        let mut fused: Option<Tensor> = None;
+        for (i, c) in conditions.iter().enumerate() {
+            let alpha = self.spatial_ch_projs.forward(&x.get_on_dim(1, i)?.contiguous()?)?;
+            let alpha = alpha.unsqueeze(D::Minus1)?.unsqueeze(3)?;
+            let hint = c.cond_embedding.to_dtype(dtype)?.broadcast_as(h.dims())?;
+            let (s, hint) = (strength(c), hint.contiguous()?);
+            let term = if s == 1.0 { hint.broadcast_add(&alpha)? } else { ((hint * s)?.broadcast_add(&(alpha * s)?))? };
+            fused = Some(match fused {
+                Some(sum) => (sum + term)?,
+                None => term,
+            });
+        }
+        match fused {
+            Some(fused) => h + fused,
+            None => bail!("a union net call needs at least one condition"),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use super::request::control_setting;
 use super::sd::StableDiffusion;
 use super::text_conditioning::{self, PromptOptions, SdxlConditioning};
 use crate::model::controlnet::{ControlNetModel, ControlNetOutput};
+use crate::model::controlnet_union::UnionCondition;
 use crate::model::vae_tiling::VaeTiling;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, Sampler};
@@ -32,6 +33,9 @@ pub struct Control<'a> {
     pub mode: ControlMode,
     /// A union net's condition type (an index into `model::controlnet_union::CONTROL_TYPES`).
     pub control_type: Option<usize>,
+    /// This union-net condition runs in the call of the control before it (same net; that one's window, mode
+    /// and middle-only setting apply).
+    pub union_join: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -321,9 +325,11 @@ pub fn generate_from(
         let latent_input = scheduler.scale_model_input(&latent_input, i)?;
         let t_batch = Tensor::full(t as f32, latent_input.dim(0)?, &device)?.to_dtype(DType::F32)?;
 
-        // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero).
+        // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero). A call
+        //     is a control with the union-net conditions joined to it.
         let mut residuals: Option<ControlNetOutput> = None;
-        for (c, (hint, union)) in controls.iter().zip(&hints) {
+        for call in calls(controls) {
+            let c = &controls[call.start];
             let outside = (j as f64) / (total as f64) < c.start || ((j + 1) as f64) / (total as f64) > c.end;
             if outside {
                 continue;
@@ -331,10 +337,18 @@ pub fn generate_from(
             // A1111's soft injection: the net runs at strength 1 and the mode weights each level.
             let soft = c.mode != ControlMode::Balanced;
             let (scale, ramp) = if soft { (1.0, false) } else { (c.scale, guess_mode) };
-            let out = if let Some(union) = union {
+            let (hint, union) = &hints[call.start];
+            let out = if union.is_some() {
                 // request validation refuses guess mode and "ControlNet is more important" with union nets
-                let added = text.added.as_ref();
-                c.net.forward_union(&latent_input, &t_batch, embeds, added, hint, union, scale)?
+                let conditions = call
+                    .clone()
+                    .filter_map(|k| {
+                        let (hint, union) = &hints[k];
+                        let scale = if soft { 1.0 } else { controls[k].scale };
+                        union.as_ref().map(|u| UnionCondition { cond_embedding: hint, hint: u, scale })
+                    })
+                    .collect::<Vec<_>>();
+                c.net.forward_union(&latent_input, &t_batch, embeds, text.added.as_ref(), &conditions)?
             } else if (guess_mode || c.mode.conditional_only()) && cfg {
                 // Guess mode / "ControlNet is more important": the net sees only the conditional half; the
                 // unconditional half gets zeros.
@@ -472,4 +486,16 @@ fn pad_unconditional_half(out: &ControlNetOutput) -> candle_core::Result<Control
         down_block_res_samples: out.down_block_res_samples.iter().map(pad).collect::<candle_core::Result<_>>()?,
         mid_block_res_sample: pad(&out.mid_block_res_sample)?,
     })
+}
+
+/// The net calls of a step: each control with the union-net conditions joined to it after it, as index ranges.
+fn calls(controls: &[Control]) -> Vec<std::ops::Range<usize>> {
+    let mut calls: Vec<std::ops::Range<usize>> = Vec::new();
+    for (k, c) in controls.iter().enumerate() {
+        match calls.last_mut() {
+            Some(last) if c.union_join => last.end = k + 1,
+            _ => calls.push(k..k + 1),
+        }
+    }
+    calls
 }

@@ -91,18 +91,25 @@ pub fn run(
     if let Some(vae) = &request.vae {
         sd.replace_vae("vae", vae, &opts)?;
     }
-    let nets = request
-        .controls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let spec = c.controlnet.as_deref().unwrap_or_default();
-            open_controlnet(&control_setting(i, "controlnet"), spec, c.controlnet_config.as_deref(), &opts, Some(&sd))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    //    A net named by several units (a union net's conditions, joined or not) is loaded once.
+    let mut nets: Vec<ControlNetModel> = Vec::new();
+    let mut net_of_unit = Vec::with_capacity(request.controls.len());
+    for (i, c) in request.controls.iter().enumerate() {
+        let key = (&c.controlnet, &c.controlnet_config);
+        let seen = request.controls[..i].iter().position(|p| (&p.controlnet, &p.controlnet_config) == key);
+        match seen {
+            Some(first) => net_of_unit.push(net_of_unit[first]),
+            None => {
+                let spec = c.controlnet.as_deref().unwrap_or_default();
+                let setting = control_setting(i, "controlnet");
+                nets.push(open_controlnet(&setting, spec, c.controlnet_config.as_deref(), &opts, Some(&sd))?);
+                net_of_unit.push(nets.len() - 1);
+            }
+        }
+    }
 
     // 3. Run.
-    Generator::new(&sd, nets.iter().collect()).run_checked(&request, inputs, progress, cancel)
+    Generator::new(&sd, net_of_unit.iter().map(|&k| &nets[k]).collect()).run_checked(&request, inputs, progress, cancel)
 }
 
 /// Reads the LoRA files of a request; errors name `lora` and the file, keys read but not applied are warned of.
@@ -497,6 +504,7 @@ impl<'a> Generator<'a> {
                 only_mid: c.only_mid_control,
                 // checked against the net by `check_control_type`
                 control_type: c.control_type.as_deref().and_then(|k| parse_control_type(k).ok()),
+                union_join: c.union_join,
                 mode: c.control_mode,
             })
             .collect()
@@ -528,6 +536,7 @@ impl<'a> Generator<'a> {
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
+                    union_join: c.union_join,
                     control_mode: c.control_mode,
                     annotator_weights: c.annotator_weights.as_deref().map(recorded_path),
                 })

@@ -45,6 +45,9 @@ pub struct ControlMetadata {
     /// A union net's control type, as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_type: Option<String>,
+    /// The condition ran in the call of the union net before it (recorded only when on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub union_join: bool,
     // Control modes (A1111's per-unit "Control Mode").
     /// `--control-mode` (recorded only when not balanced; older images have none).
     #[serde(default, skip_serializing_if = "ControlMode::is_balanced")]
@@ -316,6 +319,7 @@ impl ImageMetadata {
                     control_end: c.control_end,
                     only_mid_control: c.only_mid_control,
                     control_type: c.control_type.clone(),
+                    union_join: c.union_join,
                     control_mode: c.control_mode,
                     annotator_weights: c.annotator_weights.as_deref().map(find),
                 })
@@ -443,6 +447,7 @@ mod tests {
                 control_end: 0.5,
                 only_mid_control: false,
                 control_type: None,
+                union_join: false,
                 control_mode: ControlMode::Prompt,
                 annotator_weights: None,
             }],

@@ -98,6 +98,11 @@ pub struct ControlRequest {
     /// A union net's condition type (`canny`, `depth`, an alias such as `hed`, or an index; see
     /// `model::controlnet_union::CONTROL_TYPES`); required by union nets, refused by the others.
     pub control_type: Option<String>,
+    /// Run this condition in the same call as the unit before it, which must be the same union net (diffusers'
+    /// single union net with a list of conditions; xinsir's multi-condition use): the conditions' tokens are
+    /// mixed in one pass and each scale weighs its own condition. The call's window and control mode are the
+    /// first unit's; this unit's own must be left at their defaults or equal them.
+    pub union_join: bool,
     // Control modes (A1111's per-unit "Control Mode").
     /// How this net balances itself against the prompt (`--control-mode`).
     pub control_mode: ControlMode,
@@ -120,6 +125,7 @@ impl ControlRequest {
             control_end: 1.0,
             only_mid_control: false,
             control_type: None,
+            union_join: false,
             control_mode: ControlMode::Balanced,
             annotator_weights: None,
         }
@@ -433,6 +439,51 @@ impl GenerateRequest {
                     ));
                 }
             }
+            if c.union_join {
+                self.check_union_join(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A joined unit (see [`ControlRequest::union_join`]) follows a unit of the same union net and shares its
+    /// call: the same window, control mode and middle-only setting (its own left at the defaults or equal).
+    fn check_union_join(&self, i: usize) -> Result<()> {
+        let setting = |field: &str| control_setting(i, field);
+        let (c, defaults) = (&self.controls[i], ControlRequest::new(None, ""));
+        let Some(head) = i.checked_sub(1).map(|p| &self.controls[p]) else {
+            return Err(Error::setting(setting("union_join"), "the first ControlNet has no unit before it to join"));
+        };
+        if c.controlnet.is_none() || c.controlnet != head.controlnet {
+            return Err(Error::setting(
+                setting("union_join"),
+                format!(
+                    "joins the unit before it, so it must name the same union net ({}) but names {}",
+                    head.controlnet.as_deref().unwrap_or("the demo net"),
+                    c.controlnet.as_deref().unwrap_or("the demo net")
+                ),
+            ));
+        }
+        if c.control_type.is_none() {
+            return Err(Error::setting(setting("control_type"), "a joined condition needs its control type"));
+        }
+        let same = |a: f64, b: f64, default: f64| a == b || a == default;
+        for (field, mine, theirs, default) in [
+            ("control_start", c.control_start, head.control_start, defaults.control_start),
+            ("control_end", c.control_end, head.control_end, defaults.control_end),
+        ] {
+            if !same(mine, theirs, default) {
+                return Err(Error::setting(
+                    setting(field),
+                    format!("{mine}: a joined condition runs in its head's call, whose window has {theirs}"),
+                ));
+            }
+        }
+        if c.control_mode != head.control_mode && c.control_mode != defaults.control_mode {
+            return Err(Error::setting(setting("control_mode"), "a joined condition takes its head's control mode"));
+        }
+        if c.only_mid_control != head.only_mid_control && c.only_mid_control {
+            return Err(Error::setting(setting("only_mid_control"), "a joined condition takes its head's setting"));
         }
         Ok(())
     }

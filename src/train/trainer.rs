@@ -479,6 +479,7 @@ impl Trainer {
                 only_mid: false,
                 mode: Default::default(),
                 control_type: None,
+                union_join: false,
             };
             let params = GenerateParams {
                 prompt: prompt.clone(),
