@@ -361,9 +361,8 @@ def settle_batch_norms(model, x):
 
 
 def affine(conv, raw, scale, shift):
-    """Make a conv's outputs `(raw - shift_from) * scale + shift_to` per output channel: `raw` its outputs on
-    the bench input ([channels, cells]); `scale`, `shift` (tensors of the channel count) map their mean to
-    `shift` and their spread to `scale` times."""
+    """Rescale a 1x1 conv per output channel so that its outputs `raw` on the bench input ([channels, cells])
+    become `(raw - mean) * scale + shift` (`scale`, `shift`: one value per channel)."""
     with torch.no_grad():
         mean = raw.mean(1)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
