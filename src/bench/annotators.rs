@@ -7,16 +7,18 @@
 //! lists every tensor name and shape of each upstream weights file (written by that script's `--shapes`); the
 //! loaders read them exactly as they read the published files. Random weights make OpenPose and M-LSD find
 //! different things than on a photo with trained weights, so their post-processing does different work; the
-//! nets dominate.
+//! nets dominate. DWPose's nets are ONNX graphs read from files instead, timed on a picture of a person
+//! ([`super::dwpose`]).
 use std::collections::HashMap;
 
 use candle_core::{Shape, Tensor};
 use image::{Rgb, RgbImage};
 
+use super::dwpose;
 use super::random::RandomWeights;
 use super::{cpu_model, kernels_used, load_average, timed, Timing};
 use crate::annotate::neural::{detector_from, StateDict};
-use crate::annotate::{annotate_upstream, DetectorOptions, UpstreamSizes};
+use crate::annotate::{annotate_upstream, Detector, DetectorOptions, UpstreamSizes};
 use crate::{Error, Result};
 
 /// Every upstream weights file's tensors as `[name, shape]` pairs.
@@ -47,6 +49,9 @@ pub struct AnnotatorRow {
     pub seconds: Timing,
     /// CPU seconds (all threads) of the same calls.
     pub cpu_seconds: Timing,
+    /// dwpose: the people its detector finds in the picture (its pose net runs once per person).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub people: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,29 +106,48 @@ pub fn bench_image(size: u32) -> RgbImage {
     })
 }
 
-/// Builds each of `kinds` from random full-size weights and times it on the bench image.
-pub fn run(kinds: &[&str], iters: usize, seed: u64, mut progress: impl FnMut(&str)) -> Result<AnnotatorReport> {
+/// Builds each of `kinds` from random full-size weights (dwpose: from its ONNX files, `dwpose_weights` or the
+/// hub cache, see [`dwpose::load`]) and times it on the bench image (dwpose: on [`dwpose::person_image`]).
+pub fn run(
+    kinds: &[&str],
+    iters: usize,
+    seed: u64,
+    dwpose_weights: Option<&str>,
+    mut progress: impl FnMut(&str),
+) -> Result<AnnotatorReport> {
     if iters == 0 {
         return Err(Error::setting("iters", "must be at least 1"));
     }
     let load_before = load_average();
-    let image = bench_image(SIZE);
     let sizes = UpstreamSizes { detect_resolution: Some(SIZE), image_resolution: Some(SIZE) };
     let open = |file: &str| random_state_dict(file, seed);
     let mut rows = Vec::with_capacity(kinds.len());
     for &kind in kinds {
         progress(&format!("{kind}: building"));
         let start = std::time::Instant::now();
-        let detector = detector_from(kind, &DetectorOptions::default(), &open)?
-            .ok_or_else(|| Error::setting("annotators", format!("{kind} is not a neural annotator")))?;
+        let (detector, image, people): (Box<dyn Detector>, RgbImage, Option<usize>) = if kind == dwpose::KIND {
+            let detector = dwpose::load(dwpose_weights)?;
+            let image = dwpose::person_image(SIZE);
+            let people = dwpose::people(&detector, &image, &sizes)?;
+            (Box::new(detector), image, Some(people))
+        } else {
+            let detector = detector_from(kind, &DetectorOptions::default(), &open)?
+                .ok_or_else(|| Error::setting("annotators", format!("{kind} is not a neural annotator")))?;
+            (detector, bench_image(SIZE), None)
+        };
         let build_s = start.elapsed().as_secs_f64();
         progress(&format!("{kind}: timing"));
         let (seconds, cpu_seconds, _) = timed(iters, || annotate_upstream(detector.as_ref(), &image, &sizes))?;
         progress(&format!("{kind}: {:.3} s", seconds.median_s));
-        rows.push(AnnotatorRow { kind: kind.to_string(), build_s, seconds, cpu_seconds });
+        rows.push(AnnotatorRow { kind: kind.to_string(), build_s, seconds, cpu_seconds, people });
     }
     Ok(AnnotatorReport {
-        implementation: "controlnet-rs (candle 0.11.1)".into(),
+        implementation: if kinds.contains(&dwpose::KIND) {
+            // tract is built without its multithread-mm feature: one thread whatever `threads` says
+            "controlnet-rs (candle 0.11.1; dwpose: tract-onnx 0.23, one thread)".into()
+        } else {
+            "controlnet-rs (candle 0.11.1)".into()
+        },
         size: SIZE,
         iters,
         kernels: kernels_used(candle_core::DType::F32),

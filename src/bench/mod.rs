@@ -18,6 +18,7 @@ use crate::pipeline::request::ComputeDtype;
 use crate::{Error, Result};
 
 pub mod annotators;
+pub mod dwpose;
 pub mod floor;
 pub mod flops;
 pub mod random;

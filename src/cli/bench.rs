@@ -2,7 +2,7 @@
 //! guided step, per UNet and ControlNet pass and per VAE decode, GFLOP/s and peak memory of the full-size
 //! networks with random weights (see [`crate::bench`]). With `--train`: one ControlNet training update instead
 //! ([`crate::bench::train`]). With `--annotators`: seconds per 512-px image of each neural annotator
-//! ([`crate::bench::annotators`]).
+//! ([`crate::bench::annotators`]; dwpose from `--weights` or the hub cache, [`crate::bench::dwpose`]).
 use std::fmt::Write;
 
 use clap::Args;
@@ -50,9 +50,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4096)]
     pub floor_size: usize,
     /// Time the neural annotators instead (full size, random weights, one 512-px image each): all of them, or
-    /// a comma-separated list of kinds (e.g. --annotators hed,depth-anything).
+    /// a comma-separated list of kinds (e.g. --annotators hed,depth-anything). dwpose reads its two ONNX files
+    /// from --weights or the hub cache (all: skipped with a note when there are none).
     #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "KINDS")]
     pub annotators: Option<String>,
+    /// --annotators dwpose: a folder or hub repo with yolox_l.onnx and dw-ll_ucoco_384.onnx, as `annotate
+    /// --weights` [default: yzd-v/DWPose from the Hugging Face cache, never downloaded here];
+    /// `tools/bench_dwpose_nets.py DIR` writes full-size random-weight ones.
+    #[arg(long, value_name = "DIR_OR_ID", requires = "annotators")]
+    pub weights: Option<String>,
     /// Time reading training data instead: --data-samples examples of this --dataset (a folder dataset or
     /// shards, as `train` takes it) decoded, resized and cropped to 8x --latent px as training reads them,
     /// without any model; prints samples/s and the peak resident memory.
@@ -150,13 +156,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(list) = &args.annotators {
-        let kinds: Vec<&str> = if list == "all" {
-            crate::bench::annotators::KINDS.to_vec()
-        } else {
-            list.split(',').map(str::trim).collect()
-        };
-        let report = crate::bench::annotators::run(&kinds, args.iters, args.seed, |msg| eprintln!("bench: {msg}"))
-            .map_err(|e| anyhow::anyhow!("--annotators: {e}"))?;
+        use crate::bench::dwpose;
+        let weights = args.weights.as_deref();
+        let kinds = annotator_kinds(list, || dwpose::available(weights));
+        if list == "all" && !kinds.contains(&dwpose::KIND) {
+            eprintln!("bench: no dwpose row: {}", super::describe(&anyhow::Error::from(dwpose::missing())));
+        }
+        let report =
+            crate::bench::annotators::run(&kinds, args.iters, args.seed, weights, |msg| eprintln!("bench: {msg}"))
+                .map_err(|e| anyhow::Error::new(e).context("--annotators"))?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
@@ -195,6 +203,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         print!("{}", render(&report));
     }
     Ok(())
+}
+
+/// The kinds `--annotators LIST` times: those listed, or for `all` every torch annotator and dwpose when its
+/// files are `available` (only asked then).
+fn annotator_kinds(list: &str, available: impl FnOnce() -> bool) -> Vec<&str> {
+    if list != "all" {
+        return list.split(',').map(str::trim).collect();
+    }
+    let mut all = crate::bench::annotators::KINDS.to_vec();
+    if available() {
+        all.push(crate::bench::dwpose::KIND);
+    }
+    all
 }
 
 fn gib(bytes: u64) -> String {
@@ -291,11 +312,17 @@ pub fn render_annotators(r: &crate::bench::annotators::AnnotatorReport) -> Strin
     );
     let _ = writeln!(s, "{:<18}{:>10}{:>12}{:>10}", "kind", "seconds", "CPU seconds", "build s");
     for row in &r.rows {
-        let _ = writeln!(
+        let _ = write!(
             s,
             "{:<18}{:>10.3}{:>12.3}{:>10.2}",
             row.kind, row.seconds.median_s, row.cpu_seconds.median_s, row.build_s
         );
+        match row.people {
+            Some(n) => {
+                let _ = writeln!(s, "  ({n} {} found)", if n == 1 { "person" } else { "people" });
+            }
+            None => s.push('\n'),
+        }
     }
     s
 }
@@ -328,4 +355,21 @@ pub fn render_train(r: &TrainBenchReport) -> String {
         let _ = writeln!(s, "warning: a loss or gradient was not finite, or a trainable tensor had no gradient");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `all` takes dwpose only when its files are there; a list is taken as written (a missing dwpose is then an
+    /// error of the run).
+    #[test]
+    fn all_includes_dwpose_only_with_its_files() {
+        let torch = crate::bench::annotators::KINDS.len();
+        assert_eq!(annotator_kinds("all", || false).len(), torch);
+        let with = annotator_kinds("all", || true);
+        assert_eq!((with.len(), with.last()), (torch + 1, Some(&"dwpose")));
+        let listed = annotator_kinds("hed, dwpose", || panic!("a list does not look for the files"));
+        assert_eq!(listed, ["hed", "dwpose"]);
+    }
 }
