@@ -20,6 +20,9 @@ pub fn is_decoder(name: &str) -> bool {
     name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
 }
 
+/// A folder dataset's images and their posteriors (mean, log-variance).
+type FolderInputs = (Vec<Tensor>, Vec<(Tensor, Tensor)>);
+
 /// Trains the decoder to its step count and rewrites `model/vae/`; false when stopped.
 pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Result<bool> {
     let settings = run.settings;
@@ -34,7 +37,7 @@ pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Resu
     let (stop, device, batch) = (run.stop, run.device, settings.vae_decoder.batch_size);
     let mut data = run.batches();
     // A folder's images and their posteriors, loaded at the first step (none when the stage is already done).
-    let mut inputs: Option<Option<(Vec<Tensor>, Vec<(Tensor, Tensor)>)>> = None;
+    let mut inputs: Option<Option<FolderInputs>> = None;
     let Some(steps) = stage.run(&params, stop, report, &mut data, |rng, data| {
         if inputs.is_none() {
             inputs = Some(match run.targets()? {
