@@ -21,6 +21,8 @@ pub const RETRIES: u32 = 3;
 const FIRST_PAUSE: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bytes as stored: sizes and `Range` offsets then count the shard's own bytes, not a compressed transfer's.
+const IDENTITY: &str = "identity";
 
 /// An `http://` or `https://` URL.
 pub fn is_url(s: &str) -> bool {
@@ -53,9 +55,9 @@ fn describe(e: ureq::Error) -> String {
 /// The shard's size from a `HEAD` request (`None`: the server does not say); an error when it is not there.
 pub fn content_length(url: &str) -> std::result::Result<Option<u64>, String> {
     let agent = agent();
-    let response = match agent.head(url).call() {
+    let response = match agent.head(url).set("Accept-Encoding", IDENTITY).call() {
         // Some servers answer HEAD with 405; the headers of a GET (its body not read) say the same.
-        Err(ureq::Error::Status(405 | 501, _)) => agent.get(url).call(),
+        Err(ureq::Error::Status(405 | 501, _)) => agent.get(url).set("Accept-Encoding", IDENTITY).call(),
         other => other,
     }
     .map_err(describe)?;
@@ -100,7 +102,7 @@ impl HttpReader {
     }
 
     fn request(&mut self) -> io::Result<()> {
-        let mut request = self.agent.get(&self.url);
+        let mut request = self.agent.get(&self.url).set("Accept-Encoding", IDENTITY);
         if self.position > 0 {
             request = request.set("Range", &format!("bytes={}-", self.position));
         }
