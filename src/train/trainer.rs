@@ -709,7 +709,8 @@ pub(crate) mod tests {
     }
 
     /// Streamed runs resumed mid-shard equal uninterrupted ones, bit for bit (weights and logged losses): WebDataset
-    /// shards written here, and the parquet fixture `datasets` wrote (with its bad row skipped and reported). The
+    /// shards written here (read as files, and from a local HTTP server), and the parquet fixture `datasets` wrote
+    /// (with its bad row skipped and reported). The
     /// checkpoint holds the epoch's seed and how many samples of it were taken; the shuffle buffer is replayed.
     #[test]
     fn streamed_runs_resume_mid_shard_exactly() {
@@ -717,7 +718,11 @@ pub(crate) mod tests {
         let tar = crate::train::stream::tests::write_shards(&tmp.path().join("shards"), 2, 3);
         let parquet = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shards/train.parquet");
         let cache = latent_cache(&synthetic_dataset(&tmp.path().join("folder"), 6), &tmp.path().join("cache"), 32);
-        for (name, data, bad) in [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0)] {
+        let server = crate::train::stream::tests::serve(&tmp.path().join("shards"), &[]);
+        let http = format!("{}/train-{{00000..00001}}.tar", server.base);
+        let cases =
+            [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0), ("http", &http, 0)];
+        for (name, data, bad) in cases {
             // 2 shards of 3 (or 6 good rows) in batches of 2: epochs of 3 updates, so 4 cross into the second.
             let s = TrainSettings { shuffle_buffer: 2, data_workers: 2, ..settings() };
             let a_dir = tmp.path().join(format!("{name}-a"));

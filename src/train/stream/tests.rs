@@ -289,7 +289,7 @@ fn webdatasets_own_shards_group_as_its_reader_groups_them() {
 
 /// A bounded HTTP/1.1 server on 127.0.0.1 for the tests: serves the files of `dir` by name (HEAD and GET, a
 /// `Range: bytes=N-` answered with 206), 404 for anything else; the files named in `cut` are announced whole but
-/// only their first half is sent. It stops when dropped, or after a minute.
+/// only their first half is sent. It stops when dropped, or after five minutes.
 pub(crate) struct Server {
     pub base: String,
     /// GET requests of the cut files.
@@ -314,7 +314,7 @@ pub(crate) fn serve(dir: &Path, cut: &[&str]) -> Server {
     let (dir, cut, flag) = (dir.to_path_buf(), cut.iter().map(|s| s.to_string()).collect::<Vec<_>>(), stop.clone());
     let gets = cut_gets.clone();
     std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
         while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             let Ok((stream, _)) = listener.accept() else {
                 std::thread::sleep(std::time::Duration::from_millis(5));
