@@ -30,8 +30,9 @@ const SAMPLES_PER_PROMPT: usize = 4;
 #[derive(Args, Debug, Clone)]
 pub struct TrainBaseArgs {
     /// The data: a fill50k-style prompt.json (or its folder), a folder with metadata.jsonl, or shards as `train`
-    /// takes them: WebDataset .tar files or parquet files, a brace pattern or glob of them ('shards/{00000..00127}.tar'),
-    /// http(s):// URLs of tar shards, or a folder holding them. Only the images and captions are read.
+    /// takes them: WebDataset .tar files or parquet files, a brace pattern or glob of them
+    /// ('shards/{00000..00127}.tar'), http(s):// URLs of tar shards, or a folder holding them. Only the images
+    /// and captions are read.
     #[arg(long, value_name = "PATH_PATTERN_OR_URL")]
     pub dataset: String,
     /// Sharded data: the image's WebDataset extension(s) ('jpg;png') or parquet column [default: jpg;jpeg;png;webp,

@@ -332,6 +332,14 @@ fn trains_on_shards_and_resumes_mid_epoch_exactly() {
     assert!(files(&a.join(MODEL_DIR)) == files(&b.join(MODEL_DIR)), "resumed run differs");
     assert_eq!(got, want, "skipped samples per stage");
 
+    // A stopped streamed stage keeps its shuffle buffer: another is refused before anything is written.
+    let config = std::fs::read(b.join(SETTINGS_FILE)).unwrap();
+    let wider =
+        Settings { shuffle_buffer: 3, unet: StageSettings { steps: 5, ..settings.unet.clone() }, ..settings.clone() };
+    let err = train(&bad_shards(&shards), &b, &arch, &wider, &dev, &never, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("shuffle_buffer: 3 differs from the 2"), "{err}");
+    assert_eq!(std::fs::read(b.join(SETTINGS_FILE)).unwrap(), config);
+
     // The same run folder on other shards: refused by name.
     let c = tmp.path().join("c");
     let stop = AtomicBool::new(false);

@@ -46,7 +46,8 @@ pub fn shard_paths(pattern: &str) -> Result<Vec<PathBuf>> {
             return Err(Error::setting(
                 "dataset",
                 format!(
-                    "{part}: pipe: commands are not run; name the shards as local files or http(s):// URLs                      (brace ranges work for both)"
+                    "{part}: pipe: commands are not run; name the shards as local files or http(s):// URLs \
+                     (brace ranges work for both)"
                 ),
             ));
         }
