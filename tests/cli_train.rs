@@ -526,3 +526,54 @@ fn train_from_shards() {
     assert!(!out.status.success());
     assert!(err.contains("--dataset") && err.contains("wds-000001.tar: no such file"), "{err}");
 }
+
+/// `train-base` takes shards as `train` does: the parquet fixture trains (its bad row reported at the end, the
+/// image standing in for the condition), and a `pipe:` dataset and a missing shard are refused by flag.
+#[test]
+fn train_base_from_shards() {
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    let train_base = |data: &str, output: &str| {
+        controlnet(&[
+            "train-base",
+            "--dataset",
+            data,
+            "--output",
+            output,
+            "--resolution",
+            "32",
+            "--vae-crop",
+            "16",
+            "--vae-batch-size",
+            "3",
+            "--vae-steps",
+            "3",
+            "--vae-decoder-steps",
+            "1",
+            "--unet-steps",
+            "2",
+            "--unet-batch-size",
+            "3",
+            "--checkpointing-steps",
+            "0",
+            "--shuffle-buffer",
+            "3",
+            "-q",
+        ])
+    };
+    let out = train_base("tests/fixtures/shards/train.parquet", run.to_str().unwrap());
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("data: 1 parquet shards"), "{err}");
+    assert!(err.contains("stage skipped 1 bad samples") && err.contains("train.parquet: row 4"), "{err}");
+    assert!(run.join("model/unet/diffusion_pytorch_model.safetensors").is_file());
+
+    let other = dir.path().join("x");
+    let out = train_base("pipe:cat shards.tar", other.to_str().unwrap());
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("--dataset") && err.contains("pipe:"), "{err}");
+    let out = train_base("tests/fixtures/shards/wds-{000000..000001}.tar", other.to_str().unwrap());
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("wds-000001.tar: no such file"), "{err}");
+    assert!(!other.exists(), "nothing written");
+}

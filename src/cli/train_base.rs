@@ -5,7 +5,7 @@
 //! `vae-decoder/` and `unet/` (checkpoints, `loss.jsonl`, `loss.png`), `base_config.json`, and `samples.png`:
 //! images the finished base makes for a few prompts. Run the same command again to continue a stopped run, or
 //! with more `--unet-steps` to train further; Ctrl-C saves a checkpoint and exits with status 130.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::DType;
@@ -13,8 +13,9 @@ use clap::Args;
 
 use super::progress::Progress;
 use crate::pipeline::{generate, GenerateParams, StableDiffusion};
-use crate::train::dataset::Dataset;
+use crate::train::feed::Source;
 use crate::train::from_scratch::{self, Architecture, End, Settings as BaseSettings, StageSettings, MODEL_DIR};
+use crate::train::stream::{Fields, SkipReport, StreamKind};
 use crate::train::validation::image_grid;
 
 /// Prompts of the sample grid written at the end.
@@ -28,9 +29,26 @@ const SAMPLES_PER_PROMPT: usize = 4;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainBaseArgs {
-    /// The data: a fill50k-style prompt.json (or its folder), or a folder with metadata.jsonl.
-    #[arg(long, value_name = "PATH")]
-    pub dataset: PathBuf,
+    /// The data: a fill50k-style prompt.json (or its folder), a folder with metadata.jsonl, or shards as `train`
+    /// takes them: WebDataset .tar files or parquet files, a brace pattern or glob of them
+    /// ('shards/{00000..00127}.tar'), http(s):// URLs of tar shards, or a folder holding them. Only the images
+    /// and captions are read.
+    #[arg(long, value_name = "PATH_PATTERN_OR_URL")]
+    pub dataset: String,
+    /// Sharded data: the image's WebDataset extension(s) ('jpg;png') or parquet column [default: jpg;jpeg;png;webp,
+    /// or image].
+    #[arg(long, value_name = "NAME")]
+    pub image_column: Option<String>,
+    /// Sharded data: the caption's extension(s) or column [default: txt;json, or text].
+    #[arg(long, value_name = "NAME")]
+    pub caption_column: Option<String>,
+    /// Sharded data: samples the shuffle buffer holds (shards are shuffled too; 1 keeps each shard's order). It
+    /// shapes the order, so a stopped run continues with the same value.
+    #[arg(long, default_value_t = BaseSettings::default().shuffle_buffer, value_name = "N")]
+    pub shuffle_buffer: usize,
+    /// Sharded data: threads that decode images [default: the cores but one, at most 8].
+    #[arg(long, value_name = "N")]
+    pub data_workers: Option<usize>,
     /// The run folder; the model is written to OUTPUT/model. Run again with the same OUTPUT to continue.
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
@@ -130,7 +148,16 @@ impl TrainBaseArgs {
             train_text_encoder: !self.freeze_text_encoder,
             snr_gamma: (self.snr_gamma != 0.0).then_some(self.snr_gamma),
             noise_offset: self.noise_offset,
+            shuffle_buffer: self.shuffle_buffer,
+            data_workers: self.data_workers.unwrap_or(0),
         }
+    }
+
+    /// The sample parts read from shards: the image and the caption (a base model needs no condition, so the
+    /// image stands in for it and no sample is skipped for lacking one).
+    fn fields(&self, kind: StreamKind) -> Fields {
+        let f = Fields::defaults(kind).with(kind, self.image_column.as_deref(), None, self.caption_column.as_deref());
+        Fields { conditioning_image: f.image.clone(), ..f }
     }
 }
 
@@ -138,16 +165,25 @@ pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
     // 1. Settings and data, checked before anything is written.
     let settings = args.settings();
     settings.validate()?;
-    let dataset = Dataset::open(&args.dataset)?;
+    let dataset = Source::open(&args.dataset, |kind| args.fields(kind))?;
     dataset.check()?;
+    eprintln!("data: {}", dataset.describe());
+    crate::io::atomic::check_output_is_not_input("output", &args.output, &[Path::new(&args.dataset)])?;
     let device = super::device()?;
 
     // 2. Train, stopping cleanly on Ctrl-C; one progress display per stage.
     let stop = super::stop_on_ctrl_c(" and saving a checkpoint");
     let started = std::time::Instant::now();
     let mut progress: Option<(&'static str, Progress)> = None;
+    let mut skipped: Vec<(&'static str, SkipReport)> = Vec::new();
     let end =
         from_scratch::train(&dataset, &args.output, &Architecture::demo(), &settings, &device, &stop, &mut |r| {
+            if let Some(report) = &r.skipped {
+                match skipped.last_mut() {
+                    Some((stage, last)) if *stage == r.stage => *last = report.clone(),
+                    _ => skipped.push((r.stage, report.clone())),
+                }
+            }
             if progress.as_ref().is_none_or(|(stage, _)| *stage != r.stage) {
                 if let Some((_, p)) = progress.take() {
                     p.finish();
@@ -161,6 +197,15 @@ pub fn run(args: &TrainBaseArgs) -> anyhow::Result<()> {
         })?;
     if let Some((_, p)) = progress.take() {
         p.finish();
+    }
+    for (stage, report) in skipped.iter().filter(|(_, r)| r.samples + r.shards > 0) {
+        eprintln!(
+            "the {stage} stage skipped {} bad samples and the rest of {} damaged shards (see the warnings above); \
+             the first:\n  {}",
+            report.samples,
+            report.shards,
+            report.lines.join("\n  ")
+        );
     }
 
     // 3. Samples of the finished model, or how to continue.

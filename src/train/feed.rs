@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::dataset::{condition_tensor, target_tensor, Dataset, FILL50K_FILE, METADATA_FILE};
 use super::objective::{encode_captions, encode_targets, CaptionEmbeddings};
+use super::stream::batches::Batcher;
+pub use super::stream::batches::StreamState;
 use super::stream::{
-    default_workers, kind_of, pattern, Decoded, EpochStream, Fields, SamplePosition, SkipReport, StreamKind,
-    StreamOptions, StreamSource,
+    default_workers, kind_of, pattern, remote, Decoded, Fields, SkipReport, StreamKind, StreamOptions, StreamSource,
 };
 use super::trainer::TrainState;
 use crate::model::vae::DiagonalGaussian;
@@ -43,7 +43,8 @@ impl Source {
         } else {
             path.is_file() && kind_of(path).is_none()
         };
-        if folder_layout || (!path.exists() && !pattern::is_pattern(dataset)) {
+        let named_shards = pattern::is_pattern(dataset) || remote::is_remote(dataset);
+        if folder_layout || (!path.exists() && !named_shards) {
             return Ok(Self::Folder(Dataset::open(path)?));
         }
         Ok(Self::Stream(StreamSource::open(dataset, fields)?))
@@ -86,15 +87,6 @@ impl Source {
     }
 }
 
-/// Where a streamed run is in its epoch: the epoch's seed (shard order and shuffle buffer) and how many samples
-/// of it were taken (skipped ones included); the last one's shard and index, for people reading the checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StreamState {
-    pub epoch_seed: u64,
-    pub taken: u64,
-    pub last: Option<SamplePosition>,
-}
-
 /// A micro-batch's examples: folder indices, or streamed samples.
 pub enum Batch {
     Indices(Vec<usize>),
@@ -135,8 +127,8 @@ pub struct Feed {
     cache: Option<Cache>,
     /// How shards are read (streamed sources).
     pub stream_options: StreamOptions,
-    /// The epoch being streamed, and whether it was opened at its start and has given a usable sample yet.
-    epoch: Option<(EpochStream, bool, bool)>,
+    /// The epoch being streamed.
+    batcher: Batcher,
 }
 
 impl Feed {
@@ -160,7 +152,7 @@ impl Feed {
                 workers,
                 resolution: settings.resolution,
             },
-            epoch: None,
+            batcher: Batcher::default(),
         }
     }
 
@@ -232,11 +224,7 @@ impl Feed {
 
     /// The first stream state of a run: epoch 0's seed, drawn from the data generator.
     pub fn first_stream_state(&self, data_rng: &mut TorchGenerator) -> Option<StreamState> {
-        matches!(self.source, Source::Stream(_)).then(|| StreamState {
-            epoch_seed: u64::from(data_rng.random()),
-            taken: 0,
-            last: None,
-        })
+        matches!(self.source, Source::Stream(_)).then(|| StreamState::new_epoch(data_rng))
     }
 
     fn next_samples(&mut self, state: &mut TrainState, data_rng: &mut TorchGenerator) -> Result<Vec<Decoded>> {
@@ -245,49 +233,7 @@ impl Feed {
             .stream
             .as_mut()
             .ok_or_else(|| Error::Invalid("a streamed dataset, but the run has no stream position".into()))?;
-        let mut out = Vec::with_capacity(self.batch_size);
-        while out.len() < self.batch_size {
-            // 1. The epoch's stream, opened where the run is in it.
-            let (stream, from_start, any_good) = self.epoch.get_or_insert_with(|| {
-                (source.epoch(position.epoch_seed, position.taken, &self.stream_options), position.taken == 0, false)
-            });
-            match stream.recv()? {
-                // 2. A sample, or a bad one that is counted and skipped.
-                Some(outcome) => {
-                    position.taken += 1;
-                    position.last = Some(outcome.position.clone());
-                    match outcome.sample {
-                        Ok(sample) => {
-                            *any_good = true;
-                            out.push(sample);
-                        }
-                        Err(why) => source.note_skipped(&outcome.position, &why),
-                    }
-                }
-                // 3. The end of the epoch: a short batch, else the next epoch with a new seed.
-                None if !out.is_empty() => break,
-                None => {
-                    if *from_start && !*any_good {
-                        let report = source.skipped();
-                        return Err(Error::setting(
-                            "dataset",
-                            format!(
-                                "{}: a whole epoch without one usable sample ({} bad samples, {} bad shards); \
-                                 first problems:\n  {}",
-                                source.pattern,
-                                report.samples,
-                                report.shards,
-                                report.lines.join("\n  ")
-                            ),
-                        ));
-                    }
-                    state.epoch += 1;
-                    *position = StreamState { epoch_seed: u64::from(data_rng.random()), taken: 0, last: None };
-                    self.epoch = None;
-                }
-            }
-        }
-        Ok(out)
+        self.batcher.next(source, &self.stream_options, self.batch_size, position, &mut state.epoch, data_rng)
     }
 
     /// Reads `samples` examples as training reads them (decoded, resized, cropped, made tensors; captions

@@ -5,7 +5,7 @@
 //! - [`init`]: a new ControlNet from a base UNet (encoder copied, zero convolutions, hint encoder drawn).
 //! - [`dataset`]: fill50k-style `prompt.json` or `metadata.jsonl` folders, checked up front, resized and cropped
 //!   as diffusers' transforms do.
-//! - [`stream`]: WebDataset tar shards and Hugging Face parquet files, streamed by worker threads in a seeded
+//! - [`stream`]: WebDataset tar shards (local or at URLs) and Hugging Face parquet files, streamed by worker threads in a seeded
 //!   shuffled order that a resumed run replays exactly; bad samples skipped and counted.
 //! - [`latent_cache`]: `cache-latents`, VAE posteriors and caption embeddings computed once into shards that
 //!   `train` streams instead of images.

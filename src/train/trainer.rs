@@ -105,6 +105,9 @@ struct SavedState {
     /// A streamed dataset's shards (name, size): a resumed run must read the same ones.
     #[serde(default)]
     shards: Option<Vec<(String, u64)>>,
+    /// The bad samples and shards a streamed dataset skipped up to here (the resumed run goes on counting).
+    #[serde(default)]
+    skipped: Option<super::stream::SkipReport>,
 }
 
 /// What one update did (for the progress bar and the log).
@@ -243,6 +246,9 @@ impl Trainer {
         self.optimizer.config = self.settings.adamw;
         TorchGenerator::from_state(&saved.state.data_rng)?;
         TorchGenerator::from_state(&saved.state.noise_rng)?;
+        if let (Source::Stream(s), Some(report)) = (&self.feed.source, saved.skipped) {
+            s.restore_skipped(report);
+        }
         self.state = saved.state;
         self.last_checkpoint = Some(self.state.step);
         Ok(())
@@ -404,6 +410,7 @@ impl Trainer {
                 Source::Stream(s) => Some(s.fingerprint()),
                 Source::Folder(_) => None,
             },
+            skipped: self.feed.skipped(),
         };
         let saved = serde_json::to_value(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
         let cn_file = format!("{CK_CONTROLNET}/{}.safetensors", crate::io::weights::DIFFUSERS_STEM);
@@ -703,7 +710,8 @@ pub(crate) mod tests {
     }
 
     /// Streamed runs resumed mid-shard equal uninterrupted ones, bit for bit (weights and logged losses): WebDataset
-    /// shards written here, and the parquet fixture `datasets` wrote (with its bad row skipped and reported). The
+    /// shards written here (read as files, and from a local HTTP server), and the parquet fixture `datasets` wrote
+    /// (with its bad row skipped and reported). The
     /// checkpoint holds the epoch's seed and how many samples of it were taken; the shuffle buffer is replayed.
     #[test]
     fn streamed_runs_resume_mid_shard_exactly() {
@@ -711,7 +719,11 @@ pub(crate) mod tests {
         let tar = crate::train::stream::tests::write_shards(&tmp.path().join("shards"), 2, 3);
         let parquet = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shards/train.parquet");
         let cache = latent_cache(&synthetic_dataset(&tmp.path().join("folder"), 6), &tmp.path().join("cache"), 32);
-        for (name, data, bad) in [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0)] {
+        let server = crate::train::stream::tests::serve(&tmp.path().join("shards"), &[]);
+        let http = format!("{}/train-{{00000..00001}}.tar", server.base);
+        let cases =
+            [("tar", tar.as_str(), 0), ("parquet", parquet, 1), ("latent cache", &cache, 0), ("http", &http, 0)];
+        for (name, data, bad) in cases {
             // 2 shards of 3 (or 6 good rows) in batches of 2: epochs of 3 updates, so 4 cross into the second.
             let s = TrainSettings { shuffle_buffer: 2, data_workers: 2, ..settings() };
             let a_dir = tmp.path().join(format!("{name}-a"));
@@ -747,6 +759,57 @@ pub(crate) mod tests {
         let mut other = trainer(Path::new(parquet), &tmp.path().join("other"), same);
         let err = other.restore(&ck).unwrap_err().to_string();
         assert!(err.contains("dataset") && err.contains("train.parquet"), "{err}");
+    }
+
+    /// Two shards whose first sample is bad (an image that does not decode), the second cut short in its last
+    /// sample: with a shuffle buffer of 1 the first update meets a bad sample. Returns their glob.
+    pub(crate) fn shards_with_bad_samples(dir: &Path) -> String {
+        use crate::train::stream::tests::{sample_members, write_tar};
+        std::fs::create_dir_all(dir).unwrap();
+        for s in 0..2 {
+            let mut members = Vec::new();
+            for j in 0..4 {
+                let i = s * 4 + j;
+                let mut sample = sample_members(&format!("{i:06}"), i);
+                if j == 0 {
+                    sample[0].1 = b"not an image".to_vec();
+                }
+                members.extend(sample);
+            }
+            let path = dir.join(format!("part-{s}.tar"));
+            write_tar(&path, &members);
+            if s == 1 {
+                let bytes = std::fs::read(&path).unwrap();
+                let last = bytes.windows(10).position(|w| w == b"000007.png").unwrap();
+                std::fs::write(&path, &bytes[..last + 512 + 50]).unwrap();
+            }
+        }
+        format!("{}/part-*.tar", dir.display())
+    }
+
+    /// The count of bad samples and damaged shards carries over a resume: the report after 1 update + Ctrl-C +
+    /// resume + 3 equals the uninterrupted run's, which met bad samples before and after the checkpoint.
+    #[test]
+    fn skipped_samples_count_across_a_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = shards_with_bad_samples(&tmp.path().join("shards"));
+        let s = TrainSettings { shuffle_buffer: 1, data_workers: 2, ..settings() };
+        let mut a = trainer(Path::new(&data), &tmp.path().join("a"), s.clone());
+        assert_eq!(run(&mut a, None), RunEnd::Finished);
+        let want = a.skipped().unwrap();
+        assert!(want.samples >= 3 && want.shards == 1, "{want:?}");
+
+        let b_dir = tmp.path().join("b");
+        let mut b = trainer(Path::new(&data), &b_dir, s.clone());
+        let RunEnd::Interrupted { step: 1, checkpoint } = run(&mut b, Some(1)) else { panic!("not interrupted") };
+        let before = b.skipped().unwrap();
+        assert!(before.samples >= 1 && before.samples < want.samples, "{before:?}");
+        let mut b = trainer(Path::new(&data), &b_dir, s);
+        b.restore(&checkpoint).unwrap();
+        assert_eq!(b.skipped().unwrap(), before, "the checkpoint's count is restored");
+        assert_eq!(run(&mut b, None), RunEnd::Finished);
+        assert_eq!(b.skipped().unwrap(), want);
+        assert!(weights(&b) == weights(&a), "resumed weights differ");
     }
 
     /// `cache-latents` of a folder dataset, at `resolution`; returns the cache folder.

@@ -2,9 +2,10 @@
 //! same). The encoder, and so the latents the UNet learns, stay as they are, while the decoder learns to render
 //! them in their exact colours; run after the UNet too, it changes nothing the UNet depends on. Its last
 //! checkpoint is its record: running a finished stage again rewrites the same decoder.
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::data::Picked;
 use super::loss::decoder_loss;
 use super::vae::encode_all;
 use super::{Run, StageReport, VAE_DECODER_SEED_OFFSET, VAE_DECODER_STAGE};
@@ -19,6 +20,9 @@ pub fn is_decoder(name: &str) -> bool {
     name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
 }
 
+/// A folder dataset's images and their posteriors (mean, log-variance).
+type FolderInputs = (Vec<Tensor>, Vec<(Tensor, Tensor)>);
+
 /// Trains the decoder to its step count and rewrites `model/vae/`; false when stopped.
 pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Result<bool> {
     let settings = run.settings;
@@ -30,21 +34,38 @@ pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Resu
     let (all, params) = Params::split(on_device(files::read_tensors(&vae_dir, &weights)?, run.device)?, is_decoder)?;
     let vae = AutoencoderKL::new(cfg, VarBuilder::from_tensors(all.clone(), DType::F32, run.device))?;
     let stage = run.stage(VAE_DECODER_STAGE, &settings.vae_decoder, VAE_DECODER_SEED_OFFSET);
-    let stop = run.stop;
-    // Images and their posteriors, loaded at the first step (none when the stage is already done).
-    let mut inputs = None;
-    let Some(steps) = stage.run(&params, stop, report, |rng| {
+    let (stop, device, batch) = (run.stop, run.device, settings.vae_decoder.batch_size);
+    let mut data = run.batches();
+    // A folder's images and their posteriors, loaded at the first step (none when the stage is already done).
+    let mut inputs: Option<Option<FolderInputs>> = None;
+    let Some(steps) = stage.run(&params, stop, report, &mut data, |rng, data| {
         if inputs.is_none() {
-            let images = run.targets()?;
-            let posteriors = match &run.posteriors {
-                Some(p) => p.clone(),
-                None => encode_all(&vae, &images)?,
-            };
-            run.posteriors = Some(posteriors.clone());
-            inputs = Some((images, posteriors));
+            inputs = Some(match run.targets()? {
+                Some(images) => {
+                    let posteriors = match &run.posteriors {
+                        Some(p) => p.clone(),
+                        None => encode_all(&vae, &images)?,
+                    };
+                    run.posteriors = Some(posteriors.clone());
+                    Some((images, posteriors))
+                }
+                None => None,
+            });
         }
-        let (images, latents) = inputs.as_ref().ok_or_else(|| Error::Invalid("decoder inputs".into()))?;
-        decoder_loss(&vae, latents, images, settings.vae_decoder.batch_size, settings.vae_crop as usize, rng)
+        let picked = data.next(batch, rng)?;
+        let (images, latents) = match (&picked, inputs.as_ref().and_then(|i| i.as_ref())) {
+            (Picked::Indices(indices), Some((images, posteriors))) => (
+                indices.iter().map(|&i| images[i].clone()).collect(),
+                indices.iter().map(|&i| posteriors[i].clone()).collect(),
+            ),
+            // Streamed: the batch's latents from the (fixed) encoder.
+            _ => {
+                let images = picked.targets(None, device)?;
+                let latents = encode_all(&vae, &images)?;
+                (images, latents)
+            }
+        };
+        decoder_loss(&vae, &latents, &images, settings.vae_crop as usize, rng)
     })?
     else {
         return Ok(false);

@@ -21,29 +21,26 @@ pub(super) fn vae_loss(vae: &AutoencoderKL, x: &Tensor, kl_weight: f64, rng: &mu
     Ok((reconstruction + (kl * (0.5 * kl_weight))?)?)
 }
 
-/// Reconstruction MSE of the decoder alone: `batch` random `crop`-px squares of random images against the
-/// decoding of the matching latent squares, sampled from the (fixed) posteriors.
+/// Reconstruction MSE of the decoder alone: a random `crop`-px square of each image against the decoding of the
+/// matching latent square, sampled from the image's (fixed) posterior.
 pub(super) fn decoder_loss(
     vae: &AutoencoderKL,
     posteriors: &[(Tensor, Tensor)],
     images: &[Tensor],
-    batch: usize,
     crop: usize,
     rng: &mut TorchGenerator,
 ) -> Result<Tensor> {
     let factor = images[0].dim(1)? / posteriors[0].0.dim(1)?;
     let (latent_crop, latent_res) = (crop / factor, posteriors[0].0.dim(1)?);
-    let picks = rng.randint(0, images.len() as i64, batch);
-    let offsets = rng.randint(0, (latent_res - latent_crop + 1) as i64, 2 * batch);
-    let mut means = Vec::with_capacity(batch);
-    let mut logvars = Vec::with_capacity(batch);
-    let mut targets = Vec::with_capacity(batch);
-    for (&i, yx) in picks.iter().zip(offsets.chunks(2)) {
+    let offsets = rng.randint(0, (latent_res - latent_crop + 1) as i64, 2 * images.len());
+    let mut means = Vec::with_capacity(images.len());
+    let mut logvars = Vec::with_capacity(images.len());
+    let mut targets = Vec::with_capacity(images.len());
+    for (((mean, logvar), image), yx) in posteriors.iter().zip(images).zip(offsets.chunks(2)) {
         let (y, x) = (yx[0] as usize, yx[1] as usize);
-        let (mean, logvar) = &posteriors[i as usize];
         means.push(mean.narrow(1, y, latent_crop)?.narrow(2, x, latent_crop)?);
         logvars.push(logvar.narrow(1, y, latent_crop)?.narrow(2, x, latent_crop)?);
-        targets.push(images[i as usize].narrow(1, y * factor, crop)?.narrow(2, x * factor, crop)?);
+        targets.push(image.narrow(1, y * factor, crop)?.narrow(2, x * factor, crop)?);
     }
     let posterior = DiagonalGaussian { mean: Tensor::stack(&means, 0)?, logvar: Tensor::stack(&logvars, 0)? };
     let noise = rng.randn_tensor(posterior.mean.dims(), posterior.mean.device())?;

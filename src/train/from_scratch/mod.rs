@@ -1,5 +1,6 @@
-//! Training a small Stable Diffusion base from scratch on a fill50k-layout dataset: the bundled demo model
-//! (`controlnet train-base`).
+//! Training a small Stable Diffusion base from scratch on a fill50k-layout dataset (the bundled demo model,
+//! `controlnet train-base`) or on shards streamed as `train` streams them ([`data`]: WebDataset tar files, local
+//! or at URLs, or parquet files; only the images and captions are read).
 //!
 //! Three parts, each a diffusers folder under `RUN_DIR/model/`, made in order and skipped when already there
 //! (so a stopped run picks up where it was):
@@ -28,11 +29,13 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::train::dataset::Dataset;
+use crate::train::feed::Source;
 use crate::train::files::{self, Entry};
 use crate::train::resume;
+use crate::train::stream::StreamKind;
 use crate::{Error, Result};
 
+pub mod data;
 pub mod decoder;
 pub mod demo;
 pub mod loss;
@@ -74,32 +77,40 @@ pub enum End {
 
 /// What every stage reads: the run, its data and the images and latents loaded so far.
 struct Run<'a> {
-    dataset: &'a Dataset,
+    data: &'a Source,
     dir: &'a Path,
     model_dir: PathBuf,
     arch: &'a Architecture,
     settings: &'a Settings,
     device: &'a Device,
     stop: &'a AtomicBool,
-    /// The targets at training resolution, in memory once a stage needs them (the demo's 128 px images are
-    /// 196 KB each as f32).
+    /// A folder dataset's targets at training resolution, in memory once a stage needs them (the demo's 128 px
+    /// images are 196 KB each as f32). Streamed data is read batch by batch instead.
     targets: Option<Vec<Tensor>>,
-    /// The VAE's posterior means and log-variances of every target, once computed (the UNet stage reuses them).
+    /// The VAE's posterior means and log-variances of every target of a folder dataset, once computed (the UNet
+    /// stage reuses them).
     posteriors: Option<Vec<(Tensor, Tensor)>>,
     /// Optimisation steps taken by this call.
     steps: u64,
 }
 
 impl Run<'_> {
-    fn targets(&mut self) -> Result<Vec<Tensor>> {
+    /// A folder dataset's targets, all in memory (`None` for streamed data).
+    fn targets(&mut self) -> Result<Option<Vec<Tensor>>> {
+        let Source::Folder(dataset) = self.data else { return Ok(None) };
         if self.targets.is_none() {
-            let mut v = Vec::with_capacity(self.dataset.len());
-            for i in 0..self.dataset.len() {
-                v.push(self.dataset.load(i, self.settings.resolution, 3, self.device)?.pixel_values);
+            let mut v = Vec::with_capacity(dataset.len());
+            for i in 0..dataset.len() {
+                v.push(dataset.load(i, self.settings.resolution, 3, self.device)?.pixel_values);
             }
             self.targets = Some(v);
         }
-        Ok(self.targets.clone().unwrap_or_default())
+        Ok(self.targets.clone())
+    }
+
+    /// A stage's data, at its start.
+    fn batches(&self) -> data::Batches {
+        data::Batches::new(self.data, self.settings)
     }
 
     fn stage<'s>(&self, name: &'static str, settings: &'s StageSettings, seed_offset: u64) -> stage::Stage<'s> {
@@ -119,10 +130,10 @@ impl Run<'_> {
     }
 }
 
-/// Trains (or finishes training, or trains further) the base model of `run_dir` on `dataset`; the result is
+/// Trains (or finishes training, or trains further) the base model of `run_dir` on `data`; the result is
 /// `run_dir/model`, a diffusers Stable Diffusion folder.
 pub fn train(
-    dataset: &Dataset,
+    data: &Source,
     run_dir: &Path,
     arch: &Architecture,
     settings: &Settings,
@@ -132,10 +143,22 @@ pub fn train(
 ) -> Result<End> {
     // 1. Check the settings, the data, and that an earlier run in this folder can take them.
     settings.validate()?;
-    dataset.check()?;
+    data.check()?;
+    if let Source::Stream(s) = data {
+        if s.kind == StreamKind::Latents {
+            return Err(Error::setting(
+                "dataset",
+                format!(
+                    "{} is a latent cache: it holds another model's VAE latents and text embeddings, and train-base \
+                     trains its own VAE and text encoder; give it the images the cache was made from",
+                    s.pattern
+                ),
+            ));
+        }
+    }
     let done = rerun::check(run_dir, settings)?;
     let mut run = Run {
-        dataset,
+        data,
         dir: run_dir,
         model_dir: run_dir.join(MODEL_DIR),
         arch,

@@ -2,8 +2,9 @@
 //!
 //! A stage that was stopped continues; a finished stage asked for more steps continues to them. What cannot
 //! apply is refused before anything is written, so `base_config.json` only ever records settings the model got:
-//! fewer steps than a stage has taken, a setting that shapes every step (resolution, seed, batch size, ...) changed
-//! after that stage has started, or more VAE steps once the decoder or the UNet has learned its latents.
+//! fewer steps than a stage has taken, a setting that shapes every step (resolution, seed, batch size, a streamed
+//! stage's shuffle buffer, ...) changed after that stage has started, or more VAE steps once the decoder or the
+//! UNet has learned its latents.
 use std::path::Path;
 
 use super::settings::Settings;
@@ -46,6 +47,13 @@ pub fn check(run_dir: &Path, settings: &Settings) -> Result<Done> {
         (UNET_STAGE, &settings.unet, &mut done.unet),
     ] {
         if let Some(state) = latest_state(&run_dir.join(name))? {
+            // Streamed data: the shuffle buffer shapes the order the stage is partway through.
+            if let Some(kept) = state.stream.as_ref().map(|s| s.shuffle_buffer) {
+                if kept != settings.shuffle_buffer {
+                    let (now, then) = (settings.shuffle_buffer.to_string(), kept.to_string());
+                    return Err(changed("shuffle_buffer", &now, &then, name, run_dir));
+                }
+            }
             *steps = state.step;
             trained_with.push((name, stage, state.step, state.settings));
         }

@@ -51,6 +51,16 @@ pub struct Settings {
     /// seed's noise rather than from the prompt. The offset hides it. 0: none.
     #[serde(default)]
     pub noise_offset: f64,
+    /// Sharded data: samples the shuffle buffer holds (it shapes the order, so a started stage keeps it).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Sharded data: decoding threads (0: the cores but one); the order does not depend on it.
+    #[serde(default)]
+    pub data_workers: usize,
+}
+
+fn default_shuffle_buffer() -> usize {
+    crate::train::stream::DEFAULT_SHUFFLE_BUFFER
 }
 
 impl Default for Settings {
@@ -80,6 +90,8 @@ impl Default for Settings {
             train_text_encoder: true,
             snr_gamma: Some(5.0),
             noise_offset: 0.15,
+            shuffle_buffer: default_shuffle_buffer(),
+            data_workers: 0,
         }
     }
 }
@@ -124,6 +136,9 @@ impl Settings {
         }
         if let Some(g) = self.snr_gamma.filter(|g| !(g.is_finite() && *g > 0.0)) {
             return bad("snr_gamma", format!("{g} must be a positive number (0 turns the weighting off)"));
+        }
+        if self.shuffle_buffer == 0 {
+            return bad("shuffle_buffer", "must be at least 1 (1 keeps each shard's order)".into());
         }
         if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
             return bad("kl_weight", format!("{} must be a number >= 0", self.kl_weight));

@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::data::{Batches, StreamCheckpoint};
 use super::settings::StageSettings;
 use crate::rng::{GeneratorState, TorchGenerator};
 use crate::train::ema::Ema;
@@ -15,6 +16,7 @@ use crate::train::files::{self, Entry};
 use crate::train::optimizer::{warmup_lr, AdamW, AdamWConfig, AdamWSteps, Grads};
 use crate::train::params::{Params, TensorMap};
 use crate::train::resume;
+use crate::train::stream::SkipReport;
 use crate::train::trainer::{LOSS_CURVE, LOSS_LOG};
 use crate::train::validation::{self, LossRecord};
 use crate::{Error, Result};
@@ -33,6 +35,8 @@ pub struct StageReport {
     pub steps: u64,
     pub loss: f32,
     pub samples_per_second: f64,
+    /// Sharded data: the bad samples and shards the stage skipped so far.
+    pub skipped: Option<SkipReport>,
 }
 
 /// Where a stage is; saved in its checkpoints.
@@ -45,6 +49,9 @@ pub(super) struct StageState {
     /// Updates of the weight average so far (None: no average kept).
     #[serde(default)]
     pub ema_updates: Option<u64>,
+    /// Sharded data: where the stage is in it.
+    #[serde(default)]
+    pub stream: Option<StreamCheckpoint>,
 }
 
 /// The state of the newest valid checkpoint of the stage folder `dir`, if there is one.
@@ -69,14 +76,15 @@ pub(super) struct Stage<'a> {
 const MAX_GRAD_NORM: f64 = 1.0;
 
 impl Stage<'_> {
-    /// Runs to `settings.steps` (resuming from the newest valid checkpoint); the steps it took, or None when
-    /// stopped.
+    /// Runs to `settings.steps` (resuming from the newest valid checkpoint, `data` with it); the steps it took,
+    /// or None when stopped.
     pub fn run(
         &self,
         params: &Params,
         stop: &AtomicBool,
         report: &mut dyn FnMut(&StageReport),
-        mut loss_of: impl FnMut(&mut TorchGenerator) -> Result<Tensor>,
+        data: &mut Batches,
+        mut loss_of: impl FnMut(&mut TorchGenerator, &mut Batches) -> Result<Tensor>,
     ) -> Result<Option<u64>> {
         let adamw = AdamWConfig { lr: self.settings.learning_rate, weight_decay: 0.0, ..AdamWConfig::default() };
         let mut optimizer = AdamW::new(adamw);
@@ -117,6 +125,7 @@ impl Stage<'_> {
             optimizer = AdamW::from_state(&moments, &state.optimizer, &dir)?;
             optimizer.config = adamw;
             rng = TorchGenerator::from_state(&state.rng)?;
+            data.restore(state.stream, self.name, &dir)?;
             step = state.step;
             saved_at = Some(step);
             if let (Some(decay), Some(updates)) = (self.settings.ema_decay, state.ema_updates) {
@@ -135,35 +144,37 @@ impl Stage<'_> {
             }
             ema = Some(Ema::new(params, decay)?);
         }
-        let save = |step: u64, optimizer: &AdamW, rng: &TorchGenerator, ema: Option<&Ema>| -> Result<()> {
-            let (moments, steps) = optimizer.state();
-            let state = StageState {
-                step,
-                rng: rng.state(),
-                optimizer: steps,
-                settings: self.settings.clone(),
-                ema_updates: ema.map(Ema::updates),
+        let save =
+            |step: u64, optimizer: &AdamW, rng: &TorchGenerator, ema: Option<&Ema>, data: &Batches| -> Result<()> {
+                let (moments, steps) = optimizer.state();
+                let state = StageState {
+                    step,
+                    rng: rng.state(),
+                    optimizer: steps,
+                    settings: self.settings.clone(),
+                    ema_updates: ema.map(Ema::updates),
+                    stream: data.checkpoint(),
+                };
+                let state = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
+                let snapshot = params.snapshot()?;
+                let mut entries = vec![
+                    Entry::Tensors(CK_PARAMS, &snapshot),
+                    Entry::Tensors(CK_OPTIMIZER, &moments),
+                    Entry::Json(CK_STATE, &state),
+                ];
+                if let Some(ema) = ema {
+                    entries.push(Entry::Tensors(CK_EMA, ema.shadow()));
+                }
+                resume::save(&self.dir, step, &entries, Some(2))?;
+                Ok(())
             };
-            let state = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
-            let snapshot = params.snapshot()?;
-            let mut entries = vec![
-                Entry::Tensors(CK_PARAMS, &snapshot),
-                Entry::Tensors(CK_OPTIMIZER, &moments),
-                Entry::Json(CK_STATE, &state),
-            ];
-            if let Some(ema) = ema {
-                entries.push(Entry::Tensors(CK_EMA, ema.shadow()));
-            }
-            resume::save(&self.dir, step, &entries, Some(2))?;
-            Ok(())
-        };
         while step < self.settings.steps {
             if stop.load(Ordering::SeqCst) {
-                save(step, &optimizer, &rng, ema.as_ref())?;
+                save(step, &optimizer, &rng, ema.as_ref(), data)?;
                 return Ok(None);
             }
             let started = Instant::now();
-            let loss = loss_of(&mut rng)?;
+            let loss = loss_of(&mut rng, data)?;
             let value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
             if !value.is_finite() {
                 let setting = format!("{}_learning_rate", self.name.replace('-', "_"));
@@ -189,15 +200,16 @@ impl Stage<'_> {
                 steps: self.settings.steps,
                 loss: value,
                 samples_per_second: self.settings.batch_size as f64 / seconds.max(1e-9),
+                skipped: data.skipped(),
             });
             if self.checkpointing_steps > 0 && step.is_multiple_of(self.checkpointing_steps) {
-                save(step, &optimizer, &rng, ema.as_ref())?;
+                save(step, &optimizer, &rng, ema.as_ref(), data)?;
                 saved_at = Some(step);
             }
         }
         // The last step is always checkpointed: it is the stage's record, and a longer run can go on from it.
         if saved_at != Some(step) {
-            save(step, &optimizer, &rng, ema.as_ref())?;
+            save(step, &optimizer, &rng, ema.as_ref(), data)?;
         }
         // What the caller writes out: the average, when one was kept.
         if let Some(ema) = &ema {

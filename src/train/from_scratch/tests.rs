@@ -13,6 +13,7 @@ use super::*;
 use crate::io::weights::DIFFUSERS_STEM;
 use crate::synthetic::circles;
 use crate::test_support::max_abs_diff as max_diff;
+use crate::train::dataset::Dataset;
 use crate::train::files::{read_json, read_tensors};
 use crate::train::resume::checkpoint_dir;
 use crate::train::trainer::LOSS_LOG;
@@ -40,11 +41,11 @@ fn tiny() -> (Architecture, Settings) {
 }
 
 /// A temporary folder with a 3-sample, 32-px circles dataset in it.
-fn three_circles() -> (tempfile::TempDir, Dataset) {
+fn three_circles() -> (tempfile::TempDir, Source) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
-    let dataset = Dataset::open(&data).unwrap();
+    let dataset = Source::Folder(Dataset::open(&data).unwrap());
     (tmp, dataset)
 }
 
@@ -271,4 +272,89 @@ fn a_finished_run_continues_to_more_steps_and_refuses_what_cannot_apply() {
     // The same settings again: nothing left to train.
     let end = train(&dataset, &run, &arch, &longer, &dev, &never, &mut |_| {}).unwrap();
     assert_eq!(end, End::Finished { steps: 0 });
+}
+
+/// Shards with bad samples and a damaged shard (`trainer::tests::shards_with_bad_samples`), read as train-base
+/// reads them (the image stands in for the condition).
+fn bad_shards(dir: &Path) -> Source {
+    let pattern = crate::train::trainer::tests::shards_with_bad_samples(dir);
+    let fields = |k| {
+        let f = crate::train::stream::Fields::defaults(k);
+        crate::train::stream::Fields { conditioning_image: f.image.clone(), ..f }
+    };
+    Source::open(&pattern, fields).unwrap()
+}
+
+/// From shards: a run stopped mid-epoch in the VAE stage and again in the UNet stage, then resumed, writes the
+/// same model as one uninterrupted run, and each stage reports the same bad samples; the checkpoints hold the
+/// stream position. A checkpoint does not continue on other data.
+#[test]
+fn trains_on_shards_and_resumes_mid_epoch_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (arch, settings) = tiny();
+    let settings = Settings { shuffle_buffer: 2, data_workers: 2, ..settings };
+    let dev = Device::Cpu;
+    let never = AtomicBool::new(false);
+    let shards = tmp.path().join("shards");
+    bad_shards(&shards);
+    let last_skips = |map: &mut std::collections::BTreeMap<&'static str, String>, r: &StageReport| {
+        map.insert(r.stage, format!("{:?}", r.skipped.as_ref().unwrap()));
+    };
+
+    let a = tmp.path().join("a");
+    let mut want = std::collections::BTreeMap::new();
+    let end =
+        train(&bad_shards(&shards), &a, &arch, &settings, &dev, &never, &mut |r| last_skips(&mut want, r)).unwrap();
+    assert!(matches!(end, End::Finished { .. }), "{end:?}");
+    assert_eq!(want.len(), 3, "{want:?}");
+    assert!(want[VAE_STAGE].contains("samples: 2") || want[VAE_STAGE].contains("samples: 3"), "{want:?}");
+
+    let b = tmp.path().join("b");
+    let mut got = std::collections::BTreeMap::new();
+    for (stage, at) in [(VAE_STAGE, 2), (UNET_STAGE, 3)] {
+        let stop = AtomicBool::new(false);
+        let end = train(&bad_shards(&shards), &b, &arch, &settings, &dev, &stop, &mut |r| {
+            last_skips(&mut got, r);
+            if r.stage == stage && r.step == at {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+        assert_eq!(end, End::Interrupted { stage, step: at });
+        let state = read_json(&checkpoint_dir(&b.join(stage), at), CK_STATE).unwrap();
+        let taken = state["stream"]["position"]["taken"].as_u64().unwrap();
+        assert!(taken >= 2 * at, "{stage}: {state}");
+        assert!(state["stream"]["shards"][0][0] == "part-0.tar", "{state}");
+    }
+    let end =
+        train(&bad_shards(&shards), &b, &arch, &settings, &dev, &never, &mut |r| last_skips(&mut got, r)).unwrap();
+    assert!(matches!(end, End::Finished { .. }), "{end:?}");
+    assert!(files(&a.join(MODEL_DIR)) == files(&b.join(MODEL_DIR)), "resumed run differs");
+    assert_eq!(got, want, "skipped samples per stage");
+
+    // A stopped streamed stage keeps its shuffle buffer: another is refused before anything is written.
+    let config = std::fs::read(b.join(SETTINGS_FILE)).unwrap();
+    let wider =
+        Settings { shuffle_buffer: 3, unet: StageSettings { steps: 5, ..settings.unet.clone() }, ..settings.clone() };
+    let err = train(&bad_shards(&shards), &b, &arch, &wider, &dev, &never, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("shuffle_buffer: 3 differs from the 2"), "{err}");
+    assert_eq!(std::fs::read(b.join(SETTINGS_FILE)).unwrap(), config);
+
+    // The same run folder on other shards: refused by name.
+    let c = tmp.path().join("c");
+    let stop = AtomicBool::new(false);
+    train(&bad_shards(&shards), &c, &arch, &settings, &dev, &stop, &mut |r| {
+        if r.stage == VAE_STAGE && r.step == 1 {
+            stop.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    let other = tmp.path().join("other");
+    let other = Source::open(&crate::train::stream::tests::write_shards(&other, 1, 3), |k| {
+        let f = crate::train::stream::Fields::defaults(k);
+        crate::train::stream::Fields { conditioning_image: f.image.clone(), ..f }
+    })
+    .unwrap();
+    let err = train(&other, &c, &arch, &settings, &dev, &never, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("dataset") && err.contains("train-00000.tar"), "{err}");
 }

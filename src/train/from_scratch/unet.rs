@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::data::Picked;
 use super::loss::denoising_loss;
 use super::text_encoder::{self, TEXT_WEIGHTS};
 use super::vae::encode_all;
@@ -15,6 +16,7 @@ use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, DiagonalGaussian};
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::train::feed::Source;
 use crate::train::files::{self, Entry};
 use crate::train::objective::{encode_prompts, token_ids, Draws, Objective};
 use crate::train::params::{on_device, Params};
@@ -27,26 +29,33 @@ const TEXT_PARAMS_PREFIX: &str = "text_encoder.";
 /// Trains the UNet (and the text encoder) to the step count and writes `model/unet/` (and `model/text_encoder/`);
 /// false when stopped.
 pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Result<bool> {
-    let (settings, device, dataset) = (run.settings, run.device, run.dataset);
-    // 1. Latents: the VAE's posteriors of every target.
+    let (settings, device) = (run.settings, run.device);
+    // 1. Latents: a folder's posteriors of every target; streamed data's are encoded batch by batch.
     let vae_dir = run.model_dir.join("vae");
     let vae = AutoencoderKL::load(&vae_dir, DType::F32, device)?;
     let scaling_factor = vae.config().scaling_factor;
-    let posteriors = match run.posteriors.take() {
-        Some(p) => p,
-        None => encode_all(&vae, &run.targets()?)?,
+    let posteriors = match (run.posteriors.take(), run.targets()?) {
+        (Some(p), _) => Some(p),
+        (None, Some(targets)) => Some(encode_all(&vae, &targets)?),
+        (None, None) => None,
     };
-    drop(vae);
 
-    // 2. Text: token ids per caption; with a frozen encoder, its embeddings too (computed once).
+    // 2. Text: a folder's token ids per caption; with a frozen encoder, its embeddings too (computed once).
     let tokenizer = ClipTokenizer::from_dir(&run.model_dir.join("tokenizer"))?;
     let text_dir = run.model_dir.join("text_encoder");
     let text_tensors = on_device(files::read_tensors(&text_dir, TEXT_WEIGHTS)?, device)?;
     let (text_all, text_params) = Params::split(text_tensors, |_| settings.train_text_encoder)?;
     let text_config = text_encoder::config(&run.arch.text_encoder)?;
     let text_encoder = ClipTextModel::new(text_config, VarBuilder::from_tensors(text_all, DType::F32, device))?;
-    let captions: BTreeSet<&str> =
-        dataset.examples.iter().flat_map(|e| e.captions.iter().map(String::as_str)).chain([""]).collect();
+    let folder = match run.data {
+        Source::Folder(d) => Some(d),
+        Source::Stream(_) => None,
+    };
+    let captions: BTreeSet<&str> = folder
+        .iter()
+        .flat_map(|d| d.examples.iter().flat_map(|e| e.captions.iter().map(String::as_str)))
+        .chain([""])
+        .collect();
     let mut ids = HashMap::new();
     let mut embeddings = HashMap::new();
     for c in captions {
@@ -72,32 +81,33 @@ pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Resu
     // 4. The steps.
     let stage = run.stage(UNET_STAGE, &settings.unet, UNET_SEED_OFFSET);
     let b = settings.unet.batch_size;
-    let Some(steps) = stage.run(&params, run.stop, report, |rng| {
+    let Some(steps) = stage.run(&params, run.stop, report, &mut run.batches(), |rng, data| {
         // Batch, caption drops, then diffusers' draws (posterior noise, noise, timesteps).
-        let picks = rng.randint(0, dataset.len() as i64, b);
-        let drops = rng.rand(b);
-        let mut means = Vec::with_capacity(b);
-        let mut logvars = Vec::with_capacity(b);
-        let mut texts = Vec::with_capacity(b);
-        let mut tokens = Vec::with_capacity(b);
-        for (&i, &u) in picks.iter().zip(&drops) {
-            let (mean, logvar) = &posteriors[i as usize];
-            means.push(mean.clone());
-            logvars.push(logvar.clone());
-            let caption = if (u as f64) < settings.proportion_empty_prompts {
-                ""
+        let picked = data.next(b, rng)?;
+        let drops = rng.rand(picked.len());
+        let (means, logvars): (Vec<Tensor>, Vec<Tensor>) = match (&picked, &posteriors) {
+            (Picked::Indices(indices), Some(p)) => indices.iter().map(|&i| p[i].clone()).unzip(),
+            _ => encode_all(&vae, &picked.targets(None, device)?)?.into_iter().unzip(),
+        };
+        let captions: Vec<String> = picked
+            .captions(|i| folder.map_or("", |d| d.examples[i].captions[0].as_str()))
+            .into_iter()
+            .zip(&drops)
+            .map(|(c, &u)| if (u as f64) < settings.proportion_empty_prompts { String::new() } else { c.to_string() })
+            .collect();
+        let text = if folder.is_none() {
+            // Streamed captions are encoded per batch (no table that grows with the data).
+            if settings.train_text_encoder {
+                text_encoder.forward(&token_ids(&tokenizer, &captions, device)?)?
             } else {
-                &dataset.examples[i as usize].captions[0]
-            };
-            match embeddings.get(caption) {
-                Some(embedding) => texts.push(embedding.clone()),
-                None => tokens.push(ids[caption].clone()),
+                encode_prompts(&tokenizer, &text_encoder, &captions, device)?
             }
-        }
-        let text = if tokens.is_empty() {
-            Tensor::stack(&texts, 0)?
-        } else {
+        } else if settings.train_text_encoder {
+            let tokens: Vec<Tensor> = captions.iter().map(|c| ids[c].clone()).collect();
             text_encoder.forward(&Tensor::stack(&tokens, 0)?)?
+        } else {
+            let texts: Vec<Tensor> = captions.iter().map(|c| embeddings[c].clone()).collect();
+            Tensor::stack(&texts, 0)?
         };
         let mean = Tensor::stack(&means, 0)?;
         let logvar = Tensor::stack(&logvars, 0)?;

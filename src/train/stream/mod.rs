@@ -1,5 +1,6 @@
 //! Training data streamed from shards: WebDataset tar files ([`webdataset`]) and Hugging Face datasets' parquet
-//! files ([`hf_parquet`]), named by a pattern ([`pattern`]).
+//! files ([`hf_parquet`]), named by a pattern ([`pattern`]), local or at `http(s)://` URLs ([`remote`]); read in
+//! batches across epochs by [`batches`] (for `train` and `train-base` alike).
 //!
 //! One epoch is a pipeline of threads with bounded queues, so memory stays flat however large the data:
 //!
@@ -17,9 +18,11 @@
 //!
 //! A bad sample (a part missing, a damaged image, an unreadable caption) is skipped and counted, never fatal;
 //! so is a shard that cannot be read (it is reported, and its samples before the damage are used).
+pub mod batches;
 pub mod cached;
 pub mod hf_parquet;
 pub mod pattern;
+pub mod remote;
 pub mod shuffle;
 pub mod webdataset;
 
@@ -142,12 +145,14 @@ impl Fields {
     }
 }
 
-/// A tar member: its extension and where its bytes are in the shard.
+/// A tar member: its extension and where its bytes are in the shard; a URL shard's members carry their bytes
+/// (it is read once, front to back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub ext: String,
     pub offset: u64,
     pub size: u64,
+    pub bytes: Option<Arc<[u8]>>,
 }
 
 /// The members of a WebDataset sample that training reads.
@@ -224,8 +229,10 @@ pub struct Outcome {
     pub sample: std::result::Result<Decoded, String>,
 }
 
-/// The bad samples and shards seen so far.
-#[derive(Debug, Default, Clone)]
+/// The bad samples and shards seen so far. Counted where the training loop reaches them (a damaged shard when
+/// the loop has taken the samples the reader emitted before the damage), so a run's count is the same whatever
+/// the threads' timing, and a checkpoint carries it to the resumed run.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkipReport {
     pub samples: u64,
     pub shards: u64,
@@ -251,17 +258,35 @@ pub struct StreamSource {
     pub fields: Fields,
     /// A latent cache's embeddings of the empty caption (caption dropout).
     pub empty_caption: Option<crate::train::objective::CaptionEmbeddings>,
+    /// Per shard, the `Content-Length` a URL's `HEAD` answered when the source opened (`None` for local files,
+    /// whose size is read when asked, and for servers that do not say).
+    remote_sizes: Vec<Option<u64>>,
     skips: Arc<Mutex<SkipReport>>,
 }
 
-/// The kind of a shard file from its extension (and, for a latent cache's, its folder).
+/// The kind of a shard file from its extension (and, for a latent cache's, its folder). A URL's is from its file
+/// name (a latent cache is read from local files only).
 pub fn kind_of(path: &Path) -> Option<StreamKind> {
+    if let Some(url) = path.to_str().filter(|p| remote::is_url(p)) {
+        let name = remote::file_name(url);
+        let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
+        return match ext.as_str() {
+            "tar" => Some(StreamKind::WebDataset),
+            "parquet" => Some(StreamKind::Parquet),
+            _ => None,
+        };
+    }
     match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
         "tar" if path.parent().is_some_and(cached::is_cache_dir) => Some(StreamKind::Latents),
         "tar" => Some(StreamKind::WebDataset),
         "parquet" => Some(StreamKind::Parquet),
         _ => None,
     }
+}
+
+/// The URL a shard path holds, if it is one.
+pub fn url_of(path: &Path) -> Option<&str> {
+    path.to_str().filter(|p| remote::is_url(p))
 }
 
 impl StreamSource {
@@ -307,27 +332,39 @@ impl StreamSource {
             }
             _ => None,
         };
-        let source =
-            Self { pattern: pattern.to_string(), kind, shards, fields, empty_caption, skips: Default::default() };
+        let remote_sizes = vec![None; shards.len()];
+        let mut source = Self {
+            pattern: pattern.to_string(),
+            kind,
+            shards,
+            fields,
+            empty_caption,
+            remote_sizes,
+            skips: Default::default(),
+        };
         source.check()?;
         Ok(source)
     }
 
-    /// Every shard opens (parquet: its footer reads and it has the columns); all problems in one error.
-    fn check(&self) -> Result<()> {
-        let problems: Vec<String> = self
-            .shards
-            .iter()
-            .filter_map(|path| {
-                let r = match self.kind {
-                    StreamKind::WebDataset | StreamKind::Latents => {
-                        File::open(path).map(|_| ()).map_err(|e| e.to_string())
-                    }
-                    StreamKind::Parquet => hf_parquet::check_columns(path, &self.fields),
-                };
-                r.err().map(|e| format!("{}: {e}", path.display()))
-            })
-            .collect();
+    /// Every shard opens (parquet: its footer reads and it has the columns; a URL: its `HEAD` succeeds, and
+    /// gives its size); all problems in one error.
+    fn check(&mut self) -> Result<()> {
+        let mut problems = Vec::new();
+        for (path, size) in self.shards.iter().zip(&mut self.remote_sizes) {
+            let r = match (url_of(path), self.kind) {
+                (Some(_), StreamKind::Parquet) => Err("parquet files need random access, which this reader does \
+                                                        not do over HTTP: download them and name the local files"
+                    .to_string()),
+                (Some(url), _) => remote::content_length(url).map(|n| *size = n),
+                (None, StreamKind::WebDataset | StreamKind::Latents) => {
+                    File::open(path).map(|_| ()).map_err(|e| e.to_string())
+                }
+                (None, StreamKind::Parquet) => hf_parquet::check_columns(path, &self.fields),
+            };
+            if let Err(e) = r {
+                problems.push(format!("{}: {e}", path.display()));
+            }
+        }
         if problems.is_empty() {
             return Ok(());
         }
@@ -337,13 +374,18 @@ impl StreamSource {
         ))
     }
 
-    /// What a resumed run must find again: every shard's name and size.
+    /// What a resumed run must find again: every shard's name and size (a URL's file name and `Content-Length`,
+    /// 0 when its server did not give one).
     pub fn fingerprint(&self) -> Vec<(String, u64)> {
         self.shards
             .iter()
-            .map(|p| {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                (name, std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .zip(&self.remote_sizes)
+            .map(|(p, remote_size)| match url_of(p) {
+                Some(url) => (remote::file_name(url).to_string(), remote_size.unwrap_or(0)),
+                None => {
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    (name, std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                }
             })
             .collect()
     }
@@ -351,6 +393,18 @@ impl StreamSource {
     /// The bad samples and shards seen so far (by this process).
     pub fn skipped(&self) -> SkipReport {
         self.skips.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Continues the count of a checkpoint (a resumed run reports what the whole run skipped).
+    pub fn restore_skipped(&self, report: SkipReport) {
+        if let Ok(mut s) = self.skips.lock() {
+            *s = report;
+        }
+    }
+
+    /// This source with a count of its own (a from-scratch stage reports its own skips).
+    pub fn with_own_count(&self) -> Self {
+        Self { skips: Default::default(), ..self.clone() }
     }
 
     /// Records a bad sample the training loop consumed.
@@ -377,7 +431,7 @@ impl StreamSource {
         let source = self.clone();
         let buffer = options.shuffle_buffer;
         let producer = std::thread::spawn(move || read_epoch(&source, epoch_seed, skip, buffer, &work_tx, &ordered_tx));
-        EpochStream { ordered, producer: Some(producer), taken: skip, ended: false }
+        EpochStream { ordered, producer: Some(producer), taken: skip, ended: false, skips: self.skips.clone() }
     }
 }
 
@@ -414,6 +468,8 @@ pub fn default_workers() -> usize {
 enum Slot {
     /// A sample, ready when its worker is done.
     Sample(Receiver<Outcome>),
+    /// A shard was damaged here (after the samples sent before): the rest of it is skipped.
+    Damaged(String),
     /// The epoch is over.
     End,
 }
@@ -428,6 +484,8 @@ pub struct EpochStream {
     pub taken: u64,
     /// The reader said the epoch is over (its threads are gone).
     ended: bool,
+    /// Where damaged shards are counted as the consumer reaches them.
+    skips: Arc<Mutex<SkipReport>>,
 }
 
 impl EpochStream {
@@ -440,6 +498,13 @@ impl EpochStream {
             Ok(Slot::Sample(rx)) => {
                 self.taken += 1;
                 rx.recv().map(Some).map_err(|_| Error::Invalid("a decoding thread of the data stream stopped".into()))
+            }
+            Ok(Slot::Damaged(line)) => {
+                if let Ok(mut skips) = self.skips.lock() {
+                    skips.shards += 1;
+                    skips.note(line);
+                }
+                self.recv()
             }
             Ok(Slot::End) => {
                 self.ended = true;
@@ -501,13 +566,15 @@ fn read_epoch(
         if !alive {
             return;
         }
+        // A damaged shard is reported in the sample order (where the consumer gets to it), not when the reader,
+        // ahead of it, finds it; a replayed one was reported before the checkpoint.
         if let Err(why) = result {
             if !replaying() {
-                if let Ok(mut skips) = source.skips.lock() {
-                    skips.shards += 1;
-                    skips.note(format!("{}: {why} (rest of the shard skipped)", path.display()));
-                }
                 tracing::warn!(shard = %path.display(), "skipping the rest of a shard: {why}");
+                let line = format!("{}: {why} (rest of the shard skipped)", path.display());
+                if ordered.send(Slot::Damaged(line)).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -553,12 +620,17 @@ fn decode(
     let name = |part: &str| PathBuf::from(format!("{}:{}.{part}", path.display(), record.key));
     let (image, condition, captions) = match record.body? {
         RecordBody::Tar(parts) => {
-            if files.tar.as_ref().is_none_or(|(s, _)| *s != record.shard) {
-                files.tar = Some((record.shard, File::open(path).map_err(|e| e.to_string())?));
-            }
-            let (_, file) = files.tar.as_mut().expect("opened above");
-            let mut read =
-                |m: &Member| webdataset::read_member(file, m).map_err(|e| format!("cannot read .{}: {e}", m.ext));
+            let mut read = |m: &Member| -> std::result::Result<Vec<u8>, String> {
+                // A URL's members came with the listing; a file's are read here.
+                if let Some(bytes) = &m.bytes {
+                    return Ok(bytes.to_vec());
+                }
+                if files.tar.as_ref().is_none_or(|(s, _)| *s != record.shard) {
+                    files.tar = Some((record.shard, File::open(path).map_err(|e| e.to_string())?));
+                }
+                let (_, file) = files.tar.as_mut().expect("opened above");
+                webdataset::read_member(file, m).map_err(|e| format!("cannot read .{}: {e}", m.ext))
+            };
             let captions = captions_from(&read(&parts.caption)?, &parts.caption.ext)?;
             if source.kind == StreamKind::Latents {
                 let sample = cached::CachedSample::from_bytes(&read(&parts.image)?, captions.len())?;

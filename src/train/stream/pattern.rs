@@ -2,7 +2,9 @@
 //! `::` separates several patterns, and each is brace-expanded as the `braceexpand` package does
 //! (`{a,b}` alternatives, `{0..9}` and `{a..e}` ranges, `{0..10..2}` steps, zero padding when either end of a
 //! numeric range has a leading zero, nesting, `\{` for a literal brace; unbalanced braces are an error). On top of
-//! that, paths with glob characters (`*`, `?`, `[`) list the files that match, sorted.
+//! that, paths with glob characters (`*`, `?`, `[`) list the files that match, sorted. `http(s)://` URLs are
+//! brace-expanded but not globbed (they are checked when the source opens, [`super::remote`]); `pipe:` commands
+//! are refused.
 use std::path::PathBuf;
 
 use crate::{Error, Result};
@@ -34,13 +36,25 @@ pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
 }
 
 /// The files `pattern` names: each `::` part brace-expanded, then globbed where it has glob characters. An
-/// expanded path without glob characters must exist; a glob must match at least one file.
+/// expanded path without glob characters must exist; a glob must match at least one file. URLs are kept as
+/// they are (a URL shard is a `PathBuf` holding the URL).
 pub fn shard_paths(pattern: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for part in pattern.split(PATTERN_SEPARATOR) {
+        if part.trim_start().starts_with("pipe:") {
+            return Err(Error::setting(
+                "dataset",
+                format!(
+                    "{part}: pipe: commands are not run; name the shards as local files or http(s):// URLs \
+                     (brace ranges work for both)"
+                ),
+            ));
+        }
         for path in brace_expand(part)? {
-            if path.contains(['*', '?', '[']) {
+            if super::remote::is_url(&path) {
+                out.push(PathBuf::from(path));
+            } else if path.contains(['*', '?', '[']) {
                 let matches = glob::glob(&path).map_err(|e| Error::setting("dataset", format!("{path}: {e}")))?;
                 let mut found: Vec<PathBuf> = matches.filter_map(|m| m.ok()).filter(|p| p.is_file()).collect();
                 found.sort();

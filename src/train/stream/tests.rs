@@ -286,3 +286,142 @@ fn webdatasets_own_shards_group_as_its_reader_groups_them() {
         }
     }
 }
+
+/// A bounded HTTP/1.1 server on 127.0.0.1 for the tests: serves the files of `dir` by name (HEAD and GET, a
+/// `Range: bytes=N-` answered with 206), 404 for anything else; the files named in `cut` are announced whole but
+/// only their first half is sent. It stops when dropped, or after five minutes.
+pub(crate) struct Server {
+    pub base: String,
+    /// GET requests of the cut files.
+    pub cut_gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+pub(crate) fn serve(dir: &Path, cut: &[&str]) -> Server {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let cut_gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (dir, cut, flag) = (dir.to_path_buf(), cut.iter().map(|s| s.to_string()).collect::<Vec<_>>(), stop.clone());
+    let gets = cut_gets.clone();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            };
+            stream.set_nonblocking(false).ok();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut request, mut from) = (String::new(), 0usize);
+            reader.read_line(&mut request).ok();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    from = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+                }
+            }
+            let mut words = request.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
+            let name = path.trim_start_matches('/').split('?').next().unwrap_or("");
+            let mut out = stream;
+            let Ok(body) =
+                std::fs::read(dir.join(name)).map_err(|_| ()).and_then(
+                    |b| {
+                        if name.is_empty() {
+                            Err(())
+                        } else {
+                            Ok(b)
+                        }
+                    },
+                )
+            else {
+                out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found")
+                    .ok();
+                continue;
+            };
+            let from = from.min(body.len());
+            let status = if from > 0 { "206 Partial Content" } else { "200 OK" };
+            let head =
+                format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len() - from);
+            out.write_all(head.as_bytes()).ok();
+            if method == "GET" {
+                let is_cut = cut.iter().any(|c| c == name);
+                if is_cut {
+                    gets.fetch_add(1, Ordering::SeqCst);
+                }
+                let end = if is_cut { body.len() / 2 } else { body.len() };
+                out.write_all(&body[from.min(end)..end]).ok();
+            }
+        }
+    });
+    Server { base, cut_gets, stop }
+}
+
+/// Shards at http:// URLs stream as the same files do locally: the same samples in the same order for a seed,
+/// the same restart mid-epoch, the same names and sizes for a resumed run's check.
+#[test]
+fn shards_at_urls_stream_as_local_files_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = write_shards(dir.path(), 2, 5);
+    let server = serve(dir.path(), &[]);
+    let url = format!("{}/train-{{00000..00001}}.tar", server.base);
+    let here = StreamSource::open(&local, Fields::defaults).unwrap();
+    let there = StreamSource::open(&url, Fields::defaults).unwrap();
+    assert_eq!((there.kind, there.shards.len()), (StreamKind::WebDataset, 2));
+    assert_eq!(there.fingerprint(), here.fingerprint(), "names and sizes (Content-Length)");
+    let opts = options(4, 2);
+    let want = read_all(&here, 9, 0, &opts);
+    assert_eq!(read_all(&there, 9, 0, &opts), want);
+    for k in [3u64, 7] {
+        assert_eq!(read_all(&there, 9, k, &opts), want[k as usize..], "restart after {k}");
+    }
+    assert_eq!(there.skipped(), SkipReport::default());
+}
+
+/// A URL that answers 404 is listed when the source opens, with the status; a body cut short is retried, then the
+/// rest of its shard is skipped and counted, naming the URL, while the samples before the cut are used; parquet
+/// URLs and `pipe:` commands are refused by name.
+#[test]
+fn missing_and_cut_shards_at_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(dir.path(), 2, 4);
+    let server = serve(dir.path(), &["train-00001.tar"]);
+    let b = &server.base;
+
+    let err = StreamSource::open(&format!("{b}/train-{{00000..00003}}.tar"), Fields::defaults).unwrap_err().to_string();
+    assert!(err.contains("2 shards cannot be used") && err.contains("train-00002.tar: HTTP 404"), "{err}");
+    assert!(err.contains(&format!("{b}/train-00003.tar")), "{err}");
+
+    let source = StreamSource::open(&format!("{b}/train-{{00000..00001}}.tar"), Fields::defaults).unwrap();
+    let seen = read_all(&source, 4, 0, &options(2, 2));
+    let good: Vec<&str> = seen.iter().filter(|(_, s)| s.is_ok()).map(|(k, _)| k.as_str()).collect();
+    assert!(good.len() >= 4 && good.len() < 8, "the whole first shard and the start of the cut one: {good:?}");
+    for i in 0..4 {
+        assert!(good.contains(&format!("{i:06}").as_str()), "{good:?}");
+    }
+    let report = source.skipped();
+    assert_eq!(report.shards, 1, "{:?}", report.lines);
+    assert!(report.lines[0].contains(&format!("{b}/train-00001.tar: ")), "{:?}", report.lines);
+    let gets = server.cut_gets.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(gets, 1 + remote::RETRIES as usize, "the cut shard is fetched once and retried");
+
+    let parquet = std::fs::copy(fixture("train.parquet"), dir.path().join("train.parquet")).map(|_| ());
+    parquet.unwrap();
+    let err = StreamSource::open(&format!("{b}/train.parquet"), Fields::defaults).unwrap_err().to_string();
+    assert!(err.contains(&format!("{b}/train.parquet")) && err.contains("random access"), "{err}");
+    let err = StreamSource::open("pipe:curl -s http://x/a.tar", Fields::defaults).unwrap_err().to_string();
+    assert!(err.starts_with("dataset") && err.contains("pipe:"), "{err}");
+}

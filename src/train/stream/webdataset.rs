@@ -7,11 +7,14 @@
 //! - consecutive members with the same key form one sample; an extension seen twice in one sample makes it a
 //!   bad sample (webdataset raises "duplicate file name").
 //!
-//! Scanning reads only the tar headers (seeking over the contents): a sample is a list of member positions that
-//! the decoding workers read themselves, so neither a shuffle buffer nor a resumed run's replay holds image bytes.
+//! Scanning a local shard reads only the tar headers (seeking over the contents): a sample is a list of member
+//! positions that the decoding workers read themselves, so neither a shuffle buffer nor a resumed run's replay
+//! holds image bytes. A shard at a URL ([`super::remote`]) is read once, front to back, and its samples carry
+//! their bytes (the shuffle buffer holds them then, as webdataset's does).
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{Fields, Member, Record, RecordBody, TarParts};
 
@@ -46,12 +49,28 @@ pub fn scan(
     })
 }
 
-/// The member groups of one shard, in tar order, handed to `each` until it returns false.
+/// The member groups of one shard, in tar order, handed to `each` until it returns false. A local shard is
+/// listed from its headers (seeking over the contents); a URL's is read front to back, each member's bytes kept.
 pub(crate) fn scan_groups(path: &Path, each: &mut dyn FnMut(Group) -> bool) -> std::result::Result<(), String> {
+    if let Some(url) = super::url_of(path) {
+        let mut archive = tar::Archive::new(super::remote::open(url)?);
+        let entries = archive.entries().map_err(|e| e.to_string())?;
+        return group_members(entries, None, each);
+    }
     let file = File::open(path).map_err(|e| e.to_string())?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut archive = tar::Archive::new(file);
     let entries = archive.entries_with_seek().map_err(|e| e.to_string())?;
+    group_members(entries, Some(file_len), each)
+}
+
+/// Groups tar entries by key. With `file_len` (a local file) members are positions checked against the file's
+/// end; without (a stream) each member's bytes are read.
+fn group_members<R: Read>(
+    entries: tar::Entries<'_, R>,
+    file_len: Option<u64>,
+    each: &mut dyn FnMut(Group) -> bool,
+) -> std::result::Result<(), String> {
     let mut current: Option<Group> = None;
     let mut groups = 0usize;
     let mut flush = |group: Group, groups: &mut usize| -> bool {
@@ -61,19 +80,27 @@ pub(crate) fn scan_groups(path: &Path, each: &mut dyn FnMut(Group) -> bool) -> s
     // The samples before a damaged header or a truncated member are still used.
     let damage = (|| {
         for entry in entries {
-            let entry = entry.map_err(|e| format!("bad tar header after sample {groups}: {e}"))?;
+            let mut entry = entry.map_err(|e| format!("bad tar header after sample {groups}: {e}"))?;
             let kind = entry.header().entry_type();
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 continue;
             }
             let name = entry.path().map_err(|e| format!("bad member name: {e}"))?.to_string_lossy().into_owned();
             let (offset, size) = (entry.raw_file_position(), entry.size());
-            if offset + size > file_len {
-                return Err(format!(
-                    "truncated: {name} ends {} bytes past the end of the file",
-                    offset + size - file_len
-                ));
-            }
+            let bytes = match file_len {
+                Some(len) if offset + size > len => {
+                    return Err(format!(
+                        "truncated: {name} ends {} bytes past the end of the file",
+                        offset + size - len
+                    ));
+                }
+                Some(_) => None,
+                None => {
+                    let mut bytes = Vec::with_capacity(size as usize);
+                    entry.read_to_end(&mut bytes).map_err(|e| format!("truncated: {name}: {e}"))?;
+                    Some(Arc::from(bytes))
+                }
+            };
             if is_metadata(&name) {
                 continue;
             }
@@ -90,7 +117,7 @@ pub(crate) fn scan_groups(path: &Path, each: &mut dyn FnMut(Group) -> bool) -> s
             if group.members.iter().any(|m| m.ext == ext) {
                 group.duplicate.get_or_insert(ext.clone());
             }
-            group.members.push(Member { ext, offset, size });
+            group.members.push(Member { ext, offset, size, bytes });
         }
         Ok(true)
     })();
