@@ -31,9 +31,7 @@ impl GegluOp {
         }
         out.par_chunks_mut(f).zip(h.par_chunks(two_f)).for_each(|(o, row)| {
             let (a, g) = row.split_at(f);
-            for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
-                *o = a * g.gelu_erf();
-            }
+            T::gate_row(o, a, g);
         });
         out
     }
@@ -83,7 +81,8 @@ mod tests {
         let h = (Tensor::randn(0f32, 1., (2, 9, 12), &Device::Cpu).unwrap() * 2.0).unwrap();
         let halves = h.chunk(2, D::Minus1).unwrap();
         let want = halves[0].mul(&halves[1].gelu_erf().unwrap()).unwrap();
-        assert!(max_rel_diff(&geglu(&h).unwrap(), &want) < 1e-7);
+        // candle's `gelu_erf` takes libm's erf; ours A&S 7.1.26's (absolute error < 1.5e-7, as torch's).
+        assert!(max_rel_diff(&geglu(&h).unwrap(), &want) < 3e-7);
     }
 
     #[test]
