@@ -143,8 +143,7 @@ pub fn run(
     }
     Ok(AnnotatorReport {
         implementation: if kinds.contains(&dwpose::KIND) {
-            // tract is built without its multithread-mm feature: one thread whatever `threads` says
-            "controlnet-rs (candle 0.11.1; dwpose: tract-onnx 0.23, one thread)".into()
+            "controlnet-rs (candle 0.11.1; dwpose: tract-onnx 0.23)".into()
         } else {
             "controlnet-rs (candle 0.11.1)".into()
         },

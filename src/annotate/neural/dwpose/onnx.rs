@@ -66,10 +66,12 @@ impl OnnxNet {
     pub fn run(&self, input: Vec<f32>) -> Result<Vec<Output>> {
         let tensor = Tensor::from_shape(&self.input_shape, &input)
             .map_err(|e| Error::weights(&self.path, format!("input: {e}")))?;
-        let outputs = self
-            .plan
-            .run(tvec!(tensor.into_tensor().into()))
-            .map_err(|e| Error::weights(&self.path, format!("running it: {e}")))?;
+        // tract's matrix products on the process's rayon pool (`--threads`), not on one thread
+        let pool = tract_linalg::multithread::Executor::RayonGlobal;
+        let outputs = tract_linalg::multithread::multithread_tract_scope(pool, || {
+            self.plan.run(tvec!(tensor.into_tensor().into()))
+        })
+        .map_err(|e| Error::weights(&self.path, format!("running it: {e}")))?;
         outputs
             .iter()
             .map(|o| {
