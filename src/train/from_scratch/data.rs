@@ -13,27 +13,16 @@ use serde::{Deserialize, Serialize};
 use super::settings::Settings;
 use crate::rng::TorchGenerator;
 use crate::train::dataset::target_tensor;
-use crate::train::feed::Source;
+use crate::train::feed::{Batch, Source};
 use crate::train::stream::batches::{Batcher, StreamState};
 use crate::train::stream::{default_workers, Decoded, SkipReport, StreamOptions, StreamSource};
 use crate::{Error, Result};
 
-/// A batch: folder indices, or streamed samples (possibly fewer than asked at an epoch's end).
-pub(super) enum Picked {
-    Indices(Vec<usize>),
-    Samples(Vec<Decoded>),
-}
-
-impl Picked {
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Indices(i) => i.len(),
-            Self::Samples(s) => s.len(),
-        }
-    }
-
+/// What a from-scratch stage reads from a [`Batch`] (`train`'s micro-batch: folder indices, or streamed samples,
+/// possibly fewer than asked at an epoch's end).
+impl Batch {
     /// The target images as (3, r, r) tensors in [-1, 1]; `images` holds a folder's (in memory).
-    pub fn targets(&self, images: Option<&[Tensor]>, device: &Device) -> Result<Vec<Tensor>> {
+    pub(super) fn targets(&self, images: Option<&[Tensor]>, device: &Device) -> Result<Vec<Tensor>> {
         match self {
             Self::Indices(indices) => {
                 let images = images.ok_or_else(|| Error::Invalid("folder images not loaded".into()))?;
@@ -50,7 +39,7 @@ impl Picked {
     }
 
     /// Each example's first caption; `folder` gives a folder's by index.
-    pub fn captions<'a>(&'a self, folder: impl Fn(usize) -> &'a str) -> Vec<&'a str> {
+    pub(super) fn captions<'a>(&'a self, folder: impl Fn(usize) -> &'a str) -> Vec<&'a str> {
         match self {
             Self::Indices(indices) => indices.iter().map(|&i| folder(i)).collect(),
             Self::Samples(samples) => samples.iter().map(|s| s.captions()[0].as_str()).collect(),
@@ -100,15 +89,15 @@ impl Batches {
     }
 
     /// The next batch of `n`: indices drawn from `rng`, or the stream's next samples.
-    pub fn next(&mut self, n: usize, rng: &mut TorchGenerator) -> Result<Picked> {
+    pub fn next(&mut self, n: usize, rng: &mut TorchGenerator) -> Result<Batch> {
         match self {
             Self::Folder { len } => {
-                Ok(Picked::Indices(rng.randint(0, *len as i64, n).into_iter().map(|i| i as usize).collect()))
+                Ok(Batch::Indices(rng.randint(0, *len as i64, n).into_iter().map(|i| i as usize).collect()))
             }
             Self::Stream(s) => {
                 let position = s.position.get_or_insert_with(|| StreamState::new_epoch(rng));
                 let samples = s.batcher.next(&s.source, &s.options, n, position, &mut s.epoch, rng)?;
-                Ok(Picked::Samples(samples))
+                Ok(Batch::Samples(samples))
             }
         }
     }

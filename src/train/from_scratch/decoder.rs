@@ -5,12 +5,12 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::data::Picked;
 use super::loss::decoder_loss;
 use super::vae::encode_all;
 use super::{Run, StageReport, VAE_DECODER_SEED_OFFSET, VAE_DECODER_STAGE};
 use crate::io::weights::DIFFUSERS_STEM;
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::train::feed::Batch;
 use crate::train::files;
 use crate::train::params::{on_device, Params};
 use crate::{Error, Result};
@@ -54,7 +54,7 @@ pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Resu
         }
         let picked = data.next(batch, rng)?;
         let (images, latents) = match (&picked, inputs.as_ref().and_then(|i| i.as_ref())) {
-            (Picked::Indices(indices), Some((images, posteriors))) => (
+            (Batch::Indices(indices), Some((images, posteriors))) => (
                 indices.iter().map(|&i| images[i].clone()).collect(),
                 indices.iter().map(|&i| posteriors[i].clone()).collect(),
             ),

@@ -6,7 +6,6 @@ use std::collections::{BTreeSet, HashMap};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::data::Picked;
 use super::loss::denoising_loss;
 use super::text_encoder::{self, TEXT_WEIGHTS};
 use super::vae::encode_all;
@@ -16,6 +15,7 @@ use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, DiagonalGaussian};
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::train::feed::Batch;
 use crate::train::feed::Source;
 use crate::train::files::{self, Entry};
 use crate::train::objective::{encode_prompts, token_ids, Draws, Objective};
@@ -86,7 +86,7 @@ pub(super) fn train(run: &mut Run, report: &mut dyn FnMut(&StageReport)) -> Resu
         let picked = data.next(b, rng)?;
         let drops = rng.rand(picked.len());
         let (means, logvars): (Vec<Tensor>, Vec<Tensor>) = match (&picked, &posteriors) {
-            (Picked::Indices(indices), Some(p)) => indices.iter().map(|&i| p[i].clone()).unzip(),
+            (Batch::Indices(indices), Some(p)) => indices.iter().map(|&i| p[i].clone()).unzip(),
             _ => encode_all(&vae, &picked.targets(None, device)?)?.into_iter().unzip(),
         };
         let captions: Vec<String> = picked
