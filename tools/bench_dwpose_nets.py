@@ -40,7 +40,6 @@ as for tools/fixtures/gen_dwpose.py) on the bench picture at detect and image re
 thread per physical core, what A1111 and ComfyUI get).
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -56,9 +55,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DET_FILE = "yolox_l.onnx"
-POSE_FILE = "dw-ll_ucoco_384.onnx"
-OPSET = 11
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+# The file names, the opset, ONNX export, sd-webui-controlnet's modules and the OpenPose reordering are the
+# fixture generator's (tools/fixtures/gen_dwpose.py).
+from gen_dwpose import DET_FILE, POSE_FILE, export, load_a1111, openpose_order  # noqa: E402
+
 CLASSES = 80
 KEYPOINTS = 133
 DET_SIZE = 640
@@ -405,15 +406,6 @@ def calibrate_pose(net, x):
         net.cls_y.weight.mul_(k)
 
 
-def export(net, path, x, input_name, output_names, dynamic_batch):
-    axes = None
-    if dynamic_batch:
-        axes = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in output_names}}
-    torch.onnx.export(net, (x,), path, opset_version=OPSET, dynamo=False, input_names=[input_name],
-                      output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
-    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-
-
 def check(out_dir, det_x):
     """The exported files through onnxruntime: the signatures, and what the detector finds."""
     import onnxruntime as ort
@@ -463,22 +455,9 @@ def generate(out_dir, seed):
 
 # --- onnxruntime's time ---
 
-def load_a1111(folder):
-    mods = []
-    for name in ("cv_ox_det", "cv_ox_pose"):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    return mods
-
-
 class OrtWholebody:
     """controlnet_aux's `Wholebody` contract on the ONNX nets as A1111's preprocessor runs them: the person boxes,
     the keypoints of every box in one batch, then the neck and the OpenPose order."""
-
-    NECK_FROM = [17, 6, 8, 10, 7, 9, 12, 14, 16, 13, 15, 2, 1, 4, 3]
-    NECK_TO = [1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
 
     def __init__(self, det_mod, pose_mod, det, pose):
         self.det_mod, self.pose_mod, self.det, self.pose = det_mod, pose_mod, det, pose
@@ -491,11 +470,7 @@ class OrtWholebody:
             return np.zeros((0, 134, 2)), np.zeros((0, 134))
         keypoints, scores = self.pose_mod.inference_pose(self.pose, boxes, bgr, (POSE_W, POSE_H))
         self.people = len(keypoints)
-        info = np.concatenate((keypoints, scores[..., None]), axis=-1)
-        neck = info[:, [5, 6]].mean(axis=1)
-        neck[:, 2:4] = np.logical_and(info[:, 5, 2:4] > 0.3, info[:, 6, 2:4] > 0.3).astype(int)
-        info = np.insert(info, 17, neck, axis=1)
-        info[:, self.NECK_TO] = info[:, self.NECK_FROM]
+        info = openpose_order(keypoints, scores)
         return info[..., :2], info[..., 2]
 
 
