@@ -238,19 +238,15 @@ impl UnionParts {
     /// scaled, tokens and hints alike (diffusers' list form, whose residuals are not scaled again).
     pub fn fuse(&self, h: &Tensor, conditions: &[UnionCondition]) -> Result<Tensor> {
         let (batch, dtype) = (h.dim(0)?, h.dtype());
+        // One condition enters at full strength, several each at its own scale.
         let joint = conditions.len() > 1;
-        let strength = |c: &UnionCondition| if joint { c.scale } else { 1.0 };
-        // 1. one token per condition (scaled when joint), then the latent's spatial mean → (batch, n + 1, width)
+        let scaled = |t: Tensor, c: &UnionCondition| if joint && c.scale != 1.0 { t * c.scale } else { Ok(t) };
+        // 1. one token per condition, then the latent's spatial mean → (batch, n + 1, width)
         let mut tokens = conditions
             .iter()
             .map(|c| {
                 let width = c.hint.token.dim(1)?;
-                let token = c.hint.token.to_dtype(dtype)?.broadcast_as((batch, width))?;
-                if joint {
-                    token * c.scale
-                } else {
-                    Ok(token)
-                }
+                scaled(c.hint.token.to_dtype(dtype)?.broadcast_as((batch, width))?, c)
             })
             .collect::<Result<Vec<_>>>()?;
         tokens.push(h.mean((2, 3))?);
@@ -262,13 +258,13 @@ impl UnionParts {
         }
         // 3. per condition: hint + per-channel offset from its token, both at the condition's strength; the sum
         //    joins the latent
+        //    (summed first, then added: diffusers' order of sums)
         let mut fused: Option<Tensor> = None;
         for (i, c) in conditions.iter().enumerate() {
             let alpha = self.spatial_ch_projs.forward(&x.get_on_dim(1, i)?.contiguous()?)?;
-            let alpha = alpha.unsqueeze(D::Minus1)?.unsqueeze(3)?;
-            let hint = c.cond_embedding.to_dtype(dtype)?.broadcast_as(h.dims())?;
-            let (s, hint) = (strength(c), hint.contiguous()?);
-            let term = if s == 1.0 { hint.broadcast_add(&alpha)? } else { ((hint * s)?.broadcast_add(&(alpha * s)?))? };
+            let alpha = scaled(alpha.unsqueeze(D::Minus1)?.unsqueeze(3)?, c)?;
+            let hint = scaled(c.cond_embedding.to_dtype(dtype)?.broadcast_as(h.dims())?.contiguous()?, c)?;
+            let term = hint.broadcast_add(&alpha)?;
             fused = Some(match fused {
                 Some(sum) => (sum + term)?,
                 None => term,

@@ -316,6 +316,7 @@ pub fn generate_from(
 
     // 5. Denoise.
     let total = timesteps.len();
+    let calls = calls(controls);
     for (j, &t) in timesteps.iter().enumerate() {
         // `j` counts the steps that run (the ControlNet window and progress); `i` addresses the scheduler's
         // timesteps, as diffusers' `set_begin_index` makes it.
@@ -328,7 +329,7 @@ pub fn generate_from(
         // 5a. ControlNets inside their window; outside it a net is not run (its residuals would be zero). A call
         //     is a control with the union-net conditions joined to it.
         let mut residuals: Option<ControlNetOutput> = None;
-        for call in calls(controls) {
+        for call in &calls {
             let c = &controls[call.start];
             let outside = (j as f64) / (total as f64) < c.start || ((j + 1) as f64) / (total as f64) > c.end;
             if outside {
