@@ -47,7 +47,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import cv2
 import numpy as np
@@ -476,13 +475,7 @@ class OrtWholebody:
 
 def time_ort(out_dir, a1111, iters, threads):
     import onnxruntime as ort
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:  # draw_handpose's colour wheel: only hsv_to_rgb is used
-        import colorsys
-        hsv = lambda c: np.array(colorsys.hsv_to_rgb(*(float(v) for v in c)))  # noqa: E731
-        sys.modules["matplotlib"] = types.SimpleNamespace(colors=types.SimpleNamespace(hsv_to_rgb=hsv))
-    from controlnet_aux.dwpose import DWposeDetector
+    from controlnet_aux.dwpose import DWposeDetector  # (gen_dwpose stubbed matplotlib if it is missing)
 
     opts = ort.SessionOptions()
     if threads:
