@@ -8,12 +8,12 @@ use candle_core::DType;
 use clap::Args;
 
 use super::progress::Progress;
+use super::train::ColumnArgs;
 use crate::pipeline::sd::LoadOptions;
 use crate::pipeline::StableDiffusion;
 use crate::train::feed::Source;
 use crate::train::latent_cache::{write_cache, DEFAULT_SHARD_SIZE};
 use crate::train::settings::TrainSettings;
-use crate::train::stream::Fields;
 
 #[derive(Args, Debug, Clone)]
 pub struct CacheLatentsArgs {
@@ -32,15 +32,8 @@ pub struct CacheLatentsArgs {
     /// Examples per shard [default: 1000].
     #[arg(long, value_name = "N")]
     pub shard_size: Option<usize>,
-    /// Sharded data: where the target image is (as for `train`).
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub image_column: Option<String>,
-    /// Sharded data: where the condition image is (as for `train`).
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub conditioning_image_column: Option<String>,
-    /// Sharded data: where the caption is (as for `train`).
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub caption_column: Option<String>,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,
@@ -53,9 +46,7 @@ pub fn run(args: &CacheLatentsArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     settings.validate()?;
-    let (image, cond, caption) =
-        (args.image_column.as_deref(), args.conditioning_image_column.as_deref(), args.caption_column.as_deref());
-    let source = Source::open(&args.dataset, |kind| Fields::defaults(kind).with(kind, image, cond, caption))?;
+    let source = Source::open(&args.dataset, |kind| args.columns.fields(kind, None))?;
     source.check()?;
     if let Source::Stream(s) = &source {
         if s.kind == crate::train::stream::StreamKind::Latents {

@@ -53,18 +53,8 @@ pub struct TrainArgs {
     /// globs, several joined by ::) or a folder holding them [with --resume: the run's].
     #[arg(long, value_name = "PATH_OR_PATTERN")]
     pub dataset: Option<PathBuf>,
-    /// Sharded data: where the target image is: WebDataset extensions (a;b: the first one a sample has) or a
-    /// parquet column [default: jpg;jpeg;png;webp, or image].
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub image_column: Option<String>,
-    /// Sharded data: where the condition image is [default: cond.jpg;cond.jpeg;cond.png;cond.webp, or
-    /// conditioning_image].
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub conditioning_image_column: Option<String>,
-    /// Sharded data: where the caption is (WebDataset .json: a string, a list, or a caption/text/prompt field)
-    /// [default: txt;json, or text].
-    #[arg(long, value_name = "EXT_OR_COLUMN")]
-    pub caption_column: Option<String>,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
     /// Sharded data: samples the shuffle buffer holds (shards are shuffled too; 1 keeps each shard's order)
     /// [default: 1000].
     #[arg(long, value_name = "N")]
@@ -161,6 +151,41 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+/// Where a shard's sample parts are (`train` and `cache-latents` read the same shards).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ColumnArgs {
+    /// Sharded data: where the target image is: WebDataset extensions (a;b: the first one a sample has) or a
+    /// parquet column [default: jpg;jpeg;png;webp, or image].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub image_column: Option<String>,
+    /// Sharded data: where the condition image is [default: cond.jpg;cond.jpeg;cond.png;cond.webp, or
+    /// conditioning_image].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub conditioning_image_column: Option<String>,
+    /// Sharded data: where the caption is (WebDataset .json: a string, a list, or a caption/text/prompt field)
+    /// [default: txt;json, or text].
+    #[arg(long, value_name = "EXT_OR_COLUMN")]
+    pub caption_column: Option<String>,
+}
+
+impl ColumnArgs {
+    /// These flags over `saved` (a resumed run's), else the kind's defaults.
+    pub fn fields(&self, kind: StreamKind, saved: Option<&Fields>) -> Fields {
+        let base = saved.cloned().unwrap_or_else(|| Fields::defaults(kind));
+        base.with(
+            kind,
+            self.image_column.as_deref(),
+            self.conditioning_image_column.as_deref(),
+            self.caption_column.as_deref(),
+        )
+    }
+
+    /// Whether any was given.
+    pub fn any(&self) -> bool {
+        self.image_column.is_some() || self.conditioning_image_column.is_some() || self.caption_column.is_some()
+    }
+}
+
 /// What `train_config.json` records: where the run's model and data are, and its settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct RunConfig {
@@ -206,17 +231,6 @@ impl TrainArgs {
             shuffle_buffer: self.shuffle_buffer.unwrap_or(b.shuffle_buffer),
             data_workers: self.data_workers.unwrap_or(b.data_workers),
         }
-    }
-
-    /// Where a shard's sample parts are: these flags over `saved` (a resumed run's), else the kind's defaults.
-    fn fields(&self, kind: StreamKind, saved: Option<&Fields>) -> Fields {
-        let base = saved.cloned().unwrap_or_else(|| Fields::defaults(kind));
-        base.with(
-            kind,
-            self.image_column.as_deref(),
-            self.conditioning_image_column.as_deref(),
-            self.caption_column.as_deref(),
-        )
     }
 
     /// Validation: the pairs given, else `saved`'s (a resumed run's); the numbers given over the pairs'.
@@ -307,14 +321,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     }
     let Some(pattern) = dataset_path.to_str() else { bail!("--dataset {}: not UTF-8", dataset_path.display()) };
     let saved_fields = saved_config.as_ref().and_then(|c| c.fields.clone());
-    let source = Source::open(pattern, |kind| args.fields(kind, saved_fields.as_ref()))?;
+    let source = Source::open(pattern, |kind| args.columns.fields(kind, saved_fields.as_ref()))?;
     source.check()?;
     eprintln!("data: {}", source.describe());
     let fields = match &source {
         Source::Stream(s) => Some(s.fields.clone()),
         Source::Folder(_) => {
-            if args.image_column.is_some() || args.conditioning_image_column.is_some() || args.caption_column.is_some()
-            {
+            if args.columns.any() {
                 eprintln!("warning: the column flags apply to sharded data; a folder dataset names its own files");
             }
             None
