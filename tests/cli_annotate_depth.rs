@@ -7,7 +7,7 @@ mod preprocess;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_clean_failure, controlnet, fake_hub_cache, stderr, temp_dir};
+use common::{assert_clean_failure, controlnet, fake_hub_cache, share_off_by_more_than, stderr, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("annotators_neural2").join(name)
@@ -19,13 +19,6 @@ fn weights(name: &str) -> PathBuf {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Share of samples more than 4 levels off.
-fn off_by_more_than_4(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > 4).count();
-    off as f64 / a.as_raw().len() as f64
 }
 
 #[test]
@@ -53,7 +46,7 @@ fn both_layouts_reproduce_their_upstream_with_detect_resolution_and_save_raw() {
         assert!(run.status.success(), "{}", stderr(&run));
         let ours = image::open(&out).unwrap().to_rgb8();
         let theirs = image::open(fixture(reference)).unwrap().to_rgb8();
-        let off = off_by_more_than_4(&ours, &theirs);
+        let off = share_off_by_more_than(&ours, &theirs, 4);
         assert!(off <= 0.02, "{reference}: {:.2}% off", off * 100.0);
         // the .npy holds the float depth of the map: (72 x 104), its min-max map is the PNG
         let bytes = std::fs::read(&raw).unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
+use common::{controlnet, fake_hub_cache, run_with_cache, share_off_by_more_than, stderr, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("dwpose").join(name)
@@ -19,13 +19,6 @@ fn s(p: &Path) -> &str {
 
 fn rgb(p: &Path) -> image::RgbImage {
     image::open(p).unwrap().to_rgb8()
-}
-
-/// Share of samples more than 2 levels apart.
-fn off_share(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > 2).count();
-    off as f64 / a.as_raw().len() as f64
 }
 
 #[test]
@@ -49,7 +42,7 @@ fn map_and_json_match_controlnet_aux_and_read_back_as_a_pose() {
         s(&json),
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let share = off_share(&rgb(&out), &rgb(&fixture("two_map.png")));
+    let share = share_off_by_more_than(&rgb(&out), &rgb(&fixture("two_map.png")), 2);
     assert!(share <= 0.01, "{:.3}% of samples off by more than 2", share * 100.0);
     let pose: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let people = pose["people"].as_array().unwrap();
@@ -99,7 +92,7 @@ fn a_folder_gives_each_image_its_map_and_json() {
         assert_eq!(read(&jsons.join(format!("{stem}.json"))), read(&json), "{stem}");
     }
     // the fixture's one-person case at its sizes
-    let share = off_share(&rgb(&maps.join("tall.png")), &rgb(&fixture("tall_map.png")));
+    let share = share_off_by_more_than(&rgb(&maps.join("tall.png")), &rgb(&fixture("tall_map.png")), 2);
     assert!(share <= 0.01, "{:.3}% of samples off by more than 2", share * 100.0);
 }
 

@@ -7,7 +7,7 @@ mod preprocess;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_clean_failure, controlnet, fake_hub_cache, stderr, temp_dir};
+use common::{assert_clean_failure, controlnet, fake_hub_cache, share_off_by_more_than, stderr, temp_dir};
 
 const WEIGHTS_FILE: &str = "dpt_hybrid-midas-501f0c75.pt";
 
@@ -17,13 +17,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Share of samples more than `tol` levels off.
-fn off_by_more_than(a: &image::RgbImage, b: &image::RgbImage, tol: u8) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > tol).count();
-    off as f64 / a.as_raw().len() as f64
 }
 
 #[test]
@@ -49,7 +42,7 @@ fn depth_and_normal_maps_reproduce_controlnet_aux() {
         ]);
         assert!(run.status.success(), "{}", stderr(&run));
         let ours = image::open(&out).unwrap().to_rgb8();
-        let off = off_by_more_than(&ours, &image::open(fixture(reference)).unwrap().to_rgb8(), tol);
+        let off = share_off_by_more_than(&ours, &image::open(fixture(reference)).unwrap().to_rgb8(), tol);
         assert!(off <= 0.01, "{reference}: {:.2}% off by more than {tol}", off * 100.0);
     }
 }

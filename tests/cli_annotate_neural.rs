@@ -7,7 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_clean_failure, controlnet, fake_hub_cache, run_with_cache, stderr, temp_dir};
+use common::{
+    assert_clean_failure, controlnet, fake_hub_cache, run_with_cache, share_off_by_more_than, stderr, temp_dir,
+};
 
 fn fixture(name: &str) -> PathBuf {
     common::fixture("annotators_neural").join(name)
@@ -19,13 +21,6 @@ fn weights() -> PathBuf {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Share of samples more than 2 levels off.
-fn off_by_more_than_2(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > 2).count();
-    off as f64 / a.as_raw().len() as f64
 }
 
 #[test]
@@ -72,7 +67,7 @@ fn upstream_sizes_reproduce_controlnet_aux() {
         assert!(run.status.success(), "{kind}: {}", stderr(&run));
         let ours = image::open(&out).unwrap().to_rgb8();
         let theirs = image::open(fixture(reference)).unwrap().to_rgb8();
-        assert!(off_by_more_than_2(&ours, &theirs) <= 0.01, "{kind}");
+        assert!(share_off_by_more_than(&ours, &theirs, 2) <= 0.01, "{kind}");
     }
 }
 

@@ -71,6 +71,14 @@ pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
     }
 }
 
+/// The share of samples of two 8-bit RGB images of the same size that differ by more than `tol` levels (the
+/// annotator maps' metric).
+pub fn share_off_by_more_than(a: &image::RgbImage, b: &image::RgbImage, tol: u8) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let off = a.as_raw().iter().zip(b.as_raw()).filter(|(&x, &y)| x.abs_diff(y) > tol).count();
+    off as f64 / a.as_raw().len() as f64
+}
+
 /// A fresh temporary folder for one test.
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
