@@ -1,141 +1,56 @@
-//! The bundled demo model (`assets/demo`, recipe in `docs/demo.md`): for circles it never saw in training, the
-//! ControlNet puts the prompted circle where the condition's outline is, in the prompted colours; the same
-//! base without the ControlNet places its circle anywhere (about the overlap two random circles have).
+//! The bundled demo model (`assets/demo`, recipe in `docs/demo.md`) on the demo's held-out test set
+//! (`synthetic::circles::Split::Test`: radius 10–40 px, rings 1–5 px, circles against the borders, every colour as
+//! circle and as background, the near pairs in both orders): the ControlNet puts the prompted circle where the
+//! outline is, in the prompted colours; the same base without it places its circle anywhere. The full set is
+//! `controlnet evaluate circles --split test --base-alone` (docs/demo.md); this test runs the same circles.
 mod common;
 
 use candle_core::{DType, Device};
-use controlnet::pipeline::{demo, generate, Control, GenerateParams, StableDiffusion};
-use controlnet::rng::TorchGenerator;
-use controlnet::synthetic::circles::{score, Circle, COLOURS};
+use controlnet::model::controlnet::ControlNetModel;
+use controlnet::pipeline::circles_eval::{chance_iou, evaluate, Scored};
+use controlnet::pipeline::{demo, StableDiffusion};
+use controlnet::synthetic::circles::Split;
 
-/// Conditions scored (the issue asks for at least 20).
-const CONDITIONS: usize = 24;
-/// The training set was drawn with seed 0; these circles come from another stream.
-const EVAL_SEED: u64 = 2026;
+/// Test circles with the ControlNet: the whole reported set (the issue asks for at least 100).
+const CONDITIONS: usize = 128;
+/// The base alone, on the set's first circles (it only has to show it does not follow outlines).
+const BASE_ALONE: usize = 32;
 const SIZE: u32 = 128;
-/// The README's command: `generate`'s defaults.
-const STEPS: usize = 20;
-const GUIDANCE: f64 = 7.5;
-
-struct Scored {
-    iou: f64,
-    circle_colour_right: bool,
-    background_colour_right: bool,
-}
-
-impl Scored {
-    fn colours_right(&self) -> bool {
-        self.circle_colour_right && self.background_colour_right
-    }
-}
-
-fn circles() -> Vec<Circle> {
-    let mut rng = TorchGenerator::new(EVAL_SEED);
-    (0..CONDITIONS).map(|_| Circle::random(&mut rng, SIZE)).collect()
-}
-
-fn run(sd: &StableDiffusion, net: Option<&controlnet::model::controlnet::ControlNetModel>) -> Vec<Scored> {
-    circles()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let controls: Vec<Control> = net
-                .map(|net| Control {
-                    net,
-                    image: controlnet::io::images::to_tensor01(&c.condition(SIZE), &Device::Cpu).unwrap(),
-                    scale: 1.0,
-                    start: 0.0,
-                    end: 1.0,
-                    only_mid: false,
-                    control_type: None,
-                    union_join: false,
-                    mode: Default::default(),
-                })
-                .into_iter()
-                .collect();
-            let params = GenerateParams {
-                prompt: c.prompt(),
-                negative_prompt: String::new(),
-                width: SIZE as usize,
-                height: SIZE as usize,
-                steps: STEPS,
-                guidance: GUIDANCE,
-                scheduler: None,
-                seed: i as u64,
-                num_images: 1,
-                guess_mode: false,
-                vae_tiling: false,
-                sdxl: Default::default(),
-                prompt_options: Default::default(),
-                eta: 0.0,
-            };
-            let image = &generate(sd, &controls, &params, &mut |_, _| {}).unwrap().images[0];
-            let found = score::segment(image, c);
-            let outside: Vec<bool> = found.iter().map(|f| !f).collect();
-            Scored {
-                iou: score::iou(&found, &score::disk(c, SIZE)),
-                circle_colour_right: score::mean_colour_name(image, &found) == Some(c.fg),
-                background_colour_right: score::mean_colour_name(image, &outside) == Some(c.bg),
-            }
-        })
-        .collect()
-}
-
-fn mean(v: impl Iterator<Item = f64>) -> f64 {
-    let v: Vec<f64> = v.collect();
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
-/// The IoU a circle placed without looking at the condition gets: two independent circles' disks.
-fn chance_iou() -> f64 {
-    let mut rng = TorchGenerator::new(EVAL_SEED + 1);
-    mean((0..400).map(|_| {
-        let (a, b) = (Circle::random(&mut rng, SIZE), Circle::random(&mut rng, SIZE));
-        score::iou(&score::disk(&a, SIZE), &score::disk(&b, SIZE))
-    }))
-}
 
 #[test]
 fn controlnet_follows_unseen_conditions_and_the_base_alone_does_not() {
     let sd = StableDiffusion::load(&demo::base().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let net =
-        controlnet::model::controlnet::ControlNetModel::load(&demo::controlnet().unwrap(), DType::F32, &Device::Cpu)
-            .unwrap();
-    let with = run(&sd, Some(&net));
-    let without = run(&sd, None);
-    let chance = chance_iou();
-    let iou_with = mean(with.iter().map(|s| s.iou));
-    let iou_without = mean(without.iter().map(|s| s.iou));
-    let colours_with = with.iter().filter(|s| s.colours_right()).count();
-    let colours_without = without.iter().filter(|s| s.colours_right()).count();
-    let count = |v: &[Scored], f: fn(&Scored) -> bool| v.iter().filter(|s| f(s)).count();
-    println!(
-        "mean IoU with the ControlNet {iou_with:.3}, base alone {iou_without:.3}, chance {chance:.3}; prompted \
-         colours right in {colours_with}/{CONDITIONS} with (circle {}, background {}), {colours_without}/{CONDITIONS} \
-         without (circle {}, background {})",
-        count(&with, |s| s.circle_colour_right),
-        count(&with, |s| s.background_colour_right),
-        count(&without, |s| s.circle_colour_right),
-        count(&without, |s| s.background_colour_right),
-    );
-    for (i, s) in with.iter().enumerate() {
+    let net = ControlNetModel::load(&demo::controlnet().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let circles = Split::Test.circles(CONDITIONS, SIZE);
+    let with = evaluate(&sd, Some(&net), &circles, SIZE, &mut |_| {}).unwrap();
+    let without = evaluate(&sd, None, &circles[..BASE_ALONE], SIZE, &mut |_| {}).unwrap();
+    let chance = chance_iou(&circles[..BASE_ALONE], SIZE);
+    println!("with the ControlNet: {}", with.summary());
+    println!("base alone: {}; chance IoU {chance:.3}", without.summary());
+    for i in with.worst_first().into_iter().take(12) {
+        let s = &with.scored[i];
         println!(
-            "  condition {i:2}: IoU {:.3} (base alone {:.3}) circle colour {} background colour {}  ({})",
+            "  worst: condition {i:3}: IoU {:.3} circle colour {} background colour {} radius {:.1} ring {:.0} ({})",
             s.iou,
-            without[i].iou,
             s.circle_colour_right,
             s.background_colour_right,
-            circles()[i].prompt()
+            s.circle.radius,
+            s.circle.ring,
+            s.circle.prompt()
         );
     }
-    assert!(iou_with >= 0.8, "mean IoU with the ControlNet {iou_with:.3} < 0.8");
-    // Every image has both prompted colours (a miss would be a colour-word the base never learned).
-    assert!(colours_with >= CONDITIONS - 1, "prompted colours right in only {colours_with}/{CONDITIONS}");
+    let iou = with.mean_iou();
+    assert!(iou >= 0.85, "mean IoU with the ControlNet {iou:.3} < 0.85");
+    let colours = with.colours_right();
+    assert!(colours >= 0.95, "both prompted colours right in only {:.1} %", 100.0 * colours);
+    let missing: Vec<usize> = (0..CONDITIONS).filter(|&i| !with.scored[i].visible()).collect();
+    assert!(missing.is_empty(), "no visible circle in images {missing:?}");
+    let alone = without.mean_iou();
     assert!(
-        iou_without < chance + 0.15,
-        "the base alone reaches IoU {iou_without:.3}, well above chance {chance:.3}: the test would not show control"
+        alone < chance + 0.15,
+        "the base alone reaches IoU {alone:.3}, well above chance {chance:.3}: the test would not show control"
     );
-    assert!(COLOURS.len() == 16);
+    assert!(without.share(Scored::placed) < 0.5, "the base alone draws most circles in place");
 }
 
 /// The README's first command: no --model, no --controlnet.

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cache_latents;
 pub mod convert;
 pub mod dataset;
+pub mod evaluate;
 pub mod generate;
 pub mod init;
 pub mod inspect;
@@ -33,6 +34,8 @@ pub enum Command {
     Batch(batch::BatchArgs),
     /// Make a synthetic training dataset (the demo's circles).
     Dataset(dataset::DatasetArgs),
+    /// Score the demo's circles model on its held-out circles (IoU, colours) and draw a grid of results.
+    Evaluate(evaluate::EvaluateArgs),
     /// Make an image again from the recipe its PNG carries.
     Reproduce(reproduce::ReproduceArgs),
     /// Tell what a weights file or model folder is: kind, base model, naming, parameters, dtype.
@@ -85,6 +88,7 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Dataset(args) => dataset::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Init(args) => init::run(args),

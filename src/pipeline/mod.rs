@@ -15,6 +15,7 @@
 //! - [`textual_inversion`]: embeddings named in prompts → tokens and vectors of the text encoders;
 //! - [`vae_override`]: another VAE in place of the model's;
 //! - [`sd`]: loading a Stable Diffusion model and ControlNets; [`demo`]: the bundled demo model.
+pub mod circles_eval;
 pub mod conditions;
 pub mod control_mode;
 pub mod demo;

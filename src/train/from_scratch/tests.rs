@@ -44,7 +44,7 @@ fn tiny() -> (Architecture, Settings) {
 fn three_circles() -> (tempfile::TempDir, Source) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    circles::write_dataset(&data, 3, 32, 0, &mut || {}).unwrap();
+    circles::write_dataset(&data, 3, 32, 0, circles::Variety::Fill50k, &mut || {}).unwrap();
     let dataset = Source::Folder(Dataset::open(&data).unwrap());
     (tmp, dataset)
 }
