@@ -78,10 +78,12 @@ impl AttentionOp {
     }
 
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], s: &Dims) -> Vec<T> {
-        let mut out = vec![T::zero(); s.heads * s.queries * s.dv];
-        if out.is_empty() || s.keys == 0 {
-            return out;
+        let len = s.heads * s.queries * s.dv;
+        if len == 0 || s.keys == 0 {
+            return vec![T::zero(); len];
         }
+        // Both products below write their whole destination without reading it (`read_dst` false).
+        let mut out = super::unfilled::<T>(len);
         let rows = (BLOCK_SCORES / s.keys).clamp(MIN_ROWS, MAX_ROWS).min(s.queries);
         let scale = T::from_f64(self.scale);
         out.par_chunks_mut(s.queries * s.dv).enumerate().for_each(|(h, out_h)| {
@@ -93,7 +95,7 @@ impl AttentionOp {
             out_h.par_chunks_mut(rows * s.dv).enumerate().for_each(|(b, out_b)| {
                 let n = out_b.len() / s.dv;
                 let q_b = &q_h[b * rows * s.d..(b * rows + n) * s.d];
-                let mut scores = vec![T::zero(); n * s.keys];
+                let mut scores = super::unfilled::<T>(n * s.keys);
                 // SAFETY (both products): every pointer/stride pair addresses only elements of its slice:
                 // q_b is n x d, k_h keys x d (read transposed), scores n x keys, v_h keys x dv, out_b n x dv.
                 unsafe {

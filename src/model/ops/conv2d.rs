@@ -287,14 +287,16 @@ impl Conv2dOp {
         let p = self.0;
         let hw = d.oh * d.ow;
         let patch = d.patch();
-        let mut out = vec![T::zero(); d.b * d.o * hw];
+        // Every element is set to its bias here, then the product accumulates onto it.
+        let mut out = super::unfilled::<T>(d.b * d.o * hw);
         // Bias first: the product then accumulates onto it (no separate pass over the output).
         for (plane, &bias) in out.chunks_mut(hw).zip(bias.iter().cycle()) {
             plane.fill(bias);
         }
         let pointwise = p.pointwise(d);
         let band_rows = Conv2dParams::band_rows(d);
-        let mut cols = if pointwise { Vec::new() } else { vec![T::zero(); patch * band_rows * d.ow] };
+        // `gather` writes every column entry of a band (padding as zeros) before the product reads it.
+        let mut cols = if pointwise { Vec::new() } else { super::unfilled::<T>(patch * band_rows * d.ow) };
         for item in 0..d.b {
             let input = &x[item * d.c * d.h * d.w..(item + 1) * d.c * d.h * d.w];
             let output = &mut out[item * d.o * hw..(item + 1) * d.o * hw];

@@ -25,10 +25,11 @@ struct GegluOp;
 impl GegluOp {
     fn forward<T: Real>(h: &[T], two_f: usize) -> Vec<T> {
         let f = two_f / 2;
-        let mut out = vec![T::zero(); h.len() / 2];
-        if f == 0 {
-            return out;
+        if f == 0 || h.is_empty() {
+            return vec![T::zero(); h.len() / 2];
         }
+        // Every row is written below.
+        let mut out = super::unfilled::<T>(h.len() / 2);
         out.par_chunks_mut(f).zip(h.par_chunks(two_f)).for_each(|(o, row)| {
             let (a, g) = row.split_at(f);
             T::gate_row(o, a, g);

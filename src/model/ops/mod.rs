@@ -10,6 +10,19 @@ mod math;
 pub mod norm;
 pub mod softmax;
 
+/// A vector of `len` elements as the allocator hands them out, not cleared, for an output or scratch buffer
+/// whose every element the kernel writes before anything reads it. `vec![0.0; len]` clears it first (a
+/// `memset`, or fresh zero pages): ~5 % of a bf16 step, for memory written over at once. The same pattern as
+/// candle's own `alloc_uninit` (Copy types that every bit pattern is a value of).
+#[allow(clippy::uninit_vec)]
+pub(crate) fn unfilled<T: candle_core::WithDType>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: T is a plain number type (f32, f64, bf16, ...: Copy, no Drop, every bit pattern valid), and the
+    // callers write every element before reading any.
+    unsafe { v.set_len(len) };
+    v
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use candle_core::{Device, Result, Tensor, Var};

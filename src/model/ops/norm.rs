@@ -110,10 +110,11 @@ impl GroupNormOp {
         let per_group = channels / self.groups;
         let spatial = x.len() / (batch * channels).max(1);
         let block = per_group * spatial;
-        let mut out = vec![T::zero(); x.len()];
-        if block == 0 {
-            return out;
+        if block == 0 || x.is_empty() {
+            return vec![T::zero(); x.len()];
         }
+        // Every block (one group of one sample) is written below.
+        let mut out = super::unfilled::<T>(x.len());
         out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(i, (o, xs))| {
             let g = i % self.groups;
             let (mean, rstd) = moments(xs, self.eps);
@@ -219,7 +220,11 @@ struct LayerNormOp {
 impl LayerNormOp {
     fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let d = w.len();
-        let mut out = vec![T::zero(); x.len()];
+        if d == 0 || x.is_empty() {
+            return vec![T::zero(); x.len()];
+        }
+        // Every row is written below.
+        let mut out = super::unfilled::<T>(x.len());
         out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xs)| {
             let (mean, rstd) = moments(xs, self.eps);
             let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));

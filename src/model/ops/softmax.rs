@@ -27,10 +27,11 @@ struct SoftmaxOp {
 impl SoftmaxOp {
     fn forward<T: Real>(&self, x: &[T], d: usize) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); x.len()];
-        if d == 0 {
-            return out;
+        if d == 0 || x.is_empty() {
+            return vec![T::zero(); x.len()];
         }
+        // Every row is written below.
+        let mut out = super::unfilled::<T>(x.len());
         out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xs)| {
             for (o, &v) in o.iter_mut().zip(xs) {
                 *o = v * scale;

@@ -159,7 +159,8 @@ impl candle_core::CustomOp2 for LinearOp {
         if w_in != in_d {
             candle_core::bail!("bf16 linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
         }
-        let mut out = vec![0f32; rows * out_d];
+        // The product (accumulate = false) writes every element.
+        let mut out = super::unfilled::<f32>(rows * out_d);
         // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y: the weights are then the
         // left operand, read where they lie (no per-call packing of a matrix as large as the layer).
         let (lhs, rhs) =
