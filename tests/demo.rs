@@ -102,3 +102,35 @@ fn a_missing_demo_model_is_named() {
     assert!(err.contains("bundled demo model is not at") && err.contains("--model"), "{err}");
     assert!(!out.exists());
 }
+
+/// `evaluate circles` scores the demo on a few test circles and writes its grid and report; bad settings are
+/// named and nothing is written.
+#[test]
+fn evaluate_writes_its_figures_and_names_bad_settings() {
+    let dir = common::temp_dir();
+    let (grid, report) = (dir.path().join("grid.png"), dir.path().join("scores.jsonl"));
+    let (g, r) = (grid.to_str().unwrap(), report.to_str().unwrap());
+    let run = common::controlnet(&["evaluate", "circles", "--count", "2", "--grid", g, "--report", r, "-q"]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let out = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(out.contains("2 images: mean IoU"), "{out}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&report).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["prompt"], Split::Test.circles(2, SIZE)[1].prompt());
+    // Two entries (condition and result tiles each) in one row, 4 px apart.
+    assert_eq!(image::open(&grid).unwrap().to_rgb8().dimensions(), (4 * SIZE + 4, SIZE));
+    for (args, flag) in [
+        (&["--count", "0"][..], "--count"),
+        (&["--model", "/nowhere/model"][..], "--model"),
+        (&["--controlnet", "/nowhere/net"][..], "--controlnet"),
+    ] {
+        let bad = dir.path().join("bad.png");
+        let mut all = vec!["evaluate", "circles", "--grid", bad.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let run = common::controlnet(&all);
+        let err = common::stderr(&run);
+        assert!(!run.status.success() && err.contains(flag), "{args:?}: {err}");
+        assert!(!bad.exists());
+    }
+}

@@ -72,8 +72,8 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => demo::controlnet().map_err(|e| anyhow::anyhow!("--controlnet: {e}"))?,
     };
-    let sd = StableDiffusion::load(&model, DType::F32, &Device::Cpu)
-        .with_context(|| format!("--model {}", model.display()))?;
+    // The base's loading errors name `model` already (the CLI shows it as --model).
+    let sd = StableDiffusion::load(&model, DType::F32, &Device::Cpu)?;
     let net = ControlNetModel::load(&controlnet, DType::F32, &Device::Cpu)
         .with_context(|| format!("--controlnet {}", controlnet.display()))?;
     let circles = split.circles(*count, *size);
