@@ -41,15 +41,10 @@ fn check(case: &str, model: &str, nets: &[Net], params: GenerateParams) {
             let img = images::load_rgb(&fixture(&format!("pipeline/{}", n.image))).unwrap();
             let img = images::resize(&img, params.width as u32, params.height as u32, ResampleFilter::Lanczos);
             Control {
-                net,
-                image: images::to_tensor01(&img, &dev).unwrap(),
                 scale: n.scale,
                 start: n.start,
                 end: n.end,
-                only_mid: false,
-                control_type: None,
-                union_join: false,
-                mode: Default::default(),
+                ..Control::plain(net, images::to_tensor01(&img, &dev).unwrap())
             }
         })
         .collect();
@@ -63,20 +58,8 @@ fn check(case: &str, model: &str, nets: &[Net], params: GenerateParams) {
 
 fn params(seed: u64, steps: usize, scheduler: Option<&str>) -> GenerateParams {
     GenerateParams {
-        prompt: "a red circle on a light blue background".into(),
-        negative_prompt: String::new(),
-        width: 128,
-        height: 128,
-        steps,
-        guidance: 7.5,
         scheduler: scheduler.map(|s| s.parse().unwrap()),
-        seed,
-        num_images: 1,
-        guess_mode: false,
-        vae_tiling: false,
-        sdxl: Default::default(),
-        prompt_options: Default::default(),
-        eta: 0.0,
+        ..GenerateParams::plain("a red circle on a light blue background", 128, 128, steps, 7.5, seed)
     }
 }
 

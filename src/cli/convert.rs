@@ -403,22 +403,7 @@ mod tests {
             config_dir: config.clone(),
         };
         let single = StableDiffusion::open(file.to_str().unwrap(), &opts).unwrap();
-        let params = GenerateParams {
-            prompt: "a red circle".into(),
-            negative_prompt: String::new(),
-            width: 64,
-            height: 64,
-            steps: 2,
-            guidance: 5.0,
-            scheduler: None,
-            seed: 4,
-            num_images: 1,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
-        };
+        let params = GenerateParams::plain("a red circle", 64, 64, 2, 5.0, 4);
         let a = generate(&folder, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&single, &[], &params, &mut |_, _| {}).unwrap();
         assert_eq!(a.images[0], b.images[0]);

@@ -66,11 +66,12 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
     }
     let model = match model {
         Some(m) => m.clone(),
-        None => demo::base().map_err(|e| anyhow::anyhow!("--model: {e}"))?,
+        // The demo's errors name the setting (shown as the flag).
+        None => demo::base()?,
     };
     let controlnet = match controlnet {
         Some(c) => c.clone(),
-        None => demo::controlnet().map_err(|e| anyhow::anyhow!("--controlnet: {e}"))?,
+        None => demo::controlnet()?,
     };
     // The base's loading errors name `model` already (the CLI shows it as --model).
     let sd = StableDiffusion::load(&model, DType::F32, &Device::Cpu)?;

@@ -248,20 +248,8 @@ fn write_samples(
     let mut rows = Vec::new();
     for prompt in SAMPLE_PROMPTS {
         let params = GenerateParams {
-            prompt: prompt.to_string(),
-            negative_prompt: String::new(),
-            width: size,
-            height: size,
-            steps: 25,
-            guidance: 5.0,
-            scheduler: None,
-            seed: 0,
             num_images: SAMPLES_PER_PROMPT,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
+            ..GenerateParams::plain(prompt.to_string(), size, size, 25, 5.0, 0)
         };
         rows.push(generate(&sd, &[], &params, &mut |_, _| {})?.images);
     }

@@ -6,15 +6,13 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 
 use super::generate::{generate, Control, GenerateParams};
+use super::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use super::sd::StableDiffusion;
 use crate::io::images::to_tensor01;
 use crate::model::controlnet::ControlNetModel;
 use crate::synthetic::circles::{score, Circle};
 use crate::Result;
 
-/// `generate`'s defaults (the README's command).
-pub const STEPS: usize = 20;
-pub const GUIDANCE: f64 = 7.5;
 /// A circle is visible when the pixels of its colour cover at least this share of the asked-for disk's area
 /// (wherever they are: a circle that vanished into its background has next to none).
 pub const VISIBLE_AREA: f64 = 0.5;
@@ -120,7 +118,8 @@ impl Evaluation {
 /// Grey gap between the grid's tiles, px.
 const GRID_GAP: u32 = 4;
 
-/// Generates and scores each circle at `size` px: the circle's prompt, seed = its index in the set, the
+/// Generates and scores each circle at `size` px with `generate`'s default steps and guidance (the README's
+/// command): the circle's prompt, seed = its index in the set, the
 /// ControlNet (when given) at scale 1 on the circle's outline. `on_image` hears each image's index as it is done.
 pub fn evaluate(
     sd: &StableDiffusion,
@@ -132,35 +131,11 @@ pub fn evaluate(
     let mut scored = Vec::with_capacity(circles.len());
     for (i, c) in circles.iter().enumerate() {
         let controls: Vec<Control> = match net {
-            Some(net) => vec![Control {
-                net,
-                image: to_tensor01(&c.condition(size), &Device::Cpu)?,
-                scale: 1.0,
-                start: 0.0,
-                end: 1.0,
-                only_mid: false,
-                mode: Default::default(),
-                control_type: None,
-                union_join: false,
-            }],
+            Some(net) => vec![Control::plain(net, to_tensor01(&c.condition(size), &Device::Cpu)?)],
             None => Vec::new(),
         };
-        let params = GenerateParams {
-            prompt: c.prompt(),
-            width: size as usize,
-            height: size as usize,
-            steps: STEPS,
-            guidance: GUIDANCE,
-            seed: i as u64,
-            negative_prompt: String::new(),
-            scheduler: None,
-            num_images: 1,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
-        };
+        let params =
+            GenerateParams::plain(c.prompt(), size as usize, size as usize, DEFAULT_STEPS, DEFAULT_GUIDANCE, i as u64);
         let image = generate(sd, &controls, &params, &mut |_, _| {})?.images.remove(0);
         let found = score::segment(&image, c);
         let outside: Vec<bool> = found.iter().map(|f| !f).collect();

@@ -38,6 +38,24 @@ pub struct Control<'a> {
     pub union_join: bool,
 }
 
+impl<'a> Control<'a> {
+    /// `net` on `image` at scale 1 through every step, both halves of the guided batch, all residuals: the
+    /// plain ControlNet call (diffusers' defaults).
+    pub fn plain(net: &'a ControlNetModel, image: Tensor) -> Self {
+        Self {
+            net,
+            image,
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            only_mid: false,
+            mode: ControlMode::default(),
+            control_type: None,
+            union_join: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     pub prompt: String,
@@ -62,6 +80,37 @@ pub struct GenerateParams {
     pub prompt_options: PromptOptions,
     /// DDIM's eta (0: deterministic); other schedulers refuse anything else.
     pub eta: f64,
+}
+
+impl GenerateParams {
+    /// A plain text-to-image of one picture: this prompt, size, step count, guidance and seed; no negative
+    /// prompt, the model's own scheduler, no guess mode, tiling, SDXL conditioning, prompt syntax or eta.
+    /// Callers that need one of those set it with `..GenerateParams::plain(...)`.
+    pub fn plain(
+        prompt: impl Into<String>,
+        width: usize,
+        height: usize,
+        steps: usize,
+        guidance: f64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps,
+            guidance,
+            scheduler: None,
+            seed,
+            num_images: 1,
+            guess_mode: false,
+            vae_tiling: false,
+            sdxl: Default::default(),
+            prompt_options: Default::default(),
+            eta: 0.0,
+        }
+    }
 }
 
 /// Where img2img starts: a picture noised to the level of the step `strength` of the way back from the end

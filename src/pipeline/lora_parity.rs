@@ -57,20 +57,8 @@ fn lora_images_match_diffusers() {
             .collect();
         let sd = StableDiffusion::open_with_loras(model.to_str().unwrap(), &opts, &loras).unwrap();
         let params = GenerateParams {
-            prompt: case.prompt.clone(),
-            negative_prompt: String::new(),
-            width: 128,
-            height: 128,
-            steps: case.steps,
-            guidance: case.guidance,
             scheduler: Some(case.scheduler.parse().unwrap()),
-            seed: case.seed,
-            num_images: 1,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
+            ..GenerateParams::plain(case.prompt.clone(), 128, 128, case.steps, case.guidance, case.seed)
         };
         let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = fixture_tensors(&format!("lora/{}", case.tensors));

@@ -538,20 +538,8 @@ mod tests {
     /// run within 2e-4.
     fn assert_no_controlnet_case(sd: &StableDiffusion, steps: usize, guidance: f64, seed: u64, reference: &str) {
         let params = GenerateParams {
-            prompt: "a red circle on a light blue background".into(),
-            negative_prompt: String::new(),
-            width: 128,
-            height: 128,
-            steps,
-            guidance,
             scheduler: Some("dpm++2m".parse().unwrap()),
-            seed,
-            num_images: 1,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
+            ..GenerateParams::plain("a red circle on a light blue background", 128, 128, steps, guidance, seed)
         };
         let out = generate(sd, &[], &params, &mut |_, _| {}).unwrap();
         let reference = candle_core::safetensors::load(fixtures::fixtures().join(reference), &Device::Cpu).unwrap();
@@ -594,22 +582,7 @@ mod tests {
         };
         let (eps, v) = (open(None), open(Some(PredictionType::VPrediction)));
         assert_eq!(v.scheduler_config.get("prediction_type"), Some(&serde_json::json!("v_prediction")));
-        let params = GenerateParams {
-            prompt: "a red circle".into(),
-            negative_prompt: String::new(),
-            width: 64,
-            height: 64,
-            steps: 2,
-            guidance: 7.5,
-            scheduler: None,
-            seed: 3,
-            num_images: 1,
-            guess_mode: false,
-            vae_tiling: false,
-            sdxl: Default::default(),
-            prompt_options: Default::default(),
-            eta: 0.0,
-        };
+        let params = GenerateParams::plain("a red circle", 64, 64, 2, 7.5, 3);
         let a = generate(&eps, &[], &params, &mut |_, _| {}).unwrap();
         let b = generate(&v, &[], &params, &mut |_, _| {}).unwrap();
         let diff: f32 = (&a.latents - &b.latents).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();

@@ -116,20 +116,10 @@ fn image_matches_diffusers() {
     let case = cases().image;
     let sd = model("sd15");
     let params = GenerateParams {
-        prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
-        width: case.width,
-        height: case.height,
-        steps: case.steps,
-        guidance: 7.5,
         scheduler: Some("ddim".parse().unwrap()),
-        seed: case.seed,
-        num_images: 1,
-        guess_mode: false,
-        vae_tiling: false,
-        sdxl: Default::default(),
         prompt_options: PromptOptions { embeddings: embeddings(&case.embeddings), ..Default::default() },
-        eta: 0.0,
+        ..GenerateParams::plain(case.prompt.clone(), case.width, case.height, case.steps, 7.5, case.seed)
     };
     let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
     let reference = fixture_tensors("textual_inversion/image.safetensors");

@@ -130,20 +130,15 @@ mod tests {
             let mut sd = tiny_sd15();
             sd.replace_vae("vae", fixture_path(spec).to_str().unwrap(), &opts()).unwrap();
             let params = GenerateParams {
-                prompt: case["prompt"].as_str().unwrap().into(),
-                negative_prompt: String::new(),
-                width: 128,
-                height: 128,
-                steps: case["steps"].as_u64().unwrap() as usize,
-                guidance: 7.5,
                 scheduler: Some("ddim".parse().unwrap()),
-                seed: case["seed"].as_u64().unwrap(),
-                num_images: 1,
-                guess_mode: false,
-                vae_tiling: false,
-                sdxl: Default::default(),
-                prompt_options: Default::default(),
-                eta: 0.0,
+                ..GenerateParams::plain(
+                    case["prompt"].as_str().unwrap(),
+                    128,
+                    128,
+                    case["steps"].as_u64().unwrap() as usize,
+                    7.5,
+                    case["seed"].as_u64().unwrap(),
+                )
             };
             let out = generate(&sd, &[], &params, &mut |_, _| {}).unwrap();
             let latents = max_abs_diff(&out.latents, &reference["latents"]);

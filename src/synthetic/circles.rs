@@ -148,9 +148,8 @@ impl Circle {
         let radius = s * (0.10 + 0.25 * u[0] as f64);
         let cx = radius + (s - 2.0 * radius) * u[1] as f64;
         let cy = radius + (s - 2.0 * radius) * u[2] as f64;
-        let fg = ((u[3] as f64 * 16.0) as usize).min(15);
-        // A background different from the circle: one of the other 15 colours.
-        let bg = (fg + 1 + ((u[4] as f64 * 15.0) as usize).min(14)) % 16;
+        let fg = pick(u[3], 16);
+        let bg = other_colour(fg, u[4]);
         Self { cx, cy, radius, fg, bg, ring: outline_width(size) as f64 }
     }
 

@@ -477,32 +477,18 @@ impl Trainer {
         for (cond_path, prompt) in &v.pairs {
             let cond_img = resize_center_crop(&crate::io::images::load_rgb(cond_path)?, r);
             let image = condition_tensor(&cond_img, self.feed.condition_channels, &self.device)?.unsqueeze(0)?;
-            let control = Control {
-                net,
-                image,
-                scale: 1.0,
-                start: 0.0,
-                end: 1.0,
-                only_mid: false,
-                mode: Default::default(),
-                control_type: None,
-                union_join: false,
-            };
+            let control = Control::plain(net, image);
             let params = GenerateParams {
-                prompt: prompt.clone(),
-                negative_prompt: String::new(),
-                width: r as usize,
-                height: r as usize,
-                steps: v.inference_steps,
-                guidance: v.guidance,
                 scheduler: Some(SchedulerKind::UniPc.into()),
-                seed: self.settings.seed,
                 num_images: v.num_images,
-                guess_mode: false,
-                vae_tiling: false,
-                sdxl: Default::default(),
-                prompt_options: Default::default(),
-                eta: 0.0,
+                ..GenerateParams::plain(
+                    prompt.clone(),
+                    r as usize,
+                    r as usize,
+                    v.inference_steps,
+                    v.guidance,
+                    self.settings.seed,
+                )
             };
             let out = generate(&self.sd, &[control], &params, &mut |_, _| {})?;
             let fidelity: Vec<Fidelity> = if v.canny_fidelity {
