@@ -359,6 +359,82 @@ fn a_one_channel_controlnet_trains_on_grey_conditions() {
     assert_eq!(config["conditioning_channels"], 1);
 }
 
+/// `--dtype bf16` (mixed precision) trains with validation and says so, the result is an f32 ControlNet that
+/// `generate` loads, and the run records its precision; f16 and bf16 with an unlocked decoder are refused naming
+/// --dtype, before anything is written.
+#[test]
+fn mixed_precision_training() {
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            MODEL,
+            "--init",
+            "--dataset",
+            DATA,
+            "--output",
+            run.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--validation-image",
+            COND,
+            "--validation-prompt",
+            "a circle",
+            "--validation-steps",
+            "2",
+            "--validation-inference-steps",
+            "2",
+            "--quiet",
+        ];
+        a.extend_from_slice(extra);
+        controlnet(&a)
+    };
+    for (extra, wanted) in [(&["--dtype", "f16"][..], "f16"), (&["--dtype", "bf16", "--unlock-decoder"][..], "decoder")]
+    {
+        let out = args(extra);
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains("--dtype") && err.contains(wanted), "{err}");
+        assert!(!run.exists(), "a refused run wrote {}", run.display());
+    }
+    let out = args(&["--dtype", "bf16"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("precision: bf16 locked models"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(config["settings"]["dtype"], "bf16");
+    assert!(run.join("validation/step-2.png").is_file());
+    let image = dir.path().join("out.png");
+    let cn = run.join("controlnet");
+    let out = controlnet(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--controlnet",
+        cn.to_str().unwrap(),
+        "--control",
+        COND,
+        "--prompt",
+        "a circle",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        image.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success() && image.is_file(), "{}", stderr(&out));
+}
+
 /// An SDXL base trains from the command line (pooled text and size/crop ids), and a run stopped after one update
 /// and resumed ends where an uninterrupted run ends, bit for bit; `generate` loads the result on the SDXL base.
 #[test]

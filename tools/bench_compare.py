@@ -11,11 +11,13 @@ table.
 --rust-dtypes / --torch-dtypes run each implementation in several modes (ours: f32 bf16 auto; torch: f32 bf16
 autocast), in one go: the f32 table as before, then per configuration one row per measurement with every
 mode's seconds and the ratio of our fastest mode to torch's fastest (reports of other modes than f32 are
-`{rust,torch}_{preset}_{latent}_b{batch}_{dtype}.json`).
+`{rust,torch}_{preset}_{latent}_b{batch}_{dtype}.json`). With --train, bf16 is mixed precision on both sides
+(`controlnet bench --train --dtype bf16`, `bench_torch.py --train --dtype bf16`: diffusers' --mixed_precision).
 
 Usage: python3 tools/bench_compare.py --latent 32 64 [--preset sd15] [--batch 2] [--iters 3] [--skip-vae]
        python3 tools/bench_compare.py --latent 32 64 --rust-dtypes f32 bf16 --torch-dtypes f32 bf16 autocast
        python3 tools/bench_compare.py --train --latent 32 --batch 1
+       python3 tools/bench_compare.py --train --latent 32 --batch 1 --rust-dtypes f32 bf16 --torch-dtypes f32 bf16
        python3 tools/bench_compare.py --table-only [--train]
 """
 import argparse
@@ -139,18 +141,21 @@ def load_modes(out, tag, dtypes, who):
     return reports
 
 
-def modes_table(out, configs, rust_dtypes, torch_dtypes):
-    """Per configuration and measurement: every mode's seconds, then our fastest over torch's fastest."""
+def modes_table(out, configs, rust_dtypes, torch_dtypes, train=False):
+    """Per configuration and measurement: every mode's seconds, then our fastest over torch's fastest (with
+    `train`, the training update's rows: bf16 is mixed precision on both sides)."""
     cols = [f"rs {d}" for d in rust_dtypes] + [f"torch {d}" for d in torch_dtypes]
     lines = ["| config | measurement | " + " | ".join(f"{c} (s)" for c in cols) + " | best rs / best torch |",
              "| --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"]
     machine = None
     for preset, latent, batch in configs:
-        tag = f"{preset}_{latent}_b{batch}"
+        tag = f"{'train_' if train else ''}{preset}_{latent}_b{batch}"
         rs, th = load_modes(out, tag, rust_dtypes, "rust"), load_modes(out, tag, torch_dtypes, "torch")
         machine = machine or next(iter(rs.values()), {}).get("machine")
         name = f"{preset} {8 * latent}px b{batch}"
-        for label, key in ROWS + [("peak RSS (UNet+ControlNet)", "peak_rss_unet_controlnet_bytes")]:
+        rows = (TRAIN_ROWS + [("peak RSS", "peak_rss_bytes")] if train
+                else ROWS + [("peak RSS (UNet+ControlNet)", "peak_rss_unet_controlnet_bytes")])
+        for label, key in rows:
             vals = [r.get(d, {}).get(key) for r, ds in ((rs, rust_dtypes), (th, torch_dtypes)) for d in ds]
             if all(v is None for v in vals):
                 continue
@@ -202,10 +207,10 @@ def main():
                         os.path.join(args.out, name))
     pairs = {}
     pattern = "rust_train_*.json" if args.train else "rust_*.json"
-    modes = not args.train and (args.rust_dtypes != ["f32"] or args.torch_dtypes != ["f32"])
+    modes = args.rust_dtypes != ["f32"] or args.torch_dtypes != ["f32"]
     if modes:
         configs = [(p, l, args.batch) for p in args.preset for l in args.latent]
-        print(modes_table(args.out, configs, args.rust_dtypes, args.torch_dtypes))
+        print(modes_table(args.out, configs, args.rust_dtypes, args.torch_dtypes, args.train))
         return
     for path in glob.glob(os.path.join(args.out, pattern)):
         if not args.train and os.path.basename(path).startswith("rust_train_"):

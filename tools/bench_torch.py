@@ -12,7 +12,9 @@ call, so `controlnet_s` includes it here (`controlnet_s_includes_embed`); `contr
 With --train it times one ControlNet training update instead, as diffusers' examples/controlnet/
 train_controlnet.py runs it once latents and text embeddings are at hand: ControlNet (trainable) + locked UNet
 (requires_grad False), MSE, backward, clip_grad_norm_(1.0), AdamW (torch defaults but lr 1e-5, weight decay 1e-2),
-zero_grad(set_to_none=True); the same keys as `controlnet bench --train --json`.
+zero_grad(set_to_none=True); the same keys as `controlnet bench --train --json`. --train --dtype bf16 is the
+script's --mixed_precision bf16: the locked UNet cast to bfloat16 (weight_dtype, as are the latents and text
+embeddings it gets, and the residuals), the ControlNet f32 under accelerate's bf16 autocast, the loss in f32.
 
 --dtype picks PyTorch's mode: f32 (default), bf16 (the models cast to bfloat16: bf16 weights and activations,
 oneDNN's AMX / AVX512-BF16 kernels where the CPU has them) or autocast (f32 weights, torch.autocast("cpu",
@@ -297,9 +299,14 @@ def train(args):
     log("building the locked UNet and the trainable ControlNet with random weights")
     reset_peak()
     start = time.perf_counter()
-    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen)
+    if args.dtype not in ("f32", "bf16"):
+        sys.exit(f"--train --dtype {args.dtype}: the training bench runs f32 or bf16 (mixed precision)")
+    weight_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    unet = build(UNet2DConditionModel, config(f"{args.preset}_unet"), gen).to(weight_dtype)
     unet.requires_grad_(False)
     cn = build(ControlNetModel, config(f"{args.preset}_controlnet"), gen).train()
+    # accelerate.prepare(controlnet) wraps its forward in autocast when mixed precision is on.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     build_s = time.perf_counter() - start
     params = list(cn.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
@@ -310,12 +317,16 @@ def train(args):
     text = torch.rand(b, TEXT_TOKENS, width, generator=gen) * 2 - 1
     cond = torch.rand(b, 3, 8 * s, 8 * s, generator=gen)
     target = torch.rand(b, 4, s, s, generator=gen) * 2 - 1
+    # train_controlnet.py encodes the latents with the VAE in weight_dtype, the text with the text encoder too.
+    noisy, text = noisy.to(weight_dtype), text.to(weight_dtype)
     fwd, bwd, optim, total, cpu = [], [], [], [], []
     finite = True
     for i in range(args.iters + 1):
         log("training update " + ("(warm-up)" if i == 0 else f"{i}/{args.iters}"))
         start, cpu_start = time.perf_counter(), time.process_time()
-        down, mid = cn(noisy, t, text, cond, return_dict=False)
+        with autocast:
+            down, mid = cn(noisy, t, text, cond, return_dict=False)
+        down, mid = [d.to(weight_dtype) for d in down], mid.to(weight_dtype)
         pred = unet(noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
         loss_value = loss.item()

@@ -18,6 +18,7 @@ use super::{
     flops, peak_rss_bytes, process_cpu_seconds, random_input, reset_peak_rss, Preset, RunInfo, Timing, TEXT_TOKENS,
 };
 use crate::model::unet::UNet2DConditionModel;
+use crate::pipeline::request::ComputeDtype;
 use crate::train::optimizer::{AdamW, AdamWConfig, Grads};
 use crate::train::params::trainable_controlnet;
 use crate::train::random_weights;
@@ -39,6 +40,9 @@ pub struct TrainBenchOptions {
     /// Timed updates after one warm-up (the first update also allocates AdamW's moments).
     pub iters: usize,
     pub seed: u64,
+    /// Mixed precision as `controlnet train --dtype`: the locked UNet's weights in this dtype (bf16 or auto);
+    /// the ControlNet keeps f32 weights and multiplies in bf16 (autocast).
+    pub dtype: ComputeDtype,
 }
 
 /// Everything `controlnet bench --train --json` prints; the top-level `*_s` fields are medians.
@@ -78,8 +82,15 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     if opts.preset == Preset::Sdxl {
         return Err(Error::setting("preset", "the training bench builds sd15 or sd21 (no SDXL training bench yet)"));
     }
-    let run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters);
     let dev = Device::Cpu;
+    // The same rule as a training run's (`TrainSettings::locked_dtype`, no unlocked decoder here).
+    let settings = crate::train::settings::TrainSettings { dtype: opts.dtype, ..Default::default() };
+    settings.validate()?;
+    let locked_dtype = settings.locked_dtype(&dev);
+    let mut run = RunInfo::start(opts.preset, opts.latent, opts.batch, opts.iters).with_dtype(locked_dtype);
+    if locked_dtype != DType::F32 {
+        run.kernels = format!("{} (the ControlNet's products too: autocast)", run.kernels);
+    }
     let (s, b) = (opts.latent, opts.batch);
     let (unet_cfg, cn_cfg) = (opts.preset.unet_config(), opts.preset.controlnet_config());
     let per_image = |f: std::result::Result<f64, String>| f.map_err(|m| Error::Invalid(format!("FLOP count: {m}")));
@@ -93,7 +104,7 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     progress("building the locked UNet and the trainable ControlNet with random weights");
     reset_peak_rss();
     let start = Instant::now();
-    let unet = UNet2DConditionModel::new(&unet_cfg, RandomWeights::new(opts.seed).var_builder(DType::F32, &dev))?;
+    let unet = UNet2DConditionModel::new(&unet_cfg, RandomWeights::new(opts.seed).var_builder(locked_dtype, &dev))?;
     let tensors = random_weights::draw(opts.seed, |vb| crate::model::controlnet::ControlNetModel::new(&cn_cfg, vb))?;
     let (controlnet, params) = trainable_controlnet(&cn_cfg, tensors, &dev)?;
     let build_s = start.elapsed().as_secs_f64();
@@ -113,8 +124,11 @@ pub fn run(opts: &TrainBenchOptions, mut progress: impl FnMut(&str)) -> Result<T
     for i in 0..=opts.iters {
         progress(&if i == 0 { "training update (warm-up)".to_string() } else { format!("update {i}/{}", opts.iters) });
         let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
-        let hint = controlnet.embed_condition(&cond)?;
-        let residuals = controlnet.forward(&noisy, &t, &text, &hint, 1.0, false)?;
+        // Mixed precision: the ControlNet under autocast, as `train::objective::Objective::loss` runs it.
+        let residuals = crate::model::ops::bf16::autocast::scope(locked_dtype == DType::BF16, || {
+            let hint = controlnet.embed_condition(&cond)?;
+            controlnet.forward(&noisy, &t, &text, &hint, 1.0, false)
+        })?;
         let pred = unet.forward(&noisy, &t, &text, Some(&residuals))?;
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let loss_value: f32 = loss.to_scalar()?;

@@ -173,11 +173,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.train {
-        if args.dtype != "f32" {
-            anyhow::bail!("--dtype: the training bench runs in f32 only (mixed-precision training is not built yet)");
-        }
-        let opts =
-            TrainBenchOptions { preset, latent: args.latent, batch: args.batch, iters: args.iters, seed: args.seed };
+        let opts = TrainBenchOptions {
+            preset,
+            latent: args.latent,
+            batch: args.batch,
+            iters: args.iters,
+            seed: args.seed,
+            dtype: crate::pipeline::request::ComputeDtype::parse(&args.dtype)?,
+        };
         let report = run_train_bench(&opts, |msg| eprintln!("bench: {msg}"))?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);

@@ -84,7 +84,7 @@ pub fn linear(in_d: usize, out_d: usize, bias: bool, vb: VarBuilder) -> Result<L
         candle_nn::linear_no_bias(in_d, out_d, vb.clone())?
     };
     let bias = inner.bias().map(|b| small_param(b.clone(), &vb)).transpose()?;
-    Ok(Linear { inner: candle_nn::Linear::new(inner.weight().clone(), bias) })
+    Ok(Linear::from_parts(inner.weight().clone(), bias))
 }
 
 /// `nn.Linear`, with its input made contiguous first: candle 0.11.1's CPU matmul of a transposed batched view
@@ -96,6 +96,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A layer from its weight (out, in) and bias.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { inner: candle_nn::Linear::new(weight, bias) }
+    }
+
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
@@ -110,15 +115,25 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let weight = self.inner.weight();
+        let locked = x.track_op() && !weight.track_op() && !self.inner.bias().is_some_and(|b| b.track_op());
         if super::ops::bf16::mixed(&x, weight) {
-            if !x.track_op() {
-                return super::ops::bf16::linear(&x, weight, self.inner.bias());
+            if !x.track_op() || locked {
+                // Inference, or a locked bf16 layer in mixed-precision training: the bf16 kernels both ways.
+                let bias = self.inner.bias();
+                return super::ops::frozen::locked(
+                    &x,
+                    |x| super::ops::bf16::linear(x, weight, bias),
+                    super::ops::frozen::linear_input_grad(weight),
+                );
             }
-            // Training through bf16 weights: the f32 layer on the widened weight.
+            // Training bf16 weights themselves: the f32 layer on the widened weight.
             let widened = candle_nn::Linear::new(weight.to_dtype(DType::F32)?, self.inner.bias().cloned());
             return Linear { inner: widened }.forward(&x);
         }
-        let locked = x.track_op() && !weight.track_op() && !self.inner.bias().is_some_and(|b| b.track_op());
+        if super::ops::bf16::autocast::active(&x, weight) {
+            // A trained layer inside mixed precision's autocast: the products on the bf16 kernels.
+            return super::ops::bf16::autocast_linear(&x, weight, self.inner.bias());
+        }
         if locked {
             return super::ops::frozen::locked(
                 &x,

@@ -28,7 +28,8 @@ pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 pub const VARIANTS: &[&str] = &["fp16"];
 
 /// The dtype the models compute in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
     /// f32 throughout (the reference: images match diffusers' f32 ones).
     #[default]

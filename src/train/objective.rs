@@ -77,6 +77,9 @@ pub struct Objective {
     /// The original repo's `only_mid_control`: the UNet gets only the mid-block residual (its down residuals
     /// are zero, so the ControlNet's down zero convolutions receive no gradient).
     pub only_mid_control: bool,
+    /// Mixed precision: the ControlNet's products (forward and backward) on the bf16 kernels, as PyTorch's autocast
+    /// runs the trained model ([`crate::model::ops::bf16::autocast`]).
+    pub autocast: bool,
 }
 
 impl Objective {
@@ -102,7 +105,12 @@ impl Objective {
             ));
         }
         let rescale = config.get("rescale_betas_zero_snr").and_then(|v| v.as_bool()).unwrap_or(false);
-        Ok(Self { schedule: NoiseSchedule::new(&betas, rescale)?, prediction_type, only_mid_control: false })
+        Ok(Self {
+            schedule: NoiseSchedule::new(&betas, rescale)?,
+            prediction_type,
+            only_mid_control: false,
+            autocast: false,
+        })
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -131,8 +139,10 @@ impl Objective {
         let t: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, draws.timesteps.len(), latents.device())?;
         // 4. ControlNet → locked UNet
-        let hint = controlnet.embed_condition(condition)?;
-        let mut residuals = controlnet.forward_with(&noisy, &t, text, added, &hint, 1.0, false)?;
+        let mut residuals = crate::model::ops::bf16::autocast::scope(self.autocast, || {
+            let hint = controlnet.embed_condition(condition)?;
+            controlnet.forward_with(&noisy, &t, text, added, &hint, 1.0, false)
+        })?;
         if self.only_mid_control {
             residuals = residuals.mid_only()?;
         }

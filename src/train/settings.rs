@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::optimizer::AdamWConfig;
+use crate::pipeline::request::ComputeDtype;
 use crate::{Error, Result};
 
 /// Everything that shapes the training trajectory, plus bookkeeping. Saved with each checkpoint; a resumed run
@@ -38,6 +39,11 @@ pub struct TrainSettings {
     /// Streamed data: decoding threads (0: the cores but one, at most 8). The order does not depend on it.
     #[serde(default)]
     pub data_workers: usize,
+    /// Mixed precision (diffusers' `--mixed_precision`): `bf16` keeps the locked models (VAE, text encoder,
+    /// UNet) in bf16 weights on the bf16 kernels; the trained ControlNet, its gradients and AdamW's moments stay
+    /// f32. `auto`: bf16 where the CPU multiplies bf16 natively. See [`Self::locked_dtype`].
+    #[serde(default)]
+    pub dtype: ComputeDtype,
 }
 
 fn default_shuffle_buffer() -> usize {
@@ -63,6 +69,7 @@ impl Default for TrainSettings {
             checkpoints_total_limit: None,
             shuffle_buffer: default_shuffle_buffer(),
             data_workers: 0,
+            dtype: ComputeDtype::F32,
         }
     }
 }
@@ -92,11 +99,35 @@ impl TrainSettings {
         if self.shuffle_buffer == 0 {
             return bad("shuffle_buffer", "must be at least 1 (1: no sample shuffling)".into());
         }
+        match self.dtype {
+            ComputeDtype::F16 => {
+                return bad("dtype", "f16 training (which needs loss scaling) is not built: use bf16 or f32".into())
+            }
+            ComputeDtype::Bf16 if self.unlock_decoder => {
+                return bad(
+                    "dtype",
+                    "bf16 keeps the locked UNet in bf16, but an unlocked decoder trains in f32 inside it: use f32 \
+                     with --unlock-decoder"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
         Ok(())
     }
 
+    /// The dtype the locked models are loaded in on `device`: bf16 for mixed precision (`auto`: where the CPU
+    /// has bf16 dot products, or on a GPU), f32 otherwise and with an unlocked decoder (whose trained f32
+    /// weights sit inside the UNet).
+    pub fn locked_dtype(&self, device: &candle_core::Device) -> candle_core::DType {
+        match self.dtype {
+            ComputeDtype::Auto if self.unlock_decoder => candle_core::DType::F32,
+            other => other.resolve(device),
+        }
+    }
+
     /// Every setting by its name, as text: what [`Self::changes`] and [`Self::trajectory_mismatch`] compare.
-    fn named(&self) -> [(&'static str, String, bool); 20] {
+    fn named(&self) -> [(&'static str, String, bool); 21] {
         let a = &self.adamw;
         // (name, value, whether it shapes the trajectory)
         [
@@ -120,6 +151,8 @@ impl TrainSettings {
             ("checkpointing_steps", self.checkpointing_steps.to_string(), false),
             ("checkpoints_total_limit", format!("{:?}", self.checkpoints_total_limit), false),
             ("data_workers", self.data_workers.to_string(), false),
+            // Rounding only: a run may resume in another precision (as diffusers' may).
+            ("dtype", self.dtype.name().to_string(), false),
         ]
     }
 
@@ -236,6 +269,34 @@ mod tests {
             Some(Error::Setting { setting, msg }) => assert!(setting == "adam_beta2" && msg.contains("0.999"), "{msg}"),
             e => panic!("{e:?}"),
         }
+    }
+
+    /// Mixed precision: bf16 loads the locked models in bf16; f16 and bf16 with an unlocked decoder are refused
+    /// naming the setting; `auto` never refuses; a checkpoint saved before the setting existed reads as f32.
+    #[test]
+    fn mixed_precision_settings() {
+        let cpu = candle_core::Device::Cpu;
+        let bf16 = TrainSettings { dtype: ComputeDtype::Bf16, ..TrainSettings::default() };
+        assert!(bf16.validate().is_ok());
+        assert_eq!(bf16.locked_dtype(&cpu), candle_core::DType::BF16);
+        assert_eq!(TrainSettings::default().locked_dtype(&cpu), candle_core::DType::F32);
+        let unlocked = TrainSettings { unlock_decoder: true, ..bf16.clone() };
+        for bad in [unlocked.clone(), TrainSettings { dtype: ComputeDtype::F16, ..bf16.clone() }] {
+            match bad.validate() {
+                Err(Error::Setting { setting, msg }) => assert!(setting == "dtype" && !msg.is_empty()),
+                other => panic!("{other:?}"),
+            }
+        }
+        let auto = TrainSettings { dtype: ComputeDtype::Auto, ..unlocked };
+        assert!(auto.validate().is_ok());
+        assert_eq!(auto.locked_dtype(&cpu), candle_core::DType::F32);
+        // A resumed run may change the precision (it only rounds differently).
+        assert!(bf16.trajectory_mismatch(&TrainSettings::default()).is_none());
+        let mut old = serde_json::to_value(TrainSettings::default()).unwrap();
+        old.as_object_mut().unwrap().remove("dtype");
+        let read: TrainSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(read.dtype, ComputeDtype::F32);
+        assert_eq!(serde_json::to_value(&bf16).unwrap()["dtype"], "bf16");
     }
 
     #[test]

@@ -194,6 +194,8 @@ impl Trainer {
         let nets = Trainable::new(controlnet_config, controlnet, unet, settings.unlock_decoder, &mut sd)?;
         let mut objective = Objective::from_scheduler_config(&sd.scheduler_config)?;
         objective.only_mid_control = settings.only_mid_control;
+        // Mixed precision: the locked models were loaded in bf16; the ControlNet's products follow (autocast).
+        objective.autocast = device.is_cpu() && settings.locked_dtype(&device) == DType::BF16;
         let feed = Feed::new(source, &settings, condition_channels, &device);
         let state = TrainState::new(&feed, settings.seed);
         Ok(Self {
@@ -531,6 +533,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::io::weights::read_json;
     use crate::model::unet::UNet2DConditionModel;
+    use crate::pipeline::request::ComputeDtype;
     use crate::train::init::{controlnet_from_unet, InitOptions};
     use crate::train::optimizer::AdamWConfig;
     use crate::train::stream::Fields;
@@ -578,7 +581,8 @@ pub(crate) mod tests {
     }
 
     fn trainer(data: &Path, run_dir: &Path, settings: TrainSettings) -> Trainer {
-        let sd = StableDiffusion::load(Path::new(TINY_SD15), DType::F32, &Device::Cpu).unwrap();
+        let sd =
+            StableDiffusion::load(Path::new(TINY_SD15), settings.locked_dtype(&Device::Cpu), &Device::Cpu).unwrap();
         let unet_dir = Path::new(TINY_SD15).join("unet");
         let unet_config: Value = read_json(&unet_dir.join("config.json")).unwrap();
         let unet_tensors =
@@ -596,6 +600,45 @@ pub(crate) mod tests {
             run_dir: run_dir.to_path_buf(),
         })
         .unwrap()
+    }
+
+    /// Mixed precision (`dtype: bf16`: the locked VAE, text encoder and UNet on bf16 weights): the losses and
+    /// updates follow the f32 run's up to bf16's rounding, and what trains (and is saved) stays f32.
+    #[test]
+    fn bf16_mixed_precision_follows_the_f32_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = synthetic_dataset(&tmp.path().join("data"), 3);
+        let start = weights(&trainer(&data, &tmp.path().join("start"), settings()));
+        let mut runs = Vec::new();
+        for (name, dtype) in [("f32", ComputeDtype::F32), ("bf16", ComputeDtype::Bf16)] {
+            let dir = tmp.path().join(name);
+            let mut t = trainer(&data, &dir, TrainSettings { dtype, ..settings() });
+            let locked = if dtype == ComputeDtype::Bf16 { DType::BF16 } else { DType::F32 };
+            assert_eq!(t.sd.unet.weights_dtype(), locked);
+            assert_eq!(run(&mut t, None), RunEnd::Finished);
+            let losses: Vec<f32> =
+                validation::read_loss_log(&dir.join(LOSS_LOG)).unwrap().iter().map(|r| r.loss).collect();
+            let saved = dir.join(RESULT_DIR).join(format!("{}.safetensors", crate::io::weights::DIFFUSERS_STEM));
+            let saved = candle_core::safetensors::load(saved, &Device::Cpu).unwrap();
+            assert!(saved.values().all(|t| t.dtype() == DType::F32), "{name}: the result is not f32");
+            runs.push((losses, weights(&t)));
+        }
+        let [(l32, w32), (l16, w16)] = [runs.remove(0), runs.remove(0)];
+        assert_eq!(l16.len(), l32.len());
+        assert_ne!(l16, l32, "bf16 gave the f32 losses bit for bit: the bf16 kernels did not run");
+        for (a, b) in l16.iter().zip(&l32) {
+            assert!((a - b).abs() <= 0.02 * b.abs(), "losses bf16 {l16:?} vs f32 {l32:?}");
+        }
+        // The updates (weights now less at the start) point the same way.
+        let (mut dot, mut n16, mut n32) = (0f64, 0f64, 0f64);
+        for (((_, s), (_, a)), (_, b)) in start.iter().zip(&w16).zip(&w32) {
+            for ((s, a), b) in s.iter().zip(a).zip(b) {
+                let (d16, d32) = ((a - s) as f64, (b - s) as f64);
+                (dot, n16, n32) = (dot + d16 * d32, n16 + d16 * d16, n32 + d32 * d32);
+            }
+        }
+        let cosine = dot / (n16.sqrt() * n32.sqrt());
+        assert!(n32 > 0.0 && cosine > 0.95, "update cosine {cosine}");
     }
 
     /// An SDXL base trains: the objective gets the pooled text and size/crop ids, and an update changes the net.

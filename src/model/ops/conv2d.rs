@@ -21,6 +21,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+use super::bf16::Values;
+
 /// Target size of one band's patch matrix (elements): big enough for an efficient matrix product, small
 /// enough to stay in the last-level cache instead of materialising a 9x copy of a 512x512 VAE activation.
 const BAND_ELEMENTS: usize = 1 << 21;
@@ -136,21 +138,30 @@ impl Conv2dParams {
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: Conv2dParams) -> Result<Tensor> {
     if super::bf16::mixed(x, weight) {
         let bias = bias.to_dtype(DType::F32)?;
-        if x.track_op() || weight.track_op() || bias.track_op() || params.stride == 0 {
-            // Training through bf16 weights: the f32 op (and its backward) on the widened weights.
+        if weight.track_op() || bias.track_op() || params.stride == 0 {
+            // Training bf16 weights themselves: the f32 op (and its backward) on the widened weights.
             return conv2d(x, &weight.to_dtype(DType::F32)?, &bias, params);
         }
-        return x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp(params));
+        // Inference, or a locked layer in mixed-precision training (a tracked input: the backward gives it its
+        // gradient on the bf16 kernels too).
+        let op = Conv2dOp { p: params, autocast: false };
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
     }
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && params.stride > 0;
     if !fast {
         let y = x.conv2d(weight, params.padding, params.stride, 1, 1)?;
         return y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?);
     }
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp(params))
+    // Inside mixed precision's autocast (a trained f32 layer), the products run on the bf16 kernels.
+    let op = Conv2dOp { p: params, autocast: x.dtype() == DType::F32 && super::bf16::autocast::active(x, weight) };
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-struct Conv2dOp(Conv2dParams);
+struct Conv2dOp {
+    p: Conv2dParams,
+    /// f32 weights multiplied on the bf16 kernels, forward and backward (mixed precision's autocast).
+    autocast: bool,
+}
 
 /// Dimensions of one call, checked once.
 struct Dims {
@@ -284,7 +295,7 @@ impl Conv2dOp {
         T: WithDType,
         P: Fn(usize, &mut [T], &[T]) -> Result<()>,
     {
-        let p = self.0;
+        let p = self.p;
         let hw = d.oh * d.ow;
         let patch = d.patch();
         // Every element is set to its bias here, then the product accumulates onto it.
@@ -324,12 +335,13 @@ impl Conv2dOp {
         })
     }
 
-    /// bf16 weights, f32 activations (rounded to bf16 as the products read them), f32 sums.
-    fn forward_bf16(&self, x: &[f32], k: &[half::bf16], bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
-        use super::bf16::{matmul as bf16_matmul, Operand, Values};
+    /// bf16 weights (or f32 ones under autocast), f32 activations (rounded to bf16 as the products read them),
+    /// f32 sums.
+    fn forward_bf16(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
+        use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
         self.forward(x, bias, d, |n, dst, rhs| {
-            let (lhs, rhs) = (Operand::new(Values::Bf16(k), patch, 1), Operand::new(Values::F32(rhs), n, 1));
+            let (lhs, rhs) = (Operand::new(k, patch, 1), Operand::new(Values::F32(rhs), n, 1));
             bf16_matmul(d.o, n, patch, lhs, rhs, dst, (hw, 1), true)
         })
     }
@@ -360,12 +372,15 @@ impl CustomOp3 for Conv2dOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let d = Dims::new(self.0, name, dims4(l1)?, dims4(l2)?, None)?;
+        let d = Dims::new(self.p, name, dims4(l1)?, dims4(l2)?, None)?;
         if l3.shape().elem_count() != d.o {
             candle_core::bail!("{name}: kernel {:?} and bias {:?} do not fit", l2.shape(), l3.shape())
         }
         let ((x0, x1), (k0, k1), (b0, b1)) = (contiguous(l1, name)?, contiguous(l2, name)?, contiguous(l3, name)?);
         let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) if self.autocast => {
+                CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::F32(&k[k0..k1]), &b[b0..b1], &d)?)
+            }
             (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) => {
                 CpuStorage::F32(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
@@ -373,7 +388,7 @@ impl CustomOp3 for Conv2dOp {
                 CpuStorage::F64(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward_bf16(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
+                CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::Bf16(&k[k0..k1]), &b[b0..b1], &d)?)
             }
             _ => candle_core::bail!(
                 "{name}: f32 or f64 operands of one dtype (or bf16 weights) expected, got {:?}",
@@ -394,22 +409,26 @@ impl CustomOp3 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = self.0;
+        let p = self.p;
+        // A locked bf16 kernel (mixed precision) needs only the input gradient, which the bf16 kernels give.
+        let locked_bf16 = kernel.dtype() == DType::BF16 && !kernel.track_op() && grad.dtype() == DType::F32;
         let fast = grad.device().is_cpu()
             && matches!(grad.dtype(), DType::F32 | DType::F64)
             && x.dtype() == grad.dtype()
-            && kernel.dtype() == grad.dtype();
+            && (kernel.dtype() == grad.dtype() || locked_bf16);
         let (grad_x, grad_k) = if fast {
             let grad = grad.contiguous()?;
             let grad_x = if x.track_op() {
                 let (_, _, h, w) = x.dims4()?;
-                Some(grad.apply_op2_no_bwd(&kernel.contiguous()?, &Conv2dGradInput { p, h, w })?)
+                let op = Conv2dGradInput { p, h, w, autocast: self.autocast };
+                Some(grad.apply_op2_no_bwd(&kernel.contiguous()?, &op)?)
             } else {
                 None
             };
             let grad_k = if kernel.track_op() {
                 let (_, _, kh, kw) = kernel.dims4()?;
-                Some(x.contiguous()?.apply_op2_no_bwd(&grad, &Conv2dGradWeight { p, kh, kw })?)
+                let op = Conv2dGradWeight { p, kh, kw, autocast: self.autocast };
+                Some(x.contiguous()?.apply_op2_no_bwd(&grad, &op)?)
             } else {
                 None
             };
@@ -454,41 +473,60 @@ struct Conv2dGradInput {
     p: Conv2dParams,
     h: usize,
     w: usize,
+    /// The products on the bf16 kernels (autocast's f32 kernel, rounded as read).
+    autocast: bool,
 }
 
 impl Conv2dGradInput {
-    fn compute<T: WithDType>(&self, g: &[T], k: &[T], d: &Dims) -> Result<Vec<T>> {
+    /// The input gradient with `product(n, dst, dst_rs, g)` computing `dst (patch, n; rows dst_rs apart) =
+    /// weightsᵀ (patch, O) x g (O, n; rows hw apart)` (overwriting): gemm for f32/f64 kernels, the bf16 kernels
+    /// for bf16 ones.
+    fn compute<T, P>(&self, g: &[T], d: &Dims, product: P) -> Result<Vec<T>>
+    where
+        T: WithDType,
+        P: Fn(usize, &mut [T], usize, &[T]) -> Result<()>,
+    {
         let p = self.p;
         let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
         let mut out = vec![T::zero(); d.b * in_size];
         if p.pointwise(d) {
             // The patch matrix is the input: its gradient (C, H*W) = W^T (C, O) x grad (O, H*W) directly.
             for (g, out) in g.chunks(d.o * hw).zip(out.chunks_mut(in_size)) {
-                matmul(d.c, hw, d.o, out, (hw, 1), false, Mat::transposed(k, d.c), Mat::rows(g, hw))?;
+                product(hw, out, hw, g)?;
             }
             return Ok(out);
         }
         let band_rows = Conv2dParams::band_rows(d);
-        let mut cols = vec![T::zero(); patch * band_rows * d.ow];
+        // The product overwrites each band's columns before `scatter_add` reads them.
+        let mut cols = super::unfilled::<T>(patch * band_rows * d.ow);
         for (g, out) in g.chunks(d.o * hw).zip(out.chunks_mut(in_size)) {
             for row0 in (0..d.oh).step_by(band_rows) {
                 let rows = band_rows.min(d.oh - row0);
                 let n = rows * d.ow;
                 let cols = &mut cols[..patch * n];
-                matmul(
-                    patch,
-                    n,
-                    d.o,
-                    cols,
-                    (n, 1),
-                    false,
-                    Mat::transposed(k, patch),
-                    Mat::rows(&g[row0 * d.ow..], hw),
-                )?;
+                product(n, cols, n, &g[row0 * d.ow..])?;
                 p.scatter_add(cols, out, d, row0, rows);
             }
         }
         Ok(out)
+    }
+
+    fn compute_gemm<T: WithDType>(&self, g: &[T], k: &[T], d: &Dims) -> Result<Vec<T>> {
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.compute(g, d, |n, dst, dst_rs, g| {
+            matmul(patch, n, d.o, dst, (dst_rs, 1), false, Mat::transposed(k, patch), Mat::rows(g, hw))
+        })
+    }
+
+    /// bf16 kernel (locked, mixed precision) or autocast's f32 one: the operands rounded to bf16 as the product
+    /// reads them, f32 sums.
+    fn compute_bf16(&self, g: &[f32], k: Values, d: &Dims) -> Result<Vec<f32>> {
+        use super::bf16::{matmul as bf16_matmul, Operand};
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.compute(g, d, |n, dst, dst_rs, g| {
+            let (lhs, rhs) = (Operand::new(k, 1, patch), Operand::new(Values::F32(g), hw, 1));
+            bf16_matmul(patch, n, d.o, lhs, rhs, dst, (dst_rs, 1), false)
+        })
     }
 }
 
@@ -507,10 +545,20 @@ impl CustomOp2 for Conv2dGradInput {
         let d = Dims::new(self.p, name, [b, c, self.h, self.w], [o, c, kh, kw], Some((oh, ow)))?;
         let ((g0, g1), (k0, k1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
         let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(k)) => CpuStorage::F32(self.compute(&g[g0..g1], &k[k0..k1], &d)?),
-            (CpuStorage::F64(g), CpuStorage::F64(k)) => CpuStorage::F64(self.compute(&g[g0..g1], &k[k0..k1], &d)?),
+            (CpuStorage::F32(g), CpuStorage::F32(k)) if self.autocast => {
+                CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::F32(&k[k0..k1]), &d)?)
+            }
+            (CpuStorage::F32(g), CpuStorage::F32(k)) => {
+                CpuStorage::F32(self.compute_gemm(&g[g0..g1], &k[k0..k1], &d)?)
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(k)) => {
+                CpuStorage::F64(self.compute_gemm(&g[g0..g1], &k[k0..k1], &d)?)
+            }
+            (CpuStorage::F32(g), CpuStorage::BF16(k)) => {
+                CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::Bf16(&k[k0..k1]), &d)?)
+            }
             _ => candle_core::bail!(
-                "{name}: f32 or f64 operands of one dtype expected, got {:?}",
+                "{name}: f32 or f64 operands of one dtype (or a bf16 kernel) expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
             ),
         };
@@ -523,20 +571,28 @@ struct Conv2dGradWeight {
     p: Conv2dParams,
     kh: usize,
     kw: usize,
+    /// The products on the bf16 kernels (autocast).
+    autocast: bool,
 }
 
 impl Conv2dGradWeight {
-    fn compute<T: WithDType>(&self, x: &[T], g: &[T], d: &Dims) -> Result<Vec<T>> {
+    /// The kernel gradient with `product(len, dst, g, rhs, rhs_stride)` computing `dst (O, patch; column-major)
+    /// += g (O, len; rows hw apart) x rhsᵀ`, where `rhs` is (patch, len) with rows `rhs_stride` apart: gemm, or
+    /// the bf16 kernels under autocast.
+    fn compute<T, P>(&self, x: &[T], g: &[T], d: &Dims, product: P) -> Result<Vec<T>>
+    where
+        T: WithDType,
+        P: Fn(usize, &mut [T], &[T], &[T], usize) -> Result<()>,
+    {
         let p = self.p;
         let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
         // The products accumulate the (O, C*KH*KW) gradient column-major, i.e. transposed: in the OIHW layout
         // gemm would re-pack the whole patch matrix into the order it wants at every band, a strided copy 9x
         // larger than the output gradient it re-packs this way. One small transpose at the end fixes the layout.
         let mut transposed = vec![T::zero(); patch * d.o];
-        let dst = (1, d.o);
         if p.pointwise(d) {
             for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
-                matmul(d.o, d.c, hw, &mut transposed, dst, true, Mat::rows(g, hw), Mat::transposed(x, hw))?;
+                product(hw, &mut transposed, g, x, hw)?;
             }
         } else {
             let band_rows = Conv2dParams::band_rows(d);
@@ -547,19 +603,52 @@ impl Conv2dGradWeight {
                     let n = rows * d.ow;
                     let cols = &mut cols[..patch * n];
                     p.gather(x, cols, d, row0, rows);
-                    let g = Mat::rows(&g[row0 * d.ow..], hw);
-                    matmul(d.o, patch, n, &mut transposed, dst, true, g, Mat::transposed(cols, n))?;
+                    product(n, &mut transposed, &g[row0 * d.ow..], cols, n)?;
                 }
             }
         }
-        let mut out = vec![T::zero(); d.o * patch];
-        for o in 0..d.o {
-            for q in 0..patch {
-                out[o * patch + q] = transposed[q * d.o + o];
+        Ok(transpose(&transposed, patch, d.o))
+    }
+
+    fn compute_gemm<T: WithDType>(&self, x: &[T], g: &[T], d: &Dims) -> Result<Vec<T>> {
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.compute(x, g, d, |len, dst, g, rhs, rhs_stride| {
+            let (lhs, rhs) = (Mat::rows(g, hw), Mat::transposed(rhs, rhs_stride));
+            matmul(d.o, patch, len, dst, (1, d.o), true, lhs, rhs)
+        })
+    }
+
+    fn compute_bf16(&self, x: &[f32], g: &[f32], d: &Dims) -> Result<Vec<f32>> {
+        use super::bf16::{matmul as bf16_matmul, Operand};
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        self.compute(x, g, d, |len, dst, g, rhs, rhs_stride| {
+            let (lhs, rhs) = (Operand::new(Values::F32(g), hw, 1), Operand::new(Values::F32(rhs), 1, rhs_stride));
+            bf16_matmul(d.o, patch, len, lhs, rhs, dst, (1, d.o), true)
+        })
+    }
+}
+
+/// The (cols, rows) transpose of a row-major (rows, cols) matrix, in parallel bands of output rows walked in
+/// square blocks (an element-by-element strided walk over a 1280x11520 kernel gradient took 7% of a training
+/// update).
+fn transpose<T: WithDType>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const BLOCK: usize = 32;
+    let mut out = vec![T::zero(); rows * cols];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(band, dst)| {
+        let c0 = band * BLOCK;
+        let band_cols = dst.len() / rows;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for c in 0..band_cols {
+                for r in r0..(r0 + BLOCK).min(rows) {
+                    dst[c * rows + r] = src[r * cols + c0 + c];
+                }
             }
         }
-        Ok(out)
-    }
+    });
+    out
 }
 
 impl CustomOp2 for Conv2dGradWeight {
@@ -577,8 +666,15 @@ impl CustomOp2 for Conv2dGradWeight {
         let d = Dims::new(self.p, name, [b, c, h, w], [o, c, self.kh, self.kw], Some((oh, ow)))?;
         let ((x0, x1), (g0, g1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.compute(&x[x0..x1], &g[g0..g1], &d)?),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.compute(&x[x0..x1], &g[g0..g1], &d)?),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) if self.autocast => {
+                CpuStorage::F32(self.compute_bf16(&x[x0..x1], &g[g0..g1], &d)?)
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(self.compute_gemm(&x[x0..x1], &g[g0..g1], &d)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(self.compute_gemm(&x[x0..x1], &g[g0..g1], &d)?)
+            }
             _ => candle_core::bail!(
                 "{name}: f32 or f64 operands of one dtype expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
@@ -603,6 +699,66 @@ mod tests {
 
     /// (in channels, out channels, kernel, stride, padding, height, width): every kernel size, stride and
     /// padding SD uses, odd sizes, and bands that do not divide the rows.
+    /// Under autocast a trained f32 convolution multiplies on the bf16 kernels forward and backward: on integers
+    /// (exact in bf16) every output and gradient equals the f32 op's; on random values the results are the f32
+    /// ones to bf16's rounding, and not bit for bit.
+    #[test]
+    fn autocast_runs_on_the_bf16_kernels() {
+        use crate::model::ops::bf16::autocast;
+        let dev = Device::Cpu;
+        let ints = |shape: &[usize]| {
+            Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap().clamp(-4f32, 4f32).unwrap()
+        };
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &dev).unwrap();
+        for (c, o, k, stride, padding, h, w) in SHAPES {
+            let p = Conv2dParams { padding, stride };
+            let case = format!("{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+            for exact in [true, false] {
+                let make = |shape: &[usize]| if exact { ints(shape) } else { rand(shape) };
+                let (x, kernel, bias) = (make(&[2, c, h, w]), make(&[o, c, k, k]), make(&[o]));
+                let r = make(&[2, o, p.out_size(h, k).unwrap(), p.out_size(w, k).unwrap()]);
+                let run = |on: bool| {
+                    let (x, kernel, bias) = (
+                        Var::from_tensor(&x).unwrap(),
+                        Var::from_tensor(&kernel).unwrap(),
+                        Var::from_tensor(&bias).unwrap(),
+                    );
+                    let y =
+                        autocast::scope(on, || conv2d(x.as_tensor(), kernel.as_tensor(), bias.as_tensor(), p)).unwrap();
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    [y, g.get(&x).unwrap().clone(), g.get(&kernel).unwrap().clone(), g.get(&bias).unwrap().clone()]
+                };
+                let (ours, f32s) = (run(true), run(false));
+                for (which, a, b) in ["output", "input grad", "kernel grad", "bias grad"]
+                    .iter()
+                    .zip(&ours)
+                    .zip(&f32s)
+                    .map(|((w, a), b)| (w, a, b))
+                {
+                    let diff = max_rel_diff(a, b);
+                    if exact {
+                        assert_eq!(max_diff(a, b), 0.0, "{case}: {which}");
+                    } else if *which != "bias grad" {
+                        assert!(diff > 0.0 && diff < 0.05, "{case}: {which} off by {diff}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_of_odd_shapes() {
+        for (rows, cols) in [(1, 1), (3, 70), (70, 3), (33, 65), (64, 32)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
+
     const SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 7] = [
         (3, 5, 3, 1, 1, 7, 9),
         (4, 6, 3, 2, 1, 9, 8),
@@ -649,10 +805,21 @@ mod tests {
             let diff = max_diff(&ours, &conv2d(&x, &kernel, &bias, p).unwrap());
             assert_eq!(diff, 0.0, "{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
         }
-        let x = candle_core::Var::from_tensor(&ints(&[1, 2, 5, 5])).unwrap();
-        let kernel = ints(&[3, 2, 3, 3]).to_dtype(DType::BF16).unwrap();
-        let y = conv2d(x.as_tensor(), &kernel, &ints(&[3]), Conv2dParams { padding: 1, stride: 1 }).unwrap();
-        assert!(y.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).is_some());
+        // A locked bf16 kernel on a tracked input (mixed-precision training): the input gradient from the bf16
+        // kernels equals the f32 one on integers, and the kernel gets none.
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]) {
+            let p = Conv2dParams { padding, stride };
+            let (x, kernel, bias) = (Var::from_tensor(&ints(&[2, c, h, w])).unwrap(), ints(&[o, c, k, k]), ints(&[o]));
+            let kernel16 = kernel.to_dtype(DType::BF16).unwrap();
+            let y = conv2d(x.as_tensor(), &kernel16, &bias, p).unwrap();
+            let r = ints(y.dims());
+            let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = (conv2d(x.as_tensor(), &kernel, &bias, p).unwrap() * &r).unwrap().sum_all().unwrap();
+            let want = want.backward().unwrap();
+            let diff = max_diff(grads.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap());
+            assert_eq!(diff, 0.0, "input gradient {c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+            assert!(grads.get(&kernel16).is_none());
+        }
     }
 
     /// Band boundaries: a tall input whose patch matrix needs several bands.
@@ -682,8 +849,8 @@ mod tests {
             let (oh, ow) = (p.out_size(h, k).unwrap(), p.out_size(w, k).unwrap());
             let grad = Tensor::randn(0f32, 1., (2, o, oh, ow), &dev).unwrap();
             let (want_x, want_k) = candle_grads(&x, &kernel, &grad, p).unwrap();
-            let got_x = grad.apply_op2_no_bwd(&kernel, &Conv2dGradInput { p, h, w }).unwrap();
-            let got_k = x.apply_op2_no_bwd(&grad, &Conv2dGradWeight { p, kh: k, kw: k }).unwrap();
+            let got_x = grad.apply_op2_no_bwd(&kernel, &Conv2dGradInput { p, h, w, autocast: false }).unwrap();
+            let got_k = x.apply_op2_no_bwd(&grad, &Conv2dGradWeight { p, kh: k, kw: k, autocast: false }).unwrap();
             let case = format!("{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
             assert_eq!(got_x.dims(), want_x.dims(), "{case}");
             assert_eq!(got_k.dims(), want_k.dims(), "{case}");

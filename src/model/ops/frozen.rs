@@ -25,10 +25,14 @@ where
     x.apply_op2(&y, Attach { input_grad: Box::new(input_grad) })
 }
 
-/// A locked `nn.Linear`'s weight (out, in) as [`locked`]'s `input_grad`: `grad · W` over the last dimension.
+/// A locked `nn.Linear`'s weight (out, in) as [`locked`]'s `input_grad`: `grad · W` over the last dimension
+/// (on the bf16 kernels for bf16 weights on the CPU: mixed-precision training).
 pub fn linear_input_grad(weight: &Tensor) -> impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static {
     let w = weight.detach();
     move |grad: &Tensor| {
+        if super::bf16::mixed(grad, &w) {
+            return super::bf16::linear_input_grad(grad, &w);
+        }
         let dims = grad.dims().to_vec();
         let out = dims.last().copied().unwrap_or(1);
         let rows = grad.elem_count() / out.max(1);
@@ -109,5 +113,28 @@ mod tests {
         let plain = locked(&x.as_tensor().detach(), forward, linear_input_grad(&w)).unwrap();
         assert!(!plain.track_op());
         assert_eq!(plain.dtype(), DType::F32);
+    }
+
+    /// A locked linear layer with bf16 weights (mixed-precision training) on a tracked input: the bf16 kernels'
+    /// output and input gradient equal the f32 layer's on integers (exact in bf16 and in f32 sums).
+    #[test]
+    fn bf16_weights_give_the_f32_input_gradient() {
+        use crate::model::layers::Linear;
+        let dev = Device::Cpu;
+        let ints = |shape: (usize, usize, usize)| {
+            Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap().clamp(-4f32, 4f32).unwrap()
+        };
+        let (w, b) = (ints((1, 40, 64)).squeeze(0).unwrap(), ints((1, 1, 40)).flatten_all().unwrap());
+        let x = Var::from_tensor(&ints((2, 5, 64))).unwrap();
+        let r = ints((2, 5, 40));
+        let layer = |w: &Tensor| Linear::from_parts(w.clone(), Some(b.clone()));
+        let (ours, theirs) = (layer(&w.to_dtype(DType::BF16).unwrap()), layer(&w));
+        let y16 = candle_core::Module::forward(&ours, x.as_tensor()).unwrap();
+        let y32 = candle_core::Module::forward(&theirs, x.as_tensor()).unwrap();
+        assert_eq!(y16.to_vec3::<f32>().unwrap(), y32.to_vec3::<f32>().unwrap());
+        let g16 = (y16 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g16, g32) = (g16.get(&x).unwrap(), g32.get(&x).unwrap());
+        assert_eq!(g16.to_vec3::<f32>().unwrap(), g32.to_vec3::<f32>().unwrap());
     }
 }

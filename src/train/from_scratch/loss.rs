@@ -117,6 +117,7 @@ mod tests {
             schedule: crate::schedulers::schedule::NoiseSchedule::new(&cfg, false).unwrap(),
             prediction_type: PredictionType::Epsilon,
             only_mid_control: false,
+            autocast: false,
         };
         let w: Vec<f32> = min_snr_weights(&objective, &[0, 999], 5.0, &Device::Cpu).unwrap().to_vec1().unwrap();
         let a0 = f64::from(objective.schedule.alpha_cumprod(0).unwrap());
