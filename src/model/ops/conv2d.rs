@@ -523,9 +523,11 @@ impl Conv2dGradInput {
     fn compute_bf16(&self, g: &[f32], k: Values, d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
+        // Computed transposed, dstᵀ (n, patch) = gᵀ (n, O) x weights (O, patch): the weights are then packed
+        // from their rows (packing their transpose, the larger operand, cost half of a training update's time).
         self.compute(g, d, |n, dst, dst_rs, g| {
-            let (lhs, rhs) = (Operand::new(k, 1, patch), Operand::new(Values::F32(g), hw, 1));
-            bf16_matmul(patch, n, d.o, lhs, rhs, dst, (dst_rs, 1), false)
+            let (lhs, rhs) = (Operand::new(Values::F32(g), 1, hw), Operand::new(k, patch, 1));
+            bf16_matmul(n, patch, d.o, lhs, rhs, dst, (1, dst_rs), false)
         })
     }
 }
@@ -576,23 +578,24 @@ struct Conv2dGradWeight {
 }
 
 impl Conv2dGradWeight {
-    /// The kernel gradient with `product(len, dst, g, rhs, rhs_stride)` computing `dst (O, patch; column-major)
-    /// += g (O, len; rows hw apart) x rhsᵀ`, where `rhs` is (patch, len) with rows `rhs_stride` apart: gemm, or
-    /// the bf16 kernels under autocast.
-    fn compute<T, P>(&self, x: &[T], g: &[T], d: &Dims, product: P) -> Result<Vec<T>>
+    /// The kernel gradient with `product(len, dst, g, rhs, rhs_stride)` computing `dst (O, patch) += g (O, len;
+    /// rows hw apart) x rhsᵀ`, where `rhs` is (patch, len) with rows `rhs_stride` apart: gemm, or the bf16 kernels
+    /// under autocast. `dst` is column-major when `column_major` (then transposed at the end), else row-major.
+    fn compute<T, P>(&self, x: &[T], g: &[T], d: &Dims, column_major: bool, product: P) -> Result<Vec<T>>
     where
         T: WithDType,
         P: Fn(usize, &mut [T], &[T], &[T], usize) -> Result<()>,
     {
         let p = self.p;
         let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
-        // The products accumulate the (O, C*KH*KW) gradient column-major, i.e. transposed: in the OIHW layout
-        // gemm would re-pack the whole patch matrix into the order it wants at every band, a strided copy 9x
-        // larger than the output gradient it re-packs this way. One small transpose at the end fixes the layout.
-        let mut transposed = vec![T::zero(); patch * d.o];
+        // gemm accumulates the (O, C*KH*KW) gradient column-major, i.e. transposed: in the OIHW layout it would
+        // re-pack the whole patch matrix into the order it wants at every band, a strided copy 9x larger than the
+        // output gradient it re-packs this way; a transpose at the end fixes the layout. (The bf16 kernels pack
+        // both operands anyway and write the OIHW layout directly.)
+        let mut acc = vec![T::zero(); patch * d.o];
         if p.pointwise(d) {
             for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
-                product(hw, &mut transposed, g, x, hw)?;
+                product(hw, &mut acc, g, x, hw)?;
             }
         } else {
             let band_rows = Conv2dParams::band_rows(d);
@@ -603,16 +606,16 @@ impl Conv2dGradWeight {
                     let n = rows * d.ow;
                     let cols = &mut cols[..patch * n];
                     p.gather(x, cols, d, row0, rows);
-                    product(n, &mut transposed, &g[row0 * d.ow..], cols, n)?;
+                    product(n, &mut acc, &g[row0 * d.ow..], cols, n)?;
                 }
             }
         }
-        Ok(transpose(&transposed, patch, d.o))
+        Ok(if column_major { transpose(&acc, patch, d.o) } else { acc })
     }
 
     fn compute_gemm<T: WithDType>(&self, x: &[T], g: &[T], d: &Dims) -> Result<Vec<T>> {
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.compute(x, g, d, |len, dst, g, rhs, rhs_stride| {
+        self.compute(x, g, d, true, |len, dst, g, rhs, rhs_stride| {
             let (lhs, rhs) = (Mat::rows(g, hw), Mat::transposed(rhs, rhs_stride));
             matmul(d.o, patch, len, dst, (1, d.o), true, lhs, rhs)
         })
@@ -621,9 +624,9 @@ impl Conv2dGradWeight {
     fn compute_bf16(&self, x: &[f32], g: &[f32], d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.compute(x, g, d, |len, dst, g, rhs, rhs_stride| {
+        self.compute(x, g, d, false, |len, dst, g, rhs, rhs_stride| {
             let (lhs, rhs) = (Operand::new(Values::F32(g), hw, 1), Operand::new(Values::F32(rhs), 1, rhs_stride));
-            bf16_matmul(d.o, patch, len, lhs, rhs, dst, (1, d.o), true)
+            bf16_matmul(d.o, patch, len, lhs, rhs, dst, (patch, 1), true)
         })
     }
 }
