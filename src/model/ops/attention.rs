@@ -195,13 +195,18 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Only tracked operands get a gradient: a locked UNet's cross-attention keys and values come from the
+        // text embeddings alone, and their two products would be thrown away.
         let p = super::softmax::softmax_last_dim(&q.matmul(&k.t()?)?, self.scale)?;
-        let grad_v = p.t()?.matmul(grad)?;
+        let grad_v = if v.track_op() { Some(p.t()?.matmul(grad)?) } else { None };
+        if !q.track_op() && !k.track_op() {
+            return Ok((None, None, grad_v));
+        }
         let dp = grad.matmul(&v.t()?)?;
         let ds = ((&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
-        let grad_q = ds.matmul(k)?;
-        let grad_k = ds.t()?.matmul(q)?;
-        Ok((Some(grad_q), Some(grad_k), Some(grad_v)))
+        let grad_q = if q.track_op() { Some(ds.matmul(k)?) } else { None };
+        let grad_k = if k.track_op() { Some(ds.t()?.matmul(q)?) } else { None };
+        Ok((grad_q, grad_k, grad_v))
     }
 }
 
@@ -231,6 +236,19 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         check_gradients(&[&[2, 5, 3], &[2, 4, 3], &[2, 4, 2]], |t| attention(&t[0], &t[1], &t[2], 0.7));
+    }
+
+    /// Untracked keys and values (a locked cross-attention on text) get no gradient; the queries' is unchanged.
+    #[test]
+    fn untracked_operands_get_no_gradient() {
+        let dev = Device::Cpu;
+        let q = candle_core::Var::randn(0f32, 1., (2, 5, 4), &dev).unwrap();
+        let (k, v) =
+            (Tensor::randn(0f32, 1., (2, 7, 4), &dev).unwrap(), Tensor::randn(0f32, 1., (2, 7, 3), &dev).unwrap());
+        let grads = attention(q.as_tensor(), &k, &v, 0.5).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&k).is_none() && grads.get(&v).is_none());
+        let want = reference(q.as_tensor(), &k, &v, 0.5).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_rel_diff(grads.get(&q).unwrap(), want.get(&q).unwrap()) < 1e-5);
     }
 
     /// The ops path (GPUs, half precision) in query blocks: uneven blocks, one row per block, and a budget that

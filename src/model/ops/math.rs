@@ -10,9 +10,27 @@ pub trait Real: WithDType {
     fn softmax_row(row: &mut [Self]) {
         softmax_row_lanes(row)
     }
+    /// The standard normal CDF `Φ(x) = (1 + erf(x / √2)) / 2`.
+    fn normal_cdf(self) -> Self;
     /// GEGLU's gate on one row: `o = a · gelu(g)` element-wise.
     fn gate_row(o: &mut [Self], a: &[Self], g: &[Self]) {
         gate_row_plain(o, a, g)
+    }
+    /// The gate's backward on one row: `da = grad · gelu(g)`, `dg = grad · a · (Φ(g) + g φ(g))`.
+    fn gate_grad_row(da: &mut [Self], dg: &mut [Self], a: &[Self], g: &[Self], grad: &[Self]) {
+        gate_grad_row_plain(da, dg, a, g, grad)
+    }
+}
+
+#[inline(always)]
+fn gate_grad_row_plain<T: Real>(da: &mut [T], dg: &mut [T], a: &[T], g: &[T], grad: &[T]) {
+    let inv_sqrt_2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    let minus_half = T::from_f64(-0.5);
+    for ((((da, dg), &a), &g), &grad) in da.iter_mut().zip(dg.iter_mut()).zip(a).zip(g).zip(grad) {
+        let cdf = g.normal_cdf();
+        let pdf = (minus_half * g * g).exp() * inv_sqrt_2pi;
+        *da = grad * g * cdf;
+        *dg = grad * a * (cdf + g * pdf);
     }
 }
 
@@ -83,6 +101,14 @@ mod wide {
     pub fn gate_row_avx2(o: &mut [f32], a: &[f32], g: &[f32]) {
         super::gate_row_plain(o, a, g)
     }
+    #[target_feature(enable = "avx512f")]
+    pub fn gate_grad_row_avx512(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
+        super::gate_grad_row_plain(da, dg, a, g, grad)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn gate_grad_row_avx2(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
+        super::gate_grad_row_plain(da, dg, a, g, grad)
+    }
 }
 
 impl Real for f32 {
@@ -93,6 +119,24 @@ impl Real for f32 {
     #[inline(always)]
     fn gelu_erf(self) -> Self {
         (erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * self
+    }
+    #[inline(always)]
+    fn normal_cdf(self) -> Self {
+        (erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5
+    }
+    fn gate_grad_row(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { wide::gate_grad_row_avx512(da, dg, a, g, grad) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { wide::gate_grad_row_avx2(da, dg, a, g, grad) };
+            }
+        }
+        gate_grad_row_plain(da, dg, a, g, grad)
     }
     fn softmax_row(row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -132,6 +176,10 @@ impl Real for f64 {
     #[inline(always)]
     fn gelu_erf(self) -> Self {
         (candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * self
+    }
+    #[inline(always)]
+    fn normal_cdf(self) -> Self {
+        (candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2) + 1.) * 0.5
     }
 }
 
