@@ -5,7 +5,9 @@
 //! next product. Here each task takes one head and a block of queries, computes that block's scores into a
 //! scratch buffer that stays in the core's cache (the scale folded into the product), normalises the rows
 //! in place and multiplies by the values straight into the output; tasks run in parallel over heads and
-//! blocks. The backward pass recomputes the probabilities with candle ops and applies the textbook formulas.
+//! blocks. The backward pass works the same way ([`AttentionGradOp`]): per head, block by block of queries, it
+//! recomputes the block's probabilities and forms every gradient from them, so no score tensor is made there
+//! either (at 512 px the whole-score version held ~2 GiB of temporaries and took 3x PyTorch's backward).
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -197,6 +199,24 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Only tracked operands get a gradient: a locked UNet's cross-attention keys and values come from the
         // text embeddings alone, and their two products would be thrown away.
+        let fused = grad.device().is_cpu() && grad.dtype() == q.dtype() && matches!(q.dtype(), DType::F32 | DType::F64);
+        if fused {
+            let (n_q, n_k, n_v) = (q.elem_count(), k.elem_count(), v.elem_count());
+            let op = AttentionGradOp { scale: self.scale, grad: grad.contiguous()? };
+            let all = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+            let part = |track: bool, start: usize, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
+                if track {
+                    Ok(Some(all.narrow(0, start, len)?.reshape(like.shape())?))
+                } else {
+                    Ok(None)
+                }
+            };
+            return Ok((
+                part(q.track_op(), 0, n_q, q)?,
+                part(k.track_op(), n_q, n_k, k)?,
+                part(v.track_op(), n_q + n_k, n_v, v)?,
+            ));
+        }
         let p = super::softmax::softmax_last_dim(&q.matmul(&k.t()?)?, self.scale)?;
         let grad_v = if v.track_op() { Some(p.t()?.matmul(grad)?) } else { None };
         if !q.track_op() && !k.track_op() {
@@ -207,6 +227,200 @@ impl CustomOp3 for AttentionOp {
         let grad_q = if q.track_op() { Some(ds.matmul(k)?) } else { None };
         let grad_k = if k.track_op() { Some(ds.t()?.matmul(q)?) } else { None };
         Ok((grad_q, grad_k, grad_v))
+    }
+}
+
+/// The gradients of [`AttentionOp`] from `q`, `k`, `v` and the output's gradient: one flat tensor
+/// `[dq | dk | dv]`. With P = softmax(S), S = q kᵀ · scale, per head and block of query rows:
+/// 1. S and P for the block (as the forward pass);
+/// 2. dv += Pᵀ g;
+/// 3. dP = g vᵀ, then dS = P ⊙ (dP - Σ_row dP ⊙ P) · scale in place;
+/// 4. dq = dS k for the block's rows, dk += dSᵀ q.
+struct AttentionGradOp {
+    scale: f64,
+    /// The output's gradient (heads, queries, dv), contiguous.
+    grad: Tensor,
+}
+
+/// `dst (m, n) = [dst +] lhs (m, k) x rhs (k, n)` on one thread; each operand as (pointer, column stride, row
+/// stride).
+///
+/// # Safety
+/// Each pointer with its strides must address only elements of a live slice of the given shape, and `dst` must
+/// not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    accumulate: bool,
+    beta: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1 as isize,
+        dst.2 as isize,
+        accumulate,
+        lhs.0,
+        lhs.1 as isize,
+        lhs.2 as isize,
+        rhs.0,
+        rhs.1 as isize,
+        rhs.2 as isize,
+        if accumulate { T::one() } else { T::zero() },
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl AttentionGradOp {
+    fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], g: &[T], s: &Dims) -> Vec<T> {
+        let (n_q, n_k) = (s.heads * s.queries * s.d, s.heads * s.keys * s.d);
+        let mut out = vec![T::zero(); n_q + n_k + s.heads * s.keys * s.dv];
+        if s.heads == 0 || s.queries == 0 || s.keys == 0 {
+            return out;
+        }
+        let (dq, rest) = out.split_at_mut(n_q);
+        let (dk, dv) = rest.split_at_mut(n_k);
+        let rows = (BLOCK_SCORES / s.keys).clamp(MIN_ROWS, MAX_ROWS).min(s.queries);
+        let scale = T::from_f64(self.scale);
+        let (qd, kd, kv, qv) = (s.queries * s.d, s.keys * s.d, s.keys * s.dv, s.queries * s.dv);
+        dq.par_chunks_mut(qd).zip(dk.par_chunks_mut(kd)).zip(dv.par_chunks_mut(kv)).enumerate().for_each(
+            |(h, ((dq_h, dk_h), dv_h))| {
+                let (q_h, k_h, v_h, g_h) = (
+                    &q[h * qd..(h + 1) * qd],
+                    &k[h * kd..(h + 1) * kd],
+                    &v[h * kv..(h + 1) * kv],
+                    &g[h * qv..(h + 1) * qv],
+                );
+                // Both scratch blocks are written in full by a product before being read.
+                let mut p = super::unfilled::<T>(rows * s.keys);
+                let mut dp = super::unfilled::<T>(rows * s.keys);
+                for start in (0..s.queries).step_by(rows) {
+                    let n = rows.min(s.queries - start);
+                    let (q_b, g_b) = (&q_h[start * s.d..(start + n) * s.d], &g_h[start * s.dv..(start + n) * s.dv]);
+                    let dq_b = &mut dq_h[start * s.d..(start + n) * s.d];
+                    let (p, dp) = (&mut p[..n * s.keys], &mut dp[..n * s.keys]);
+                    // SAFETY (every product): the shapes and strides address only the named slices: q_b and dq_b
+                    // n x d, g_b n x dv, k_h and dk_h keys x d, v_h and dv_h keys x dv, p and dp n x keys (read
+                    // transposed as keys x n where noted); destinations are distinct buffers.
+                    unsafe {
+                        // 1. S = q kᵀ · scale, then P row by row.
+                        let kt = (k_h.as_ptr(), s.d, 1);
+                        product(
+                            (n, s.keys, s.d),
+                            (p.as_mut_ptr(), 1, s.keys),
+                            (q_b.as_ptr(), 1, s.d),
+                            kt,
+                            false,
+                            scale,
+                        );
+                        for row in p.chunks_mut(s.keys) {
+                            softmax_row(row);
+                        }
+                        // 2. dv += Pᵀ g.
+                        let pt = (p.as_ptr(), s.keys, 1);
+                        product(
+                            (s.keys, s.dv, n),
+                            (dv_h.as_mut_ptr(), 1, s.dv),
+                            pt,
+                            (g_b.as_ptr(), 1, s.dv),
+                            true,
+                            T::one(),
+                        );
+                        // 3. dP = g vᵀ, then dS in place.
+                        let vt = (v_h.as_ptr(), s.dv, 1);
+                        product(
+                            (n, s.keys, s.dv),
+                            (dp.as_mut_ptr(), 1, s.keys),
+                            (g_b.as_ptr(), 1, s.dv),
+                            vt,
+                            false,
+                            T::one(),
+                        );
+                    }
+                    for (dp_row, p_row) in dp.chunks_mut(s.keys).zip(p.chunks(s.keys)) {
+                        let dot = dp_row.iter().zip(p_row).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                        for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                    }
+                    unsafe {
+                        // 4. dq = dS k, dk += dSᵀ q.
+                        let ds = (dp.as_ptr(), 1, s.keys);
+                        product(
+                            (n, s.d, s.keys),
+                            (dq_b.as_mut_ptr(), 1, s.d),
+                            ds,
+                            (k_h.as_ptr(), 1, s.d),
+                            false,
+                            T::one(),
+                        );
+                        let dst = (dp.as_ptr(), s.keys, 1);
+                        product(
+                            (s.keys, s.d, n),
+                            (dk_h.as_mut_ptr(), 1, s.d),
+                            dst,
+                            (q_b.as_ptr(), 1, s.d),
+                            true,
+                            T::one(),
+                        );
+                    }
+                }
+            },
+        );
+        out
+    }
+}
+
+impl CustomOp3 for AttentionGradOp {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = AttentionOp::dims(l1, l2, l3)?;
+        if self.grad.dims() != [s.heads, s.queries, s.dv] {
+            candle_core::bail!("attention backward: gradient {:?} does not fit the output", self.grad.shape())
+        }
+        let slice = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("attention backward: operands must be contiguous".into()))
+        };
+        let (g_storage, g_layout) = self.grad.storage_and_layout();
+        let ((q0, q1), (k0, k1), (v0, v1), (g0, g1)) = (slice(l1)?, slice(l2)?, slice(l3)?, slice(g_layout)?);
+        let out = match (s1, s2, s3, &*g_storage) {
+            (
+                CpuStorage::F32(q),
+                CpuStorage::F32(k),
+                CpuStorage::F32(v),
+                candle_core::Storage::Cpu(CpuStorage::F32(g)),
+            ) => CpuStorage::F32(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)),
+            (
+                CpuStorage::F64(q),
+                CpuStorage::F64(k),
+                CpuStorage::F64(v),
+                candle_core::Storage::Cpu(CpuStorage::F64(g)),
+            ) => CpuStorage::F64(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)),
+            _ => candle_core::bail!("attention backward: f32 or f64 CPU operands of one dtype expected"),
+        };
+        let len = s.heads * (s.queries * s.d + s.keys * (s.d + s.dv));
+        Ok((out, Shape::from(len)))
     }
 }
 
@@ -236,6 +450,25 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         check_gradients(&[&[2, 5, 3], &[2, 4, 3], &[2, 4, 2]], |t| attention(&t[0], &t[1], &t[2], 0.7));
+    }
+
+    /// The fused f32 backward over several query blocks (and a partial last one) against candle's autograd of
+    /// the composed ops, for self- and cross-attention shapes.
+    #[test]
+    fn f32_gradients_match_the_composition() {
+        let dev = Device::Cpu;
+        for (heads, queries, keys, d, dv) in [(3, 40, 77, 8, 8), (2, 600, 1200, 4, 6), (1, 5, 3, 2, 2)] {
+            let var = |shape: (usize, usize, usize)| candle_core::Var::randn(0f32, 1., shape, &dev).unwrap();
+            let (q, k, v) = (var((heads, queries, d)), var((heads, keys, d)), var((heads, keys, dv)));
+            let r = Tensor::randn(0f32, 1., (heads, queries, dv), &dev).unwrap();
+            let loss = |y: Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let ours = loss(attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.35).unwrap());
+            let want = loss(reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.35).unwrap());
+            for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff = max_rel_diff(ours.get(t).unwrap(), want.get(t).unwrap());
+                assert!(diff < 1e-4, "{heads}x{queries}x{keys}: d{name} off by {diff}");
+            }
+        }
     }
 
     /// Untracked keys and values (a locked cross-attention on text) get no gradient; the queries' is unchanged.
