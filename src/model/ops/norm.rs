@@ -425,6 +425,24 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if fast_path(grad) && grad.dtype() == x.dtype() && weight.dtype() == x.dtype() {
+            // One pass per row ([`LayerNormGradOp`]); untracked weight and bias (a locked UNet's) get none.
+            let (n, d) = (x.elem_count(), weight.elem_count());
+            let op = LayerNormGradOp { eps: self.eps, weight: weight.contiguous()? };
+            let all = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+            let part = |track: bool, start: usize, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
+                if track {
+                    Ok(Some(all.narrow(0, start, len)?.reshape(like.shape())?))
+                } else {
+                    Ok(None)
+                }
+            };
+            return Ok((
+                part(x.track_op(), 0, n, x)?,
+                part(weight.track_op(), n, d, weight)?,
+                part(bias.track_op(), n + d, d, bias)?,
+            ));
+        }
         let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let xhat = centered.broadcast_mul(&rstd)?;
@@ -438,6 +456,99 @@ impl CustomOp3 for LayerNormOp {
             .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
             .broadcast_sub(&xhat.broadcast_mul(&(&g * &xhat)?.mean_keepdim(D::Minus1)?)?)?;
         Ok((Some(inner.broadcast_mul(&rstd)?), grad_w, grad_b))
+    }
+}
+
+/// Layer norm's backward from `x` and the output's gradient (the weight held by the op): one flat tensor
+/// `[grad_x | grad_weight | grad_bias]`. Per row: the statistics again (f64), then
+/// `rstd · (g·w - mean(g·w) - x̂ · mean(g·w·x̂))`; the weight and bias gradients (Σ g·x̂, Σ g over rows) are summed
+/// per block of rows, then over blocks.
+struct LayerNormGradOp {
+    eps: f64,
+    /// The norm's weight (D), contiguous.
+    weight: Tensor,
+}
+
+/// Rows per parallel task of the layer-norm backward (each task sums its own weight and bias gradients).
+const LAYER_NORM_ROWS: usize = 64;
+
+impl LayerNormGradOp {
+    fn backward<T: Real>(&self, x: &[T], grad: &[T], w: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len() + 2 * d];
+        if d == 0 || x.is_empty() {
+            return out;
+        }
+        let (grad_x, _) = out.split_at_mut(x.len());
+        let inv_d = T::from_f64(1.0 / d as f64);
+        let partials: Vec<(Vec<T>, Vec<T>)> = grad_x
+            .par_chunks_mut(LAYER_NORM_ROWS * d)
+            .zip(x.par_chunks(LAYER_NORM_ROWS * d))
+            .zip(grad.par_chunks(LAYER_NORM_ROWS * d))
+            .map(|((gx, xs), gs)| {
+                let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+                for ((o, xs), gs) in gx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    let (mean, rstd) = moments(xs, self.eps);
+                    let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+                    let (mut s_gw, mut s_gwx) = (T::zero(), T::zero());
+                    for (((&x, &g), &wv), (dw, db)) in xs.iter().zip(gs).zip(w).zip(dw.iter_mut().zip(db.iter_mut())) {
+                        let xhat = (x - mean) * rstd;
+                        *dw += g * xhat;
+                        *db += g;
+                        s_gw += g * wv;
+                        s_gwx += g * wv * xhat;
+                    }
+                    let (mean_gw, mean_gwx) = (s_gw * inv_d, s_gwx * inv_d);
+                    for (((o, &x), &g), &wv) in o.iter_mut().zip(xs).zip(gs).zip(w) {
+                        let xhat = (x - mean) * rstd;
+                        *o = rstd * (g * wv - mean_gw - xhat * mean_gwx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (_, wb) = out.split_at_mut(x.len());
+        let (gw, gb) = wb.split_at_mut(d);
+        for (dw, db) in &partials {
+            gw.iter_mut().zip(dw).for_each(|(a, &b)| *a += b);
+            gb.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
+        }
+        out
+    }
+}
+
+impl candle_core::CustomOp2 for LayerNormGradOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.weight.elem_count();
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != n || l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!("layer norm backward: input {:?} and gradient {:?} do not fit", l1.shape(), l2.shape())
+        }
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let out = match (s1, s2, &*w_storage) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), candle_core::Storage::Cpu(CpuStorage::F32(w))) => {
+                let (x, g, w) = (
+                    contiguous(x, l1, "layer norm backward")?,
+                    contiguous(g, l2, "layer norm backward")?,
+                    contiguous(w, w_layout, "layer norm backward")?,
+                );
+                CpuStorage::F32(self.backward(x, g, w))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), candle_core::Storage::Cpu(CpuStorage::F64(w))) => {
+                let (x, g, w) = (
+                    contiguous(x, l1, "layer norm backward")?,
+                    contiguous(g, l2, "layer norm backward")?,
+                    contiguous(w, w_layout, "layer norm backward")?,
+                );
+                CpuStorage::F64(self.backward(x, g, w))
+            }
+            _ => candle_core::bail!("layer norm backward: f32 or f64 CPU operands of one dtype expected"),
+        };
+        Ok((out, Shape::from(n + 2 * d)))
     }
 }
 
@@ -514,5 +625,28 @@ mod tests {
         let ours = layer_norm(&x, &w, &b, 1e-5).unwrap();
         assert!(max_rel_diff(&ours, &layer_norm_reference(&x, &w, &b, 1e-5).unwrap()) < 1e-5);
         check_gradients(&[&[2, 3, 5], &[5], &[5]], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    }
+
+    /// The fused f32 backward over several row blocks against candle's autograd of the composition; a locked
+    /// (untracked) weight and bias get no gradient.
+    #[test]
+    fn layer_norm_f32_gradients_match_the_composition() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], scale: f64| {
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap().affine(scale, 0.2).unwrap())
+                .unwrap()
+        };
+        let (x, w, b) = (var(&[3, 50, 24], 2.0), var(&[24], 1.0), var(&[24], 1.0));
+        let r = Tensor::randn(0f32, 1., (3, 50, 24), &dev).unwrap();
+        let (x, w, b) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let ours = (layer_norm(x, w, b, 1e-5).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = (layer_norm_reference(x, w, b, 1e-5).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, t) in [("x", x), ("weight", w), ("bias", b)] {
+            let diff = max_rel_diff(ours.get(t).unwrap(), want.get(t).unwrap());
+            assert!(diff < 1e-4, "{name} gradient off by {diff}");
+        }
+        let (w0, b0) = (w.detach(), b.detach());
+        let grads = (layer_norm(x, &w0, &b0, 1e-5).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x).is_some() && grads.get(&w0).is_none() && grads.get(&b0).is_none());
     }
 }
