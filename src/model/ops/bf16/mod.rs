@@ -690,6 +690,16 @@ fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
                     }
                     continue;
                 }
+                if b.cs == 1 && vector && cols == TILE && k0 + TILE_K <= k {
+                    // Rows along k, a full tile of 16 pairs x 16 columns: one call packs it.
+                    let start = k0 * b.rs + j0;
+                    if spans(v.len().saturating_sub(start), TILE_K, TILE, b.rs, 1) {
+                        // SAFETY: the 32 rows of 16 values from `start` lie inside `v` (checked just above),
+                        // `tile` is a whole tile, and AVX512-BF16 is present (`vector`).
+                        unsafe { avx512::round_interleave_tile(v, start, b.rs, tile) };
+                        continue;
+                    }
+                }
             }
             for p in 0..TILE {
                 let kk = kt * TILE_K + 2 * p;
