@@ -75,6 +75,30 @@ pub unsafe fn round_interleave_tile(src: &[f32], start: usize, rs: usize, dst: &
     }
 }
 
+/// One row of a packed left-hand panel: `tiles` runs of 32 f32 from `src` rounded to bf16 into `dst` at
+/// `offset`, `offset + TILE_ELEMS`, ... (one call per row instead of one per row and tile).
+///
+/// # Safety
+/// The CPU has AVX512-BF16 ([`available`]); `src` holds `32 · tiles` values, `dst` reaches
+/// `offset + (tiles - 1) · TILE_ELEMS + 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn round_row_tiles(src: &[f32], tiles: usize, dst: &mut [u16], offset: usize) {
+    debug_assert!(src.len() >= 32 * tiles && (tiles == 0 || dst.len() >= offset + (tiles - 1) * TILE_ELEMS + 32));
+    let (src, out) = (src.as_ptr(), dst.as_mut_ptr());
+    for t in 0..tiles {
+        let lo = _mm512_loadu_ps(src.add(32 * t));
+        let hi = _mm512_loadu_ps(src.add(32 * t + 16));
+        let v = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(out.add(offset + t * TILE_ELEMS).cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn round_row_tiles(_: &[f32], _: usize, _: &mut [u16], _: usize) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 pub unsafe fn round_interleave_tile(_: &[f32], _: usize, _: usize, _: &mut [u16]) {
     unreachable!("no AVX512-BF16 off x86-64")

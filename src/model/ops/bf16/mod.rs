@@ -633,7 +633,19 @@ fn pack_a(a: Operand, m: usize, k: usize, vector: bool) -> Vec<u16> {
         }
         for r in 0..rows {
             let i = mt * TILE + r;
-            for kt in 0..k_tiles {
+            // f32 rows along k: every whole tile of the row in one call, then the rest below.
+            let mut first = 0;
+            if let Values::F32(v) = a.values {
+                let whole = k / TILE_K;
+                let start = i * a.rs;
+                if a.cs == 1 && vector && whole > 0 && start + whole * TILE_K <= v.len() {
+                    // SAFETY: the row's `whole` runs of 32 lie inside `v` (checked just above), the panel holds
+                    // `k_tiles >= whole` tiles, and AVX512-BF16 is present (`vector`).
+                    unsafe { avx512::round_row_tiles(&v[start..start + whole * TILE_K], whole, panel, r * TILE_K) };
+                    first = whole;
+                }
+            }
+            for kt in first..k_tiles {
                 let dst = &mut panel[kt * TILE_ELEMS + r * TILE_K..kt * TILE_ELEMS + (r + 1) * TILE_K];
                 let k0 = kt * TILE_K;
                 let len = TILE_K.min(k - k0);
