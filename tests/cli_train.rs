@@ -12,6 +12,15 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `generate` a 2-step 32-px "a circle" from `COND` with `model` and a trained ControlNet `net` into `png`.
+fn generate_with(model: &str, net: &std::path::Path, png: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let (cn, out) = (net.to_str().unwrap(), png.to_str().unwrap());
+    let mut args = vec!["generate", "--model", model, "--controlnet", cn, "--control", COND, "--prompt", "a circle"];
+    args.extend(["--steps", "2", "--width", "32", "--height", "32", "--output", out, "--quiet"]);
+    args.extend_from_slice(extra);
+    controlnet(&args)
+}
+
 #[test]
 fn init_train_resume_generate() {
     let dir = temp_dir();
@@ -103,28 +112,7 @@ fn init_train_resume_generate() {
     // 4. The result is a ControlNet `generate` loads.
     let png = dir.path().join("out.png");
     let result = run.join("controlnet");
-    let out = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        result.to_str().unwrap(),
-        "--control",
-        COND,
-        "--prompt",
-        "a circle",
-        "--steps",
-        "2",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--seed",
-        "1",
-        "--output",
-        png.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = generate_with(MODEL, &result, &png, &["--seed", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(png.is_file());
 }
@@ -412,26 +400,7 @@ fn mixed_precision_training() {
     assert!(run.join("validation/step-2.png").is_file());
     let image = dir.path().join("out.png");
     let cn = run.join("controlnet");
-    let out = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        cn.to_str().unwrap(),
-        "--control",
-        COND,
-        "--prompt",
-        "a circle",
-        "--steps",
-        "2",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--output",
-        image.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = generate_with(MODEL, &cn, &image, &[]);
     assert!(out.status.success() && image.is_file(), "{}", stderr(&out));
 }
 
@@ -508,26 +477,7 @@ fn sdxl_train_resumes_exactly_and_generates() {
 
     let png = dir.path().join("out.png");
     let result = whole.join("controlnet");
-    let out = controlnet(&[
-        "generate",
-        "--model",
-        SDXL,
-        "--controlnet",
-        result.to_str().unwrap(),
-        "--control",
-        COND,
-        "--prompt",
-        "a circle",
-        "--steps",
-        "2",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--output",
-        png.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = generate_with(SDXL, &result, &png, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(png.is_file());
 }

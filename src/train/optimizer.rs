@@ -95,10 +95,10 @@ impl Grads {
     /// trainable parameters' gradients: 2 x 1.4 GB for SD1.5's ControlNet); the gradients a [`Grads`] holds are
     /// its own (the backward's results, or [`Grads::insert`]'s copies).
     pub fn clip_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let in_place = |g: &Tensor| g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous();
         let mut sum_sq = 0f64;
         for g in self.grads.values() {
-            let in_place = g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous();
-            let n = if in_place {
+            let n = if in_place(g) {
                 inplace::sum_of_squares(g)?.sqrt() as f32
             } else {
                 g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar()?
@@ -108,7 +108,7 @@ impl Grads {
         let total = sum_sq.sqrt() as f32;
         let coef = (max_norm as f32 / (total + CLIP_NORM_EPS)).min(1.0);
         for g in self.grads.values_mut() {
-            if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
+            if in_place(g) {
                 g.inplace_op1(&inplace::Scale { coef })?;
             } else {
                 *g = g.affine(f64::from(coef), 0.0)?;

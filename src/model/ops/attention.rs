@@ -8,10 +8,11 @@
 //! blocks. The backward pass works the same way ([`AttentionGradOp`]): per head, block by block of queries, it
 //! recomputes the block's probabilities and forms every gradient from them, so no score tensor is made there
 //! either (at 512 px the whole-score version held ~2 GiB of temporaries and took 3x PyTorch's backward).
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::math::{softmax_row, Real};
+use super::{flat_part, offsets};
 
 /// Target size of one task's score block (elements): 1 MiB of f32, within a core's L2 cache.
 const BLOCK_SCORES: usize = 1 << 18;
@@ -170,11 +171,8 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = Self::dims(l1, l2, l3)?;
-        let slice = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("attention: operands must be contiguous".into()))
-        };
-        let ((q0, q1), (k0, k1), (v0, v1)) = (slice(l1)?, slice(l2)?, slice(l3)?);
+        let name = self.name();
+        let ((q0, q1), (k0, k1), (v0, v1)) = (offsets(l1, name)?, offsets(l2, name)?, offsets(l3, name)?);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s))
@@ -197,36 +195,17 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Only tracked operands get a gradient: a locked UNet's cross-attention keys and values come from the
-        // text embeddings alone, and their two products would be thrown away.
-        let fused = grad.device().is_cpu() && grad.dtype() == q.dtype() && matches!(q.dtype(), DType::F32 | DType::F64);
-        if fused {
-            let (n_q, n_k, n_v) = (q.elem_count(), k.elem_count(), v.elem_count());
-            let op = AttentionGradOp { scale: self.scale, grad: grad.contiguous()? };
-            let all = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-            let part = |track: bool, start: usize, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
-                if track {
-                    Ok(Some(all.narrow(0, start, len)?.reshape(like.shape())?))
-                } else {
-                    Ok(None)
-                }
-            };
-            return Ok((
-                part(q.track_op(), 0, n_q, q)?,
-                part(k.track_op(), n_q, n_k, k)?,
-                part(v.track_op(), n_q + n_k, n_v, v)?,
-            ));
-        }
-        let p = super::softmax::softmax_last_dim(&q.matmul(&k.t()?)?, self.scale)?;
-        let grad_v = if v.track_op() { Some(p.t()?.matmul(grad)?) } else { None };
-        if !q.track_op() && !k.track_op() {
-            return Ok((None, None, grad_v));
-        }
-        let dp = grad.matmul(&v.t()?)?;
-        let ds = ((&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
-        let grad_q = if q.track_op() { Some(ds.matmul(k)?) } else { None };
-        let grad_k = if k.track_op() { Some(ds.t()?.matmul(q)?) } else { None };
-        Ok((grad_q, grad_k, grad_v))
+        // The forward pass ran, so all are CPU f32 or f64 of one dtype (as the output's gradient). Only tracked
+        // operands get a gradient: a locked UNet's cross-attention keys and values come from the text embeddings
+        // alone.
+        let op = AttentionGradOp { scale: self.scale, grad: grad.contiguous()? };
+        let all = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let (n_q, n_k) = (q.elem_count(), k.elem_count());
+        Ok((
+            flat_part(&all, q.track_op(), 0, q)?,
+            flat_part(&all, k.track_op(), n_q, k)?,
+            flat_part(&all, v.track_op(), n_q + n_k, v)?,
+        ))
     }
 }
 
@@ -398,12 +377,10 @@ impl CustomOp3 for AttentionGradOp {
         if self.grad.dims() != [s.heads, s.queries, s.dv] {
             candle_core::bail!("attention backward: gradient {:?} does not fit the output", self.grad.shape())
         }
-        let slice = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("attention backward: operands must be contiguous".into()))
-        };
+        let name = self.name();
         let (g_storage, g_layout) = self.grad.storage_and_layout();
-        let ((q0, q1), (k0, k1), (v0, v1), (g0, g1)) = (slice(l1)?, slice(l2)?, slice(l3)?, slice(g_layout)?);
+        let ((q0, q1), (k0, k1), (v0, v1), (g0, g1)) =
+            (offsets(l1, name)?, offsets(l2, name)?, offsets(l3, name)?, offsets(g_layout, name)?);
         let out = match (s1, s2, s3, &*g_storage) {
             (
                 CpuStorage::F32(q),

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use std::sync::OnceLock;
 
 use super::bf16::Values;
+use super::offsets;
 
 /// Target size of one band's patch matrix (elements): big enough for an efficient matrix product, small
 /// enough to stay in the last-level cache instead of materialising a 9x copy of a 512x512 VAE activation.
@@ -153,7 +154,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: Conv2dParams) 
         return y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?);
     }
     // Inside mixed precision's autocast (a trained f32 layer), the products run on the bf16 kernels.
-    let op = Conv2dOp { p: params, autocast: x.dtype() == DType::F32 && super::bf16::autocast::active(x, weight) };
+    let op = Conv2dOp { p: params, autocast: super::bf16::autocast::active(x, weight) };
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
@@ -347,11 +348,6 @@ impl Conv2dOp {
     }
 }
 
-/// The contiguous range of a layout's storage (the public entry points pass contiguous tensors).
-fn contiguous(l: &Layout, op: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: strided operand")))
-}
-
 fn dims4(l: &Layout) -> Result<[usize; 4]> {
     let (a, b, c, d) = l.shape().dims4()?;
     Ok([a, b, c, d])
@@ -376,7 +372,7 @@ impl CustomOp3 for Conv2dOp {
         if l3.shape().elem_count() != d.o {
             candle_core::bail!("{name}: kernel {:?} and bias {:?} do not fit", l2.shape(), l3.shape())
         }
-        let ((x0, x1), (k0, k1), (b0, b1)) = (contiguous(l1, name)?, contiguous(l2, name)?, contiguous(l3, name)?);
+        let ((x0, x1), (k0, k1), (b0, b1)) = (offsets(l1, name)?, offsets(l2, name)?, offsets(l3, name)?);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) if self.autocast => {
                 CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::F32(&k[k0..k1]), &b[b0..b1], &d)?)
@@ -545,7 +541,7 @@ impl CustomOp2 for Conv2dGradInput {
             candle_core::bail!("{name}: gradient {:?} and kernel {:?} do not fit", l1.shape(), l2.shape())
         }
         let d = Dims::new(self.p, name, [b, c, self.h, self.w], [o, c, kh, kw], Some((oh, ow)))?;
-        let ((g0, g1), (k0, k1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
+        let ((g0, g1), (k0, k1)) = (offsets(l1, name)?, offsets(l2, name)?);
         let out = match (s1, s2) {
             (CpuStorage::F32(g), CpuStorage::F32(k)) if self.autocast => {
                 CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::F32(&k[k0..k1]), &d)?)
@@ -667,7 +663,7 @@ impl CustomOp2 for Conv2dGradWeight {
             candle_core::bail!("{name}: input {:?} and gradient {:?} do not fit", l1.shape(), l2.shape())
         }
         let d = Dims::new(self.p, name, [b, c, h, w], [o, c, self.kh, self.kw], Some((oh, ow)))?;
-        let ((x0, x1), (g0, g1)) = (contiguous(l1, name)?, contiguous(l2, name)?);
+        let ((x0, x1), (g0, g1)) = (offsets(l1, name)?, offsets(l2, name)?);
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) if self.autocast => {
                 CpuStorage::F32(self.compute_bf16(&x[x0..x1], &g[g0..g1], &d)?)

@@ -5,7 +5,10 @@ use candle_core::WithDType;
 pub trait Real: WithDType {
     fn exp(self) -> Self;
     /// `gelu(x) = x Φ(x)` with the normal CDF through `erf` (torch's default `F.gelu`).
-    fn gelu_erf(self) -> Self;
+    #[inline(always)]
+    fn gelu_erf(self) -> Self {
+        self.normal_cdf() * self
+    }
     /// Softmax of one row in place.
     fn softmax_row(row: &mut [Self]) {
         softmax_row_lanes(row)
@@ -117,10 +120,6 @@ impl Real for f32 {
         exp_f32(self)
     }
     #[inline(always)]
-    fn gelu_erf(self) -> Self {
-        (erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * self
-    }
-    #[inline(always)]
     fn normal_cdf(self) -> Self {
         (erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5
     }
@@ -172,10 +171,6 @@ impl Real for f64 {
     #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
-    }
-    #[inline(always)]
-    fn gelu_erf(self) -> Self {
-        (candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * self
     }
     #[inline(always)]
     fn normal_cdf(self) -> Self {

@@ -23,6 +23,26 @@ pub(crate) fn unfilled<T: candle_core::WithDType>(len: usize) -> Vec<T> {
     v
 }
 
+/// The storage range of a contiguous operand (the kernels' entry points pass contiguous tensors), or an error
+/// naming the op.
+pub(crate) fn offsets(l: &candle_core::Layout, op: &str) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: operands must be contiguous")))
+}
+
+/// One operand's gradient out of a fused backward's flat result (`[grad_a | grad_b | ...]`): the `like`-shaped
+/// part from `start`, or none for an operand that is not tracked.
+pub(crate) fn flat_part(
+    all: &candle_core::Tensor,
+    track: bool,
+    start: usize,
+    like: &candle_core::Tensor,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    if !track {
+        return Ok(None);
+    }
+    Ok(Some(all.narrow(0, start, like.elem_count())?.reshape(like.shape())?))
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use candle_core::{Device, Result, Tensor, Var};

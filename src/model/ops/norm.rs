@@ -2,12 +2,13 @@
 //!
 //! Built from candle primitives each norm is about ten full passes over the activation with as many new
 //! tensors, and SiLU one more. Here each (sample, group) or row is reduced once for its statistics (in f64)
-//! and written once, normalised, scaled, shifted and activated. Backward passes are the textbook formulas in
-//! candle ops, so training keeps its gradients.
+//! and written once, normalised, scaled, shifted and activated. The backward passes are fused the same way
+//! (statistics again, then the textbook formulas in one or two passes).
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::math::Real;
+use super::{flat_part, offsets};
 
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -37,10 +38,8 @@ fn affine<T: Real>(out: &mut [T], xs: &[T], scale: T, shift: T, silu: bool) {
 }
 
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: operands must be contiguous"),
-    }
+    let (a, b) = offsets(l, what)?;
+    Ok(&data[a..b])
 }
 
 /// The (x, weight, bias) storages as slices of one float type, or an error naming the op.
@@ -158,61 +157,17 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if fast_path(grad) && grad.dtype() == x.dtype() && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() {
-            return self.fused_bwd(x, weight, bias, grad);
-        }
-        let dims = x.dims().to_vec();
-        let mut per_channel = vec![1; dims.len()];
-        per_channel[1] = dims[1];
-        let (w, b) = (weight.reshape(per_channel.as_slice())?, bias.reshape(per_channel.as_slice())?);
-        // Recompute the normalised input x̂ = (x - mean) * rstd per (sample, group).
-        let xg = x.reshape((dims[0], self.groups, ()))?;
-        let centered = xg.broadcast_sub(&xg.mean_keepdim(2)?)?;
-        let rstd = (centered.sqr()?.mean_keepdim(2)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = centered.broadcast_mul(&rstd)?.reshape(dims.as_slice())?;
-        // Through SiLU: d/dz z·σ(z) = σ(z)·(1 + z·(1 - σ(z))).
-        let grad_z = if self.silu {
-            let z = xhat.broadcast_mul(&w)?.broadcast_add(&b)?;
-            let s = candle_nn::ops::sigmoid(&z)?;
-            (grad * (&s * ((z * (1.0 - &s)?)? + 1.0)?)?)?
-        } else {
-            grad.clone()
-        };
-        let reduce = |t: &Tensor| -> Result<Tensor> {
-            let t = t.sum_keepdim(0)?;
-            let t = (2..dims.len()).try_fold(t, |t, d| t.sum_keepdim(d))?;
-            t.flatten_all()
-        };
-        let grad_w = reduce(&(&grad_z * &xhat)?)?;
-        let grad_b = reduce(&grad_z)?;
-        // x̂'s gradient back through the normalisation: rstd · (g - mean(g) - x̂ · mean(g · x̂)) per group.
-        let g = grad_z.broadcast_mul(&w)?.reshape((dims[0], self.groups, ()))?;
-        let xh = xhat.reshape((dims[0], self.groups, ()))?;
-        let inner =
-            g.broadcast_sub(&g.mean_keepdim(2)?)?.broadcast_sub(&xh.broadcast_mul(&(&g * &xh)?.mean_keepdim(2)?)?)?;
-        let grad_x = inner.broadcast_mul(&rstd)?.reshape(dims.as_slice())?;
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
-    }
-}
-
-impl GroupNormOp {
-    /// The backward in two passes per (sample, group) ([`GroupNormGradOp`]); operands that are not tracked (a
-    /// locked UNet's norms) get no gradient.
-    fn fused_bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The forward pass ran, so all are CPU f32 or f64 of one dtype (as the output's gradient): two passes per
+        // (sample, group) ([`GroupNormGradOp`]); operands that are not tracked (a locked UNet's norms) get none.
         let (n, c) = (x.elem_count(), weight.elem_count());
         let wb = Tensor::cat(&[weight.flatten_all()?, bias.flatten_all()?], 0)?;
         let op = GroupNormGradOp { groups: self.groups, eps: self.eps, silu: self.silu };
         let all = x.contiguous()?.apply_op3_no_bwd(&grad.contiguous()?, &wb, &op)?;
-        let grad_x = if x.track_op() { Some(all.narrow(0, 0, n)?.reshape(x.shape())?) } else { None };
-        let grad_w = if weight.track_op() { Some(all.narrow(0, n, c)?.reshape(weight.shape())?) } else { None };
-        let grad_b = if bias.track_op() { Some(all.narrow(0, n + c, c)?.reshape(bias.shape())?) } else { None };
-        Ok((grad_x, grad_w, grad_b))
+        Ok((
+            flat_part(&all, x.track_op(), 0, x)?,
+            flat_part(&all, weight.track_op(), n, weight)?,
+            flat_part(&all, bias.track_op(), n + c, bias)?,
+        ))
     }
 }
 
@@ -425,37 +380,16 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if fast_path(grad) && grad.dtype() == x.dtype() && weight.dtype() == x.dtype() {
-            // One pass per row ([`LayerNormGradOp`]); untracked weight and bias (a locked UNet's) get none.
-            let (n, d) = (x.elem_count(), weight.elem_count());
-            let op = LayerNormGradOp { eps: self.eps, weight: weight.contiguous()? };
-            let all = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-            let part = |track: bool, start: usize, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
-                if track {
-                    Ok(Some(all.narrow(0, start, len)?.reshape(like.shape())?))
-                } else {
-                    Ok(None)
-                }
-            };
-            return Ok((
-                part(x.track_op(), 0, n, x)?,
-                part(weight.track_op(), n, d, weight)?,
-                part(bias.track_op(), n + d, d, bias)?,
-            ));
-        }
-        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = centered.broadcast_mul(&rstd)?;
-        let d = weight.elem_count();
-        let rows = |t: &Tensor| -> Result<Tensor> { t.reshape(((), d))?.sum(0) };
-        // A locked layer norm's (the UNet's, when a ControlNet trains) weight and bias get none.
-        let grad_w = if weight.track_op() { Some(rows(&(grad * &xhat)?)?) } else { None };
-        let grad_b = if bias.track_op() { Some(rows(grad)?) } else { None };
-        let g = grad.broadcast_mul(weight)?;
-        let inner = g
-            .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
-            .broadcast_sub(&xhat.broadcast_mul(&(&g * &xhat)?.mean_keepdim(D::Minus1)?)?)?;
-        Ok((Some(inner.broadcast_mul(&rstd)?), grad_w, grad_b))
+        // The forward pass ran, so all are CPU f32 or f64 of one dtype (as the output's gradient): one pass per row
+        // ([`LayerNormGradOp`]); an untracked weight and bias (a locked UNet's) get none.
+        let (n, d) = (x.elem_count(), weight.elem_count());
+        let op = LayerNormGradOp { eps: self.eps, weight: weight.contiguous()? };
+        let all = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        Ok((
+            flat_part(&all, x.track_op(), 0, x)?,
+            flat_part(&all, weight.track_op(), n, weight)?,
+            flat_part(&all, bias.track_op(), n + d, bias)?,
+        ))
     }
 }
 

@@ -109,32 +109,65 @@ pub fn mixed(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
 }
 
 /// `x (..., in) · weightᵀ + bias` for f32 `x` and a bf16 `weight` (out, in) on the CPU: `nn.Linear` with bf16
-/// weights. The output is f32. (Callers keep tracked inputs on the f32 path: this records no backward.)
+/// weights. The output is f32. (This records no backward: a locked layer on a tracked input gets its input
+/// gradient from [`linear_input_grad`].)
 pub fn linear(
     x: &candle_core::Tensor,
     weight: &candle_core::Tensor,
     bias: Option<&candle_core::Tensor>,
 ) -> Result<candle_core::Tensor> {
-    let (out_d, in_d) = weight.dims2()?;
-    let dims = x.dims().to_vec();
-    if dims.last() != Some(&in_d) {
-        candle_core::bail!("bf16 linear: input {:?} does not end in the weight's {in_d} inputs", x.shape())
-    }
-    let rows = x.elem_count() / in_d.max(1);
-    let x2 = x.contiguous()?.reshape((rows, in_d))?;
-    let y = x2.apply_op2_no_bwd(&weight.contiguous()?, &LinearOp)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(candle_core::DType::F32)?)?,
-        None => y,
-    };
-    let mut shape = dims;
-    if let Some(last) = shape.last_mut() {
-        *last = out_d;
-    }
-    y.reshape(shape)
+    linear_with(x, weight, bias, |x, w| x.apply_op2_no_bwd(w, &LinearOp))
 }
 
-/// x (rows, in) f32 · W (out, in) bf16 transposed.
+/// `x (..., in) · weightᵀ + bias` for f32 `x` and a trained f32 `weight` under mixed precision's autocast
+/// ([`autocast`]): the products on the bf16 kernels (both operands rounded as read, f32 sums), and so are the
+/// backward's input and weight gradients; the bias adds in f32.
+pub fn autocast_linear(
+    x: &candle_core::Tensor,
+    weight: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    linear_with(x, weight, bias, |x, w| x.apply_op2(w, LinearOp))
+}
+
+/// [`linear`] and [`autocast_linear`]: `product(x (rows, in), weight)` on the flattened input, then the bias.
+fn linear_with(
+    x: &candle_core::Tensor,
+    weight: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+    product: impl FnOnce(&candle_core::Tensor, &candle_core::Tensor) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    let (out_d, in_d) = weight.dims2()?;
+    let weight = weight.contiguous()?;
+    let y = on_rows(x, in_d, out_d, "bf16 linear", |x| product(x, &weight))?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(candle_core::DType::F32)?),
+        None => Ok(y),
+    }
+}
+
+/// `f` on `t` (..., from) seen as (rows, from); its (rows, to) result seen as (..., to).
+fn on_rows(
+    t: &candle_core::Tensor,
+    from: usize,
+    to: usize,
+    what: &str,
+    f: impl FnOnce(&candle_core::Tensor) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    let mut dims = t.dims().to_vec();
+    if dims.last() != Some(&from) {
+        candle_core::bail!("{what}: {:?} does not end in the weight's {from}", t.shape())
+    }
+    let rows = t.elem_count() / from.max(1);
+    let y = f(&t.contiguous()?.reshape((rows, from))?)?;
+    if let Some(last) = dims.last_mut() {
+        *last = to;
+    }
+    y.reshape(dims)
+}
+
+/// x (rows, in) f32 · W (out, in)ᵀ, W bf16 (a bf16 layer) or f32 (autocast, both rounded as read); backward
+/// (autocast only records one) likewise on the bf16 kernels.
 struct LinearOp;
 
 impl candle_core::CustomOp2 for LinearOp {
@@ -154,20 +187,40 @@ impl candle_core::CustomOp2 for LinearOp {
         let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("bf16 linear: operands must be contiguous")
         };
-        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (s1, s2) else {
-            candle_core::bail!("bf16 linear: f32 input and bf16 weight expected")
-        };
+        let CpuStorage::F32(x) = s1 else { candle_core::bail!("bf16 linear: f32 input expected") };
+        let w = weight_values(s2, w0, w1, "bf16 linear")?;
         if w_in != in_d {
             candle_core::bail!("bf16 linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
         }
         // The product (accumulate = false) writes every element.
         let mut out = super::unfilled::<f32>(rows * out_d);
         // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y: the weights are then the
-        // left operand, read where they lie (no per-call packing of a matrix as large as the layer).
-        let (lhs, rhs) =
-            (Operand::new(Values::Bf16(&w[w0..w1]), in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
+        // left operand, bf16 ones read where they lie (no per-call packing of a matrix as large as the layer).
+        let (lhs, rhs) = (Operand::new(w, in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
         matmul(out_d, rows, in_d, lhs, rhs, &mut out, (1, out_d), false)?;
         Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        weight: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grad_x = if x.track_op() { Some(grad.apply_op2_no_bwd(weight, &InputGradOp)?) } else { None };
+        let grad_w = if weight.track_op() { Some(grad.apply_op2_no_bwd(x, &WeightGradOp)?) } else { None };
+        Ok((grad_x, grad_w))
+    }
+}
+
+/// A linear layer's weight as product values: bf16, or f32 (autocast).
+fn weight_values<'a>(s: &'a candle_core::CpuStorage, w0: usize, w1: usize, op: &str) -> Result<Values<'a>> {
+    match s {
+        candle_core::CpuStorage::BF16(w) => Ok(Values::Bf16(&w[w0..w1])),
+        candle_core::CpuStorage::F32(w) => Ok(Values::F32(&w[w0..w1])),
+        _ => candle_core::bail!("{op}: a bf16 or f32 weight expected"),
     }
 }
 
@@ -176,21 +229,8 @@ impl candle_core::CustomOp2 for LinearOp {
 /// gradient is rounded to bf16 as the product reads it, as PyTorch's autocast does; the sums are f32.
 pub fn linear_input_grad(grad: &candle_core::Tensor, weight: &candle_core::Tensor) -> Result<candle_core::Tensor> {
     let (out_d, in_d) = weight.dims2()?;
-    let dims = grad.dims().to_vec();
-    if dims.last() != Some(&out_d) {
-        candle_core::bail!(
-            "bf16 linear backward: gradient {:?} does not end in the weight's {out_d} outputs",
-            grad.shape()
-        )
-    }
-    let rows = grad.elem_count() / out_d.max(1);
-    let g2 = grad.contiguous()?.reshape((rows, out_d))?;
-    let gx = g2.apply_op2_no_bwd(&weight.contiguous()?, &InputGradOp)?;
-    let mut shape = dims;
-    if let Some(last) = shape.last_mut() {
-        *last = in_d;
-    }
-    gx.reshape(shape)
+    let weight = weight.contiguous()?;
+    on_rows(grad, out_d, in_d, "bf16 linear backward", |g| g.apply_op2_no_bwd(&weight, &InputGradOp))
 }
 
 /// grad (rows, out) f32 · W (out, in) bf16 (or f32 under autocast).
@@ -213,11 +253,7 @@ impl candle_core::CustomOp2 for InputGradOp {
         let (Some((g0, g1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("bf16 linear backward: operands must be contiguous")
         };
-        let w = match s2 {
-            CpuStorage::BF16(w) => Values::Bf16(&w[w0..w1]),
-            CpuStorage::F32(w) => Values::F32(&w[w0..w1]),
-            _ => candle_core::bail!("bf16 linear backward: a bf16 or f32 weight expected"),
-        };
+        let w = weight_values(s2, w0, w1, "bf16 linear backward")?;
         let CpuStorage::F32(g) = s1 else { candle_core::bail!("bf16 linear backward: f32 gradient expected") };
         if w_out != out_d {
             candle_core::bail!("bf16 linear backward: gradient {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
@@ -230,82 +266,7 @@ impl candle_core::CustomOp2 for InputGradOp {
     }
 }
 
-/// `x (..., in) · weightᵀ + bias` for f32 `x` and a trained f32 `weight` under mixed precision's autocast
-/// ([`autocast`]): the products on the bf16 kernels (both operands rounded as read, f32 sums), and so are the
-/// backward's input and weight gradients; the bias adds in f32.
-pub fn autocast_linear(
-    x: &candle_core::Tensor,
-    weight: &candle_core::Tensor,
-    bias: Option<&candle_core::Tensor>,
-) -> Result<candle_core::Tensor> {
-    let (out_d, in_d) = weight.dims2()?;
-    let dims = x.dims().to_vec();
-    if dims.last() != Some(&in_d) {
-        candle_core::bail!("autocast linear: input {:?} does not end in the weight's {in_d} inputs", x.shape())
-    }
-    let rows = x.elem_count() / in_d.max(1);
-    let y = x.contiguous()?.reshape((rows, in_d))?.apply_op2(&weight.contiguous()?, AutocastLinearOp)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut shape = dims;
-    if let Some(last) = shape.last_mut() {
-        *last = out_d;
-    }
-    y.reshape(shape)
-}
-
-/// x (rows, in) · W (out, in)ᵀ, both f32, on the bf16 kernels; backward likewise.
-struct AutocastLinearOp;
-
-impl candle_core::CustomOp2 for AutocastLinearOp {
-    fn name(&self) -> &'static str {
-        "linear-autocast-bf16"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let ((rows, in_d), (out_d, w_in)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("autocast linear: operands must be contiguous")
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("autocast linear: f32 input and weight expected")
-        };
-        if w_in != in_d {
-            candle_core::bail!("autocast linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
-        }
-        // The product (accumulate = false) writes every element.
-        let mut out = super::unfilled::<f32>(rows * out_d);
-        // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y (as the bf16-weight layer).
-        let (lhs, rhs) =
-            (Operand::new(Values::F32(&w[w0..w1]), in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
-        matmul(out_d, rows, in_d, lhs, rhs, &mut out, (1, out_d), false)?;
-        Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
-    }
-
-    fn bwd(
-        &self,
-        x: &candle_core::Tensor,
-        weight: &candle_core::Tensor,
-        _res: &candle_core::Tensor,
-        grad: &candle_core::Tensor,
-    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let grad = grad.contiguous()?;
-        let grad_x = if x.track_op() { Some(grad.apply_op2_no_bwd(weight, &InputGradOp)?) } else { None };
-        let grad_w = if weight.track_op() { Some(grad.apply_op2_no_bwd(x, &WeightGradOp)?) } else { None };
-        Ok((grad_x, grad_w))
-    }
-}
-
-/// gradᵀ (out, rows) · x (rows, in): the weight gradient of [`AutocastLinearOp`], on the bf16 kernels.
+/// gradᵀ (out, rows) · x (rows, in): the weight gradient of an autocast [`LinearOp`], on the bf16 kernels.
 struct WeightGradOp;
 
 impl candle_core::CustomOp2 for WeightGradOp {
