@@ -34,7 +34,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         return in_query_blocks(q, k, v, scale, OPS_SCORE_BUDGET);
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    q.apply_op3(&k, &v, AttentionOp { scale })
+    q.apply_op3(&k, &v, AttentionOp { scale, bf16: false })
+}
+
+/// [`attention`] with both products on the bf16 dot-product unit where the CPU has one (q, k, v and the
+/// probabilities rounded to bf16, f32 sums and softmax: the bf16 mode's attention, as PyTorch's bf16 models
+/// run it); elsewhere, and for other dtypes, [`attention`]. Its backward is the f32 attention's.
+pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let f32_cpu = [q, k, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !(f32_cpu && super::bf16::attention::available()) {
+        return attention(q, k, v, scale);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3(&k, &v, AttentionOp { scale, bf16: true })
 }
 
 /// The same result from candle ops: the half-precision path and the backward pass's recomputation.
@@ -59,6 +71,8 @@ fn in_query_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize
 
 struct AttentionOp {
     scale: f64,
+    /// The products on the bf16 kernels (f32 operands only, [`super::bf16::attention::available`] checked).
+    bf16: bool,
 }
 
 struct Dims {
@@ -174,6 +188,17 @@ impl CustomOp3 for AttentionOp {
         let name = self.name();
         let ((q0, q1), (k0, k1), (v0, v1)) = (offsets(l1, name)?, offsets(l2, name)?, offsets(l3, name)?);
         let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) if self.bf16 => {
+                let shape = super::bf16::attention::Shape {
+                    heads: s.heads,
+                    queries: s.queries,
+                    keys: s.keys,
+                    d: s.d,
+                    dv: s.dv,
+                };
+                let scale = self.scale as f32;
+                CpuStorage::F32(super::bf16::attention::attention(&q[q0..q1], &k[k0..k1], &v[v0..v1], shape, scale))
+            }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s))
             }

@@ -56,7 +56,16 @@ const LANES: usize = 16;
 /// max, then `e^(x - max)` with their sum, then a multiply by its inverse; reductions over [`LANES`] lanes.
 #[inline(always)]
 fn softmax_row_lanes<T: Real>(row: &mut [T]) {
-    let Some(&first) = row.first() else { return };
+    let inv = T::one() / exp_row_lanes(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `e^(x - max)` in place; returns their sum (one for an empty row).
+#[inline(always)]
+fn exp_row_lanes<T: Real>(row: &mut [T]) -> T {
+    let Some(&first) = row.first() else { return T::one() };
     let mut maxima = [first; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -78,10 +87,20 @@ fn softmax_row_lanes<T: Real>(row: &mut [T]) {
         *v = (*v - max).exp();
         sum += *v;
     }
-    let inv = T::one() / sums.iter().fold(sum, |a, &b| a + b);
-    for v in row.iter_mut() {
-        *v *= inv;
+    sums.iter().fold(sum, |a, &b| a + b)
+}
+
+/// Softmax's numerators in place, `e^(x - max)` for an f32 row, and their sum (one for an empty row): the
+/// bf16 attention scales and rounds them itself.
+pub fn exp_row(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { wide::exp_row_avx512(row) };
+        }
     }
+    exp_row_lanes(row)
 }
 
 /// The f32 row softmax compiled for the widest vector unit the CPU has (the crate itself targets baseline
@@ -91,6 +110,10 @@ mod wide {
     #[target_feature(enable = "avx512f")]
     pub fn softmax_row_avx512(row: &mut [f32]) {
         super::softmax_row_lanes(row)
+    }
+    #[target_feature(enable = "avx512f")]
+    pub fn exp_row_avx512(row: &mut [f32]) -> f32 {
+        super::exp_row_lanes(row)
     }
     #[target_feature(enable = "avx2,fma")]
     pub fn softmax_row_avx2(row: &mut [f32]) {
@@ -193,12 +216,19 @@ pub fn exp_f32(x: f32) -> f32 {
     // Selects rather than `clamp` (NaN rules): they vectorise; a NaN fails both tests and propagates.
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = P.iter().fold(0.0, |acc, &c| acc * r + c);
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((k as i32 + 127) << 23) as u32)
+    // `shifted`'s low mantissa bits hold k (its bits are ROUND's plus k), so `bits + 127` shifted into the
+    // exponent field is 2^k: ROUND's own bits leave through the top. Integer lane operations, where `k as
+    // i32` (a saturating cast with NaN checks) was a scalar conversion per element.
+    er * f32::from_bits(shifted.to_bits().wrapping_add(EXP_BIAS) << 23)
 }
+
+/// The f32 exponent bias.
+const EXP_BIAS: u32 = 127;
 
 /// Abramowitz & Stegun 7.1.26: `erf(x) = sign(x) (1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-x²))`,
 /// `t = 1 / (1 + p|x|)`, absolute error below 1.5e-7 (5e-7 after f32 rounding near |x| = 0.17); branch-free so that loops vectorise (libm's `erff` is a
@@ -248,6 +278,15 @@ mod tests {
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1e30) < 1e-37 && exp_f32(f32::NEG_INFINITY) < 1e-37);
         assert!(exp_f32(f32::NAN).is_nan());
+        // 2^k from the rounding constant's bits is the saturating cast's 2^k, bit for bit, over the whole range.
+        for i in 0..=400_000 {
+            let x = -90.0 + 180.0 * i as f32 / 400_000.0;
+            let c = x.clamp(-87.0, 88.0);
+            let k = (c * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let cast = f32::from_bits(((k as i32 + 127) << 23) as u32);
+            let bits = f32::from_bits((c * std::f32::consts::LOG2_E + 12_582_912.0).to_bits().wrapping_add(127) << 23);
+            assert_eq!(cast.to_bits(), bits.to_bits(), "x {x}");
+        }
     }
 
     /// The lane-wise row softmax (every dispatch path) against the plain formula, rows shorter and longer than

@@ -157,6 +157,91 @@ pub unsafe fn block(a: &[u16], at: Tiles, b: &[u16], k_tiles: usize, sums: &mut 
     }
 }
 
+/// `ROWS` rows x `PANELS` panels of 16 columns of `alpha · a · b`, overwriting `out`: `a` holds bf16 rows of
+/// pairs (row r's pair p at `a + r·a_rs + 2p`), `b` packed panels of `pairs` VNNI rows (`[pair][16 columns][2]`,
+/// panel q at `b + q·b_ps`), and row r of `out` starts at `out + r·out_rs` with 16·`PANELS` f32. Unlike
+/// [`block`], k runs in pairs rather than 32-deep tiles and the column count in single panels, so a head width
+/// of 40 (SD1.5) is 20 pairs and 3 panels, not 64 and 64 (attention's products).
+///
+/// # Safety
+/// The CPU has AVX512-BF16; the pointers address `ROWS` rows of `pairs` pairs, `PANELS` panels of `pairs` x 32
+/// values and `ROWS` output rows of 16·`PANELS` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rows_panels<const PANELS: usize>(
+    a: *const u16,
+    a_rs: usize,
+    b: *const u16,
+    b_ps: usize,
+    pairs: usize,
+    alpha: f32,
+    out: *mut f32,
+    out_rs: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); PANELS]; ROWS];
+    for p in 0..pairs {
+        let mut v = [_mm512_setzero_si512(); PANELS];
+        for (q, v) in v.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(b.add(q * b_ps + p * 2 * TILE).cast());
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let pair = a.add(r * a_rs + 2 * p).cast::<i32>().read_unaligned();
+            let u: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for (acc, &v) in acc.iter_mut().zip(&v) {
+                *acc = _mm512_dpbf16_ps(*acc, u, std::mem::transmute::<__m512i, __m512bh>(v));
+            }
+        }
+    }
+    let alpha = _mm512_set1_ps(alpha);
+    for (r, acc) in acc.iter().enumerate() {
+        for (q, &acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * out_rs + q * TILE), _mm512_mul_ps(acc, alpha));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rows_panels<const PANELS: usize>(
+    _: *const u16,
+    _: usize,
+    _: *const u16,
+    _: usize,
+    _: usize,
+    _: f32,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
+/// `src · scale` rounded to nearest-even bf16 bits into `dst` (16 per instruction; the rest one by one).
+///
+/// # Safety
+/// The CPU has AVX512-BF16 ([`available`]); `dst` holds `src.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn scale_round(src: &[f32], scale: f32, dst: &mut [u16]) {
+    assert!(dst.len() >= src.len());
+    let s = _mm512_set1_ps(scale);
+    let mut chunks = src.chunks_exact(16);
+    let mut i = 0;
+    for c in &mut chunks {
+        let v = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), s));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), std::mem::transmute::<__m256bh, __m256i>(v));
+        i += 16;
+    }
+    for (d, &x) in dst[i..].iter_mut().zip(chunks.remainder()) {
+        *d = half::bf16::from_f32(x * scale).to_bits();
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn scale_round(_: &[f32], _: f32, _: &mut [u16]) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 pub unsafe fn block(_: &[u16], _: Tiles, _: &[u16], _: usize, _: &mut [f32; BLOCK * BLOCK]) {
     unreachable!("no AVX512-BF16 off x86-64")

@@ -15,6 +15,7 @@
 //! zero-padded to even tile counts, so that every microkernel call computes a full 32x32 block of f32 sums
 //! with k in 32-wide steps (zeros add nothing). f32 inputs are rounded to nearest-even bf16 while packing.
 pub mod amx;
+pub mod attention;
 pub mod autocast;
 pub mod avx512;
 
