@@ -104,6 +104,59 @@ impl Conv2dParams {
         });
     }
 
+    /// [`Self::gather`] for the bf16 kernels: the patches rounded straight into their packed right-operand
+    /// layout (`[pixel tile][patch tile][16 pairs of patch rows][16 pixels][2]`, see `ops::bf16`), so no f32
+    /// patch matrix is written and read back. For stride 1 and output rows of whole tiles (`ow % 16 == 0`):
+    /// each tile's 16 pixels lie in one output row, so each patch row's are one run of an input row, read
+    /// under a lane mask where the window hangs over the padding. `packed` holds `packed_len(patch, n)`.
+    fn gather_packed(&self, input: &[f32], packed: &mut [u16], d: &Dims, row0: usize, rows: usize) {
+        use super::bf16::{avx512, TILE, TILE_K};
+        assert!(self.stride == 1 && d.ow.is_multiple_of(TILE) && input.len() >= d.c * d.h * d.w);
+        let (n, patch, window) = (rows * d.ow, d.patch(), d.kh * d.kw);
+        let k_tiles = patch.div_ceil(TILE_K);
+        let (pad, w) = (self.padding as isize, d.w as isize);
+        // Per patch row (c, ky, kx): its input offset from the window's top-left pixel, and that pixel's
+        // distance from the window's (dy, dx); rows past the patch (the last k tile's padding) never see input.
+        let offsets: Vec<(isize, isize, isize)> = (0..k_tiles * TILE_K)
+            .map(|pk| {
+                if pk >= patch {
+                    return (0, isize::MIN / 2, 0);
+                }
+                let (c, ky, kx) = (pk / window, ((pk % window) / d.kw) as isize, (pk % d.kw) as isize);
+                ((c * d.h * d.w) as isize + (ky - pad) * w + kx - pad, ky - pad, kx - pad)
+            })
+            .collect();
+        packed.par_chunks_mut(k_tiles * TILE * TILE_K).enumerate().for_each(|(t, panel)| {
+            let first = t * TILE;
+            if first >= n {
+                panel.fill(0); // a padding tile (even tile counts)
+                return;
+            }
+            let (oy, ox0) = ((row0 + first / d.ow) as isize, (first % d.ow) as isize);
+            let corner = oy * w + ox0;
+            // Per patch row of a k tile: where its 16 pixels' values start in `input`, and which lanes are real.
+            let mut runs = [(input.as_ptr(), 0u16); 2 * TILE];
+            for (tile, kt_offsets) in panel.chunks_exact_mut(TILE * TILE_K).zip(offsets.chunks_exact(TILE_K)) {
+                for (run, &(offset, dy, dx)) in runs.iter_mut().zip(kt_offsets) {
+                    let y = oy + dy;
+                    // Lanes l with 0 <= x0 + l < w see the input.
+                    let x0 = ox0 + dx;
+                    let (lo, hi) = ((-x0).clamp(0, TILE as isize) as u32, (w - x0).clamp(0, TILE as isize) as u32);
+                    *run = if y < 0 || y >= d.h as isize || lo >= hi {
+                        (input.as_ptr(), 0)
+                    } else {
+                        let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
+                        (input.as_ptr().wrapping_offset(offset + corner), mask as u16)
+                    };
+                }
+                // SAFETY: AVX512-BF16 is present (the caller checked `packing_available`); each run's masked
+                // lanes address pixels x0 + l in 0..w of row y in 0..h of channel c < C, inside `input`
+                // (asserted above); `tile` is a whole tile.
+                unsafe { avx512::round_interleave_masked_tile(&runs, tile) };
+            }
+        });
+    }
+
     /// The inverse of [`Self::gather`] (col2im): adds each entry of `cols` (laid out as `gather` fills it for
     /// output rows `row0..row0 + rows`) onto the input pixel it was copied from, dropping the padding's.
     fn scatter_add<T: WithDType>(&self, cols: &[T], grad_in: &mut [T], d: &Dims, row0: usize, rows: usize) {
@@ -291,7 +344,9 @@ fn matmul<T: WithDType>(
 impl Conv2dOp {
     /// The forward pass with `product(n, dst, rhs)` computing `dst (O, n; rows hw apart) += weights (O, patch)
     /// x rhs (patch, n)`: gemm for f32/f64 weights, the bf16 kernels for bf16 ones.
-    fn forward<T, P>(&self, x: &[T], bias: &[T], d: &Dims, product: P) -> Result<Vec<T>>
+    /// The convolution, band by band: `product(n, dst, rhs)` writes the band's `n` output columns of every
+    /// channel, onto the bias already in `dst` when `bias` is given (else it adds the bias itself).
+    fn forward<T, P>(&self, x: &[T], bias: Option<&[T]>, d: &Dims, product: P) -> Result<Vec<T>>
     where
         T: WithDType,
         P: Fn(usize, &mut [T], &[T]) -> Result<()>,
@@ -299,11 +354,13 @@ impl Conv2dOp {
         let p = self.p;
         let hw = d.oh * d.ow;
         let patch = d.patch();
-        // Every element is set to its bias here, then the product accumulates onto it.
+        // Every element is set to its bias here, or by the product, which writes every output column once.
         let mut out = super::unfilled::<T>(d.b * d.o * hw);
-        // Bias first: the product then accumulates onto it (no separate pass over the output).
-        for (plane, &bias) in out.chunks_mut(hw).zip(bias.iter().cycle()) {
-            plane.fill(bias);
+        if let Some(bias) = bias {
+            // Bias first: the product then accumulates onto it (no separate pass over the output).
+            for (plane, &bias) in out.chunks_mut(hw).zip(bias.iter().cycle()) {
+                plane.fill(bias);
+            }
         }
         let pointwise = p.pointwise(d);
         let band_rows = Conv2dParams::band_rows(d);
@@ -331,7 +388,7 @@ impl Conv2dOp {
     /// f32/f64 weights: gemm.
     fn forward_gemm<T: WithDType>(&self, x: &[T], k: &[T], bias: &[T], d: &Dims) -> Result<Vec<T>> {
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.forward(x, bias, d, |n, dst, rhs| {
+        self.forward(x, Some(bias), d, |n, dst, rhs| {
             matmul(d.o, n, patch, dst, (hw, 1), true, Mat::rows(k, patch), Mat::rows(rhs, n))
         })
     }
@@ -339,12 +396,46 @@ impl Conv2dOp {
     /// bf16 weights (or f32 ones under autocast), f32 activations (rounded to bf16 as the products read them),
     /// f32 sums.
     fn forward_bf16(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
-        use super::bf16::{matmul as bf16_matmul, Operand};
+        use super::bf16::{matmul_row_bias, Operand};
+        let whole_tiles = !self.p.pointwise(d) && self.p.stride == 1 && d.ow.is_multiple_of(super::bf16::TILE);
+        if whole_tiles && super::bf16::packing_available() {
+            return self.forward_packed(x, k, bias, d);
+        }
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.forward(x, bias, d, |n, dst, rhs| {
+        // The bias is added as the sums are stored (no fill of the output and read-back).
+        self.forward(x, None, d, |n, dst, rhs| {
             let (lhs, rhs) = (Operand::new(k, patch, 1), Operand::new(Values::F32(rhs), n, 1));
-            bf16_matmul(d.o, n, patch, lhs, rhs, dst, (hw, 1), true)
+            matmul_row_bias(d.o, n, patch, lhs, rhs, dst, (hw, 1), bias)
         })
+    }
+}
+
+impl Conv2dOp {
+    /// [`Self::forward_bf16`] with the patches gathered straight into the kernels' packed layout
+    /// ([`Conv2dParams::gather_packed`]): stride 1, output rows of whole tiles, AVX512-BF16.
+    fn forward_packed(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
+        use super::bf16::{matmul_packed_row_bias, packed_len, Operand};
+        let (hw, patch) = (d.oh * d.ow, d.patch());
+        // The product writes every output element once, bias included.
+        let mut out = super::unfilled::<f32>(d.b * d.o * hw);
+        let band_rows = Conv2dParams::band_rows(d);
+        // `gather_packed` writes every value of a band's packed patches, padding included.
+        let mut packed = super::unfilled::<half::bf16>(packed_len(patch, band_rows * d.ow));
+        // SAFETY: bf16 is a transparent 16-bit value; the buffer is reinterpreted, not copied.
+        let packed: &mut [u16] = unsafe { std::slice::from_raw_parts_mut(packed.as_mut_ptr().cast(), packed.len()) };
+        for item in 0..d.b {
+            let input = &x[item * d.c * d.h * d.w..(item + 1) * d.c * d.h * d.w];
+            let output = &mut out[item * d.o * hw..(item + 1) * d.o * hw];
+            for row0 in (0..d.oh).step_by(band_rows) {
+                let rows = band_rows.min(d.oh - row0);
+                let n = rows * d.ow;
+                let band = &mut packed[..packed_len(patch, n)];
+                self.p.gather_packed(input, band, d, row0, rows);
+                let lhs = Operand::new(k, patch, 1);
+                matmul_packed_row_bias(d.o, n, patch, lhs, band, &mut output[row0 * d.ow..], (hw, 1), bias)?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -709,7 +800,7 @@ mod tests {
             Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap().clamp(-4f32, 4f32).unwrap()
         };
         let rand = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &dev).unwrap();
-        for (c, o, k, stride, padding, h, w) in SHAPES {
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain(PACKED_SHAPES.into_iter().take(4)) {
             let p = Conv2dParams { padding, stride };
             let case = format!("{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
             for exact in [true, false] {
@@ -796,7 +887,8 @@ mod tests {
             let t = Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap();
             t.clamp(-4f32, 4f32).unwrap()
         };
-        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]) {
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]).chain(PACKED_SHAPES)
+        {
             let (x, kernel, bias) = (ints(&[2, c, h, w]), ints(&[o, c, k, k]), ints(&[o]));
             let p = Conv2dParams { padding, stride };
             let ours = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
@@ -818,6 +910,45 @@ mod tests {
             let diff = max_diff(grads.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap());
             assert_eq!(diff, 0.0, "input gradient {c}->{o} k{k} s{stride} p{padding} {h}x{w}");
             assert!(grads.get(&kernel16).is_none());
+        }
+    }
+
+    /// Shapes whose bf16 patches are gathered straight into the packed layout (stride 1, output rows of whole
+    /// tiles): padding 1 and 0, a 5x5 window, patches shorter than one k tile, and several bands.
+    const PACKED_SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 5] = [
+        (32, 64, 3, 1, 1, 9, 16),
+        (3, 5, 3, 1, 1, 7, 32),
+        (5, 4, 3, 1, 0, 6, 18),
+        (3, 2, 5, 1, 2, 6, 16),
+        (256, 8, 3, 1, 1, 70, 64),
+    ];
+
+    /// The packed gather gives the bits `pack_b` makes of the f32 gather's patch matrix, on random values (so
+    /// the rounding is exercised), for every band of [`PACKED_SHAPES`].
+    #[test]
+    fn packed_gather_is_the_packed_patch_matrix() {
+        use crate::model::ops::bf16::{pack_b, packed_len, packing_available, Operand};
+        if !packing_available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        for (c, o, k, stride, padding, h, w) in PACKED_SHAPES {
+            let p = Conv2dParams { padding, stride };
+            let (oh, ow) = (p.out_size(h, k).unwrap(), p.out_size(w, k).unwrap());
+            let d = Dims { b: 1, c, h, w, o, kh: k, kw: k, oh, ow };
+            let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0137).collect();
+            let band_rows = Conv2dParams::band_rows(&d);
+            assert!(band_rows < oh || (c, h) != (256, 70), "the large shape must span several bands");
+            for row0 in (0..oh).step_by(band_rows) {
+                let rows = band_rows.min(oh - row0);
+                let (n, patch) = (rows * ow, d.patch());
+                let mut cols = vec![0f32; patch * n];
+                p.gather(&x, &mut cols, &d, row0, rows);
+                let want = pack_b(Operand::new(Values::F32(&cols), n, 1), patch, n, true);
+                let mut ours = vec![7u16; packed_len(patch, n)];
+                p.gather_packed(&x, &mut ours, &d, row0, rows);
+                assert!(ours == want, "{c}->{o} k{k} p{padding} {h}x{w}, rows {row0}+{rows}");
+            }
         }
     }
 

@@ -19,6 +19,10 @@ pub trait Real: WithDType {
     fn gate_row(o: &mut [Self], a: &[Self], g: &[Self]) {
         gate_row_plain(o, a, g)
     }
+    /// Group norm's output with SiLU on one run: `o = silu(x · scale + shift)`, SiLU being `z / (1 + e^-z)`.
+    fn silu_affine_row(o: &mut [Self], xs: &[Self], scale: Self, shift: Self) {
+        silu_affine_plain(o, xs, scale, shift)
+    }
     /// The gate's backward on one row: `da = grad · gelu(g)`, `dg = grad · a · (Φ(g) + g φ(g))`.
     fn gate_grad_row(da: &mut [Self], dg: &mut [Self], a: &[Self], g: &[Self], grad: &[Self]) {
         gate_grad_row_plain(da, dg, a, g, grad)
@@ -34,6 +38,14 @@ fn gate_grad_row_plain<T: Real>(da: &mut [T], dg: &mut [T], a: &[T], g: &[T], gr
         let pdf = (minus_half * g * g).exp() * inv_sqrt_2pi;
         *da = grad * g * cdf;
         *dg = grad * a * (cdf + g * pdf);
+    }
+}
+
+#[inline(always)]
+fn silu_affine_plain<T: Real>(o: &mut [T], xs: &[T], scale: T, shift: T) {
+    for (o, &x) in o.iter_mut().zip(xs) {
+        let z = x * scale + shift;
+        *o = z / (T::one() + (T::zero() - z).exp());
     }
 }
 
@@ -112,6 +124,14 @@ mod wide {
         super::softmax_row_lanes(row)
     }
     #[target_feature(enable = "avx512f")]
+    pub fn silu_affine_row_avx512(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
+        super::silu_affine_plain(o, xs, scale, shift)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn silu_affine_row_avx2(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
+        super::silu_affine_plain(o, xs, scale, shift)
+    }
+    #[target_feature(enable = "avx512f")]
     pub fn exp_row_avx512(row: &mut [f32]) -> f32 {
         super::exp_row_lanes(row)
     }
@@ -159,6 +179,20 @@ impl Real for f32 {
             }
         }
         gate_grad_row_plain(da, dg, a, g, grad)
+    }
+    fn silu_affine_row(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { wide::silu_affine_row_avx512(o, xs, scale, shift) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { wide::silu_affine_row_avx2(o, xs, scale, shift) };
+            }
+        }
+        silu_affine_plain(o, xs, scale, shift)
     }
     fn softmax_row(row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -286,6 +320,22 @@ mod tests {
             let cast = f32::from_bits(((k as i32 + 127) << 23) as u32);
             let bits = f32::from_bits((c * std::f32::consts::LOG2_E + 12_582_912.0).to_bits().wrapping_add(127) << 23);
             assert_eq!(cast.to_bits(), bits.to_bits(), "x {x}");
+        }
+    }
+
+    /// The vectorised SiLU affine (whatever the CPU dispatches to) gives the plain loop's bits: the same f32
+    /// operations, lane by lane.
+    #[test]
+    fn silu_affine_row_is_the_plain_loop() {
+        let xs: Vec<f32> = (0..1037).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.05).collect();
+        let (mut fast, mut plain) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        f32::silu_affine_row(&mut fast, &xs, 1.7, -0.3);
+        silu_affine_plain(&mut plain, &xs, 1.7, -0.3);
+        assert!(fast.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()));
+        for (&x, &o) in xs.iter().zip(&plain) {
+            let z = x as f64 * 1.7 - 0.3;
+            let want = z / (1.0 + (-z).exp());
+            assert!((o as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "silu({z}) = {o}, want {want}");
         }
     }
 

@@ -26,10 +26,7 @@ fn moments<T: Real>(xs: &[T], eps: f64) -> (f64, f64) {
 #[inline(always)]
 fn affine<T: Real>(out: &mut [T], xs: &[T], scale: T, shift: T, silu: bool) {
     if silu {
-        for (o, &x) in out.iter_mut().zip(xs) {
-            let z = x * scale + shift;
-            *o = z / (T::one() + (T::zero() - z).exp());
-        }
+        T::silu_affine_row(out, xs, scale, shift);
     } else {
         for (o, &x) in out.iter_mut().zip(xs) {
             *o = x * scale + shift;

@@ -75,6 +75,35 @@ pub unsafe fn round_interleave_tile(src: &[f32], start: usize, rs: usize, dst: &
     }
 }
 
+/// A whole packed right-hand tile from 32 runs of 16 f32: pair `p` interleaves runs `2p` and `2p + 1` (as
+/// [`round_interleave_tile`]), each read under its lane mask; masked-off lanes are zero and not read (a
+/// convolution window's padding: AVX-512's masked loads do not touch them).
+///
+/// # Safety
+/// The CPU has AVX512-BF16 ([`available`]); for every run, the lanes set in its mask are readable f32 at
+/// `pointer + lane`; `dst` holds a whole tile (`TILE_ELEMS` values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+pub unsafe fn round_interleave_masked_tile(runs: &[(*const f32, u16); 2 * TILE], dst: &mut [u16]) {
+    assert!(dst.len() >= TILE_ELEMS);
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    let out = dst.as_mut_ptr();
+    for p in 0..TILE {
+        let ((p0, m0), (p1, m1)) = (runs[2 * p], runs[2 * p + 1]);
+        let v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, p1), _mm512_maskz_loadu_ps(m0, p0));
+        let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v));
+        _mm512_storeu_si512(out.add(p * 2 * TILE).cast(), v);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn round_interleave_masked_tile(_: &[(*const f32, u16); 2 * TILE], _: &mut [u16]) {
+    unreachable!("no AVX512-BF16 off x86-64")
+}
+
 /// One row of a packed left-hand panel: `tiles` runs of 32 f32 from `src` rounded to bf16 into `dst` at
 /// `offset`, `offset + TILE_ELEMS`, ... (one call per row instead of one per row and tile).
 ///

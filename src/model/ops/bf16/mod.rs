@@ -373,6 +373,64 @@ pub fn matmul(
     matmul_with(Kernel::detect(), m, n, k, a, b, c, c_strides, accumulate)
 }
 
+/// `c = a x b + bias`, `bias[i]` added to every element of row `i` as the sums are stored: a convolution's
+/// product with its bias, without setting `c` to the bias first and reading it back.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_row_bias(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    c_strides: (usize, usize),
+    bias: &[f32],
+) -> Result<()> {
+    if bias.len() != m {
+        candle_core::bail!("bf16 matmul: {} biases for {m} rows", bias.len())
+    }
+    product(Kernel::detect(), m, n, k, a, Right::Values(b), c, c_strides, Store::RowBias(bias))
+}
+
+/// [`matmul_row_bias`] with the right operand already packed (`packed`: [`packed_len`]`(k, n)` values in the
+/// layout [`pack_b`] makes; a convolution gathers its patches straight into it). Needs a native kernel
+/// ([`packing_available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_packed_row_bias(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    packed: &[u16],
+    c: &mut [f32],
+    c_strides: (usize, usize),
+    bias: &[f32],
+) -> Result<()> {
+    if bias.len() != m {
+        candle_core::bail!("bf16 matmul: {} biases for {m} rows", bias.len())
+    }
+    product(Kernel::detect(), m, n, k, a, Right::Packed(packed), c, c_strides, Store::RowBias(bias))
+}
+
+/// Whether right operands can be packed ahead of a product: a native kernel runs, and the CPU has the
+/// AVX512-BF16 instructions the packers use.
+pub fn packing_available() -> bool {
+    Kernel::detect().native() && avx512::available()
+}
+
+/// Values in a packed right operand of (k, n): `[n tile][k tile][16 pairs of k][16 columns][2 bf16]`, tile
+/// counts even.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    tiles(n, TILE) * k.div_ceil(TILE_K) * TILE_ELEMS
+}
+
+/// A product's right operand: values (packed by the product), or already packed.
+#[derive(Clone, Copy)]
+enum Right<'a> {
+    Values(Operand<'a>),
+    Packed(&'a [u16]),
+}
+
 /// [`matmul`] with a chosen kernel (one the CPU runs: see [`Kernel::available`]).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with(
@@ -383,24 +441,75 @@ pub fn matmul_with(
     a: Operand,
     b: Operand,
     c: &mut [f32],
-    (c_rs, c_cs): (usize, usize),
+    c_strides: (usize, usize),
     accumulate: bool,
 ) -> Result<()> {
-    if !(spans(c.len(), m, n, c_rs, c_cs)
-        && spans(a.values.len(), m, k, a.rs, a.cs)
-        && spans(b.values.len(), k, n, b.rs, b.cs))
-    {
+    let store = if accumulate { Store::Accumulate } else { Store::Overwrite };
+    product(kernel, m, n, k, a, Right::Values(b), c, c_strides, store)
+}
+
+/// How the sums reach the output.
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Overwrite,
+    Accumulate,
+    /// Overwrite with the sums plus the row's bias.
+    RowBias(&'a [f32]),
+}
+
+impl Store<'_> {
+    /// Stores `sums`, which belong to output row `row` (or to one column of `rows` rows from `row` on, for a
+    /// column-major output: then `per_row` is true).
+    #[inline(always)]
+    fn run(self, dst: &mut [f32], sums: &[f32], row: usize, per_row: bool) {
+        match self {
+            Store::Overwrite => dst.copy_from_slice(&sums[..dst.len()]),
+            Store::Accumulate => dst.iter_mut().zip(sums).for_each(|(d, s)| *d += s),
+            Store::RowBias(bias) if per_row => {
+                let bias = &bias[row..row + dst.len()];
+                dst.iter_mut().zip(sums).zip(bias).for_each(|((d, s), b)| *d = s + b);
+            }
+            Store::RowBias(bias) => {
+                let b = bias[row];
+                dst.iter_mut().zip(sums).for_each(|(d, s)| *d = s + b);
+            }
+        }
+    }
+}
+
+/// [`matmul_with`], storing as `store` says.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Right,
+    c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
+    store: Store,
+) -> Result<()> {
+    let accumulate = matches!(store, Store::Accumulate);
+    let b_fits = match b {
+        Right::Values(b) => spans(b.values.len(), k, n, b.rs, b.cs),
+        Right::Packed(p) => p.len() >= packed_len(k, n),
+    };
+    if !(spans(c.len(), m, n, c_rs, c_cs) && spans(a.values.len(), m, k, a.rs, a.cs) && b_fits) {
         candle_core::bail!("bf16 matmul: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c[i * c_rs + j * c_cs] = 0.;
-                }
+        for i in 0..m {
+            for j in 0..n {
+                let c = &mut c[i * c_rs + j * c_cs];
+                *c = match store {
+                    Store::Overwrite => 0.,
+                    Store::Accumulate => *c,
+                    Store::RowBias(bias) => bias[i],
+                };
             }
         }
         return Ok(());
@@ -409,7 +518,18 @@ pub fn matmul_with(
         candle_core::bail!("bf16 matmul: this CPU cannot run the {} kernel", kernel.name())
     }
     if kernel == Kernel::Widen {
-        return widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate);
+        let Right::Values(b) = b else {
+            candle_core::bail!("bf16 matmul: the widening kernel reads no packed operand")
+        };
+        widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate)?;
+        if let Store::RowBias(bias) = store {
+            for (i, &b) in bias.iter().enumerate() {
+                for j in 0..n {
+                    c[i * c_rs + j * c_cs] += b;
+                }
+            }
+        }
+        return Ok(());
     }
     let vector = avx512::available();
     // A bf16 left operand with whole tiles (the weights of most layers) is read where it lies, with its row
@@ -424,7 +544,14 @@ pub fn matmul_with(
         Some(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) },
         None => &packed_a,
     };
-    let packed_b = pack_b(b, k, n, vector);
+    let packed_values;
+    let packed_b: &[u16] = match b {
+        Right::Values(b) => {
+            packed_values = pack_b(b, k, n, vector);
+            &packed_values
+        }
+        Right::Packed(p) => p,
+    };
     let (m_tiles, n_tiles, k_tiles) = (tiles(m, TILE), tiles(n, TILE), k.div_ceil(TILE_K));
     let (m_blocks, n_blocks) = (m_tiles / 2, n_tiles / 2);
     // Tasks: `side` x `side` blocks, whose packed panels (2 * side panels of k_tiles KiB) stay in the core's
@@ -466,11 +593,7 @@ pub fn matmul_with(
                             // SAFETY: the column's `rows` elements lie inside the checked (m, n) matrix, and
                             // no other task writes this block.
                             let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), rows) };
-                            if accumulate {
-                                dst.iter_mut().zip(column).for_each(|(d, s)| *d += s);
-                            } else {
-                                dst.copy_from_slice(&column[..rows]);
-                            }
+                            store.run(dst, column, i0, true);
                         }
                         continue;
                     }
@@ -481,18 +604,14 @@ pub fn matmul_with(
                             // SAFETY: the row's `cols` elements lie inside the checked (m, n) matrix, and no
                             // other task writes this block.
                             let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
-                            if accumulate {
-                                dst.iter_mut().zip(row_sums).for_each(|(d, s)| *d += s);
-                            } else {
-                                dst.copy_from_slice(row_sums);
-                            }
+                            store.run(dst, row_sums, i0 + r, false);
                             continue;
                         }
                         for (col, &v) in row_sums.iter().enumerate() {
                             // SAFETY: as above, one element at a time.
                             unsafe {
-                                let p = out.at(start + col * c_cs);
-                                *p = if accumulate { *p + v } else { v };
+                                let p = std::slice::from_raw_parts_mut(out.at(start + col * c_cs), 1);
+                                store.run(p, &[v], i0 + r, false);
                             }
                         }
                     }
@@ -636,7 +755,7 @@ fn pack_a(a: Operand, m: usize, k: usize, vector: bool) -> Vec<u16> {
 }
 
 /// `b` (k, n) packed as `[n tile][k tile][16 pairs of k][16 columns][2 bf16]`, tiles padded to an even count.
-fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
+pub(crate) fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
     let (n_tiles, k_tiles) = (tiles(n, TILE), k.div_ceil(TILE_K));
     let mut packed = vec![0u16; n_tiles * k_tiles * TILE_ELEMS];
     packed.par_chunks_mut(k_tiles * TILE_ELEMS).enumerate().for_each(|(nt, panel)| {
@@ -832,6 +951,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A row bias stored with the sums (convolutions): the product plus `bias[i]` on row i, whatever the output
+    /// held, row- and column-major, on every kernel and for k = 0.
+    #[test]
+    fn row_bias_is_added_as_the_sums_are_stored() {
+        for kernel in Kernel::available() {
+            for (m, n, k) in [(17, 33, 31), (64, 40, 96), (3, 5, 0)] {
+                let (a, b, bias) = (integers(m * k, 1), integers(k * n, 2), integers(m, 6));
+                let want = reference(m, n, k, &a, (k, 1), &b, (n, 1));
+                let (a_op, b_op) = (Operand::new(Values::F32(&a), k, 1), Operand::new(Values::F32(&b), n, 1));
+                for (rs, cs) in [(n, 1), (1, m)] {
+                    let mut c = vec![f32::NAN; m * n];
+                    let b_op = Right::Values(b_op);
+                    product(kernel, m, n, k, a_op, b_op, &mut c, (rs, cs), Store::RowBias(&bias)).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            assert_eq!(
+                                c[i * rs + j * cs],
+                                want[i * n + j] + bias[i],
+                                "{kernel:?} {m}x{n}x{k} {rs},{cs}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let op = Operand::new(Values::F32(&[0.; 4]), 2, 1);
+        let err = matmul_row_bias(2, 2, 2, op, op, &mut [0.; 4], (2, 1), &[1.]).unwrap_err().to_string();
+        assert!(err.contains("1 biases for 2 rows"), "{err}");
     }
 
     /// f32 inputs are rounded to nearest-even bf16 (what `bf16::from_f32` does), by the vector packers too.
