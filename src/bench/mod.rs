@@ -282,7 +282,12 @@ pub fn cpu_model() -> String {
 pub fn kernels_used(dtype: DType) -> String {
     match dtype {
         DType::BF16 => {
-            format!("bf16 {} (f32 sums, attention and f32 ops on gemm {})", Kernel::detect().name(), vector_unit())
+            let attention = if crate::model::ops::bf16::attention::available() {
+                "attention on avx512bf16"
+            } else {
+                "attention on f32 gemm"
+            };
+            format!("bf16 {} (f32 sums; {attention}; f32 ops {})", Kernel::detect().name(), vector_unit())
         }
         DType::F16 => "f16 candle ops".into(),
         _ => format!("f32 gemm {}", vector_unit()),
@@ -546,6 +551,7 @@ mod tests {
         assert!(kernels_used(DType::F32).starts_with("f32 gemm"));
         let bf16 = kernels_used(DType::BF16);
         assert!(bf16.starts_with(&format!("bf16 {}", Kernel::detect().name())), "{bf16}");
+        assert!(bf16.contains("attention on"), "{bf16}");
         let run = RunInfo::start(Preset::Sd15, 4, 2, 1).with_dtype(DType::BF16);
         assert_eq!((run.dtype.as_str(), run.kernels.as_str()), ("bf16", bf16.as_str()));
     }
