@@ -113,7 +113,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f
                     // SAFETY: rows r0..r0+8 of q_bits (n_pad <= rows) hold d_pairs pairs; panels first..first+count
                     // of k_h hold d_pairs pairs each; the score rows hold key_panels panels; AVX512-BF16 checked.
                     unsafe {
-                        product(
+                        panel_product(
                             count,
                             (q_bits[r0 * q_rs..].as_ptr(), q_rs),
                             (k_h[first * k_panel..].as_ptr(), k_panel),
@@ -137,7 +137,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f
                 for (first, count) in panel_groups(dv_panels) {
                     // SAFETY: as in 2., with key_pairs pairs per probability row and value panel.
                     unsafe {
-                        product(
+                        panel_product(
                             count,
                             (probs[r0 * p_rs..].as_ptr(), p_rs),
                             (v_h[first * v_panel..].as_ptr(), v_panel),
@@ -160,7 +160,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f
 ///
 /// # Safety
 /// As [`avx512::rows_panels`].
-unsafe fn product(
+unsafe fn panel_product(
     count: usize,
     (a, a_rs): (*const u16, usize),
     (b, b_ps): (*const u16, usize),
