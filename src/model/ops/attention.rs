@@ -75,12 +75,16 @@ struct AttentionOp {
     bf16: bool,
 }
 
-struct Dims {
-    heads: usize,
-    queries: usize,
-    keys: usize,
-    d: usize,
-    dv: usize,
+/// The sizes of one attention call (the f32 and the bf16 kernels).
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub heads: usize,
+    pub queries: usize,
+    pub keys: usize,
+    /// Width of a query and key.
+    pub d: usize,
+    /// Width of a value.
+    pub dv: usize,
 }
 
 impl AttentionOp {
@@ -189,15 +193,8 @@ impl CustomOp3 for AttentionOp {
         let ((q0, q1), (k0, k1), (v0, v1)) = (offsets(l1, name)?, offsets(l2, name)?, offsets(l3, name)?);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) if self.bf16 => {
-                let shape = super::bf16::attention::Shape {
-                    heads: s.heads,
-                    queries: s.queries,
-                    keys: s.keys,
-                    d: s.d,
-                    dv: s.dv,
-                };
                 let scale = self.scale as f32;
-                CpuStorage::F32(super::bf16::attention::attention(&q[q0..q1], &k[k0..k1], &v[v0..v1], shape, scale))
+                CpuStorage::F32(super::bf16::attention::attention(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s, scale))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s))

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::avx512;
 use super::TILE;
+use crate::model::ops::attention::Dims;
 
 /// Rows each kernel call computes (its register block).
 const ROWS: usize = 8;
@@ -33,21 +34,9 @@ pub fn available() -> bool {
     avx512::available() && super::Kernel::detect() != super::Kernel::Widen
 }
 
-/// The sizes of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct Shape {
-    pub heads: usize,
-    pub queries: usize,
-    pub keys: usize,
-    /// Width of a query and key.
-    pub d: usize,
-    /// Width of a value.
-    pub dv: usize,
-}
-
 /// `softmax(q kᵀ · scale) v` for contiguous f32 `q` (heads, queries, d), `k` (heads, keys, d) and `v` (heads,
 /// keys, dv) → (heads, queries, dv), on all threads. Needs [`available`].
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f32> {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &Dims, scale: f32) -> Vec<f32> {
     assert!(available(), "bf16 attention: the CPU has no AVX512-BF16");
     assert!(
         q.len() == s.heads * s.queries * s.d && k.len() == s.heads * s.keys * s.d && v.len() == s.heads * s.keys * s.dv,
@@ -208,7 +197,7 @@ mod tests {
 
     /// f64 attention of the operands as the bf16 path sees them when `rounded` (q, k, v rounded; the
     /// probabilities rounded after the softmax), or of the exact f32 values.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32, rounded: bool) -> Vec<f64> {
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: &Dims, scale: f32, rounded: bool) -> Vec<f64> {
         let r = |x: f32| if rounded { bf16::from_f32(x).to_f64() } else { x as f64 };
         let mut out = vec![0f64; s.heads * s.queries * s.dv];
         for h in 0..s.heads {
@@ -255,7 +244,7 @@ mod tests {
         for (heads, queries, keys, d, dv) in
             [(2, 37, 53, 40, 40), (3, 16, 77, 40, 40), (1, 1, 5, 8, 8), (2, 20, 33, 7, 9), (1, 24, 40, 160, 80)]
         {
-            let s = Shape { heads, queries, keys, d, dv };
+            let s = &Dims { heads, queries, keys, d, dv };
             let a = 3.0 / (d as f32 / 8.0).sqrt().max(1.0);
             let (q, k) = (values(heads * queries * d, 0, 101, a), values(heads * keys * d, 5, 97, a));
             let v = values(heads * keys * dv, 11, 89, 3.0);
