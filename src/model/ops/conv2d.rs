@@ -149,7 +149,7 @@ impl Conv2dParams {
                         (input.as_ptr().wrapping_offset(offset + corner), mask as u16)
                     };
                 }
-                // SAFETY: AVX512-BF16 is present (the caller checked `packing_available`); each run's masked
+                // SAFETY: AVX512-BF16 is present (the caller checked `avx512_paths`); each run's masked
                 // lanes address pixels x0 + l in 0..w of row y in 0..h of channel c < C, inside `input`
                 // (asserted above); `tile` is a whole tile.
                 unsafe { avx512::round_interleave_masked_tile(&runs, tile) };
@@ -396,25 +396,23 @@ impl Conv2dOp {
     /// bf16 weights (or f32 ones under autocast), f32 activations (rounded to bf16 as the products read them),
     /// f32 sums.
     fn forward_bf16(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
-        use super::bf16::{matmul_row_bias, Operand};
+        use super::bf16::{matmul_row_bias, Operand, Right};
         let whole_tiles = !self.p.pointwise(d) && self.p.stride == 1 && d.ow.is_multiple_of(super::bf16::TILE);
-        if whole_tiles && super::bf16::packing_available() {
+        if whole_tiles && super::bf16::avx512_paths() {
             return self.forward_packed(x, k, bias, d);
         }
         let (hw, patch) = (d.oh * d.ow, d.patch());
         // The bias is added as the sums are stored (no fill of the output and read-back).
         self.forward(x, None, d, |n, dst, rhs| {
-            let (lhs, rhs) = (Operand::new(k, patch, 1), Operand::new(Values::F32(rhs), n, 1));
+            let (lhs, rhs) = (Operand::new(k, patch, 1), Right::Values(Operand::new(Values::F32(rhs), n, 1)));
             matmul_row_bias(d.o, n, patch, lhs, rhs, dst, (hw, 1), bias)
         })
     }
-}
 
-impl Conv2dOp {
     /// [`Self::forward_bf16`] with the patches gathered straight into the kernels' packed layout
     /// ([`Conv2dParams::gather_packed`]): stride 1, output rows of whole tiles, AVX512-BF16.
     fn forward_packed(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
-        use super::bf16::{matmul_packed_row_bias, packed_len, Operand};
+        use super::bf16::{matmul_row_bias, packed_len, Operand, Right};
         let (hw, patch) = (d.oh * d.ow, d.patch());
         // The product writes every output element once, bias included.
         let mut out = super::unfilled::<f32>(d.b * d.o * hw);
@@ -431,8 +429,8 @@ impl Conv2dOp {
                 let n = rows * d.ow;
                 let band = &mut packed[..packed_len(patch, n)];
                 self.p.gather_packed(input, band, d, row0, rows);
-                let lhs = Operand::new(k, patch, 1);
-                matmul_packed_row_bias(d.o, n, patch, lhs, band, &mut output[row0 * d.ow..], (hw, 1), bias)?;
+                let (lhs, rhs) = (Operand::new(k, patch, 1), Right::Packed(band));
+                matmul_row_bias(d.o, n, patch, lhs, rhs, &mut output[row0 * d.ow..], (hw, 1), bias)?;
             }
         }
         Ok(out)
@@ -927,8 +925,8 @@ mod tests {
     /// the rounding is exercised), for every band of [`PACKED_SHAPES`].
     #[test]
     fn packed_gather_is_the_packed_patch_matrix() {
-        use crate::model::ops::bf16::{pack_b, packed_len, packing_available, Operand};
-        if !packing_available() {
+        use crate::model::ops::bf16::{avx512_paths, pack_b, packed_len, Operand};
+        if !avx512_paths() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }

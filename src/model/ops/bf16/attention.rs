@@ -28,10 +28,9 @@ const ROW_PAD: usize = 32;
 /// The most panels one kernel call keeps in registers (8 rows x 3 panels = 24 accumulators of 32).
 const MAX_PANELS: usize = 3;
 
-/// Whether the bf16 attention runs: the CPU has AVX512-BF16 (Zen 4/5, Intel since Cooper Lake; AMX machines
-/// too) and the products are not set to the widening kernel (`CONTROLNET_BF16_KERNEL=widen`).
+/// Whether the bf16 attention runs: [`super::avx512_paths`].
 pub fn available() -> bool {
-    avx512::available() && super::Kernel::detect() != super::Kernel::Widen
+    super::avx512_paths()
 }
 
 /// `softmax(q kᵀ · scale) v` for contiguous f32 `q` (heads, queries, d), `k` (heads, keys, d) and `v` (heads,

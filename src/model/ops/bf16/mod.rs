@@ -374,14 +374,15 @@ pub fn matmul(
 }
 
 /// `c = a x b + bias`, `bias[i]` added to every element of row `i` as the sums are stored: a convolution's
-/// product with its bias, without setting `c` to the bias first and reading it back.
+/// product with its bias, without setting `c` to the bias first and reading it back. `b` may come packed
+/// already ([`Right::Packed`]; a convolution gathers its patches straight into that layout).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_row_bias(
     m: usize,
     n: usize,
     k: usize,
     a: Operand,
-    b: Operand,
+    b: Right,
     c: &mut [f32],
     c_strides: (usize, usize),
     bias: &[f32],
@@ -389,32 +390,13 @@ pub fn matmul_row_bias(
     if bias.len() != m {
         candle_core::bail!("bf16 matmul: {} biases for {m} rows", bias.len())
     }
-    product(Kernel::detect(), m, n, k, a, Right::Values(b), c, c_strides, Store::RowBias(bias))
+    product(Kernel::detect(), m, n, k, a, b, c, c_strides, Store::RowBias(bias))
 }
 
-/// [`matmul_row_bias`] with the right operand already packed (`packed`: [`packed_len`]`(k, n)` values in the
-/// layout [`pack_b`] makes; a convolution gathers its patches straight into it). Needs a native kernel
-/// ([`packing_available`]).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_packed_row_bias(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    packed: &[u16],
-    c: &mut [f32],
-    c_strides: (usize, usize),
-    bias: &[f32],
-) -> Result<()> {
-    if bias.len() != m {
-        candle_core::bail!("bf16 matmul: {} biases for {m} rows", bias.len())
-    }
-    product(Kernel::detect(), m, n, k, a, Right::Packed(packed), c, c_strides, Store::RowBias(bias))
-}
-
-/// Whether right operands can be packed ahead of a product: a native kernel runs, and the CPU has the
-/// AVX512-BF16 instructions the packers use.
-pub fn packing_available() -> bool {
+/// Whether the AVX512-BF16 paths run: a native kernel is chosen (not `CONTROLNET_BF16_KERNEL=widen`) and the
+/// CPU has AVX512-BF16 (Zen 4/5, Intel since Cooper Lake, AMX machines too). They are the packers that fill
+/// [`Right::Packed`] operands ahead of a product and the bf16 attention.
+pub fn avx512_paths() -> bool {
     Kernel::detect().native() && avx512::available()
 }
 
@@ -424,9 +406,10 @@ pub fn packed_len(k: usize, n: usize) -> usize {
     tiles(n, TILE) * k.div_ceil(TILE_K) * TILE_ELEMS
 }
 
-/// A product's right operand: values (packed by the product), or already packed.
+/// A product's right operand: values (packed by the product), or already packed ([`packed_len`] values in the
+/// layout [`pack_b`] makes; only with [`avx512_paths`]).
 #[derive(Clone, Copy)]
-enum Right<'a> {
+pub enum Right<'a> {
     Values(Operand<'a>),
     Packed(&'a [u16]),
 }
@@ -979,7 +962,7 @@ mod tests {
             }
         }
         let op = Operand::new(Values::F32(&[0.; 4]), 2, 1);
-        let err = matmul_row_bias(2, 2, 2, op, op, &mut [0.; 4], (2, 1), &[1.]).unwrap_err().to_string();
+        let err = matmul_row_bias(2, 2, 2, op, Right::Values(op), &mut [0.; 4], (2, 1), &[1.]).unwrap_err().to_string();
         assert!(err.contains("1 biases for 2 rows"), "{err}");
     }
 
