@@ -102,59 +102,41 @@ fn exp_row_lanes<T: Real>(row: &mut [T]) -> T {
     sums.iter().fold(sum, |a, &b| a + b)
 }
 
-/// Softmax's numerators in place, `e^(x - max)` for an f32 row, and their sum (one for an empty row): the
-/// bf16 attention scales and rounds them itself.
-pub fn exp_row(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { wide::exp_row_avx512(row) };
+/// Defines `fn $name($args) -> $ret` calling `$plain($args)` compiled for the widest vector unit the CPU has
+/// (AVX-512F, else AVX2 + FMA, else the crate's baseline, 4-wide SSE2): the same f32 operations in wider lanes,
+/// so the same bits.
+macro_rules! widest {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $plain:path) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $plain($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $plain($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $plain($($arg),*)
         }
-    }
-    exp_row_lanes(row)
+    };
 }
 
-/// The f32 row softmax compiled for the widest vector unit the CPU has (the crate itself targets baseline
-/// x86-64, i.e. 4-wide SSE2).
-#[cfg(target_arch = "x86_64")]
-mod wide {
-    #[target_feature(enable = "avx512f")]
-    pub fn softmax_row_avx512(row: &mut [f32]) {
-        super::softmax_row_lanes(row)
-    }
-    #[target_feature(enable = "avx512f")]
-    pub fn silu_affine_row_avx512(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
-        super::silu_affine_plain(o, xs, scale, shift)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn silu_affine_row_avx2(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
-        super::silu_affine_plain(o, xs, scale, shift)
-    }
-    #[target_feature(enable = "avx512f")]
-    pub fn exp_row_avx512(row: &mut [f32]) -> f32 {
-        super::exp_row_lanes(row)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn softmax_row_avx2(row: &mut [f32]) {
-        super::softmax_row_lanes(row)
-    }
-    #[target_feature(enable = "avx512f")]
-    pub fn gate_row_avx512(o: &mut [f32], a: &[f32], g: &[f32]) {
-        super::gate_row_plain(o, a, g)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn gate_row_avx2(o: &mut [f32], a: &[f32], g: &[f32]) {
-        super::gate_row_plain(o, a, g)
-    }
-    #[target_feature(enable = "avx512f")]
-    pub fn gate_grad_row_avx512(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
-        super::gate_grad_row_plain(da, dg, a, g, grad)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn gate_grad_row_avx2(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
-        super::gate_grad_row_plain(da, dg, a, g, grad)
-    }
+widest! {
+    /// Softmax's numerators in place, `e^(x - max)` for an f32 row, and their sum (one for an empty row): the
+    /// bf16 attention scales and rounds them itself.
+    pub fn exp_row(row: &mut [f32]) -> f32 = exp_row_lanes
 }
 
 impl Real for f32 {
@@ -166,62 +148,10 @@ impl Real for f32 {
     fn normal_cdf(self) -> Self {
         (erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5
     }
-    fn gate_grad_row(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::gate_grad_row_avx512(da, dg, a, g, grad) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::gate_grad_row_avx2(da, dg, a, g, grad) };
-            }
-        }
-        gate_grad_row_plain(da, dg, a, g, grad)
-    }
-    fn silu_affine_row(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::silu_affine_row_avx512(o, xs, scale, shift) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::silu_affine_row_avx2(o, xs, scale, shift) };
-            }
-        }
-        silu_affine_plain(o, xs, scale, shift)
-    }
-    fn softmax_row(row: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::softmax_row_avx512(row) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::softmax_row_avx2(row) };
-            }
-        }
-        softmax_row_lanes(row)
-    }
-    fn gate_row(o: &mut [f32], a: &[f32], g: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { wide::gate_row_avx512(o, a, g) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { wide::gate_row_avx2(o, a, g) };
-            }
-        }
-        gate_row_plain(o, a, g)
-    }
+    widest! { fn gate_grad_row(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) = gate_grad_row_plain }
+    widest! { fn silu_affine_row(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) = silu_affine_plain }
+    widest! { fn softmax_row(row: &mut [f32]) = softmax_row_lanes }
+    widest! { fn gate_row(o: &mut [f32], a: &[f32], g: &[f32]) = gate_row_plain }
 }
 
 impl Real for f64 {
