@@ -629,7 +629,10 @@ pub(crate) mod tests {
         for (a, b) in l16.iter().zip(&l32) {
             assert!((a - b).abs() <= 0.02 * b.abs(), "losses bf16 {l16:?} vs f32 {l32:?}");
         }
-        // The updates (weights now less at the start) point the same way.
+        // The updates (weights now less at the start) point the same way. Not closely: AdamW's steps are
+        // normalised per weight, so weights whose gradients are near zero take full-size steps whose sign bf16's
+        // rounding can flip (0.85-0.96 for equally valid kernel choices, e.g. with and without Winograd's
+        // convolutions); unrelated updates of this many weights would be near 0.
         let (mut dot, mut n16, mut n32) = (0f64, 0f64, 0f64);
         for (((_, s), (_, a)), (_, b)) in start.iter().zip(&w16).zip(&w32) {
             for ((s, a), b) in s.iter().zip(a).zip(b) {
@@ -638,7 +641,7 @@ pub(crate) mod tests {
             }
         }
         let cosine = dot / (n16.sqrt() * n32.sqrt());
-        assert!(n32 > 0.0 && cosine > 0.95, "update cosine {cosine}");
+        assert!(n32 > 0.0 && cosine > 0.8, "update cosine {cosine}");
     }
 
     /// An SDXL base trains: the objective gets the pooled text and size/crop ids, and an update changes the net.

@@ -1,0 +1,310 @@
+//! 3x3 convolutions (stride 1, one pixel of zero padding) by Winograd's minimal filtering F(2x2, 3x3): each
+//! 2x2 block of output pixels of one channel pair costs 16 multiplications instead of 36, so the matrix
+//! products, nearly all of the VAE decoder and half of a UNet step, do 2.25x fewer multiply-adds.
+//!
+//! With `d` a 4x4 input tile (one pixel of overlap with its neighbours) and `g` a 3x3 kernel, the 2x2 output is
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Summed over input channels, the element-wise product at each of the 16
+//! points ξ is a matrix product: `M[ξ] (O, tiles) = U[ξ] (O, C) x V[ξ] (C, tiles)`, with `U = G g Gᵀ` per
+//! kernel and `V = Bᵀ d B` per input tile. The transforms only add, subtract and halve, so F(2, 3) keeps f32
+//! accuracy (larger tiles, F(4, 3), lose about two decimal digits and are not used).
+//!
+//! Per band of tile rows (its transforms sized to stay in the last-level cache, like the im2col bands in
+//! `conv2d`): 1. input transform, one task per channel; 2. the 16 products on all threads; 3. output transform
+//! with the bias, one task per output channel, written straight into the NCHW output.
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::conv2d::{matmul, Mat};
+
+/// Output pixels along each side of a tile.
+const OUT: usize = 2;
+/// Input pixels along each side of a tile (output + kernel - 1).
+const IN: usize = 4;
+/// Points of the transformed tile: one matrix product each.
+const POINTS: usize = IN * IN;
+/// Values of one band's transformed input (or output) tiles, in the spirit of conv2d's `BAND_ELEMENTS`.
+const BAND_ELEMENTS: usize = 1 << 21;
+
+/// Sizes of one convolution: batch, input channels, height, width, output channels (3x3 kernel, stride 1,
+/// padding 1, so the output is h x w too).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+}
+
+/// Whether Winograd runs this convolution on the CPU: enough channels and tiles for the products to be the
+/// cost (the kernels' transforms are redone at every call), and not turned off (`CONTROLNET_WINOGRAD=0` keeps
+/// im2col everywhere, for comparisons).
+pub(crate) fn suits(s: &Shape) -> bool {
+    /// Fewer input or output channels leave the products too small to pay for the transforms (the hint
+    /// embedding's first convolutions, conv_in's 4 latent channels).
+    const MIN_CHANNELS: usize = 32;
+    /// Fewer tiles (over the batch) and the kernels' transform costs about what the products save (the UNet's
+    /// 1280-channel levels at 256 px).
+    const MIN_TILES: usize = 128;
+    static SETTING: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let min_tiles = *SETTING.get_or_init(|| match std::env::var("CONTROLNET_WINOGRAD") {
+        Ok(v) if v.trim() == "0" => usize::MAX,
+        Ok(v) => v.trim().parse().unwrap_or(MIN_TILES),
+        Err(_) => MIN_TILES,
+    });
+    let tiles = s.b * s.h.div_ceil(OUT) * s.w.div_ceil(OUT);
+    s.c >= MIN_CHANNELS && s.o >= MIN_CHANNELS && tiles >= min_tiles
+}
+
+/// A kernel value type the transform reads (f32, or bf16 weights widened).
+pub(crate) trait Weight: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for half::bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// The convolution of `x` (B, C, H, W) with `kernel` (O, C, 3, 3) plus `bias` (O), as (B, O, H, W).
+pub(crate) fn conv3x3<K: Weight>(x: &[f32], kernel: &[K], bias: &[f32], s: &Shape) -> Result<Vec<f32>> {
+    let Shape { b, c, h, w, o } = *s;
+    if x.len() != b * c * h * w || kernel.len() != o * c * 9 || bias.len() != o {
+        candle_core::bail!("winograd conv: operands do not fit {s:?}")
+    }
+    // 1. The kernels' transforms, [out channel][point][in channel]: the products' left operands.
+    let u = transform_kernels(kernel, o, c);
+    let (tiles_h, tiles_w) = (h.div_ceil(OUT), w.div_ceil(OUT));
+    let band_tile_rows = (BAND_ELEMENTS / (POINTS * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
+    let most = band_tile_rows * tiles_w;
+    // Every value of the band's part of these is written before it is read.
+    let mut v = super::unfilled::<f32>(c * POINTS * most);
+    let mut m = super::unfilled::<f32>(o * POINTS * most);
+    // The output transform writes every output pixel.
+    let mut out = super::unfilled::<f32>(b * o * h * w);
+    for item in 0..b {
+        let input = &x[item * c * h * w..(item + 1) * c * h * w];
+        let output = &mut out[item * o * h * w..(item + 1) * o * h * w];
+        for row0 in (0..tiles_h).step_by(band_tile_rows) {
+            let rows = band_tile_rows.min(tiles_h - row0);
+            let n = rows * tiles_w;
+            // 2. Input tiles, [in channel][point][tile].
+            let v = &mut v[..c * POINTS * n];
+            v.par_chunks_mut(POINTS * n)
+                .zip(input.par_chunks(h * w))
+                .for_each(|(v, plane)| transform_input(plane, h, w, row0, rows, v));
+            // 3. One product per point: M[ξ] (O, n) = U[ξ] (O, C) x V[ξ] (C, n), rows POINTS * n apart.
+            let m = &mut m[..o * POINTS * n];
+            for point in 0..POINTS {
+                let lhs = Mat::rows(&u[point * c..], POINTS * c);
+                let rhs = Mat::rows(&v[point * n..], POINTS * n);
+                matmul(o, n, c, &mut m[point * n..], (POINTS * n, 1), false, lhs, rhs)?;
+            }
+            // 4. Output tiles back to pixels, bias added.
+            output
+                .par_chunks_mut(h * w)
+                .zip(m.par_chunks(POINTS * n))
+                .zip(bias.par_iter())
+                .for_each(|((plane, m), &bias)| transform_output(m, n, bias, h, w, row0, rows, plane));
+        }
+    }
+    Ok(out)
+}
+
+/// `U = G g Gᵀ` for every (out, in) channel pair, laid out `[out][point][in]`. G's rows are
+/// `(1, 0, 0), (½, ½, ½), (½, -½, ½), (0, 0, 1)`.
+fn transform_kernels<K: Weight>(kernel: &[K], o: usize, c: usize) -> Vec<f32> {
+    let g_rows = |a: f32, b: f32, d: f32| [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+    // One task per output channel.
+    let mut u = super::unfilled::<f32>(o * POINTS * c);
+    u.par_chunks_mut(POINTS * c).zip(kernel.par_chunks(9 * c)).for_each(|(u, kernels)| {
+        for (i, g) in kernels.chunks_exact(9).enumerate() {
+            let g: [f32; 9] = std::array::from_fn(|j| g[j].widen());
+            // G g: 4 rows of 3, one per combination of g's rows.
+            let mut gg = [[0f32; 3]; IN];
+            for col in 0..3 {
+                for (r, value) in g_rows(g[col], g[3 + col], g[6 + col]).into_iter().enumerate() {
+                    gg[r][col] = value;
+                }
+            }
+            // (G g) Gᵀ: the same combinations of each row's columns.
+            for (r, row) in gg.iter().enumerate() {
+                for (q, value) in g_rows(row[0], row[1], row[2]).into_iter().enumerate() {
+                    u[(r * IN + q) * c + i] = value;
+                }
+            }
+        }
+    });
+    u
+}
+
+/// `V = Bᵀ d B` for the tiles of tile rows `row0..row0 + rows` of one input channel's `plane`, into `v`
+/// (`[point][tile]`). Bᵀ's rows are `(1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)`.
+fn transform_input(plane: &[f32], h: usize, w: usize, row0: usize, rows: usize, v: &mut [f32]) {
+    let tiles_w = w.div_ceil(OUT);
+    let n = rows * tiles_w;
+    // Input rows padded with zeros: one column on the left, enough on the right for the last tile.
+    let width = OUT * tiles_w + 2;
+    let mut padded = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
+    let mut combined = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
+    for tile_row in 0..rows {
+        // 1. The tile row's four input rows (from one above its first output row), zero outside the plane.
+        let top = (OUT * (row0 + tile_row)) as isize - 1;
+        for (r, row) in padded.iter_mut().enumerate() {
+            let y = top + r as isize;
+            if (0..h as isize).contains(&y) {
+                let y = y as usize;
+                row[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                row[w + 1..].fill(0.0);
+            } else {
+                row.fill(0.0);
+            }
+        }
+        // 2. Bᵀ d: combinations of the rows, every column at once.
+        let [d0, d1, d2, d3] = &padded;
+        for x in 0..width {
+            combined[0][x] = d0[x] - d2[x];
+            combined[1][x] = d1[x] + d2[x];
+            combined[2][x] = d2[x] - d1[x];
+            combined[3][x] = d1[x] - d3[x];
+        }
+        // 3. (Bᵀ d) B: the same combinations of each tile's four columns.
+        let first = tile_row * tiles_w;
+        for (r, e) in combined.iter().enumerate() {
+            let point = |q: usize| (r * IN + q) * n + first;
+            let (p0, p1, p2, p3) = (point(0), point(1), point(2), point(3));
+            for t in 0..tiles_w {
+                let x = OUT * t;
+                v[p0 + t] = e[x] - e[x + 2];
+                v[p1 + t] = e[x + 1] + e[x + 2];
+                v[p2 + t] = e[x + 2] - e[x + 1];
+                v[p3 + t] = e[x + 1] - e[x + 3];
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A + bias` for the `n` tiles of one output channel (`m`: `[point][tile]`), written into the output
+/// rows of tile rows `row0..row0 + rows` of `plane` (the last tile row and column may be half outside it).
+/// Aᵀ's rows are `(1, 1, 1, 0), (0, 1, -1, -1)`.
+#[allow(clippy::too_many_arguments)]
+fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: usize, rows: usize, plane: &mut [f32]) {
+    let tiles_w = w.div_ceil(OUT);
+    let at = |point: usize, tile: usize| m[point * n + tile];
+    for tile_row in 0..rows {
+        let y0 = OUT * (row0 + tile_row);
+        for t in 0..tiles_w {
+            let tile = tile_row * tiles_w + t;
+            // Aᵀ M: two rows of four.
+            let mut s = [[0f32; IN]; OUT];
+            for q in 0..IN {
+                let (m0, m1, m2, m3) = (at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile));
+                s[0][q] = m0 + m1 + m2;
+                s[1][q] = m1 - m2 - m3;
+            }
+            // (Aᵀ M) A, plus the bias.
+            let x0 = OUT * t;
+            for (a, s) in s.iter().enumerate() {
+                let y = y0 + a;
+                if y >= h {
+                    break;
+                }
+                let row = &mut plane[y * w..(y + 1) * w];
+                row[x0] = s[0] + s[1] + s[2] + bias;
+                if x0 + 1 < w {
+                    row[x0 + 1] = s[1] - s[2] - s[3] + bias;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::max_rel_diff;
+    use candle_core::{Device, Tensor};
+
+    /// The direct sum over the 3x3 window, in f64.
+    fn reference(x: &[f32], k: &[f32], bias: &[f32], s: &Shape) -> Vec<f32> {
+        let Shape { b, c, h, w, o } = *s;
+        let mut out = vec![0f32; b * o * h * w];
+        for item in 0..b {
+            for oc in 0..o {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let mut sum = bias[oc] as f64;
+                        for ic in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((item * c + ic) * h + iy as usize) * w + ix as usize] as f64;
+                                    sum += xv * k[(oc * c + ic) * 9 + ky * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                        out[((item * o + oc) * h + y) * w + xx] = sum as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        crate::rng::TorchGenerator::new(seed).rand(len).into_iter().map(|u| u * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn matches_the_direct_sum_on_odd_and_even_sizes() {
+        // Odd sizes leave half tiles on the bottom and right; 1x1 and 2x3 planes are all padding but one tile.
+        for (b, c, h, w, o) in [(2, 3, 5, 7, 4), (1, 8, 8, 8, 5), (1, 2, 1, 1, 3), (1, 4, 2, 3, 2), (3, 5, 9, 4, 6)] {
+            let s = Shape { b, c, h, w, o };
+            let (x, k, bias) = (random(b * c * h * w, 1), random(o * c * 9, 2), random(o, 3));
+            let ours = conv3x3(&x, &k, &bias, &s).unwrap();
+            let want = reference(&x, &k, &bias, &s);
+            let dev = Device::Cpu;
+            let t = |v: Vec<f32>| Tensor::from_vec(v, (b, o, h, w), &dev).unwrap();
+            let diff = max_rel_diff(&t(ours), &t(want));
+            assert!(diff < 1e-5, "{s:?}: relative difference {diff:e}");
+        }
+    }
+
+    #[test]
+    fn bands_of_tile_rows_match_one_band() {
+        // 160 channels of a 64-wide plane: a band holds ~6 tile rows, so a 40-row plane takes several bands,
+        // the last one short.
+        let s = Shape { b: 1, c: 160, h: 40, w: 64, o: 33 };
+        let (x, k, bias) = (random(s.c * s.h * s.w, 4), random(s.o * s.c * 9, 5), random(s.o, 6));
+        let ours = conv3x3(&x, &k, &bias, &s).unwrap();
+        let want = reference(&x, &k, &bias, &s);
+        let dev = Device::Cpu;
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (1, s.o, s.h, s.w), &dev).unwrap();
+        let diff = max_rel_diff(&t(ours), &t(want));
+        assert!(diff < 1e-5, "relative difference {diff:e}");
+    }
+
+    #[test]
+    fn runs_where_channels_and_tiles_are_enough() {
+        // conv2d's test shape for Winograd (forward and input gradient, batch 2).
+        assert!(suits(&Shape { b: 2, c: 32, h: 19, w: 23, o: 40 }));
+        assert!(!suits(&Shape { b: 2, c: 16, h: 19, w: 23, o: 40 }), "too few input channels");
+        assert!(!suits(&Shape { b: 2, c: 1280, h: 8, w: 8, o: 1280 }), "too few tiles");
+    }
+
+    #[test]
+    fn rejects_operands_that_do_not_fit() {
+        let s = Shape { b: 1, c: 2, h: 3, w: 3, o: 2 };
+        assert!(conv3x3(&[0.0; 17], &[0.0; 36], &[0.0; 2], &s).is_err());
+    }
+}
