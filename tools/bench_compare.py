@@ -215,8 +215,8 @@ def main():
     for path in glob.glob(os.path.join(args.out, pattern)):
         if not args.train and os.path.basename(path).startswith("rust_train_"):
             continue
-        if os.path.basename(path).count("_") > 3:
-            continue  # another mode's report (`..._b2_bf16.json`)
+        if os.path.basename(path).count("_") > 3 + prefix.count("_"):
+            continue  # another mode's report (`..._b2_bf16.json`; `train_` adds one)
         twin = path.replace("rust_", "torch_")
         if os.path.exists(twin):
             with open(path) as f, open(twin) as g:

@@ -287,10 +287,21 @@ pub fn kernels_used(dtype: DType) -> String {
             } else {
                 "attention on f32 gemm"
             };
-            format!("bf16 {} (f32 sums; {attention}; f32 ops {})", Kernel::detect().name(), vector_unit())
+            // Without a bf16 unit, convolutions on bf16 weights take Winograd's f32 products.
+            let winograd = if Kernel::detect().native() { "" } else { winograd() };
+            format!("bf16 {} (f32 sums; {attention}; f32 ops {}{winograd})", Kernel::detect().name(), vector_unit())
         }
         DType::F16 => "f16 candle ops".into(),
-        _ => format!("f32 gemm {}", vector_unit()),
+        _ => format!("f32 gemm {}{}", vector_unit(), winograd()),
+    }
+}
+
+/// What the machine line adds where 3x3 convolutions run on Winograd's products.
+fn winograd() -> &'static str {
+    if crate::model::ops::winograd::enabled() {
+        "; 3x3 convolutions Winograd F(2x2,3x3)"
+    } else {
+        ""
     }
 }
 
@@ -549,6 +560,8 @@ mod tests {
     #[test]
     fn kernels_follow_the_dtype() {
         assert!(kernels_used(DType::F32).starts_with("f32 gemm"));
+        let winograd = crate::model::ops::winograd::enabled();
+        assert_eq!(kernels_used(DType::F32).contains("Winograd"), winograd);
         let bf16 = kernels_used(DType::BF16);
         assert!(bf16.starts_with(&format!("bf16 {}", Kernel::detect().name())), "{bf16}");
         assert!(bf16.contains("attention on"), "{bf16}");

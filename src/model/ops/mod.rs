@@ -9,7 +9,7 @@ pub mod geglu;
 mod math;
 pub mod norm;
 pub mod softmax;
-mod winograd;
+pub mod winograd;
 
 /// A vector of `len` elements as the allocator hands them out, not cleared, for an output or scratch buffer
 /// whose every element the kernel writes before anything reads it. `vec![0.0; len]` clears it first (a

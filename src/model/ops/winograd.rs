@@ -37,23 +37,31 @@ pub(crate) struct Shape {
 }
 
 /// Whether Winograd runs this convolution on the CPU: enough channels and tiles for the products to be the
-/// cost (the kernels' transforms are redone at every call), and not turned off (`CONTROLNET_WINOGRAD=0` keeps
-/// im2col everywhere, for comparisons).
+/// cost (the kernels' transforms are redone at every call), and not turned off.
 pub(crate) fn suits(s: &Shape) -> bool {
     /// Fewer input or output channels leave the products too small to pay for the transforms (the hint
     /// embedding's first convolutions, conv_in's 4 latent channels).
     const MIN_CHANNELS: usize = 32;
-    /// Fewer tiles (over the batch) and the kernels' transform costs about what the products save (the UNet's
-    /// 1280-channel levels at 256 px).
+    let tiles = s.b * s.h.div_ceil(OUT) * s.w.div_ceil(OUT);
+    s.c >= MIN_CHANNELS && s.o >= MIN_CHANNELS && tiles >= min_tiles()
+}
+
+/// Whether 3x3 convolutions may run on Winograd at all: `CONTROLNET_WINOGRAD=0` keeps im2col everywhere (for
+/// comparisons; another number sets the fewest tiles it takes).
+pub fn enabled() -> bool {
+    min_tiles() != usize::MAX
+}
+
+/// The fewest tiles (over the batch) a convolution takes Winograd at: below it the kernels' transform costs
+/// about what the products save (the UNet's 1280-channel levels at 256 px).
+fn min_tiles() -> usize {
     const MIN_TILES: usize = 128;
     static SETTING: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let min_tiles = *SETTING.get_or_init(|| match std::env::var("CONTROLNET_WINOGRAD") {
+    *SETTING.get_or_init(|| match std::env::var("CONTROLNET_WINOGRAD") {
         Ok(v) if v.trim() == "0" => usize::MAX,
         Ok(v) => v.trim().parse().unwrap_or(MIN_TILES),
         Err(_) => MIN_TILES,
-    });
-    let tiles = s.b * s.h.div_ceil(OUT) * s.w.div_ceil(OUT);
-    s.c >= MIN_CHANNELS && s.o >= MIN_CHANNELS && tiles >= min_tiles
+    })
 }
 
 /// A kernel value type the transform reads (f32, or bf16 weights widened).
@@ -203,12 +211,17 @@ fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: us
         for t in 0..tiles_w {
             let tile = tile_row * tiles_w + t;
             // Aᵀ M: two rows of four.
-            let mut s = [[0f32; IN]; OUT];
-            for q in 0..IN {
-                let (m0, m1, m2, m3) = (at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile));
-                s[0][q] = m0 + m1 + m2;
-                s[1][q] = m1 - m2 - m3;
-            }
+            let column = |q: usize| [at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile)];
+            let s: [[f32; IN]; OUT] = [
+                std::array::from_fn(|q| {
+                    let [m0, m1, m2, _] = column(q);
+                    m0 + m1 + m2
+                }),
+                std::array::from_fn(|q| {
+                    let [_, m1, m2, m3] = column(q);
+                    m1 - m2 - m3
+                }),
+            ];
             // (Aᵀ M) A, plus the bias.
             let x0 = OUT * t;
             for (a, s) in s.iter().enumerate() {
