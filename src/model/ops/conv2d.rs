@@ -826,13 +826,8 @@ impl CustomOp2 for Conv2dGradWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::test_support::max_rel_diff;
+    use crate::model::ops::test_support::{candle_conv2d as reference, max_rel_diff};
     use candle_core::{Device, Var};
-
-    fn reference(x: &Tensor, k: &Tensor, b: &Tensor, p: Conv2dParams) -> Tensor {
-        let y = x.conv2d(k, p.padding, p.stride, 1, 1).unwrap();
-        y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap()).unwrap()
-    }
 
     use crate::test_support::max_abs_diff as max_diff;
 

@@ -50,6 +50,12 @@ pub(crate) mod test_support {
 
     pub use crate::test_support::max_rel_diff;
 
+    /// candle's own convolution plus the bias: the reference of the convolution kernels' tests.
+    pub fn candle_conv2d(x: &Tensor, k: &Tensor, b: &Tensor, p: super::conv2d::Conv2dParams) -> Tensor {
+        let y = x.conv2d(k, p.padding, p.stride, 1, 1).unwrap();
+        y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap()).unwrap()
+    }
+
     /// Checks the gradients `f`'s backward pass gives its inputs (random f64 tensors of `shapes`) against
     /// central finite differences of `sum(f(inputs) · r)` for a random `r`, at every input element.
     pub fn check_gradients(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Result<Tensor>) {

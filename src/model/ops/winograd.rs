@@ -210,18 +210,13 @@ fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: us
         let y0 = OUT * (row0 + tile_row);
         for t in 0..tiles_w {
             let tile = tile_row * tiles_w + t;
-            // Aᵀ M: two rows of four.
-            let column = |q: usize| [at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile)];
-            let s: [[f32; IN]; OUT] = [
-                std::array::from_fn(|q| {
-                    let [m0, m1, m2, _] = column(q);
-                    m0 + m1 + m2
-                }),
-                std::array::from_fn(|q| {
-                    let [_, m1, m2, m3] = column(q);
-                    m1 - m2 - m3
-                }),
-            ];
+            // Aᵀ M: two rows of four, from each of M's columns read once.
+            let mut s = [[0f32; IN]; OUT];
+            let [r0, r1] = &mut s;
+            for (q, (s0, s1)) in r0.iter_mut().zip(r1.iter_mut()).enumerate() {
+                let [m0, m1, m2, m3] = [at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile)];
+                (*s0, *s1) = (m0 + m1 + m2, m1 - m2 - m3);
+            }
             // (Aᵀ M) A, plus the bias.
             let x0 = OUT * t;
             for (a, s) in s.iter().enumerate() {
@@ -242,54 +237,32 @@ fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_rel_diff;
-    use candle_core::{Device, Tensor};
+    use crate::model::ops::conv2d::Conv2dParams;
+    use crate::model::ops::test_support::{candle_conv2d, max_rel_diff};
+    use candle_core::{DType, Device, Tensor};
 
-    /// The direct sum over the 3x3 window, in f64.
-    fn reference(x: &[f32], k: &[f32], bias: &[f32], s: &Shape) -> Vec<f32> {
-        let Shape { b, c, h, w, o } = *s;
-        let mut out = vec![0f32; b * o * h * w];
-        for item in 0..b {
-            for oc in 0..o {
-                for y in 0..h {
-                    for xx in 0..w {
-                        let mut sum = bias[oc] as f64;
-                        for ic in 0..c {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                        continue;
-                                    }
-                                    let xv = x[((item * c + ic) * h + iy as usize) * w + ix as usize] as f64;
-                                    sum += xv * k[(oc * c + ic) * 9 + ky * 3 + kx] as f64;
-                                }
-                            }
-                        }
-                        out[((item * o + oc) * h + y) * w + xx] = sum as f32;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        crate::rng::TorchGenerator::new(seed).rand(len).into_iter().map(|u| u * 2.0 - 1.0).collect()
+    /// Ours against candle's convolution in f64, on random values seeded by `seed`.
+    fn check(s: Shape, seed: u64) {
+        let Shape { b, c, h, w, o } = s;
+        let random = |len: usize, seed: u64| -> Vec<f32> {
+            crate::rng::TorchGenerator::new(seed).rand(len).into_iter().map(|u| u * 2.0 - 1.0).collect()
+        };
+        let (x, k, bias) = (random(b * c * h * w, seed), random(o * c * 9, seed + 1), random(o, seed + 2));
+        let ours = conv3x3(&x, &k, &bias, &s).unwrap();
+        let dev = Device::Cpu;
+        let f64s =
+            |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &dev).unwrap().to_dtype(DType::F64).unwrap();
+        let (x, k, bias) = (f64s(&x, &[b, c, h, w]), f64s(&k, &[o, c, 3, 3]), f64s(&bias, &[o]));
+        let want = candle_conv2d(&x, &k, &bias, Conv2dParams { padding: 1, stride: 1 });
+        let diff = max_rel_diff(&f64s(&ours, &[b, o, h, w]), &want);
+        assert!(diff < 1e-5, "{s:?}: relative difference {diff:e}");
     }
 
     #[test]
-    fn matches_the_direct_sum_on_odd_and_even_sizes() {
+    fn matches_candle_on_odd_and_even_sizes() {
         // Odd sizes leave half tiles on the bottom and right; 1x1 and 2x3 planes are all padding but one tile.
         for (b, c, h, w, o) in [(2, 3, 5, 7, 4), (1, 8, 8, 8, 5), (1, 2, 1, 1, 3), (1, 4, 2, 3, 2), (3, 5, 9, 4, 6)] {
-            let s = Shape { b, c, h, w, o };
-            let (x, k, bias) = (random(b * c * h * w, 1), random(o * c * 9, 2), random(o, 3));
-            let ours = conv3x3(&x, &k, &bias, &s).unwrap();
-            let want = reference(&x, &k, &bias, &s);
-            let dev = Device::Cpu;
-            let t = |v: Vec<f32>| Tensor::from_vec(v, (b, o, h, w), &dev).unwrap();
-            let diff = max_rel_diff(&t(ours), &t(want));
-            assert!(diff < 1e-5, "{s:?}: relative difference {diff:e}");
+            check(Shape { b, c, h, w, o }, 1);
         }
     }
 
@@ -297,14 +270,7 @@ mod tests {
     fn bands_of_tile_rows_match_one_band() {
         // 160 channels of a 64-wide plane: a band holds ~6 tile rows, so a 40-row plane takes several bands,
         // the last one short.
-        let s = Shape { b: 1, c: 160, h: 40, w: 64, o: 33 };
-        let (x, k, bias) = (random(s.c * s.h * s.w, 4), random(s.o * s.c * 9, 5), random(s.o, 6));
-        let ours = conv3x3(&x, &k, &bias, &s).unwrap();
-        let want = reference(&x, &k, &bias, &s);
-        let dev = Device::Cpu;
-        let t = |v: Vec<f32>| Tensor::from_vec(v, (1, s.o, s.h, s.w), &dev).unwrap();
-        let diff = max_rel_diff(&t(ours), &t(want));
-        assert!(diff < 1e-5, "relative difference {diff:e}");
+        check(Shape { b: 1, c: 160, h: 40, w: 64, o: 33 }, 4);
     }
 
     #[test]
