@@ -277,8 +277,8 @@ pub fn cpu_model() -> String {
     format!("{name}{ids}, {}", vector_unit())
 }
 
-/// Which matrix-product kernels models loaded in `dtype` run on this CPU: gemm's f32 kernels, or the bf16
-/// kernel [`Kernel::detect`] picked (bf16 weights, f32 activations).
+/// Which matrix-product kernels models loaded in `dtype` run on this CPU: gemm's f32 kernels, the bf16
+/// kernel [`Kernel::detect`] picked (bf16 weights, f32 activations), or f32 products on widened f16 weights.
 pub fn kernels_used(dtype: DType) -> String {
     match dtype {
         DType::BF16 => {
@@ -291,7 +291,8 @@ pub fn kernels_used(dtype: DType) -> String {
             let winograd = if Kernel::detect().native() { "" } else { winograd() };
             format!("bf16 {} (f32 sums; {attention}; f32 ops {}{winograd})", Kernel::detect().name(), vector_unit())
         }
-        DType::F16 => "f16 candle ops".into(),
+        // f16 weights widened to f32 as read: gemm's f32 products, Winograd's on 3x3 convolutions.
+        DType::F16 => format!("f16 weights widened (f32 products: f32 gemm {}{})", vector_unit(), winograd()),
         _ => format!("f32 gemm {}{}", vector_unit(), winograd()),
     }
 }
@@ -567,6 +568,8 @@ mod tests {
         assert!(bf16.contains("attention on"), "{bf16}");
         let run = RunInfo::start(Preset::Sd15, 4, 2, 1).with_dtype(DType::BF16);
         assert_eq!((run.dtype.as_str(), run.kernels.as_str()), ("bf16", bf16.as_str()));
+        let f16 = kernels_used(DType::F16);
+        assert!(f16.starts_with("f16 weights widened") && f16.contains("Winograd") == winograd, "{f16}");
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub struct BenchArgs {
     /// training batch (use e.g. --latent 32 --batch 1 for 256 px).
     #[arg(long)]
     pub train: bool,
-    /// Compute dtype: f32, bf16 (bf16 weights, f32 activations: the bf16 kernels), f16, or auto (bf16 where
-    /// the CPU multiplies bf16 natively). The machine line names the kernels that ran.
+    /// Compute dtype: f32, bf16 (bf16 weights, f32 activations: the bf16 kernels), f16 (f16 weights, f32
+    /// activations and products), or auto (bf16 where the CPU multiplies bf16 natively). The machine line names
+    /// the kernels that ran.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "auto"])]
     pub dtype: String,
     /// Print the floor instead: GFLOP/s of the f32 and of each bf16 matrix-product kernel this CPU runs, on

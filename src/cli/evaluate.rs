@@ -79,9 +79,18 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--controlnet {}", controlnet.display()))?;
     let circles = split.circles(*count, *size);
     let run = |net: Option<&ControlNetModel>, what: &str| -> anyhow::Result<Evaluation> {
-        let mut progress = Progress::new(*quiet, what, *count as u64);
-        let eval = evaluate(&sd, net, &circles, *size, &mut |i| progress.set(i as u64 + 1, *count as u64))?;
-        progress.finish();
+        // The images finish out of order, on several threads: the bar counts them.
+        let progress = std::sync::Mutex::new((Progress::new(*quiet, what, *count as u64), 0u64));
+        let eval = evaluate(&sd, net, &circles, *size, &|_| {
+            if let Ok(mut p) = progress.lock() {
+                p.1 += 1;
+                let done = p.1;
+                p.0.set(done, *count as u64);
+            }
+        })?;
+        if let Ok((progress, _)) = progress.into_inner() {
+            progress.finish();
+        }
         Ok(eval)
     };
     let with = run(Some(&net), "image")?;

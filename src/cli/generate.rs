@@ -105,7 +105,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub vae_tiling: bool,
     /// Compute dtype: f32 (the reference), bf16 (half the memory; on CPUs with AMX or AVX512-BF16 several
-    /// times faster, f32 activations and sums), f16, or auto (bf16 where the CPU multiplies bf16 natively, else f32).
+    /// times faster, f32 activations and sums), f16 (half the memory; f32 activations and products on the CPU,
+    /// closer to f32 than bf16), or auto (bf16 where the CPU multiplies bf16 natively, else f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "auto"])]
     pub dtype: String,
     /// img2img: start from this picture instead of pure noise (resized to the output size; it gives the default

@@ -120,10 +120,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub cache: bool,
     /// Mixed precision, as diffusers' --mixed_precision: bf16 keeps the locked VAE, text encoder and UNet in bf16
-    /// weights on the CPU's bf16 kernels (half their memory, faster where the CPU has AVX512-BF16 or AMX); the
-    /// ControlNet, its gradients and AdamW's state stay f32. auto: bf16 where the CPU multiplies bf16 natively
-    /// [default: f32].
-    #[arg(long, value_name = "f32|bf16|auto", value_parser = crate::pipeline::request::ComputeDtype::parse)]
+    /// weights on the CPU's bf16 kernels (half their memory, faster where the CPU has AVX512-BF16 or AMX); f16
+    /// keeps them in f16 weights with f32 activations and products (half their memory, closer to f32 than bf16;
+    /// no gradient is held in f16, so no loss scaling; CPU only). The ControlNet, its gradients and AdamW's state
+    /// stay f32. auto: bf16 where the CPU multiplies bf16 natively [default: f32].
+    #[arg(long, value_name = "f32|bf16|f16|auto", value_parser = crate::pipeline::request::ComputeDtype::parse)]
     pub dtype: Option<crate::pipeline::request::ComputeDtype>,
     /// Save a checkpoint every N updates (0: only at the end and on Ctrl-C) [default: 500].
     #[arg(long, value_name = "N")]
@@ -356,9 +357,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     };
     // The locked models in the run's precision; the UNet's tensors for --init and --unlock-decoder in f32.
     let sd = StableDiffusion::open(&model, &LoadOptions { dtype: settings.locked_dtype(&device), ..opts.clone() })?;
-    if sd.unet.weights_dtype() == DType::BF16 {
-        let kernel = crate::model::ops::bf16::Kernel::detect().name();
-        eprintln!("precision: bf16 locked models ({kernel} kernel), f32 ControlNet and optimizer (--dtype bf16)");
+    match sd.unet.weights_dtype() {
+        DType::BF16 => {
+            let kernel = crate::model::ops::bf16::Kernel::detect().name();
+            eprintln!("precision: bf16 locked models ({kernel} kernel), f32 ControlNet and optimizer (--dtype bf16)");
+        }
+        DType::F16 => eprintln!(
+            "precision: f16 locked models (f32 activations and products), f32 ControlNet and optimizer (--dtype f16)"
+        ),
+        _ => {}
     }
     let need_unet = settings.unlock_decoder || (resume_from.is_none() && args.init);
     let unet = if need_unet { Some(load_base_unet(&model, &opts)?) } else { None };

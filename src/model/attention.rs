@@ -90,9 +90,9 @@ impl Attention {
         // 2. scaled dot products, softmax (in f32 when asked) and weighted values
         let out = if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
             // The fused kernel never holds more than a cache-sized block of scores. Layers whose products run
-            // on the bf16 kernels (bf16 weights, or autocast) multiply here in bf16 too.
+            // on the bf16 kernels (bf16 weights, or autocast) multiply here in bf16 too (f16 weights: in f32).
             let weight = self.to_q.weight();
-            if super::ops::bf16::mixed(x, weight) || super::ops::bf16::autocast::active(x, weight) {
+            if super::ops::bf16::bf16_products(x, weight) || super::ops::bf16::autocast::active(x, weight) {
                 super::ops::attention::attention_bf16(&q, &k, &v, self.scale)?
             } else {
                 super::ops::attention::attention(&q, &k, &v, self.scale)?

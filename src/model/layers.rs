@@ -9,17 +9,18 @@ use candle_nn::VarBuilder;
 use super::ops::conv2d::{conv2d as conv2d_op, Conv2dParams};
 use super::ops::norm;
 
-/// Whether a model loaded through `vb` keeps bf16 weights for f32 activations: bf16 on the CPU. The matrix
-/// products (linear layers, convolutions) then run on the bf16 kernels ([`super::ops::bf16`]) with f32 sums,
-/// and everything else (norms, biases, embeddings, activations) stays f32. Other devices run bf16 throughout.
-pub fn bf16_weights(vb: &VarBuilder) -> bool {
-    vb.dtype() == DType::BF16 && vb.device().is_cpu()
+/// Whether a model loaded through `vb` keeps half-precision weights for f32 activations: bf16 or f16 on the
+/// CPU. The matrix products (linear layers, convolutions) then run on the bf16 kernels ([`super::ops::bf16`])
+/// with f32 sums (f16 weights: widened, f32 products), and everything else (norms, biases, embeddings,
+/// activations) stays f32. Other devices run bf16 or f16 throughout.
+pub fn half_weights(vb: &VarBuilder) -> bool {
+    matches!(vb.dtype(), DType::BF16 | DType::F16) && vb.device().is_cpu()
 }
 
-/// The dtype of a model's activations (and of its small parameters): f32 when its weights are bf16 on the
-/// CPU ([`bf16_weights`]), else the dtype it was loaded in.
+/// The dtype of a model's activations (and of its small parameters): f32 when its weights are half precision
+/// on the CPU ([`half_weights`]), else the dtype it was loaded in.
 pub fn activation_dtype(vb: &VarBuilder) -> DType {
-    if bf16_weights(vb) {
+    if half_weights(vb) {
         DType::F32
     } else {
         vb.dtype()

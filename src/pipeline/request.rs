@@ -37,7 +37,9 @@ pub enum ComputeDtype {
     /// bf16 weights (half the memory). On the CPU the activations, norms and sums stay f32 and the matrix
     /// products run on the CPU's bf16 units (AMX or AVX512-BF16) where it has them; elsewhere bf16 throughout.
     Bf16,
-    /// f16 throughout (candle's ops; slow on CPUs).
+    /// f16 weights (half the memory). On the CPU the activations stay f32 and the products run in f32 on the
+    /// weights widened as read (no x86 unit multiplies f16 faster, and f32 keeps f16's precision); elsewhere
+    /// f16 throughout.
     F16,
     /// bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else f32; bf16 on a CUDA GPU (tensor
     /// cores, with f32's exponent range: no fp16 overflow in the VAE).

@@ -41,7 +41,9 @@ pub struct TrainSettings {
     pub data_workers: usize,
     /// Mixed precision (diffusers' `--mixed_precision`): `bf16` keeps the locked models (VAE, text encoder,
     /// UNet) in bf16 weights on the bf16 kernels; the trained ControlNet, its gradients and AdamW's moments stay
-    /// f32. `auto`: bf16 where the CPU multiplies bf16 natively. See [`Self::locked_dtype`].
+    /// f32. `f16` keeps the locked models in f16 weights with f32 activations and products on the CPU: no
+    /// gradient is ever held in f16, so there is nothing for a loss scale to guard. `auto`: bf16 where the CPU
+    /// multiplies bf16 natively. See [`Self::locked_dtype`].
     #[serde(default)]
     pub dtype: ComputeDtype,
 }
@@ -99,19 +101,15 @@ impl TrainSettings {
         if self.shuffle_buffer == 0 {
             return bad("shuffle_buffer", "must be at least 1 (1: no sample shuffling)".into());
         }
-        match self.dtype {
-            ComputeDtype::F16 => {
-                return bad("dtype", "f16 training (which needs loss scaling) is not built: use bf16 or f32".into())
-            }
-            ComputeDtype::Bf16 if self.unlock_decoder => {
-                return bad(
-                    "dtype",
-                    "bf16 keeps the locked UNet in bf16, but an unlocked decoder trains in f32 inside it: use f32 \
-                     with --unlock-decoder"
-                        .into(),
-                )
-            }
-            _ => {}
+        if matches!(self.dtype, ComputeDtype::Bf16 | ComputeDtype::F16) && self.unlock_decoder {
+            let name = self.dtype.name();
+            return bad(
+                "dtype",
+                format!(
+                    "{name} keeps the locked UNet in {name}, but an unlocked decoder trains in f32 inside it: use \
+                     f32 with --unlock-decoder"
+                ),
+            );
         }
         Ok(())
     }
@@ -271,8 +269,9 @@ mod tests {
         }
     }
 
-    /// Mixed precision: bf16 loads the locked models in bf16; f16 and bf16 with an unlocked decoder are refused
-    /// naming the setting; `auto` never refuses; a checkpoint saved before the setting existed reads as f32.
+    /// Mixed precision: bf16 and f16 load the locked models in their dtype; either with an unlocked decoder is
+    /// refused naming the setting; `auto` never refuses; a checkpoint saved before the setting existed reads as
+    /// f32.
     #[test]
     fn mixed_precision_settings() {
         let cpu = candle_core::Device::Cpu;
@@ -280,10 +279,13 @@ mod tests {
         assert!(bf16.validate().is_ok());
         assert_eq!(bf16.locked_dtype(&cpu), candle_core::DType::BF16);
         assert_eq!(TrainSettings::default().locked_dtype(&cpu), candle_core::DType::F32);
+        let f16 = TrainSettings { dtype: ComputeDtype::F16, ..TrainSettings::default() };
+        assert!(f16.validate().is_ok());
+        assert_eq!(f16.locked_dtype(&cpu), candle_core::DType::F16);
         let unlocked = TrainSettings { unlock_decoder: true, ..bf16.clone() };
-        for bad in [unlocked.clone(), TrainSettings { dtype: ComputeDtype::F16, ..bf16.clone() }] {
+        for bad in [unlocked.clone(), TrainSettings { unlock_decoder: true, ..f16 }] {
             match bad.validate() {
-                Err(Error::Setting { setting, msg }) => assert!(setting == "dtype" && !msg.is_empty()),
+                Err(Error::Setting { setting, msg }) => assert!(setting == "dtype" && msg.contains("decoder"), "{msg}"),
                 other => panic!("{other:?}"),
             }
         }

@@ -5,7 +5,7 @@ Usage: webuiapi_test.py HOST PORT CONTROL_PNG OUT_DIR [INIT_PNG MASK_PNG]
 Checks options, scripts, model_list, txt2img with a ControlNetUnit (the client's own defaults: "Resize and
 Fill", processor_res 512, thresholds 64) and controlnet_detect; writes OUT_DIR/txt2img.png (and the unit's map
 appended to the answer, OUT_DIR/txt2img_map.png) and OUT_DIR/detect.png for the Rust test
-(tests/serve_clients.rs) to compare with `controlnet generate` and `controlnet annotate`. With INIT_PNG and
+(tests/integration/serve_clients.rs) to compare with `controlnet generate` and `controlnet annotate`. With INIT_PNG and
 MASK_PNG also img2img with a unit without a picture (the init image is its condition) and inpainting with the
 mask, whole picture and only masked: OUT_DIR/img2img.png, OUT_DIR/inpaint.png and OUT_DIR/inpaint_masked.png. Exits non-zero on any failure.
 """

@@ -195,7 +195,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: Conv2dParams) 
     if super::bf16::mixed(x, weight) {
         let bias = bias.to_dtype(DType::F32)?;
         if weight.track_op() || bias.track_op() || params.stride == 0 {
-            // Training bf16 weights themselves: the f32 op (and its backward) on the widened weights.
+            // Training half-precision weights themselves: the f32 op (and its backward) on the widened weights.
             return conv2d(x, &weight.to_dtype(DType::F32)?, &bias, params);
         }
         // Inference, or a locked layer in mixed-precision training (a tracked input: the backward gives it its
@@ -411,19 +411,24 @@ impl Conv2dOp {
     }
 
     /// bf16 weights (or f32 ones under autocast), f32 activations (rounded to bf16 as the products read them),
-    /// f32 sums.
+    /// f32 sums; or f16 weights, f32 products ([`Values::F16`]).
     fn forward_bf16(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul_row_bias, Operand, Right};
-        if let (Values::Bf16(k), false) = (k, super::bf16::Kernel::detect().native()) {
-            // No bf16 unit: the products run in f32 anyway, so Winograd's (on the weights widened as its
-            // transform reads them) saves the widened copy of the weights and 2.25x of the multiplications.
-            // (Autocast's f32 weights keep the rounding products below: it stands for the bf16 units.)
-            if let Some(shape) = d.winograd(self.p) {
-                return winograd::conv3x3(x, k, bias, &shape);
+        // Products that run in f32 anyway (bf16 weights without a bf16 unit, f16 weights): Winograd's (on the
+        // weights widened as its transform reads them) saves the widened copy of the weights and 2.25x of the
+        // multiplications. (Autocast's f32 weights keep the rounding products below: it stands for the bf16
+        // units.)
+        if let Some(shape) = d.winograd(self.p) {
+            match k {
+                Values::Bf16(k) if !super::bf16::Kernel::detect().native() => {
+                    return winograd::conv3x3(x, k, bias, &shape)
+                }
+                Values::F16(k) => return winograd::conv3x3(x, k, bias, &shape),
+                _ => {}
             }
         }
         let whole_tiles = !self.p.pointwise(d) && self.p.stride == 1 && d.ow.is_multiple_of(super::bf16::TILE);
-        if whole_tiles && super::bf16::avx512_paths() {
+        if whole_tiles && super::bf16::avx512_paths() && !matches!(k, Values::F16(_)) {
             return self.forward_packed(x, k, bias, d);
         }
         let (hw, patch) = (d.oh * d.ow, d.patch());
@@ -504,8 +509,11 @@ impl CustomOp3 for Conv2dOp {
             (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) => {
                 CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::Bf16(&k[k0..k1]), &b[b0..b1], &d)?)
             }
+            (CpuStorage::F32(x), CpuStorage::F16(k), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::F16(&k[k0..k1]), &b[b0..b1], &d)?)
+            }
             _ => candle_core::bail!(
-                "{name}: f32 or f64 operands of one dtype (or bf16 weights) expected, got {:?}",
+                "{name}: f32 or f64 operands of one dtype (or bf16 or f16 weights) expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
             ),
         };
@@ -524,12 +532,14 @@ impl CustomOp3 for Conv2dOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let p = self.p;
-        // A locked bf16 kernel (mixed precision) needs only the input gradient, which the bf16 kernels give.
-        let locked_bf16 = kernel.dtype() == DType::BF16 && !kernel.track_op() && grad.dtype() == DType::F32;
+        // A locked bf16 or f16 kernel (mixed precision) needs only the input gradient, which the half-precision
+        // weight kernels give.
+        let locked_half =
+            matches!(kernel.dtype(), DType::BF16 | DType::F16) && !kernel.track_op() && grad.dtype() == DType::F32;
         let fast = grad.device().is_cpu()
             && matches!(grad.dtype(), DType::F32 | DType::F64)
             && x.dtype() == grad.dtype()
-            && (kernel.dtype() == grad.dtype() || locked_bf16);
+            && (kernel.dtype() == grad.dtype() || locked_half);
         let (grad_x, grad_k) = if fast {
             let grad = grad.contiguous()?;
             let grad_x = if x.track_op() {
@@ -633,7 +643,7 @@ impl Conv2dGradInput {
     }
 
     /// bf16 kernel (locked, mixed precision) or autocast's f32 one: the operands rounded to bf16 as the product
-    /// reads them, f32 sums.
+    /// reads them, f32 sums; or an f16 kernel (locked): f32 products.
     fn compute_bf16(&self, g: &[f32], k: Values, d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
@@ -679,8 +689,11 @@ impl CustomOp2 for Conv2dGradInput {
             (CpuStorage::F32(g), CpuStorage::BF16(k)) => {
                 CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::Bf16(&k[k0..k1]), &d)?)
             }
+            (CpuStorage::F32(g), CpuStorage::F16(k)) => {
+                CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::F16(&k[k0..k1]), &d)?)
+            }
             _ => candle_core::bail!(
-                "{name}: f32 or f64 operands of one dtype (or a bf16 kernel) expected, got {:?}",
+                "{name}: f32 or f64 operands of one dtype (or a bf16 or f16 kernel) expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(s1)
             ),
         };
@@ -923,39 +936,68 @@ mod tests {
         }
     }
 
-    /// bf16 weights with f32 activations (the bf16 kernels): exactly the f32 convolution of the same values
-    /// when they are small integers (exact in bf16, exact sums), over [`SHAPES`] and a 32-channel 3x3 one
-    /// (whole tiles: the weights are read in place); a tracked input takes the f32 path and its backward.
+    /// bf16 weights with f32 activations (the bf16 kernels), and f16 ones (f32 products): exactly the f32
+    /// convolution of the same values when they are small integers (exact in bf16 and f16, exact sums), over
+    /// [`SHAPES`] and a 32-channel 3x3 one (whole tiles: bf16 weights are read in place); a tracked input takes
+    /// the f32 path and its backward.
     #[test]
-    fn bf16_weights_match_f32() {
+    fn half_weights_match_f32() {
         let dev = Device::Cpu;
         let ints = |shape: &[usize]| {
             let t = Tensor::randn(0f32, 2., shape, &dev).unwrap().round().unwrap();
             t.clamp(-4f32, 4f32).unwrap()
         };
-        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]).chain(PACKED_SHAPES)
-        {
-            let (x, kernel, bias) = (ints(&[2, c, h, w]), ints(&[o, c, k, k]), ints(&[o]));
-            let p = Conv2dParams { padding, stride };
-            let ours = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
-            assert_eq!(ours.dtype(), DType::F32);
-            let diff = max_diff(&ours, &conv2d(&x, &kernel, &bias, p).unwrap());
-            assert_eq!(diff, 0.0, "{c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+        let shapes = || SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]);
+        for half in [DType::BF16, DType::F16] {
+            for (c, o, k, stride, padding, h, w) in shapes().chain(PACKED_SHAPES) {
+                let (x, kernel, bias) = (ints(&[2, c, h, w]), ints(&[o, c, k, k]), ints(&[o]));
+                let p = Conv2dParams { padding, stride };
+                let ours = conv2d(&x, &kernel.to_dtype(half).unwrap(), &bias, p).unwrap();
+                assert_eq!(ours.dtype(), DType::F32);
+                let diff = max_diff(&ours, &conv2d(&x, &kernel, &bias, p).unwrap());
+                assert_eq!(diff, 0.0, "{half:?} {c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+            }
+            // A locked half-precision kernel on a tracked input (mixed-precision training): the input gradient
+            // from its kernels equals the f32 one on integers, and the kernel gets none.
+            for (c, o, k, stride, padding, h, w) in shapes() {
+                let p = Conv2dParams { padding, stride };
+                let x = Var::from_tensor(&ints(&[2, c, h, w])).unwrap();
+                let (kernel, bias) = (ints(&[o, c, k, k]), ints(&[o]));
+                let kernel16 = kernel.to_dtype(half).unwrap();
+                let y = conv2d(x.as_tensor(), &kernel16, &bias, p).unwrap();
+                let r = ints(y.dims());
+                let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let want = (conv2d(x.as_tensor(), &kernel, &bias, p).unwrap() * &r).unwrap().sum_all().unwrap();
+                let want = want.backward().unwrap();
+                let diff = max_diff(grads.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap());
+                assert_eq!(diff, 0.0, "{half:?} input gradient {c}->{o} k{k} s{stride} p{padding} {h}x{w}");
+                assert!(grads.get(&kernel16).is_none());
+            }
         }
-        // A locked bf16 kernel on a tracked input (mixed-precision training): the input gradient from the bf16
-        // kernels equals the f32 one on integers, and the kernel gets none.
-        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain([(32, 64, 3, 1, 1, 9, 7)]) {
+    }
+
+    /// f16 weights keep what f16 holds: on random values (not exact in bf16) the convolution is the f32 one on
+    /// the f16-rounded weights up to f32 summation, and Winograd's shape takes it too.
+    #[test]
+    fn f16_weights_are_not_rounded_to_bf16() {
+        let dev = Device::Cpu;
+        for (c, o, k, stride, padding, h, w) in [(32, 40, 3, 1, 1, 19, 23), (3, 5, 3, 2, 1, 9, 8)] {
             let p = Conv2dParams { padding, stride };
-            let (x, kernel, bias) = (Var::from_tensor(&ints(&[2, c, h, w])).unwrap(), ints(&[o, c, k, k]), ints(&[o]));
-            let kernel16 = kernel.to_dtype(DType::BF16).unwrap();
-            let y = conv2d(x.as_tensor(), &kernel16, &bias, p).unwrap();
-            let r = ints(y.dims());
-            let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let want = (conv2d(x.as_tensor(), &kernel, &bias, p).unwrap() * &r).unwrap().sum_all().unwrap();
-            let want = want.backward().unwrap();
-            let diff = max_diff(grads.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap());
-            assert_eq!(diff, 0.0, "input gradient {c}->{o} k{k} s{stride} p{padding} {h}x{w}");
-            assert!(grads.get(&kernel16).is_none());
+            let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+            let kernel = Tensor::randn(0f32, 0.2, (o, c, k, k), &dev).unwrap().to_dtype(DType::F16).unwrap();
+            let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let ours = conv2d(&x, &kernel, &bias, p).unwrap();
+            let want = reference(
+                &x.to_dtype(DType::F64).unwrap(),
+                &kernel.to_dtype(DType::F64).unwrap(),
+                &bias.to_dtype(DType::F64).unwrap(),
+                p,
+            );
+            let rel = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &want);
+            assert!(rel < 1e-5, "{c}->{o} k{k} s{stride}: {rel}");
+            let bf16 = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
+            let rel16 = max_rel_diff(&bf16.to_dtype(DType::F64).unwrap(), &want);
+            assert!(rel16 > 10.0 * rel, "bf16 {rel16} vs f16 {rel}: the test does not tell them apart");
         }
     }
 

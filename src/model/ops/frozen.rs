@@ -115,10 +115,10 @@ mod tests {
         assert_eq!(plain.dtype(), DType::F32);
     }
 
-    /// A locked linear layer with bf16 weights (mixed-precision training) on a tracked input: the bf16 kernels'
-    /// output and input gradient equal the f32 layer's on integers (exact in bf16 and in f32 sums).
+    /// A locked linear layer with bf16 or f16 weights (mixed-precision training) on a tracked input: the
+    /// kernels' output and input gradient equal the f32 layer's on integers (exact in both and in f32 sums).
     #[test]
-    fn bf16_weights_give_the_f32_input_gradient() {
+    fn half_weights_give_the_f32_input_gradient() {
         use crate::model::layers::Linear;
         let dev = Device::Cpu;
         let ints = |shape: (usize, usize, usize)| {
@@ -128,13 +128,17 @@ mod tests {
         let x = Var::from_tensor(&ints((2, 5, 64))).unwrap();
         let r = ints((2, 5, 40));
         let layer = |w: &Tensor| Linear::from_parts(w.clone(), Some(b.clone()));
-        let (ours, theirs) = (layer(&w.to_dtype(DType::BF16).unwrap()), layer(&w));
-        let y16 = candle_core::Module::forward(&ours, x.as_tensor()).unwrap();
+        let theirs = layer(&w);
         let y32 = candle_core::Module::forward(&theirs, x.as_tensor()).unwrap();
-        assert_eq!(y16.to_vec3::<f32>().unwrap(), y32.to_vec3::<f32>().unwrap());
-        let g16 = (y16 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let (g16, g32) = (g16.get(&x).unwrap(), g32.get(&x).unwrap());
-        assert_eq!(g16.to_vec3::<f32>().unwrap(), g32.to_vec3::<f32>().unwrap());
+        let g32 = (&y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g32 = g32.get(&x).unwrap();
+        for half in [DType::BF16, DType::F16] {
+            let ours = layer(&w.to_dtype(half).unwrap());
+            let y16 = candle_core::Module::forward(&ours, x.as_tensor()).unwrap();
+            assert_eq!(y16.to_vec3::<f32>().unwrap(), y32.to_vec3::<f32>().unwrap(), "{half:?}");
+            let g16 = (y16 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g16 = g16.get(&x).unwrap();
+            assert_eq!(g16.to_vec3::<f32>().unwrap(), g32.to_vec3::<f32>().unwrap(), "{half:?}");
+        }
     }
 }

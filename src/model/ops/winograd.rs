@@ -64,7 +64,7 @@ fn min_tiles() -> usize {
     })
 }
 
-/// A kernel value type the transform reads (f32, or bf16 weights widened).
+/// A kernel value type the transform reads (f32, or bf16 / f16 weights widened).
 pub(crate) trait Weight: Copy + Send + Sync {
     fn widen(self) -> f32;
 }
@@ -76,6 +76,12 @@ impl Weight for f32 {
 }
 
 impl Weight for half::bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Weight for half::f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
