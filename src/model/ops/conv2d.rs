@@ -22,9 +22,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-use super::bf16::Values;
+use super::bf16::{Kernel, Values};
 use super::offsets;
 use super::winograd;
+use super::Weight;
 
 /// Target size of one band's patch matrix (elements): big enough for an efficient matrix product, small
 /// enough to stay in the last-level cache instead of materialising a 9x copy of a 512x512 VAE activation.
@@ -410,25 +411,21 @@ impl Conv2dOp {
         })
     }
 
-    /// bf16 weights (or f32 ones under autocast), f32 activations (rounded to bf16 as the products read them),
-    /// f32 sums; or f16 weights, f32 products ([`Values::F16`]).
+    /// f32 products: Winograd's for the 3x3 convolutions it suits (reading half weights widened as its kernel
+    /// transform reads them, no widened copy), gemm on the weights widened once otherwise.
+    fn forward_f32<K: Weight>(&self, x: &[f32], k: &[K], bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
+        match d.winograd(self.p) {
+            Some(shape) => winograd::conv3x3(x, k, bias, &shape),
+            None => self.forward_gemm(x, &K::widen_all(k), bias, d),
+        }
+    }
+
+    /// bf16 weights (or f32 ones under autocast) on a bf16 unit: f32 activations rounded to bf16 as the
+    /// products read them, f32 sums.
     fn forward_bf16(&self, x: &[f32], k: Values, bias: &[f32], d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul_row_bias, Operand, Right};
-        // Products that run in f32 anyway (bf16 weights without a bf16 unit, f16 weights): Winograd's (on the
-        // weights widened as its transform reads them) saves the widened copy of the weights and 2.25x of the
-        // multiplications. (Autocast's f32 weights keep the rounding products below: it stands for the bf16
-        // units.)
-        if let Some(shape) = d.winograd(self.p) {
-            match k {
-                Values::Bf16(k) if !super::bf16::Kernel::detect().native() => {
-                    return winograd::conv3x3(x, k, bias, &shape)
-                }
-                Values::F16(k) => return winograd::conv3x3(x, k, bias, &shape),
-                _ => {}
-            }
-        }
         let whole_tiles = !self.p.pointwise(d) && self.p.stride == 1 && d.ow.is_multiple_of(super::bf16::TILE);
-        if whole_tiles && super::bf16::avx512_paths() && !matches!(k, Values::F16(_)) {
+        if whole_tiles && super::bf16::avx512_paths() {
             return self.forward_packed(x, k, bias, d);
         }
         let (hw, patch) = (d.oh * d.ow, d.patch());
@@ -497,20 +494,21 @@ impl CustomOp3 for Conv2dOp {
                 CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::F32(&k[k0..k1]), &b[b0..b1], &d)?)
             }
             (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) => {
-                let (x, k, b) = (&x[x0..x1], &k[k0..k1], &b[b0..b1]);
-                match d.winograd(self.p) {
-                    Some(shape) => CpuStorage::F32(winograd::conv3x3(x, k, b, &shape)?),
-                    None => CpuStorage::F32(self.forward_gemm(x, k, b, &d)?),
-                }
+                CpuStorage::F32(self.forward_f32(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(k), CpuStorage::F64(b)) => {
                 CpuStorage::F64(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
+            }
+            // bf16 weights on a CPU without a bf16 unit, and f16 weights (no x86 unit multiplies f16 faster than
+            // f32, see `Values::F16`): f32 products on the widened weights.
+            (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) if !Kernel::detect().native() => {
+                CpuStorage::F32(self.forward_f32(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) => {
                 CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::Bf16(&k[k0..k1]), &b[b0..b1], &d)?)
             }
             (CpuStorage::F32(x), CpuStorage::F16(k), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward_bf16(&x[x0..x1], Values::F16(&k[k0..k1]), &b[b0..b1], &d)?)
+                CpuStorage::F32(self.forward_f32(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
             _ => candle_core::bail!(
                 "{name}: f32 or f64 operands of one dtype (or bf16 or f16 weights) expected, got {:?}",
@@ -642,8 +640,17 @@ impl Conv2dGradInput {
         })
     }
 
-    /// bf16 kernel (locked, mixed precision) or autocast's f32 one: the operands rounded to bf16 as the product
-    /// reads them, f32 sums; or an f16 kernel (locked): f32 products.
+    /// f32 products: a 3x3 kernel's input gradient on Winograd (the 3x3 convolution of the output gradient
+    /// with the kernel flipped and its channels swapped), else gemm on the kernel widened once.
+    fn compute_f32<K: Weight + WithDType>(&self, g: &[f32], k: &[K], d: &Dims) -> Result<Vec<f32>> {
+        match d.transposed().winograd(self.p) {
+            Some(shape) => winograd::conv3x3(g, &flipped(k, d), &vec![0.0; d.c], &shape),
+            None => self.compute_gemm(g, &K::widen_all(k), d),
+        }
+    }
+
+    /// A bf16 kernel (locked, mixed precision) or autocast's f32 one on a bf16 unit: the operands rounded to
+    /// bf16 as the product reads them, f32 sums.
     fn compute_bf16(&self, g: &[f32], k: Values, d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
@@ -675,22 +682,20 @@ impl CustomOp2 for Conv2dGradInput {
                 CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::F32(&k[k0..k1]), &d)?)
             }
             (CpuStorage::F32(g), CpuStorage::F32(k)) => {
-                let (g, k) = (&g[g0..g1], &k[k0..k1]);
-                match d.transposed().winograd(self.p) {
-                    // A 3x3 convolution's input gradient is the 3x3 convolution of the output gradient with the
-                    // kernel flipped and its channels swapped.
-                    Some(shape) => CpuStorage::F32(winograd::conv3x3(g, &flipped(k, &d), &vec![0.0; d.c], &shape)?),
-                    None => CpuStorage::F32(self.compute_gemm(g, k, &d)?),
-                }
+                CpuStorage::F32(self.compute_f32(&g[g0..g1], &k[k0..k1], &d)?)
             }
             (CpuStorage::F64(g), CpuStorage::F64(k)) => {
                 CpuStorage::F64(self.compute_gemm(&g[g0..g1], &k[k0..k1], &d)?)
+            }
+            // As in the forward pass: f32 products on widened bf16 (no bf16 unit) and f16 kernels.
+            (CpuStorage::F32(g), CpuStorage::BF16(k)) if !Kernel::detect().native() => {
+                CpuStorage::F32(self.compute_f32(&g[g0..g1], &k[k0..k1], &d)?)
             }
             (CpuStorage::F32(g), CpuStorage::BF16(k)) => {
                 CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::Bf16(&k[k0..k1]), &d)?)
             }
             (CpuStorage::F32(g), CpuStorage::F16(k)) => {
-                CpuStorage::F32(self.compute_bf16(&g[g0..g1], Values::F16(&k[k0..k1]), &d)?)
+                CpuStorage::F32(self.compute_f32(&g[g0..g1], &k[k0..k1], &d)?)
             }
             _ => candle_core::bail!(
                 "{name}: f32 or f64 operands of one dtype (or a bf16 or f16 kernel) expected, got {:?}",
@@ -703,9 +708,9 @@ impl CustomOp2 for Conv2dGradInput {
 
 /// `kernel` (O, C, KH, KW) as the (C, O, KH, KW) kernel of the transposed convolution: each KHxKW window
 /// turned by 180 degrees.
-fn flipped(kernel: &[f32], d: &Dims) -> Vec<f32> {
+fn flipped<T: WithDType>(kernel: &[T], d: &Dims) -> Vec<T> {
     let window = d.kh * d.kw;
-    let mut out = super::unfilled::<f32>(kernel.len());
+    let mut out = super::unfilled::<T>(kernel.len());
     out.par_chunks_mut(d.o * window).enumerate().for_each(|(c, rows)| {
         for (o, dst) in rows.chunks_mut(window).enumerate() {
             let src = &kernel[(o * d.c + c) * window..(o * d.c + c + 1) * window];

@@ -15,6 +15,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use super::conv2d::{matmul, Mat};
+use super::Weight;
 
 /// Output pixels along each side of a tile.
 const OUT: usize = 2;
@@ -62,29 +63,6 @@ fn min_tiles() -> usize {
         Ok(v) => v.trim().parse().unwrap_or(MIN_TILES),
         Err(_) => MIN_TILES,
     })
-}
-
-/// A kernel value type the transform reads (f32, or bf16 / f16 weights widened).
-pub(crate) trait Weight: Copy + Send + Sync {
-    fn widen(self) -> f32;
-}
-
-impl Weight for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl Weight for half::bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-impl Weight for half::f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
 }
 
 /// The convolution of `x` (B, C, H, W) with `kernel` (O, C, 3, 3) plus `bias` (O), as (B, O, H, W).

@@ -4,8 +4,9 @@
 //! memory. Intel Xeons since Sapphire Rapids multiply bf16 tiles in their AMX unit (`tdpbf16ps`, 16x16x32 per
 //! instruction: about 6x the f32 AVX-512 rate PyTorch reaches there), and Zen 4/5 and Intel have AVX512-BF16's
 //! `vdpbf16ps` (pairs of bf16 products summed into f32 lanes: 2x the f32 rate). Which one runs is decided at run
-//! time from the CPU ([`Kernel::detect`]); without either, the bf16 operands are widened to f32 and `gemm`
-//! multiplies them (same results as f32 weights rounded to bf16, no speed-up).
+//! time from the CPU ([`Kernel::detect`]); without either, bf16 weights are widened to f32 and `gemm`
+//! multiplies them with the f32 activations as they are (bf16 saves memory there, not time; the products are
+//! those of f32 weights rounded to bf16), and convolutions take the f32 ones on the widened weights (`conv2d`).
 //!
 //! Both native kernels share one packed layout, built per call from f32 or bf16 operands with any strides:
 //! - left operand (m, k): tiles of 16 rows x 32 bf16 (1 KiB, one AMX tile), `[m tile][k tile]`;
@@ -42,7 +43,8 @@ pub enum Kernel {
     Amx,
     /// AVX512-BF16 (`vdpbf16ps`).
     Avx512Bf16,
-    /// No bf16 dot products: operands rounded to bf16 and widened back to f32, multiplied by `gemm`.
+    /// No bf16 dot products: `gemm` in f32 on bf16 operands widened (exactly) and f32 ones as they are, unless
+    /// both are f32 (autocast's products: then both are rounded to bf16 first, as the bf16 units would).
     Widen,
 }
 
@@ -352,21 +354,14 @@ impl<'a> Values<'a> {
     /// The values as f32: f32 ones rounded through bf16 when `round` (what the native kernels multiply) or as
     /// they are, bf16 and f16 ones widened (exactly).
     fn to_f32(self, round: bool) -> std::borrow::Cow<'a, [f32]> {
-        use half::slice::HalfFloatSliceExt;
-        use std::borrow::Cow;
-        /// Values one task widens.
-        const CHUNK: usize = 1 << 14;
+        use super::Weight;
         match self {
-            Values::F32(v) if round => Cow::Owned(v.par_iter().map(|&x| bf16::from_f32(x).to_f32()).collect()),
-            Values::F32(v) => Cow::Borrowed(v),
-            Values::Bf16(v) => Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect()),
-            Values::F16(v) => {
-                // Every element is written by the conversion below.
-                let mut out = super::unfilled::<f32>(v.len());
-                // The slice conversion uses F16C's `vcvtph2ps` where the CPU has it.
-                out.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, h)| h.convert_to_f32_slice(o));
-                Cow::Owned(out)
+            Values::F32(v) if round => {
+                std::borrow::Cow::Owned(v.par_iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
             }
+            Values::F32(v) => Weight::widen_all(v),
+            Values::Bf16(v) => Weight::widen_all(v),
+            Values::F16(v) => Weight::widen_all(v),
         }
     }
 }
@@ -538,8 +533,10 @@ fn product(
         let Right::Values(b) = b else {
             candle_core::bail!("bf16 matmul: the widening kernel reads no packed operand")
         };
-        // An f16 operand: f32 products, the other operand not rounded ([`Values::F16`]).
-        widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate, !half)?;
+        // Half weights (bf16 without a bf16 unit, or f16: [`Values::F16`]) times f32 activations: f32 products,
+        // the activations as they are. Two f32 operands (autocast) are rounded to bf16, as the bf16 units would.
+        let round = matches!((a.values, b.values), (Values::F32(_), Values::F32(_)));
+        widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate, round)?;
         if let Store::RowBias(bias) = store {
             for (i, &b) in bias.iter().enumerate() {
                 for j in 0..n {
