@@ -192,23 +192,15 @@ impl candle_core::CustomOp2 for LinearOp {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let ((rows, in_d), (out_d, w_in)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("bf16 linear: operands must be contiguous")
-        };
-        let CpuStorage::F32(x) = s1 else { candle_core::bail!("bf16 linear: f32 input expected") };
-        let w = weight_values(s2, w0, w1, "bf16 linear")?;
-        if w_in != in_d {
-            candle_core::bail!("bf16 linear: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
-        }
+        let ((x, (rows, in_d)), (w, (out_d, _))) =
+            matrix_pair(self.name(), (s1, l1), (s2, l2), |(_, in_d), (_, w_in)| w_in == in_d)?;
         // The product (accumulate = false) writes every element.
         let mut out = super::unfilled::<f32>(rows * out_d);
         // yᵀ (out, rows) = W (out, in) · xᵀ (in, rows), written transposed into y: the weights are then the
         // left operand, bf16 ones read where they lie (no per-call packing of a matrix as large as the layer).
-        let (lhs, rhs) = (Operand::new(w, in_d, 1), Operand::new(Values::F32(&x[x0..x1]), 1, in_d));
+        let (lhs, rhs) = (Operand::new(w, in_d, 1), Operand::new(Values::F32(x), 1, in_d));
         matmul(out_d, rows, in_d, lhs, rhs, &mut out, (1, out_d), false)?;
-        Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((rows, out_d))))
     }
 
     fn bwd(
@@ -235,6 +227,30 @@ fn weight_values<'a>(s: &'a candle_core::CpuStorage, w0: usize, w1: usize, op: &
     }
 }
 
+/// A matrix operand's values with its (rows, columns).
+type Matrix<V> = (V, (usize, usize));
+
+/// The two matrices of a linear layer's op, checked as each such op needs them: both 2-D and contiguous, the
+/// first f32 (input or gradient), the second a weight's values ([`weight_values`]), and their sizes as `fits`
+/// says (else an error naming both shapes).
+fn matrix_pair<'a>(
+    op: &str,
+    (s1, l1): (&'a candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&'a candle_core::CpuStorage, &candle_core::Layout),
+    fits: impl Fn((usize, usize), (usize, usize)) -> bool,
+) -> Result<(Matrix<&'a [f32]>, Matrix<Values<'a>>)> {
+    let (d1, d2) = (l1.shape().dims2()?, l2.shape().dims2()?);
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("{op}: operands must be contiguous")
+    };
+    let candle_core::CpuStorage::F32(a) = s1 else { candle_core::bail!("{op}: an f32 first operand expected") };
+    let b = weight_values(s2, b0, b1, op)?;
+    if !fits(d1, d2) {
+        candle_core::bail!("{op}: {:?} and {:?} do not fit", l1.shape(), l2.shape())
+    }
+    Ok(((&a[a0..a1], d1), (b, d2)))
+}
+
 /// `grad (..., out) · weight (out, in)` for f32 `grad` and a bf16 `weight` on the CPU: the input gradient of
 /// [`linear`], which a locked layer's backward needs when training through bf16 weights (mixed precision). The
 /// gradient is rounded to bf16 as the product reads it, as PyTorch's autocast does; the sums are f32.
@@ -259,21 +275,13 @@ impl candle_core::CustomOp2 for InputGradOp {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let ((rows, out_d), (w_out, in_d)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let (Some((g0, g1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("bf16 linear backward: operands must be contiguous")
-        };
-        let w = weight_values(s2, w0, w1, "bf16 linear backward")?;
-        let CpuStorage::F32(g) = s1 else { candle_core::bail!("bf16 linear backward: f32 gradient expected") };
-        if w_out != out_d {
-            candle_core::bail!("bf16 linear backward: gradient {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
-        }
+        let ((g, (rows, out_d)), (w, (_, in_d))) =
+            matrix_pair(self.name(), (s1, l1), (s2, l2), |(_, out_d), (w_out, _)| w_out == out_d)?;
         // The product (accumulate = false) writes every element.
         let mut out = super::unfilled::<f32>(rows * in_d);
-        let (lhs, rhs) = (Operand::new(Values::F32(&g[g0..g1]), out_d, 1), Operand::new(w, in_d, 1));
+        let (lhs, rhs) = (Operand::new(Values::F32(g), out_d, 1), Operand::new(w, in_d, 1));
         matmul(rows, in_d, out_d, lhs, rhs, &mut out, (in_d, 1), false)?;
-        Ok((CpuStorage::F32(out), candle_core::Shape::from((rows, in_d))))
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((rows, in_d))))
     }
 }
 
@@ -292,26 +300,12 @@ impl candle_core::CustomOp2 for WeightGradOp {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let ((rows, out_d), (x_rows, in_d)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let (Some((g0, g1)), Some((x0, x1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("autocast linear backward: operands must be contiguous")
-        };
-        let (CpuStorage::F32(g), CpuStorage::F32(x)) = (s1, s2) else {
-            candle_core::bail!("autocast linear backward: f32 gradient and input expected")
-        };
-        if x_rows != rows {
-            candle_core::bail!(
-                "autocast linear backward: gradient {:?} and input {:?} do not fit",
-                l1.shape(),
-                l2.shape()
-            )
-        }
+        let ((g, (_, out_d)), (x, (rows, in_d))) =
+            matrix_pair(self.name(), (s1, l1), (s2, l2), |(rows, _), (x_rows, _)| x_rows == rows)?;
         let mut out = super::unfilled::<f32>(out_d * in_d);
-        let (lhs, rhs) =
-            (Operand::new(Values::F32(&g[g0..g1]), 1, out_d), Operand::new(Values::F32(&x[x0..x1]), in_d, 1));
+        let (lhs, rhs) = (Operand::new(Values::F32(g), 1, out_d), Operand::new(x, in_d, 1));
         matmul(out_d, in_d, rows, lhs, rhs, &mut out, (in_d, 1), false)?;
-        Ok((CpuStorage::F32(out), candle_core::Shape::from((out_d, in_d))))
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((out_d, in_d))))
     }
 }
 
