@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::math::{softmax_row, Real};
-use super::{flat_part, offsets};
+use super::{flat_parts, offsets};
 
 /// Target size of one task's score block (elements): 1 MiB of f32, within a core's L2 cache.
 const BLOCK_SCORES: usize = 1 << 18;
@@ -222,12 +222,7 @@ impl CustomOp3 for AttentionOp {
         // alone.
         let op = AttentionGradOp { scale: self.scale, grad: grad.contiguous()? };
         let all = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-        let (n_q, n_k) = (q.elem_count(), k.elem_count());
-        Ok((
-            flat_part(&all, q.track_op(), 0, q)?,
-            flat_part(&all, k.track_op(), n_q, k)?,
-            flat_part(&all, v.track_op(), n_q + n_k, v)?,
-        ))
+        flat_parts(&all, [q, k, v])
     }
 }
 

@@ -75,18 +75,19 @@ pub(crate) fn offsets(l: &candle_core::Layout, op: &str) -> candle_core::Result<
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: operands must be contiguous")))
 }
 
-/// One operand's gradient out of a fused backward's flat result (`[grad_a | grad_b | ...]`): the `like`-shaped
-/// part from `start`, or none for an operand that is not tracked.
-pub(crate) fn flat_part(
+/// The gradients of a fused backward's three operands out of its flat result `[grad_a | grad_b | grad_c]`, each
+/// shaped like its operand; none for an operand that is not tracked (nothing is copied for it).
+pub(crate) fn flat_parts(
     all: &candle_core::Tensor,
-    track: bool,
-    start: usize,
-    like: &candle_core::Tensor,
-) -> candle_core::Result<Option<candle_core::Tensor>> {
-    if !track {
-        return Ok(None);
-    }
-    Ok(Some(all.narrow(0, start, like.elem_count())?.reshape(like.shape())?))
+    operands: [&candle_core::Tensor; 3],
+) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+    let mut start = 0;
+    let [a, b, c] = operands.map(|like| {
+        let (at, len) = (start, like.elem_count());
+        start += len;
+        like.track_op().then(|| all.narrow(0, at, len)?.reshape(like.shape())).transpose()
+    });
+    Ok((a?, b?, c?))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 use rayon::prelude::*;
 
 use super::math::Real;
-use super::{flat_part, offsets};
+use super::{flat_parts, offsets};
 
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -156,15 +156,10 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The forward pass ran, so all are CPU f32 or f64 of one dtype (as the output's gradient): two passes per
         // (sample, group) ([`GroupNormGradOp`]); operands that are not tracked (a locked UNet's norms) get none.
-        let (n, c) = (x.elem_count(), weight.elem_count());
         let wb = Tensor::cat(&[weight.flatten_all()?, bias.flatten_all()?], 0)?;
         let op = GroupNormGradOp { groups: self.groups, eps: self.eps, silu: self.silu };
         let all = x.contiguous()?.apply_op3_no_bwd(&grad.contiguous()?, &wb, &op)?;
-        Ok((
-            flat_part(&all, x.track_op(), 0, x)?,
-            flat_part(&all, weight.track_op(), n, weight)?,
-            flat_part(&all, bias.track_op(), n + c, bias)?,
-        ))
+        flat_parts(&all, [x, weight, bias])
     }
 }
 
@@ -379,14 +374,9 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The forward pass ran, so all are CPU f32 or f64 of one dtype (as the output's gradient): one pass per row
         // ([`LayerNormGradOp`]); an untracked weight and bias (a locked UNet's) get none.
-        let (n, d) = (x.elem_count(), weight.elem_count());
         let op = LayerNormGradOp { eps: self.eps, weight: weight.contiguous()? };
         let all = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-        Ok((
-            flat_part(&all, x.track_op(), 0, x)?,
-            flat_part(&all, weight.track_op(), n, weight)?,
-            flat_part(&all, bias.track_op(), n + d, bias)?,
-        ))
+        flat_parts(&all, [x, weight, bias])
     }
 }
 
