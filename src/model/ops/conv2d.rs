@@ -982,7 +982,8 @@ mod tests {
     }
 
     /// f16 weights keep what f16 holds: on random values (not exact in bf16) the convolution is the f32 one on
-    /// the f16-rounded weights up to f32 summation, and Winograd's shape takes it too.
+    /// the f16-rounded weights up to f32 summation, and Winograd's shape takes it too. bf16 weights on a CPU
+    /// without a bf16 unit likewise: the f32 convolution of the bf16 values.
     #[test]
     fn f16_weights_are_not_rounded_to_bf16() {
         let dev = Device::Cpu;
@@ -1000,9 +1001,18 @@ mod tests {
             );
             let rel = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &want);
             assert!(rel < 1e-5, "{c}->{o} k{k} s{stride}: {rel}");
-            let bf16 = conv2d(&x, &kernel.to_dtype(DType::BF16).unwrap(), &bias, p).unwrap();
+            let kernel_bf16 = kernel.to_dtype(DType::BF16).unwrap();
+            let bf16 = conv2d(&x, &kernel_bf16, &bias, p).unwrap();
             let rel16 = max_rel_diff(&bf16.to_dtype(DType::F64).unwrap(), &want);
             assert!(rel16 > 10.0 * rel, "bf16 {rel16} vs f16 {rel}: the test does not tell them apart");
+            if !Kernel::detect().native() {
+                // Without a bf16 unit the bf16 weights are widened and the activations not rounded: the f32
+                // convolution of the bf16 values.
+                let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let widened = reference(&f64(&x), &f64(&kernel_bf16), &f64(&bias), p);
+                let rel_widened = max_rel_diff(&f64(&bf16), &widened);
+                assert!(rel_widened < 1e-5, "bf16 weights, {c}->{o} k{k} s{stride}: {rel_widened}");
+            }
         }
     }
 

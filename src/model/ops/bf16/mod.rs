@@ -1000,6 +1000,33 @@ mod tests {
 
     /// A row bias stored with the sums (convolutions): the product plus `bias[i]` on row i, whatever the output
     /// held, row- and column-major, on every kernel and for k = 0.
+    /// Without a bf16 unit (the `widen` kernel), bf16 weights multiply f32 activations as they are (f32
+    /// products of the widened weights), in either position; a bf16 unit rounds the activations, so those
+    /// kernels land on the rounded product.
+    #[test]
+    fn widen_keeps_activations_against_bf16_weights() {
+        let (m, n, k) = (21, 35, 70);
+        let a16: Vec<bf16> = integers(m * k, 6).iter().map(|&x| bf16::from_f32(x * 0.1 + 0.0123)).collect();
+        let a: Vec<f32> = a16.iter().map(|x| x.to_f32()).collect();
+        let b: Vec<f32> = integers(k * n, 7).iter().map(|&x| x * 0.1 + 0.001_234_5).collect();
+        let rounded: Vec<f32> = b.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        let (want, rounded_want) =
+            (reference(m, n, k, &a, (k, 1), &b, (n, 1)), reference(m, n, k, &a, (k, 1), &rounded, (n, 1)));
+        let error = |c: &[f32], want: &[f32]| c.iter().zip(want).map(|(c, w)| (c - w).abs()).fold(0f32, f32::max);
+        assert!(error(&rounded_want, &want) > 1e-3, "the test values do not tell f32 from bf16 products");
+        for kernel in Kernel::available() {
+            let target = if kernel == Kernel::Widen { &want } else { &rounded_want };
+            let mut c = vec![f32::NAN; m * n];
+            let (a_op, b_op) = (Operand::new(Values::Bf16(&a16), k, 1), Operand::new(Values::F32(&b), n, 1));
+            matmul_with(kernel, m, n, k, a_op, b_op, &mut c, (n, 1), false).unwrap();
+            assert!(error(&c, target) < 1e-4, "{kernel:?}: bf16 left operand {}", error(&c, target));
+            let mut c_t = vec![f32::NAN; m * n];
+            let (bt, at) = (Operand::new(Values::F32(&b), 1, n), Operand::new(Values::Bf16(&a16), 1, k));
+            matmul_with(kernel, n, m, k, bt, at, &mut c_t, (1, n), false).unwrap();
+            assert!(error(&c_t, target) < 1e-4, "{kernel:?}: bf16 right operand {}", error(&c_t, target));
+        }
+    }
+
     #[test]
     fn row_bias_is_added_as_the_sums_are_stored() {
         for kernel in Kernel::available() {
