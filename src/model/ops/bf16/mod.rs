@@ -998,8 +998,6 @@ mod tests {
         }
     }
 
-    /// A row bias stored with the sums (convolutions): the product plus `bias[i]` on row i, whatever the output
-    /// held, row- and column-major, on every kernel and for k = 0.
     /// Without a bf16 unit (the `widen` kernel), bf16 weights multiply f32 activations as they are (f32
     /// products of the widened weights), in either position; a bf16 unit rounds the activations, so those
     /// kernels land on the rounded product.
@@ -1027,6 +1025,8 @@ mod tests {
         }
     }
 
+    /// A row bias stored with the sums (convolutions): the product plus `bias[i]` on row i, whatever the output
+    /// held, row- and column-major, on every kernel and for k = 0.
     #[test]
     fn row_bias_is_added_as_the_sums_are_stored() {
         for kernel in Kernel::available() {
