@@ -142,6 +142,10 @@ impl Module for Linear {
                 super::ops::frozen::linear_input_grad(weight),
             );
         }
+        if super::ops::linear::applies(&x, weight, self.inner.bias()) {
+            // A trained f32 layer: one op, whose backward writes the weight's gradient in its own layout.
+            return super::ops::linear::linear(&x, weight, self.inner.bias());
+        }
         self.inner.forward(&x)
     }
 }

@@ -20,9 +20,9 @@
 //! gradient, in f32 (2.25x fewer multiplications). Other devices and dtypes keep candle's formulas.
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 use super::bf16::{Kernel, Values};
+use super::matmul::{matmul, Mat};
 use super::offsets;
 use super::winograd;
 use super::Weight;
@@ -30,6 +30,8 @@ use super::Weight;
 /// Target size of one band's patch matrix (elements): big enough for an efficient matrix product, small
 /// enough to stay in the last-level cache instead of materialising a 9x copy of a 512x512 VAE activation.
 const BAND_ELEMENTS: usize = 1 << 21;
+/// Output pixels per band of the kernel gradient's products at least (their inner dimension).
+const MIN_GRAD_WEIGHT_PIXELS: usize = 512;
 
 /// Stride and zero padding of a convolution (dilation 1, one group: what Stable Diffusion uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,90 +275,6 @@ impl Dims {
     fn patch(&self) -> usize {
         self.c * self.kh * self.kw
     }
-}
-
-/// A read-only matrix: element (i, j) is `data[i * rs + j * cs]`, so a transpose is a swap of strides.
-#[derive(Clone, Copy)]
-pub(super) struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    /// Row-major, `rs` elements from one row to the next.
-    pub(super) fn rows(data: &'a [T], rs: usize) -> Self {
-        Mat { data, rs, cs: 1 }
-    }
-
-    /// The transpose of a row-major matrix whose rows are `rs` elements apart.
-    fn transposed(data: &'a [T], rs: usize) -> Self {
-        Mat { data, rs: 1, cs: rs }
-    }
-
-    /// Whether every element of an (m, n) matrix lies inside `data`.
-    fn covers(&self, m: usize, n: usize) -> bool {
-        spans(self.data.len(), m, n, self.rs, self.cs)
-    }
-}
-
-/// Whether `len` elements hold an (m, n) matrix with strides `rs` and `cs`.
-fn spans(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
-    m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < len
-}
-
-/// `dst (m, n; element (i, j) at i * dst_rs + j * dst_cs) = [dst +] lhs (m, k) x rhs (k, n)` on all threads:
-/// added onto `dst` when `accumulate`, else overwriting it.
-///
-/// Strides decide the speed: gemm makes `dst` column-major (transposing the whole product if `dst_rs` is the
-/// larger stride), then wants its left operand column-major too; a left operand with contiguous rows is
-/// re-packed, a strided copy as large as that operand.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn matmul<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) -> Result<()> {
-    // They guard the raw-pointer product below (the callers derive every size from checked dims).
-    if !(spans(dst.len(), m, n, dst_rs, dst_cs) && lhs.covers(m, k) && rhs.covers(k, n)) {
-        candle_core::bail!("conv2d: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
-    }
-    // candle 0.11.1 works the count out from /proc/cpuinfo at every call: read it once, not per product (in
-    // training at 128 px, the re-reads took about 4% of the time).
-    static THREADS: OnceLock<usize> = OnceLock::new();
-    let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above check that the slices cover every element the strides address, and dst (a
-    // unique borrow) cannot overlap the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-    Ok(())
 }
 
 impl Conv2dOp {
@@ -732,55 +650,68 @@ struct Conv2dGradWeight {
 }
 
 impl Conv2dGradWeight {
-    /// The kernel gradient with `product(len, dst, g, rhs, rhs_stride)` computing `dst (O, patch) += g (O, len;
-    /// rows hw apart) x rhsᵀ`, where `rhs` is (patch, len) with rows `rhs_stride` apart: gemm, or the bf16 kernels
-    /// under autocast. `dst` is column-major when `column_major` (then transposed at the end), else row-major.
+    /// The kernel gradient with `product(len, dst, g, rhs, rhs_stride, accumulate)` computing `dst (O, patch)
+    /// [+]= g (O, len; rows hw apart) x rhsᵀ`, where `rhs` is (patch, len) with rows `rhs_stride` apart: gemm, or
+    /// the bf16 kernels under autocast. The first product overwrites `dst`, the others add onto it. `dst` is
+    /// column-major when `column_major` (then transposed at the end), else row-major (OIHW).
     fn compute<T, P>(&self, x: &[T], g: &[T], d: &Dims, column_major: bool, product: P) -> Result<Vec<T>>
     where
         T: WithDType,
-        P: Fn(usize, &mut [T], &[T], &[T], usize) -> Result<()>,
+        P: Fn(usize, &mut [T], &[T], &[T], usize, bool) -> Result<()>,
     {
         let p = self.p;
         let (in_size, hw, patch) = (d.c * d.h * d.w, d.oh * d.ow, d.patch());
-        // gemm accumulates the (O, C*KH*KW) gradient column-major, i.e. transposed: in the OIHW layout it would
-        // re-pack the whole patch matrix into the order it wants at every band, a strided copy 9x larger than the
-        // output gradient it re-packs this way; a transpose at the end fixes the layout. (The bf16 kernels pack
-        // both operands anyway and write the OIHW layout directly.)
-        let mut acc = vec![T::zero(); patch * d.o];
+        if d.b == 0 || hw == 0 {
+            return Ok(vec![T::zero(); patch * d.o]);
+        }
+        // Every element is written by the first product (which overwrites) before any is read.
+        let mut acc = super::unfilled::<T>(patch * d.o);
+        let mut accumulate = false;
         if p.pointwise(d) {
             for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
-                product(hw, &mut acc, g, x, hw)?;
+                product(hw, &mut acc, g, x, hw, accumulate)?;
+                accumulate = true;
             }
         } else {
-            let band_rows = Conv2dParams::band_rows(d);
-            let mut cols = vec![T::zero(); patch * band_rows * d.ow];
+            // Each band's product reads and writes the whole kernel-sized gradient: bands of at least
+            // MIN_GRAD_WEIGHT_PIXELS keep that traffic small against the product's work.
+            let band_rows = Conv2dParams::band_rows(d).max(MIN_GRAD_WEIGHT_PIXELS.div_ceil(d.ow)).min(d.oh);
+            let mut cols = super::unfilled::<T>(patch * band_rows * d.ow);
             for (x, g) in x.chunks(in_size).zip(g.chunks(d.o * hw)) {
                 for row0 in (0..d.oh).step_by(band_rows) {
                     let rows = band_rows.min(d.oh - row0);
                     let n = rows * d.ow;
                     let cols = &mut cols[..patch * n];
                     p.gather(x, cols, d, row0, rows);
-                    product(n, &mut acc, &g[row0 * d.ow..], cols, n)?;
+                    product(n, &mut acc, &g[row0 * d.ow..], cols, n, accumulate)?;
+                    accumulate = true;
                 }
             }
         }
         Ok(if column_major { transpose(&acc, patch, d.o) } else { acc })
     }
 
+    /// gemm accumulates a column-major (O, patch) gradient with the patch matrix as read, then transposes it
+    /// into OIHW; written row-major (OIHW) directly, gemm would first re-pack the patch matrix (its left operand
+    /// then) into the order it wants. The cheaper of the two: the transpose moves the kernel-sized gradient twice,
+    /// the re-packing moves every band's patch matrix once (smaller at the 8x8 and 16x16 levels of 1280 channels,
+    /// where the transpose was most of the op's time).
     fn compute_gemm<T: WithDType>(&self, x: &[T], g: &[T], d: &Dims) -> Result<Vec<T>> {
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.compute(x, g, d, true, |len, dst, g, rhs, rhs_stride| {
+        let column_major = d.b * hw >= 2 * d.o;
+        let dst_strides = if column_major { (1, d.o) } else { (patch, 1) };
+        self.compute(x, g, d, column_major, |len, dst, g, rhs, rhs_stride, accumulate| {
             let (lhs, rhs) = (Mat::rows(g, hw), Mat::transposed(rhs, rhs_stride));
-            matmul(d.o, patch, len, dst, (1, d.o), true, lhs, rhs)
+            matmul(d.o, patch, len, dst, dst_strides, accumulate, lhs, rhs)
         })
     }
 
     fn compute_bf16(&self, x: &[f32], g: &[f32], d: &Dims) -> Result<Vec<f32>> {
         use super::bf16::{matmul as bf16_matmul, Operand};
         let (hw, patch) = (d.oh * d.ow, d.patch());
-        self.compute(x, g, d, false, |len, dst, g, rhs, rhs_stride| {
+        self.compute(x, g, d, false, |len, dst, g, rhs, rhs_stride, accumulate| {
             let (lhs, rhs) = (Operand::new(Values::F32(g), hw, 1), Operand::new(Values::F32(rhs), 1, rhs_stride));
-            bf16_matmul(d.o, patch, len, lhs, rhs, dst, (patch, 1), true)
+            bf16_matmul(d.o, patch, len, lhs, rhs, dst, (patch, 1), accumulate)
         })
     }
 }
@@ -1068,14 +999,17 @@ mod tests {
         assert!(diff < 1e-3, "{diff}");
     }
 
-    /// The gradient ops against candle's formulas (what the backward used before them) in f32, over [`SHAPES`]
-    /// and two inputs whose patch matrices span several bands (stride 1 and 2): col2im adds across band edges.
+    /// The gradient ops against candle's formulas (what the backward used before them) in f32, over [`SHAPES`],
+    /// two inputs whose patch matrices span several bands (stride 1 and 2: col2im adds across band edges), and
+    /// two with more output channels than pixels, whose kernel gradient gemm writes row-major (3x3 and 1x1).
     #[test]
     fn gradients_match_candle_formulas() {
         let dev = Device::Cpu;
         let banded = [(256, 3, 3, 1, 1, 70, 64), (256, 3, 3, 2, 1, 70, 64)];
         const { assert!(BAND_ELEMENTS / (256 * 9 * 64) < 70 && BAND_ELEMENTS / (256 * 9 * 32) < 35, "several bands") };
-        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain(banded) {
+        // Batch 2: 2 * pixels < 2 * out channels.
+        let row_major = [(8, 48, 3, 1, 1, 4, 5), (6, 40, 1, 1, 0, 3, 4)];
+        for (c, o, k, stride, padding, h, w) in SHAPES.into_iter().chain(banded).chain(row_major) {
             let p = Conv2dParams { padding, stride };
             let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
             let kernel = Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap();

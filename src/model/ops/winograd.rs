@@ -14,7 +14,7 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::conv2d::{matmul, Mat};
+use super::matmul::{matmul, Mat};
 use super::Weight;
 
 /// Output pixels along each side of a tile.
