@@ -3,22 +3,25 @@
 //! At 512 px the UNet's first-level self-attention has 4096 tokens: the scores of a guided batch with 8
 //! heads are 1 GiB, written by one matrix product, read and rewritten by the softmax and read again by the
 //! next product. Here each task takes one head and a block of queries, computes that block's scores into a
-//! scratch buffer that stays in the core's cache (the scale folded into the product), normalises the rows
-//! in place and multiplies by the values straight into the output; tasks run in parallel over heads and
+//! scratch buffer that stays in the core's cache (the scale folded into the product, the block column-major so
+//! that no operand is re-packed per block, see [`BLOCK_ROWS`]), normalises each query's scores and multiplies
+//! by the values; tasks run in parallel over heads and
 //! blocks. The backward pass works the same way ([`AttentionGradOp`]): per head, block by block of queries, it
 //! recomputes the block's probabilities and forms every gradient from them, so no score tensor is made there
 //! either (at 512 px the whole-score version held ~2 GiB of temporaries and took 3x PyTorch's backward).
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::math::{softmax_row, Real};
+use super::math::Real;
 use super::{flat_parts, offsets};
 
-/// Target size of one task's score block (elements): 1 MiB of f32, within a core's L2 cache.
-const BLOCK_SCORES: usize = 1 << 18;
-/// Query rows per task at least (short key sequences) and at most.
-const MIN_ROWS: usize = 16;
-const MAX_ROWS: usize = 256;
+/// Query rows per block (both passes) at most. gemm (0.19, on x86) multiplies an operand where it lies, without
+/// packing it first, when: a right operand with contiguous columns, in a product of at most 2048 rows; a right
+/// operand laid out otherwise, in a product of at most 32 rows; a left operand with contiguous columns, when at
+/// most 48 columns of the result are taken at once. With the score blocks column-major and blocks of 32 query
+/// rows every large operand (k, v, the score blocks) meets one of these, so none is packed again at every
+/// block (at 64 rows, row-major, packing took a quarter of the backward's product time).
+const BLOCK_ROWS: usize = 32;
 
 /// Score elements one candle-ops attention pass holds at once (1 GiB of f32, 512 MiB of half precision): a
 /// guided 512-px SD1.5 batch fits in one pass; larger images run in blocks of query rows, so on a GPU the score
@@ -103,74 +106,63 @@ impl AttentionOp {
         if len == 0 || s.keys == 0 {
             return vec![T::zero(); len];
         }
-        // Both products below write their whole destination without reading it (`read_dst` false).
+        // Every block of the output is written in full below.
         let mut out = super::unfilled::<T>(len);
-        let rows = (BLOCK_SCORES / s.keys).clamp(MIN_ROWS, MAX_ROWS).min(s.queries);
+        let rows = BLOCK_ROWS.min(s.queries);
         let scale = T::from_f64(self.scale);
+        let scratch = || Scratch::<T>::new(rows, s.keys, s.dv);
         out.par_chunks_mut(s.queries * s.dv).enumerate().for_each(|(h, out_h)| {
             let (q_h, k_h, v_h) = (
                 &q[h * s.queries * s.d..(h + 1) * s.queries * s.d],
                 &k[h * s.keys * s.d..(h + 1) * s.keys * s.d],
                 &v[h * s.keys * s.dv..(h + 1) * s.keys * s.dv],
             );
-            out_h.par_chunks_mut(rows * s.dv).enumerate().for_each(|(b, out_b)| {
+            out_h.par_chunks_mut(rows * s.dv).enumerate().for_each_init(scratch, |scratch, (b, out_b)| {
                 let n = out_b.len() / s.dv;
                 let q_b = &q_h[b * rows * s.d..(b * rows + n) * s.d];
-                let mut scores = super::unfilled::<T>(n * s.keys);
+                let (p, out_cols) = (&mut scratch.p[..n * s.keys], &mut scratch.cols[..n * s.dv]);
                 // SAFETY (both products): every pointer/stride pair addresses only elements of its slice:
-                // q_b is n x d, k_h keys x d (read transposed), scores n x keys, v_h keys x dv, out_b n x dv.
+                // q_b is n x d, k_h keys x d, p n x keys (column-major), v_h keys x dv, out_cols n x dv.
                 unsafe {
-                    gemm::gemm(
-                        n,
-                        s.keys,
-                        s.d,
-                        scores.as_mut_ptr(),
-                        1,
-                        s.keys as isize,
-                        false,
-                        q_b.as_ptr(),
-                        1,
-                        s.d as isize,
-                        k_h.as_ptr(),
-                        s.d as isize,
-                        1,
-                        T::zero(),
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    // 1. S = q kᵀ · scale, column-major, then P.
+                    let (lhs, rhs) = ((q_b.as_ptr(), 1, s.d), (k_h.as_ptr(), s.d, 1));
+                    product((n, s.keys, s.d), (p.as_mut_ptr(), n, 1), lhs, rhs, false, scale);
+                    T::softmax_columns(p, n, &mut scratch.max, &mut scratch.sum);
+                    // 2. out = P v, column-major, then into the output's rows.
+                    let (lhs, rhs) = ((p.as_ptr(), n, 1), (v_h.as_ptr(), 1, s.dv));
+                    product((n, s.dv, s.keys), (out_cols.as_mut_ptr(), n, 1), lhs, rhs, false, T::one());
                 }
-                for row in scores.chunks_mut(s.keys) {
-                    softmax_row(row);
-                }
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        s.dv,
-                        s.keys,
-                        out_b.as_mut_ptr(),
-                        1,
-                        s.dv as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        s.keys as isize,
-                        v_h.as_ptr(),
-                        1,
-                        s.dv as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                rows_from_columns(out_cols, n, out_b);
             });
         });
         out
+    }
+}
+
+/// One task's scratch: a column-major score block, a column-major (rows, width) result and the softmax's
+/// per-row values.
+struct Scratch<T> {
+    p: Vec<T>,
+    cols: Vec<T>,
+    max: Vec<T>,
+    sum: Vec<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(rows: usize, keys: usize, width: usize) -> Self {
+        // The products and the softmax write p and cols in full before reading them.
+        let (p, cols) = (super::unfilled::<T>(rows * keys), super::unfilled::<T>(rows * width));
+        Scratch { p, cols, max: vec![T::zero(); rows], sum: vec![T::zero(); rows] }
+    }
+}
+
+/// Writes the column-major (n, width) `cols` into the row-major `dst`.
+fn rows_from_columns<T: Copy>(cols: &[T], n: usize, dst: &mut [T]) {
+    let width = dst.len() / n.max(1);
+    for (i, row) in dst.chunks_exact_mut(width).enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = cols[c * n + i];
+        }
     }
 }
 
@@ -285,7 +277,7 @@ impl AttentionGradOp {
         }
         let (dq, rest) = out.split_at_mut(n_q);
         let (dk, dv) = rest.split_at_mut(n_k);
-        let rows = (BLOCK_SCORES / s.keys).clamp(MIN_ROWS, MAX_ROWS).min(s.queries);
+        let rows = BLOCK_ROWS.min(s.queries);
         let scale = T::from_f64(self.scale);
         let (qd, kd, kv, qv) = (s.queries * s.d, s.keys * s.d, s.keys * s.dv, s.queries * s.dv);
         dq.par_chunks_mut(qd).zip(dk.par_chunks_mut(kd)).zip(dv.par_chunks_mut(kv)).enumerate().for_each(
@@ -296,79 +288,67 @@ impl AttentionGradOp {
                     &v[h * kv..(h + 1) * kv],
                     &g[h * qv..(h + 1) * qv],
                 );
-                // Both scratch blocks are written in full by a product before being read.
-                let mut p = super::unfilled::<T>(rows * s.keys);
+                let mut scratch = Scratch::<T>::new(rows, s.keys, s.d);
+                // Written in full by the third product before the softmax's backward reads it.
                 let mut dp = super::unfilled::<T>(rows * s.keys);
                 for start in (0..s.queries).step_by(rows) {
                     let n = rows.min(s.queries - start);
                     let (q_b, g_b) = (&q_h[start * s.d..(start + n) * s.d], &g_h[start * s.dv..(start + n) * s.dv]);
-                    let dq_b = &mut dq_h[start * s.d..(start + n) * s.d];
-                    let (p, dp) = (&mut p[..n * s.keys], &mut dp[..n * s.keys]);
-                    // SAFETY (every product): the shapes and strides address only the named slices: q_b and dq_b
-                    // n x d, g_b n x dv, k_h and dk_h keys x d, v_h and dv_h keys x dv, p and dp n x keys (read
-                    // transposed as keys x n where noted); destinations are distinct buffers.
+                    let (p, dp, dq_cols) =
+                        (&mut scratch.p[..n * s.keys], &mut dp[..n * s.keys], &mut scratch.cols[..n * s.d]);
+                    // P, dP and dS are column-major (n, keys) blocks, dq's block column-major too (see BLOCK_ROWS).
+                    // SAFETY (every product): the shapes and strides address only the named slices: q_b n x d,
+                    // g_b n x dv, k_h and dk_h keys x d, v_h and dv_h keys x dv, p and dp n x keys, dq_cols n x d;
+                    // destinations are distinct buffers.
                     unsafe {
-                        // 1. S = q kᵀ · scale, then P row by row.
-                        let kt = (k_h.as_ptr(), s.d, 1);
+                        // 1. S = q kᵀ · scale, then P column by column.
                         product(
                             (n, s.keys, s.d),
-                            (p.as_mut_ptr(), 1, s.keys),
+                            (p.as_mut_ptr(), n, 1),
                             (q_b.as_ptr(), 1, s.d),
-                            kt,
+                            (k_h.as_ptr(), s.d, 1),
                             false,
                             scale,
                         );
-                        for row in p.chunks_mut(s.keys) {
-                            softmax_row(row);
-                        }
+                        T::softmax_columns(p, n, &mut scratch.max, &mut scratch.sum);
                         // 2. dv += Pᵀ g.
-                        let pt = (p.as_ptr(), s.keys, 1);
                         product(
                             (s.keys, s.dv, n),
                             (dv_h.as_mut_ptr(), 1, s.dv),
-                            pt,
+                            (p.as_ptr(), 1, n),
                             (g_b.as_ptr(), 1, s.dv),
                             true,
                             T::one(),
                         );
                         // 3. dP = g vᵀ, then dS in place.
-                        let vt = (v_h.as_ptr(), s.dv, 1);
                         product(
                             (n, s.keys, s.dv),
-                            (dp.as_mut_ptr(), 1, s.keys),
+                            (dp.as_mut_ptr(), n, 1),
                             (g_b.as_ptr(), 1, s.dv),
-                            vt,
+                            (v_h.as_ptr(), s.dv, 1),
                             false,
                             T::one(),
                         );
-                    }
-                    for (dp_row, p_row) in dp.chunks_mut(s.keys).zip(p.chunks(s.keys)) {
-                        let dot = dp_row.iter().zip(p_row).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                        for (d, &pv) in dp_row.iter_mut().zip(p_row) {
-                            *d = pv * (*d - dot) * scale;
-                        }
-                    }
-                    unsafe {
-                        // 4. dq = dS k, dk += dSᵀ q.
-                        let ds = (dp.as_ptr(), 1, s.keys);
+                        T::softmax_grad_columns(dp, p, n, scale, &mut scratch.max);
+                        // 4. dq = dS k (column-major, copied into dq's rows), dk += dSᵀ q.
                         product(
                             (n, s.d, s.keys),
-                            (dq_b.as_mut_ptr(), 1, s.d),
-                            ds,
+                            (dq_cols.as_mut_ptr(), n, 1),
+                            (dp.as_ptr(), n, 1),
                             (k_h.as_ptr(), 1, s.d),
                             false,
                             T::one(),
                         );
-                        let dst = (dp.as_ptr(), s.keys, 1);
                         product(
                             (s.keys, s.d, n),
                             (dk_h.as_mut_ptr(), 1, s.d),
-                            dst,
+                            (dp.as_ptr(), 1, n),
                             (q_b.as_ptr(), 1, s.d),
                             true,
                             T::one(),
                         );
                     }
+                    rows_from_columns(dq_cols, n, &mut dq_h[start * s.d..(start + n) * s.d]);
                 }
             },
         );

@@ -27,6 +27,16 @@ pub trait Real: WithDType {
     fn gate_grad_row(da: &mut [Self], dg: &mut [Self], a: &[Self], g: &[Self], grad: &[Self]) {
         gate_grad_row_plain(da, dg, a, g, grad)
     }
+    /// Softmax of each row of a column-major block (`rows` values per column, one column per key) in place;
+    /// `max` and `sum` are scratch of `rows` values.
+    fn softmax_columns(block: &mut [Self], rows: usize, max: &mut [Self], sum: &mut [Self]) {
+        softmax_columns_plain(block, rows, max, sum)
+    }
+    /// Softmax's backward for each row of a column-major block in place: `dp` (the probabilities' gradient)
+    /// becomes the scores' gradient `p ⊙ (dp - Σ_row dp ⊙ p) · scale`; `dot` is scratch of `rows` values.
+    fn softmax_grad_columns(dp: &mut [Self], p: &[Self], rows: usize, scale: Self, dot: &mut [Self]) {
+        softmax_grad_columns_plain(dp, p, rows, scale, dot)
+    }
 }
 
 #[inline(always)]
@@ -102,6 +112,57 @@ fn exp_row_lanes<T: Real>(row: &mut [T]) -> T {
     sums.iter().fold(sum, |a, &b| a + b)
 }
 
+/// [`Real::softmax_columns`]: the row maxima, then `e^(x - max)` with the row sums, then the rows scaled by
+/// their inverse sums; every loop runs down a column, one lane per row.
+#[inline(always)]
+fn softmax_columns_plain<T: Real>(block: &mut [T], rows: usize, max: &mut [T], sum: &mut [T]) {
+    if rows == 0 {
+        return;
+    }
+    let (max, sum) = (&mut max[..rows], &mut sum[..rows]);
+    max.copy_from_slice(&block[..rows]);
+    for col in block.chunks_exact(rows) {
+        for (m, &v) in max.iter_mut().zip(col) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    sum.fill(T::zero());
+    for col in block.chunks_exact_mut(rows) {
+        for ((v, &m), s) in col.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+            *v = (*v - m).exp();
+            *s += *v;
+        }
+    }
+    for s in sum.iter_mut() {
+        *s = T::one() / *s;
+    }
+    for col in block.chunks_exact_mut(rows) {
+        for (v, &inv) in col.iter_mut().zip(sum.iter()) {
+            *v *= inv;
+        }
+    }
+}
+
+/// [`Real::softmax_grad_columns`], one lane per row.
+#[inline(always)]
+fn softmax_grad_columns_plain<T: Real>(dp: &mut [T], p: &[T], rows: usize, scale: T, dot: &mut [T]) {
+    if rows == 0 {
+        return;
+    }
+    let dot = &mut dot[..rows];
+    dot.fill(T::zero());
+    for (d_col, p_col) in dp.chunks_exact(rows).zip(p.chunks_exact(rows)) {
+        for ((acc, &d), &pv) in dot.iter_mut().zip(d_col).zip(p_col) {
+            *acc += d * pv;
+        }
+    }
+    for (d_col, p_col) in dp.chunks_exact_mut(rows).zip(p.chunks_exact(rows)) {
+        for ((d, &pv), &dt) in d_col.iter_mut().zip(p_col).zip(dot.iter()) {
+            *d = pv * (*d - dt) * scale;
+        }
+    }
+}
+
 /// Defines `fn $name($args) -> $ret` calling `$plain($args)` compiled for the widest vector unit the CPU has
 /// (AVX-512F, else AVX2 + FMA, else the crate's baseline, 4-wide SSE2): the same f32 operations in wider lanes,
 /// so the same bits.
@@ -152,6 +213,8 @@ impl Real for f32 {
     widest! { fn silu_affine_row(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) = silu_affine_plain }
     widest! { fn softmax_row(row: &mut [f32]) = softmax_row_lanes }
     widest! { fn gate_row(o: &mut [f32], a: &[f32], g: &[f32]) = gate_row_plain }
+    widest! { fn softmax_columns(block: &mut [f32], rows: usize, max: &mut [f32], sum: &mut [f32]) = softmax_columns_plain }
+    widest! { fn softmax_grad_columns(dp: &mut [f32], p: &[f32], rows: usize, scale: f32, dot: &mut [f32]) = softmax_grad_columns_plain }
 }
 
 impl Real for f64 {
@@ -285,6 +348,64 @@ mod tests {
                 let want = (v as f64 - max).exp() / sum;
                 assert!((o as f64 - want).abs() < 1e-6 * want.max(1e-3) + 1e-9, "len {len}: {o} vs {want}");
                 assert!((l as f64 - want).abs() < 1e-6 * want.max(1e-3) + 1e-9, "len {len}: {l} vs {want}");
+            }
+        }
+    }
+
+    /// A column-major block (rows x keys) of scores: row `i`, key `j`.
+    fn scores(rows: usize, keys: usize) -> Vec<f32> {
+        (0..rows * keys).map(|e| (((e % rows) * 31 + (e / rows) * 37) % 101) as f32 * 0.1 - 5.0).collect()
+    }
+
+    /// The column-major block softmax (every dispatch path) against the formula in f64 row by row, for
+    /// blocks of one row, of a vector's width and wider, short and long rows.
+    #[test]
+    fn softmax_columns_match_definition() {
+        for (rows, keys) in [(1usize, 5usize), (8, 77), (32, 4099), (13, 16)] {
+            let block = scores(rows, keys);
+            let (mut ours, mut plain) = (block.clone(), block.clone());
+            let (mut max, mut sum) = (vec![0f32; rows], vec![0f32; rows]);
+            f32::softmax_columns(&mut ours, rows, &mut max, &mut sum);
+            softmax_columns_plain(&mut plain, rows, &mut max, &mut sum);
+            for i in 0..rows {
+                let row: Vec<f64> = (0..keys).map(|j| block[j * rows + i] as f64).collect();
+                let m = row.iter().copied().fold(f64::MIN, f64::max);
+                let total: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                for (j, v) in row.iter().enumerate() {
+                    let want = (v - m).exp() / total;
+                    for got in [ours[j * rows + i], plain[j * rows + i]] {
+                        // Each row's sum runs key by key in f32: rounding grows with the row's length.
+                        let err = (got as f64 - want).abs();
+                        let tol = 1e-7 * (keys as f64).sqrt().max(10.0) * want.max(1e-3);
+                        assert!(err < tol, "{rows}x{keys} ({i}, {j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The column-major softmax backward (every dispatch path) against its formula in f64.
+    #[test]
+    fn softmax_grad_columns_match_definition() {
+        for (rows, keys) in [(1usize, 5usize), (8, 77), (32, 4099)] {
+            let mut p = scores(rows, keys);
+            let (mut max, mut sum) = (vec![0f32; rows], vec![0f32; rows]);
+            f32::softmax_columns(&mut p, rows, &mut max, &mut sum);
+            let dp: Vec<f32> = (0..rows * keys).map(|e| ((e * 53 % 97) as f32 - 48.0) * 0.02).collect();
+            let (mut ours, mut plain) = (dp.clone(), dp.clone());
+            f32::softmax_grad_columns(&mut ours, &p, rows, 0.25, &mut max);
+            softmax_grad_columns_plain(&mut plain, &p, rows, 0.25, &mut sum);
+            for i in 0..rows {
+                let dot: f64 = (0..keys).map(|j| dp[j * rows + i] as f64 * p[j * rows + i] as f64).sum();
+                for j in 0..keys {
+                    let e = j * rows + i;
+                    let want = p[e] as f64 * (dp[e] as f64 - dot) * 0.25;
+                    for got in [ours[e], plain[e]] {
+                        // The difference dp - dot cancels: an absolute bound scaled by the probability.
+                        let err = (got as f64 - want).abs();
+                        assert!(err < 1e-6 * (p[e] as f64).max(1e-6), "{rows}x{keys} ({i}, {j}): {got} vs {want}");
+                    }
+                }
             }
         }
     }
