@@ -137,54 +137,50 @@ fn gradients(
     grad: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let grad_x = x.track_op().then(|| grad.apply_op2_no_bwd(w, &InputGrad)).transpose()?;
-    let grad_w = w.track_op().then(|| grad.apply_op2_no_bwd(x, &WeightGrad)).transpose()?;
+    let grad_x = x.track_op().then(|| grad.apply_op2_no_bwd(w, &GradProduct::Input)).transpose()?;
+    let grad_w = w.track_op().then(|| grad.apply_op2_no_bwd(x, &GradProduct::Weight)).transpose()?;
     let grad_b = b.filter(|b| b.track_op()).map(|_| column_sums(&grad)).transpose()?;
     Ok((grad_x, grad_w, grad_b))
 }
 
-/// grad (rows, out) · W (out, in) → (rows, in).
-struct InputGrad;
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "linear-grad-input"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let ((g, (rows, out_d)), (w, (w_out, in_d))) = (matrix(s1, l1, name)?, matrix(s2, l2, name)?);
-        if w_out != out_d {
-            candle_core::bail!("{name}: gradient {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
-        }
-        // The product (accumulate = false) writes every element.
-        let mut out = super::unfilled::<f32>(rows * in_d);
-        matmul(rows, in_d, out_d, &mut out, (in_d, 1), false, Mat::rows(g, out_d), Mat::rows(w, in_d))?;
-        Ok((CpuStorage::F32(out), Shape::from((rows, in_d))))
-    }
+/// The backward's two products with the output's gradient `grad` (rows, out) as first operand: the input
+/// gradient `grad · W` (rows, in) with the weight (out, in), or the weight gradient `gradᵀ · x` (out, in), in the
+/// weight's layout, with the input (rows, in).
+enum GradProduct {
+    Input,
+    Weight,
 }
 
-/// grad (rows, out)ᵀ · x (rows, in) → (out, in), the weight's layout.
-struct WeightGrad;
-
-impl CustomOp2 for WeightGrad {
+impl CustomOp2 for GradProduct {
     fn name(&self) -> &'static str {
-        "linear-grad-weight"
+        match self {
+            GradProduct::Input => "linear-grad-input",
+            GradProduct::Weight => "linear-grad-weight",
+        }
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let ((g, (rows, out_d)), (x, (x_rows, in_d))) = (matrix(s1, l1, name)?, matrix(s2, l2, name)?);
-        if x_rows != rows {
-            candle_core::bail!("{name}: gradient {:?} and input {:?} do not fit", l1.shape(), l2.shape())
+        let ((g, (rows, out_d)), (b, (b_rows, in_d))) = (matrix(s1, l1, name)?, matrix(s2, l2, name)?);
+        // The weight has a row per output, the input a row per row of the gradient.
+        let fits = match self {
+            GradProduct::Input => b_rows == out_d,
+            GradProduct::Weight => b_rows == rows,
+        };
+        if !fits {
+            candle_core::bail!("{name}: gradient {:?} and {:?} do not fit", l1.shape(), l2.shape())
         }
-        if rows == 0 {
-            return Ok((CpuStorage::F32(vec![0.0; out_d * in_d]), Shape::from((out_d, in_d))));
+        let (m, k, lhs) = match self {
+            GradProduct::Input => (rows, out_d, Mat::rows(g, out_d)),
+            GradProduct::Weight => (out_d, rows, Mat::transposed(g, out_d)),
+        };
+        if k == 0 {
+            return Ok((CpuStorage::F32(vec![0.0; m * in_d]), Shape::from((m, in_d))));
         }
         // The product (accumulate = false) writes every element.
-        let mut out = super::unfilled::<f32>(out_d * in_d);
-        matmul(out_d, in_d, rows, &mut out, (in_d, 1), false, Mat::transposed(g, out_d), Mat::rows(x, in_d))?;
-        Ok((CpuStorage::F32(out), Shape::from((out_d, in_d))))
+        let mut out = super::unfilled::<f32>(m * in_d);
+        matmul(m, in_d, k, &mut out, (in_d, 1), false, lhs, Mat::rows(b, in_d))?;
+        Ok((CpuStorage::F32(out), Shape::from((m, in_d))))
     }
 }
 
