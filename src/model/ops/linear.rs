@@ -32,7 +32,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let (out_d, in_d) = weight.dims2()?;
     let mut dims = x.dims().to_vec();
     if dims.last() != Some(&in_d) {
-        candle_core::bail!("linear: input {:?} does not end in the weight's {in_d} inputs", x.shape())
+        candle_core::bail!("{}: input {:?} does not end in the weight's {in_d} inputs", LinearOp::NAME, x.shape())
     }
     let rows = x.elem_count() / in_d.max(1);
     let x2 = x.contiguous()?.reshape((rows, in_d))?;
@@ -59,8 +59,11 @@ fn matrix<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], (us
 }
 
 impl LinearOp {
+    /// The op's name as both of its forms (with and without a bias) report it, and its errors start.
+    const NAME: &'static str = "linear";
+
     fn forward(&self, (s1, l1): (&CpuStorage, &Layout), (s2, l2): (&CpuStorage, &Layout)) -> Result<Vec<f32>> {
-        let name = "linear";
+        let name = Self::NAME;
         let ((x, (rows, in_d)), (w, (out_d, w_in))) = (matrix(s1, l1, name)?, matrix(s2, l2, name)?);
         if w_in != in_d {
             candle_core::bail!("{name}: input {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
@@ -74,7 +77,7 @@ impl LinearOp {
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear"
+        Self::NAME
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -91,7 +94,7 @@ impl CustomOp2 for LinearOp {
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -105,11 +108,12 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let mut y = self.forward((s1, l1), (s2, l2))?;
         let out_d = l2.dims()[0];
-        let (b0, b1) = offsets(l3, "linear")?;
-        let CpuStorage::F32(b) = s3 else { candle_core::bail!("linear: an f32 bias expected") };
+        let name = Self::NAME;
+        let (b0, b1) = offsets(l3, name)?;
+        let CpuStorage::F32(b) = s3 else { candle_core::bail!("{name}: an f32 bias expected") };
         let bias = &b[b0..b1];
         if bias.len() != out_d {
-            candle_core::bail!("linear: bias {:?} does not fit {out_d} outputs", l3.shape())
+            candle_core::bail!("{name}: bias {:?} does not fit {out_d} outputs", l3.shape())
         }
         if out_d > 0 {
             y.par_chunks_mut(out_d).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b));
