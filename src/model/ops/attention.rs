@@ -4,8 +4,8 @@
 //! heads are 1 GiB, written by one matrix product, read and rewritten by the softmax and read again by the
 //! next product. Here each task takes one head and a block of queries, computes that block's scores into a
 //! scratch buffer that stays in the core's cache (the scale folded into the product, the block column-major so
-//! that no operand is re-packed per block, see [`BLOCK_ROWS`]), normalises each query's scores and multiplies
-//! by the values; tasks run in parallel over heads and
+//! that no operand is re-packed per block, see [`BLOCK_ROWS`]), exponentiates each query's scores, multiplies
+//! by the values and divides the (block, width) result by the sums; tasks run in parallel over heads and
 //! blocks. The backward pass works the same way ([`AttentionGradOp`]): per head, block by block of queries, it
 //! recomputes the block's probabilities and forms every gradient from them, so no score tensor is made there
 //! either (at 512 px the whole-score version held ~2 GiB of temporaries and took 3x PyTorch's backward).
@@ -21,7 +21,7 @@ use super::{flat_parts, offsets};
 /// most 48 columns of the result are taken at once. With the score blocks column-major and blocks of 32 query
 /// rows every large operand (k, v, the score blocks) meets one of these, so none is packed again at every
 /// block (at 64 rows, row-major, packing took a quarter of the backward's product time).
-const BLOCK_ROWS: usize = 32;
+pub(super) const BLOCK_ROWS: usize = 32;
 
 /// Score elements one candle-ops attention pass holds at once (1 GiB of f32, 512 MiB of half precision): a
 /// guided 512-px SD1.5 batch fits in one pass; larger images run in blocks of query rows, so on a GPU the score
@@ -124,13 +124,19 @@ impl AttentionOp {
                 // SAFETY (both products): every pointer/stride pair addresses only elements of its slice:
                 // q_b is n x d, k_h keys x d, p n x keys (column-major), v_h keys x dv, out_cols n x dv.
                 unsafe {
-                    // 1. S = q kᵀ · scale, column-major, then P.
+                    // 1. S = q kᵀ · scale, column-major, then softmax's numerators E and each row's 1 / Σ.
                     let (lhs, rhs) = ((q_b.as_ptr(), 1, s.d), (k_h.as_ptr(), s.d, 1));
                     product((n, s.keys, s.d), (p.as_mut_ptr(), n, 1), lhs, rhs, false, scale);
-                    T::softmax_columns(p, n, &mut scratch.max, &mut scratch.sum);
-                    // 2. out = P v, column-major, then into the output's rows.
+                    T::exp_columns(p, n, &mut scratch.max, &mut scratch.sum);
+                    // 2. E v, column-major.
                     let (lhs, rhs) = ((p.as_ptr(), n, 1), (v_h.as_ptr(), 1, s.dv));
                     product((n, s.dv, s.keys), (out_cols.as_mut_ptr(), n, 1), lhs, rhs, false, T::one());
+                }
+                // 3. out = P v = (E v) / Σ (a pass over the result, not over the keys), into the output's rows.
+                for col in out_cols.chunks_exact_mut(n) {
+                    for (v, &inv) in col.iter_mut().zip(&scratch.sum) {
+                        *v *= inv;
+                    }
                 }
                 rows_from_columns(out_cols, n, out_b);
             });

@@ -1,6 +1,8 @@
 //! Scalar functions for the fused kernels, written so the compiler can vectorise loops over them.
 use candle_core::WithDType;
 
+use super::attention::BLOCK_ROWS;
+
 /// The element types the fused kernels run on (f32 for inference, f64 for the finite-difference tests).
 pub trait Real: WithDType {
     fn exp(self) -> Self;
@@ -23,12 +25,22 @@ pub trait Real: WithDType {
     fn silu_affine_row(o: &mut [Self], xs: &[Self], scale: Self, shift: Self) {
         silu_affine_plain(o, xs, scale, shift)
     }
+    /// The backward of [`Real::silu_affine_row`] on one run, before the affine map: `o = g · σ(z) · (1 + z (1 -
+    /// σ(z)))`, `z = x · scale + shift`.
+    fn silu_affine_grad_row(o: &mut [Self], xs: &[Self], gs: &[Self], scale: Self, shift: Self) {
+        silu_affine_grad_plain(o, xs, gs, scale, shift)
+    }
     /// The gate's backward on one row: `da = grad · gelu(g)`, `dg = grad · a · (Φ(g) + g φ(g))`.
     fn gate_grad_row(da: &mut [Self], dg: &mut [Self], a: &[Self], g: &[Self], grad: &[Self]) {
         gate_grad_row_plain(da, dg, a, g, grad)
     }
-    /// Softmax of each row of a column-major block (`rows` values per column, one column per key) in place;
-    /// `max` and `sum` are scratch of `rows` values.
+    /// Softmax's numerators `e^(x - row max)` for each row of a column-major block (`rows` values per column,
+    /// one column per key) in place; `inv_sum` gets each row's `1 / Σ`, `max` is scratch of `rows` values.
+    /// The attention forward scales its (rows, width) result instead of the (rows, keys) block.
+    fn exp_columns(block: &mut [Self], rows: usize, max: &mut [Self], inv_sum: &mut [Self]) {
+        exp_columns_plain(block, rows, max, inv_sum)
+    }
+    /// Softmax of each row of a column-major block in place; `max` and `sum` are scratch of `rows` values.
     fn softmax_columns(block: &mut [Self], rows: usize, max: &mut [Self], sum: &mut [Self]) {
         softmax_columns_plain(block, rows, max, sum)
     }
@@ -56,6 +68,16 @@ fn silu_affine_plain<T: Real>(o: &mut [T], xs: &[T], scale: T, shift: T) {
     for (o, &x) in o.iter_mut().zip(xs) {
         let z = x * scale + shift;
         *o = z / (T::one() + (T::zero() - z).exp());
+    }
+}
+
+#[inline(always)]
+fn silu_affine_grad_plain<T: Real>(o: &mut [T], xs: &[T], gs: &[T], scale: T, shift: T) {
+    for ((o, &x), &g) in o.iter_mut().zip(xs).zip(gs) {
+        // d/dz z·σ(z) = σ(z)·(1 + z·(1 - σ(z))).
+        let z = x * scale + shift;
+        let s = T::one() / (T::one() + (T::zero() - z).exp());
+        *o = g * s * (T::one() + z * (T::one() - s));
     }
 }
 
@@ -112,14 +134,18 @@ fn exp_row_lanes<T: Real>(row: &mut [T]) -> T {
     sums.iter().fold(sum, |a, &b| a + b)
 }
 
-/// [`Real::softmax_columns`]: the row maxima, then `e^(x - max)` with the row sums, then the rows scaled by
-/// their inverse sums; every loop runs down a column, one lane per row.
+/// [`Real::exp_columns`]: the row maxima, then `e^(x - max)` with the row sums; every loop runs down a column,
+/// one lane per row. Blocks of [`BLOCK_ROWS`] rows keep the maxima and sums in registers (as memory operands,
+/// the maxima's conditional update compiled to masked stores, which took a quarter of the softmax on Zen 3).
 #[inline(always)]
-fn softmax_columns_plain<T: Real>(block: &mut [T], rows: usize, max: &mut [T], sum: &mut [T]) {
+fn exp_columns_plain<T: Real>(block: &mut [T], rows: usize, max: &mut [T], inv_sum: &mut [T]) {
+    if rows == BLOCK_ROWS {
+        return exp_columns_fixed::<T, BLOCK_ROWS>(block, &mut inv_sum[..BLOCK_ROWS]);
+    }
     if rows == 0 {
         return;
     }
-    let (max, sum) = (&mut max[..rows], &mut sum[..rows]);
+    let (max, sum) = (&mut max[..rows], &mut inv_sum[..rows]);
     max.copy_from_slice(&block[..rows]);
     for col in block.chunks_exact(rows) {
         for (m, &v) in max.iter_mut().zip(col) {
@@ -136,28 +162,81 @@ fn softmax_columns_plain<T: Real>(block: &mut [T], rows: usize, max: &mut [T], s
     for s in sum.iter_mut() {
         *s = T::one() / *s;
     }
+}
+
+/// [`exp_columns_plain`] for blocks of exactly `R` rows, per-row values in local arrays.
+#[inline(always)]
+fn exp_columns_fixed<T: Real, const R: usize>(block: &mut [T], inv_sum: &mut [T]) {
+    let (cols, _) = block.as_chunks_mut::<R>();
+    let Some(&first) = cols.first() else { return };
+    let mut max = first;
+    for col in cols.iter() {
+        for (m, &v) in max.iter_mut().zip(col) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut sum = [T::zero(); R];
+    for col in cols.iter_mut() {
+        for ((v, &m), s) in col.iter_mut().zip(&max).zip(&mut sum) {
+            *v = (*v - m).exp();
+            *s += *v;
+        }
+    }
+    for (inv, s) in inv_sum.iter_mut().zip(sum) {
+        *inv = T::one() / s;
+    }
+}
+
+/// [`Real::softmax_columns`]: [`exp_columns_plain`], then the rows scaled by their inverse sums.
+#[inline(always)]
+fn softmax_columns_plain<T: Real>(block: &mut [T], rows: usize, max: &mut [T], sum: &mut [T]) {
+    if rows == 0 {
+        return;
+    }
+    exp_columns_plain(block, rows, max, sum);
+    let inv = &sum[..rows];
     for col in block.chunks_exact_mut(rows) {
-        for (v, &inv) in col.iter_mut().zip(sum.iter()) {
+        for (v, &inv) in col.iter_mut().zip(inv) {
             *v *= inv;
         }
     }
 }
 
-/// [`Real::softmax_grad_columns`], one lane per row.
+/// [`Real::softmax_grad_columns`], one lane per row; blocks of [`BLOCK_ROWS`] rows keep the dot products in
+/// registers.
 #[inline(always)]
 fn softmax_grad_columns_plain<T: Real>(dp: &mut [T], p: &[T], rows: usize, scale: T, dot: &mut [T]) {
+    if rows == BLOCK_ROWS {
+        let mut acc = [T::zero(); BLOCK_ROWS];
+        column_dots(dp, p, &mut acc);
+        return softmax_grad_scale(dp, p, &acc, scale);
+    }
     if rows == 0 {
         return;
     }
     let dot = &mut dot[..rows];
+    column_dots(dp, p, dot);
+    softmax_grad_scale(dp, p, dot, scale);
+}
+
+/// `dot[i] = Σ_col dp[col][i] · p[col][i]` over the columns of `dot.len()` rows.
+#[inline(always)]
+fn column_dots<T: Real>(dp: &[T], p: &[T], dot: &mut [T]) {
+    let rows = dot.len();
     dot.fill(T::zero());
     for (d_col, p_col) in dp.chunks_exact(rows).zip(p.chunks_exact(rows)) {
         for ((acc, &d), &pv) in dot.iter_mut().zip(d_col).zip(p_col) {
             *acc += d * pv;
         }
     }
+}
+
+/// `dp = p ⊙ (dp - dot) · scale`, column by column.
+#[inline(always)]
+fn softmax_grad_scale<T: Real>(dp: &mut [T], p: &[T], dot: &[T], scale: T) {
+    let rows = dot.len();
     for (d_col, p_col) in dp.chunks_exact_mut(rows).zip(p.chunks_exact(rows)) {
-        for ((d, &pv), &dt) in d_col.iter_mut().zip(p_col).zip(dot.iter()) {
+        for ((d, &pv), &dt) in d_col.iter_mut().zip(p_col).zip(dot) {
             *d = pv * (*d - dt) * scale;
         }
     }
@@ -211,8 +290,10 @@ impl Real for f32 {
     }
     widest! { fn gate_grad_row(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32], grad: &[f32]) = gate_grad_row_plain }
     widest! { fn silu_affine_row(o: &mut [f32], xs: &[f32], scale: f32, shift: f32) = silu_affine_plain }
+    widest! { fn silu_affine_grad_row(o: &mut [f32], xs: &[f32], gs: &[f32], scale: f32, shift: f32) = silu_affine_grad_plain }
     widest! { fn softmax_row(row: &mut [f32]) = softmax_row_lanes }
     widest! { fn gate_row(o: &mut [f32], a: &[f32], g: &[f32]) = gate_row_plain }
+    widest! { fn exp_columns(block: &mut [f32], rows: usize, max: &mut [f32], inv_sum: &mut [f32]) = exp_columns_plain }
     widest! { fn softmax_columns(block: &mut [f32], rows: usize, max: &mut [f32], sum: &mut [f32]) = softmax_columns_plain }
     widest! { fn softmax_grad_columns(dp: &mut [f32], p: &[f32], rows: usize, scale: f32, dot: &mut [f32]) = softmax_grad_columns_plain }
 }
@@ -231,7 +312,10 @@ impl Real for f64 {
 /// `e^x` in f32 within 2 ulp, branch-free so that loops vectorise (libm's `expf` is a call per element; the
 /// softmax of the 4096-token self-attention takes hundreds of millions of them per step). Range reduction
 /// `x = k ln2 + r` with ln2 split in two (Cody–Waite), the Cephes polynomial for `e^r` on |r| <= ln2/2, and
-/// `2^k` built in the exponent bits. Inputs are clamped to [-87, 88], the range of normal f32 results.
+/// `2^k` built in the exponent bits. Inputs are clamped to [-87, 88], the range of normal f32 results. Written
+/// with fused multiply-adds: the dispatched kernels (`widest!`) run it on AVX2+FMA or AVX-512, where each is one
+/// instruction (half the polynomial's work of separate multiplies and adds); only the SSE2 fallback for CPUs
+/// without FMA calls libm's `fmaf`, and every caller is such a kernel.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     /// 1.5 * 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer.
@@ -243,11 +327,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // Selects rather than `clamp` (NaN rules): they vectorise; a NaN fails both tests and propagates.
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, ROUND);
     let k = shifted - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = P.iter().fold(0.0, |acc, &c| acc * r + c);
-    let er = p * r * r + r + 1.0;
+    let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, x));
+    let p = P.iter().fold(0.0, |acc: f32, &c| acc.mul_add(r, c));
+    let er = p.mul_add(r * r, r) + 1.0;
     // `shifted`'s low mantissa bits hold k (its bits are ROUND's plus k), so `bits + 127` shifted into the
     // exponent field is 2^k: ROUND's own bits leave through the top. Integer lane operations, where `k as
     // i32` (a saturating cast with NaN checks) was a scalar conversion per element.
@@ -266,8 +350,8 @@ pub fn erf_f32(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [0.254_829_6, -0.284_496_72, 1.421_413_8, -1.453_152, 1.061_405_4];
     let ax = x.abs();
-    let t = 1.0 / (1.0 + P * ax);
-    let poly = A.iter().rev().fold(0.0, |acc, &a| acc * t + a) * t;
+    let t = 1.0 / P.mul_add(ax, 1.0);
+    let poly = A.iter().rev().fold(0.0, |acc: f32, &a| acc.mul_add(t, a)) * t;
     (1.0 - poly * exp_f32(-ax * ax)).copysign(x)
 }
 
@@ -367,13 +451,17 @@ mod tests {
             let (mut max, mut sum) = (vec![0f32; rows], vec![0f32; rows]);
             f32::softmax_columns(&mut ours, rows, &mut max, &mut sum);
             softmax_columns_plain(&mut plain, rows, &mut max, &mut sum);
+            // The numerators with the inverse sums, scaled here, are the same probabilities.
+            let mut numerators = block.clone();
+            f32::exp_columns(&mut numerators, rows, &mut max, &mut sum);
+            let scaled: Vec<f32> = numerators.iter().enumerate().map(|(e, &v)| v * sum[e % rows]).collect();
             for i in 0..rows {
                 let row: Vec<f64> = (0..keys).map(|j| block[j * rows + i] as f64).collect();
                 let m = row.iter().copied().fold(f64::MIN, f64::max);
                 let total: f64 = row.iter().map(|v| (v - m).exp()).sum();
                 for (j, v) in row.iter().enumerate() {
                     let want = (v - m).exp() / total;
-                    for got in [ours[j * rows + i], plain[j * rows + i]] {
+                    for got in [ours[j * rows + i], plain[j * rows + i], scaled[j * rows + i]] {
                         // Each row's sum runs key by key in f32: rounding grows with the row's length.
                         let err = (got as f64 - want).abs();
                         let tol = 1e-7 * (keys as f64).sqrt().max(10.0) * want.max(1e-3);

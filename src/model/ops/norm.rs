@@ -240,12 +240,8 @@ fn pre_norm_grad<T: Real>(o: &mut [T], xs: &[T], gs: &[T], mean: T, rstd: T, w: 
         o.copy_from_slice(gs);
         return;
     }
-    for ((o, &x), &g) in o.iter_mut().zip(xs).zip(gs) {
-        // d/dz z·σ(z) = σ(z)·(1 + z·(1 - σ(z))).
-        let z = (x - mean) * rstd * w + b;
-        let s = T::one() / (T::one() + (T::zero() - z).exp());
-        *o = g * s * (T::one() + z * (T::one() - s));
-    }
+    let scale = rstd * w;
+    T::silu_affine_grad_row(o, xs, gs, scale, b - mean * scale);
 }
 
 /// (Σ g·x̂, Σ g) over one channel plane, in independent lanes (so the loop vectorises), summed in f64.
