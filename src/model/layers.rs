@@ -108,6 +108,16 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+
+    /// The layer in its own dtype: f32 on the CPU as one op (the bias added in place; trained, the backward writes
+    /// the weight's gradient in its own layout), anything else as candle's layer.
+    fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = (self.inner.weight(), self.inner.bias());
+        if super::ops::linear::applies(x, weight, bias) {
+            return super::ops::linear::linear(x, weight, bias);
+        }
+        self.inner.forward(x)
+    }
 }
 
 impl Module for Linear {
@@ -138,15 +148,11 @@ impl Module for Linear {
         if locked {
             return super::ops::frozen::locked(
                 &x,
-                |x| self.inner.forward(x),
+                |x| self.forward_f32(x),
                 super::ops::frozen::linear_input_grad(weight),
             );
         }
-        if super::ops::linear::applies(&x, weight, self.inner.bias()) {
-            // A trained f32 layer: one op, whose backward writes the weight's gradient in its own layout.
-            return super::ops::linear::linear(&x, weight, self.inner.bias());
-        }
-        self.inner.forward(&x)
+        self.forward_f32(&x)
     }
 }
 

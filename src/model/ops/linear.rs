@@ -1,4 +1,4 @@
-//! A trained `nn.Linear` in f32 on the CPU as one op, forward and backward.
+//! An f32 `nn.Linear` on the CPU as one op, forward and backward.
 //!
 //! `candle_nn::Linear` is a matmul with the transposed weight broadcast over the batch, then a broadcast add of
 //! the bias. In training each of those is a graph node, and candle's backward gives every node its own
@@ -9,7 +9,8 @@
 //! 2. backward: the input gradient `g W`, the weight gradient `gᵀ x` written in the weight's own (out, in)
 //!    layout, and the bias gradient, the columns of `g` summed.
 //!
-//! Inference keeps candle's layer (nothing to save there but the add).
+//! Inference runs it too: the bias added in place saves the broadcast add's second pass over the whole output
+//! (at 512 px a feed-forward's is 84 MB) and its fresh tensor.
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -19,12 +20,10 @@ use super::offsets;
 /// Columns of the gradient one task sums for the bias gradient.
 const BIAS_COLUMNS: usize = 64;
 
-/// Whether [`linear`] runs the layer: a trained f32 layer (its weight or bias tracked) on an f32 input, all on
-/// the CPU.
+/// Whether [`linear`] runs the layer: an f32 input, weight and bias, all on the CPU.
 pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    let trained = weight.track_op() || bias.is_some_and(|b| b.track_op());
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    trained && f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)
+    f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)
 }
 
 /// `x (..., in) · weightᵀ (in, out) + bias` for f32 CPU tensors ([`applies`]), backward included.
@@ -260,16 +259,29 @@ mod tests {
         }
     }
 
-    /// Inference and locked layers are not this op's: candle's layer (or the locked-layer op) runs them.
+    /// f32 CPU layers, trained or not, are this op's; other dtypes keep candle's layer.
     #[test]
-    fn applies_only_to_trained_f32_layers() {
+    fn applies_to_f32_cpu_layers() {
         let (x, w) = (rand(&[2, 4]), rand(&[3, 4]));
-        assert!(!applies(&x, &w, None));
+        assert!(applies(&x, &w, None));
         let var = Var::from_tensor(&w).unwrap();
         assert!(applies(&x, var.as_tensor(), None));
         assert!(!applies(&x.to_dtype(DType::F64).unwrap(), var.as_tensor(), None));
+        assert!(!applies(&x, &w.to_dtype(DType::BF16).unwrap(), None));
         let bias = Var::from_tensor(&rand(&[3])).unwrap();
         assert!(applies(&x, &w, Some(bias.as_tensor())));
+        assert!(!applies(&x, &w, Some(&rand(&[3]).to_dtype(DType::F64).unwrap())));
+    }
+
+    /// Untracked (inference): the op's values are candle's layer's, and it adds no graph.
+    #[test]
+    fn inference_matches_candle_linear() {
+        let (x, w, b) = (rand(&[2, 5, 4]), rand(&[3, 4]), rand(&[3]));
+        let ours = linear(&x, &w, Some(&b)).unwrap();
+        assert!(!ours.track_op());
+        let want = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
+        assert_eq!(ours.dims(), want.dims());
+        assert!(crate::model::ops::test_support::max_rel_diff(&ours, &want) < 1e-6);
     }
 
     #[test]
