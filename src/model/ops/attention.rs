@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::math::Real;
+use super::matmul::{matmul_in_task, Mat};
 use super::{flat_parts, offsets};
 
 /// Query rows per block (both passes) at most. gemm (0.19, on x86) multiplies an operand where it lies, without
@@ -101,37 +102,33 @@ impl AttentionOp {
         Ok(Dims { heads, queries, keys, d, dv })
     }
 
-    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], s: &Dims) -> Vec<T> {
+    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], s: &Dims) -> Result<Vec<T>> {
         let len = s.heads * s.queries * s.dv;
         if len == 0 || s.keys == 0 {
-            return vec![T::zero(); len];
+            return Ok(vec![T::zero(); len]);
         }
         // Every block of the output is written in full below.
         let mut out = super::unfilled::<T>(len);
         let rows = BLOCK_ROWS.min(s.queries);
         let scale = T::from_f64(self.scale);
         let scratch = || Scratch::<T>::new(rows, s.keys, s.dv);
-        out.par_chunks_mut(s.queries * s.dv).enumerate().for_each(|(h, out_h)| {
+        out.par_chunks_mut(s.queries * s.dv).enumerate().try_for_each(|(h, out_h)| {
             let (q_h, k_h, v_h) = (
                 &q[h * s.queries * s.d..(h + 1) * s.queries * s.d],
                 &k[h * s.keys * s.d..(h + 1) * s.keys * s.d],
                 &v[h * s.keys * s.dv..(h + 1) * s.keys * s.dv],
             );
-            out_h.par_chunks_mut(rows * s.dv).enumerate().for_each_init(scratch, |scratch, (b, out_b)| {
+            out_h.par_chunks_mut(rows * s.dv).enumerate().try_for_each_init(scratch, |scratch, (b, out_b)| {
                 let n = out_b.len() / s.dv;
                 let q_b = &q_h[b * rows * s.d..(b * rows + n) * s.d];
                 let (p, out_cols) = (&mut scratch.p[..n * s.keys], &mut scratch.cols[..n * s.dv]);
-                // SAFETY (both products): every pointer/stride pair addresses only elements of its slice:
-                // q_b is n x d, k_h keys x d, p n x keys (column-major), v_h keys x dv, out_cols n x dv.
-                unsafe {
-                    // 1. S = q kᵀ · scale, column-major, then softmax's numerators E and each row's 1 / Σ.
-                    let (lhs, rhs) = ((q_b.as_ptr(), 1, s.d), (k_h.as_ptr(), s.d, 1));
-                    product((n, s.keys, s.d), (p.as_mut_ptr(), n, 1), lhs, rhs, false, scale);
-                    T::exp_columns(p, n, &mut scratch.max, &mut scratch.sum);
-                    // 2. E v, column-major.
-                    let (lhs, rhs) = ((p.as_ptr(), n, 1), (v_h.as_ptr(), 1, s.dv));
-                    product((n, s.dv, s.keys), (out_cols.as_mut_ptr(), n, 1), lhs, rhs, false, T::one());
-                }
+                // 1. S = q kᵀ · scale, column-major, then softmax's numerators E and each row's 1 / Σ.
+                let (q_rows, k_cols) = (Mat::rows(q_b, s.d), Mat::transposed(k_h, s.d));
+                matmul_in_task(n, s.keys, s.d, p, (1, n), false, q_rows, k_cols, scale)?;
+                T::exp_columns(p, n, &mut scratch.max, &mut scratch.sum);
+                // 2. E v, column-major.
+                let (p_cols, v_rows) = (Mat::transposed(p, n), Mat::rows(v_h, s.dv));
+                matmul_in_task(n, s.dv, s.keys, out_cols, (1, n), false, p_cols, v_rows, T::one())?;
                 // 3. out = P v = (E v) / Σ (a pass over the result, not over the keys), into the output's rows.
                 for col in out_cols.chunks_exact_mut(n) {
                     for (v, &inv) in col.iter_mut().zip(&scratch.sum) {
@@ -139,9 +136,10 @@ impl AttentionOp {
                     }
                 }
                 rows_from_columns(out_cols, n, out_b);
-            });
-        });
-        out
+                Ok::<_, candle_core::Error>(())
+            })
+        })?;
+        Ok(out)
     }
 }
 
@@ -195,10 +193,10 @@ impl CustomOp3 for AttentionOp {
                 CpuStorage::F32(super::bf16::attention::attention(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s, scale))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s))
+                CpuStorage::F32(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s)?)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s))
+                CpuStorage::F64(self.forward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &s)?)
             }
             _ => candle_core::bail!("attention: f32 or f64 operands of one dtype expected"),
         };
@@ -236,57 +234,19 @@ struct AttentionGradOp {
     grad: Tensor,
 }
 
-/// `dst (m, n) = [dst +] lhs (m, k) x rhs (k, n)` on one thread; each operand as (pointer, column stride, row
-/// stride).
-///
-/// # Safety
-/// Each pointer with its strides must address only elements of a live slice of the given shape, and `dst` must
-/// not overlap the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut T, usize, usize),
-    lhs: (*const T, usize, usize),
-    rhs: (*const T, usize, usize),
-    accumulate: bool,
-    beta: T,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1 as isize,
-        dst.2 as isize,
-        accumulate,
-        lhs.0,
-        lhs.1 as isize,
-        lhs.2 as isize,
-        rhs.0,
-        rhs.1 as isize,
-        rhs.2 as isize,
-        if accumulate { T::one() } else { T::zero() },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 impl AttentionGradOp {
-    fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], g: &[T], s: &Dims) -> Vec<T> {
+    fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], g: &[T], s: &Dims) -> Result<Vec<T>> {
         let (n_q, n_k) = (s.heads * s.queries * s.d, s.heads * s.keys * s.d);
         let mut out = vec![T::zero(); n_q + n_k + s.heads * s.keys * s.dv];
         if s.heads == 0 || s.queries == 0 || s.keys == 0 {
-            return out;
+            return Ok(out);
         }
         let (dq, rest) = out.split_at_mut(n_q);
         let (dk, dv) = rest.split_at_mut(n_k);
         let rows = BLOCK_ROWS.min(s.queries);
         let scale = T::from_f64(self.scale);
         let (qd, kd, kv, qv) = (s.queries * s.d, s.keys * s.d, s.keys * s.dv, s.queries * s.dv);
-        dq.par_chunks_mut(qd).zip(dk.par_chunks_mut(kd)).zip(dv.par_chunks_mut(kv)).enumerate().for_each(
+        dq.par_chunks_mut(qd).zip(dk.par_chunks_mut(kd)).zip(dv.par_chunks_mut(kv)).enumerate().try_for_each(
             |(h, ((dq_h, dk_h), dv_h))| {
                 let (q_h, k_h, v_h, g_h) = (
                     &q[h * qd..(h + 1) * qd],
@@ -303,62 +263,25 @@ impl AttentionGradOp {
                     let (p, dp, dq_cols) =
                         (&mut scratch.p[..n * s.keys], &mut dp[..n * s.keys], &mut scratch.cols[..n * s.d]);
                     // P, dP and dS are column-major (n, keys) blocks, dq's block column-major too (see BLOCK_ROWS).
-                    // SAFETY (every product): the shapes and strides address only the named slices: q_b n x d,
-                    // g_b n x dv, k_h and dk_h keys x d, v_h and dv_h keys x dv, p and dp n x keys, dq_cols n x d;
-                    // destinations are distinct buffers.
-                    unsafe {
-                        // 1. S = q kᵀ · scale, then P column by column.
-                        product(
-                            (n, s.keys, s.d),
-                            (p.as_mut_ptr(), n, 1),
-                            (q_b.as_ptr(), 1, s.d),
-                            (k_h.as_ptr(), s.d, 1),
-                            false,
-                            scale,
-                        );
-                        T::softmax_columns(p, n, &mut scratch.max, &mut scratch.sum);
-                        // 2. dv += Pᵀ g.
-                        product(
-                            (s.keys, s.dv, n),
-                            (dv_h.as_mut_ptr(), 1, s.dv),
-                            (p.as_ptr(), 1, n),
-                            (g_b.as_ptr(), 1, s.dv),
-                            true,
-                            T::one(),
-                        );
-                        // 3. dP = g vᵀ, then dS in place.
-                        product(
-                            (n, s.keys, s.dv),
-                            (dp.as_mut_ptr(), n, 1),
-                            (g_b.as_ptr(), 1, s.dv),
-                            (v_h.as_ptr(), s.dv, 1),
-                            false,
-                            T::one(),
-                        );
-                        T::softmax_grad_columns(dp, p, n, scale, &mut scratch.max);
-                        // 4. dq = dS k (column-major, copied into dq's rows), dk += dSᵀ q.
-                        product(
-                            (n, s.d, s.keys),
-                            (dq_cols.as_mut_ptr(), n, 1),
-                            (dp.as_ptr(), n, 1),
-                            (k_h.as_ptr(), 1, s.d),
-                            false,
-                            T::one(),
-                        );
-                        product(
-                            (s.keys, s.d, n),
-                            (dk_h.as_mut_ptr(), 1, s.d),
-                            (dp.as_ptr(), 1, n),
-                            (q_b.as_ptr(), 1, s.d),
-                            true,
-                            T::one(),
-                        );
-                    }
+                    let (q_rows, g_rows) = (Mat::rows(q_b, s.d), Mat::rows(g_b, s.dv));
+                    // 1. S = q kᵀ · scale, then P column by column.
+                    matmul_in_task(n, s.keys, s.d, p, (1, n), false, q_rows, Mat::transposed(k_h, s.d), scale)?;
+                    T::softmax_columns(p, n, &mut scratch.max, &mut scratch.sum);
+                    // 2. dv += Pᵀ g.
+                    matmul_in_task(s.keys, s.dv, n, dv_h, (s.dv, 1), true, Mat::rows(p, n), g_rows, T::one())?;
+                    // 3. dP = g vᵀ, then dS in place.
+                    matmul_in_task(n, s.keys, s.dv, dp, (1, n), false, g_rows, Mat::transposed(v_h, s.dv), T::one())?;
+                    T::softmax_grad_columns(dp, p, n, scale, &mut scratch.max);
+                    // 4. dq = dS k (column-major, copied into dq's rows), dk += dSᵀ q.
+                    let (ds_cols, k_rows) = (Mat::transposed(dp, n), Mat::rows(k_h, s.d));
+                    matmul_in_task(n, s.d, s.keys, dq_cols, (1, n), false, ds_cols, k_rows, T::one())?;
+                    matmul_in_task(s.keys, s.d, n, dk_h, (s.d, 1), true, Mat::rows(dp, n), q_rows, T::one())?;
                     rows_from_columns(dq_cols, n, &mut dq_h[start * s.d..(start + n) * s.d]);
                 }
+                Ok::<_, candle_core::Error>(())
             },
-        );
-        out
+        )?;
+        Ok(out)
     }
 }
 
@@ -390,13 +313,13 @@ impl CustomOp3 for AttentionGradOp {
                 CpuStorage::F32(k),
                 CpuStorage::F32(v),
                 candle_core::Storage::Cpu(CpuStorage::F32(g)),
-            ) => CpuStorage::F32(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)),
+            ) => CpuStorage::F32(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)?),
             (
                 CpuStorage::F64(q),
                 CpuStorage::F64(k),
                 CpuStorage::F64(v),
                 candle_core::Storage::Cpu(CpuStorage::F64(g)),
-            ) => CpuStorage::F64(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)),
+            ) => CpuStorage::F64(self.backward(&q[q0..q1], &k[k0..k1], &v[v0..v1], &g[g0..g1], &s)?),
             _ => candle_core::bail!("attention backward: f32 or f64 CPU operands of one dtype expected"),
         };
         let len = s.heads * (s.queries * s.d + s.keys * (s.d + s.dv));

@@ -44,20 +44,54 @@ pub(crate) fn matmul<T: WithDType>(
     n: usize,
     k: usize,
     dst: &mut [T],
-    (dst_rs, dst_cs): (usize, usize),
+    dst_strides: (usize, usize),
     accumulate: bool,
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) -> Result<()> {
-    // They guard the raw-pointer product below (the callers derive every size from checked dims).
-    if !(spans(dst.len(), m, n, dst_rs, dst_cs) && lhs.covers(m, k) && rhs.covers(k, n)) {
-        candle_core::bail!("matmul: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
-    }
     // candle 0.11.1 works the count out from /proc/cpuinfo at every call: read it once, not per product (in
     // training at 128 px, the re-reads took about 4% of the time).
     static THREADS: OnceLock<usize> = OnceLock::new();
     let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    product(m, n, k, dst, dst_strides, accumulate, lhs, rhs, T::one(), parallelism)
+}
+
+/// [`matmul`] on the calling thread with the product scaled by `scale`: one task's block inside a loop that is
+/// already parallel (the attention kernels' query blocks).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_in_task<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+) -> Result<()> {
+    product(m, n, k, dst, dst_strides, accumulate, lhs, rhs, scale, gemm::Parallelism::None)
+}
+
+/// The checked gemm call behind [`matmul`] and [`matmul_in_task`].
+#[allow(clippy::too_many_arguments)]
+fn product<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+    parallelism: gemm::Parallelism,
+) -> Result<()> {
+    // They guard the raw-pointer product below (the callers derive every size from checked dims).
+    if !(spans(dst.len(), m, n, dst_rs, dst_cs) && lhs.covers(m, k) && rhs.covers(k, n)) {
+        candle_core::bail!("matmul: a ({m}x{k}) x ({k}x{n}) product does not fit its buffers")
+    }
     // SAFETY: the asserts above check that the slices cover every element the strides address, and dst (a
     // unique borrow) cannot overlap the inputs.
     unsafe {
@@ -76,7 +110,7 @@ pub(crate) fn matmul<T: WithDType>(
             rhs.cs as isize,
             rhs.rs as isize,
             T::one(),
-            T::one(),
+            scale,
             false,
             false,
             false,
