@@ -3,39 +3,12 @@
 //! `pipeline::textual_inversion_parity` and `pipeline::vae_override`.
 use crate::common;
 
-use common::{controlnet, fixture, psnr, stderr, temp_dir};
+use common::{controlnet, controlnet_owned, fixture, psnr, stderr, temp_dir, tiny_generate_args};
 
 fn tiny_args(out: &std::path::Path, seed: &str, extra: &[&str]) -> Vec<String> {
-    let model = fixture("models/tiny-sd15");
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--seed",
-        seed,
-        "--scheduler",
-        "ddim",
-        "--guidance",
-        "7.5",
-        "--width",
-        "128",
-        "--height",
-        "128",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = tiny_generate_args(out, seed, &["--width", "128", "--height", "128"]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn run(args: &[String]) -> std::process::Output {
-    controlnet(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn reference(rel: &str) -> image::RgbImage {
@@ -57,7 +30,7 @@ fn embeddings_dir_matches_diffusers_and_reproduces() {
         "--embeddings-dir",
         emb_dir.to_str().unwrap(),
     ];
-    let res = run(&tiny_args(&out, "11", &extra));
+    let res = controlnet_owned(&tiny_args(&out, "11", &extra));
     assert!(res.status.success(), "{}", stderr(&res));
     let img = image::open(&out).unwrap().to_rgb8();
     assert!(psnr(&img, &reference("textual_inversion/image.png")) >= 40.0);
@@ -83,7 +56,7 @@ fn vae_file_matches_diffusers_and_reproduces() {
     let out = dir.path().join("vae.png");
     let vae = fixture("vae_override/tiny-vae-ldm.safetensors");
     let extra = ["--prompt", "a red circle on a light blue background", "--vae", vae.to_str().unwrap()];
-    let res = run(&tiny_args(&out, "17", &extra));
+    let res = controlnet_owned(&tiny_args(&out, "17", &extra));
     assert!(res.status.success(), "{}", stderr(&res));
     let img = image::open(&out).unwrap().to_rgb8();
     assert!(psnr(&img, &reference("vae_override/image.png")) >= 40.0);
@@ -108,7 +81,7 @@ fn wrong_files_are_refused_by_flag() {
         ("--vae", fixture("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors"), "a VAE"),
     ];
     for (flag, file, says) in cases {
-        let res = run(&tiny_args(&out, "1", &["--prompt", "xlstyle", flag, file.to_str().unwrap()]));
+        let res = controlnet_owned(&tiny_args(&out, "1", &["--prompt", "xlstyle", flag, file.to_str().unwrap()]));
         assert!(!res.status.success());
         let err = stderr(&res);
         let name = file.file_name().unwrap().to_str().unwrap();

@@ -2,37 +2,12 @@
 //! `reproduce`, `inspect` on a LoRA file. The numbers are checked against diffusers in `pipeline::lora_parity`.
 use crate::common;
 
-use common::{controlnet, fixture, psnr, stderr, temp_dir};
+use common::{controlnet, controlnet_owned, fixture, psnr, stderr, temp_dir, tiny_generate_args};
 
 const PROMPT: &str = "a red circle on a light blue background";
 
 fn tiny_args(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let model = fixture("models/tiny-sd15");
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--seed",
-        "31",
-        "--scheduler",
-        "ddim",
-        "--guidance",
-        "7.5",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn run(args: &[String]) -> std::process::Output {
-    controlnet(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    tiny_generate_args(out, "31", extra)
 }
 
 fn reference(name: &str) -> image::RgbImage {
@@ -47,7 +22,7 @@ fn lora_flag_and_prompt_tag_match_diffusers_and_reproduce() {
     let kohya = fixture("lora/tiny-kohya.safetensors");
     let flag = dir.path().join("flag.png");
     let spec = format!("{}:0.8", kohya.display());
-    let res = run(&tiny_args(&flag, &["--prompt", PROMPT, "--lora", &spec]));
+    let res = controlnet_owned(&tiny_args(&flag, &["--prompt", PROMPT, "--lora", &spec]));
     assert!(res.status.success(), "{}", stderr(&res));
     let img = image::open(&flag).unwrap().to_rgb8();
     assert!(psnr(&img, &reference("kohya")) >= 40.0);
@@ -55,7 +30,7 @@ fn lora_flag_and_prompt_tag_match_diffusers_and_reproduce() {
     let tagged = dir.path().join("tag.png");
     let prompt = format!("{PROMPT} <lora:tiny-kohya:0.8>");
     let lora_dir = fixture("lora");
-    let res = run(&tiny_args(&tagged, &["--prompt", &prompt, "--lora-dir", lora_dir.to_str().unwrap()]));
+    let res = controlnet_owned(&tiny_args(&tagged, &["--prompt", &prompt, "--lora-dir", lora_dir.to_str().unwrap()]));
     assert!(res.status.success(), "{}", stderr(&res));
     assert_eq!(image::open(&tagged).unwrap().to_rgb8(), img);
 
@@ -82,7 +57,7 @@ fn lora_text_encoder_and_unet_weights_match_diffusers_and_reproduce() {
     let dir = temp_dir();
     let out = dir.path().join("split.png");
     let spec = format!("{}:2:0.8", fixture("lora/tiny-kohya.safetensors").display());
-    let res = run(&tiny_args(&out, &["--prompt", PROMPT, "--lora", &spec]));
+    let res = controlnet_owned(&tiny_args(&out, &["--prompt", PROMPT, "--lora", &spec]));
     assert!(res.status.success(), "{}", stderr(&res));
     let img = image::open(&out).unwrap().to_rgb8();
     assert!(psnr(&img, &reference("kohya_split")) >= 40.0);
@@ -105,22 +80,23 @@ fn bad_lora_flags_and_tags_are_named() {
     let out = dir.path().join("out.png");
     let kohya = fixture("lora/tiny-kohya.safetensors");
     // A weight that is not a number.
-    let res = run(&tiny_args(&out, &["--prompt", PROMPT, "--lora", &format!("{}:strong", kohya.display())]));
+    let res =
+        controlnet_owned(&tiny_args(&out, &["--prompt", PROMPT, "--lora", &format!("{}:strong", kohya.display())]));
     assert!(!res.status.success());
     assert!(stderr(&res).contains("--lora") && stderr(&res).contains("must be a number"), "{}", stderr(&res));
     // An unknown tag name names the tag and the folder.
     let lora_dir = fixture("lora");
     let prompt = format!("{PROMPT} <lora:missing:0.5>");
-    let res = run(&tiny_args(&out, &["--prompt", &prompt, "--lora-dir", lora_dir.to_str().unwrap()]));
+    let res = controlnet_owned(&tiny_args(&out, &["--prompt", &prompt, "--lora-dir", lora_dir.to_str().unwrap()]));
     let err = stderr(&res);
     assert!(!res.status.success());
     assert!(err.contains("<lora:missing:0.5>") && err.contains(lora_dir.to_str().unwrap()), "{err}");
     // A tag without --lora-dir.
-    let res = run(&tiny_args(&out, &["--prompt", &prompt]));
+    let res = controlnet_owned(&tiny_args(&out, &["--prompt", &prompt]));
     assert!(!res.status.success() && stderr(&res).contains("lora_dir"), "{}", stderr(&res));
     // Not a LoRA (a ControlNet's weights) is named.
     let net = fixture("models/tiny-controlnet-a/diffusion_pytorch_model.safetensors");
-    let res = run(&tiny_args(&out, &["--prompt", PROMPT, "--lora", net.to_str().unwrap()]));
+    let res = controlnet_owned(&tiny_args(&out, &["--prompt", PROMPT, "--lora", net.to_str().unwrap()]));
     assert!(!res.status.success() && stderr(&res).contains("--lora"), "{}", stderr(&res));
     assert!(!out.exists());
 }
@@ -140,7 +116,7 @@ fn sdxl_lora_on_sd15_is_refused() {
     tensors.extend(extra);
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let out = dir.path().join("out.png");
-    let res = run(&tiny_args(&out, &["--prompt", PROMPT, "--lora", file.to_str().unwrap()]));
+    let res = controlnet_owned(&tiny_args(&out, &["--prompt", PROMPT, "--lora", file.to_str().unwrap()]));
     let err = stderr(&res);
     assert!(!res.status.success());
     assert!(err.contains("--lora") && err.contains("is a LoRA for SDXL"), "{err}");

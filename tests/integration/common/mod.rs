@@ -22,6 +22,21 @@ pub fn controlnet(args: &[&str]) -> Output {
         .expect("the controlnet binary runs")
 }
 
+/// [`controlnet`] on owned arguments (lists built with [`tiny_generate_args`]).
+pub fn controlnet_owned(args: &[String]) -> Output {
+    controlnet(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `generate` on the tiny SD1.5 fixture with the settings the CLI's feature tests share (4 DDIM steps, guidance
+/// 7.5, `seed`, quiet, into `out`), then `extra`.
+pub fn tiny_generate_args(out: &Path, seed: &str, extra: &[&str]) -> Vec<String> {
+    let (model, out) = (fixture("models/tiny-sd15"), out.display().to_string());
+    let model = model.display().to_string();
+    let shared = ["generate", "--model", &model, "--steps", "4", "--seed", seed, "--scheduler", "ddim"];
+    let rest = ["--guidance", "7.5", "--output", &out, "--quiet"];
+    shared.iter().chain(&rest).chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// A Hugging Face cache at `root` holding the hub repo `repo_id` (`owner/name`) with `files` (each copied from its
 /// path to the file name), in the layout huggingface_hub writes: refs/main → a snapshot folder.
 pub fn fake_hub_cache(root: &Path, repo_id: &str, files: &[PathBuf]) {
