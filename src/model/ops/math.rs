@@ -272,6 +272,7 @@ macro_rules! widest {
         }
     };
 }
+pub(crate) use widest;
 
 widest! {
     /// Softmax's numerators in place, `e^(x - max)` for an f32 row, and their sum (one for an empty row): the

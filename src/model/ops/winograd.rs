@@ -14,6 +14,7 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::math::widest;
 use super::matmul::{matmul, Mat};
 use super::Weight;
 
@@ -137,15 +138,31 @@ fn transform_kernels<K: Weight>(kernel: &[K], o: usize, c: usize) -> Vec<f32> {
     u
 }
 
-/// `V = Bᵀ d B` for the tiles of tile rows `row0..row0 + rows` of one input channel's `plane`, into `v`
-/// (`[point][tile]`). Bᵀ's rows are `(1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)`.
-fn transform_input(plane: &[f32], h: usize, w: usize, row0: usize, rows: usize, v: &mut [f32]) {
+widest! {
+    /// `V = Bᵀ d B` for the tiles of tile rows `row0..row0 + rows` of one input channel's `plane`, into `v`
+    /// (`[point][tile]`). Bᵀ's rows are `(1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)`.
+    fn transform_input(plane: &[f32], h: usize, w: usize, row0: usize, rows: usize, v: &mut [f32]) = input_tiles
+}
+
+widest! {
+    /// `Y = Aᵀ M A + bias` for the `n` tiles of one output channel (`m`: `[point][tile]`), written into the output
+    /// rows of tile rows `row0..row0 + rows` of `plane` (the last tile row and column may be half outside it).
+    /// Aᵀ's rows are `(1, 1, 1, 0), (0, 1, -1, -1)`.
+    #[allow(clippy::too_many_arguments)]
+    fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: usize, rows: usize, plane: &mut [f32]) = output_tiles
+}
+
+/// [`transform_input`]; every loop runs over contiguous columns or tiles, so it vectorises.
+#[inline(always)]
+fn input_tiles(plane: &[f32], h: usize, w: usize, row0: usize, rows: usize, v: &mut [f32]) {
     let tiles_w = w.div_ceil(OUT);
     let n = rows * tiles_w;
     // Input rows padded with zeros: one column on the left, enough on the right for the last tile.
     let width = OUT * tiles_w + 2;
     let mut padded = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
-    let mut combined = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
+    let mut combined = vec![0f32; width];
+    // Tile t's four columns of a combined row are even[t], odd[t], even[t + 1], odd[t + 1].
+    let (mut even, mut odd) = (vec![0f32; tiles_w + 1], vec![0f32; tiles_w + 1]);
     for tile_row in 0..rows {
         // 1. The tile row's four input rows (from one above its first output row), zero outside the plane.
         let top = (OUT * (row0 + tile_row)) as isize - 1;
@@ -159,59 +176,69 @@ fn transform_input(plane: &[f32], h: usize, w: usize, row0: usize, rows: usize, 
                 row.fill(0.0);
             }
         }
-        // 2. Bᵀ d: combinations of the rows, every column at once.
-        let [d0, d1, d2, d3] = &padded;
-        for x in 0..width {
-            combined[0][x] = d0[x] - d2[x];
-            combined[1][x] = d1[x] + d2[x];
-            combined[2][x] = d2[x] - d1[x];
-            combined[3][x] = d1[x] - d3[x];
-        }
-        // 3. (Bᵀ d) B: the same combinations of each tile's four columns.
         let first = tile_row * tiles_w;
-        for (r, e) in combined.iter().enumerate() {
-            let point = |q: usize| (r * IN + q) * n + first;
-            let (p0, p1, p2, p3) = (point(0), point(1), point(2), point(3));
-            for t in 0..tiles_w {
-                let x = OUT * t;
-                v[p0 + t] = e[x] - e[x + 2];
-                v[p1 + t] = e[x + 1] + e[x + 2];
-                v[p2 + t] = e[x + 2] - e[x + 1];
-                v[p3 + t] = e[x + 1] - e[x + 3];
+        for r in 0..IN {
+            // 2. Row r of Bᵀ d, `a ± b` of two input rows (the sign a factor of ±1, exact), every column at once;
+            // then split into even and odd columns.
+            let (a, b, sign) = match r {
+                0 => (&padded[0], &padded[2], -1.0),
+                1 => (&padded[1], &padded[2], 1.0),
+                2 => (&padded[2], &padded[1], -1.0),
+                _ => (&padded[1], &padded[3], -1.0),
+            };
+            for ((c, &a), &b) in combined.iter_mut().zip(a).zip(b) {
+                *c = a + sign * b;
+            }
+            for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(combined.chunks_exact(2)) {
+                (*e, *o) = (pair[0], pair[1]);
+            }
+            // 3. (Bᵀ d) B: the same combinations of each tile's four columns, one point at a time.
+            let (e0, e1, o0, o1) = (&even[..tiles_w], &even[1..], &odd[..tiles_w], &odd[1..]);
+            for (q, (x, y, sign)) in
+                [(e0, e1, -1.0), (o0, e1, 1.0), (e1, o0, -1.0), (o0, o1, -1.0)].into_iter().enumerate()
+            {
+                let start = (r * IN + q) * n + first;
+                for ((v, &x), &y) in v[start..start + tiles_w].iter_mut().zip(x).zip(y) {
+                    *v = x + sign * y;
+                }
             }
         }
     }
 }
 
-/// `Y = Aᵀ M A + bias` for the `n` tiles of one output channel (`m`: `[point][tile]`), written into the output
-/// rows of tile rows `row0..row0 + rows` of `plane` (the last tile row and column may be half outside it).
-/// Aᵀ's rows are `(1, 1, 1, 0), (0, 1, -1, -1)`.
+/// [`transform_output`]; every loop runs over contiguous tiles, so it vectorises.
 #[allow(clippy::too_many_arguments)]
-fn transform_output(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: usize, rows: usize, plane: &mut [f32]) {
+#[inline(always)]
+fn output_tiles(m: &[f32], n: usize, bias: f32, h: usize, w: usize, row0: usize, rows: usize, plane: &mut [f32]) {
     let tiles_w = w.div_ceil(OUT);
-    let at = |point: usize, tile: usize| m[point * n + tile];
+    // Each tile's two output pixels of one row.
+    let (mut even, mut odd) = (vec![0f32; tiles_w], vec![0f32; tiles_w]);
     for tile_row in 0..rows {
-        let y0 = OUT * (row0 + tile_row);
-        for t in 0..tiles_w {
-            let tile = tile_row * tiles_w + t;
-            // Aᵀ M: two rows of four, from each of M's columns read once.
-            let mut s = [[0f32; IN]; OUT];
-            let [r0, r1] = &mut s;
-            for (q, (s0, s1)) in r0.iter_mut().zip(r1.iter_mut()).enumerate() {
-                let [m0, m1, m2, m3] = [at(q, tile), at(IN + q, tile), at(2 * IN + q, tile), at(3 * IN + q, tile)];
-                (*s0, *s1) = (m0 + m1 + m2, m1 - m2 - m3);
+        let first = tile_row * tiles_w;
+        // Point (r, q) of this tile row's tiles.
+        let point = |r: usize, q: usize| &m[(r * IN + q) * n + first..][..tiles_w];
+        for a in 0..OUT {
+            let y = OUT * (row0 + tile_row) + a;
+            if y >= h {
+                break;
             }
-            // (Aᵀ M) A, plus the bias.
-            let x0 = OUT * t;
-            for (a, s) in s.iter().enumerate() {
-                let y = y0 + a;
-                if y >= h {
-                    break;
-                }
-                let row = &mut plane[y * w..(y + 1) * w];
-                row[x0] = s[0] + s[1] + s[2] + bias;
-                if x0 + 1 < w {
-                    row[x0 + 1] = s[1] - s[2] - s[3] + bias;
+            // 1. Row a of Aᵀ M for each column q: `(M[r0] ± M[r1]) ± M[r2]` (the sign a factor of ±1, exact).
+            let (r0, r1, r2, sign) = if a == 0 { (0, 1, 2, 1.0) } else { (1, 2, 3, -1.0) };
+            let s = |q: usize| (point(r0, q), point(r1, q), point(r2, q));
+            let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+            // 2. (Aᵀ M) A plus the bias: columns s0 + s1 + s2 and s1 - s2 - s3.
+            for t in 0..tiles_w {
+                let sq = |(x, y, z): (&[f32], &[f32], &[f32])| (x[t] + sign * y[t]) + sign * z[t];
+                let (v0, v1, v2, v3) = (sq(s0), sq(s1), sq(s2), sq(s3));
+                even[t] = v0 + v1 + v2 + bias;
+                odd[t] = v1 - v2 - v3 + bias;
+            }
+            // 3. Into the output row, the last tile's second column where it is inside.
+            let row = &mut plane[y * w..(y + 1) * w];
+            for (pair, (&e, &o)) in row.chunks_mut(OUT).zip(even.iter().zip(&odd)) {
+                pair[0] = e;
+                if let Some(p) = pair.get_mut(1) {
+                    *p = o;
                 }
             }
         }
