@@ -109,9 +109,10 @@ impl Linear {
         self.inner.bias()
     }
 
-    /// The layer in its own dtype: f32 on the CPU as one op (the bias added in place; trained, the backward writes
-    /// the weight's gradient in its own layout), anything else as candle's layer.
-    fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+    /// The layer on its weights as they are, without the half-precision and locked-layer cases of `forward`: f32
+    /// on the CPU as one op (the bias added in place; trained, its backward writes the weight's gradient in the
+    /// weight's own layout), anything else as candle's layer.
+    fn plain_forward(&self, x: &Tensor) -> Result<Tensor> {
         let (weight, bias) = (self.inner.weight(), self.inner.bias());
         if super::ops::linear::applies(x, weight, bias) {
             return super::ops::linear::linear(x, weight, bias);
@@ -148,11 +149,11 @@ impl Module for Linear {
         if locked {
             return super::ops::frozen::locked(
                 &x,
-                |x| self.forward_f32(x),
+                |x| self.plain_forward(x),
                 super::ops::frozen::linear_input_grad(weight),
             );
         }
-        self.forward_f32(&x)
+        self.plain_forward(&x)
     }
 }
 
