@@ -292,6 +292,27 @@ mod tests {
         assert!(!suits(&Shape { b: 2, c: 1280, h: 8, w: 8, o: 1280 }), "too few tiles");
     }
 
+    /// The dispatched transforms (AVX2 or AVX-512 where the CPU has them) give the plain loops' bits, on odd
+    /// planes (half tiles) and on a band that starts below the first tile row.
+    #[test]
+    fn dispatched_transforms_are_the_plain_loops() {
+        let values =
+            |len: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.013).collect() };
+        for (h, w, row0, rows) in [(9usize, 13usize, 0usize, 5usize), (8, 16, 1, 3), (1, 1, 0, 1)] {
+            let n = rows * w.div_ceil(OUT);
+            let plane = values(h * w);
+            let (mut fast, mut plain) = (vec![0f32; POINTS * n], vec![0f32; POINTS * n]);
+            transform_input(&plane, h, w, row0, rows, &mut fast);
+            input_tiles(&plane, h, w, row0, rows, &mut plain);
+            assert!(fast.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "input {h}x{w}");
+            let m = values(POINTS * n);
+            let (mut fast, mut plain) = (vec![0f32; h * w], vec![0f32; h * w]);
+            transform_output(&m, n, 0.25, h, w, row0, rows, &mut fast);
+            output_tiles(&m, n, 0.25, h, w, row0, rows, &mut plain);
+            assert!(fast.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "output {h}x{w}");
+        }
+    }
+
     #[test]
     fn rejects_operands_that_do_not_fit() {
         let s = Shape { b: 1, c: 2, h: 3, w: 3, o: 2 };
