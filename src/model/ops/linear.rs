@@ -177,10 +177,7 @@ impl CustomOp2 for GradProduct {
             GradProduct::Input => (rows, out_d, Mat::rows(g, out_d)),
             GradProduct::Weight => (out_d, rows, Mat::transposed(g, out_d)),
         };
-        if k == 0 {
-            return Ok((CpuStorage::F32(vec![0.0; m * in_d]), Shape::from((m, in_d))));
-        }
-        // The product (accumulate = false) writes every element.
+        // The product (accumulate = false) writes every element: zeros when k is 0 (no rows, or no outputs).
         let mut out = super::unfilled::<f32>(m * in_d);
         matmul(m, in_d, k, &mut out, (in_d, 1), false, lhs, Mat::rows(b, in_d))?;
         Ok((CpuStorage::F32(out), Shape::from((m, in_d))))
@@ -282,6 +279,21 @@ mod tests {
         let want = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
         assert_eq!(ours.dims(), want.dims());
         assert!(crate::model::ops::test_support::max_rel_diff(&ours, &want) < 1e-6);
+    }
+
+    /// An empty batch: the products' inner dimension is 0, and the weight and bias gradients are zeros.
+    #[test]
+    fn an_empty_batch_has_zero_gradients() {
+        let (w, b) = (Var::from_tensor(&rand(&[3, 4])).unwrap(), Var::from_tensor(&rand(&[3])).unwrap());
+        let x = Var::from_tensor(&Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let y = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
+        assert_eq!(y.dims(), &[0, 3]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        for (t, dims) in [(&w, &[3usize, 4][..]), (&b, &[3][..])] {
+            let g = grads.get(t).unwrap();
+            assert_eq!(g.dims(), dims);
+            assert!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&v| v == 0.0));
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The f32 (and f64) matrix product the fused ops share: gemm on all threads over strided operands.
+//! The f32 (and f64) matrix product the fused ops share: gemm over strided operands, on all threads or (inside
+//! an already parallel loop) on the calling one.
 use candle_core::{Result, WithDType};
 use std::sync::OnceLock;
 
@@ -33,7 +34,7 @@ fn spans(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
 }
 
 /// `dst (m, n; element (i, j) at i * dst_rs + j * dst_cs) = [dst +] lhs (m, k) x rhs (k, n)` on all threads:
-/// added onto `dst` when `accumulate`, else overwriting it.
+/// added onto `dst` when `accumulate`, else overwriting it (with zeros when `k` is 0).
 ///
 /// Strides decide the speed: gemm makes `dst` column-major (transposing the whole product if `dst_rs` is the
 /// larger stride), then wants its left operand column-major too; a left operand with contiguous rows is
