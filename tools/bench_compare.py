@@ -18,13 +18,20 @@ Usage: python3 tools/bench_compare.py --latent 32 64 [--preset sd15] [--batch 2]
        python3 tools/bench_compare.py --latent 32 64 --rust-dtypes f32 bf16 --torch-dtypes f32 bf16 autocast
        python3 tools/bench_compare.py --train --latent 32 --batch 1
        python3 tools/bench_compare.py --train --latent 32 --batch 1 --rust-dtypes f32 bf16 --torch-dtypes f32 bf16
+       python3 tools/bench_compare.py --latent 64 --iters 2 --rounds 3
        python3 tools/bench_compare.py --table-only [--train]
+
+--rounds N repeats the whole comparison N times, ours and torch's runs alternating, each round's reports in
+`--out/round{i}/`, and prints per measurement every round's ratio of our fastest mode to torch's fastest and their
+median: on a machine whose speed drifts within minutes (shared VMs), one run of each side can land in different
+periods; alternating rounds show the drift and the median ratio is less at its mercy.
 """
 import argparse
 import datetime
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -172,6 +179,35 @@ def modes_table(out, configs, rust_dtypes, torch_dtypes, train=False):
     return "\n".join(lines)
 
 
+def rounds_table(out, configs, rounds, rust_dtypes, torch_dtypes, train=False):
+    """Per configuration and measurement: each round's ratio of our fastest mode to torch's fastest, and the
+    medians of both sides' seconds and of the ratios."""
+    median = lambda v: statistics.median(v) if v else None
+    lines = ["| config | measurement | ratio per round | median rs (s) | median torch (s) | median ratio |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    machine = None
+    for preset, latent, batch in configs:
+        tag = f"{'train_' if train else ''}{preset}_{latent}_b{batch}"
+        name = f"{preset} {8 * latent}px b{batch}"
+        per_round = []
+        for i in range(1, rounds + 1):
+            d = os.path.join(out, f"round{i}")
+            per_round.append((load_modes(d, tag, rust_dtypes, "rust"), load_modes(d, tag, torch_dtypes, "torch")))
+        machine = machine or next((next(iter(rs.values())).get("machine") for rs, _ in per_round if rs), None)
+        for label, key in (TRAIN_ROWS if train else ROWS):
+            best = lambda r: min((v.get(key) for v in r.values() if v.get(key)), default=None)
+            pairs = [(best(rs), best(th)) for rs, th in per_round]
+            ratios = [a / b for a, b in pairs if a and b]
+            if not ratios:
+                continue
+            a = median([a for a, _ in pairs if a])
+            b = median([b for _, b in pairs if b])
+            lines.append(f"| {name} | {label} | " + ", ".join(f"{r:.2f}" for r in ratios)
+                         + f" | {a:.2f} | {b:.2f} | {median(ratios):.2f} |")
+    lines += ["", f"Machine: {machine}; {datetime.date.today().isoformat()}; {rounds} rounds, ours then torch's in each."]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", nargs="+", default=["sd15"], choices=["sd15", "sd21"])
@@ -186,11 +222,17 @@ def main():
     ap.add_argument("--train", action="store_true", help="time a ControlNet training update instead")
     ap.add_argument("--rust-dtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "f16", "auto"])
     ap.add_argument("--torch-dtypes", nargs="+", default=["f32"], choices=["f32", "bf16", "autocast"])
+    ap.add_argument("--rounds", type=int, default=1, help="alternate both sides' runs this many times")
     args = ap.parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds: give 1 or more")
     mode = ["--train"] if args.train else []
     prefix = "train_" if args.train else ""
     os.makedirs(args.out, exist_ok=True)
-    if not args.table_only:
+    round_dirs = ([os.path.join(args.out, f"round{i}") for i in range(1, args.rounds + 1)]
+                  if args.rounds > 1 else [args.out])
+    for out in [] if args.table_only else round_dirs:
+        os.makedirs(out, exist_ok=True)
         for preset in args.preset:
             for latent in args.latent:
                 common = ["--preset", preset, "--latent", str(latent), "--batch", str(args.batch),
@@ -200,16 +242,19 @@ def main():
                 tag = f"{prefix}{preset}_{latent}_b{args.batch}"
                 for d in args.rust_dtypes:
                     name = f"rust_{tag}.json" if d == "f32" else f"rust_{tag}_{d}.json"
-                    run([args.binary, "bench", "--json", "--dtype", d] + common, os.path.join(args.out, name))
+                    run([args.binary, "bench", "--json", "--dtype", d] + common, os.path.join(out, name))
                 for d in args.torch_dtypes:
                     name = f"torch_{tag}.json" if d == "f32" else f"torch_{tag}_{d}.json"
                     run([args.python, os.path.join(REPO, "tools", "bench_torch.py"), "--dtype", d] + common,
-                        os.path.join(args.out, name))
+                        os.path.join(out, name))
+    configs = [(p, l, args.batch) for p in args.preset for l in args.latent]
+    if args.rounds > 1:
+        print(rounds_table(args.out, configs, args.rounds, args.rust_dtypes, args.torch_dtypes, args.train))
+        return
     pairs = {}
     pattern = "rust_train_*.json" if args.train else "rust_*.json"
     modes = args.rust_dtypes != ["f32"] or args.torch_dtypes != ["f32"]
     if modes:
-        configs = [(p, l, args.batch) for p in args.preset for l in args.latent]
         print(modes_table(args.out, configs, args.rust_dtypes, args.torch_dtypes, args.train))
         return
     for path in glob.glob(os.path.join(args.out, pattern)):
