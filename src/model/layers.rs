@@ -128,19 +128,20 @@ impl Module for Linear {
         let x = x.contiguous()?;
         let weight = self.inner.weight();
         let locked = x.track_op() && !weight.track_op() && !self.inner.bias().is_some_and(|b| b.track_op());
+        if super::ops::bf16::native_products(&x, weight) && (!x.track_op() || locked) {
+            // Inference, or a locked bf16 layer in mixed-precision training: the bf16 kernels both ways.
+            let bias = self.inner.bias();
+            return super::ops::frozen::locked(
+                &x,
+                |x| super::ops::bf16::linear(x, weight, bias),
+                super::ops::frozen::linear_input_grad(weight),
+            );
+        }
         if super::ops::bf16::mixed(&x, weight) {
-            if !x.track_op() || locked {
-                // Inference, or a locked bf16 layer in mixed-precision training: the bf16 kernels both ways.
-                let bias = self.inner.bias();
-                return super::ops::frozen::locked(
-                    &x,
-                    |x| super::ops::bf16::linear(x, weight, bias),
-                    super::ops::frozen::linear_input_grad(weight),
-                );
-            }
-            // Training bf16 weights themselves: the f32 layer on the widened weight.
-            let widened = candle_nn::Linear::new(weight.to_dtype(DType::F32)?, self.inner.bias().cloned());
-            return Linear { inner: widened }.forward(&x);
+            // f16 weights, bf16 ones on a CPU without a bf16 unit (see `mixed`), and bf16 weights being trained:
+            // the f32 layer on the weight widened at this call (locked, it records only the input's gradient).
+            let widened = Linear::from_parts(super::ops::widened(weight)?, self.inner.bias().cloned());
+            return widened.forward(&x);
         }
         if super::ops::bf16::autocast::active(&x, weight) {
             // A trained layer inside mixed precision's autocast: the products on the bf16 kernels.
@@ -269,6 +270,32 @@ mod tests {
         for v in [&x, &w, &b] {
             assert!(grads.get(v.as_tensor()).is_some(), "missing gradient");
         }
+    }
+
+    /// A linear layer with f16 weights multiplies in f32: its output is the f64 product of the f16 weights with
+    /// the activations as they are, where rounding the activations to bf16 (as the bf16 kernels do) would be
+    /// far off.
+    #[test]
+    fn f16_linear_weights_multiply_in_f32() {
+        let dev = Device::Cpu;
+        let w16 = (Tensor::randn(0f32, 0.2, (24, 40), &dev).unwrap()).to_dtype(DType::F16).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 40), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 24, &dev).unwrap();
+        let ours = Linear::from_parts(w16.clone(), Some(b.clone())).forward(&x).unwrap();
+        let product = |x: &Tensor| {
+            let w = w16.to_dtype(DType::F64).unwrap();
+            let y = x.to_dtype(DType::F64).unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
+            y.broadcast_add(&b.to_dtype(DType::F64).unwrap()).unwrap()
+        };
+        let gap = |a: &Tensor, b: &Tensor| -> f64 {
+            let d = (a.to_dtype(DType::F64).unwrap() - b).unwrap().abs().unwrap();
+            d.max_all().unwrap().to_scalar().unwrap()
+        };
+        let want = product(&x);
+        let rounded = product(&x.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap());
+        assert!(gap(&rounded, &want) > 1e-3, "the test values do not tell f32 from bf16 products");
+        assert_eq!(ours.dtype(), DType::F32);
+        assert!(gap(&ours, &want) < 1e-5, "f16 layer off the f32 product by {}", gap(&ours, &want));
     }
 
     /// Guards the candle#3758 workaround: a transposed batch-2 input must give the same result as its copy.

@@ -417,8 +417,8 @@ impl CustomOp3 for Conv2dOp {
             (CpuStorage::F64(x), CpuStorage::F64(k), CpuStorage::F64(b)) => {
                 CpuStorage::F64(self.forward_gemm(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }
-            // bf16 weights on a CPU without a bf16 unit, and f16 weights (no x86 unit multiplies f16 faster than
-            // f32, see `Values::F16`): f32 products on the widened weights.
+            // bf16 weights on a CPU without a bf16 unit, and f16 weights (see `bf16::mixed`): f32 products on the
+            // widened weights.
             (CpuStorage::F32(x), CpuStorage::BF16(k), CpuStorage::F32(b)) if !Kernel::detect().native() => {
                 CpuStorage::F32(self.forward_f32(&x[x0..x1], &k[k0..k1], &b[b0..b1], &d)?)
             }

@@ -71,6 +71,30 @@ macro_rules! half_weight {
 half_weight!(half::bf16);
 half_weight!(half::f16);
 
+/// A bf16 or f16 tensor on the CPU as f32, converted on all threads (candle's `to_dtype` converts on one): the
+/// weights of a layer whose products run in f32. A tracked tensor (trained half weights) goes through
+/// `to_dtype`, which records the conversion for the backward; other dtypes and devices too.
+pub fn widened(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    if t.track_op() || !t.device().is_cpu() {
+        return t.to_dtype(candle_core::DType::F32);
+    }
+    let t = t.contiguous()?;
+    let values = {
+        let (storage, layout) = t.storage_and_layout();
+        let (a, b) = offsets(layout, "widen")?;
+        match &*storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Some(Weight::widen_all(&v[a..b]).into_owned()),
+            Storage::Cpu(CpuStorage::F16(v)) => Some(Weight::widen_all(&v[a..b]).into_owned()),
+            _ => None,
+        }
+    };
+    match values {
+        Some(values) => candle_core::Tensor::from_vec(values, t.shape(), t.device()),
+        None => t.to_dtype(candle_core::DType::F32),
+    }
+}
+
 /// The storage range of a contiguous operand (the kernels' entry points pass contiguous tensors), or an error
 /// naming the op.
 pub(crate) fn offsets(l: &candle_core::Layout, op: &str) -> candle_core::Result<(usize, usize)> {

@@ -21,7 +21,7 @@ pub mod autocast;
 pub mod avx512;
 
 use candle_core::Result;
-use half::{bf16, f16};
+use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -106,8 +106,11 @@ impl Kernel {
     }
 }
 
-/// Whether a layer runs on the half-precision weight kernels here: f32 activations `x` on the CPU, a bf16 weight
-/// (the bf16 kernels) or an f16 one (widened to f32 as read, [`Values::F16`]).
+/// Whether a layer has half-precision weights for f32 activations here: `x` f32 on the CPU, the weight bf16 or
+/// f16. bf16 weights run on the bf16 kernels where the CPU has a bf16 unit ([`native_products`]); f16 ones (no
+/// x86 unit multiplies f16 faster than f32, and rounding f16's 11-bit significands to bf16's 8 would throw away
+/// what f16 keeps), and bf16 ones elsewhere, are widened to f32 by the layers, which run the f32 products on the
+/// activations as they are.
 pub fn mixed(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
     use candle_core::DType;
     x.device().is_cpu() && x.dtype() == DType::F32 && matches!(weight.dtype(), DType::BF16 | DType::F16)
@@ -116,6 +119,12 @@ pub fn mixed(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
 /// Whether [`mixed`] holds with a bf16 weight: the products, attention's included, round to bf16.
 pub fn bf16_products(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
     mixed(x, weight) && weight.dtype() == candle_core::DType::BF16
+}
+
+/// Whether [`bf16_products`] holds on a CPU with a bf16 unit (the chosen [`Kernel`] is native): the linear
+/// layers' products run on the bf16 kernels.
+pub fn native_products(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
+    bf16_products(x, weight) && Kernel::detect().native()
 }
 
 /// `x (..., in) · weightᵀ + bias` for f32 `x` and a bf16 `weight` (out, in) on the CPU: `nn.Linear` with bf16
@@ -217,13 +226,12 @@ impl candle_core::CustomOp2 for LinearOp {
     }
 }
 
-/// A linear layer's weight as product values: bf16, f16, or f32 (autocast).
+/// A linear layer's weight as product values: bf16, or f32 (autocast).
 fn weight_values<'a>(s: &'a candle_core::CpuStorage, w0: usize, w1: usize, op: &str) -> Result<Values<'a>> {
     match s {
         candle_core::CpuStorage::BF16(w) => Ok(Values::Bf16(&w[w0..w1])),
-        candle_core::CpuStorage::F16(w) => Ok(Values::F16(&w[w0..w1])),
         candle_core::CpuStorage::F32(w) => Ok(Values::F32(&w[w0..w1])),
-        _ => candle_core::bail!("{op}: a bf16, f16 or f32 weight expected"),
+        _ => candle_core::bail!("{op}: a bf16 or f32 weight expected"),
     }
 }
 
@@ -309,16 +317,11 @@ impl candle_core::CustomOp2 for WeightGradOp {
     }
 }
 
-/// The values of a matrix operand: f32 (rounded to bf16 when packed), bf16, or f16 (f16 weights: a product
-/// with an f16 operand runs in f32, see [`Values::F16`]).
+/// The values of a matrix operand: f32 (rounded to bf16 when packed) or bf16.
 #[derive(Clone, Copy)]
 pub enum Values<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
-    /// f16 weights (`--dtype f16` on the CPU). No x86 unit multiplies f16 at the bf16 units' rate, and rounding
-    /// f16's 11-bit significands to bf16's 8 would throw away what f16 keeps: a product with an f16 operand
-    /// widens it to f32 (exactly) and multiplies in f32 with the other operand as it is.
-    F16(&'a [f16]),
 }
 
 impl<'a> Values<'a> {
@@ -326,27 +329,20 @@ impl<'a> Values<'a> {
         match self {
             Values::F32(v) => v.len(),
             Values::Bf16(v) => v.len(),
-            Values::F16(v) => v.len(),
         }
     }
 
-    fn is_f16(&self) -> bool {
-        matches!(self, Values::F16(_))
-    }
-
-    /// Element `i` as bf16 bits (f32 rounded to nearest even). Never asked of f16 values (their products take
-    /// the f32 path), which would round the same way.
+    /// Element `i` as bf16 bits (f32 rounded to nearest even).
     #[inline(always)]
     fn bits(&self, i: usize) -> u16 {
         match self {
             Values::F32(v) => bf16::from_f32(v[i]).to_bits(),
             Values::Bf16(v) => v[i].to_bits(),
-            Values::F16(v) => bf16::from_f32(v[i].to_f32()).to_bits(),
         }
     }
 
     /// The values as f32: f32 ones rounded through bf16 when `round` (what the native kernels multiply) or as
-    /// they are, bf16 and f16 ones widened (exactly).
+    /// they are, bf16 ones widened (exactly).
     fn to_f32(self, round: bool) -> std::borrow::Cow<'a, [f32]> {
         use super::Weight;
         match self {
@@ -355,7 +351,6 @@ impl<'a> Values<'a> {
             }
             Values::F32(v) => Weight::widen_all(v),
             Values::Bf16(v) => Weight::widen_all(v),
-            Values::F16(v) => Weight::widen_all(v),
         }
     }
 }
@@ -522,13 +517,12 @@ fn product(
     if !Kernel::available().contains(&kernel) {
         candle_core::bail!("bf16 matmul: this CPU cannot run the {} kernel", kernel.name())
     }
-    let half = a.values.is_f16() || matches!(b, Right::Values(b) if b.values.is_f16());
-    if kernel == Kernel::Widen || half {
+    if kernel == Kernel::Widen {
         let Right::Values(b) = b else {
             candle_core::bail!("bf16 matmul: the widening kernel reads no packed operand")
         };
-        // Half weights (bf16 without a bf16 unit, or f16: [`Values::F16`]) times f32 activations: f32 products,
-        // the activations as they are. Two f32 operands (autocast) are rounded to bf16, as the bf16 units would.
+        // bf16 weights without a bf16 unit times f32 activations: f32 products, the activations as they are.
+        // Two f32 operands (autocast) are rounded to bf16, as the bf16 units would.
         let round = matches!((a.values, b.values), (Values::F32(_), Values::F32(_)));
         widened(m, n, k, a, b, c, (c_rs, c_cs), accumulate, round)?;
         if let Store::RowBias(bias) = store {
@@ -717,11 +711,6 @@ fn pack_a(a: Operand, m: usize, k: usize, vector: bool) -> Vec<u16> {
                             tile[r * TILE_K + kc] = x.to_bits();
                         }
                     }
-                    values @ Values::F16(_) => {
-                        for r in 0..rows {
-                            tile[r * TILE_K + kc] = values.bits(start + r);
-                        }
-                    }
                 }
             }
             return;
@@ -848,7 +837,7 @@ pub(crate) fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
     packed
 }
 
-/// The [`Kernel::Widen`] product (and any with an f16 operand): both operands as f32 (`round`: f32 ones through
+/// The [`Kernel::Widen`] product: both operands as f32 (`round`: f32 ones through
 /// bf16), one `gemm` call.
 #[allow(clippy::too_many_arguments)]
 fn widened(
@@ -966,35 +955,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// An f16 operand (f16 weights) takes f32 products on every kernel: its values widened exactly, the f32
-    /// operand not rounded to bf16, in either position, row- and column-major, with a row bias.
-    #[test]
-    fn f16_operands_multiply_in_f32() {
-        let (m, n, k) = (33, 47, 70);
-        // Values with more significand bits than bf16 keeps, both operands.
-        let a: Vec<f32> = integers(m * k, 3).iter().map(|&x| f16::from_f32(x * 0.1 + 0.0123).to_f32()).collect();
-        let b: Vec<f32> = integers(k * n, 4).iter().map(|&x| x * 0.1 + 0.001_234_5).collect();
-        let a16: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
-        let bias = integers(m, 5);
-        let want = reference(m, n, k, &a, (k, 1), &b, (n, 1));
-        let rounded: Vec<f32> = b.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
-        let bf16_want = reference(m, n, k, &a, (k, 1), &rounded, (n, 1));
-        let error = |c: &[f32], want: &[f32]| c.iter().zip(want).map(|(c, w)| (c - w).abs()).fold(0f32, f32::max);
-        assert!(error(&bf16_want, &want) > 1e-3, "the test values do not tell f32 from bf16 products");
-        for kernel in Kernel::available() {
-            let mut c = vec![f32::NAN; m * n];
-            let (a_op, b_op) = (Operand::new(Values::F16(&a16), k, 1), Operand::new(Values::F32(&b), n, 1));
-            product(kernel, m, n, k, a_op, Right::Values(b_op), &mut c, (n, 1), Store::RowBias(&bias)).unwrap();
-            let with_bias: Vec<f32> = want.iter().enumerate().map(|(i, w)| w + bias[i / n]).collect();
-            assert!(error(&c, &with_bias) < 1e-4, "{kernel:?}: f16 left operand {}", error(&c, &with_bias));
-            // The transposed product, the f16 operand on the right, column-major output: cᵀ = bᵀ aᵀ.
-            let mut c_t = vec![f32::NAN; m * n];
-            let (bt, at) = (Operand::new(Values::F32(&b), 1, n), Operand::new(Values::F16(&a16), 1, k));
-            matmul_with(kernel, n, m, k, bt, at, &mut c_t, (1, n), false).unwrap();
-            assert!(error(&c_t, &want) < 1e-4, "{kernel:?}: f16 right operand {}", error(&c_t, &want));
         }
     }
 
