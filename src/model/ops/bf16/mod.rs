@@ -4,9 +4,10 @@
 //! memory. Intel Xeons since Sapphire Rapids multiply bf16 tiles in their AMX unit (`tdpbf16ps`, 16x16x32 per
 //! instruction: about 6x the f32 AVX-512 rate PyTorch reaches there), and Zen 4/5 and Intel have AVX512-BF16's
 //! `vdpbf16ps` (pairs of bf16 products summed into f32 lanes: 2x the f32 rate). Which one runs is decided at run
-//! time from the CPU ([`Kernel::detect`]); without either, bf16 weights are widened to f32 and `gemm`
-//! multiplies them with the f32 activations as they are (bf16 saves memory there, not time; the products are
-//! those of f32 weights rounded to bf16), and convolutions take the f32 ones on the widened weights (`conv2d`).
+//! time from the CPU ([`Kernel::detect`]); without either, linear layers and convolutions take their f32
+//! products on the widened bf16 weights with the f32 activations as they are (`model::layers`, `conv2d`: bf16
+//! saves memory there, not time; the products are those of f32 weights rounded to bf16), and the `widen`
+//! kernel here serves autocast's products.
 //!
 //! Both native kernels share one packed layout, built per call from f32 or bf16 operands with any strides:
 //! - left operand (m, k): tiles of 16 rows x 32 bf16 (1 KiB, one AMX tile), `[m tile][k tile]`;
@@ -837,8 +838,7 @@ pub(crate) fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
     packed
 }
 
-/// The [`Kernel::Widen`] product: both operands as f32 (`round`: f32 ones through
-/// bf16), one `gemm` call.
+/// The [`Kernel::Widen`] product: both operands as f32 (`round`: f32 ones through bf16), one `gemm` call.
 #[allow(clippy::too_many_arguments)]
 fn widened(
     m: usize,
