@@ -11,35 +11,23 @@ fn rgb(path: &std::path::Path) -> image::RgbImage {
     image::open(path).unwrap().to_rgb8()
 }
 
+/// `generate` on the tiny SD1.5 model with ControlNet A conditioned on `control`, seeded, into `out`, quiet,
+/// then `extra`.
+fn generate(control: &str, seed: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let out = out.to_str().unwrap();
+    let shared = ["generate", "--model", MODEL, "--controlnet", CN, "--control", control, "--seed", seed];
+    let args: Vec<&str> = shared.into_iter().chain(["--output", out, "--quiet"]).chain(extra.iter().copied()).collect();
+    controlnet(&args)
+}
+
 #[test]
 fn canny_preprocess_equals_annotate_at_output_size() {
     let dir = temp_dir();
     let (saved, out, annotated) = (dir.path().join("cond.png"), dir.path().join("o.png"), dir.path().join("a.png"));
     let input = "tests/fixtures/annotators/input_square.png";
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        input,
-        "--preprocess",
-        "canny",
-        "--save-control",
-        saved.to_str().unwrap(),
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let save = saved.to_str().unwrap();
+    let extra = ["--preprocess", "canny", "--save-control", save, "--width", "64", "--height", "64", "--steps", "1"];
+    let res = generate(input, "1", &out, &extra);
     assert!(res.status.success(), "{}", stderr(&res));
     let res = controlnet(&[
         "annotate",
@@ -72,30 +60,9 @@ fn pose_json_as_condition_renders_at_output_size() {
     let dir = temp_dir();
     let (saved, out, annotated) = (dir.path().join("pose.png"), dir.path().join("o.png"), dir.path().join("a.png"));
     let json = "tests/fixtures/pose/a1111_normalised.json";
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        json,
-        "--preprocess",
-        "pose",
-        "--save-control",
-        saved.to_str().unwrap(),
-        "--width",
-        "128",
-        "--height",
-        "96",
-        "--steps",
-        "1",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-        "--seed",
-        "3",
-    ]);
+    let save = saved.to_str().unwrap();
+    let extra = ["--preprocess", "pose", "--save-control", save, "--width", "128", "--height", "96", "--steps", "1"];
+    let res = generate(json, "3", &out, &extra);
     assert!(res.status.success(), "{}", stderr(&res));
     let res = controlnet(&[
         "annotate",
@@ -117,24 +84,8 @@ fn pose_json_as_condition_renders_at_output_size() {
 fn default_size_follows_the_pose_canvas() {
     let dir = temp_dir();
     let out = dir.path().join("o.png");
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        "tests/fixtures/pose/openpose_pixels_odd.json",
-        "--preprocess",
-        "pose",
-        "--steps",
-        "1",
-        "--seed",
-        "2",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let res =
+        generate("tests/fixtures/pose/openpose_pixels_odd.json", "2", &out, &["--preprocess", "pose", "--steps", "1"]);
     assert!(res.status.success(), "{}", stderr(&res));
     // The canvas is 333x257: rounded down to multiples of 8.
     assert_eq!(rgb(&out).dimensions(), (328, 256));
@@ -145,30 +96,10 @@ fn crop_and_resize_keeps_the_aspect() {
     let dir = temp_dir();
     let (saved, out) = (dir.path().join("c.png"), dir.path().join("o.png"));
     // 130x97 condition into a 64x64 output: cropped, not squashed.
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        "tests/fixtures/pipeline/control_odd.png",
-        "--resize",
-        "crop-and-resize",
-        "--save-control",
-        saved.to_str().unwrap(),
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--seed",
-        "4",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let save = saved.to_str().unwrap();
+    let extra =
+        ["--resize", "crop-and-resize", "--save-control", save, "--width", "64", "--height", "64", "--steps", "1"];
+    let res = generate("tests/fixtures/pipeline/control_odd.png", "4", &out, &extra);
     assert!(res.status.success(), "{}", stderr(&res));
     let src = controlnet::io::images::load_rgb(&repo().join("tests/fixtures/pipeline/control_odd.png")).unwrap();
     let want =
@@ -180,20 +111,7 @@ fn crop_and_resize_keeps_the_aspect() {
 fn unknown_preprocessor_is_named() {
     let dir = temp_dir();
     let out = dir.path().join("o.png");
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        "tests/fixtures/pipeline/control_circle.png",
-        "--preprocess",
-        "sketchy",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let res = generate("tests/fixtures/pipeline/control_circle.png", "1", &out, &["--preprocess", "sketchy"]);
     assert!(!res.status.success());
     let err = stderr(&res);
     assert!(
@@ -268,24 +186,7 @@ fn inpaint_condition_tensor_feeds_generate() {
         cond.to_str().unwrap(),
     ]);
     assert!(res.status.success(), "{}", stderr(&res));
-    let run = |control: &str, out: &std::path::Path| {
-        controlnet(&[
-            "generate",
-            "--model",
-            MODEL,
-            "--controlnet",
-            CN,
-            "--control",
-            control,
-            "--steps",
-            "2",
-            "--seed",
-            "8",
-            "--output",
-            out.to_str().unwrap(),
-            "--quiet",
-        ])
-    };
+    let run = |control: &str, out: &std::path::Path| generate(control, "8", out, &["--steps", "2"]);
     let (with_mask, plain) = (dir.path().join("m.png"), dir.path().join("p.png"));
     let res = run(cond.to_str().unwrap(), &with_mask);
     assert!(res.status.success(), "{}", stderr(&res));
@@ -294,22 +195,7 @@ fn inpaint_condition_tensor_feeds_generate() {
     assert_eq!(rgb(&with_mask).dimensions(), (128, 128));
     assert_ne!(rgb(&with_mask), rgb(&plain), "the masked condition changed nothing");
     // A tensor is not resized: another output size is refused, naming the file.
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        MODEL,
-        "--controlnet",
-        CN,
-        "--control",
-        cond.to_str().unwrap(),
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--output",
-        dir.path().join("x.png").to_str().unwrap(),
-        "--quiet",
-    ]);
+    let res = generate(cond.to_str().unwrap(), "8", &dir.path().join("x.png"), &["--width", "64", "--height", "64"]);
     assert!(!res.status.success());
     assert!(stderr(&res).contains("inpaint.safetensors") && stderr(&res).contains("not resized"), "{}", stderr(&res));
 }
