@@ -199,6 +199,12 @@ const SD15: &str = "tests/fixtures/models/tiny-sd15";
 const CN_A: &str = "tests/fixtures/models/tiny-controlnet-a";
 const CIRCLE: &str = "tests/fixtures/pipeline/control_circle.png";
 
+/// `generate` on the tiny SD1.5 model with the ControlNet `net` conditioned on `control`, into `out`, then `extra`.
+fn generate_with_net(net: &str, control: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let shared = ["generate", "--model", SD15, "--controlnet", net, "--control", control, "-o", out.to_str().unwrap()];
+    controlnet(&shared.into_iter().chain(extra.iter().copied()).collect::<Vec<_>>())
+}
+
 /// Runs the binary, killing it after `limit` (a run that should have been refused at once must not hang the
 /// suite); returns the output and how long it took.
 fn run_within(args: &[&str], limit: std::time::Duration) -> (std::process::Output, std::time::Duration) {
@@ -328,44 +334,19 @@ fn outputs_follow_the_common_rule() {
     let control = dir.path().join("control.png");
     std::fs::copy(repo().join(CIRCLE), &control).unwrap();
     let before = std::fs::read(&control).unwrap();
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        SD15,
-        "--controlnet",
-        CN_A,
-        "--control",
-        control.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "-o",
-        control.to_str().unwrap(),
-    ]);
+    let res = generate_with_net(CN_A, control.to_str().unwrap(), &control, &["--steps", "1", "--seed", "1"]);
     assert_eq!(res.status.code(), Some(1));
     assert!(stderr(&res).contains("is also an input"), "{}", stderr(&res));
     assert_eq!(std::fs::read(&control).unwrap(), before);
 
     let nested = dir.path().join("new/folder/out.png");
     let saved = dir.path().join("conds/c.png");
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        SD15,
-        "--controlnet",
+    let res = generate_with_net(
         CN_A,
-        "--control",
         CIRCLE,
-        "--save-control",
-        saved.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--seed",
-        "1",
-        "-o",
-        nested.to_str().unwrap(),
-    ]);
+        &nested,
+        &["--save-control", saved.to_str().unwrap(), "--steps", "2", "--seed", "1"],
+    );
     assert!(res.status.success(), "{}", stderr(&res));
     assert!(nested.is_file() && saved.is_file());
     let stdout = String::from_utf8_lossy(&res.stdout);
@@ -378,22 +359,7 @@ fn outputs_follow_the_common_rule() {
 fn reproduce_works_from_another_folder() {
     let dir = temp_dir();
     let out = dir.path().join("orig.png");
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        SD15,
-        "--controlnet",
-        CN_A,
-        "--control",
-        CIRCLE,
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
+    let res = generate_with_net(CN_A, CIRCLE, &out, &["--steps", "2", "--seed", "3", "-q"]);
     assert!(res.status.success(), "{}", stderr(&res));
     let elsewhere = temp_dir();
     let res = std::process::Command::new(env!("CARGO_BIN_EXE_controlnet"))
@@ -429,24 +395,8 @@ fn a_picture_feeds_a_one_channel_controlnet() {
 
     let out = dir.path().join("grey.png");
     let saved = dir.path().join("cond.png");
-    let res = controlnet(&[
-        "generate",
-        "--model",
-        SD15,
-        "--controlnet",
-        net.to_str().unwrap(),
-        "--control",
-        CIRCLE,
-        "--save-control",
-        saved.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--seed",
-        "1",
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
+    let extra = ["--save-control", saved.to_str().unwrap(), "--steps", "2", "--seed", "1", "-q"];
+    let res = generate_with_net(net.to_str().unwrap(), CIRCLE, &out, &extra);
     assert!(res.status.success(), "{}", stderr(&res));
     let cond = image::open(&saved).unwrap().to_rgb8();
     assert!(cond.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]), "the saved condition is not grey");
