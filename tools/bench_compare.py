@@ -183,7 +183,7 @@ def rounds_table(out, configs, rounds, rust_dtypes, torch_dtypes, train=False):
     """Per configuration and measurement: each round's ratio of our fastest mode to torch's fastest, and the
     medians of both sides' seconds and of the ratios."""
     median = lambda v: statistics.median(v) if v else None
-    lines = ["| config | measurement | ratio per round | median rs (s) | median torch (s) | median ratio |",
+    lines = ["| config | measurement | ratio per round | median rs | median torch | median ratio |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     machine = None
     for preset, latent, batch in configs:
@@ -194,7 +194,10 @@ def rounds_table(out, configs, rounds, rust_dtypes, torch_dtypes, train=False):
             d = os.path.join(out, f"round{i}")
             per_round.append((load_modes(d, tag, rust_dtypes, "rust"), load_modes(d, tag, torch_dtypes, "torch")))
         machine = machine or next((next(iter(rs.values())).get("machine") for rs, _ in per_round if rs), None)
-        for label, key in (TRAIN_ROWS if train else ROWS):
+        memory = ("peak RSS", "peak_rss_bytes") if train else ("peak RSS (UNet+ControlNet)",
+                                                                "peak_rss_unet_controlnet_bytes")
+        for label, key in (TRAIN_ROWS if train else ROWS) + [memory]:
+            # The fastest mode's seconds; for memory, the smallest peak of any mode.
             best = lambda r: min((v.get(key) for v in r.values() if v.get(key)), default=None)
             pairs = [(best(rs), best(th)) for rs, th in per_round]
             ratios = [a / b for a, b in pairs if a and b]
@@ -202,8 +205,9 @@ def rounds_table(out, configs, rounds, rust_dtypes, torch_dtypes, train=False):
                 continue
             a = median([a for a, _ in pairs if a])
             b = median([b for _, b in pairs if b])
+            cell = gib if key.endswith("bytes") else (lambda v: f"{v:.2f}")
             lines.append(f"| {name} | {label} | " + ", ".join(f"{r:.2f}" for r in ratios)
-                         + f" | {a:.2f} | {b:.2f} | {median(ratios):.2f} |")
+                         + f" | {cell(a)} | {cell(b)} | {median(ratios):.2f} |")
     lines += ["", f"Machine: {machine}; {datetime.date.today().isoformat()}; {rounds} rounds, ours then torch's in each."]
     return "\n".join(lines)
 
