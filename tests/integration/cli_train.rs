@@ -7,6 +7,17 @@ use common::*;
 const MODEL: &str = "tests/fixtures/models/tiny-sd15";
 const DATA: &str = "tests/fixtures/train/fill50k";
 const COND: &str = "tests/fixtures/train/fill50k/source/0.png";
+/// `train`'s validation settings of these tests: a 2-step image of "a circle" from `COND` every 2 updates.
+const VALIDATION: [&str; 8] = [
+    "--validation-image",
+    COND,
+    "--validation-prompt",
+    "a circle",
+    "--validation-steps",
+    "2",
+    "--validation-inference-steps",
+    "2",
+];
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -65,18 +76,11 @@ fn init_train_resume_generate() {
             "--learning-rate",
             "1e-4",
             "--cache",
-            "--validation-image",
-            COND,
-            "--validation-prompt",
-            "a circle",
-            "--validation-steps",
-            "2",
-            "--validation-inference-steps",
-            "2",
             "--fidelity",
             "canny",
             "--quiet",
         ];
+        args.extend(VALIDATION);
         args.extend(extra);
         controlnet(&args)
     };
@@ -370,16 +374,9 @@ fn mixed_precision_training() {
             "2",
             "--max-steps",
             "2",
-            "--validation-image",
-            COND,
-            "--validation-prompt",
-            "a circle",
-            "--validation-steps",
-            "2",
-            "--validation-inference-steps",
-            "2",
             "--quiet",
         ];
+        a.extend(VALIDATION);
         a.extend_from_slice(extra);
         controlnet(&a)
     };
