@@ -27,14 +27,13 @@ where
 
 /// A locked `nn.Linear`'s weight (out, in) as [`locked`]'s `input_grad`: `grad · W` over the last dimension
 /// (on the bf16 kernels for bf16 weights on a CPU with a bf16 unit: mixed-precision training; other half weights
-/// widened).
+/// reach it widened, see `layers::Linear`).
 pub fn linear_input_grad(weight: &Tensor) -> impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static {
     let w = weight.detach();
     move |grad: &Tensor| {
         if super::bf16::native_products(grad, &w) {
             return super::bf16::linear_input_grad(grad, &w);
         }
-        let w = if super::bf16::mixed(grad, &w) { super::widened(&w)? } else { w.clone() };
         let dims = grad.dims().to_vec();
         let out = dims.last().copied().unwrap_or(1);
         let rows = grad.elem_count() / out.max(1);

@@ -22,6 +22,11 @@ impl<'a, T> Mat<'a, T> {
         Mat { data, rs: 1, cs: rs }
     }
 
+    /// Any strides: element (i, j) at `data[i * rs + j * cs]`.
+    pub(crate) fn strided(data: &'a [T], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+
     /// Whether every element of an (m, n) matrix lies inside `data`.
     fn covers(&self, m: usize, n: usize) -> bool {
         spans(self.data.len(), m, n, self.rs, self.cs)

@@ -838,7 +838,8 @@ pub(crate) fn pack_b(b: Operand, k: usize, n: usize, vector: bool) -> Vec<u16> {
     packed
 }
 
-/// The [`Kernel::Widen`] product: both operands as f32 (`round`: f32 ones through bf16), one `gemm` call.
+/// The [`Kernel::Widen`] product: both operands as f32 (`round`: f32 ones through bf16), one f32 product on all
+/// threads (the fused ops' checked gemm wrapper).
 #[allow(clippy::too_many_arguments)]
 fn widened(
     m: usize,
@@ -847,38 +848,13 @@ fn widened(
     a: Operand,
     b: Operand,
     c: &mut [f32],
-    (c_rs, c_cs): (usize, usize),
+    c_strides: (usize, usize),
     accumulate: bool,
     round: bool,
 ) -> Result<()> {
+    use super::matmul::{matmul, Mat};
     let (a32, b32) = (a.values.to_f32(round), b.values.to_f32(round));
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: `matmul_with` checked that every strided element lies inside the slices; c is a unique borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            c_cs as isize,
-            c_rs as isize,
-            accumulate,
-            a32.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b32.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1f32,
-            1f32,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-    Ok(())
+    matmul(m, n, k, c, c_strides, accumulate, Mat::strided(&a32, a.rs, a.cs), Mat::strided(&b32, b.rs, b.cs))
 }
 
 #[cfg(test)]
